@@ -1,0 +1,313 @@
+//! The frame classification of Mattern's snapshot algorithm (DESIGN.md §2), as one pure
+//! function over a read-only view of the datapath's maps. The eBPF program implements the view
+//! with map lookups; the unit tests implement it with plain tables.
+
+use crate::maps::{MacKey, Type3Mode, VmEpoch};
+
+/// The type of a frame from a sender coloured `color` to a receiver at `receiver_epoch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameType {
+    /// color == receiver epoch: both pre- or both post-snapshot.
+    Type1,
+    /// color < receiver epoch: sent pre-snapshot, received post-snapshot.
+    Type2,
+    /// color > receiver epoch: sent post-snapshot to a pre-snapshot receiver. Must not be
+    /// delivered before the receiver advances.
+    Type3,
+}
+
+/// Classifies by color and receiver epoch.
+#[inline(always)]
+pub const fn classify(color: u32, receiver_epoch: u32) -> FrameType {
+    if color == receiver_epoch {
+        FrameType::Type1
+    } else if color < receiver_epoch {
+        FrameType::Type2
+    } else {
+        FrameType::Type3
+    }
+}
+
+/// What happened to one frame; each outcome has its own counter in `PortCounters`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Type1,
+    Type2,
+    Type3Held,
+    Type3Dropped,
+    Type3Unbuffered,
+    Type3Monitored,
+    OutsideGroup,
+    Unregistered,
+    ForeignSource,
+    Malformed,
+}
+
+/// The action the program takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Drop,
+    /// Hand to the buffer daemon (AF_XDP), to be re-injected after the receiver advances.
+    Hold,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 10] = [
+        Outcome::Type1,
+        Outcome::Type2,
+        Outcome::Type3Held,
+        Outcome::Type3Dropped,
+        Outcome::Type3Unbuffered,
+        Outcome::Type3Monitored,
+        Outcome::OutsideGroup,
+        Outcome::Unregistered,
+        Outcome::ForeignSource,
+        Outcome::Malformed,
+    ];
+
+    pub const fn verdict(self) -> Verdict {
+        match self {
+            Outcome::Type1
+            | Outcome::Type2
+            | Outcome::Type3Monitored
+            | Outcome::OutsideGroup
+            | Outcome::Unregistered => Verdict::Pass,
+            Outcome::Type3Held => Verdict::Hold,
+            Outcome::Type3Dropped
+            | Outcome::Type3Unbuffered
+            | Outcome::ForeignSource
+            | Outcome::Malformed => Verdict::Drop,
+        }
+    }
+
+    /// Stable snake_case name, used in the API, the CLI and `/metrics`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Outcome::Type1 => "type1",
+            Outcome::Type2 => "type2",
+            Outcome::Type3Held => "type3_held",
+            Outcome::Type3Dropped => "type3_dropped",
+            Outcome::Type3Unbuffered => "type3_unbuffered",
+            Outcome::Type3Monitored => "type3_monitored",
+            Outcome::OutsideGroup => "outside_group",
+            Outcome::Unregistered => "unregistered",
+            Outcome::ForeignSource => "foreign_source",
+            Outcome::Malformed => "malformed",
+        }
+    }
+}
+
+/// Read-only view of the datapath state needed to classify one frame.
+pub trait DatapathView {
+    /// The VM registered with this MAC, if any.
+    fn vm(&self, mac: &MacKey) -> Option<VmEpoch>;
+    /// Whether a VM is registered on the port with this ifindex.
+    fn port_has_vm(&self, ifindex: u32) -> bool;
+    /// Smallest epoch of any member of the group (may lag, never leads).
+    fn group_min_epoch(&self, group: u32) -> Option<u32>;
+    /// The configured Type-3 policy.
+    fn type3_mode(&self) -> Type3Mode;
+    /// Whether a buffer (AF_XDP socket) is ready to take held frames from this port.
+    fn hold_ready(&self, ifindex: u32) -> bool;
+}
+
+/// Decides the fate of a well-formed frame from `src` to `dst` that entered the host on the
+/// port `ifindex` (the sender's port: programs run where a VM's frames enter the host).
+#[inline(always)]
+pub fn decide<V: DatapathView>(view: &V, ifindex: u32, src: &MacKey, dst: &MacKey) -> Outcome {
+    let sender = match view.vm(src) {
+        Some(vm) if vm.ifindex == ifindex => vm,
+        // A registered VM's MAC on another port: someone is using another VM's address.
+        Some(_) => return Outcome::ForeignSource,
+        None if view.port_has_vm(ifindex) => return Outcome::ForeignSource,
+        None => return Outcome::Unregistered,
+    };
+    let color = sender.epoch;
+
+    let frame_type = if dst.is_multicast() {
+        // Broadcast/multicast reaches every member: it is Type-3 if any member is still
+        // pre-snapshot relative to the sender, so compare with the group's minimum epoch.
+        match view.group_min_epoch(sender.group) {
+            Some(min_epoch) => classify(color, min_epoch),
+            None => return Outcome::OutsideGroup,
+        }
+    } else {
+        match view.vm(dst) {
+            Some(receiver) if receiver.group == sender.group => classify(color, receiver.epoch),
+            _ => return Outcome::OutsideGroup,
+        }
+    };
+
+    match frame_type {
+        FrameType::Type1 => Outcome::Type1,
+        FrameType::Type2 => Outcome::Type2,
+        FrameType::Type3 => match view.type3_mode() {
+            Type3Mode::Buffer if view.hold_ready(ifindex) => Outcome::Type3Held,
+            Type3Mode::Buffer => Outcome::Type3Unbuffered,
+            Type3Mode::Drop => Outcome::Type3Dropped,
+            Type3Mode::Monitor => Outcome::Type3Monitored,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::{collections::BTreeMap, vec::Vec};
+
+    use super::*;
+
+    struct Tables {
+        vms: BTreeMap<MacKey, VmEpoch>,
+        mode: Type3Mode,
+        hold_ready: bool,
+    }
+
+    impl Tables {
+        fn new(mode: Type3Mode) -> Self {
+            Self { vms: BTreeMap::new(), mode, hold_ready: false }
+        }
+        fn add(&mut self, n: u8, group: u32, epoch: u32) -> MacKey {
+            let mac = mac(n);
+            self.vms.insert(mac, VmEpoch { epoch, group, ifindex: 100 + n as u32, _pad: 0 });
+            mac
+        }
+    }
+
+    impl DatapathView for Tables {
+        fn vm(&self, mac: &MacKey) -> Option<VmEpoch> {
+            self.vms.get(mac).copied()
+        }
+        fn port_has_vm(&self, ifindex: u32) -> bool {
+            self.vms.values().any(|vm| vm.ifindex == ifindex)
+        }
+        fn group_min_epoch(&self, group: u32) -> Option<u32> {
+            self.vms.values().filter(|vm| vm.group == group).map(|vm| vm.epoch).min()
+        }
+        fn type3_mode(&self) -> Type3Mode {
+            self.mode
+        }
+        fn hold_ready(&self, _ifindex: u32) -> bool {
+            self.hold_ready
+        }
+    }
+
+    fn mac(n: u8) -> MacKey {
+        MacKey::new([0x02, 0, 0, 0, 0, n])
+    }
+    const BROADCAST: MacKey = MacKey::new([0xff; 6]);
+
+    #[test]
+    fn classify_by_color_and_receiver_epoch() {
+        assert_eq!(classify(3, 3), FrameType::Type1);
+        assert_eq!(classify(2, 3), FrameType::Type2);
+        assert_eq!(classify(4, 3), FrameType::Type3);
+        assert_eq!(classify(0, u32::MAX), FrameType::Type2);
+        assert_eq!(classify(u32::MAX, 0), FrameType::Type3);
+    }
+
+    #[test]
+    fn unicast_types_follow_epochs() {
+        let mut t = Tables::new(Type3Mode::Drop);
+        let a = t.add(1, 7, 1);
+        let b = t.add(2, 7, 0);
+        let c = t.add(3, 7, 1);
+        assert_eq!(decide(&t, 101, &a, &b), Outcome::Type3Dropped);
+        assert_eq!(decide(&t, 102, &b, &a), Outcome::Type2);
+        assert_eq!(decide(&t, 101, &a, &c), Outcome::Type1);
+        assert_eq!(decide(&t, 102, &b, &b), Outcome::Type1);
+    }
+
+    #[test]
+    fn type3_follows_mode() {
+        let mut t = Tables::new(Type3Mode::Buffer);
+        let a = t.add(1, 7, 1);
+        let b = t.add(2, 7, 0);
+        assert_eq!(decide(&t, 101, &a, &b), Outcome::Type3Unbuffered, "no socket: never pass");
+        assert_eq!(Outcome::Type3Unbuffered.verdict(), Verdict::Drop);
+        t.hold_ready = true;
+        assert_eq!(decide(&t, 101, &a, &b), Outcome::Type3Held);
+        assert_eq!(Outcome::Type3Held.verdict(), Verdict::Hold);
+        t.mode = Type3Mode::Monitor;
+        assert_eq!(decide(&t, 101, &a, &b), Outcome::Type3Monitored);
+        assert_eq!(Outcome::Type3Monitored.verdict(), Verdict::Pass);
+        t.mode = Type3Mode::Drop;
+        assert_eq!(Outcome::Type3Dropped.verdict(), Verdict::Drop);
+    }
+
+    #[test]
+    fn broadcast_is_type3_while_any_member_is_behind() {
+        let mut t = Tables::new(Type3Mode::Drop);
+        let a = t.add(1, 7, 1);
+        let b = t.add(2, 7, 0);
+        t.add(3, 9, 0); // another group, behind, must not matter
+        assert_eq!(decide(&t, 101, &a, &BROADCAST), Outcome::Type3Dropped);
+        // Compared with the slowest member (b itself, at 0): Type-1.
+        assert_eq!(decide(&t, 102, &b, &BROADCAST), Outcome::Type1);
+        t.vms.get_mut(&b).unwrap().epoch = 1;
+        assert_eq!(decide(&t, 101, &a, &BROADCAST), Outcome::Type1);
+        let multicast = MacKey::new([0x01, 0x00, 0x5e, 0, 0, 1]);
+        assert_eq!(decide(&t, 101, &a, &multicast), Outcome::Type1);
+    }
+
+    #[test]
+    fn sources_are_checked_against_the_port() {
+        let mut t = Tables::new(Type3Mode::Drop);
+        let a = t.add(1, 7, 0);
+        let b = t.add(2, 7, 0);
+        // a's MAC sent from b's port.
+        assert_eq!(decide(&t, 102, &a, &b), Outcome::ForeignSource);
+        // Unknown MAC from a port with a VM.
+        assert_eq!(decide(&t, 101, &mac(50), &b), Outcome::ForeignSource);
+        // Unknown MAC from a port without a VM.
+        assert_eq!(decide(&t, 999, &mac(50), &b), Outcome::Unregistered);
+        assert_eq!(Outcome::ForeignSource.verdict(), Verdict::Drop);
+    }
+
+    #[test]
+    fn other_groups_and_unknown_destinations_are_outside() {
+        let mut t = Tables::new(Type3Mode::Drop);
+        let a = t.add(1, 7, 5);
+        let x = t.add(2, 8, 0);
+        assert_eq!(decide(&t, 101, &a, &x), Outcome::OutsideGroup);
+        assert_eq!(decide(&t, 101, &a, &mac(77)), Outcome::OutsideGroup);
+        assert_eq!(Outcome::OutsideGroup.verdict(), Verdict::Pass);
+    }
+
+    /// Invariant 1 over every epoch combination: a delivered frame's color never exceeds the
+    /// receiver's epoch, whatever the mode (except `monitor`, which makes no such promise).
+    #[test]
+    fn no_type3_is_ever_delivered() {
+        for mode in [Type3Mode::Buffer, Type3Mode::Drop] {
+            for hold_ready in [false, true] {
+                for ea in 0..4 {
+                    for eb in 0..4 {
+                        let mut t = Tables::new(mode);
+                        t.hold_ready = hold_ready;
+                        let a = t.add(1, 7, ea);
+                        let b = t.add(2, 7, eb);
+                        let outcome = decide(&t, 101, &a, &b);
+                        if ea > eb {
+                            assert_ne!(outcome.verdict(), Verdict::Pass, "{ea}->{eb} {mode:?}");
+                        } else {
+                            assert_eq!(outcome.verdict(), Verdict::Pass, "{ea}->{eb} {mode:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn counters_have_one_slot_per_outcome() {
+        use crate::maps::PortCounters;
+        let mut c = PortCounters::default();
+        for (i, o) in Outcome::ALL.iter().enumerate() {
+            c.counter_mut(*o).frames += 1 << i;
+        }
+        let slots: Vec<u64> = Outcome::ALL.iter().map(|o| c.counter(*o).frames).collect();
+        assert_eq!(slots, (0..10).map(|i| 1u64 << i).collect::<Vec<_>>());
+        assert_eq!(c.total_frames(), (1 << 10) - 1);
+    }
+}

@@ -1,0 +1,14 @@
+//! Types shared by the kernel programs and userspace, and the one classification function
+//! that both use.
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding and a size assertion, so the
+//! layout the eBPF object was compiled with is the layout userspace reads and writes.
+//! The pure decision logic ([`decide`]) lives here so it is unit-tested in userspace and
+//! compiled unchanged into the datapath.
+#![no_std]
+
+pub mod classify;
+pub mod maps;
+
+pub use classify::{DatapathView, FrameType, Outcome, Verdict, classify, decide};
+pub use maps::*;

@@ -1,0 +1,216 @@
+//! Keys and values of the pinned BPF maps (`/sys/fs/bpf/enforcer/<name>`).
+
+use crate::classify::Outcome;
+
+/// Names of the maps, as pinned under the pin root and as named in the eBPF object.
+pub mod names {
+    pub const EPOCHS: &str = "epochs";
+    pub const PORTS: &str = "ports";
+    pub const GROUPS: &str = "groups";
+    pub const CONFIG: &str = "config";
+    pub const PORT_STATS: &str = "port_stats";
+    /// Every map the datapath pins.
+    pub const ALL: [&str; 5] = [EPOCHS, PORTS, GROUPS, CONFIG, PORT_STATS];
+}
+
+/// Capacity of the VM tables (epochs, ports) and of the per-port statistics.
+pub const MAX_VMS: u32 = 4096;
+/// Capacity of the group table.
+pub const MAX_GROUPS: u32 = 1024;
+
+/// An Ethernet address as a map key, padded to 8 bytes so the key has no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct MacKey {
+    pub addr: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<MacKey>() == 8);
+
+impl MacKey {
+    pub const fn new(addr: [u8; 6]) -> Self {
+        Self { addr, _pad: [0; 2] }
+    }
+
+    /// Group bit set: broadcast or multicast destination.
+    pub const fn is_multicast(&self) -> bool {
+        self.addr[0] & 1 == 1
+    }
+}
+
+/// Value of the `epochs` map, keyed by the VM's MAC: the VM's current epoch as this host sees
+/// it, the group it belongs to and the ifindex of the switch port it sends from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VmEpoch {
+    pub epoch: u32,
+    pub group: u32,
+    /// Host-side ifindex of the VM's port; a frame with this source MAC arriving on another port
+    /// is a foreign (spoofed) source.
+    pub ifindex: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<VmEpoch>() == 16);
+
+/// Value of the `ports` map, keyed by ifindex: which VM is registered on the port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PortVm {
+    pub mac: MacKey,
+    pub group: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<PortVm>() == 16);
+
+/// Value of the `groups` map, keyed by group id. `min_epoch` is the smallest epoch of any
+/// member: a broadcast/multicast frame coloured above it would reach a pre-snapshot member.
+/// Userspace writes it after the members' epochs, so it may lag the truth but never lead it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GroupState {
+    pub min_epoch: u32,
+    pub members: u32,
+}
+const _: () = assert!(size_of::<GroupState>() == 8);
+
+/// What the datapath does with a Type-3 frame.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Type3Mode {
+    /// Hold the frame and re-inject it after the receiver advances (the AF_XDP buffer). While
+    /// no buffer socket serves the port the frame is dropped and counted as `type3_unbuffered`.
+    #[default]
+    Buffer = 0,
+    /// Drop the frame, counted as `type3_dropped` (the receiver's TCP retransmits it later).
+    Drop = 1,
+    /// Deliver it but count it: for observing a workload, gives no consistency.
+    Monitor = 2,
+}
+
+impl Type3Mode {
+    pub const fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            0 => Some(Self::Buffer),
+            1 => Some(Self::Drop),
+            2 => Some(Self::Monitor),
+            _ => None,
+        }
+    }
+}
+
+/// The single entry of the `config` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DatapathConfig {
+    /// A [`Type3Mode`] as u32; an unknown value is treated as `Drop` (the safe side).
+    pub type3_mode: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<DatapathConfig>() == 8);
+
+/// Frames and bytes of one outcome.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counter {
+    pub frames: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<Counter>() == 16);
+
+impl Counter {
+    pub fn add(&mut self, other: &Counter) {
+        self.frames += other.frames;
+        self.bytes += other.bytes;
+    }
+}
+
+/// Value of the per-CPU `port_stats` map, keyed by ifindex: one counter per [`Outcome`].
+/// Named fields so `bpftool map dump` prints what each number means.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PortCounters {
+    /// Type-1 (color == receiver epoch): delivered.
+    pub type1: Counter,
+    /// Type-2 (color < receiver epoch): delivered.
+    pub type2: Counter,
+    /// Type-3 handed to the buffer daemon to be held.
+    pub type3_held: Counter,
+    /// Type-3 dropped because the mode is `drop`.
+    pub type3_dropped: Counter,
+    /// Type-3 dropped because the mode is `buffer` but no buffer socket serves the port.
+    pub type3_unbuffered: Counter,
+    /// Type-3 delivered because the mode is `monitor`.
+    pub type3_monitored: Counter,
+    /// Sender in a group, destination outside it (unknown MAC or another group): delivered.
+    pub outside_group: Counter,
+    /// No VM registered on the port and the source is no known VM: delivered, not enforced.
+    pub unregistered: Counter,
+    /// Source MAC is not the VM registered on this port: dropped.
+    pub foreign_source: Counter,
+    /// Shorter than an Ethernet header, or a truncated VLAN tag: dropped.
+    pub malformed: Counter,
+}
+const _: () = assert!(size_of::<PortCounters>() == 10 * size_of::<Counter>());
+
+impl PortCounters {
+    pub fn counter_mut(&mut self, outcome: Outcome) -> &mut Counter {
+        match outcome {
+            Outcome::Type1 => &mut self.type1,
+            Outcome::Type2 => &mut self.type2,
+            Outcome::Type3Held => &mut self.type3_held,
+            Outcome::Type3Dropped => &mut self.type3_dropped,
+            Outcome::Type3Unbuffered => &mut self.type3_unbuffered,
+            Outcome::Type3Monitored => &mut self.type3_monitored,
+            Outcome::OutsideGroup => &mut self.outside_group,
+            Outcome::Unregistered => &mut self.unregistered,
+            Outcome::ForeignSource => &mut self.foreign_source,
+            Outcome::Malformed => &mut self.malformed,
+        }
+    }
+
+    pub fn counter(&self, outcome: Outcome) -> &Counter {
+        match outcome {
+            Outcome::Type1 => &self.type1,
+            Outcome::Type2 => &self.type2,
+            Outcome::Type3Held => &self.type3_held,
+            Outcome::Type3Dropped => &self.type3_dropped,
+            Outcome::Type3Unbuffered => &self.type3_unbuffered,
+            Outcome::Type3Monitored => &self.type3_monitored,
+            Outcome::OutsideGroup => &self.outside_group,
+            Outcome::Unregistered => &self.unregistered,
+            Outcome::ForeignSource => &self.foreign_source,
+            Outcome::Malformed => &self.malformed,
+        }
+    }
+
+    /// Adds another CPU's (or port's) counters into these.
+    pub fn add(&mut self, other: &PortCounters) {
+        for outcome in Outcome::ALL {
+            self.counter_mut(outcome).add(other.counter(outcome));
+        }
+    }
+
+    /// Every frame the program saw on the port, whatever happened to it.
+    pub fn total_frames(&self) -> u64 {
+        Outcome::ALL.iter().map(|o| self.counter(*o).frames).sum()
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+
+    // SAFETY: each type is #[repr(C)], made only of integers and byte arrays, with explicit
+    // padding fields (asserted sizes above), so every bit pattern is a valid value.
+    unsafe impl aya::Pod for MacKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for VmEpoch {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PortVm {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for GroupState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DatapathConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PortCounters {}
+}

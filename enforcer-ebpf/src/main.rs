@@ -1,0 +1,166 @@
+//! Epoch enforcement on every VM port.
+//!
+//! Both programs run where a VM's frames enter the host (ingress of the host side of the VM's
+//! tap/veth), look up the sender's epoch (the frame's color) and the receiver's epoch in the
+//! pinned maps and apply [`enforcer_common::decide`]. `enforcer_tc` (tcx ingress) is the
+//! default hot path: it sees GSO super-frames untouched. `enforcer_xdp` is the same logic for
+//! ports where XDP is wanted; XDP on a veth costs TCP its GRO/GSO (see BENCHMARKS.md).
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    btf_maps::{Array, HashMap, PerCpuHashMap},
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use enforcer_common::{
+    DatapathConfig, DatapathView, GroupState, MAX_GROUPS, MAX_VMS, MacKey, Outcome, PortCounters,
+    PortVm, Type3Mode, Verdict, VmEpoch, decide,
+};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    vlan::VlanHdr,
+};
+
+const MAX_VMS_USIZE: usize = MAX_VMS as usize;
+const MAX_GROUPS_USIZE: usize = MAX_GROUPS as usize;
+
+#[btf_map(name = "epochs")]
+static EPOCHS: HashMap<MacKey, VmEpoch, MAX_VMS_USIZE> = HashMap::new();
+
+#[btf_map(name = "ports")]
+static PORTS: HashMap<u32, PortVm, MAX_VMS_USIZE> = HashMap::new();
+
+#[btf_map(name = "groups")]
+static GROUPS: HashMap<u32, GroupState, MAX_GROUPS_USIZE> = HashMap::new();
+
+#[btf_map(name = "config")]
+static CONFIG: Array<DatapathConfig, 1> = Array::new();
+
+#[btf_map(name = "port_stats")]
+static PORT_STATS: PerCpuHashMap<u32, PortCounters, MAX_VMS_USIZE> = PerCpuHashMap::new();
+
+/// The datapath's view of the maps for [`decide`].
+struct Maps;
+
+impl DatapathView for Maps {
+    #[inline(always)]
+    fn vm(&self, mac: &MacKey) -> Option<VmEpoch> {
+        // SAFETY: the value is copied out at once; no reference outlives the lookup.
+        unsafe { EPOCHS.get(mac).copied() }
+    }
+
+    #[inline(always)]
+    fn port_has_vm(&self, ifindex: u32) -> bool {
+        PORTS.get_ptr(ifindex).is_some()
+    }
+
+    #[inline(always)]
+    fn group_min_epoch(&self, group: u32) -> Option<u32> {
+        // SAFETY: the field is copied out at once.
+        unsafe { GROUPS.get(group).map(|g| g.min_epoch) }
+    }
+
+    #[inline(always)]
+    fn type3_mode(&self) -> Type3Mode {
+        match CONFIG.get(0) {
+            // An unknown mode falls on the safe side: nothing Type-3 gets through.
+            Some(config) => Type3Mode::from_raw(config.type3_mode).unwrap_or(Type3Mode::Drop),
+            None => Type3Mode::Drop,
+        }
+    }
+
+    #[inline(always)]
+    fn hold_ready(&self, _ifindex: u32) -> bool {
+        // No AF_XDP buffer socket serves any port in this build: `buffer` mode drops Type-3
+        // frames and counts them as `type3_unbuffered` rather than passing them.
+        false
+    }
+}
+
+#[xdp]
+pub fn enforcer_xdp(ctx: XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let ifindex = ctx.ingress_ifindex() as u32;
+    match try_enforce(ctx.data(), ctx.data_end(), ifindex, bytes) {
+        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Drop | Verdict::Hold => xdp_action::XDP_DROP,
+    }
+}
+
+#[classifier]
+pub fn enforcer_tc(ctx: TcContext) -> i32 {
+    // SAFETY: `skb` is the context pointer the kernel passed to this program.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let len = ctx.len();
+    // Headers of a received skb are normally linear; pull them in if not, so a frame is never
+    // called malformed just because of how it is laid out in memory.
+    let wanted = (EthHdr::LEN + VlanHdr::LEN) as u32;
+    if ctx.data_end() - ctx.data() < wanted as usize && len > (ctx.data_end() - ctx.data()) as u32
+    {
+        let _ = ctx.pull_data(if len < wanted { len } else { wanted });
+    }
+    match try_enforce(ctx.data(), ctx.data_end(), ifindex, len as u64) {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Drop | Verdict::Hold => TC_ACT_SHOT,
+    }
+}
+
+/// Classifies one frame and counts it; returns what to do with it.
+#[inline(always)]
+fn try_enforce(data: usize, data_end: usize, ifindex: u32, bytes: u64) -> Verdict {
+    let outcome = match ethernet_addresses(data, data_end) {
+        Some((src, dst)) => decide(&Maps, ifindex, &src, &dst),
+        None => Outcome::Malformed,
+    };
+    count(ifindex, outcome, bytes);
+    outcome.verdict()
+}
+
+/// Source and destination MAC of a well-formed frame: at least an Ethernet header, and the
+/// whole tag when it carries an 802.1Q/802.1ad VLAN tag.
+#[inline(always)]
+fn ethernet_addresses(data: usize, data_end: usize) -> Option<(MacKey, MacKey)> {
+    if data + EthHdr::LEN > data_end {
+        return None;
+    }
+    let eth = data as *const EthHdr;
+    // SAFETY: the header lies within [data, data_end), checked above.
+    let (src, dst, ether_type) = unsafe { ((*eth).src_addr, (*eth).dst_addr, (*eth).ether_type) };
+    let tagged =
+        ether_type == EtherType::Ieee8021q as u16 || ether_type == EtherType::Ieee8021ad as u16;
+    if tagged && data + EthHdr::LEN + VlanHdr::LEN > data_end {
+        return None;
+    }
+    Some((MacKey::new(src), MacKey::new(dst)))
+}
+
+#[inline(always)]
+fn count(ifindex: u32, outcome: Outcome, bytes: u64) {
+    let stats = match PORT_STATS.get_ptr_mut(ifindex) {
+        Some(stats) => stats,
+        None => {
+            // Userspace creates the entry when it attaches; this covers a port it has not yet.
+            let _ = PORT_STATS.insert(ifindex, PortCounters::default(), BPF_NOEXIST as u64);
+            match PORT_STATS.get_ptr_mut(ifindex) {
+                Some(stats) => stats,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: a per-CPU value: only this CPU writes it, and the program is not preempted.
+    let counter = unsafe { &mut *stats }.counter_mut(outcome);
+    counter.frames += 1;
+    counter.bytes += bytes;
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

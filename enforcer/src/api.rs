@@ -1,0 +1,328 @@
+//! The daemon's HTTP/JSON API (no gRPC). Loopback by default; a bearer token is required when
+//! it listens anywhere else.
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
+
+use axum::{
+    Json, Router,
+    extract::{Path, Request, State},
+    http::{HeaderMap, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post, put},
+};
+use enforcer_common::{Outcome, Type3Mode};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::{
+    datapath::{AttachMode, AttachedPort, Datapath, DatapathError, ifindex_of},
+    epochs::{self, EpochError, GroupRecord, VmRecord},
+    mac::MacAddr,
+    metrics,
+};
+
+pub struct AppState {
+    pub datapath: Mutex<Datapath>,
+    pub token: Option<String>,
+}
+
+pub type Shared = Arc<AppState>;
+
+/// A JSON error: `{"error": "..."}` with a 4xx/5xx status.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(ErrorBody { error: self.message })).into_response()
+    }
+}
+
+impl From<DatapathError> for ApiError {
+    fn from(err: DatapathError) -> Self {
+        let status = match err {
+            DatapathError::UnknownInterface(_) => StatusCode::BAD_REQUEST,
+            DatapathError::NotAttached(_) => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, err.to_string())
+    }
+}
+
+impl From<EpochError<DatapathError>> for ApiError {
+    fn from(err: EpochError<DatapathError>) -> Self {
+        let status = match &err {
+            EpochError::UnknownVm(_) => StatusCode::NOT_FOUND,
+            EpochError::NotUnicast(_) => StatusCode::BAD_REQUEST,
+            EpochError::AlreadyRegistered(_)
+            | EpochError::PortTaken { .. }
+            | EpochError::Backwards { .. }
+            | EpochError::Overflow { .. } => StatusCode::CONFLICT,
+            EpochError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, err.to_string())
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Health {
+    pub status: String,
+    pub attach_mode: AttachMode,
+    pub pin_root: String,
+    pub ports: usize,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct RegisterVm {
+    pub mac: MacAddr,
+    pub group: u32,
+    /// Host-side interface of the VM (its tap/veth on the bridge).
+    pub port: String,
+    /// Starting epoch; default: the group's current epoch.
+    #[serde(default)]
+    pub epoch: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct SetEpoch {
+    pub epoch: u32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeName {
+    Buffer,
+    Drop,
+    Monitor,
+}
+
+impl From<Type3Mode> for ModeName {
+    fn from(mode: Type3Mode) -> Self {
+        match mode {
+            Type3Mode::Buffer => ModeName::Buffer,
+            Type3Mode::Drop => ModeName::Drop,
+            Type3Mode::Monitor => ModeName::Monitor,
+        }
+    }
+}
+
+impl From<ModeName> for Type3Mode {
+    fn from(mode: ModeName) -> Self {
+        match mode {
+            ModeName::Buffer => Type3Mode::Buffer,
+            ModeName::Drop => Type3Mode::Drop,
+            ModeName::Monitor => Type3Mode::Monitor,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Config {
+    pub type3_mode: ModeName,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterJson {
+    pub frames: u64,
+    pub bytes: u64,
+}
+
+/// Counters of one port, by outcome name (`type1`, `type3_dropped`, ...).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct PortStats {
+    pub ifindex: u32,
+    pub port: Option<String>,
+    pub vm: Option<MacAddr>,
+    pub counters: BTreeMap<String, CounterJson>,
+}
+
+impl PortStats {
+    pub fn frames(&self, outcome: Outcome) -> u64 {
+        self.counters.get(outcome.name()).map_or(0, |c| c.frames)
+    }
+    pub fn total_frames(&self) -> u64 {
+        self.counters.values().map(|c| c.frames).sum()
+    }
+}
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/vms", get(list_vms).post(register_vm))
+        .route("/v1/vms/{mac}", get(get_vm).delete(unregister_vm))
+        .route("/v1/vms/{mac}/epoch", put(set_epoch))
+        .route("/v1/vms/{mac}/advance", post(advance))
+        .route("/v1/groups", get(list_groups))
+        .route("/v1/ports", get(list_ports))
+        .route("/v1/stats", get(stats))
+        .route("/v1/config", get(get_config).put(set_config))
+        .route("/metrics", get(prometheus))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .with_state(state)
+}
+
+async fn require_token(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    if let Some(token) = &state.token {
+        let ok = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes()));
+        if !ok {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn parse_mac(s: &str) -> Result<MacAddr, ApiError> {
+    s.parse().map_err(|e: crate::mac::MacParseError| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+async fn health(State(s): State<Shared>) -> ApiResult<Health> {
+    let dp = s.datapath.lock().await;
+    Ok(Json(Health {
+        status: "ok".into(),
+        attach_mode: dp.attach_mode(),
+        pin_root: dp.pin_root().display().to_string(),
+        ports: dp.attached_ports().len(),
+    }))
+}
+
+async fn list_vms(State(s): State<Shared>) -> ApiResult<Vec<VmRecord>> {
+    Ok(Json(epochs::list_vms(&mut *s.datapath.lock().await)?))
+}
+
+async fn get_vm(State(s): State<Shared>, Path(mac): Path<String>) -> ApiResult<VmRecord> {
+    let mac = parse_mac(&mac)?;
+    Ok(Json(epochs::get_vm(&mut *s.datapath.lock().await, mac)?))
+}
+
+async fn register_vm(
+    State(s): State<Shared>,
+    body: Result<Json<RegisterVm>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<VmRecord>), ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let ifindex = ifindex_of(&req.port)?;
+    let mut dp = s.datapath.lock().await;
+    if !dp.is_attached(ifindex) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("port {} is not a VM port of this daemon (not attached)", req.port),
+        ));
+    }
+    let vm = epochs::register(&mut *dp, req.mac, req.group, ifindex, req.epoch)?;
+    tracing::info!(mac = %vm.mac, group = vm.group, epoch = vm.epoch, port = req.port, "VM registered");
+    Ok((StatusCode::CREATED, Json(vm)))
+}
+
+async fn unregister_vm(State(s): State<Shared>, Path(mac): Path<String>) -> ApiResult<VmRecord> {
+    let mac = parse_mac(&mac)?;
+    let vm = epochs::unregister(&mut *s.datapath.lock().await, mac)?;
+    tracing::info!(mac = %vm.mac, "VM unregistered");
+    Ok(Json(vm))
+}
+
+async fn set_epoch(
+    State(s): State<Shared>,
+    Path(mac): Path<String>,
+    body: Result<Json<SetEpoch>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<VmRecord> {
+    let mac = parse_mac(&mac)?;
+    let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let vm = epochs::set_epoch(&mut *s.datapath.lock().await, mac, req.epoch)?;
+    tracing::info!(mac = %vm.mac, epoch = vm.epoch, "epoch set");
+    Ok(Json(vm))
+}
+
+async fn advance(State(s): State<Shared>, Path(mac): Path<String>) -> ApiResult<VmRecord> {
+    let mac = parse_mac(&mac)?;
+    let vm = epochs::advance(&mut *s.datapath.lock().await, mac)?;
+    tracing::info!(mac = %vm.mac, epoch = vm.epoch, "epoch advanced");
+    Ok(Json(vm))
+}
+
+async fn list_groups(State(s): State<Shared>) -> ApiResult<Vec<GroupRecord>> {
+    Ok(Json(epochs::list_groups(&mut *s.datapath.lock().await)?))
+}
+
+async fn list_ports(State(s): State<Shared>) -> ApiResult<Vec<AttachedPort>> {
+    Ok(Json(s.datapath.lock().await.attached_ports()))
+}
+
+/// Counters of every port that has any, with the port's name and VM when known.
+pub fn collect_stats(dp: &mut Datapath) -> Result<Vec<PortStats>, ApiError> {
+    let vms = epochs::list_vms(dp)?;
+    let stats = dp.port_stats()?;
+    Ok(stats
+        .into_iter()
+        .map(|(ifindex, counters)| PortStats {
+            ifindex,
+            port: dp.port_name(ifindex).map(str::to_owned),
+            vm: vms.iter().find(|vm| vm.ifindex == ifindex).map(|vm| vm.mac),
+            counters: Outcome::ALL
+                .iter()
+                .map(|o| {
+                    let c = counters.counter(*o);
+                    (o.name().to_owned(), CounterJson { frames: c.frames, bytes: c.bytes })
+                })
+                .collect(),
+        })
+        .collect())
+}
+
+async fn stats(State(s): State<Shared>) -> ApiResult<Vec<PortStats>> {
+    Ok(Json(collect_stats(&mut *s.datapath.lock().await)?))
+}
+
+async fn get_config(State(s): State<Shared>) -> ApiResult<Config> {
+    let mode = s.datapath.lock().await.type3_mode()?;
+    Ok(Json(Config { type3_mode: mode.into() }))
+}
+
+async fn set_config(
+    State(s): State<Shared>,
+    body: Result<Json<Config>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Config> {
+    let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    s.datapath.lock().await.set_type3_mode(req.type3_mode.into())?;
+    Ok(Json(req))
+}
+
+async fn prometheus(State(s): State<Shared>) -> Result<impl IntoResponse, ApiError> {
+    let mut dp = s.datapath.lock().await;
+    let ports = collect_stats(&mut dp)?;
+    let vms = epochs::list_vms(&mut *dp)?;
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, "text/plain; version=0.0.4".parse().expect("static header"));
+    Ok((headers, metrics::render(&ports, &vms)))
+}
+
+/// Whether an address may serve the API without a token.
+pub fn is_local(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}

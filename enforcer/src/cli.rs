@@ -1,0 +1,269 @@
+//! Command line: `enforcer run` (the daemon), `enforcer demo`, and the API client commands.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use enforcer_common::Outcome;
+
+use crate::{
+    api::ModeName,
+    client::{Client, DEFAULT_API},
+    daemon::{self, DaemonConfig},
+    datapath::{self, AttachMode, DEFAULT_PIN_ROOT},
+    demo::{self, DemoOptions},
+    mac::MacAddr,
+    ports::PortSource,
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "enforcer", version, about = "Causally consistent live snapshots of VM groups, enforced in the kernel datapath")]
+pub struct Cli {
+    /// The daemon's API (for the client commands).
+    #[arg(long, global = true, env = "ENFORCER_API", default_value = DEFAULT_API)]
+    pub api: String,
+    /// Bearer token for the API.
+    #[arg(long, global = true, env = "ENFORCER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: attach to every VM port, follow ports, serve the API.
+    Run(RunArgs),
+    /// Run the demo: a group of network-namespace VMs, traffic, epochs advanced one at a time.
+    Demo(DemoArgs),
+    /// Register, list and remove VMs.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Read and move epochs.
+    #[command(subcommand)]
+    Epoch(EpochCommand),
+    /// List groups with their epochs.
+    Groups,
+    /// List the ports the datapath is attached to.
+    Ports,
+    /// Per-port counters: what the datapath delivered, dropped and why.
+    Stats {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show or set what happens to Type-3 frames.
+    Mode {
+        /// New mode; omit to show the current one.
+        #[arg(value_enum)]
+        mode: Option<ModeArg>,
+    },
+    /// Remove everything pinned under the pin root: detaches the programs, frees the maps.
+    Teardown {
+        #[arg(long, default_value = DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Attach to every member of this bridge, following members as they come and go.
+    #[arg(long, conflicts_with = "port", required_unless_present = "port")]
+    pub bridge: Option<String>,
+    /// Attach to exactly these interfaces (repeatable).
+    #[arg(long)]
+    pub port: Vec<String>,
+    /// Where programs' links and maps are pinned (bpffs).
+    #[arg(long, default_value = DEFAULT_PIN_ROOT)]
+    pub pin_root: PathBuf,
+    /// API address. Anything but loopback requires --token.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub listen: SocketAddr,
+    /// Hook that classifies frames on the VM ports.
+    #[arg(long, value_enum, default_value = "tc")]
+    pub attach: AttachMode,
+    /// Set the Type-3 mode at start (default: keep the pinned setting; `buffer` when new).
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Number of VMs in the demo group.
+    #[arg(long, default_value_t = 3)]
+    pub vms: usize,
+    /// Messages per sender→receiver pair in each phase.
+    #[arg(long, default_value_t = 20)]
+    pub per_pair: u32,
+    #[arg(long, value_enum, default_value = "tc")]
+    pub attach: AttachMode,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// Register a VM: its MAC, group and host-side port.
+    Add {
+        #[arg(long)]
+        mac: MacAddr,
+        #[arg(long)]
+        group: u32,
+        #[arg(long)]
+        port: String,
+        /// Starting epoch (default: the group's current epoch).
+        #[arg(long)]
+        epoch: Option<u32>,
+    },
+    /// Unregister a VM.
+    Rm { mac: MacAddr },
+    /// List registered VMs.
+    Ls,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EpochCommand {
+    /// Show one VM's epoch, or every VM's.
+    Get { mac: Option<MacAddr> },
+    /// Set a VM's epoch (never backwards).
+    Set { mac: MacAddr, epoch: u32 },
+    /// Move a VM to its next epoch.
+    Advance { mac: MacAddr },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ModeArg {
+    Buffer,
+    Drop,
+    Monitor,
+}
+
+impl From<ModeArg> for ModeName {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Buffer => ModeName::Buffer,
+            ModeArg::Drop => ModeName::Drop,
+            ModeArg::Monitor => ModeName::Monitor,
+        }
+    }
+}
+
+impl Cli {
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Run(_) => "info",
+            _ => "warn",
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(run_async(cli))
+}
+
+async fn run_async(cli: Cli) -> anyhow::Result<()> {
+    let client = Client::new(&cli.api, cli.token.clone());
+    match cli.command {
+        Command::Run(args) => {
+            let ports = match args.bridge {
+                Some(bridge) => PortSource::Bridge(bridge),
+                None => PortSource::Named(args.port),
+            };
+            let running = daemon::start(DaemonConfig {
+                ports,
+                pin_root: args.pin_root,
+                attach: args.attach,
+                listen: args.listen,
+                token: cli.token,
+                type3_mode: args.mode.map(|m| ModeName::from(m).into()),
+            })
+            .await?;
+            running.wait_for_signal().await?;
+        }
+        Command::Demo(args) => {
+            let report = demo::run(DemoOptions {
+                vms: args.vms,
+                per_pair: args.per_pair,
+                attach: args.attach,
+                ..DemoOptions::default()
+            })
+            .await?;
+            println!("{report}");
+        }
+        Command::Vm(VmCommand::Add { mac, group, port, epoch }) => {
+            let vm = client.register_vm(mac, group, &port, epoch).await?;
+            println!("registered {} in group {} at epoch {} (ifindex {})", vm.mac, vm.group, vm.epoch, vm.ifindex);
+        }
+        Command::Vm(VmCommand::Rm { mac }) => {
+            let vm = client.unregister_vm(mac).await?;
+            println!("unregistered {}", vm.mac);
+        }
+        Command::Vm(VmCommand::Ls) | Command::Epoch(EpochCommand::Get { mac: None }) => {
+            println!("{:<19} {:>6} {:>6} {:>8}", "MAC", "GROUP", "EPOCH", "IFINDEX");
+            for vm in client.vms().await? {
+                println!("{:<19} {:>6} {:>6} {:>8}", vm.mac, vm.group, vm.epoch, vm.ifindex);
+            }
+        }
+        Command::Epoch(EpochCommand::Get { mac: Some(mac) }) => {
+            println!("{}", client.vm(mac).await?.epoch);
+        }
+        Command::Epoch(EpochCommand::Set { mac, epoch }) => {
+            let vm = client.set_epoch(mac, epoch).await?;
+            println!("{} at epoch {}", vm.mac, vm.epoch);
+        }
+        Command::Epoch(EpochCommand::Advance { mac }) => {
+            let vm = client.advance(mac).await?;
+            println!("{} at epoch {}", vm.mac, vm.epoch);
+        }
+        Command::Groups => {
+            println!("{:>6} {:>8} {:>10} {:>10}", "GROUP", "MEMBERS", "MIN_EPOCH", "MAX_EPOCH");
+            for g in client.groups().await? {
+                println!("{:>6} {:>8} {:>10} {:>10}", g.group, g.members, g.min_epoch, g.max_epoch);
+            }
+        }
+        Command::Ports => {
+            for p in client.ports().await? {
+                println!("{:>8} {}", p.ifindex, p.name);
+            }
+        }
+        Command::Stats { json } => {
+            let stats = client.stats().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else {
+                print!("{:<12} {:<19}", "PORT", "VM");
+                for o in Outcome::ALL {
+                    print!(" {:>16}", o.name());
+                }
+                println!();
+                for s in stats {
+                    print!(
+                        "{:<12} {:<19}",
+                        s.port.clone().unwrap_or_else(|| format!("#{}", s.ifindex)),
+                        s.vm.map(|m| m.to_string()).unwrap_or_else(|| "-".into())
+                    );
+                    for o in Outcome::ALL {
+                        print!(" {:>16}", s.frames(o));
+                    }
+                    println!();
+                }
+            }
+        }
+        Command::Mode { mode: None } => {
+            println!("{:?}", client.config().await?.type3_mode);
+        }
+        Command::Mode { mode: Some(mode) } => {
+            println!("{:?}", client.set_mode(mode.into()).await?.type3_mode);
+        }
+        Command::Teardown { pin_root } => {
+            if datapath::teardown(&pin_root).with_context(|| format!("removing {}", pin_root.display()))? {
+                println!("removed {} (programs detached, maps freed)", pin_root.display());
+            } else {
+                println!("nothing pinned at {}", pin_root.display());
+            }
+        }
+    }
+    Ok(())
+}

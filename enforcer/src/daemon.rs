@@ -1,0 +1,137 @@
+//! `enforcer run`: loads (or adopts) the datapath, attaches to every VM port and follows ports
+//! as they come and go, and serves the API until SIGINT/SIGTERM. Stopping the daemon leaves
+//! the programs attached and the maps pinned: enforcement goes on without it (invariant 6).
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use enforcer_common::Type3Mode;
+use tokio::{net::TcpListener, sync::Mutex};
+use tracing::{info, warn};
+
+use crate::{
+    api::{self, AppState, Shared},
+    datapath::{AttachMode, Datapath, DatapathError},
+    ports::{PortError, PortEvent, PortSource, PortWatcher},
+};
+
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub ports: PortSource,
+    pub pin_root: PathBuf,
+    pub attach: AttachMode,
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+    /// Set the Type-3 mode at start; `None` keeps what the pinned config says.
+    pub type3_mode: Option<Type3Mode>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Ports(#[from] PortError),
+    #[error("listening on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("refusing to serve the API on non-loopback {0} without a token (--token or ENFORCER_TOKEN)")]
+    TokenRequired(SocketAddr),
+    #[error("serving the API: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A started daemon: the API's address and a handle to stop it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub state: Shared,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), DaemonError>>,
+}
+
+impl Running {
+    /// Stops serving and following ports; the datapath stays attached and pinned.
+    pub async fn stop(self) -> Result<(), DaemonError> {
+        let _ = self.shutdown.send(true);
+        self.task.await.unwrap_or(Ok(()))
+    }
+
+    /// Waits until the daemon stops by itself (an error) or a signal arrives.
+    pub async fn wait_for_signal(self) -> Result<(), DaemonError> {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(DaemonError::Serve)?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping (datapath stays attached)"),
+            _ = term.recv() => info!("SIGTERM: stopping (datapath stays attached)"),
+        }
+        self.stop().await
+    }
+}
+
+/// Starts the daemon on the current tokio runtime.
+pub async fn start(config: DaemonConfig) -> Result<Running, DaemonError> {
+    if !api::is_local(&config.listen) && config.token.is_none() {
+        return Err(DaemonError::TokenRequired(config.listen));
+    }
+    let mut datapath = Datapath::open(&config.pin_root, config.attach)?;
+    if let Some(mode) = config.type3_mode {
+        datapath.set_type3_mode(mode)?;
+    }
+    if datapath.type3_mode()? == Type3Mode::Buffer {
+        warn!(
+            "Type-3 mode is `buffer`, but this build has no AF_XDP buffer daemon yet: Type-3 \
+             frames are dropped and counted as type3_unbuffered"
+        );
+    }
+
+    let mut watcher = PortWatcher::new(config.ports.clone()).await?;
+    for (_, name) in watcher.current().await? {
+        datapath.attach(&name)?;
+    }
+    datapath.remove_stale_links();
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| DaemonError::Listen { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(DaemonError::Serve)?;
+    let state: Shared = Arc::new(AppState { datapath: Mutex::new(datapath), token: config.token });
+    info!(%addr, "API listening");
+
+    let (shutdown, mut stopped) = tokio::sync::watch::channel(false);
+    let app = api::router(state.clone());
+    let ports_state = state.clone();
+    let task = tokio::spawn(async move {
+        let mut serve_stopped = stopped.clone();
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = serve_stopped.wait_for(|s| *s).await;
+        });
+        let follow = async {
+            while let Some(event) = watcher.next_event().await {
+                apply_port_event(&ports_state, event).await;
+            }
+            warn!("netlink link events ended; ports are no longer followed");
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            result = server => result.map_err(DaemonError::Serve),
+            _ = follow => Ok(()),
+            _ = stopped.wait_for(|s| *s) => Ok(()),
+        }
+    });
+    Ok(Running { addr, state, shutdown, task })
+}
+
+async fn apply_port_event(state: &Shared, event: PortEvent) {
+    let mut dp = state.datapath.lock().await;
+    match event {
+        PortEvent::Up { ifindex, name } if !dp.is_attached(ifindex) => {
+            if let Err(err) = dp.attach(&name) {
+                warn!(port = name, %err, "cannot attach to new port");
+            }
+        }
+        PortEvent::Down { ifindex } if dp.is_attached(ifindex) => {
+            if let Err(err) = dp.detach(ifindex) {
+                warn!(ifindex, %err, "detaching");
+            }
+        }
+        _ => {}
+    }
+}

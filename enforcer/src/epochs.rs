@@ -1,0 +1,269 @@
+//! The VM registry and the epoch rules: epochs only move forward, a VM is registered once on
+//! one port, and each group's minimum epoch (used for broadcast) is rewritten after its
+//! members so it may lag the truth but never lead it (invariant 2).
+
+use std::collections::BTreeMap;
+
+use enforcer_common::{GroupState, MacKey, PortVm, VmEpoch};
+use serde::{Deserialize, Serialize};
+
+use crate::mac::MacAddr;
+
+/// Storage of the VM, port and group tables: the pinned maps in the daemon, plain tables in
+/// the unit tests.
+pub trait EpochStore {
+    type Error: std::error::Error + Send + Sync + 'static;
+    fn vm(&mut self, mac: &MacKey) -> Result<Option<VmEpoch>, Self::Error>;
+    fn vms(&mut self) -> Result<Vec<(MacKey, VmEpoch)>, Self::Error>;
+    fn put_vm(&mut self, mac: MacKey, vm: VmEpoch) -> Result<(), Self::Error>;
+    fn remove_vm(&mut self, mac: &MacKey) -> Result<(), Self::Error>;
+    fn port(&mut self, ifindex: u32) -> Result<Option<PortVm>, Self::Error>;
+    fn put_port(&mut self, ifindex: u32, port: PortVm) -> Result<(), Self::Error>;
+    fn remove_port(&mut self, ifindex: u32) -> Result<(), Self::Error>;
+    fn put_group(&mut self, group: u32, state: GroupState) -> Result<(), Self::Error>;
+    fn remove_group(&mut self, group: u32) -> Result<(), Self::Error>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EpochError<E: std::error::Error + 'static> {
+    #[error("no VM registered with MAC {0}")]
+    UnknownVm(MacAddr),
+    #[error("a VM with MAC {0} is already registered")]
+    AlreadyRegistered(MacAddr),
+    #[error("{0} is not a unicast address; a VM is registered under its own unicast MAC")]
+    NotUnicast(MacAddr),
+    #[error("port {port} already carries VM {mac}")]
+    PortTaken { port: u32, mac: MacAddr },
+    #[error("epoch of {mac} cannot go backwards from {current} to {requested}")]
+    Backwards { mac: MacAddr, current: u32, requested: u32 },
+    #[error("epoch of {mac} is already at the maximum")]
+    Overflow { mac: MacAddr },
+    #[error(transparent)]
+    Store(E),
+}
+
+/// A registered VM as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmRecord {
+    pub mac: MacAddr,
+    pub group: u32,
+    pub epoch: u32,
+    pub ifindex: u32,
+}
+
+impl VmRecord {
+    fn new(mac: MacKey, vm: VmEpoch) -> Self {
+        Self { mac: mac.into(), group: vm.group, epoch: vm.epoch, ifindex: vm.ifindex }
+    }
+}
+
+/// A group as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupRecord {
+    pub group: u32,
+    pub members: u32,
+    pub min_epoch: u32,
+    pub max_epoch: u32,
+}
+
+pub fn list_vms<S: EpochStore>(store: &mut S) -> Result<Vec<VmRecord>, EpochError<S::Error>> {
+    let mut vms: Vec<VmRecord> =
+        store.vms().map_err(EpochError::Store)?.into_iter().map(|(m, v)| VmRecord::new(m, v)).collect();
+    vms.sort_by_key(|vm| (vm.group, vm.mac));
+    Ok(vms)
+}
+
+pub fn list_groups<S: EpochStore>(store: &mut S) -> Result<Vec<GroupRecord>, EpochError<S::Error>> {
+    let mut groups: BTreeMap<u32, GroupRecord> = BTreeMap::new();
+    for (_, vm) in store.vms().map_err(EpochError::Store)? {
+        let g = groups.entry(vm.group).or_insert(GroupRecord {
+            group: vm.group,
+            members: 0,
+            min_epoch: u32::MAX,
+            max_epoch: 0,
+        });
+        g.members += 1;
+        g.min_epoch = g.min_epoch.min(vm.epoch);
+        g.max_epoch = g.max_epoch.max(vm.epoch);
+    }
+    Ok(groups.into_values().collect())
+}
+
+pub fn get_vm<S: EpochStore>(store: &mut S, mac: MacAddr) -> Result<VmRecord, EpochError<S::Error>> {
+    let vm = store.vm(&mac.key()).map_err(EpochError::Store)?.ok_or(EpochError::UnknownVm(mac))?;
+    Ok(VmRecord::new(mac.key(), vm))
+}
+
+/// Registers a VM on the port `ifindex`. Without an explicit epoch it joins at the group's
+/// highest epoch (the snapshot the group is at), so its peers' frames are not Type-3 to it.
+pub fn register<S: EpochStore>(
+    store: &mut S,
+    mac: MacAddr,
+    group: u32,
+    ifindex: u32,
+    epoch: Option<u32>,
+) -> Result<VmRecord, EpochError<S::Error>> {
+    if !mac.is_unicast() {
+        return Err(EpochError::NotUnicast(mac));
+    }
+    if store.vm(&mac.key()).map_err(EpochError::Store)?.is_some() {
+        return Err(EpochError::AlreadyRegistered(mac));
+    }
+    if let Some(port) = store.port(ifindex).map_err(EpochError::Store)? {
+        return Err(EpochError::PortTaken { port: ifindex, mac: port.mac.into() });
+    }
+    let epoch = match epoch {
+        Some(epoch) => epoch,
+        None => list_groups(store)?.iter().find(|g| g.group == group).map_or(0, |g| g.max_epoch),
+    };
+    let vm = VmEpoch { epoch, group, ifindex, _pad: 0 };
+    // Port first: from the moment the VM's MAC is known, its port already claims it.
+    store.put_port(ifindex, PortVm { mac: mac.key(), group, _pad: 0 }).map_err(EpochError::Store)?;
+    store.put_vm(mac.key(), vm).map_err(EpochError::Store)?;
+    refresh_group(store, group)?;
+    Ok(VmRecord::new(mac.key(), vm))
+}
+
+pub fn unregister<S: EpochStore>(store: &mut S, mac: MacAddr) -> Result<VmRecord, EpochError<S::Error>> {
+    let vm = store.vm(&mac.key()).map_err(EpochError::Store)?.ok_or(EpochError::UnknownVm(mac))?;
+    store.remove_vm(&mac.key()).map_err(EpochError::Store)?;
+    store.remove_port(vm.ifindex).map_err(EpochError::Store)?;
+    refresh_group(store, vm.group)?;
+    Ok(VmRecord::new(mac.key(), vm))
+}
+
+/// Sets a VM's epoch. Equal is a no-op; lower is refused (an epoch never moves backwards).
+pub fn set_epoch<S: EpochStore>(
+    store: &mut S,
+    mac: MacAddr,
+    epoch: u32,
+) -> Result<VmRecord, EpochError<S::Error>> {
+    let mut vm = store.vm(&mac.key()).map_err(EpochError::Store)?.ok_or(EpochError::UnknownVm(mac))?;
+    if epoch < vm.epoch {
+        return Err(EpochError::Backwards { mac, current: vm.epoch, requested: epoch });
+    }
+    if epoch > vm.epoch {
+        vm.epoch = epoch;
+        store.put_vm(mac.key(), vm).map_err(EpochError::Store)?;
+        // After the member: the group minimum is never ahead of any member.
+        refresh_group(store, vm.group)?;
+    }
+    Ok(VmRecord::new(mac.key(), vm))
+}
+
+/// Moves a VM to the next epoch.
+pub fn advance<S: EpochStore>(store: &mut S, mac: MacAddr) -> Result<VmRecord, EpochError<S::Error>> {
+    let current = get_vm(store, mac)?.epoch;
+    let next = current.checked_add(1).ok_or(EpochError::Overflow { mac })?;
+    set_epoch(store, mac, next)
+}
+
+fn refresh_group<S: EpochStore>(store: &mut S, group: u32) -> Result<(), EpochError<S::Error>> {
+    match list_groups(store)?.into_iter().find(|g| g.group == group) {
+        Some(g) => store
+            .put_group(group, GroupState { min_epoch: g.min_epoch, members: g.members })
+            .map_err(EpochError::Store),
+        None => store.remove_group(group).map_err(EpochError::Store),
+    }
+}
+
+/// Plain in-memory tables, for tests of everything above the maps.
+#[derive(Default, Debug)]
+pub struct MemoryStore {
+    pub vms: BTreeMap<MacKey, VmEpoch>,
+    pub ports: BTreeMap<u32, PortVm>,
+    pub groups: BTreeMap<u32, GroupState>,
+}
+
+impl EpochStore for MemoryStore {
+    type Error = std::convert::Infallible;
+    fn vm(&mut self, mac: &MacKey) -> Result<Option<VmEpoch>, Self::Error> {
+        Ok(self.vms.get(mac).copied())
+    }
+    fn vms(&mut self) -> Result<Vec<(MacKey, VmEpoch)>, Self::Error> {
+        Ok(self.vms.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn put_vm(&mut self, mac: MacKey, vm: VmEpoch) -> Result<(), Self::Error> {
+        self.vms.insert(mac, vm);
+        Ok(())
+    }
+    fn remove_vm(&mut self, mac: &MacKey) -> Result<(), Self::Error> {
+        self.vms.remove(mac);
+        Ok(())
+    }
+    fn port(&mut self, ifindex: u32) -> Result<Option<PortVm>, Self::Error> {
+        Ok(self.ports.get(&ifindex).copied())
+    }
+    fn put_port(&mut self, ifindex: u32, port: PortVm) -> Result<(), Self::Error> {
+        self.ports.insert(ifindex, port);
+        Ok(())
+    }
+    fn remove_port(&mut self, ifindex: u32) -> Result<(), Self::Error> {
+        self.ports.remove(&ifindex);
+        Ok(())
+    }
+    fn put_group(&mut self, group: u32, state: GroupState) -> Result<(), Self::Error> {
+        self.groups.insert(group, state);
+        Ok(())
+    }
+    fn remove_group(&mut self, group: u32) -> Result<(), Self::Error> {
+        self.groups.remove(&group);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mac(n: u8) -> MacAddr {
+        MacAddr([2, 0, 0, 0, 0, n])
+    }
+
+    #[test]
+    fn epochs_only_move_forward() {
+        let mut s = MemoryStore::default();
+        register(&mut s, mac(1), 7, 11, None).unwrap();
+        assert_eq!(advance(&mut s, mac(1)).unwrap().epoch, 1);
+        assert_eq!(set_epoch(&mut s, mac(1), 1).unwrap().epoch, 1, "equal is a no-op");
+        let err = set_epoch(&mut s, mac(1), 0).unwrap_err();
+        assert!(matches!(err, EpochError::Backwards { current: 1, requested: 0, .. }), "{err}");
+        assert_eq!(s.vms[&mac(1).key()].epoch, 1, "a refused update changes nothing");
+        set_epoch(&mut s, mac(1), u32::MAX).unwrap();
+        assert!(matches!(advance(&mut s, mac(1)), Err(EpochError::Overflow { .. })));
+    }
+
+    #[test]
+    fn group_minimum_tracks_the_slowest_member() {
+        let mut s = MemoryStore::default();
+        for n in 1..=3 {
+            register(&mut s, mac(n), 7, 10 + n as u32, Some(0)).unwrap();
+        }
+        register(&mut s, mac(9), 8, 99, Some(0)).unwrap();
+        assert_eq!(s.groups[&7], GroupState { min_epoch: 0, members: 3 });
+        advance(&mut s, mac(1)).unwrap();
+        advance(&mut s, mac(3)).unwrap();
+        assert_eq!(s.groups[&7].min_epoch, 0, "mac(2) is still at 0");
+        advance(&mut s, mac(2)).unwrap();
+        assert_eq!(s.groups[&7].min_epoch, 1);
+        assert_eq!(s.groups[&8].min_epoch, 0, "other groups are untouched");
+        unregister(&mut s, mac(9)).unwrap();
+        assert!(!s.groups.contains_key(&8), "an empty group is removed");
+        assert!(!s.ports.contains_key(&99));
+    }
+
+    #[test]
+    fn registration_rules() {
+        let mut s = MemoryStore::default();
+        register(&mut s, mac(1), 7, 11, Some(4)).unwrap();
+        assert!(matches!(register(&mut s, mac(1), 7, 12, None), Err(EpochError::AlreadyRegistered(_))));
+        assert!(matches!(register(&mut s, mac(2), 7, 11, None), Err(EpochError::PortTaken { port: 11, .. })));
+        let bcast = MacAddr([0xff; 6]);
+        assert!(matches!(register(&mut s, bcast, 7, 12, None), Err(EpochError::NotUnicast(_))));
+        // A new member joins at the group's current epoch, not 0.
+        assert_eq!(register(&mut s, mac(2), 7, 12, None).unwrap().epoch, 4);
+        assert_eq!(register(&mut s, mac(3), 9, 13, None).unwrap().epoch, 0);
+        assert!(matches!(set_epoch(&mut s, mac(50), 1), Err(EpochError::UnknownVm(_))));
+        assert!(matches!(unregister(&mut s, mac(50)), Err(EpochError::UnknownVm(_))));
+    }
+}

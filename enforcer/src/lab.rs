@@ -1,0 +1,169 @@
+//! A lab of "VMs" on this host: each VM is a network namespace whose `eth0` is one end of a
+//! veth pair; the other end is the VM's port on a Linux bridge, exactly where a VM's tap would
+//! be. Used by the demo, the tier-2 tests and the benchmarks. Everything is removed on drop.
+//!
+//! IPv6 is off inside the VMs and neighbours are static, so the only frames on the wire are the
+//! ones the caller sends: counters can be checked exactly.
+
+use std::{
+    fs::File,
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    process::Command,
+    thread,
+};
+
+use nix::sched::{CloneFlags, setns};
+use tracing::debug;
+
+use crate::mac::MacAddr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("cannot run `ip` (install iproute2): {0}")]
+    Spawn(std::io::Error),
+    #[error("lab prefix {0:?} must be 1-6 alphanumeric characters (interface names are short)")]
+    BadPrefix(String),
+    #[error("entering namespace {netns}: {detail}")]
+    Netns { netns: String, detail: String },
+    #[error("socket in {netns}: {source}")]
+    Socket { netns: String, source: std::io::Error },
+}
+
+#[derive(Clone, Debug)]
+pub struct LabVm {
+    /// Short name shown in reports (`vm1`, `vm2`, ...).
+    pub name: String,
+    pub netns: String,
+    /// Host side of the veth: the VM's switch port.
+    pub port: String,
+    pub mac: MacAddr,
+    pub ip: Ipv4Addr,
+}
+
+#[derive(Debug)]
+pub struct Lab {
+    pub prefix: String,
+    pub bridge: String,
+    pub vms: Vec<LabVm>,
+}
+
+fn run(args: &[&str]) -> Result<(), LabError> {
+    debug!(?args, "ip");
+    let out = Command::new("ip").args(args).output().map_err(LabError::Spawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(LabError::Command {
+            command: format!("ip {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+impl Lab {
+    /// Creates a bridge `<prefix>br` and `n` VMs `<prefix>-vm<i>` with ports `<prefix>p<i>`.
+    pub fn create(prefix: &str, n: usize) -> Result<Lab, LabError> {
+        if prefix.is_empty() || prefix.len() > 6 || !prefix.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(LabError::BadPrefix(prefix.to_owned()));
+        }
+        let mut lab = Lab { prefix: prefix.to_owned(), bridge: format!("{prefix}br"), vms: Vec::new() };
+        // A leftover lab of the same prefix (a killed run) would make every step fail.
+        lab.remove_leftovers(n);
+        run(&["link", "add", &lab.bridge, "type", "bridge"])?;
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", lab.bridge), "1");
+        run(&["link", "set", &lab.bridge, "up"])?;
+        for i in 1..=n {
+            let vm = LabVm {
+                name: format!("vm{i}"),
+                netns: format!("{prefix}-vm{i}"),
+                port: format!("{prefix}p{i}"),
+                mac: MacAddr([0x02, 0x00, 0x5e, 0x10, 0x00, i as u8]),
+                ip: Ipv4Addr::new(10, 213, 0, i as u8),
+            };
+            lab.vms.push(vm.clone());
+            run(&["netns", "add", &vm.netns])?;
+            let ns = |args: &[&str]| {
+                let mut full = vec!["-n", vm.netns.as_str()];
+                full.extend_from_slice(args);
+                run(&full)
+            };
+            // IPv6 off before any interface comes up: no router/neighbour solicitations.
+            Command::new("ip")
+                .args(["netns", "exec", &vm.netns, "sysctl", "-qw"])
+                .args(["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
+                .status()
+                .map_err(LabError::Spawn)?;
+            run(&["link", "add", &vm.port, "type", "veth", "peer", "name", "eth0", "netns", &vm.netns])?;
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", vm.port), "1");
+            run(&["link", "set", &vm.port, "master", &lab.bridge, "up"])?;
+            ns(&["link", "set", "eth0", "address", &vm.mac.to_string()])?;
+            ns(&["addr", "add", &format!("{}/24", vm.ip), "dev", "eth0"])?;
+            ns(&["link", "set", "eth0", "up"])?;
+            ns(&["link", "set", "lo", "up"])?;
+        }
+        for vm in &lab.vms {
+            for peer in lab.vms.iter().filter(|p| p.name != vm.name) {
+                run(&[
+                    "-n", &vm.netns, "neigh", "replace", &peer.ip.to_string(), "lladdr",
+                    &peer.mac.to_string(), "dev", "eth0", "nud", "permanent",
+                ])?;
+            }
+        }
+        Ok(lab)
+    }
+
+    fn remove_leftovers(&self, n: usize) {
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+        for i in 1..=n.max(16) {
+            let _ = Command::new("ip").args(["netns", "del", &format!("{}-vm{i}", self.prefix)]).output();
+        }
+    }
+
+    /// Runs `f` on a thread inside the VM's network namespace; sockets it creates stay in that
+    /// namespace wherever they are used afterwards.
+    pub fn in_vm<T: Send + 'static>(
+        &self,
+        vm: usize,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, LabError> {
+        let netns = self.vms[vm].netns.clone();
+        let err = |detail: String| LabError::Netns { netns: netns.clone(), detail };
+        let file = File::open(format!("/run/netns/{netns}")).map_err(|e| err(e.to_string()))?;
+        let handle = thread::spawn(move || -> Result<T, String> {
+            setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())?;
+            Ok(f())
+        });
+        handle.join().map_err(|_| err("thread panicked".into()))?.map_err(err)
+    }
+
+    /// A UDP socket bound to `port` on the VM's address, inside its namespace.
+    pub fn udp_socket(&self, vm: usize, port: u16) -> Result<UdpSocket, LabError> {
+        let addr = SocketAddrV4::new(self.vms[vm].ip, port);
+        let netns = self.vms[vm].netns.clone();
+        self.in_vm(vm, move || UdpSocket::bind(addr))?
+            .map_err(|source| LabError::Socket { netns, source })
+    }
+
+    /// Runs a command inside the VM's namespace (`ip netns exec`).
+    pub fn command(&self, vm: usize, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.vms[vm].netns, program]);
+        cmd
+    }
+
+    pub fn ports(&self) -> Vec<String> {
+        self.vms.iter().map(|vm| vm.port.clone()).collect()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its veth end, and with it the port on the bridge.
+        for vm in &self.vms {
+            let _ = Command::new("ip").args(["netns", "del", &vm.netns]).output();
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+    }
+}

@@ -1,0 +1,18 @@
+//! enforcer: causally consistent live snapshots of VM groups, enforced in the kernel datapath.
+//!
+//! One module per concern: [`datapath`] (load, pin, attach, maps), [`epochs`] (VM registry and
+//! epoch rules), [`ports`] (VM port discovery over rtnetlink), [`daemon`] (`enforcer run`),
+//! [`api`] + [`client`] (HTTP/JSON), [`metrics`] (Prometheus), [`lab`] (network-namespace
+//! "VMs" for the demo, tests and benchmarks), [`demo`] and [`cli`].
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod daemon;
+pub mod datapath;
+pub mod demo;
+pub mod epochs;
+pub mod lab;
+pub mod mac;
+pub mod metrics;
+pub mod ports;
+pub mod traffic;

@@ -1,0 +1,69 @@
+//! Prometheus text exposition of the datapath counters and epochs.
+
+use std::fmt::Write as _;
+
+use enforcer_common::Outcome;
+
+use crate::{api::PortStats, epochs::VmRecord};
+
+/// Renders `GET /metrics` (text format 0.0.4).
+pub fn render(ports: &[PortStats], vms: &[VmRecord]) -> String {
+    let mut out = String::new();
+    for (metric, help, pick) in [
+        (
+            "enforcer_port_frames_total",
+            "Frames seen on a VM port, by outcome (type1, type3_dropped, malformed, ...).",
+            (|c: &crate::api::CounterJson| c.frames) as fn(&crate::api::CounterJson) -> u64,
+        ),
+        ("enforcer_port_bytes_total", "Bytes seen on a VM port, by outcome.", |c| c.bytes),
+    ] {
+        let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter");
+        for port in ports {
+            for outcome in Outcome::ALL {
+                let value = port.counters.get(outcome.name()).map_or(0, pick);
+                let _ = writeln!(
+                    out,
+                    "{metric}{{port=\"{}\",ifindex=\"{}\",outcome=\"{}\"}} {value}",
+                    escape(port.port.as_deref().unwrap_or("")),
+                    port.ifindex,
+                    outcome.name()
+                );
+            }
+        }
+    }
+    let _ = writeln!(out, "# HELP enforcer_vm_epoch Current epoch of a registered VM.");
+    let _ = writeln!(out, "# TYPE enforcer_vm_epoch gauge");
+    for vm in vms {
+        let _ = writeln!(out, "enforcer_vm_epoch{{mac=\"{}\",group=\"{}\"}} {}", vm.mac, vm.group, vm.epoch);
+    }
+    out
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{api::CounterJson, mac::MacAddr};
+
+    #[test]
+    fn renders_counters_and_epochs() {
+        let mut counters = BTreeMap::new();
+        counters.insert("type3_dropped".to_owned(), CounterJson { frames: 3, bytes: 180 });
+        let ports =
+            vec![PortStats { ifindex: 7, port: Some("vnet\"0".into()), vm: None, counters }];
+        let vms = vec![VmRecord { mac: MacAddr([2, 0, 0, 0, 0, 1]), group: 1, epoch: 4, ifindex: 7 }];
+        let text = render(&ports, &vms);
+        assert!(text.contains(
+            "enforcer_port_frames_total{port=\"vnet\\\"0\",ifindex=\"7\",outcome=\"type3_dropped\"} 3\n"
+        ));
+        assert!(text.contains("enforcer_port_bytes_total{port=\"vnet\\\"0\",ifindex=\"7\",outcome=\"type3_dropped\"} 180\n"));
+        assert!(text.contains("enforcer_port_frames_total{port=\"vnet\\\"0\",ifindex=\"7\",outcome=\"type1\"} 0\n"));
+        assert!(text.contains("enforcer_vm_epoch{mac=\"02:00:00:00:00:01\",group=\"1\"} 4\n"));
+        assert!(text.contains("# TYPE enforcer_port_frames_total counter"));
+    }
+}
