@@ -334,6 +334,18 @@ impl Datapath {
         self.ports.get(&ifindex).map(|p| p.name.as_str())
     }
 
+    /// The fd of a loaded program (valid while `self` lives), e.g. for BPF_PROG_TEST_RUN.
+    pub fn program_fd(&self, mode: AttachMode) -> Result<std::os::fd::RawFd, DatapathError> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let name = match mode {
+            AttachMode::Tc => TC_PROGRAM,
+            AttachMode::Xdp => XDP_PROGRAM,
+        };
+        let prog = self.ebpf.program(name).ok_or(DatapathError::MissingMap(name))?;
+        let fd = prog.fd().map_err(|source| DatapathError::Program { name, source })?;
+        Ok(fd.as_fd().as_raw_fd())
+    }
+
     /// The kernel's id of the loaded program for the active attach mode (for run-time stats).
     pub fn program_info(&self) -> Result<aya::programs::ProgramInfo, DatapathError> {
         let name = match self.mode {
