@@ -57,6 +57,9 @@ pub enum Command {
         #[arg(value_enum)]
         mode: Option<ModeArg>,
     },
+    /// Benchmarks (use `cargo xtask bench ...`, which builds in release mode first).
+    #[command(subcommand, hide = true)]
+    Bench(BenchCommand),
     /// Remove everything pinned under the pin root: detaches the programs, frees the maps.
     Teardown {
         #[arg(long, default_value = DEFAULT_PIN_ROOT)]
@@ -96,6 +99,18 @@ pub struct DemoArgs {
     pub per_pair: u32,
     #[arg(long, value_enum, default_value = "tc")]
     pub attach: AttachMode,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Veth path without / with the tc program / with the XDP program, side by side.
+    Datapath {
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Length of each measurement, in seconds.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -256,6 +271,14 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Mode { mode: Some(mode) } => {
             println!("{:?}", client.set_mode(mode.into()).await?.type3_mode);
+        }
+        Command::Bench(BenchCommand::Datapath { rounds, seconds }) => {
+            anyhow::ensure!(rounds >= 1 && seconds > 0.0, "--rounds must be at least 1 and --seconds positive");
+            let report = tokio::task::spawn_blocking(move || {
+                crate::bench::datapath(&crate::bench::DatapathBenchOptions { rounds, seconds })
+            })
+            .await??;
+            println!("{report}");
         }
         Command::Teardown { pin_root } => {
             if datapath::teardown(&pin_root).with_context(|| format!("removing {}", pin_root.display()))? {

@@ -66,6 +66,8 @@ pub enum DatapathError {
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
     Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("pinning program {name}: {detail}")]
+    PinProgram { name: &'static str, detail: String },
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("map access: {0}")]
@@ -128,6 +130,14 @@ impl Datapath {
         tc.load().map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
         let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
         xdp.load().map_err(|source| DatapathError::Program { name: XDP_PROGRAM, source })?;
+        // Pin the programs too (`bpftool prog show pinned ...`); a restart replaces the pins
+        // of the previous daemon's programs, which stay alive while links still use them.
+        for name in [TC_PROGRAM, XDP_PROGRAM] {
+            let path = pin_root.join(name);
+            let _ = fs::remove_file(&path);
+            let prog = ebpf.program_mut(name).ok_or(DatapathError::MissingMap(name))?;
+            prog.pin(&path).map_err(|e| DatapathError::PinProgram { name, detail: e.to_string() })?;
+        }
 
         info!(pin_root = %pin_root.display(), adopted_maps = adopted, ?mode, "datapath loaded");
         Ok(Self { ebpf, pin_root: pin_root.to_owned(), mode, ports: BTreeMap::new() })
@@ -441,4 +451,34 @@ pub fn teardown(pin_root: &Path) -> io::Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Runs a loaded program `repeat` times over `frame` with BPF_PROG_TEST_RUN, as if the frame
+/// arrived on the loopback device; returns the program's return value and the kernel's mean
+/// run time per repetition in ns.
+pub fn prog_test_run(prog_fd: std::os::fd::RawFd, frame: &[u8], repeat: u32) -> io::Result<(u32, u32)> {
+    use aya_obj::generated::{bpf_attr, bpf_cmd};
+    let mut out = vec![0u8; frame.len() + 512];
+    // SAFETY: bpf_attr is a plain C union of integer fields; all-zero is its "unset" state.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.test.prog_fd = prog_fd as u32;
+    attr.test.data_in = frame.as_ptr() as u64;
+    attr.test.data_size_in = frame.len() as u32;
+    attr.test.data_out = out.as_mut_ptr() as u64;
+    attr.test.data_size_out = out.len() as u32;
+    attr.test.repeat = repeat;
+    // SAFETY: `attr` is a valid bpf_attr for BPF_PROG_TEST_RUN whose buffers outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_PROG_TEST_RUN as libc::c_int,
+            &mut attr as *mut bpf_attr,
+            std::mem::size_of::<bpf_attr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled in the `test` member.
+    Ok(unsafe { (attr.test.retval, attr.test.duration) })
 }

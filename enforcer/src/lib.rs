@@ -5,6 +5,7 @@
 //! [`api`] + [`client`] (HTTP/JSON), [`metrics`] (Prometheus), [`lab`] (network-namespace
 //! "VMs" for the demo, tests and benchmarks), [`demo`] and [`cli`].
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod daemon;

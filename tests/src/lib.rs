@@ -9,7 +9,6 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use aya_obj::generated::{bpf_attr, bpf_cmd};
 
 /// Panics (fails the test) unless running as root.
 pub fn require_root() {
@@ -51,33 +50,7 @@ pub fn lab_prefix(tag: char) -> String {
 /// Runs a loaded program once over `frame` with BPF_PROG_TEST_RUN; returns its return value.
 /// Without a context the kernel runs it as if the frame arrived on the loopback device.
 pub fn test_run(prog_fd: RawFd, frame: &[u8]) -> io::Result<u32> {
-    let mut out = vec![0u8; frame.len() + 512];
-    // SAFETY: bpf_attr is a plain C union of integer fields; all-zero is its documented
-    // "unset" state.
-    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-    // SAFETY: writing plain integers into the `test` member of the zeroed union.
-    unsafe {
-        attr.test.prog_fd = prog_fd as u32;
-        attr.test.data_in = frame.as_ptr() as u64;
-        attr.test.data_size_in = frame.len() as u32;
-        attr.test.data_out = out.as_mut_ptr() as u64;
-        attr.test.data_size_out = out.len() as u32;
-        attr.test.repeat = 1;
-    }
-    // SAFETY: `attr` is a valid bpf_attr for BPF_PROG_TEST_RUN whose buffers outlive the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            bpf_cmd::BPF_PROG_TEST_RUN as libc::c_int,
-            &mut attr as *mut bpf_attr,
-            std::mem::size_of::<bpf_attr>() as libc::c_uint,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel filled in the `test` member.
-    Ok(unsafe { attr.test.retval })
+    enforcer::datapath::prog_test_run(prog_fd, frame, 1).map(|(retval, _)| retval)
 }
 
 /// An Ethernet frame: dst, src, ethertype, then `payload_len` bytes.

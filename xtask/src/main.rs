@@ -1,1 +1,58 @@
-fn main() {}
+//! `cargo xtask <task>`: orchestration that needs more than one cargo invocation.
+//!
+//! - `cargo xtask bench datapath [args]`: builds `enforcer` in release mode, then runs its
+//!   benchmark (benchmarks need optimised code on the userspace side too).
+//! - `cargo xtask demo [args]`: the same for the demo.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Run a benchmark (`datapath`), printing ratios measured side by side.
+    Bench {
+        /// Which benchmark, followed by its options (see `enforcer bench datapath --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
+    },
+    /// Run the demo (release build).
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let (sub, args) = match cli.task {
+        Task::Bench { args } => ("bench", args),
+        Task::Demo { args } => ("demo", args),
+    };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(["build", "--release", "--package", "enforcer"])
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build --release failed");
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let binary = root.join("target/release/enforcer");
+    let status = Command::new(&binary)
+        .arg(sub)
+        .args(&args)
+        .status()
+        .with_context(|| format!("running {}", binary.display()))?;
+    if !status.success() {
+        bail!("enforcer {sub} failed ({status})");
+    }
+    Ok(())
+}
