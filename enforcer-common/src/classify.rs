@@ -116,30 +116,45 @@ pub trait DatapathView {
 /// port `ifindex` (the sender's port: programs run where a VM's frames enter the host).
 #[inline(always)]
 pub fn decide<V: DatapathView>(view: &V, ifindex: u32, src: &MacKey, dst: &MacKey) -> Outcome {
+    decide_frame(view, ifindex, src, dst).outcome
+}
+
+/// The outcome, and the counter slot of the port when the sender was identified on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub sender_slot: Option<u32>,
+}
+
+/// [`decide`], also returning the sender's counter slot so the datapath need not look it up.
+#[inline(always)]
+pub fn decide_frame<V: DatapathView>(view: &V, ifindex: u32, src: &MacKey, dst: &MacKey) -> Decision {
+    let unidentified = |outcome| Decision { outcome, sender_slot: None };
     let sender = match view.vm(src) {
         Some(vm) if vm.ifindex == ifindex => vm,
         // A registered VM's MAC on another port: someone is using another VM's address.
-        Some(_) => return Outcome::ForeignSource,
-        None if view.port_has_vm(ifindex) => return Outcome::ForeignSource,
-        None => return Outcome::Unregistered,
+        Some(_) => return unidentified(Outcome::ForeignSource),
+        None if view.port_has_vm(ifindex) => return unidentified(Outcome::ForeignSource),
+        None => return unidentified(Outcome::Unregistered),
     };
     let color = sender.epoch;
+    let decided = |outcome| Decision { outcome, sender_slot: Some(sender.slot) };
 
     let frame_type = if dst.is_multicast() {
         // Broadcast/multicast reaches every member: it is Type-3 if any member is still
         // pre-snapshot relative to the sender, so compare with the group's minimum epoch.
         match view.group_min_epoch(sender.group) {
             Some(min_epoch) => classify(color, min_epoch),
-            None => return Outcome::OutsideGroup,
+            None => return decided(Outcome::OutsideGroup),
         }
     } else {
         match view.vm(dst) {
             Some(receiver) if receiver.group == sender.group => classify(color, receiver.epoch),
-            _ => return Outcome::OutsideGroup,
+            _ => return decided(Outcome::OutsideGroup),
         }
     };
 
-    match frame_type {
+    decided(match frame_type {
         FrameType::Type1 => Outcome::Type1,
         FrameType::Type2 => Outcome::Type2,
         FrameType::Type3 => match view.type3_mode() {
@@ -148,7 +163,7 @@ pub fn decide<V: DatapathView>(view: &V, ifindex: u32, src: &MacKey, dst: &MacKe
             Type3Mode::Drop => Outcome::Type3Dropped,
             Type3Mode::Monitor => Outcome::Type3Monitored,
         },
-    }
+    })
 }
 
 #[cfg(test)]
@@ -170,7 +185,7 @@ mod tests {
         }
         fn add(&mut self, n: u8, group: u32, epoch: u32) -> MacKey {
             let mac = mac(n);
-            self.vms.insert(mac, VmEpoch { epoch, group, ifindex: 100 + n as u32, _pad: 0 });
+            self.vms.insert(mac, VmEpoch { epoch, group, ifindex: 100 + n as u32, slot: n as u32 });
             mac
         }
     }
@@ -297,6 +312,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_sender_slot_comes_with_identified_senders_only() {
+        let mut t = Tables::new(Type3Mode::Drop);
+        let a = t.add(1, 7, 0);
+        let b = t.add(2, 7, 0);
+        assert_eq!(decide_frame(&t, 101, &a, &b).sender_slot, Some(1));
+        assert_eq!(decide_frame(&t, 101, &a, &mac(77)).sender_slot, Some(1), "outside group");
+        assert_eq!(decide_frame(&t, 102, &a, &b).sender_slot, None, "foreign source");
+        assert_eq!(decide_frame(&t, 999, &mac(50), &b).sender_slot, None, "unregistered");
     }
 
     #[test]

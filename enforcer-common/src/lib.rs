@@ -10,5 +10,5 @@
 pub mod classify;
 pub mod maps;
 
-pub use classify::{DatapathView, FrameType, Outcome, Verdict, classify, decide};
+pub use classify::{Decision, DatapathView, FrameType, Outcome, Verdict, classify, decide, decide_frame};
 pub use maps::*;

@@ -8,15 +8,20 @@ pub mod names {
     pub const PORTS: &str = "ports";
     pub const GROUPS: &str = "groups";
     pub const CONFIG: &str = "config";
+    pub const PORT_SLOTS: &str = "port_slots";
     pub const PORT_STATS: &str = "port_stats";
     /// Every map the datapath pins.
-    pub const ALL: [&str; 5] = [EPOCHS, PORTS, GROUPS, CONFIG, PORT_STATS];
+    pub const ALL: [&str; 6] = [EPOCHS, PORTS, GROUPS, CONFIG, PORT_SLOTS, PORT_STATS];
 }
 
 /// Capacity of the VM tables (epochs, ports) and of the per-port statistics.
 pub const MAX_VMS: u32 = 4096;
 /// Capacity of the group table.
 pub const MAX_GROUPS: u32 = 1024;
+/// Number of per-port counter slots. Slot 0 counts frames on ports that have none.
+pub const MAX_PORTS: u32 = 1024;
+/// The counter slot of frames seen on a port without a slot of its own.
+pub const UNATTRIBUTED_SLOT: u32 = 0;
 
 /// An Ethernet address as a map key, padded to 8 bytes so the key has no implicit padding.
 #[repr(C)]
@@ -48,7 +53,8 @@ pub struct VmEpoch {
     /// Host-side ifindex of the VM's port; a frame with this source MAC arriving on another port
     /// is a foreign (spoofed) source.
     pub ifindex: u32,
-    pub _pad: u32,
+    /// Counter slot of that port (`port_stats` index): the hot path counts without a lookup.
+    pub slot: u32,
 }
 const _: () = assert!(size_of::<VmEpoch>() == 16);
 
@@ -124,7 +130,8 @@ impl Counter {
     }
 }
 
-/// Value of the per-CPU `port_stats` map, keyed by ifindex: one counter per [`Outcome`].
+/// Value of the per-CPU `port_stats` array, indexed by the port's slot (`port_slots` maps
+/// ifindex → slot): one counter per [`Outcome`].
 /// Named fields so `bpftool map dump` prints what each number means.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

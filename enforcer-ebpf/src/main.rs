@@ -9,14 +9,14 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    btf_maps::{Array, HashMap, PerCpuHashMap},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    btf_maps::{Array, HashMap, PerCpuArray},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use enforcer_common::{
-    DatapathConfig, DatapathView, GroupState, MAX_GROUPS, MAX_VMS, MacKey, Outcome, PortCounters,
-    PortVm, Type3Mode, Verdict, VmEpoch, decide,
+    DatapathConfig, DatapathView, GroupState, MAX_GROUPS, MAX_PORTS, MAX_VMS, MacKey, Outcome,
+    PortCounters, PortVm, Type3Mode, UNATTRIBUTED_SLOT, Verdict, VmEpoch, decide_frame,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -25,6 +25,7 @@ use network_types::{
 
 const MAX_VMS_USIZE: usize = MAX_VMS as usize;
 const MAX_GROUPS_USIZE: usize = MAX_GROUPS as usize;
+const MAX_PORTS_USIZE: usize = MAX_PORTS as usize;
 
 #[btf_map(name = "epochs")]
 static EPOCHS: HashMap<MacKey, VmEpoch, MAX_VMS_USIZE> = HashMap::new();
@@ -38,8 +39,14 @@ static GROUPS: HashMap<u32, GroupState, MAX_GROUPS_USIZE> = HashMap::new();
 #[btf_map(name = "config")]
 static CONFIG: Array<DatapathConfig, 1> = Array::new();
 
+/// ifindex → counter slot, for frames whose sender is not identified (the hot path takes the
+/// slot from the sender's `epochs` entry instead).
+#[btf_map(name = "port_slots")]
+static PORT_SLOTS: HashMap<u32, u32, MAX_VMS_USIZE> = HashMap::new();
+
+/// Per-port counters by slot: an array, so the lookup is inlined by the verifier.
 #[btf_map(name = "port_stats")]
-static PORT_STATS: PerCpuHashMap<u32, PortCounters, MAX_VMS_USIZE> = PerCpuHashMap::new();
+static PORT_STATS: PerCpuArray<PortCounters, MAX_PORTS_USIZE> = PerCpuArray::new();
 
 /// The datapath's view of the maps for [`decide`].
 struct Maps;
@@ -110,11 +117,19 @@ pub fn enforcer_tc(ctx: TcContext) -> i32 {
 /// Classifies one frame and counts it; returns what to do with it.
 #[inline(always)]
 fn try_enforce(data: usize, data_end: usize, ifindex: u32, bytes: u64) -> Verdict {
-    let outcome = match ethernet_addresses(data, data_end) {
-        Some((src, dst)) => decide(&Maps, ifindex, &src, &dst),
-        None => Outcome::Malformed,
+    let (outcome, sender_slot) = match ethernet_addresses(data, data_end) {
+        Some((src, dst)) => {
+            let decision = decide_frame(&Maps, ifindex, &src, &dst);
+            (decision.outcome, decision.sender_slot)
+        }
+        None => (Outcome::Malformed, None),
     };
-    count(ifindex, outcome, bytes);
+    let slot = match sender_slot {
+        Some(slot) => slot,
+        // SAFETY: the value is copied out at once.
+        None => unsafe { PORT_SLOTS.get(ifindex).copied() }.unwrap_or(UNATTRIBUTED_SLOT),
+    };
+    count(slot, outcome, bytes);
     outcome.verdict()
 }
 
@@ -137,18 +152,9 @@ fn ethernet_addresses(data: usize, data_end: usize) -> Option<(MacKey, MacKey)> 
 }
 
 #[inline(always)]
-fn count(ifindex: u32, outcome: Outcome, bytes: u64) {
-    let stats = match PORT_STATS.get_ptr_mut(ifindex) {
-        Some(stats) => stats,
-        None => {
-            // Userspace creates the entry when it attaches; this covers a port it has not yet.
-            let _ = PORT_STATS.insert(ifindex, PortCounters::default(), BPF_NOEXIST as u64);
-            match PORT_STATS.get_ptr_mut(ifindex) {
-                Some(stats) => stats,
-                None => return,
-            }
-        }
-    };
+fn count(slot: u32, outcome: Outcome, bytes: u64) {
+    // Out of range only if userspace wrote a bad slot: then the frame is not counted.
+    let Some(stats) = PORT_STATS.get_ptr_mut(slot) else { return };
     // SAFETY: a per-CPU value: only this CPU writes it, and the program is not preempted.
     let counter = unsafe { &mut *stats }.counter_mut(outcome);
     counter.frames += 1;

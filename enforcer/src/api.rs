@@ -57,7 +57,7 @@ impl From<DatapathError> for ApiError {
     fn from(err: DatapathError) -> Self {
         let status = match err {
             DatapathError::UnknownInterface(_) => StatusCode::BAD_REQUEST,
-            DatapathError::NotAttached(_) => StatusCode::CONFLICT,
+            DatapathError::NotAttached(_) | DatapathError::NoFreeSlot(_) => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, err.to_string())
@@ -70,6 +70,7 @@ impl From<EpochError<DatapathError>> for ApiError {
             EpochError::UnknownVm(_) => StatusCode::NOT_FOUND,
             EpochError::NotUnicast(_) => StatusCode::BAD_REQUEST,
             EpochError::AlreadyRegistered(_)
+            | EpochError::PortNotAttached(_)
             | EpochError::PortTaken { .. }
             | EpochError::Backwards { .. }
             | EpochError::Overflow { .. } => StatusCode::CONFLICT,

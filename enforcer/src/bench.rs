@@ -29,7 +29,7 @@ pub struct DatapathBenchOptions {
 
 impl Default for DatapathBenchOptions {
     fn default() -> Self {
-        Self { rounds: 3, seconds: 2.0 }
+        Self { rounds: 5, seconds: 3.0 }
     }
 }
 
@@ -72,7 +72,14 @@ pub fn datapath(opts: &DatapathBenchOptions) -> anyhow::Result<String> {
     let setups = [Setup::Without, Setup::With(AttachMode::Tc), Setup::With(AttachMode::Xdp)];
     let mut samples: Vec<Samples> = vec![Samples::default(); setups.len()];
     for round in 1..=opts.rounds {
-        for (i, setup) in setups.iter().enumerate() {
+        // Alternate the order (A B C, C B A, ...) so drift in the machine's load over a run
+        // does not favour whichever setup always comes first.
+        let mut order: Vec<usize> = (0..setups.len()).collect();
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        for i in order {
+            let setup = &setups[i];
             let dp = match setup {
                 Setup::Without => None,
                 Setup::With(mode) => Some(attach(&lab, &pin_root, *mode)?),
@@ -110,7 +117,7 @@ pub fn datapath(opts: &DatapathBenchOptions) -> anyhow::Result<String> {
     let (base_pps, base_gbps) = (median(&base.pps), median(&base.gbps));
     let mut out = String::new();
     out.push_str(&format!(
-        "datapath benchmark: 2 netns VMs on a bridge, veth ports, {} rounds x {:.1} s per measure, medians\n",
+        "datapath benchmark: 2 netns VMs on a bridge, veth ports, {} rounds (alternating order) x {:.1} s per measure, medians\n",
         opts.rounds, opts.seconds
     ));
     out.push_str(&format!("{:<8} {:>12} {:>8} {:>10} {:>8} {:>14}\n", "setup", "UDP 64B pps", "ratio", "TCP Gb/s", "ratio", "ns/frame(prog)"));
@@ -145,6 +152,8 @@ fn test_run_cost(pin_root: &std::path::Path) -> anyhow::Result<(f64, f64)> {
     let _ = datapath::teardown(pin_root);
     let mut dp = Datapath::open(pin_root, AttachMode::Tc)?;
     let (a, b) = (crate::mac::MacAddr([2, 0, 0, 0, 0, 1]), crate::mac::MacAddr([2, 0, 0, 0, 0, 2]));
+    dp.ensure_port_slot(1)?;
+    dp.ensure_port_slot(999_999)?;
     epochs::register(&mut dp, a, 1, 1, Some(0))?;
     epochs::register(&mut dp, b, 1, 999_999, Some(0))?;
     let mut frame = Vec::new();

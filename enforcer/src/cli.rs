@@ -105,10 +105,10 @@ pub struct DemoArgs {
 pub enum BenchCommand {
     /// Veth path without / with the tc program / with the XDP program, side by side.
     Datapath {
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         rounds: usize,
         /// Length of each measurement, in seconds.
-        #[arg(long, default_value_t = 2.0)]
+        #[arg(long, default_value_t = 3.0)]
         seconds: f64,
     },
 }

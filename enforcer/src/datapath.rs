@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuHashMap},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -23,7 +23,8 @@ use aya::{
     },
 };
 use enforcer_common::{
-    DatapathConfig, GroupState, MacKey, PortCounters, PortVm, Type3Mode, VmEpoch, names,
+    DatapathConfig, GroupState, MAX_PORTS, MacKey, PortCounters, PortVm, Type3Mode,
+    UNATTRIBUTED_SLOT, VmEpoch, names,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -78,6 +79,8 @@ pub enum DatapathError {
     UnknownInterface(String),
     #[error("port {0} is not attached")]
     NotAttached(u32),
+    #[error("all {0} port counter slots are in use")]
+    NoFreeSlot(u32),
     #[error("unknown Type-3 mode value {0} in the config map")]
     BadMode(u32),
 }
@@ -186,7 +189,7 @@ impl Datapath {
                 FdLink::from(fd_link.pin(&pin).map_err(|e| link_err(e.to_string()))?)
             }
         };
-        self.ensure_stats_entry(ifindex)?;
+        self.ensure_port_slot(ifindex)?;
         info!(port = name, ifindex, adopted = was_adopted, "attached");
         self.ports.insert(ifindex, PortLink { name: name.to_owned(), pin, _link: link });
         Ok(ifindex)
@@ -248,6 +251,13 @@ impl Datapath {
         if let Err(err) = fs::remove_file(&port.pin) {
             warn!(port = port.name, %err, "removing link pin");
         }
+        // Free the counter slot unless a VM is still registered on the port (its entry holds it).
+        if crate::epochs::EpochStore::port(self, ifindex)?.is_none() {
+            match self.port_slots_map()?.remove(&ifindex) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         info!(port = port.name, ifindex, "detached");
         Ok(())
     }
@@ -276,15 +286,23 @@ impl Datapath {
         }
     }
 
-    fn ensure_stats_entry(&mut self, ifindex: u32) -> Result<(), DatapathError> {
-        let mut stats = self.port_stats_map()?;
-        if stats.get(&ifindex, 0).is_err() {
-            let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::IoError(e))?;
-            let zero = aya::maps::PerCpuValues::try_from(vec![PortCounters::default(); cpus])
-                .map_err(MapError::IoError)?;
-            stats.insert(ifindex, zero, 0)?;
+    /// The counter slot of a port, allocating the lowest free one (with zeroed counters) if it
+    /// has none. Slots live in the pinned `port_slots` map, so a restarted daemon keeps them.
+    pub fn ensure_port_slot(&mut self, ifindex: u32) -> Result<u32, DatapathError> {
+        let slots = self.port_slots_map()?;
+        if let Ok(slot) = slots.get(&ifindex, 0) {
+            return Ok(slot);
         }
-        Ok(())
+        let used: Result<Vec<(u32, u32)>, MapError> = slots.iter().collect();
+        let used: Vec<u32> = used?.into_iter().map(|(_, slot)| slot).collect();
+        let slot = (UNATTRIBUTED_SLOT + 1..MAX_PORTS)
+            .find(|s| !used.contains(s))
+            .ok_or(DatapathError::NoFreeSlot(MAX_PORTS - 1))?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::IoError(e))?;
+        let zero = PerCpuValues::try_from(vec![PortCounters::default(); cpus]).map_err(MapError::IoError)?;
+        self.port_stats_map()?.set(slot, zero, 0)?;
+        self.port_slots_map()?.insert(ifindex, slot, 0)?;
+        Ok(slot)
     }
 
     fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DatapathError> {
@@ -307,10 +325,12 @@ impl Datapath {
         Ok(Array::try_from(self.map(names::CONFIG)?)?)
     }
 
-    fn port_stats_map(
-        &mut self,
-    ) -> Result<PerCpuHashMap<&mut MapData, u32, PortCounters>, DatapathError> {
-        Ok(PerCpuHashMap::try_from(self.map(names::PORT_STATS)?)?)
+    fn port_slots_map(&mut self) -> Result<HashMap<&mut MapData, u32, u32>, DatapathError> {
+        Ok(HashMap::try_from(self.map(names::PORT_SLOTS)?)?)
+    }
+
+    fn port_stats_map(&mut self) -> Result<PerCpuArray<&mut MapData, PortCounters>, DatapathError> {
+        Ok(PerCpuArray::try_from(self.map(names::PORT_STATS)?)?)
     }
 
     pub fn type3_mode(&mut self) -> Result<Type3Mode, DatapathError> {
@@ -325,17 +345,22 @@ impl Datapath {
         Ok(())
     }
 
-    /// Per-port counters, summed over CPUs.
+    /// Per-port counters by ifindex, summed over CPUs. Frames seen on ports without a slot
+    /// (not attached by this daemon) appear under ifindex 0 when there are any.
     pub fn port_stats(&mut self) -> Result<BTreeMap<u32, PortCounters>, DatapathError> {
+        let slots: Result<Vec<(u32, u32)>, MapError> = self.port_slots_map()?.iter().collect();
+        let mut slots = slots?;
+        slots.push((0, UNATTRIBUTED_SLOT));
         let stats = self.port_stats_map()?;
         let mut out = BTreeMap::new();
-        for entry in stats.iter() {
-            let (ifindex, per_cpu) = entry?;
+        for (ifindex, slot) in slots {
             let mut total = PortCounters::default();
-            for cpu in per_cpu.iter() {
+            for cpu in stats.get(&slot, 0)?.iter() {
                 total.add(cpu);
             }
-            out.insert(ifindex, total);
+            if ifindex != 0 || total.total_frames() > 0 {
+                out.insert(ifindex, total);
+            }
         }
         Ok(out)
     }
@@ -395,6 +420,14 @@ impl EpochStore for Datapath {
     fn port(&mut self, ifindex: u32) -> Result<Option<PortVm>, DatapathError> {
         match self.ports_map()?.get(&ifindex, 0) {
             Ok(port) => Ok(Some(port)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn port_slot(&mut self, ifindex: u32) -> Result<Option<u32>, DatapathError> {
+        match self.port_slots_map()?.get(&ifindex, 0) {
+            Ok(slot) => Ok(Some(slot)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e.into()),
         }

@@ -18,6 +18,8 @@ pub trait EpochStore {
     fn put_vm(&mut self, mac: MacKey, vm: VmEpoch) -> Result<(), Self::Error>;
     fn remove_vm(&mut self, mac: &MacKey) -> Result<(), Self::Error>;
     fn port(&mut self, ifindex: u32) -> Result<Option<PortVm>, Self::Error>;
+    /// The counter slot of an attached port.
+    fn port_slot(&mut self, ifindex: u32) -> Result<Option<u32>, Self::Error>;
     fn put_port(&mut self, ifindex: u32, port: PortVm) -> Result<(), Self::Error>;
     fn remove_port(&mut self, ifindex: u32) -> Result<(), Self::Error>;
     fn put_group(&mut self, group: u32, state: GroupState) -> Result<(), Self::Error>;
@@ -32,6 +34,8 @@ pub enum EpochError<E: std::error::Error + 'static> {
     AlreadyRegistered(MacAddr),
     #[error("{0} is not a unicast address; a VM is registered under its own unicast MAC")]
     NotUnicast(MacAddr),
+    #[error("port {0} is not attached (no counter slot)")]
+    PortNotAttached(u32),
     #[error("port {port} already carries VM {mac}")]
     PortTaken { port: u32, mac: MacAddr },
     #[error("epoch of {mac} cannot go backwards from {current} to {requested}")]
@@ -116,7 +120,8 @@ pub fn register<S: EpochStore>(
         Some(epoch) => epoch,
         None => list_groups(store)?.iter().find(|g| g.group == group).map_or(0, |g| g.max_epoch),
     };
-    let vm = VmEpoch { epoch, group, ifindex, _pad: 0 };
+    let slot = store.port_slot(ifindex).map_err(EpochError::Store)?.ok_or(EpochError::PortNotAttached(ifindex))?;
+    let vm = VmEpoch { epoch, group, ifindex, slot };
     // Port first: from the moment the VM's MAC is known, its port already claims it.
     store.put_port(ifindex, PortVm { mac: mac.key(), group, _pad: 0 }).map_err(EpochError::Store)?;
     store.put_vm(mac.key(), vm).map_err(EpochError::Store)?;
@@ -173,6 +178,15 @@ pub struct MemoryStore {
     pub vms: BTreeMap<MacKey, VmEpoch>,
     pub ports: BTreeMap<u32, PortVm>,
     pub groups: BTreeMap<u32, GroupState>,
+    pub slots: BTreeMap<u32, u32>,
+}
+
+impl MemoryStore {
+    /// A store where the ports with these ifindexes are attached (slot = position + 1).
+    pub fn with_ports(ports: &[u32]) -> Self {
+        let slots = ports.iter().enumerate().map(|(i, p)| (*p, i as u32 + 1)).collect();
+        Self { slots, ..Self::default() }
+    }
 }
 
 impl EpochStore for MemoryStore {
@@ -193,6 +207,9 @@ impl EpochStore for MemoryStore {
     }
     fn port(&mut self, ifindex: u32) -> Result<Option<PortVm>, Self::Error> {
         Ok(self.ports.get(&ifindex).copied())
+    }
+    fn port_slot(&mut self, ifindex: u32) -> Result<Option<u32>, Self::Error> {
+        Ok(self.slots.get(&ifindex).copied())
     }
     fn put_port(&mut self, ifindex: u32, port: PortVm) -> Result<(), Self::Error> {
         self.ports.insert(ifindex, port);
@@ -222,7 +239,7 @@ mod tests {
 
     #[test]
     fn epochs_only_move_forward() {
-        let mut s = MemoryStore::default();
+        let mut s = MemoryStore::with_ports(&[11]);
         register(&mut s, mac(1), 7, 11, None).unwrap();
         assert_eq!(advance(&mut s, mac(1)).unwrap().epoch, 1);
         assert_eq!(set_epoch(&mut s, mac(1), 1).unwrap().epoch, 1, "equal is a no-op");
@@ -235,7 +252,7 @@ mod tests {
 
     #[test]
     fn group_minimum_tracks_the_slowest_member() {
-        let mut s = MemoryStore::default();
+        let mut s = MemoryStore::with_ports(&[11, 12, 13, 99]);
         for n in 1..=3 {
             register(&mut s, mac(n), 7, 10 + n as u32, Some(0)).unwrap();
         }
@@ -254,8 +271,10 @@ mod tests {
 
     #[test]
     fn registration_rules() {
-        let mut s = MemoryStore::default();
-        register(&mut s, mac(1), 7, 11, Some(4)).unwrap();
+        let mut s = MemoryStore::with_ports(&[11, 12, 13]);
+        assert!(matches!(register(&mut s, mac(1), 7, 50, None), Err(EpochError::PortNotAttached(50))));
+        let vm = register(&mut s, mac(1), 7, 11, Some(4)).unwrap();
+        assert_eq!(s.vms[&vm.mac.key()].slot, 1, "the VM carries its port's counter slot");
         assert!(matches!(register(&mut s, mac(1), 7, 12, None), Err(EpochError::AlreadyRegistered(_))));
         assert!(matches!(register(&mut s, mac(2), 7, 11, None), Err(EpochError::PortTaken { port: 11, .. })));
         let bcast = MacAddr([0xff; 6]);

@@ -33,6 +33,10 @@ impl Harness {
         require_root();
         let pins = PinRoot::new(name);
         let mut dp = Datapath::open(pins.path(), AttachMode::Tc).expect("loading the datapath");
+        // Counter slots, as attaching would give; lo is where the test runner delivers frames.
+        for ifindex in [LO_IFINDEX, 900_001, 900_002] {
+            dp.ensure_port_slot(ifindex).unwrap();
+        }
         epochs::register(&mut dp, MacAddr(ALICE), 1, LO_IFINDEX, Some(0)).unwrap();
         epochs::register(&mut dp, MacAddr(BOB), 1, 900_001, Some(0)).unwrap();
         epochs::register(&mut dp, MacAddr(CAROL), 2, 900_002, Some(0)).unwrap();
