@@ -13,7 +13,7 @@ fi
 
 APT_PACKAGES=(
   llvm-22-dev libpolly-22-dev clang-22 lld-22   # bpf-linker's LLVM
-  bpftool iproute2 iperf3 pkg-config            # inspection, netns/veth/bridge, benchmark
+  bpftool iproute2 iperf3 ethtool pkg-config    # inspection, netns/veth/bridge, offloads, benchmark
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -2,7 +2,7 @@
 //! function over a read-only view of the datapath's maps. The eBPF program implements the view
 //! with map lookups; the unit tests implement it with plain tables.
 
-use crate::maps::{MacKey, Type3Mode, VmEpoch};
+use crate::maps::{FLAG_DRAINING, MAX_HELD_FRAME, MacKey, Type3Mode, VmEpoch};
 
 /// The type of a frame from a sender coloured `color` to a receiver at `receiver_epoch`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +41,7 @@ pub enum Outcome {
     Unregistered,
     ForeignSource,
     Malformed,
+    HeldForOrder,
 }
 
 /// The action the program takes.
@@ -53,7 +54,7 @@ pub enum Verdict {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Type1,
         Outcome::Type2,
         Outcome::Type3Held,
@@ -64,6 +65,7 @@ impl Outcome {
         Outcome::Unregistered,
         Outcome::ForeignSource,
         Outcome::Malformed,
+        Outcome::HeldForOrder,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -73,7 +75,7 @@ impl Outcome {
             | Outcome::Type3Monitored
             | Outcome::OutsideGroup
             | Outcome::Unregistered => Verdict::Pass,
-            Outcome::Type3Held => Verdict::Hold,
+            Outcome::Type3Held | Outcome::HeldForOrder => Verdict::Hold,
             Outcome::Type3Dropped
             | Outcome::Type3Unbuffered
             | Outcome::ForeignSource
@@ -94,6 +96,7 @@ impl Outcome {
             Outcome::Unregistered => "unregistered",
             Outcome::ForeignSource => "foreign_source",
             Outcome::Malformed => "malformed",
+            Outcome::HeldForOrder => "held_for_order",
         }
     }
 }
@@ -104,8 +107,8 @@ pub trait DatapathView {
     fn vm(&self, mac: &MacKey) -> Option<VmEpoch>;
     /// Whether a VM is registered on the port with this ifindex.
     fn port_has_vm(&self, ifindex: u32) -> bool;
-    /// Smallest epoch of any member of the group (may lag, never leads).
-    fn group_min_epoch(&self, group: u32) -> Option<u32>;
+    /// Smallest epoch of any member of the group (may lag, never leads), and the group's flags.
+    fn group(&self, group: u32) -> Option<(u32, u32)>;
     /// The configured Type-3 policy.
     fn type3_mode(&self) -> Type3Mode;
     /// Whether a buffer (AF_XDP socket) is ready to take held frames from this port.
@@ -119,17 +122,48 @@ pub fn decide<V: DatapathView>(view: &V, ifindex: u32, src: &MacKey, dst: &MacKe
     decide_frame(view, ifindex, src, dst).outcome
 }
 
-/// The outcome, and the counter slot of the port when the sender was identified on it.
+/// Which buffer queue a held frame joins, so the datapath can count what it hands over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldKey {
+    None,
+    /// A unicast frame: the receiver's port slot.
+    Receiver(u32),
+    /// A broadcast/multicast frame: the sender's group.
+    Group(u32),
+}
+
+/// The outcome, the counter slot of the port when the sender was identified on it, and where
+/// a held frame is queued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub outcome: Outcome,
     pub sender_slot: Option<u32>,
+    pub hold: HoldKey,
+}
+
+impl Decision {
+    /// A frame too big for the hold path cannot be held: Type-3 is dropped (and counted) instead,
+    /// a frame held only for ordering is delivered.
+    #[inline(always)]
+    pub fn fit_hold(mut self, frame_len: u64) -> Self {
+        if frame_len > MAX_HELD_FRAME {
+            self.outcome = match self.outcome {
+                Outcome::Type3Held => Outcome::Type3Unbuffered,
+                Outcome::HeldForOrder => Outcome::Type1,
+                other => other,
+            };
+        }
+        if self.outcome.verdict() != Verdict::Hold {
+            self.hold = HoldKey::None;
+        }
+        self
+    }
 }
 
 /// [`decide`], also returning the sender's counter slot so the datapath need not look it up.
 #[inline(always)]
 pub fn decide_frame<V: DatapathView>(view: &V, ifindex: u32, src: &MacKey, dst: &MacKey) -> Decision {
-    let unidentified = |outcome| Decision { outcome, sender_slot: None };
+    let unidentified = |outcome| Decision { outcome, sender_slot: None, hold: HoldKey::None };
     let sender = match view.vm(src) {
         Some(vm) if vm.ifindex == ifindex => vm,
         // A registered VM's MAC on another port: someone is using another VM's address.
@@ -138,23 +172,33 @@ pub fn decide_frame<V: DatapathView>(view: &V, ifindex: u32, src: &MacKey, dst: 
         None => return unidentified(Outcome::Unregistered),
     };
     let color = sender.epoch;
-    let decided = |outcome| Decision { outcome, sender_slot: Some(sender.slot) };
+    let decided = |outcome, hold| Decision { outcome, sender_slot: Some(sender.slot), hold };
 
-    let frame_type = if dst.is_multicast() {
+    let (frame_type, flags, hold) = if dst.is_multicast() {
         // Broadcast/multicast reaches every member: it is Type-3 if any member is still
         // pre-snapshot relative to the sender, so compare with the group's minimum epoch.
-        match view.group_min_epoch(sender.group) {
-            Some(min_epoch) => classify(color, min_epoch),
-            None => return decided(Outcome::OutsideGroup),
+        match view.group(sender.group) {
+            Some((min_epoch, flags)) => {
+                (classify(color, min_epoch), flags, HoldKey::Group(sender.group))
+            }
+            None => return decided(Outcome::OutsideGroup, HoldKey::None),
         }
     } else {
         match view.vm(dst) {
-            Some(receiver) if receiver.group == sender.group => classify(color, receiver.epoch),
-            _ => return decided(Outcome::OutsideGroup),
+            Some(receiver) if receiver.group == sender.group => {
+                (classify(color, receiver.epoch), receiver.flags, HoldKey::Receiver(receiver.slot))
+            }
+            _ => return decided(Outcome::OutsideGroup, HoldKey::None),
         }
     };
 
-    decided(match frame_type {
+    let outcome = match frame_type {
+        // Frames the buffer is still re-injecting to this receiver must not be overtaken.
+        FrameType::Type1 | FrameType::Type2
+            if flags & FLAG_DRAINING != 0 && view.hold_ready(ifindex) =>
+        {
+            Outcome::HeldForOrder
+        }
         FrameType::Type1 => Outcome::Type1,
         FrameType::Type2 => Outcome::Type2,
         FrameType::Type3 => match view.type3_mode() {
@@ -163,7 +207,9 @@ pub fn decide_frame<V: DatapathView>(view: &V, ifindex: u32, src: &MacKey, dst: 
             Type3Mode::Drop => Outcome::Type3Dropped,
             Type3Mode::Monitor => Outcome::Type3Monitored,
         },
-    })
+    };
+    let hold = if outcome.verdict() == Verdict::Hold { hold } else { HoldKey::None };
+    decided(outcome, hold)
 }
 
 #[cfg(test)]
@@ -177,15 +223,17 @@ mod tests {
         vms: BTreeMap<MacKey, VmEpoch>,
         mode: Type3Mode,
         hold_ready: bool,
+        group_flags: u32,
     }
 
     impl Tables {
         fn new(mode: Type3Mode) -> Self {
-            Self { vms: BTreeMap::new(), mode, hold_ready: false }
+            Self { vms: BTreeMap::new(), mode, hold_ready: false, group_flags: 0 }
         }
         fn add(&mut self, n: u8, group: u32, epoch: u32) -> MacKey {
             let mac = mac(n);
-            self.vms.insert(mac, VmEpoch { epoch, group, ifindex: 100 + n as u32, slot: n as u32 });
+            let vm = VmEpoch { epoch, group, ifindex: 100 + n as u32, slot: n as u32, flags: 0, _pad: 0 };
+            self.vms.insert(mac, vm);
             mac
         }
     }
@@ -197,8 +245,9 @@ mod tests {
         fn port_has_vm(&self, ifindex: u32) -> bool {
             self.vms.values().any(|vm| vm.ifindex == ifindex)
         }
-        fn group_min_epoch(&self, group: u32) -> Option<u32> {
-            self.vms.values().filter(|vm| vm.group == group).map(|vm| vm.epoch).min()
+        fn group(&self, group: u32) -> Option<(u32, u32)> {
+            let min = self.vms.values().filter(|vm| vm.group == group).map(|vm| vm.epoch).min()?;
+            Some((min, self.group_flags))
         }
         fn type3_mode(&self) -> Type3Mode {
             self.mode
@@ -315,6 +364,44 @@ mod tests {
     }
 
     #[test]
+    fn draining_receivers_hold_newer_frames_behind_the_held_ones() {
+        let mut t = Tables::new(Type3Mode::Buffer);
+        t.hold_ready = true;
+        let a = t.add(1, 7, 1);
+        let b = t.add(2, 7, 1);
+        t.vms.get_mut(&b).unwrap().flags = FLAG_DRAINING;
+        let d = decide_frame(&t, 101, &a, &b);
+        assert_eq!((d.outcome, d.hold), (Outcome::HeldForOrder, HoldKey::Receiver(2)));
+        assert_eq!(Outcome::HeldForOrder.verdict(), Verdict::Hold);
+        // Without a buffer there is nothing to wait for.
+        t.hold_ready = false;
+        assert_eq!(decide(&t, 101, &a, &b), Outcome::Type1);
+        // Broadcast follows the group's flag.
+        t.hold_ready = true;
+        assert_eq!(decide(&t, 101, &a, &BROADCAST), Outcome::Type1);
+        t.group_flags = FLAG_DRAINING;
+        let d = decide_frame(&t, 101, &a, &BROADCAST);
+        assert_eq!((d.outcome, d.hold), (Outcome::HeldForOrder, HoldKey::Group(7)));
+    }
+
+    #[test]
+    fn held_frames_carry_their_queue_and_oversized_ones_are_not_held() {
+        let mut t = Tables::new(Type3Mode::Buffer);
+        t.hold_ready = true;
+        let a = t.add(1, 7, 1);
+        let b = t.add(2, 7, 0);
+        let d = decide_frame(&t, 101, &a, &b);
+        assert_eq!((d.outcome, d.hold), (Outcome::Type3Held, HoldKey::Receiver(2)));
+        assert_eq!(d.fit_hold(MAX_HELD_FRAME), d);
+        let big = d.fit_hold(MAX_HELD_FRAME + 1);
+        assert_eq!((big.outcome, big.hold), (Outcome::Type3Unbuffered, HoldKey::None));
+        let d = decide_frame(&t, 101, &a, &BROADCAST);
+        assert_eq!((d.outcome, d.hold), (Outcome::Type3Held, HoldKey::Group(7)));
+        t.mode = Type3Mode::Drop;
+        assert_eq!(decide_frame(&t, 101, &a, &b).hold, HoldKey::None);
+    }
+
+    #[test]
     fn the_sender_slot_comes_with_identified_senders_only() {
         let mut t = Tables::new(Type3Mode::Drop);
         let a = t.add(1, 7, 0);
@@ -333,7 +420,7 @@ mod tests {
             c.counter_mut(*o).frames += 1 << i;
         }
         let slots: Vec<u64> = Outcome::ALL.iter().map(|o| c.counter(*o).frames).collect();
-        assert_eq!(slots, (0..10).map(|i| 1u64 << i).collect::<Vec<_>>());
-        assert_eq!(c.total_frames(), (1 << 10) - 1);
+        assert_eq!(slots, (0..11).map(|i| 1u64 << i).collect::<Vec<_>>());
+        assert_eq!(c.total_frames(), (1 << 11) - 1);
     }
 }

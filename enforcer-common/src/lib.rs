@@ -10,5 +10,7 @@
 pub mod classify;
 pub mod maps;
 
-pub use classify::{Decision, DatapathView, FrameType, Outcome, Verdict, classify, decide, decide_frame};
+pub use classify::{
+    DatapathView, Decision, FrameType, HoldKey, Outcome, Verdict, classify, decide, decide_frame,
+};
 pub use maps::*;

@@ -10,8 +10,16 @@ pub mod names {
     pub const CONFIG: &str = "config";
     pub const PORT_SLOTS: &str = "port_slots";
     pub const PORT_STATS: &str = "port_stats";
+    pub const HOLD_IN_PORT: &str = "hold_in_port";
+    pub const HOLD_IN_GROUP: &str = "hold_in_group";
+    pub const HOLD_SOCKS: &str = "hold_socks";
+    pub const HOLD_KERNEL: &str = "hold_kernel";
+    pub const HOLD_TOTALS: &str = "hold_totals";
     /// Every map the datapath pins.
-    pub const ALL: [&str; 6] = [EPOCHS, PORTS, GROUPS, CONFIG, PORT_SLOTS, PORT_STATS];
+    pub const ALL: [&str; 11] = [
+        EPOCHS, PORTS, GROUPS, CONFIG, PORT_SLOTS, PORT_STATS, HOLD_IN_PORT, HOLD_IN_GROUP,
+        HOLD_SOCKS, HOLD_KERNEL, HOLD_TOTALS,
+    ];
 }
 
 /// Capacity of the VM tables (epochs, ports) and of the per-port statistics.
@@ -22,6 +30,58 @@ pub const MAX_GROUPS: u32 = 1024;
 pub const MAX_PORTS: u32 = 1024;
 /// The counter slot of frames seen on a port without a slot of its own.
 pub const UNATTRIBUTED_SLOT: u32 = 0;
+/// Largest frame the hold path takes: XDP without multi-buffer on a veth gets one page, less
+/// the XDP headroom (256) and the skb_shared_info tail (320). Bigger Type-3 frames are dropped
+/// and counted as `type3_unbuffered`.
+pub const MAX_HELD_FRAME: u64 = 4096 - 256 - 320;
+
+/// `VmEpoch::flags` / `GroupState::flags`: the buffer daemon is still re-injecting frames held
+/// for this receiver (group), so newer frames to it are held too and cannot overtake them.
+pub const FLAG_DRAINING: u32 = 1;
+
+/// Indexes of the per-CPU `hold_kernel` counters (frames the hold path lost in the kernel).
+pub mod hold_kernel {
+    /// Redirected to the hold device, but no buffer socket was bound to take it.
+    pub const NO_SOCKET: u32 = 0;
+    pub const LEN: u32 = 2;
+}
+
+/// Indexes of the `hold_totals` array, written by the buffer daemon (userspace), pinned so the
+/// accounting survives a daemon restart.
+pub mod hold_totals {
+    /// Frames read from the AF_XDP socket.
+    pub const RECEIVED: u32 = 0;
+    /// Frames re-injected after their receiver advanced (or the snapshot was aborted).
+    pub const REINJECTED: u32 = 1;
+    /// Dropped because the memory bound was reached (newest dropped).
+    pub const DROPPED_BOUND: u32 = 2;
+    /// Dropped at a graceful shutdown: their receiver had not advanced.
+    pub const DROPPED_SHUTDOWN: u32 = 3;
+    /// Lost to a daemon that died without a graceful shutdown (found by the next daemon).
+    pub const LOST_RESTART: u32 = 4;
+    /// Redirected but never read within the drain deadline (kernel ring overflow).
+    pub const LOST_RING: u32 = 5;
+    /// Destination no longer registered when the frame was read: dropped.
+    pub const DROPPED_UNKNOWN: u32 = 6;
+    /// The re-injection send failed (the receiver's port vanished): dropped.
+    pub const INJECT_FAILED: u32 = 7;
+    /// A frame was handed to the hold path in the instant the draining flag was being cleared,
+    /// so a newer frame may have overtaken it (detected, not prevented; see hold.rs).
+    pub const ORDER_RACES: u32 = 8;
+    pub const LEN: u32 = 10;
+
+    pub const NAMES: [(u32, &str); 9] = [
+        (RECEIVED, "received"),
+        (REINJECTED, "reinjected"),
+        (DROPPED_BOUND, "dropped_bound"),
+        (DROPPED_SHUTDOWN, "dropped_shutdown"),
+        (LOST_RESTART, "lost_restart"),
+        (LOST_RING, "lost_ring"),
+        (DROPPED_UNKNOWN, "dropped_unknown"),
+        (INJECT_FAILED, "inject_failed"),
+        (ORDER_RACES, "order_races"),
+    ];
+}
 
 /// An Ethernet address as a map key, padded to 8 bytes so the key has no implicit padding.
 #[repr(C)]
@@ -55,8 +115,11 @@ pub struct VmEpoch {
     pub ifindex: u32,
     /// Counter slot of that port (`port_stats` index): the hot path counts without a lookup.
     pub slot: u32,
+    /// [`FLAG_DRAINING`] while held frames to this VM are being re-injected.
+    pub flags: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<VmEpoch>() == 16);
+const _: () = assert!(size_of::<VmEpoch>() == 24);
 
 /// Value of the `ports` map, keyed by ifindex: which VM is registered on the port.
 #[repr(C)]
@@ -76,8 +139,11 @@ const _: () = assert!(size_of::<PortVm>() == 16);
 pub struct GroupState {
     pub min_epoch: u32,
     pub members: u32,
+    /// [`FLAG_DRAINING`] while held broadcast/multicast frames of the group are re-injected.
+    pub flags: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<GroupState>() == 8);
+const _: () = assert!(size_of::<GroupState>() == 16);
 
 /// What the datapath does with a Type-3 frame.
 #[repr(u32)]
@@ -110,7 +176,9 @@ impl Type3Mode {
 pub struct DatapathConfig {
     /// A [`Type3Mode`] as u32; an unknown value is treated as `Drop` (the safe side).
     pub type3_mode: u32,
-    pub _pad: u32,
+    /// ifindex the datapath redirects held frames to (the hold device, whose XDP program feeds
+    /// the buffer daemon's AF_XDP socket); 0 while no buffer daemon runs.
+    pub hold_ifindex: u32,
 }
 const _: () = assert!(size_of::<DatapathConfig>() == 8);
 
@@ -156,8 +224,11 @@ pub struct PortCounters {
     pub foreign_source: Counter,
     /// Shorter than an Ethernet header, or a truncated VLAN tag: dropped.
     pub malformed: Counter,
+    /// Type-1/2 to a receiver whose held frames are still being re-injected: held behind
+    /// them so it cannot overtake them, then delivered.
+    pub held_for_order: Counter,
 }
-const _: () = assert!(size_of::<PortCounters>() == 10 * size_of::<Counter>());
+const _: () = assert!(size_of::<PortCounters>() == 11 * size_of::<Counter>());
 
 impl PortCounters {
     pub fn counter_mut(&mut self, outcome: Outcome) -> &mut Counter {
@@ -172,6 +243,7 @@ impl PortCounters {
             Outcome::Unregistered => &mut self.unregistered,
             Outcome::ForeignSource => &mut self.foreign_source,
             Outcome::Malformed => &mut self.malformed,
+            Outcome::HeldForOrder => &mut self.held_for_order,
         }
     }
 
@@ -187,6 +259,7 @@ impl PortCounters {
             Outcome::Unregistered => &self.unregistered,
             Outcome::ForeignSource => &self.foreign_source,
             Outcome::Malformed => &self.malformed,
+            Outcome::HeldForOrder => &self.held_for_order,
         }
     }
 

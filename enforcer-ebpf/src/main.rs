@@ -5,18 +5,24 @@
 //! pinned maps and apply [`enforcer_common::decide`]. `enforcer_tc` (tcx ingress) is the
 //! default hot path: it sees GSO super-frames untouched. `enforcer_xdp` is the same logic for
 //! ports where XDP is wanted; XDP on a veth costs TCP its GRO/GSO (see BENCHMARKS.md).
+//!
+//! Frames to be held (Type-3 in `buffer` mode, and newer frames queued behind them while they
+//! are re-injected) are redirected to the hold device; `enforcer_hold`, the XDP program on the
+//! far end of that veth pair, hands them to the buffer daemon's AF_XDP socket.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    btf_maps::{Array, HashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, PerCpuArray, XskMap},
+    helpers::generated::bpf_redirect,
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use enforcer_common::{
-    DatapathConfig, DatapathView, GroupState, MAX_GROUPS, MAX_PORTS, MAX_VMS, MacKey, Outcome,
-    PortCounters, PortVm, Type3Mode, UNATTRIBUTED_SLOT, Verdict, VmEpoch, decide_frame,
+    DatapathConfig, DatapathView, GroupState, HoldKey, MAX_GROUPS, MAX_PORTS, MAX_VMS, MacKey,
+    Outcome, PortCounters, PortVm, Type3Mode, UNATTRIBUTED_SLOT, Verdict, VmEpoch, decide_frame,
+    hold_kernel, hold_totals,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -48,6 +54,42 @@ static PORT_SLOTS: HashMap<u32, u32, MAX_VMS_USIZE> = HashMap::new();
 #[btf_map(name = "port_stats")]
 static PORT_STATS: PerCpuArray<PortCounters, MAX_PORTS_USIZE> = PerCpuArray::new();
 
+/// Frames handed to the hold path, by receiver slot: the buffer daemon compares them with what
+/// it read to know when every held frame of a receiver has reached it.
+#[btf_map(name = "hold_in_port")]
+static HOLD_IN_PORT: PerCpuArray<u64, MAX_PORTS_USIZE> = PerCpuArray::new();
+
+/// Broadcast/multicast frames handed to the hold path, by group.
+#[btf_map(name = "hold_in_group")]
+static HOLD_IN_GROUP: PerCpuArray<u64, MAX_GROUPS_USIZE> = PerCpuArray::new();
+
+/// The buffer daemon's AF_XDP socket, at index 0 (the hold device has one queue).
+#[btf_map(name = "hold_socks")]
+static HOLD_SOCKS: XskMap<1> = XskMap::new();
+
+/// Frames the hold path lost in the kernel, by reason (`hold_kernel::*`).
+#[btf_map(name = "hold_kernel")]
+static HOLD_KERNEL: PerCpuArray<u64, { hold_kernel::LEN as usize }> = PerCpuArray::new();
+
+/// The buffer daemon's own totals (`hold_totals::*`), pinned with the rest so its accounting
+/// survives a restart. Written by userspace only.
+#[btf_map(name = "hold_totals")]
+static HOLD_TOTALS: Array<u64, { hold_totals::LEN as usize }> = Array::new();
+
+/// The hold device's ifindex, 0 when no buffer daemon serves.
+#[inline(always)]
+fn hold_ifindex() -> u32 {
+    CONFIG.get(0).map_or(0, |config| config.hold_ifindex)
+}
+
+#[inline(always)]
+fn bump(counter: Option<*mut u64>) {
+    if let Some(counter) = counter {
+        // SAFETY: a per-CPU value: only this CPU writes it, and the program is not preempted.
+        unsafe { *counter += 1 };
+    }
+}
+
 /// The datapath's view of the maps for [`decide`].
 struct Maps;
 
@@ -64,9 +106,9 @@ impl DatapathView for Maps {
     }
 
     #[inline(always)]
-    fn group_min_epoch(&self, group: u32) -> Option<u32> {
-        // SAFETY: the field is copied out at once.
-        unsafe { GROUPS.get(group).map(|g| g.min_epoch) }
+    fn group(&self, group: u32) -> Option<(u32, u32)> {
+        // SAFETY: the fields are copied out at once.
+        unsafe { GROUPS.get(group).map(|g| (g.min_epoch, g.flags)) }
     }
 
     #[inline(always)]
@@ -80,9 +122,7 @@ impl DatapathView for Maps {
 
     #[inline(always)]
     fn hold_ready(&self, _ifindex: u32) -> bool {
-        // No AF_XDP buffer socket serves any port in this build: `buffer` mode drops Type-3
-        // frames and counts them as `type3_unbuffered` rather than passing them.
-        false
+        hold_ifindex() != 0
     }
 }
 
@@ -92,7 +132,9 @@ pub fn enforcer_xdp(ctx: XdpContext) -> u32 {
     let ifindex = ctx.ingress_ifindex() as u32;
     match try_enforce(ctx.data(), ctx.data_end(), ifindex, bytes) {
         Verdict::Pass => xdp_action::XDP_PASS,
-        Verdict::Drop | Verdict::Hold => xdp_action::XDP_DROP,
+        Verdict::Drop => xdp_action::XDP_DROP,
+        // SAFETY: a helper call with plain integer arguments; it returns XDP_REDIRECT.
+        Verdict::Hold => unsafe { bpf_redirect(hold_ifindex(), 0) as u32 },
     }
 }
 
@@ -110,7 +152,22 @@ pub fn enforcer_tc(ctx: TcContext) -> i32 {
     }
     match try_enforce(ctx.data(), ctx.data_end(), ifindex, len as u64) {
         Verdict::Pass => TC_ACT_OK,
-        Verdict::Drop | Verdict::Hold => TC_ACT_SHOT,
+        Verdict::Drop => TC_ACT_SHOT,
+        // SAFETY: a helper call with plain integer arguments; it returns TC_ACT_REDIRECT.
+        Verdict::Hold => unsafe { bpf_redirect(hold_ifindex(), 0) as i32 },
+    }
+}
+
+/// On the hold device: every frame arriving here was redirected by the port programs to be
+/// held; hand it to the buffer daemon's AF_XDP socket.
+#[xdp]
+pub fn enforcer_hold(_ctx: XdpContext) -> u32 {
+    match HOLD_SOCKS.redirect(0, 0) {
+        Ok(action) => action,
+        Err(_) => {
+            bump(HOLD_KERNEL.get_ptr_mut(hold_kernel::NO_SOCKET));
+            xdp_action::XDP_DROP
+        }
     }
 }
 
@@ -119,7 +176,12 @@ pub fn enforcer_tc(ctx: TcContext) -> i32 {
 fn try_enforce(data: usize, data_end: usize, ifindex: u32, bytes: u64) -> Verdict {
     let (outcome, sender_slot) = match ethernet_addresses(data, data_end) {
         Some((src, dst)) => {
-            let decision = decide_frame(&Maps, ifindex, &src, &dst);
+            let decision = decide_frame(&Maps, ifindex, &src, &dst).fit_hold(bytes);
+            match decision.hold {
+                HoldKey::None => {}
+                HoldKey::Receiver(slot) => bump(HOLD_IN_PORT.get_ptr_mut(slot)),
+                HoldKey::Group(group) => bump(HOLD_IN_GROUP.get_ptr_mut(group)),
+            }
             (decision.outcome, decision.sender_slot)
         }
         None => (Outcome::Malformed, None),

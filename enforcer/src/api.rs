@@ -11,20 +11,44 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
-use enforcer_common::{Outcome, Type3Mode};
+use enforcer_common::{Outcome, Type3Mode, VmEpoch};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::{
     datapath::{AttachMode, AttachedPort, Datapath, DatapathError, ifindex_of},
-    epochs::{self, EpochError, GroupRecord, VmRecord},
+    epochs::{self, EpochError, EpochStore as _, GroupRecord, VmRecord},
+    hold::{Buffer, Command, HoldReport},
     mac::MacAddr,
     metrics,
 };
 
 pub struct AppState {
-    pub datapath: Mutex<Datapath>,
+    pub datapath: Arc<Mutex<Datapath>>,
     pub token: Option<String>,
+    /// The buffer daemon, when it runs (mode `buffer` needs it to hold frames).
+    pub buffer: std::sync::Mutex<Option<Buffer>>,
+}
+
+impl AppState {
+    /// Sends a command to the buffer daemon; false when none runs.
+    pub fn to_buffer(&self, command: Command) -> bool {
+        match &*self.buffer.lock().expect("buffer lock") {
+            Some(buffer) => {
+                buffer.send(command);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn buffer_running(&self) -> bool {
+        self.buffer.lock().expect("buffer lock").is_some()
+    }
+
+    pub fn hold_report(&self) -> Option<HoldReport> {
+        self.buffer.lock().expect("buffer lock").as_ref().and_then(Buffer::report)
+    }
 }
 
 pub type Shared = Arc<AppState>;
@@ -68,7 +92,7 @@ impl From<EpochError<DatapathError>> for ApiError {
     fn from(err: EpochError<DatapathError>) -> Self {
         let status = match &err {
             EpochError::UnknownVm(_) => StatusCode::NOT_FOUND,
-            EpochError::NotUnicast(_) => StatusCode::BAD_REQUEST,
+            EpochError::NotUnicast(_) | EpochError::BadGroup(_) => StatusCode::BAD_REQUEST,
             EpochError::AlreadyRegistered(_)
             | EpochError::PortNotAttached(_)
             | EpochError::PortTaken { .. }
@@ -103,6 +127,13 @@ pub struct RegisterVm {
 
 #[derive(Serialize, Deserialize, Debug)]
 pub struct SetEpoch {
+    pub epoch: u32,
+}
+
+/// `POST /v1/groups/{g}/abort`: every member above `epoch` goes back to it, and everything
+/// held for the group is delivered.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Abort {
     pub epoch: u32,
 }
 
@@ -171,6 +202,8 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/vms/{mac}/epoch", put(set_epoch))
         .route("/v1/vms/{mac}/advance", post(advance))
         .route("/v1/groups", get(list_groups))
+        .route("/v1/groups/{group}/abort", post(abort))
+        .route("/v1/holds", get(holds))
         .route("/v1/ports", get(list_ports))
         .route("/v1/stats", get(stats))
         .route("/v1/config", get(get_config).put(set_config))
@@ -237,6 +270,7 @@ async fn register_vm(
         ));
     }
     let vm = epochs::register(&mut *dp, req.mac, req.group, ifindex, req.epoch)?;
+    s.to_buffer(Command::Vm { mac: vm.mac.key(), vm: dp.vm(&vm.mac.key()).ok().flatten() });
     tracing::info!(mac = %vm.mac, group = vm.group, epoch = vm.epoch, port = req.port, "VM registered");
     Ok((StatusCode::CREATED, Json(vm)))
 }
@@ -244,6 +278,7 @@ async fn register_vm(
 async fn unregister_vm(State(s): State<Shared>, Path(mac): Path<String>) -> ApiResult<VmRecord> {
     let mac = parse_mac(&mac)?;
     let vm = epochs::unregister(&mut *s.datapath.lock().await, mac)?;
+    s.to_buffer(Command::Vm { mac: mac.key(), vm: None });
     tracing::info!(mac = %vm.mac, "VM unregistered");
     Ok(Json(vm))
 }
@@ -255,16 +290,71 @@ async fn set_epoch(
 ) -> ApiResult<VmRecord> {
     let mac = parse_mac(&mac)?;
     let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let vm = epochs::set_epoch(&mut *s.datapath.lock().await, mac, req.epoch)?;
-    tracing::info!(mac = %vm.mac, epoch = vm.epoch, "epoch set");
-    Ok(Json(vm))
+    Ok(Json(change_epoch(&s, mac, Some(req.epoch)).await?))
 }
 
 async fn advance(State(s): State<Shared>, Path(mac): Path<String>) -> ApiResult<VmRecord> {
     let mac = parse_mac(&mac)?;
-    let vm = epochs::advance(&mut *s.datapath.lock().await, mac)?;
-    tracing::info!(mac = %vm.mac, epoch = vm.epoch, "epoch advanced");
-    Ok(Json(vm))
+    Ok(Json(change_epoch(&s, mac, None).await?))
+}
+
+/// Moves a VM's epoch (to `target`, or the next one). With a buffer running: its copy of the
+/// VM is updated first (so colors it assigns never lag the map), then the map gets the epoch
+/// and the draining flag in one write, then the buffer is told to re-inject.
+pub async fn change_epoch(s: &AppState, mac: MacAddr, target: Option<u32>) -> Result<VmRecord, ApiError> {
+    let mut dp = s.datapath.lock().await;
+    let current: VmEpoch = dp.vm(&mac.key())?.ok_or(EpochError::<DatapathError>::UnknownVm(mac))?;
+    let epoch = match target {
+        Some(epoch) => epoch,
+        None => current.epoch.checked_add(1).ok_or(EpochError::<DatapathError>::Overflow { mac })?,
+    };
+    if epoch < current.epoch {
+        return Err(EpochError::<DatapathError>::Backwards { mac, current: current.epoch, requested: epoch }.into());
+    }
+    let drain = s.to_buffer(Command::Vm { mac: mac.key(), vm: Some(VmEpoch { epoch, ..current }) });
+    let change = match epochs::set_epoch(&mut *dp, mac, epoch, drain) {
+        Ok(change) => change,
+        Err(err) => {
+            s.to_buffer(Command::Vm { mac: mac.key(), vm: Some(current) });
+            return Err(err.into());
+        }
+    };
+    if change.changed {
+        s.to_buffer(Command::Advanced { mac: mac.key(), epoch });
+        if change.group_min_rose {
+            s.to_buffer(Command::GroupAdvanced { group: change.vm.group, min_epoch: change.group_min });
+        }
+        tracing::info!(%mac, epoch, "epoch set");
+    }
+    Ok(VmRecord::new(mac.key(), change.vm))
+}
+
+async fn abort(
+    State(s): State<Shared>,
+    Path(group): Path<u32>,
+    body: Result<Json<Abort>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Vec<VmRecord>> {
+    let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let mut dp = s.datapath.lock().await;
+    if !epochs::list_groups(&mut *dp)?.iter().any(|g| g.group == group) {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no group {group}")));
+    }
+    let drain = s.buffer_running();
+    for (mac, vm) in dp.vms()? {
+        if vm.group == group && vm.epoch > req.epoch {
+            s.to_buffer(Command::Vm { mac, vm: Some(VmEpoch { epoch: req.epoch, ..vm }) });
+        }
+    }
+    let changed = epochs::roll_back(&mut *dp, group, req.epoch, drain)?;
+    s.to_buffer(Command::Release { group });
+    tracing::info!(group, epoch = req.epoch, rolled_back = changed.len(), "snapshot aborted");
+    Ok(Json(changed.into_iter().map(|(mac, vm)| VmRecord::new(mac.key(), vm)).collect()))
+}
+
+async fn holds(State(s): State<Shared>) -> ApiResult<HoldReport> {
+    s.hold_report().map(Json).ok_or_else(|| {
+        ApiError::new(StatusCode::CONFLICT, "no buffer daemon runs (started with --no-buffer)")
+    })
 }
 
 async fn list_groups(State(s): State<Shared>) -> ApiResult<Vec<GroupRecord>> {
@@ -318,9 +408,11 @@ async fn prometheus(State(s): State<Shared>) -> Result<impl IntoResponse, ApiErr
     let mut dp = s.datapath.lock().await;
     let ports = collect_stats(&mut dp)?;
     let vms = epochs::list_vms(&mut *dp)?;
+    drop(dp);
+    let holds = s.hold_report();
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_TYPE, "text/plain; version=0.0.4".parse().expect("static header"));
-    Ok((headers, metrics::render(&ports, &vms)))
+    Ok((headers, metrics::render(&ports, &vms, holds.as_ref())))
 }
 
 /// Whether an address may serve the API without a token.

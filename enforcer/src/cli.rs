@@ -45,6 +45,19 @@ pub enum Command {
     Groups,
     /// List the ports the datapath is attached to.
     Ports,
+    /// What the buffer daemon holds now, and what it did with held frames.
+    Holds {
+        /// Print JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Abort a group's snapshot: members above EPOCH go back to it; held frames are delivered.
+    Abort {
+        #[arg(long)]
+        group: u32,
+        #[arg(long)]
+        epoch: u32,
+    },
     /// Per-port counters: what the datapath delivered, dropped and why.
     Stats {
         /// Print JSON instead of a table.
@@ -87,6 +100,15 @@ pub struct RunArgs {
     /// Set the Type-3 mode at start (default: keep the pinned setting; `buffer` when new).
     #[arg(long, value_enum)]
     pub mode: Option<ModeArg>,
+    /// Do not run the buffer daemon (then `buffer` mode drops Type-3 frames, counted).
+    #[arg(long)]
+    pub no_buffer: bool,
+    /// Name of the hold device (veth pair `<name>`/`<name>p`) the buffer daemon creates.
+    #[arg(long, default_value = "enfhold")]
+    pub hold_device: String,
+    /// Memory bound for held frames, in MiB; beyond it the newest frame is dropped (counted).
+    #[arg(long, default_value_t = 64)]
+    pub hold_max_mib: usize,
 }
 
 #[derive(Args, Debug)]
@@ -193,6 +215,10 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 listen: args.listen,
                 token: cli.token,
                 type3_mode: args.mode.map(|m| ModeName::from(m).into()),
+                hold: (!args.no_buffer).then(|| crate::hold::HoldOptions {
+                    device: args.hold_device,
+                    max_bytes: args.hold_max_mib << 20,
+                }),
             })
             .await?;
             running.wait_for_signal().await?;
@@ -265,6 +291,29 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                     println!();
                 }
             }
+        }
+        Command::Holds { json } => {
+            let report = client.holds().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("held now: {} frames, {} bytes (bound {} bytes)", report.held_frames, report.held_bytes, report.max_bytes);
+                for q in &report.queues {
+                    println!("  {:<28} {:>8} frames {:>10} bytes  oldest {:>6} ms  dropped(bound) {}{}",
+                        q.queue, q.frames, q.bytes, q.oldest_ms, q.dropped_bound, if q.draining { "  draining" } else { "" });
+                }
+                let totals: Vec<String> = report.totals.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                println!("totals: {}", totals.join(", "));
+                let kernel: Vec<String> = report.kernel.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                println!("lost in the kernel: {}", kernel.join(", "));
+                if report.hold_time_count > 0 {
+                    println!("mean hold time: {:.1} ms over {} frames", 1000.0 * report.hold_time_sum_seconds / report.hold_time_count as f64, report.hold_time_count);
+                }
+            }
+        }
+        Command::Abort { group, epoch } => {
+            let vms = client.abort(group, epoch).await?;
+            println!("group {group} back at epoch {epoch} ({} VMs rolled back); held frames delivered", vms.len());
         }
         Command::Mode { mode: None } => {
             println!("{:?}", client.config().await?.type3_mode);

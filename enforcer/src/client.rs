@@ -4,9 +4,10 @@ use reqwest::{Method, StatusCode};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
-    api::{Config, ErrorBody, Health, ModeName, PortStats, RegisterVm, SetEpoch},
+    api::{Abort, Config, ErrorBody, Health, ModeName, PortStats, RegisterVm, SetEpoch},
     datapath::AttachedPort,
     epochs::{GroupRecord, VmRecord},
+    hold::HoldReport,
     mac::MacAddr,
 };
 
@@ -111,6 +112,14 @@ impl Client {
 
     pub async fn groups(&self) -> Result<Vec<GroupRecord>, ClientError> {
         self.get("/v1/groups").await
+    }
+
+    pub async fn holds(&self) -> Result<HoldReport, ClientError> {
+        self.get("/v1/holds").await
+    }
+
+    pub async fn abort(&self, group: u32, epoch: u32) -> Result<Vec<VmRecord>, ClientError> {
+        self.call(Method::POST, &format!("/v1/groups/{group}/abort"), Some(&Abort { epoch })).await
     }
 
     pub async fn ports(&self) -> Result<Vec<AttachedPort>, ClientError> {

@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use crate::{
     api::{self, AppState, Shared},
     datapath::{AttachMode, Datapath, DatapathError},
+    hold::{Buffer, HoldError, HoldOptions, HoldReport},
     ports::{PortError, PortEvent, PortSource, PortWatcher},
 };
 
@@ -23,6 +24,9 @@ pub struct DaemonConfig {
     pub token: Option<String>,
     /// Set the Type-3 mode at start; `None` keeps what the pinned config says.
     pub type3_mode: Option<Type3Mode>,
+    /// Run the buffer daemon (hold Type-3 frames and re-inject them); `None`: no buffer, so
+    /// `buffer` mode drops Type-3 frames (counted as `type3_unbuffered`).
+    pub hold: Option<HoldOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +41,8 @@ pub enum DaemonError {
     TokenRequired(SocketAddr),
     #[error("serving the API: {0}")]
     Serve(std::io::Error),
+    #[error("buffer daemon: {0}")]
+    Hold(#[from] HoldError),
 }
 
 /// A started daemon: the API's address and a handle to stop it.
@@ -48,10 +54,27 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops serving and following ports; the datapath stays attached and pinned.
-    pub async fn stop(self) -> Result<(), DaemonError> {
+    /// Stops serving and following ports; the datapath stays attached and pinned. The buffer
+    /// stops gracefully: held frames that cannot be delivered yet are dropped and counted.
+    pub async fn stop(self) -> Result<Option<HoldReport>, DaemonError> {
+        self.stop_with(true).await
+    }
+
+    /// Stops as a crashed daemon would: the buffer vanishes with what it holds (the next daemon
+    /// counts it as `lost_restart`). For testing invariant 4 across restarts.
+    pub async fn crash(self) -> Result<(), DaemonError> {
+        self.stop_with(false).await.map(|_| ())
+    }
+
+    async fn stop_with(self, graceful: bool) -> Result<Option<HoldReport>, DaemonError> {
         let _ = self.shutdown.send(true);
-        self.task.await.unwrap_or(Ok(()))
+        let result = self.task.await.unwrap_or(Ok(()));
+        let buffer = self.state.buffer.lock().expect("buffer lock").take();
+        let report = match buffer {
+            Some(buffer) => tokio::task::spawn_blocking(move || buffer.stop(graceful)).await.unwrap_or(None),
+            None => None,
+        };
+        result.map(|()| report)
     }
 
     /// Waits until the daemon stops by itself (an error) or a signal arrives.
@@ -62,7 +85,7 @@ impl Running {
             _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping (datapath stays attached)"),
             _ = term.recv() => info!("SIGTERM: stopping (datapath stays attached)"),
         }
-        self.stop().await
+        self.stop().await.map(|_| ())
     }
 }
 
@@ -75,11 +98,10 @@ pub async fn start(config: DaemonConfig) -> Result<Running, DaemonError> {
     if let Some(mode) = config.type3_mode {
         datapath.set_type3_mode(mode)?;
     }
-    if datapath.type3_mode()? == Type3Mode::Buffer {
-        warn!(
-            "Type-3 mode is `buffer`, but this build has no AF_XDP buffer daemon yet: Type-3 \
-             frames are dropped and counted as type3_unbuffered"
-        );
+    // Until a buffer socket is bound, nothing may be redirected to a hold device.
+    datapath.set_hold_ifindex(0)?;
+    if datapath.type3_mode()? == Type3Mode::Buffer && config.hold.is_none() {
+        warn!("Type-3 mode is `buffer` but the buffer daemon is off: Type-3 frames are dropped and counted as type3_unbuffered");
     }
 
     let mut watcher = PortWatcher::new(config.ports.clone()).await?;
@@ -92,7 +114,16 @@ pub async fn start(config: DaemonConfig) -> Result<Running, DaemonError> {
         .await
         .map_err(|source| DaemonError::Listen { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(DaemonError::Serve)?;
-    let state: Shared = Arc::new(AppState { datapath: Mutex::new(datapath), token: config.token });
+    let datapath = Arc::new(Mutex::new(datapath));
+    let buffer = match config.hold.clone() {
+        Some(opts) => {
+            let dp = datapath.clone();
+            Some(tokio::task::spawn_blocking(move || Buffer::start(dp, opts)).await.expect("buffer start task")?)
+        }
+        None => None,
+    };
+    let state: Shared =
+        Arc::new(AppState { datapath, token: config.token, buffer: std::sync::Mutex::new(buffer) });
     info!(%addr, "API listening");
 
     let (shutdown, mut stopped) = tokio::sync::watch::channel(false);

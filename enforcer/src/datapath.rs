@@ -37,6 +37,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/enforcer";
 pub const TC_PROGRAM: &str = "enforcer_tc";
 pub const XDP_PROGRAM: &str = "enforcer_xdp";
+pub const HOLD_PROGRAM: &str = "enforcer_hold";
 
 /// Which hook classifies frames on the VM ports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -133,9 +134,11 @@ impl Datapath {
         tc.load().map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
         let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
         xdp.load().map_err(|source| DatapathError::Program { name: XDP_PROGRAM, source })?;
+        let hold: &mut Xdp = program(&mut ebpf, HOLD_PROGRAM)?;
+        hold.load().map_err(|source| DatapathError::Program { name: HOLD_PROGRAM, source })?;
         // Pin the programs too (`bpftool prog show pinned ...`); a restart replaces the pins
         // of the previous daemon's programs, which stay alive while links still use them.
-        for name in [TC_PROGRAM, XDP_PROGRAM] {
+        for name in [TC_PROGRAM, XDP_PROGRAM, HOLD_PROGRAM] {
             let path = pin_root.join(name);
             let _ = fs::remove_file(&path);
             let prog = ebpf.program_mut(name).ok_or(DatapathError::MissingMap(name))?;
@@ -339,9 +342,79 @@ impl Datapath {
     }
 
     pub fn set_type3_mode(&mut self, mode: Type3Mode) -> Result<(), DatapathError> {
-        let config = DatapathConfig { type3_mode: mode as u32, _pad: 0 };
+        let mut config = self.config_map()?.get(&0, 0)?;
+        config.type3_mode = mode as u32;
         self.config_map()?.set(0, config, 0)?;
         info!(?mode, "Type-3 mode set");
+        Ok(())
+    }
+
+    /// Where held frames go: the hold device's ifindex, or 0 (no buffer: Type-3 frames are
+    /// dropped and counted as `type3_unbuffered`).
+    pub fn set_hold_ifindex(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        let mut config = self.config_map()?.get(&0, 0)?;
+        config.hold_ifindex = ifindex;
+        self.config_map()?.set(0, config, 0)?;
+        Ok(())
+    }
+
+    pub fn hold_ifindex(&mut self) -> Result<u32, DatapathError> {
+        Ok(self.config_map()?.get(&0, 0)?.hold_ifindex)
+    }
+
+    /// Attaches `enforcer_hold` (native XDP) to the socket side of the hold device, pinned at
+    /// `links/hold`: if the daemon dies, frames still redirected there are counted
+    /// (`hold_kernel.no_socket`) instead of vanishing. Returns the pin.
+    pub fn attach_hold_program(&mut self, device: &str) -> Result<PathBuf, DatapathError> {
+        let err = |detail: String| DatapathError::Link { port: device.to_owned(), detail };
+        let pin = self.pin_root.join("links").join("hold");
+        let _ = fs::remove_file(&pin);
+        let prog: &mut Xdp = program(&mut self.ebpf, HOLD_PROGRAM)?;
+        let id = prog.attach(device, XdpMode::Driver).map_err(|e| err(e.to_string()))?;
+        let link: FdLink = prog.take_link(id).map_err(|e| err(e.to_string()))?.try_into().map_err(|e: LinkError| err(e.to_string()))?;
+        link.pin(&pin).map_err(|e| err(e.to_string()))?;
+        Ok(pin)
+    }
+
+    /// Puts the buffer daemon's AF_XDP socket in the `hold_socks` map.
+    pub fn set_hold_socket(&mut self, fd: std::os::fd::RawFd) -> Result<(), DatapathError> {
+        let map = self.map(names::HOLD_SOCKS)?;
+        let mut socks: aya::maps::XskMap<&mut MapData> = aya::maps::XskMap::try_from(map)?;
+        socks.set(0, fd, 0)?;
+        Ok(())
+    }
+
+    /// Sum over CPUs of a per-CPU u64 array entry (hold counters).
+    pub fn per_cpu_sum(&mut self, map: &'static str, index: u32) -> Result<u64, DatapathError> {
+        let array: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map(map)?)?;
+        Ok(array.get(&index, 0)?.iter().sum())
+    }
+
+    /// All entries of a per-CPU u64 array, summed over CPUs.
+    pub fn per_cpu_sums(&mut self, map: &'static str) -> Result<Vec<u64>, DatapathError> {
+        let array: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map(map)?)?;
+        let mut out = Vec::with_capacity(array.len() as usize);
+        for i in 0..array.len() {
+            out.push(array.get(&i, 0)?.iter().sum());
+        }
+        Ok(out)
+    }
+
+    /// The buffer daemon's pinned totals (`hold_totals::*`).
+    pub fn hold_totals(&mut self) -> Result<Vec<u64>, DatapathError> {
+        let array: Array<&mut MapData, u64> = Array::try_from(self.map(names::HOLD_TOTALS)?)?;
+        let mut out = Vec::new();
+        for i in 0..array.len() {
+            out.push(array.get(&i, 0)?);
+        }
+        Ok(out)
+    }
+
+    pub fn set_hold_totals(&mut self, totals: &[u64]) -> Result<(), DatapathError> {
+        let mut array: Array<&mut MapData, u64> = Array::try_from(self.map(names::HOLD_TOTALS)?)?;
+        for (i, v) in totals.iter().enumerate() {
+            array.set(i as u32, *v, 0)?;
+        }
         Ok(())
     }
 
@@ -440,6 +513,14 @@ impl EpochStore for Datapath {
     fn remove_port(&mut self, ifindex: u32) -> Result<(), DatapathError> {
         match self.ports_map()?.remove(&ifindex) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn group(&mut self, group: u32) -> Result<Option<GroupState>, DatapathError> {
+        match self.groups_map()?.get(&group, 0) {
+            Ok(g) => Ok(Some(g)),
+            Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }

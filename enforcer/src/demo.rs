@@ -52,6 +52,8 @@ async fn run_in(lab: &Lab, opts: &DemoOptions, out: &mut String) -> anyhow::Resu
         listen: "127.0.0.1:0".parse()?,
         token: None,
         type3_mode: None,
+        // The demo shows `drop` mode; the buffer is exercised by the tests and `bench hold`.
+        hold: None,
     })
     .await?;
     let client = Client::new(format!("http://{}", running.addr), None);

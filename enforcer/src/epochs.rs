@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use enforcer_common::{GroupState, MacKey, PortVm, VmEpoch};
+use enforcer_common::{FLAG_DRAINING, GroupState, MAX_GROUPS, MacKey, PortVm, VmEpoch};
 use serde::{Deserialize, Serialize};
 
 use crate::mac::MacAddr;
@@ -22,6 +22,7 @@ pub trait EpochStore {
     fn port_slot(&mut self, ifindex: u32) -> Result<Option<u32>, Self::Error>;
     fn put_port(&mut self, ifindex: u32, port: PortVm) -> Result<(), Self::Error>;
     fn remove_port(&mut self, ifindex: u32) -> Result<(), Self::Error>;
+    fn group(&mut self, group: u32) -> Result<Option<GroupState>, Self::Error>;
     fn put_group(&mut self, group: u32, state: GroupState) -> Result<(), Self::Error>;
     fn remove_group(&mut self, group: u32) -> Result<(), Self::Error>;
 }
@@ -40,6 +41,8 @@ pub enum EpochError<E: std::error::Error + 'static> {
     PortTaken { port: u32, mac: MacAddr },
     #[error("epoch of {mac} cannot go backwards from {current} to {requested}")]
     Backwards { mac: MacAddr, current: u32, requested: u32 },
+    #[error("group {0} is out of range: group ids go from 0 to {max}", max = MAX_GROUPS - 1)]
+    BadGroup(u32),
     #[error("epoch of {mac} is already at the maximum")]
     Overflow { mac: MacAddr },
     #[error(transparent)]
@@ -56,7 +59,7 @@ pub struct VmRecord {
 }
 
 impl VmRecord {
-    fn new(mac: MacKey, vm: VmEpoch) -> Self {
+    pub fn new(mac: MacKey, vm: VmEpoch) -> Self {
         Self { mac: mac.into(), group: vm.group, epoch: vm.epoch, ifindex: vm.ifindex }
     }
 }
@@ -110,6 +113,9 @@ pub fn register<S: EpochStore>(
     if !mac.is_unicast() {
         return Err(EpochError::NotUnicast(mac));
     }
+    if group >= MAX_GROUPS {
+        return Err(EpochError::BadGroup(group));
+    }
     if store.vm(&mac.key()).map_err(EpochError::Store)?.is_some() {
         return Err(EpochError::AlreadyRegistered(mac));
     }
@@ -121,11 +127,11 @@ pub fn register<S: EpochStore>(
         None => list_groups(store)?.iter().find(|g| g.group == group).map_or(0, |g| g.max_epoch),
     };
     let slot = store.port_slot(ifindex).map_err(EpochError::Store)?.ok_or(EpochError::PortNotAttached(ifindex))?;
-    let vm = VmEpoch { epoch, group, ifindex, slot };
+    let vm = VmEpoch { epoch, group, ifindex, slot, flags: 0, _pad: 0 };
     // Port first: from the moment the VM's MAC is known, its port already claims it.
     store.put_port(ifindex, PortVm { mac: mac.key(), group, _pad: 0 }).map_err(EpochError::Store)?;
     store.put_vm(mac.key(), vm).map_err(EpochError::Store)?;
-    refresh_group(store, group)?;
+    refresh_group(store, group, false)?;
     Ok(VmRecord::new(mac.key(), vm))
 }
 
@@ -133,42 +139,147 @@ pub fn unregister<S: EpochStore>(store: &mut S, mac: MacAddr) -> Result<VmRecord
     let vm = store.vm(&mac.key()).map_err(EpochError::Store)?.ok_or(EpochError::UnknownVm(mac))?;
     store.remove_vm(&mac.key()).map_err(EpochError::Store)?;
     store.remove_port(vm.ifindex).map_err(EpochError::Store)?;
-    refresh_group(store, vm.group)?;
+    refresh_group(store, vm.group, false)?;
     Ok(VmRecord::new(mac.key(), vm))
 }
 
+/// What an epoch change did, for the buffer daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EpochChange {
+    pub vm: VmEpoch,
+    pub changed: bool,
+    /// The group's minimum epoch after the change, and whether it rose.
+    pub group_min: u32,
+    pub group_min_rose: bool,
+}
+
 /// Sets a VM's epoch. Equal is a no-op; lower is refused (an epoch never moves backwards).
+/// With `drain`, the VM (and its group, if its minimum rises) is flagged draining in the same
+/// map write, so frames to it queue behind the held ones until the buffer daemon clears it.
 pub fn set_epoch<S: EpochStore>(
     store: &mut S,
     mac: MacAddr,
     epoch: u32,
-) -> Result<VmRecord, EpochError<S::Error>> {
-    let mut vm = store.vm(&mac.key()).map_err(EpochError::Store)?.ok_or(EpochError::UnknownVm(mac))?;
+    drain: bool,
+) -> Result<EpochChange, EpochError<S::Error>> {
+    let vm = store.vm(&mac.key()).map_err(EpochError::Store)?.ok_or(EpochError::UnknownVm(mac))?;
     if epoch < vm.epoch {
         return Err(EpochError::Backwards { mac, current: vm.epoch, requested: epoch });
     }
-    if epoch > vm.epoch {
-        vm.epoch = epoch;
-        store.put_vm(mac.key(), vm).map_err(EpochError::Store)?;
-        // After the member: the group minimum is never ahead of any member.
-        refresh_group(store, vm.group)?;
+    write_epoch(store, mac, vm, epoch, drain)
+}
+
+fn write_epoch<S: EpochStore>(
+    store: &mut S,
+    mac: MacAddr,
+    mut vm: VmEpoch,
+    epoch: u32,
+    drain: bool,
+) -> Result<EpochChange, EpochError<S::Error>> {
+    let before = store.group(vm.group).map_err(EpochError::Store)?.map_or(0, |g| g.min_epoch);
+    if epoch == vm.epoch {
+        return Ok(EpochChange { vm, changed: false, group_min: before, group_min_rose: false });
     }
-    Ok(VmRecord::new(mac.key(), vm))
+    vm.epoch = epoch;
+    if drain {
+        vm.flags |= FLAG_DRAINING;
+    }
+    store.put_vm(mac.key(), vm).map_err(EpochError::Store)?;
+    // After the member: the group minimum is never ahead of any member.
+    let after = refresh_group(store, vm.group, drain)?;
+    Ok(EpochChange { vm, changed: true, group_min: after, group_min_rose: after > before })
 }
 
 /// Moves a VM to the next epoch.
-pub fn advance<S: EpochStore>(store: &mut S, mac: MacAddr) -> Result<VmRecord, EpochError<S::Error>> {
+pub fn advance<S: EpochStore>(
+    store: &mut S,
+    mac: MacAddr,
+    drain: bool,
+) -> Result<EpochChange, EpochError<S::Error>> {
     let current = get_vm(store, mac)?.epoch;
     let next = current.checked_add(1).ok_or(EpochError::Overflow { mac })?;
-    set_epoch(store, mac, next)
+    set_epoch(store, mac, next, drain)
 }
 
-fn refresh_group<S: EpochStore>(store: &mut S, group: u32) -> Result<(), EpochError<S::Error>> {
+/// Aborting a snapshot: every member of `group` above `epoch` goes back to it (the only way an
+/// epoch moves backwards). With `drain` every member and the group are flagged draining, so
+/// frames sent from now on queue behind the held ones being released. Returns the members
+/// whose epoch changed.
+pub fn roll_back<S: EpochStore>(
+    store: &mut S,
+    group: u32,
+    epoch: u32,
+    drain: bool,
+) -> Result<Vec<(MacAddr, VmEpoch)>, EpochError<S::Error>> {
+    let mut changed = Vec::new();
+    for (mac, mut vm) in store.vms().map_err(EpochError::Store)? {
+        if vm.group != group {
+            continue;
+        }
+        let rolled = vm.epoch > epoch;
+        if rolled {
+            vm.epoch = epoch;
+        }
+        if drain {
+            vm.flags |= FLAG_DRAINING;
+        }
+        if rolled || drain {
+            store.put_vm(mac, vm).map_err(EpochError::Store)?;
+        }
+        if rolled {
+            changed.push((mac.into(), vm));
+        }
+    }
+    refresh_group(store, group, false)?;
+    if drain {
+        if let Some(mut g) = store.group(group).map_err(EpochError::Store)? {
+            g.flags |= FLAG_DRAINING;
+            store.put_group(group, g).map_err(EpochError::Store)?;
+        }
+    }
+    Ok(changed)
+}
+
+/// Clears the draining flag of a VM (the buffer daemon re-injected everything held for it).
+pub fn clear_vm_draining<S: EpochStore>(store: &mut S, mac: &MacKey) -> Result<(), EpochError<S::Error>> {
+    if let Some(mut vm) = store.vm(mac).map_err(EpochError::Store)? {
+        if vm.flags & FLAG_DRAINING != 0 {
+            vm.flags &= !FLAG_DRAINING;
+            store.put_vm(*mac, vm).map_err(EpochError::Store)?;
+        }
+    }
+    Ok(())
+}
+
+/// Clears the draining flag of a group.
+pub fn clear_group_draining<S: EpochStore>(store: &mut S, group: u32) -> Result<(), EpochError<S::Error>> {
+    if let Some(mut g) = store.group(group).map_err(EpochError::Store)? {
+        if g.flags & FLAG_DRAINING != 0 {
+            g.flags &= !FLAG_DRAINING;
+            store.put_group(group, g).map_err(EpochError::Store)?;
+        }
+    }
+    Ok(())
+}
+
+/// Rewrites a group's entry from its members; keeps its draining flag, and sets it when
+/// `drain` and the minimum moved. Returns the new minimum.
+fn refresh_group<S: EpochStore>(store: &mut S, group: u32, drain: bool) -> Result<u32, EpochError<S::Error>> {
+    let old = store.group(group).map_err(EpochError::Store)?;
     match list_groups(store)?.into_iter().find(|g| g.group == group) {
-        Some(g) => store
-            .put_group(group, GroupState { min_epoch: g.min_epoch, members: g.members })
-            .map_err(EpochError::Store),
-        None => store.remove_group(group).map_err(EpochError::Store),
+        Some(g) => {
+            let mut flags = old.map_or(0, |o| o.flags);
+            if drain && old.is_some_and(|o| o.min_epoch != g.min_epoch) {
+                flags |= FLAG_DRAINING;
+            }
+            let state = GroupState { min_epoch: g.min_epoch, members: g.members, flags, _pad: 0 };
+            store.put_group(group, state).map_err(EpochError::Store)?;
+            Ok(g.min_epoch)
+        }
+        None => {
+            store.remove_group(group).map_err(EpochError::Store)?;
+            Ok(0)
+        }
     }
 }
 
@@ -219,6 +330,9 @@ impl EpochStore for MemoryStore {
         self.ports.remove(&ifindex);
         Ok(())
     }
+    fn group(&mut self, group: u32) -> Result<Option<GroupState>, Self::Error> {
+        Ok(self.groups.get(&group).copied())
+    }
     fn put_group(&mut self, group: u32, state: GroupState) -> Result<(), Self::Error> {
         self.groups.insert(group, state);
         Ok(())
@@ -241,13 +355,13 @@ mod tests {
     fn epochs_only_move_forward() {
         let mut s = MemoryStore::with_ports(&[11]);
         register(&mut s, mac(1), 7, 11, None).unwrap();
-        assert_eq!(advance(&mut s, mac(1)).unwrap().epoch, 1);
-        assert_eq!(set_epoch(&mut s, mac(1), 1).unwrap().epoch, 1, "equal is a no-op");
-        let err = set_epoch(&mut s, mac(1), 0).unwrap_err();
+        assert_eq!(advance(&mut s, mac(1), false).unwrap().vm.epoch, 1);
+        assert!(!set_epoch(&mut s, mac(1), 1, false).unwrap().changed, "equal is a no-op");
+        let err = set_epoch(&mut s, mac(1), 0, false).unwrap_err();
         assert!(matches!(err, EpochError::Backwards { current: 1, requested: 0, .. }), "{err}");
         assert_eq!(s.vms[&mac(1).key()].epoch, 1, "a refused update changes nothing");
-        set_epoch(&mut s, mac(1), u32::MAX).unwrap();
-        assert!(matches!(advance(&mut s, mac(1)), Err(EpochError::Overflow { .. })));
+        set_epoch(&mut s, mac(1), u32::MAX, false).unwrap();
+        assert!(matches!(advance(&mut s, mac(1), false), Err(EpochError::Overflow { .. })));
     }
 
     #[test]
@@ -257,16 +371,42 @@ mod tests {
             register(&mut s, mac(n), 7, 10 + n as u32, Some(0)).unwrap();
         }
         register(&mut s, mac(9), 8, 99, Some(0)).unwrap();
-        assert_eq!(s.groups[&7], GroupState { min_epoch: 0, members: 3 });
-        advance(&mut s, mac(1)).unwrap();
-        advance(&mut s, mac(3)).unwrap();
+        assert_eq!(s.groups[&7], GroupState { min_epoch: 0, members: 3, flags: 0, _pad: 0 });
+        advance(&mut s, mac(1), false).unwrap();
+        assert!(!advance(&mut s, mac(3), false).unwrap().group_min_rose);
         assert_eq!(s.groups[&7].min_epoch, 0, "mac(2) is still at 0");
-        advance(&mut s, mac(2)).unwrap();
+        let change = advance(&mut s, mac(2), false).unwrap();
+        assert!(change.group_min_rose && change.group_min == 1);
         assert_eq!(s.groups[&7].min_epoch, 1);
         assert_eq!(s.groups[&8].min_epoch, 0, "other groups are untouched");
         unregister(&mut s, mac(9)).unwrap();
         assert!(!s.groups.contains_key(&8), "an empty group is removed");
         assert!(!s.ports.contains_key(&99));
+    }
+
+    #[test]
+    fn draining_flags_are_set_with_the_epoch_and_cleared_alone() {
+        let mut s = MemoryStore::with_ports(&[11, 12]);
+        register(&mut s, mac(1), 7, 11, Some(0)).unwrap();
+        register(&mut s, mac(2), 7, 12, Some(0)).unwrap();
+        advance(&mut s, mac(1), true).unwrap();
+        assert_eq!(s.vms[&mac(1).key()].flags, FLAG_DRAINING);
+        assert_eq!(s.groups[&7].flags, 0, "the minimum did not move");
+        advance(&mut s, mac(2), true).unwrap();
+        assert_eq!(s.groups[&7].flags, FLAG_DRAINING, "the minimum moved");
+        clear_vm_draining(&mut s, &mac(1).key()).unwrap();
+        assert_eq!(s.vms[&mac(1).key()].flags, 0);
+        assert_eq!(s.vms[&mac(1).key()].epoch, 1, "clearing the flag keeps the epoch");
+        // A later refresh keeps the group's flag until it is cleared.
+        advance(&mut s, mac(1), false).unwrap();
+        assert_eq!(s.groups[&7].flags, FLAG_DRAINING);
+        clear_group_draining(&mut s, 7).unwrap();
+        assert_eq!(s.groups[&7].flags, 0);
+        // Abort: back to 1 for everyone above it.
+        let changed = roll_back(&mut s, 7, 1, true).unwrap();
+        assert_eq!(changed.len(), 1);
+        assert_eq!(s.vms[&mac(1).key()].epoch, 1);
+        assert_eq!(s.vms[&mac(1).key()].flags, FLAG_DRAINING);
     }
 
     #[test]
@@ -282,7 +422,8 @@ mod tests {
         // A new member joins at the group's current epoch, not 0.
         assert_eq!(register(&mut s, mac(2), 7, 12, None).unwrap().epoch, 4);
         assert_eq!(register(&mut s, mac(3), 9, 13, None).unwrap().epoch, 0);
-        assert!(matches!(set_epoch(&mut s, mac(50), 1), Err(EpochError::UnknownVm(_))));
+        assert!(matches!(set_epoch(&mut s, mac(50), 1, false), Err(EpochError::UnknownVm(_))));
+        assert!(matches!(register(&mut s, mac(4), MAX_GROUPS, 13, None), Err(EpochError::BadGroup(_))));
         assert!(matches!(unregister(&mut s, mac(50)), Err(EpochError::UnknownVm(_))));
     }
 }

@@ -5,6 +5,7 @@
 //! [`api`] + [`client`] (HTTP/JSON), [`metrics`] (Prometheus), [`lab`] (network-namespace
 //! "VMs" for the demo, tests and benchmarks), [`demo`] and [`cli`].
 pub mod api;
+pub mod checksum;
 pub mod bench;
 pub mod cli;
 pub mod client;
@@ -12,6 +13,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod demo;
 pub mod epochs;
+pub mod hold;
 pub mod lab;
 pub mod mac;
 pub mod metrics;

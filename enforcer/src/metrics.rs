@@ -4,10 +4,10 @@ use std::fmt::Write as _;
 
 use enforcer_common::Outcome;
 
-use crate::{api::PortStats, epochs::VmRecord};
+use crate::{api::PortStats, epochs::VmRecord, hold::HoldReport};
 
 /// Renders `GET /metrics` (text format 0.0.4).
-pub fn render(ports: &[PortStats], vms: &[VmRecord]) -> String {
+pub fn render(ports: &[PortStats], vms: &[VmRecord], holds: Option<&HoldReport>) -> String {
     let mut out = String::new();
     for (metric, help, pick) in [
         (
@@ -36,6 +36,32 @@ pub fn render(ports: &[PortStats], vms: &[VmRecord]) -> String {
     for vm in vms {
         let _ = writeln!(out, "enforcer_vm_epoch{{mac=\"{}\",group=\"{}\"}} {}", vm.mac, vm.group, vm.epoch);
     }
+    if let Some(h) = holds {
+        let _ = writeln!(out, "# HELP enforcer_held_frames Frames held now, by queue (receiver VM or group).");
+        let _ = writeln!(out, "# TYPE enforcer_held_frames gauge");
+        let _ = writeln!(out, "# HELP enforcer_held_bytes Bytes held now, by queue.");
+        let _ = writeln!(out, "# TYPE enforcer_held_bytes gauge");
+        for q in &h.queues {
+            let _ = writeln!(out, "enforcer_held_frames{{queue=\"{}\"}} {}", escape(&q.queue), q.frames);
+            let _ = writeln!(out, "enforcer_held_bytes{{queue=\"{}\"}} {}", escape(&q.queue), q.bytes);
+        }
+        let _ = writeln!(out, "# HELP enforcer_hold_frames_total What the buffer did with the frames it was handed, by outcome.");
+        let _ = writeln!(out, "# TYPE enforcer_hold_frames_total counter");
+        for (name, value) in &h.totals {
+            let _ = writeln!(out, "enforcer_hold_frames_total{{outcome=\"{name}\"}} {value}");
+        }
+        for (name, value) in &h.kernel {
+            let _ = writeln!(out, "enforcer_hold_frames_total{{outcome=\"kernel_{name}\"}} {value}");
+        }
+        let _ = writeln!(out, "# HELP enforcer_hold_time_seconds How long re-injected frames were held.");
+        let _ = writeln!(out, "# TYPE enforcer_hold_time_seconds histogram");
+        for (le, count) in &h.hold_time_buckets {
+            let _ = writeln!(out, "enforcer_hold_time_seconds_bucket{{le=\"{le}\"}} {count}");
+        }
+        let _ = writeln!(out, "enforcer_hold_time_seconds_bucket{{le=\"+Inf\"}} {}", h.hold_time_count);
+        let _ = writeln!(out, "enforcer_hold_time_seconds_sum {}", h.hold_time_sum_seconds);
+        let _ = writeln!(out, "enforcer_hold_time_seconds_count {}", h.hold_time_count);
+    }
     out
 }
 
@@ -57,7 +83,12 @@ mod tests {
         let ports =
             vec![PortStats { ifindex: 7, port: Some("vnet\"0".into()), vm: None, counters }];
         let vms = vec![VmRecord { mac: MacAddr([2, 0, 0, 0, 0, 1]), group: 1, epoch: 4, ifindex: 7 }];
-        let text = render(&ports, &vms);
+        let mut holds = HoldReport { hold_time_buckets: vec![(0.001, 2), (1.0, 5)], hold_time_count: 6, ..Default::default() };
+        holds.totals.insert("reinjected".into(), 6);
+        let text = render(&ports, &vms, Some(&holds));
+        assert!(text.contains("enforcer_hold_frames_total{outcome=\"reinjected\"} 6\n"), "{text}");
+        assert!(text.contains("enforcer_hold_time_seconds_bucket{le=\"1\"} 5\n"), "{text}");
+        assert!(text.contains("enforcer_hold_time_seconds_bucket{le=\"+Inf\"} 6\n"), "{text}");
         assert!(text.contains(
             "enforcer_port_frames_total{port=\"vnet\\\"0\",ifindex=\"7\",outcome=\"type3_dropped\"} 3\n"
         ));

@@ -73,7 +73,7 @@ impl Harness {
     }
 
     fn set_epoch(&mut self, mac: [u8; 6], epoch: u32) {
-        epochs::set_epoch(&mut self.dp, MacAddr(mac), epoch).unwrap();
+        epochs::set_epoch(&mut self.dp, MacAddr(mac), epoch, false).unwrap();
     }
 }
 

@@ -31,6 +31,8 @@ async fn start(lab: &Lab, pins: &PinRoot, attach: AttachMode) -> (Running, Clien
         listen: "127.0.0.1:0".parse().unwrap(),
         token: None,
         type3_mode: None,
+        // These tests run `drop` mode with exact counters: no buffer (see tier2_hold.rs).
+        hold: None,
     })
     .await
     .expect("starting the daemon");
@@ -374,6 +376,7 @@ async fn api_rejects_bad_input() {
         listen: "0.0.0.0:0".parse().unwrap(),
         token: None,
         type3_mode: None,
+        hold: None,
     })
     .await
     .err()
@@ -388,6 +391,7 @@ async fn api_rejects_bad_input() {
         listen: "127.0.0.1:0".parse().unwrap(),
         token: Some("s3cret".into()),
         type3_mode: None,
+        hold: None,
     })
     .await
     .unwrap();

@@ -1,0 +1,385 @@
+//! Tier 2, mode `buffer`: Type-3 frames held by the AF_XDP buffer daemon and re-injected in
+//! order after their receiver advances; network-namespace VMs, the programs really attached,
+//! the real daemon and API. Checked at the receivers.
+
+use std::{
+    collections::hash_map::DefaultHasher,
+    hash::Hasher as _,
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use enforcer::{
+    api::{ModeName, PortStats},
+    client::Client,
+    daemon::{self, DaemonConfig, Running},
+    datapath::AttachMode,
+    hold::HoldOptions,
+    lab::Lab,
+    ports::PortSource,
+    traffic::Message,
+};
+use enforcer_common::Outcome;
+use enforcer_tests::{PinRoot, lab_prefix, require_root};
+
+struct Setup {
+    lab: Lab,
+    pins: PinRoot,
+    running: Option<Running>,
+    client: Client,
+}
+
+async fn start_daemon(lab: &Lab, pins: &PinRoot, max_bytes: usize, mode: ModeName) -> (Running, Client) {
+    let running = daemon::start(DaemonConfig {
+        ports: PortSource::Bridge(lab.bridge.clone()),
+        pin_root: pins.path().to_owned(),
+        attach: AttachMode::Tc,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        token: None,
+        type3_mode: Some(mode.into()),
+        hold: Some(HoldOptions { device: format!("{}h", lab.prefix), max_bytes }),
+    })
+    .await
+    .expect("starting the daemon with its buffer");
+    let client = Client::new(format!("http://{}", running.addr), None);
+    (running, client)
+}
+
+async fn setup(tag: char, vms: usize, max_bytes: usize, mode: ModeName) -> Setup {
+    require_root();
+    let lab = Lab::create(&lab_prefix(tag), vms).unwrap();
+    let pins = PinRoot::new("hold");
+    let (running, client) = start_daemon(&lab, &pins, max_bytes, mode).await;
+    for vm in &lab.vms {
+        client.register_vm(vm.mac, 1, &vm.port, Some(0)).await.unwrap();
+    }
+    Setup { lab, pins, running: Some(running), client }
+}
+
+impl Setup {
+    async fn stop(mut self) {
+        self.running.take().unwrap().stop().await.unwrap();
+    }
+
+    async fn port_stats(&self, vm: usize) -> PortStats {
+        let port = &self.lab.vms[vm].port;
+        self.client.stats().await.unwrap().into_iter().find(|s| s.port.as_deref() == Some(port)).unwrap()
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        // A crashed buffer leaves its hold device behind on purpose; remove it here.
+        let _ = std::process::Command::new("ip").args(["link", "del", &format!("{}h", self.lab.prefix)]).output();
+    }
+}
+
+/// Messages received at one VM, with the instant each arrived.
+struct Inbox {
+    got: Arc<std::sync::Mutex<Vec<(Message, Instant)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Inbox {
+    fn new(socket: UdpSocket) -> Self {
+        socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (got, stop) = (got.clone(), stop.clone());
+            thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok(n) = socket.recv(&mut buf) {
+                        if let Some(m) = Message::decode(&buf[..n]) {
+                            got.lock().unwrap().push((m, Instant::now()));
+                        }
+                    }
+                }
+            })
+        };
+        Self { got, stop, thread: Some(thread) }
+    }
+
+    fn from(&self, sender: u16) -> Vec<(Message, Instant)> {
+        self.got.lock().unwrap().iter().filter(|(m, _)| m.from == sender).copied().collect()
+    }
+
+    fn finish(mut self) -> Vec<(Message, Instant)> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap();
+        std::mem::take(&mut *self.got.lock().unwrap())
+    }
+}
+
+/// Sends `count` numbered messages from `from` to each of `to`, one every `gap`.
+fn send_stream(socket: &UdpSocket, from: u16, to: &[(u16, std::net::SocketAddrV4)], first: u32, count: u32, color: u32, gap: Duration) {
+    for seq in first..first + count {
+        for (idx, addr) in to {
+            let m = Message { from, to: *idx, seq, color };
+            socket.send_to(&m.encode(), addr).unwrap();
+        }
+        thread::sleep(gap);
+    }
+}
+
+fn addr(lab: &Lab, vm: usize) -> std::net::SocketAddrV4 {
+    std::net::SocketAddrV4::new(lab.vms[vm].ip, 47_300)
+}
+
+/// Asserts the messages carry exactly the sequence numbers `first..first+count`, in order.
+fn assert_in_order(got: &[(Message, Instant)], first: u32, count: u32, what: &str) {
+    let seqs: Vec<u32> = got.iter().map(|(m, _)| m.seq).collect();
+    let want: Vec<u32> = (first..first + count).collect();
+    assert_eq!(seqs.len(), want.len(), "{what}: {} received, {} sent", seqs.len(), want.len());
+    assert_eq!(seqs, want, "{what}: lost, duplicated or out of order");
+}
+
+/// The skew scenario: vm1 advances, streams to vm2 (still behind) for ~1.2 s, then vm2 advances
+/// while vm1 keeps sending. Returns what vm2 got from vm1 and the instant vm2 was advanced.
+async fn skew(s: &Setup) -> (Vec<(Message, Instant)>, Instant, u32) {
+    let lab = &s.lab;
+    let tx = lab.udp_socket(0, 47_300).unwrap();
+    let inbox = Inbox::new(lab.udp_socket(1, 47_300).unwrap());
+    s.client.advance(lab.vms[0].mac).await.unwrap();
+    let (held, after) = (400, 100);
+    let to = [(1u16, addr(lab, 1))];
+    let sender = {
+        let tx = tx.try_clone().unwrap();
+        thread::spawn(move || send_stream(&tx, 0, &to, 0, held, 1, Duration::from_millis(3)))
+    };
+    sender.join().unwrap();
+    thread::sleep(Duration::from_millis(100));
+    let advanced_at = Instant::now();
+    s.client.advance(lab.vms[1].mac).await.unwrap();
+    // New frames right behind the re-injected ones: they must not overtake them.
+    send_stream(&tx, 0, &to, held, after, 1, Duration::from_micros(200));
+    thread::sleep(Duration::from_millis(300));
+    (inbox.finish(), advanced_at, held + after)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_held_over_skew_then_delivered_in_order() {
+    let s = setup('h', 2, 64 << 20, ModeName::Buffer).await;
+    let (got, advanced_at, total) = skew(&s).await;
+    let early: Vec<_> = got.iter().filter(|(_, at)| *at < advanced_at).collect();
+    assert!(early.is_empty(), "delivered before the receiver advanced: {} frames", early.len());
+    assert_in_order(&got, 0, total, "vm1 -> vm2 across the skew");
+
+    let report = s.client.holds().await.unwrap();
+    assert_eq!(report.held_frames, 0, "nothing left held");
+    assert!(report.total("reinjected") >= 400, "{report:?}");
+    assert_eq!(report.total("dropped_bound") + report.total("lost_ring") + report.total("inject_failed"), 0, "{report:?}");
+    let sent_port = s.port_stats(0).await;
+    assert_eq!(sent_port.frames(Outcome::Type3Held), 400, "held at the sender's port");
+    assert_eq!(sent_port.frames(Outcome::Type3Dropped) + sent_port.frames(Outcome::Type3Unbuffered), 0);
+    assert_eq!(
+        sent_port.frames(Outcome::Type1) + sent_port.frames(Outcome::HeldForOrder),
+        100,
+        "frames after the advance: delivered directly or queued behind the held ones"
+    );
+    // The hold time histogram saw the skew.
+    assert!(report.hold_time_sum_seconds / report.hold_time_count as f64 > 0.05, "{report:?}");
+    s.stop().await;
+}
+
+/// Mode `drop` on the same scenario: the frames sent during the skew are gone (TCP would have
+/// to retransmit them), the rest arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_mode_on_the_same_scenario_loses_the_skewed_frames() {
+    let s = setup('d', 2, 64 << 20, ModeName::Drop).await;
+    let (got, advanced_at, _) = skew(&s).await;
+    assert!(got.iter().all(|(_, at)| *at >= advanced_at), "nothing before the advance");
+    assert_in_order(&got, 400, 100, "only the frames sent after vm2 advanced");
+    assert_eq!(s.port_stats(0).await.frames(Outcome::Type3Dropped), 400);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_stream_survives_the_skew_with_matching_checksum() {
+    let s = setup('t', 2, 64 << 20, ModeName::Buffer).await;
+    let lab = &s.lab;
+    // The hold path takes frames of up to a page (XDP without multi-buffer): segmentation
+    // offload off, so the sender's segments are MTU-sized and every one of them can be held.
+    let ok = lab.command(0, "ethtool").args(["-K", "eth0", "tso", "off", "gso", "off"]).status().unwrap().success();
+    assert!(ok, "ethtool -K eth0 tso off gso off (installed by scripts/setup.sh)");
+    let server_ip = lab.vms[1].ip;
+    let listener = lab.in_vm(1, move || TcpListener::bind((server_ip, 47_400)).unwrap()).unwrap();
+    let advanced = Arc::new(AtomicBool::new(false));
+    let server = {
+        let advanced = advanced.clone();
+        thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let (mut hash, mut total, mut early) = (DefaultHasher::new(), 0usize, 0usize);
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let n = conn.read(&mut buf).unwrap();
+                if n == 0 {
+                    return (hash.finish(), total, early);
+                }
+                if !advanced.load(Ordering::SeqCst) {
+                    early += n;
+                }
+                hash.write(&buf[..n]);
+                total += n;
+            }
+        })
+    };
+    let client_ip = lab.vms[1].ip;
+    let mut conn = lab.in_vm(0, move || TcpStream::connect((client_ip, 47_400)).unwrap()).unwrap();
+    // Connected at epoch 0; now the sender takes its snapshot, the receiver lags 1.5 s.
+    s.client.advance(lab.vms[0].mac).await.unwrap();
+    let data: Vec<u8> = (0..4_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let mut sent_hash = DefaultHasher::new();
+    sent_hash.write(&data);
+    let writer = thread::spawn(move || {
+        conn.write_all(&data).unwrap();
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    advanced.store(true, Ordering::SeqCst);
+    s.client.advance(lab.vms[1].mac).await.unwrap();
+    writer.join().unwrap();
+    let (hash, total, early) = server.join().unwrap();
+    assert_eq!(early, 0, "no stream byte reached the pre-snapshot receiver");
+    assert_eq!(total, 4_000_000, "every byte arrived");
+    assert_eq!(hash, sent_hash.finish(), "the stream's checksum matches");
+    let port = s.port_stats(0).await;
+    assert!(port.frames(Outcome::Type3Held) > 0, "the skew held segments");
+    assert_eq!(port.frames(Outcome::Type3Unbuffered), 0, "no segment too big to hold");
+    let report = s.client.holds().await.unwrap();
+    assert_eq!(report.total("dropped_bound") + report.total("lost_ring") + report.total("inject_failed"), 0, "{report:?}");
+    s.stop().await;
+}
+
+/// Several senders to one receiver, one sender to several receivers released one at a time,
+/// and a broadcast held until the whole group advanced, then copied to every other member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_senders_many_receivers_and_broadcast() {
+    let s = setup('m', 4, 64 << 20, ModeName::Buffer).await;
+    let lab = &s.lab;
+    let sockets: Vec<UdpSocket> = (0..4).map(|i| lab.udp_socket(i, 47_300).unwrap()).collect();
+    sockets[0].set_broadcast(true).unwrap();
+    let inboxes: Vec<Inbox> = (0..4).map(|i| Inbox::new(sockets[i].try_clone().unwrap())).collect();
+    // Broadcasts reach sockets bound to the wildcard address only.
+    let bcast_inboxes: Vec<Inbox> = (0..4)
+        .map(|i| Inbox::new(lab.in_vm(i, || UdpSocket::bind("0.0.0.0:47301").unwrap()).unwrap()))
+        .collect();
+    // vm1 and vm2 take their snapshot; vm3 and vm4 lag.
+    s.client.advance(lab.vms[0].mac).await.unwrap();
+    s.client.advance(lab.vms[1].mac).await.unwrap();
+    let gap = Duration::from_micros(500);
+    send_stream(&sockets[0], 0, &[(2, addr(lab, 2)), (3, addr(lab, 3))], 0, 50, 1, gap);
+    send_stream(&sockets[1], 1, &[(2, addr(lab, 2))], 0, 50, 1, gap);
+    let bcast = std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(10, 213, 0, 255), 47_301);
+    send_stream(&sockets[0], 0, &[(99, bcast)], 1000, 10, 1, gap);
+    thread::sleep(Duration::from_millis(100));
+    for (i, inbox) in inboxes.iter().enumerate() {
+        assert!(inbox.from(0).iter().chain(&inbox.from(1)).all(|(m, _)| i < 2 && m.seq >= 1000),
+            "vm{} got held frames before advancing", i + 1);
+    }
+    // (The sender's own stack loops its broadcast back to itself locally: skip vm1.)
+    assert!(bcast_inboxes[1..].iter().all(|b| b.from(0).is_empty()), "the broadcast waits for the whole group");
+
+    s.client.advance(lab.vms[2].mac).await.unwrap();
+    thread::sleep(Duration::from_millis(200));
+    assert_in_order(&inboxes[2].from(0).into_iter().filter(|(m, _)| m.seq < 1000).collect::<Vec<_>>(), 0, 50, "vm1 -> vm3");
+    assert_in_order(&inboxes[2].from(1), 0, 50, "vm2 -> vm3");
+    assert!(inboxes[3].from(0).is_empty(), "vm4 has not advanced: its queue stays held");
+    assert!(bcast_inboxes[1..].iter().all(|b| b.from(0).is_empty()), "the broadcast still waits for vm4");
+
+    s.client.advance(lab.vms[3].mac).await.unwrap();
+    thread::sleep(Duration::from_millis(200));
+    assert_in_order(&inboxes[3].from(0).into_iter().filter(|(m, _)| m.seq < 1000).collect::<Vec<_>>(), 0, 50, "vm1 -> vm4");
+    for (i, b) in bcast_inboxes.iter().enumerate().skip(1) {
+        assert_in_order(&b.from(0), 1000, 10, &format!("broadcast at vm{}", i + 1));
+    }
+    assert_in_order(&bcast_inboxes[0].from(0), 1000, 10, "the sender's local copy only: none re-injected to it");
+    let report = s.client.holds().await.unwrap();
+    assert_eq!(report.total("reinjected"), 160, "{report:?}");
+    assert_eq!(report.held_frames, 0);
+    for inbox in inboxes.into_iter().chain(bcast_inboxes) {
+        inbox.finish();
+    }
+    s.stop().await;
+}
+
+/// The memory bound: the newest frames beyond it are dropped and counted exactly; the rest are
+/// delivered, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_bound_overflow_is_counted_exactly() {
+    // Each message is a 58-byte frame: room for exactly 100.
+    let s = setup('b', 2, 58 * 100, ModeName::Buffer).await;
+    let lab = &s.lab;
+    let tx = lab.udp_socket(0, 47_300).unwrap();
+    let inbox = Inbox::new(lab.udp_socket(1, 47_300).unwrap());
+    s.client.advance(lab.vms[0].mac).await.unwrap();
+    send_stream(&tx, 0, &[(1, addr(lab, 1))], 0, 300, 1, Duration::from_micros(300));
+    thread::sleep(Duration::from_millis(100));
+    let report = s.client.holds().await.unwrap();
+    assert_eq!(report.held_frames, 100, "{report:?}");
+    assert_eq!(report.total("dropped_bound"), 200, "{report:?}");
+    assert_eq!(report.queues[0].dropped_bound, 200, "accounted per receiver");
+    s.client.advance(lab.vms[1].mac).await.unwrap();
+    thread::sleep(Duration::from_millis(200));
+    assert_in_order(&inbox.finish(), 0, 100, "the first 100, in order");
+    s.stop().await;
+}
+
+/// A daemon that dies while holding frames: the next one counts them (`lost_restart`), and
+/// frames redirected while no daemon ran are counted by the hold program (`no_socket`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_held_by_a_crashed_daemon_are_counted_by_the_next() {
+    let mut s = setup('c', 2, 64 << 20, ModeName::Buffer).await;
+    let lab = &s.lab;
+    let tx = lab.udp_socket(0, 47_300).unwrap();
+    let inbox = Inbox::new(lab.udp_socket(1, 47_300).unwrap());
+    s.client.advance(lab.vms[0].mac).await.unwrap();
+    send_stream(&tx, 0, &[(1, addr(lab, 1))], 0, 50, 1, Duration::from_micros(300));
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(s.client.holds().await.unwrap().held_frames, 50);
+    s.running.take().unwrap().crash().await.unwrap();
+    send_stream(&tx, 0, &[(1, addr(lab, 1))], 50, 30, 1, Duration::from_micros(300));
+    thread::sleep(Duration::from_millis(100));
+
+    let (running, client) = start_daemon(lab, &s.pins, 64 << 20, ModeName::Buffer).await;
+    s.running = Some(running);
+    s.client = client;
+    let report = s.client.holds().await.unwrap();
+    assert_eq!(report.total("lost_restart"), 50, "held in the dead daemon's memory: {report:?}");
+    assert_eq!(report.kernel["no_socket"], 30, "redirected while no socket was bound: {report:?}");
+    // The receiver advances: nothing was delivered (the frames are gone, and counted), and new
+    // frames flow again.
+    s.client.advance(lab.vms[1].mac).await.unwrap();
+    send_stream(&tx, 0, &[(1, addr(lab, 1))], 80, 10, 1, Duration::from_micros(300));
+    thread::sleep(Duration::from_millis(200));
+    assert_in_order(&inbox.finish(), 80, 10, "only frames sent after the restart and the advance");
+    s.stop().await;
+}
+
+/// Aborting the snapshot delivers what was held (the frames are ordinary again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_delivers_held_frames() {
+    let s = setup('a', 2, 64 << 20, ModeName::Buffer).await;
+    let lab = &s.lab;
+    let tx = lab.udp_socket(0, 47_300).unwrap();
+    let inbox = Inbox::new(lab.udp_socket(1, 47_300).unwrap());
+    s.client.advance(lab.vms[0].mac).await.unwrap();
+    send_stream(&tx, 0, &[(1, addr(lab, 1))], 0, 40, 1, Duration::from_micros(300));
+    thread::sleep(Duration::from_millis(100));
+    assert!(inbox.from(0).is_empty());
+    let rolled = s.client.abort(1, 0).await.unwrap();
+    assert_eq!(rolled.len(), 1, "vm1 rolled back");
+    send_stream(&tx, 0, &[(1, addr(lab, 1))], 40, 10, 0, Duration::from_micros(300));
+    thread::sleep(Duration::from_millis(200));
+    assert_in_order(&inbox.finish(), 0, 50, "held frames, then new ones");
+    assert_eq!(s.client.vm(lab.vms[0].mac).await.unwrap().epoch, 0);
+    s.stop().await;
+}
