@@ -125,6 +125,12 @@ pub struct DemoArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
+    /// Held frames per second and re-injection, side by side with the plain path.
+    Hold {
+        /// Length of the blast, in seconds.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+    },
     /// Veth path without / with the tc program / with the XDP program, side by side.
     Datapath {
         #[arg(long, default_value_t = 5)]
@@ -320,6 +326,10 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Mode { mode: Some(mode) } => {
             println!("{:?}", client.set_mode(mode.into()).await?.type3_mode);
+        }
+        Command::Bench(BenchCommand::Hold { seconds }) => {
+            anyhow::ensure!(seconds > 0.0, "--seconds must be positive");
+            println!("{}", crate::bench::hold(seconds).await?);
         }
         Command::Bench(BenchCommand::Datapath { rounds, seconds }) => {
             anyhow::ensure!(rounds >= 1 && seconds > 0.0, "--rounds must be at least 1 and --seconds positive");

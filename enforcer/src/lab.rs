@@ -167,3 +167,20 @@ impl Drop for Lab {
         let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
     }
 }
+
+/// Gives a socket a receive buffer of `bytes`, beyond `net.core.rmem_max` (needs root): for
+/// receivers that must not drop a burst of re-injected frames while their thread is descheduled.
+pub fn force_rcvbuf(socket: &UdpSocket, bytes: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: setsockopt with a c_int option value of the size passed.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}

@@ -90,6 +90,8 @@ struct Inbox {
 impl Inbox {
     fn new(socket: UdpSocket) -> Self {
         socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        // Re-injection is a burst: room for all of it even if this thread is descheduled.
+        enforcer::lab::force_rcvbuf(&socket, 64 << 20).unwrap();
         let got = Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
