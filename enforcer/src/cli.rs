@@ -125,6 +125,15 @@ pub struct DemoArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
+    /// TCP through a snapshot with skew: no-progress period, drop vs buffer (GENI-VIOLIN Fig. 6).
+    TcpSkew {
+        /// Skews to run, in seconds (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        skews: Vec<f64>,
+        /// Where to write the figure (SVG).
+        #[arg(long, default_value = "docs/tcp-skew.svg")]
+        figure: PathBuf,
+    },
     /// Held frames per second and re-injection, side by side with the plain path.
     Hold {
         /// Length of the blast, in seconds.
@@ -296,6 +305,13 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                     }
                     println!();
                 }
+                // The buffer's part, when one runs.
+                if let Ok(report) = client.holds().await {
+                    println!("\nheld now: {} frames, {} bytes", report.held_frames, report.held_bytes);
+                    for q in &report.queues {
+                        println!("  {:<28} {:>8} frames {:>10} bytes  oldest {} ms", q.queue, q.frames, q.bytes, q.oldest_ms);
+                    }
+                }
             }
         }
         Command::Holds { json } => {
@@ -326,6 +342,10 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Mode { mode: Some(mode) } => {
             println!("{:?}", client.set_mode(mode.into()).await?.type3_mode);
+        }
+        Command::Bench(BenchCommand::TcpSkew { skews, figure }) => {
+            anyhow::ensure!(!skews.is_empty() && skews.iter().all(|s| *s > 0.0 && *s <= 30.0), "--skews must be between 0 and 30 s");
+            println!("{}", crate::bench::tcp_skew(&skews, &figure).await?);
         }
         Command::Bench(BenchCommand::Hold { seconds }) => {
             anyhow::ensure!(seconds > 0.0, "--seconds must be positive");
