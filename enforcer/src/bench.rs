@@ -271,32 +271,10 @@ fn tcp_gbps(lab: &Lab, seconds: f64) -> anyhow::Result<f64> {
 /// frames are re-injected; side by side with the same blast on the plain path (both VMs at the
 /// same epoch). Checked at the receiver: every frame, in order.
 pub async fn hold(seconds: f64) -> anyhow::Result<String> {
-    use crate::{
-        api::ModeName,
-        client::Client,
-        daemon::{self, DaemonConfig},
-        hold::HoldOptions,
-        ports::PortSource,
-    };
-    let lab = Lab::create("enfh", 2).context("creating the benchmark lab")?;
-    let pin_root = std::path::PathBuf::from("/sys/fs/bpf/enforcer-bench-hold");
-    let _ = datapath::teardown(&pin_root);
-    let running = daemon::start(DaemonConfig {
-        ports: PortSource::Bridge(lab.bridge.clone()),
-        pin_root: pin_root.clone(),
-        attach: AttachMode::Tc,
-        listen: "127.0.0.1:0".parse()?,
-        token: None,
-        type3_mode: Some(enforcer_common::Type3Mode::Buffer),
-        hold: Some(HoldOptions { device: "enfhbh".into(), max_bytes: 1 << 30 }),
-    })
-    .await?;
-    let client = Client::new(format!("http://{}", running.addr), None);
+    let bench = BufferedLab::start("enfh", "enfhbh").await?;
     let result = async {
-        client.set_mode(ModeName::Buffer).await?;
-        for vm in &lab.vms {
-            client.register_vm(vm.mac, 1, &vm.port, Some(0)).await?;
-        }
+        let (lab, client) = (&bench.lab, &bench.client);
+        client.set_mode(crate::api::ModeName::Buffer).await?;
         let tx = lab.udp_socket(0, 47_500)?;
         let rx = lab.udp_socket(1, 47_500)?;
         rx.set_read_timeout(Some(Duration::from_millis(200)))?;
@@ -351,10 +329,46 @@ pub async fn hold(seconds: f64) -> anyhow::Result<String> {
         Ok::<_, anyhow::Error>(out)
     }
     .await;
-    running.stop().await?;
-    let _ = datapath::teardown(&pin_root);
-    drop(lab);
+    bench.stop().await?;
     result
+}
+
+/// A lab of two VMs with the daemon and its buffer running, both VMs registered at epoch 0.
+struct BufferedLab {
+    lab: Lab,
+    running: crate::daemon::Running,
+    client: crate::client::Client,
+    pin_root: std::path::PathBuf,
+}
+
+impl BufferedLab {
+    async fn start(prefix: &str, hold_device: &str) -> anyhow::Result<Self> {
+        use crate::{daemon::DaemonConfig, hold::HoldOptions, ports::PortSource};
+        let lab = Lab::create(prefix, 2).context("creating the benchmark lab")?;
+        let pin_root = std::path::PathBuf::from(format!("/sys/fs/bpf/enforcer-bench-{prefix}"));
+        let _ = datapath::teardown(&pin_root);
+        let running = crate::daemon::start(DaemonConfig {
+            ports: PortSource::Bridge(lab.bridge.clone()),
+            pin_root: pin_root.clone(),
+            attach: AttachMode::Tc,
+            listen: "127.0.0.1:0".parse()?,
+            token: None,
+            type3_mode: None,
+            hold: Some(HoldOptions { device: hold_device.into(), max_bytes: 1 << 30 }),
+        })
+        .await?;
+        let client = crate::client::Client::new(format!("http://{}", running.addr), None);
+        for vm in &lab.vms {
+            client.register_vm(vm.mac, 1, &vm.port, Some(0)).await?;
+        }
+        Ok(Self { lab, running, client, pin_root })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.running.stop().await?;
+        let _ = datapath::teardown(&self.pin_root);
+        Ok(())
+    }
 }
 
 /// Sends numbered 16-byte datagrams (58-byte frames) as fast as one thread can for `seconds`.
@@ -449,41 +463,20 @@ struct SkewRun {
 /// vm2 follows `skew` seconds later; the no-progress period at the receiver, with Type-3 frames
 /// dropped and with them held. GENI-VIOLIN's Figure 6, drawn to `figure` (SVG).
 pub async fn tcp_skew(skews: &[f64], figure: &std::path::Path) -> anyhow::Result<String> {
-    use crate::{
-        api::ModeName,
-        client::Client,
-        daemon::{self, DaemonConfig},
-        hold::HoldOptions,
-        ports::PortSource,
-    };
-    let lab = Lab::create("enfs", 2).context("creating the benchmark lab")?;
-    // Segmentation offload off at the sender: MTU-sized segments, each of which can be held
-    // (GSO super-frames are too big for the XDP hold path and would be dropped instead).
-    let ok = lab.command(0, "ethtool").args(["-K", "eth0", "tso", "off", "gso", "off"]).status()?.success();
-    anyhow::ensure!(ok, "ethtool -K eth0 tso off gso off failed (install ethtool: scripts/setup.sh)");
-    let pin_root = std::path::PathBuf::from("/sys/fs/bpf/enforcer-bench-skew");
-    let _ = datapath::teardown(&pin_root);
-    let running = daemon::start(DaemonConfig {
-        ports: PortSource::Bridge(lab.bridge.clone()),
-        pin_root: pin_root.clone(),
-        attach: AttachMode::Tc,
-        listen: "127.0.0.1:0".parse()?,
-        token: None,
-        type3_mode: None,
-        hold: Some(HoldOptions { device: "enfsbh".into(), max_bytes: 1 << 30 }),
-    })
-    .await?;
-    let client = Client::new(format!("http://{}", running.addr), None);
+    use crate::api::ModeName;
+    let bench = BufferedLab::start("enfs", "enfsbh").await?;
     let result = async {
-        for vm in &lab.vms {
-            client.register_vm(vm.mac, 1, &vm.port, Some(0)).await?;
-        }
+        let (lab, client) = (&bench.lab, &bench.client);
+        // Segmentation offload off at the sender: MTU-sized segments, each of which can be held
+        // (GSO super-frames are too big for the XDP hold path and would be dropped instead).
+        let ok = lab.command(0, "ethtool").args(["-K", "eth0", "tso", "off", "gso", "off"]).status()?.success();
+        anyhow::ensure!(ok, "ethtool -K eth0 tso off gso off failed (install ethtool: scripts/setup.sh)");
         let mut runs = Vec::new();
         for (mode, name) in [(ModeName::Drop, "drop"), (ModeName::Buffer, "buffer")] {
             client.set_mode(mode).await?;
             for &skew in skews {
                 eprintln!("[bench] tcp-skew: {name}, skew {skew} s");
-                runs.push(skew_run(&lab, &client, name, skew).await?);
+                runs.push(skew_run(lab, client, name, skew).await?);
             }
         }
         std::fs::write(figure, skew_svg(&runs, skews))
@@ -503,9 +496,7 @@ pub async fn tcp_skew(skews: &[f64], figure: &std::path::Path) -> anyhow::Result
         Ok::<_, anyhow::Error>(out)
     }
     .await;
-    running.stop().await?;
-    let _ = datapath::teardown(&pin_root);
-    drop(lab);
+    bench.stop().await?;
     result
 }
 

@@ -657,7 +657,6 @@ impl State {
     /// Re-injects a queue's frames in order, as far as their colors allow (all with `force`).
     fn flush(&mut self, key: Key, force: bool) {
         let released = self.released(key);
-        let now = Instant::now();
         while let Some(front) = self.queues.get_mut(&key).and_then(|q| q.frames.front()) {
             if !force && front.color > released {
                 break;
@@ -667,7 +666,6 @@ impl State {
             q.bytes -= held.data.len();
             self.held_bytes -= held.data.len();
             self.inject(key, held.sender, &held.data, held.arrived);
-            let _ = now;
         }
     }
 
@@ -771,7 +769,8 @@ impl State {
         let keys: Vec<(Key, Drain)> = self.drains.iter().map(|(k, d)| (*k, *d)).collect();
         for (key, drain) in keys {
             let queue_empty = self.queues.get(&key).is_none_or(|q| q.frames.is_empty());
-            let quiet = self.queues.get(&key).and_then(|q| q.last_arrival).is_none_or(|t| now - t >= QUIET);
+            let last_arrival = self.queues.get(&key).and_then(|q| q.last_arrival);
+            let quiet = last_arrival.is_none_or(|t| now - t >= QUIET);
             let Some(read) = self.read_count(key).map(|r| *r) else {
                 self.drains.remove(&key);
                 continue;
@@ -783,8 +782,17 @@ impl State {
                     }
                     let Some(before) = self.kernel_count(key) else { continue };
                     if before > read {
-                        // Counted but not yet read: let it arrive first.
-                        continue;
+                        // Counted but not yet read: let it arrive first, unless nothing came for
+                        // so long that it was lost on the way (a full ring): count it, go on.
+                        if last_arrival.is_some_and(|t| now - t < RING_DEADLINE) {
+                            continue;
+                        }
+                        let missing = before - read;
+                        if let Some(r) = self.read_count(key) {
+                            *r = before;
+                        }
+                        self.bump(hold_totals::LOST_RING, missing);
+                        self.bump(hold_totals::RECEIVED, missing);
                     }
                     self.clear_flag(key);
                     rcu_barrier();
