@@ -36,10 +36,20 @@ struct Setup {
 }
 
 async fn start_daemon(lab: &Lab, pins: &PinRoot, max_bytes: usize, mode: ModeName) -> (Running, Client) {
+    start_daemon_with(lab, pins, max_bytes, mode, AttachMode::Tc).await
+}
+
+async fn start_daemon_with(
+    lab: &Lab,
+    pins: &PinRoot,
+    max_bytes: usize,
+    mode: ModeName,
+    attach: AttachMode,
+) -> (Running, Client) {
     let running = daemon::start(DaemonConfig {
         ports: PortSource::Bridge(lab.bridge.clone()),
         pin_root: pins.path().to_owned(),
-        attach: AttachMode::Tc,
+        attach,
         listen: "127.0.0.1:0".parse().unwrap(),
         token: None,
         type3_mode: Some(mode.into()),
@@ -52,10 +62,14 @@ async fn start_daemon(lab: &Lab, pins: &PinRoot, max_bytes: usize, mode: ModeNam
 }
 
 async fn setup(tag: char, vms: usize, max_bytes: usize, mode: ModeName) -> Setup {
+    setup_with(tag, vms, max_bytes, mode, AttachMode::Tc).await
+}
+
+async fn setup_with(tag: char, vms: usize, max_bytes: usize, mode: ModeName, attach: AttachMode) -> Setup {
     require_root();
     let lab = Lab::create(&lab_prefix(tag), vms).unwrap();
     let pins = PinRoot::new("hold");
-    let (running, client) = start_daemon(&lab, &pins, max_bytes, mode).await;
+    let (running, client) = start_daemon_with(&lab, &pins, max_bytes, mode, attach).await;
     for vm in &lab.vms {
         client.register_vm(vm.mac, 1, &vm.port, Some(0)).await.unwrap();
     }
@@ -169,7 +183,17 @@ async fn skew(s: &Setup) -> (Vec<(Message, Instant)>, Instant, u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_held_over_skew_then_delivered_in_order() {
-    let s = setup('h', 2, 64 << 20, ModeName::Buffer).await;
+    udp_held_over_skew(AttachMode::Tc, 'h').await;
+}
+
+/// The same through the XDP port program (XDP_REDIRECT to the hold device).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_held_over_skew_then_delivered_in_order_xdp() {
+    udp_held_over_skew(AttachMode::Xdp, 'x').await;
+}
+
+async fn udp_held_over_skew(attach: AttachMode, tag: char) {
+    let s = setup_with(tag, 2, 64 << 20, ModeName::Buffer, attach).await;
     let (got, advanced_at, total) = skew(&s).await;
     let early: Vec<_> = got.iter().filter(|(_, at)| *at < advanced_at).collect();
     assert!(early.is_empty(), "delivered before the receiver advanced: {} frames", early.len());
