@@ -52,8 +52,7 @@ async fn run_in(lab: &Lab, opts: &DemoOptions, out: &mut String) -> anyhow::Resu
         listen: "127.0.0.1:0".parse()?,
         token: None,
         type3_mode: None,
-        // The demo shows `drop` mode; the buffer is exercised by the tests and `bench hold`.
-        hold: None,
+        hold: Some(crate::hold::HoldOptions { device: "enfdhold".into(), ..Default::default() }),
     })
     .await?;
     let client = Client::new(format!("http://{}", running.addr), None);
@@ -68,7 +67,7 @@ async fn drive(lab: &Lab, opts: &DemoOptions, client: &Client, out: &mut String)
         client.register_vm(vm.mac, 1, &vm.port, Some(0)).await?;
     }
     let ports = client.ports().await?;
-    writeln!(out, "enforcer demo: group 1 = {} VMs on bridge {}, program on every port ({:?}), Type-3 mode: drop",
+    writeln!(out, "enforcer demo: group 1 = {} VMs on bridge {}, program on every port ({:?}); first Type-3 mode drop, then buffer",
         lab.vms.len(), lab.bridge, opts.attach)?;
     for vm in &lab.vms {
         let ifindex = ports.iter().find(|p| p.name == vm.port).map(|p| p.ifindex).unwrap_or(0);
@@ -91,8 +90,8 @@ async fn drive(lab: &Lab, opts: &DemoOptions, client: &Client, out: &mut String)
 
     let stats = client.stats().await?;
     writeln!(out, "\ndatapath counters per port (frames):")?;
-    let shown = [Outcome::Type1, Outcome::Type2, Outcome::Type3Dropped, Outcome::OutsideGroup,
-        Outcome::ForeignSource, Outcome::Malformed];
+    let shown = [Outcome::Type1, Outcome::Type2, Outcome::Type3Dropped, Outcome::HeldForOrder,
+        Outcome::OutsideGroup, Outcome::ForeignSource, Outcome::Malformed];
     write!(out, "  {:<10}", "port")?;
     for o in shown {
         write!(out, " {:>14}", o.name())?;
@@ -129,13 +128,49 @@ async fn drive(lab: &Lab, opts: &DemoOptions, client: &Client, out: &mut String)
         _ => writeln!(out, "\n(bpftool not available: install it with scripts/setup.sh to inspect the maps)")?,
     }
 
+    let held_ok = buffer_part(lab, client, &mesh, &names, opts.per_pair, out).await?;
+
     let ok = violations == 0 && dropped == u64::from(expected_type3) && u64::from(sent) == counted
-        && delivered + expected_type3 == sent;
+        && delivered + expected_type3 == sent && held_ok;
     writeln!(out, "\ninvariant 1 (no Type-3 frame delivered to a pre-snapshot receiver): {}",
         if violations == 0 { "OK".to_owned() } else { format!("VIOLATED ({violations} frames)") })?;
-    writeln!(out, "every frame accounted (delivered + dropped = sent = counted): {}", if ok { "OK" } else { "MISMATCH" })?;
+    writeln!(out, "every frame accounted (delivered + dropped = sent = counted; held = re-injected in order): {}", if ok { "OK" } else { "MISMATCH" })?;
     anyhow::ensure!(ok, "the demo found a problem:\n{out}");
     Ok(())
+}
+
+/// Mode `buffer`: the last VM takes the next snapshot and sends to every peer; its frames are
+/// held until each peer advances, then delivered in order. Returns whether all of it held.
+async fn buffer_part(lab: &Lab, client: &Client, mesh: &Mesh, names: &[String], per_pair: u32, out: &mut String) -> anyhow::Result<bool> {
+    client.set_mode(ModeName::Buffer).await?;
+    let last = lab.vms.len() - 1;
+    let sender = client.advance(lab.vms[last].mac).await?;
+    writeln!(out, "\nmode buffer (the default): {} takes snapshot {} and sends {per_pair} numbered messages to every peer", names[last], sender.epoch)?;
+    for to in 0..last {
+        for seq in 0..per_pair {
+            mesh.send(traffic::Message { from: last as u16, to: to as u16, seq, color: sender.epoch })?;
+        }
+    }
+    let early = mesh.collect(std::time::Duration::from_millis(150), std::time::Duration::from_secs(2));
+    let holds = client.holds().await?;
+    let early_total: usize = early.iter().map(Vec::len).sum();
+    writeln!(out, "  before any peer advanced: delivered {early_total}, held by the buffer {}", holds.held_frames)?;
+    let mut ok = early_total == 0 && holds.held_frames == u64::from(per_pair) * last as u64;
+    for to in 0..last {
+        client.advance(lab.vms[to].mac).await?;
+        let got = mesh.collect(std::time::Duration::from_millis(150), std::time::Duration::from_secs(5));
+        let from_last: Vec<u32> = got[to].iter().filter(|m| m.from as usize == last).map(|m| m.seq).collect();
+        let in_order = from_last == (0..per_pair).collect::<Vec<_>>();
+        let others: usize = got.iter().enumerate().filter(|(i, _)| *i != to).map(|(_, g)| g.len()).sum();
+        ok &= in_order && others == 0;
+        writeln!(out, "  {} advanced: it got {} held messages from {}{}, the others got {}",
+            names[to], from_last.len(), names[last], if in_order { " (all, in order)" } else { " (NOT all in order)" }, others)?;
+    }
+    let holds = client.holds().await?;
+    writeln!(out, "  buffer totals: received {}, re-injected {}, dropped {}; held now {}",
+        holds.total("received"), holds.total("reinjected"),
+        holds.total("dropped_bound") + holds.total("lost_ring") + holds.total("inject_failed"), holds.held_frames)?;
+    Ok(ok && holds.held_frames == 0)
 }
 
 fn report_phase(out: &mut String, phase: &PhaseResult, names: &[String]) -> std::fmt::Result {
