@@ -17,7 +17,7 @@
 //!    frames to that receiver are held too (`held_for_order`) and join the back of the queue,
 //!    so none overtakes an older held frame of the same sender.
 //! 5. The flag is cleared once the queue is empty, every frame the kernel counted for the
-//!    receiver has been read, and none arrived for a quiet moment. After clearing, an RCU
+//!    receiver has been read, and none arrived for a quiet moment since the advance. After clearing, an RCU
 //!    barrier (membarrier) waits out program runs that still saw the flag; if the kernel's count
 //!    grew meanwhile a frame was held in that instant and a newer one may overtake it: that is
 //!    counted as an `order_race` (detected, not prevented).
@@ -88,8 +88,9 @@ const FRAME_SIZE: u32 = 4096;
 const UMEM_FRAMES: u32 = 4096;
 const RING_SIZE: u32 = 2048;
 const BATCH: u32 = 64;
-/// How long a drained receiver must see no new held frame before its flag is cleared.
-const QUIET: Duration = Duration::from_millis(2);
+/// How long a drained receiver must see no new held frame (counting from its advance) before
+/// its flag is cleared.
+const QUIET: Duration = Duration::from_millis(5);
 /// How long to wait for frames the kernel counted but the socket has not delivered.
 const RING_DEADLINE: Duration = Duration::from_millis(500);
 
@@ -383,8 +384,9 @@ struct Queue {
 
 #[derive(Clone, Copy, Debug)]
 enum Drain {
-    /// Waiting for the queue to empty and go quiet.
-    Pending,
+    /// Waiting for the queue to empty and go quiet. Quiet counts from `since` (the advance)
+    /// too: frames the datapath redirected right after it may not have reached us yet.
+    Pending { since: Instant },
     /// Flag cleared; waiting for frames the kernel counted to be read (until the deadline).
     Waiting { expected: u64, deadline: Instant },
 }
@@ -627,12 +629,12 @@ impl State {
             Command::Advanced { mac, epoch } => {
                 self.released_vm.insert(mac, epoch);
                 self.flush(Key::Vm(mac), false);
-                self.drains.insert(Key::Vm(mac), Drain::Pending);
+                self.drains.insert(Key::Vm(mac), Drain::Pending { since: Instant::now() });
             }
             Command::GroupAdvanced { group, min_epoch } => {
                 self.released_group.insert(group, min_epoch);
                 self.flush(Key::Group(group), false);
-                self.drains.insert(Key::Group(group), Drain::Pending);
+                self.drains.insert(Key::Group(group), Drain::Pending { since: Instant::now() });
             }
             Command::Release { group } => {
                 let members: Vec<(MacKey, u32)> =
@@ -642,10 +644,10 @@ impl State {
                 for (mac, epoch) in &members {
                     self.released_vm.insert(*mac, *epoch);
                     self.flush(Key::Vm(*mac), true);
-                    self.drains.insert(Key::Vm(*mac), Drain::Pending);
+                    self.drains.insert(Key::Vm(*mac), Drain::Pending { since: Instant::now() });
                 }
                 self.flush(Key::Group(group), true);
-                self.drains.insert(Key::Group(group), Drain::Pending);
+                self.drains.insert(Key::Group(group), Drain::Pending { since: Instant::now() });
             }
             Command::Report(tx) => {
                 let _ = tx.send(self.report());
@@ -770,21 +772,21 @@ impl State {
         for (key, drain) in keys {
             let queue_empty = self.queues.get(&key).is_none_or(|q| q.frames.is_empty());
             let last_arrival = self.queues.get(&key).and_then(|q| q.last_arrival);
-            let quiet = last_arrival.is_none_or(|t| now - t >= QUIET);
             let Some(read) = self.read_count(key).map(|r| *r) else {
                 self.drains.remove(&key);
                 continue;
             };
             match drain {
-                Drain::Pending => {
-                    if !queue_empty || !quiet {
+                Drain::Pending { since } => {
+                    let latest = last_arrival.map_or(since, |t| t.max(since));
+                    if !queue_empty || now - latest < QUIET {
                         continue;
                     }
                     let Some(before) = self.kernel_count(key) else { continue };
                     if before > read {
                         // Counted but not yet read: let it arrive first, unless nothing came for
                         // so long that it was lost on the way (a full ring): count it, go on.
-                        if last_arrival.is_some_and(|t| now - t < RING_DEADLINE) {
+                        if now - latest < RING_DEADLINE {
                             continue;
                         }
                         let missing = before - read;
