@@ -5,6 +5,7 @@ use crate::classify::Outcome;
 /// Names of the maps, as pinned under the pin root and as named in the eBPF object.
 pub mod names {
     pub const EPOCHS: &str = "epochs";
+    pub const EPOCH_CACHE: &str = "epoch_cache";
     pub const PORTS: &str = "ports";
     pub const GROUPS: &str = "groups";
     pub const CONFIG: &str = "config";
@@ -16,8 +17,8 @@ pub mod names {
     pub const HOLD_KERNEL: &str = "hold_kernel";
     pub const HOLD_TOTALS: &str = "hold_totals";
     /// Every map the datapath pins.
-    pub const ALL: [&str; 11] = [
-        EPOCHS, PORTS, GROUPS, CONFIG, PORT_SLOTS, PORT_STATS, HOLD_IN_PORT, HOLD_IN_GROUP,
+    pub const ALL: [&str; 12] = [
+        EPOCHS, EPOCH_CACHE, PORTS, GROUPS, CONFIG, PORT_SLOTS, PORT_STATS, HOLD_IN_PORT, HOLD_IN_GROUP,
         HOLD_SOCKS, HOLD_KERNEL, HOLD_TOTALS,
     ];
 }
@@ -120,6 +121,35 @@ pub struct VmEpoch {
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<VmEpoch>() == 24);
+
+/// Entries of the `epoch_cache` array: a direct-mapped copy of `epochs`, so the hot path finds
+/// a VM with an array lookup (inlined by the verifier) instead of a hash lookup.
+pub const EPOCH_CACHE_SIZE: u32 = 4096;
+/// `CachedVm::state`: the entry holds a VM.
+pub const CACHE_OCCUPIED: u32 = 1;
+/// `CachedVm::state`: another VM with the same index lives only in `epochs`: on a miss, look
+/// there.
+pub const CACHE_OVERFLOW: u32 = 2;
+
+/// Where a MAC sits in `epoch_cache`: its three 16-bit words xor-folded, masked to the size.
+#[inline(always)]
+pub const fn cache_index(mac: &MacKey) -> u32 {
+    let a = mac.addr;
+    let folded = u16::from_be_bytes([a[0], a[1]]) ^ u16::from_be_bytes([a[2], a[3]]) ^ u16::from_be_bytes([a[4], a[5]]);
+    folded as u32 & (EPOCH_CACHE_SIZE - 1)
+}
+
+/// Value of the `epoch_cache` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CachedVm {
+    pub mac: MacKey,
+    pub vm: VmEpoch,
+    /// [`CACHE_OCCUPIED`] | [`CACHE_OVERFLOW`].
+    pub state: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<CachedVm>() == 40);
 
 /// Value of the `ports` map, keyed by ifindex: which VM is registered on the port.
 #[repr(C)]
@@ -287,6 +317,8 @@ mod pod {
     unsafe impl aya::Pod for VmEpoch {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PortVm {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CachedVm {}
     // SAFETY: as above.
     unsafe impl aya::Pod for GroupState {}
     // SAFETY: as above.

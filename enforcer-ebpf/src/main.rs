@@ -20,6 +20,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use enforcer_common::{
+    CACHE_OCCUPIED, CACHE_OVERFLOW, CachedVm, EPOCH_CACHE_SIZE, cache_index,
     DatapathConfig, DatapathView, GroupState, HoldKey, MAX_GROUPS, MAX_PORTS, MAX_VMS, MacKey,
     Outcome, PortCounters, PortVm, Type3Mode, UNATTRIBUTED_SLOT, Verdict, VmEpoch, decide_frame,
     hold_kernel, hold_totals,
@@ -35,6 +36,10 @@ const MAX_PORTS_USIZE: usize = MAX_PORTS as usize;
 
 #[btf_map(name = "epochs")]
 static EPOCHS: HashMap<MacKey, VmEpoch, MAX_VMS_USIZE> = HashMap::new();
+
+/// Direct-mapped copy of `epochs` (see `enforcer_common::CachedVm`).
+#[btf_map(name = "epoch_cache")]
+static EPOCH_CACHE: Array<CachedVm, { EPOCH_CACHE_SIZE as usize }> = Array::new();
 
 #[btf_map(name = "ports")]
 static PORTS: HashMap<u32, PortVm, MAX_VMS_USIZE> = HashMap::new();
@@ -96,6 +101,14 @@ struct Maps;
 impl DatapathView for Maps {
     #[inline(always)]
     fn vm(&self, mac: &MacKey) -> Option<VmEpoch> {
+        if let Some(entry) = EPOCH_CACHE.get(cache_index(mac)) {
+            if entry.state & CACHE_OCCUPIED != 0 && entry.mac.addr == mac.addr {
+                return Some(entry.vm);
+            }
+            if entry.state & CACHE_OVERFLOW == 0 {
+                return None;
+            }
+        }
         // SAFETY: the value is copied out at once; no reference outlives the lookup.
         unsafe { EPOCHS.get(mac).copied() }
     }

@@ -23,8 +23,9 @@ use aya::{
     },
 };
 use enforcer_common::{
-    DatapathConfig, GroupState, MAX_PORTS, MacKey, PortCounters, PortVm, Type3Mode,
-    UNATTRIBUTED_SLOT, VmEpoch, names,
+    CACHE_OCCUPIED, CACHE_OVERFLOW, CachedVm, DatapathConfig, EPOCH_CACHE_SIZE, GroupState,
+    MAX_PORTS, MacKey, PortCounters, PortVm, Type3Mode, UNATTRIBUTED_SLOT, VmEpoch, cache_index,
+    names,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -146,7 +147,68 @@ impl Datapath {
         }
 
         info!(pin_root = %pin_root.display(), adopted_maps = adopted, ?mode, "datapath loaded");
-        Ok(Self { ebpf, pin_root: pin_root.to_owned(), mode, ports: BTreeMap::new() })
+        let mut dp = Self { ebpf, pin_root: pin_root.to_owned(), mode, ports: BTreeMap::new() };
+        dp.rebuild_epoch_cache()?;
+        Ok(dp)
+    }
+
+    fn epoch_cache_map(&mut self) -> Result<Array<&mut MapData, CachedVm>, DatapathError> {
+        Ok(Array::try_from(self.map(names::EPOCH_CACHE)?)?)
+    }
+
+    /// Rewrites `epoch_cache` from `epochs` (at start: the cache may predate this daemon).
+    fn rebuild_epoch_cache(&mut self) -> Result<(), DatapathError> {
+        let vms = crate::epochs::EpochStore::vms(self)?;
+        let mut entries = vec![CachedVm::default(); EPOCH_CACHE_SIZE as usize];
+        for (mac, vm) in vms {
+            let e = &mut entries[cache_index(&mac) as usize];
+            if e.state & CACHE_OCCUPIED == 0 {
+                *e = CachedVm { mac, vm, state: CACHE_OCCUPIED | (e.state & CACHE_OVERFLOW), _pad: 0 };
+            } else {
+                e.state |= CACHE_OVERFLOW;
+            }
+        }
+        let mut cache = self.epoch_cache_map()?;
+        for (i, e) in entries.into_iter().enumerate() {
+            cache.set(i as u32, e, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the cache entry of `mac`'s index in step with `epochs` after a change to `mac`.
+    fn sync_epoch_cache(&mut self, mac: &MacKey, vm: Option<VmEpoch>) -> Result<(), DatapathError> {
+        let index = cache_index(mac);
+        let entry = self.epoch_cache_map()?.get(&index, 0)?;
+        let occupant = entry.state & CACHE_OCCUPIED != 0;
+        let new = match vm {
+            Some(vm) if !occupant || entry.mac == *mac => {
+                CachedVm { mac: *mac, vm, state: CACHE_OCCUPIED | (entry.state & CACHE_OVERFLOW), _pad: 0 }
+            }
+            // Another VM holds the slot: this one lives in `epochs` only.
+            Some(_) => CachedVm { state: entry.state | CACHE_OVERFLOW, ..entry },
+            None if occupant && entry.mac != *mac && entry.state & CACHE_OVERFLOW == 0 => return Ok(()),
+            // Removed (or the overflow set changed): rebuild this index from `epochs`.
+            None => {
+                let same: Vec<(MacKey, VmEpoch)> = crate::epochs::EpochStore::vms(self)?
+                    .into_iter()
+                    .filter(|(m, _)| cache_index(m) == index)
+                    .collect();
+                let keep = same.iter().find(|(m, _)| occupant && *m == entry.mac).or(same.first());
+                match keep {
+                    Some((m, v)) => CachedVm {
+                        mac: *m,
+                        vm: *v,
+                        state: CACHE_OCCUPIED | if same.len() > 1 { CACHE_OVERFLOW } else { 0 },
+                        _pad: 0,
+                    },
+                    None => CachedVm::default(),
+                }
+            }
+        };
+        if new != entry {
+            self.epoch_cache_map()?.set(index, new, 0)?;
+        }
+        Ok(())
     }
 
     pub fn pin_root(&self) -> &Path {
@@ -483,11 +545,14 @@ impl EpochStore for Datapath {
     }
 
     fn put_vm(&mut self, mac: MacKey, vm: VmEpoch) -> Result<(), DatapathError> {
-        Ok(self.epochs_map()?.insert(mac, vm, 0)?)
+        // The hash first, then its cache: both only ever move forward together.
+        self.epochs_map()?.insert(mac, vm, 0)?;
+        self.sync_epoch_cache(&mac, Some(vm))
     }
 
     fn remove_vm(&mut self, mac: &MacKey) -> Result<(), DatapathError> {
-        Ok(self.epochs_map()?.remove(mac)?)
+        self.epochs_map()?.remove(mac)?;
+        self.sync_epoch_cache(mac, None)
     }
 
     fn port(&mut self, ifindex: u32) -> Result<Option<PortVm>, DatapathError> {

@@ -174,3 +174,40 @@ fn foreign_unregistered_and_outside_group() {
     epochs::unregister(&mut h.dp, MacAddr(ALICE)).unwrap();
     h.expect(&frame(BOB, STRANGER, IPV4, 60), Outcome::Unregistered, "port without a VM");
 }
+
+/// VMs whose MACs share an `epoch_cache` index: the one not in the cache is found through the
+/// `epochs` hash, and removing the cached one promotes the other.
+#[test]
+fn colliding_cache_entries_fall_back_to_the_hash() {
+    use enforcer_common::{CACHE_OCCUPIED, CACHE_OVERFLOW, CachedVm, MacKey, cache_index};
+    const BOB_TWIN: [u8; 6] = [0x02, 0, 0xb0, 0x02, 0, 0];
+    let index = cache_index(&MacKey::new(BOB));
+    assert_eq!(cache_index(&MacKey::new(BOB_TWIN)), index, "the test needs a real collision");
+    let mut h = Harness::new("t1cache");
+    h.dp.set_type3_mode(Type3Mode::Drop).unwrap();
+    h.dp.ensure_port_slot(900_003).unwrap();
+    epochs::register(&mut h.dp, MacAddr(BOB_TWIN), 1, 900_003, Some(0)).unwrap();
+    let cached = |h: &Harness| -> CachedVm {
+        let data = aya::maps::MapData::from_pin(h._pins.path().join("epoch_cache")).unwrap();
+        let map = aya::maps::Map::Array(data);
+        let array: aya::maps::Array<_, CachedVm> = aya::maps::Array::try_from(map).unwrap();
+        array.get(&index, 0).unwrap()
+    };
+    let entry = cached(&h);
+    assert_eq!((entry.mac.addr, entry.state), (BOB, CACHE_OCCUPIED | CACHE_OVERFLOW));
+
+    h.expect(&frame(BOB_TWIN, ALICE, IPV4, 60), Outcome::Type1, "to the VM in the hash only");
+    h.set_epoch(ALICE, 1);
+    h.expect(&frame(BOB_TWIN, ALICE, IPV4, 60), Outcome::Type3Dropped, "Type-3 to it");
+    h.set_epoch(BOB_TWIN, 1);
+    h.expect(&frame(BOB_TWIN, ALICE, IPV4, 60), Outcome::Type1, "after it advanced");
+    h.expect(&frame(BOB, ALICE, IPV4, 60), Outcome::Type3Dropped, "the cached VM is still behind");
+
+    epochs::unregister(&mut h.dp, MacAddr(BOB)).unwrap();
+    let entry = cached(&h);
+    assert_eq!((entry.mac.addr, entry.vm.epoch, entry.state), (BOB_TWIN, 1, CACHE_OCCUPIED), "promoted");
+    h.expect(&frame(BOB_TWIN, ALICE, IPV4, 60), Outcome::Type1, "after the promotion");
+    h.expect(&frame(BOB, ALICE, IPV4, 60), Outcome::OutsideGroup, "the removed VM is gone");
+    epochs::unregister(&mut h.dp, MacAddr(BOB_TWIN)).unwrap();
+    assert_eq!(cached(&h), CachedVm::default(), "the index is empty again");
+}
