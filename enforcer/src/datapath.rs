@@ -83,6 +83,11 @@ pub enum DatapathError {
     NotAttached(u32),
     #[error("all {0} port counter slots are in use")]
     NoFreeSlot(u32),
+    #[error(
+        "pinned map {path} does not fit this build (key/value/entries {found:?}, expected {expected:?}): \
+         it was left by another version; run `enforcer teardown --pin-root ...` first"
+    )]
+    IncompatiblePin { path: PathBuf, found: (u32, u32, u32), expected: (u32, u32, u32) },
     #[error("unknown Type-3 mode value {0} in the config map")]
     BadMode(u32),
 }
@@ -125,6 +130,7 @@ impl Datapath {
         let pins: Vec<(&'static str, PathBuf)> =
             names::ALL.iter().map(|name| (*name, pin_root.join(name))).collect();
         let adopted = pins.iter().filter(|(_, path)| path.exists()).count();
+        check_pinned_layouts(&pins)?;
         let mut loader = EbpfLoader::new();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
@@ -608,6 +614,26 @@ where
 {
     let prog = ebpf.program_mut(name).ok_or(DatapathError::MissingMap(name))?;
     prog.try_into().map_err(|source| DatapathError::Program { name, source })
+}
+
+/// Refuses to adopt pinned maps whose layout differs from this build's (a daemon of another
+/// version left them): reading them with the wrong layout would be garbage.
+fn check_pinned_layouts(pins: &[(&'static str, PathBuf)]) -> Result<(), DatapathError> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT)
+        .map_err(|e| DatapathError::Link { port: "(object)".into(), detail: e.to_string() })?;
+    for (name, path) in pins {
+        if !path.exists() {
+            continue;
+        }
+        let Some(def) = object.maps.get(*name) else { continue };
+        let expected = (def.key_size(), def.value_size(), def.max_entries());
+        let info = aya::maps::MapInfo::from_pin(path)?;
+        let found = (info.key_size(), info.value_size(), info.max_entries());
+        if found != expected {
+            return Err(DatapathError::IncompatiblePin { path: path.clone(), found, expected });
+        }
+    }
+    Ok(())
 }
 
 /// The ifindex of an interface, by name.

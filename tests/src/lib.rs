@@ -73,3 +73,34 @@ pub fn bpftool_dump(path: &Path) -> serde_json::Value {
     assert!(out.status.success(), "bpftool failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("bpftool prints JSON")
 }
+
+/// Creates a BPF hash map of the given layout and pins it at `path` (to play a map left by
+/// another build).
+pub fn pin_hash_map(path: &Path, key_size: u32, value_size: u32, max_entries: u32) -> io::Result<()> {
+    use std::{ffi::CString, os::unix::ffi::OsStrExt as _};
+
+    use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_map_type};
+    let bpf = |cmd: bpf_cmd, attr: &mut bpf_attr| {
+        // SAFETY: `attr` is a valid bpf_attr for `cmd`, and any pointer in it outlives the call.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd as libc::c_int, attr as *mut bpf_attr, std::mem::size_of::<bpf_attr>() as libc::c_uint) }
+    };
+    // SAFETY: bpf_attr is a plain C union of integers; all-zero is its "unset" state.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.__bindgen_anon_1.map_type = bpf_map_type::BPF_MAP_TYPE_HASH as u32;
+    attr.__bindgen_anon_1.key_size = key_size;
+    attr.__bindgen_anon_1.value_size = value_size;
+    attr.__bindgen_anon_1.max_entries = max_entries;
+    let fd = bpf(bpf_cmd::BPF_MAP_CREATE, &mut attr);
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let name = CString::new(path.as_os_str().as_bytes()).expect("no NUL in the path");
+    // SAFETY: as above.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.__bindgen_anon_4.pathname = name.as_ptr() as u64;
+    attr.__bindgen_anon_4.bpf_fd = fd as u32;
+    let r = bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr);
+    // SAFETY: closing the map fd we created; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}

@@ -211,3 +211,20 @@ fn colliding_cache_entries_fall_back_to_the_hash() {
     epochs::unregister(&mut h.dp, MacAddr(BOB_TWIN)).unwrap();
     assert_eq!(cached(&h), CachedVm::default(), "the index is empty again");
 }
+
+/// Maps pinned by a build with another layout are refused with a clear error, not misread.
+#[test]
+fn pinned_maps_of_another_layout_are_refused() {
+    require_root();
+    let pins = PinRoot::new("t1layout");
+    std::fs::create_dir_all(pins.path()).unwrap();
+    // `epochs` as an older build had it: 16-byte values.
+    enforcer_tests::pin_hash_map(&pins.path().join("epochs"), 8, 16, 4096).unwrap();
+    let err = Datapath::open(pins.path(), AttachMode::Tc).err().expect("an incompatible pin is refused");
+    let text = err.to_string();
+    assert!(text.contains("epochs") && text.contains("teardown"), "{text}");
+    // The same root with a fitting layout opens.
+    std::fs::remove_file(pins.path().join("epochs")).unwrap();
+    enforcer_tests::pin_hash_map(&pins.path().join("epochs"), 8, 24, 4096).unwrap();
+    Datapath::open(pins.path(), AttachMode::Tc).expect("a fitting pin is adopted");
+}
