@@ -162,8 +162,17 @@ impl Decision {
 
 /// [`decide`], also returning the sender's counter slot so the datapath need not look it up.
 #[inline(always)]
-pub fn decide_frame<V: DatapathView>(view: &V, ifindex: u32, src: &MacKey, dst: &MacKey) -> Decision {
-    let unidentified = |outcome| Decision { outcome, sender_slot: None, hold: HoldKey::None };
+pub fn decide_frame<V: DatapathView>(
+    view: &V,
+    ifindex: u32,
+    src: &MacKey,
+    dst: &MacKey,
+) -> Decision {
+    let unidentified = |outcome| Decision {
+        outcome,
+        sender_slot: None,
+        hold: HoldKey::None,
+    };
     let sender = match view.vm(src) {
         Some(vm) if vm.ifindex == ifindex => vm,
         // A registered VM's MAC on another port: someone is using another VM's address.
@@ -172,22 +181,30 @@ pub fn decide_frame<V: DatapathView>(view: &V, ifindex: u32, src: &MacKey, dst: 
         None => return unidentified(Outcome::Unregistered),
     };
     let color = sender.epoch;
-    let decided = |outcome, hold| Decision { outcome, sender_slot: Some(sender.slot), hold };
+    let decided = |outcome, hold| Decision {
+        outcome,
+        sender_slot: Some(sender.slot),
+        hold,
+    };
 
     let (frame_type, flags, hold) = if dst.is_multicast() {
         // Broadcast/multicast reaches every member: it is Type-3 if any member is still
         // pre-snapshot relative to the sender, so compare with the group's minimum epoch.
         match view.group(sender.group) {
-            Some((min_epoch, flags)) => {
-                (classify(color, min_epoch), flags, HoldKey::Group(sender.group))
-            }
+            Some((min_epoch, flags)) => (
+                classify(color, min_epoch),
+                flags,
+                HoldKey::Group(sender.group),
+            ),
             None => return decided(Outcome::OutsideGroup, HoldKey::None),
         }
     } else {
         match view.vm(dst) {
-            Some(receiver) if receiver.group == sender.group => {
-                (classify(color, receiver.epoch), receiver.flags, HoldKey::Receiver(receiver.slot))
-            }
+            Some(receiver) if receiver.group == sender.group => (
+                classify(color, receiver.epoch),
+                receiver.flags,
+                HoldKey::Receiver(receiver.slot),
+            ),
             _ => return decided(Outcome::OutsideGroup, HoldKey::None),
         }
     };
@@ -208,7 +225,11 @@ pub fn decide_frame<V: DatapathView>(view: &V, ifindex: u32, src: &MacKey, dst: 
             Type3Mode::Monitor => Outcome::Type3Monitored,
         },
     };
-    let hold = if outcome.verdict() == Verdict::Hold { hold } else { HoldKey::None };
+    let hold = if outcome.verdict() == Verdict::Hold {
+        hold
+    } else {
+        HoldKey::None
+    };
     decided(outcome, hold)
 }
 
@@ -228,11 +249,23 @@ mod tests {
 
     impl Tables {
         fn new(mode: Type3Mode) -> Self {
-            Self { vms: BTreeMap::new(), mode, hold_ready: false, group_flags: 0 }
+            Self {
+                vms: BTreeMap::new(),
+                mode,
+                hold_ready: false,
+                group_flags: 0,
+            }
         }
         fn add(&mut self, n: u8, group: u32, epoch: u32) -> MacKey {
             let mac = mac(n);
-            let vm = VmEpoch { epoch, group, ifindex: 100 + n as u32, slot: n as u32, flags: 0, _pad: 0 };
+            let vm = VmEpoch {
+                epoch,
+                group,
+                ifindex: 100 + n as u32,
+                slot: n as u32,
+                flags: 0,
+                _pad: 0,
+            };
             self.vms.insert(mac, vm);
             mac
         }
@@ -246,7 +279,12 @@ mod tests {
             self.vms.values().any(|vm| vm.ifindex == ifindex)
         }
         fn group(&self, group: u32) -> Option<(u32, u32)> {
-            let min = self.vms.values().filter(|vm| vm.group == group).map(|vm| vm.epoch).min()?;
+            let min = self
+                .vms
+                .values()
+                .filter(|vm| vm.group == group)
+                .map(|vm| vm.epoch)
+                .min()?;
             Some((min, self.group_flags))
         }
         fn type3_mode(&self) -> Type3Mode {
@@ -288,7 +326,11 @@ mod tests {
         let mut t = Tables::new(Type3Mode::Buffer);
         let a = t.add(1, 7, 1);
         let b = t.add(2, 7, 0);
-        assert_eq!(decide(&t, 101, &a, &b), Outcome::Type3Unbuffered, "no socket: never pass");
+        assert_eq!(
+            decide(&t, 101, &a, &b),
+            Outcome::Type3Unbuffered,
+            "no socket: never pass"
+        );
         assert_eq!(Outcome::Type3Unbuffered.verdict(), Verdict::Drop);
         t.hold_ready = true;
         assert_eq!(decide(&t, 101, &a, &b), Outcome::Type3Held);
@@ -371,7 +413,10 @@ mod tests {
         let b = t.add(2, 7, 1);
         t.vms.get_mut(&b).unwrap().flags = FLAG_DRAINING;
         let d = decide_frame(&t, 101, &a, &b);
-        assert_eq!((d.outcome, d.hold), (Outcome::HeldForOrder, HoldKey::Receiver(2)));
+        assert_eq!(
+            (d.outcome, d.hold),
+            (Outcome::HeldForOrder, HoldKey::Receiver(2))
+        );
         assert_eq!(Outcome::HeldForOrder.verdict(), Verdict::Hold);
         // Without a buffer there is nothing to wait for.
         t.hold_ready = false;
@@ -381,7 +426,10 @@ mod tests {
         assert_eq!(decide(&t, 101, &a, &BROADCAST), Outcome::Type1);
         t.group_flags = FLAG_DRAINING;
         let d = decide_frame(&t, 101, &a, &BROADCAST);
-        assert_eq!((d.outcome, d.hold), (Outcome::HeldForOrder, HoldKey::Group(7)));
+        assert_eq!(
+            (d.outcome, d.hold),
+            (Outcome::HeldForOrder, HoldKey::Group(7))
+        );
     }
 
     #[test]
@@ -391,10 +439,16 @@ mod tests {
         let a = t.add(1, 7, 1);
         let b = t.add(2, 7, 0);
         let d = decide_frame(&t, 101, &a, &b);
-        assert_eq!((d.outcome, d.hold), (Outcome::Type3Held, HoldKey::Receiver(2)));
+        assert_eq!(
+            (d.outcome, d.hold),
+            (Outcome::Type3Held, HoldKey::Receiver(2))
+        );
         assert_eq!(d.fit_hold(MAX_HELD_FRAME), d);
         let big = d.fit_hold(MAX_HELD_FRAME + 1);
-        assert_eq!((big.outcome, big.hold), (Outcome::Type3Unbuffered, HoldKey::None));
+        assert_eq!(
+            (big.outcome, big.hold),
+            (Outcome::Type3Unbuffered, HoldKey::None)
+        );
         let d = decide_frame(&t, 101, &a, &BROADCAST);
         assert_eq!((d.outcome, d.hold), (Outcome::Type3Held, HoldKey::Group(7)));
         t.mode = Type3Mode::Drop;
@@ -407,9 +461,21 @@ mod tests {
         let a = t.add(1, 7, 0);
         let b = t.add(2, 7, 0);
         assert_eq!(decide_frame(&t, 101, &a, &b).sender_slot, Some(1));
-        assert_eq!(decide_frame(&t, 101, &a, &mac(77)).sender_slot, Some(1), "outside group");
-        assert_eq!(decide_frame(&t, 102, &a, &b).sender_slot, None, "foreign source");
-        assert_eq!(decide_frame(&t, 999, &mac(50), &b).sender_slot, None, "unregistered");
+        assert_eq!(
+            decide_frame(&t, 101, &a, &mac(77)).sender_slot,
+            Some(1),
+            "outside group"
+        );
+        assert_eq!(
+            decide_frame(&t, 102, &a, &b).sender_slot,
+            None,
+            "foreign source"
+        );
+        assert_eq!(
+            decide_frame(&t, 999, &mac(50), &b).sender_slot,
+            None,
+            "unregistered"
+        );
     }
 
     #[test]

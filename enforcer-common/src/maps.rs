@@ -18,8 +18,18 @@ pub mod names {
     pub const HOLD_TOTALS: &str = "hold_totals";
     /// Every map the datapath pins.
     pub const ALL: [&str; 12] = [
-        EPOCHS, EPOCH_CACHE, PORTS, GROUPS, CONFIG, PORT_SLOTS, PORT_STATS, HOLD_IN_PORT, HOLD_IN_GROUP,
-        HOLD_SOCKS, HOLD_KERNEL, HOLD_TOTALS,
+        EPOCHS,
+        EPOCH_CACHE,
+        PORTS,
+        GROUPS,
+        CONFIG,
+        PORT_SLOTS,
+        PORT_STATS,
+        HOLD_IN_PORT,
+        HOLD_IN_GROUP,
+        HOLD_SOCKS,
+        HOLD_KERNEL,
+        HOLD_TOTALS,
     ];
 }
 
@@ -135,7 +145,9 @@ pub const CACHE_OVERFLOW: u32 = 2;
 #[inline(always)]
 pub const fn cache_index(mac: &MacKey) -> u32 {
     let a = mac.addr;
-    let folded = u16::from_be_bytes([a[0], a[1]]) ^ u16::from_be_bytes([a[2], a[3]]) ^ u16::from_be_bytes([a[4], a[5]]);
+    let folded = u16::from_be_bytes([a[0], a[1]])
+        ^ u16::from_be_bytes([a[2], a[3]])
+        ^ u16::from_be_bytes([a[4], a[5]]);
     folded as u32 & (EPOCH_CACHE_SIZE - 1)
 }
 

@@ -20,10 +20,10 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use enforcer_common::{
-    CACHE_OCCUPIED, CACHE_OVERFLOW, CachedVm, EPOCH_CACHE_SIZE, cache_index,
-    DatapathConfig, DatapathView, GroupState, HoldKey, MAX_GROUPS, MAX_PORTS, MAX_VMS, MacKey,
-    Outcome, PortCounters, PortVm, Type3Mode, UNATTRIBUTED_SLOT, Verdict, VmEpoch, decide_frame,
-    hold_kernel, hold_totals,
+    CACHE_OCCUPIED, CACHE_OVERFLOW, CachedVm, DatapathConfig, DatapathView, EPOCH_CACHE_SIZE,
+    GroupState, HoldKey, MAX_GROUPS, MAX_PORTS, MAX_VMS, MacKey, Outcome, PortCounters, PortVm,
+    Type3Mode, UNATTRIBUTED_SLOT, Verdict, VmEpoch, cache_index, decide_frame, hold_kernel,
+    hold_totals,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -159,8 +159,7 @@ pub fn enforcer_tc(ctx: TcContext) -> i32 {
     // Headers of a received skb are normally linear; pull them in if not, so a frame is never
     // called malformed just because of how it is laid out in memory.
     let wanted = (EthHdr::LEN + VlanHdr::LEN) as u32;
-    if ctx.data_end() - ctx.data() < wanted as usize && len > (ctx.data_end() - ctx.data()) as u32
-    {
+    if ctx.data_end() - ctx.data() < wanted as usize && len > (ctx.data_end() - ctx.data()) as u32 {
         let _ = ctx.pull_data(if len < wanted { len } else { wanted });
     }
     match try_enforce(ctx.data(), ctx.data_end(), ifindex, len as u64) {
@@ -229,7 +228,9 @@ fn ethernet_addresses(data: usize, data_end: usize) -> Option<(MacKey, MacKey)> 
 #[inline(always)]
 fn count(slot: u32, outcome: Outcome, bytes: u64) {
     // Out of range only if userspace wrote a bad slot: then the frame is not counted.
-    let Some(stats) = PORT_STATS.get_ptr_mut(slot) else { return };
+    let Some(stats) = PORT_STATS.get_ptr_mut(slot) else {
+        return;
+    };
     // SAFETY: a per-CPU value: only this CPU writes it, and the program is not preempted.
     let counter = unsafe { &mut *stats }.counter_mut(outcome);
     counter.frames += 1;

@@ -47,7 +47,11 @@ impl AppState {
     }
 
     pub fn hold_report(&self) -> Option<HoldReport> {
-        self.buffer.lock().expect("buffer lock").as_ref().and_then(Buffer::report)
+        self.buffer
+            .lock()
+            .expect("buffer lock")
+            .as_ref()
+            .and_then(Buffer::report)
     }
 }
 
@@ -67,13 +71,22 @@ pub struct ErrorBody {
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into() }
+        Self {
+            status,
+            message: message.into(),
+        }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(ErrorBody { error: self.message })).into_response()
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -234,7 +247,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn parse_mac(s: &str) -> Result<MacAddr, ApiError> {
-    s.parse().map_err(|e: crate::mac::MacParseError| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
+    s.parse().map_err(|e: crate::mac::MacParseError| {
+        ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
+    })
 }
 
 async fn health(State(s): State<Shared>) -> ApiResult<Health> {
@@ -266,11 +281,17 @@ async fn register_vm(
     if !dp.is_attached(ifindex) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
-            format!("port {} is not a VM port of this daemon (not attached)", req.port),
+            format!(
+                "port {} is not a VM port of this daemon (not attached)",
+                req.port
+            ),
         ));
     }
     let vm = epochs::register(&mut *dp, req.mac, req.group, ifindex, req.epoch)?;
-    s.to_buffer(Command::Vm { mac: vm.mac.key(), vm: dp.vm(&vm.mac.key()).ok().flatten() });
+    s.to_buffer(Command::Vm {
+        mac: vm.mac.key(),
+        vm: dp.vm(&vm.mac.key()).ok().flatten(),
+    });
     tracing::info!(mac = %vm.mac, group = vm.group, epoch = vm.epoch, port = req.port, "VM registered");
     Ok((StatusCode::CREATED, Json(vm)))
 }
@@ -278,7 +299,10 @@ async fn register_vm(
 async fn unregister_vm(State(s): State<Shared>, Path(mac): Path<String>) -> ApiResult<VmRecord> {
     let mac = parse_mac(&mac)?;
     let vm = epochs::unregister(&mut *s.datapath.lock().await, mac)?;
-    s.to_buffer(Command::Vm { mac: mac.key(), vm: None });
+    s.to_buffer(Command::Vm {
+        mac: mac.key(),
+        vm: None,
+    });
     tracing::info!(mac = %vm.mac, "VM unregistered");
     Ok(Json(vm))
 }
@@ -301,28 +325,54 @@ async fn advance(State(s): State<Shared>, Path(mac): Path<String>) -> ApiResult<
 /// Moves a VM's epoch (to `target`, or the next one). With a buffer running: its copy of the
 /// VM is updated first (so colors it assigns never lag the map), then the map gets the epoch
 /// and the draining flag in one write, then the buffer is told to re-inject.
-pub async fn change_epoch(s: &AppState, mac: MacAddr, target: Option<u32>) -> Result<VmRecord, ApiError> {
+pub async fn change_epoch(
+    s: &AppState,
+    mac: MacAddr,
+    target: Option<u32>,
+) -> Result<VmRecord, ApiError> {
     let mut dp = s.datapath.lock().await;
-    let current: VmEpoch = dp.vm(&mac.key())?.ok_or(EpochError::<DatapathError>::UnknownVm(mac))?;
+    let current: VmEpoch = dp
+        .vm(&mac.key())?
+        .ok_or(EpochError::<DatapathError>::UnknownVm(mac))?;
     let epoch = match target {
         Some(epoch) => epoch,
-        None => current.epoch.checked_add(1).ok_or(EpochError::<DatapathError>::Overflow { mac })?,
+        None => current
+            .epoch
+            .checked_add(1)
+            .ok_or(EpochError::<DatapathError>::Overflow { mac })?,
     };
     if epoch < current.epoch {
-        return Err(EpochError::<DatapathError>::Backwards { mac, current: current.epoch, requested: epoch }.into());
+        return Err(EpochError::<DatapathError>::Backwards {
+            mac,
+            current: current.epoch,
+            requested: epoch,
+        }
+        .into());
     }
-    let drain = s.to_buffer(Command::Vm { mac: mac.key(), vm: Some(VmEpoch { epoch, ..current }) });
+    let drain = s.to_buffer(Command::Vm {
+        mac: mac.key(),
+        vm: Some(VmEpoch { epoch, ..current }),
+    });
     let change = match epochs::set_epoch(&mut *dp, mac, epoch, drain) {
         Ok(change) => change,
         Err(err) => {
-            s.to_buffer(Command::Vm { mac: mac.key(), vm: Some(current) });
+            s.to_buffer(Command::Vm {
+                mac: mac.key(),
+                vm: Some(current),
+            });
             return Err(err.into());
         }
     };
     if change.changed {
-        s.to_buffer(Command::Advanced { mac: mac.key(), epoch });
+        s.to_buffer(Command::Advanced {
+            mac: mac.key(),
+            epoch,
+        });
         if change.group_min_rose {
-            s.to_buffer(Command::GroupAdvanced { group: change.vm.group, min_epoch: change.group_min });
+            s.to_buffer(Command::GroupAdvanced {
+                group: change.vm.group,
+                min_epoch: change.group_min,
+            });
         }
         tracing::info!(%mac, epoch, "epoch set");
     }
@@ -336,24 +386,49 @@ async fn abort(
 ) -> ApiResult<Vec<VmRecord>> {
     let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let mut dp = s.datapath.lock().await;
-    if !epochs::list_groups(&mut *dp)?.iter().any(|g| g.group == group) {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no group {group}")));
+    if !epochs::list_groups(&mut *dp)?
+        .iter()
+        .any(|g| g.group == group)
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no group {group}"),
+        ));
     }
     let drain = s.buffer_running();
     for (mac, vm) in dp.vms()? {
         if vm.group == group && vm.epoch > req.epoch {
-            s.to_buffer(Command::Vm { mac, vm: Some(VmEpoch { epoch: req.epoch, ..vm }) });
+            s.to_buffer(Command::Vm {
+                mac,
+                vm: Some(VmEpoch {
+                    epoch: req.epoch,
+                    ..vm
+                }),
+            });
         }
     }
     let changed = epochs::roll_back(&mut *dp, group, req.epoch, drain)?;
     s.to_buffer(Command::Release { group });
-    tracing::info!(group, epoch = req.epoch, rolled_back = changed.len(), "snapshot aborted");
-    Ok(Json(changed.into_iter().map(|(mac, vm)| VmRecord::new(mac.key(), vm)).collect()))
+    tracing::info!(
+        group,
+        epoch = req.epoch,
+        rolled_back = changed.len(),
+        "snapshot aborted"
+    );
+    Ok(Json(
+        changed
+            .into_iter()
+            .map(|(mac, vm)| VmRecord::new(mac.key(), vm))
+            .collect(),
+    ))
 }
 
 async fn holds(State(s): State<Shared>) -> ApiResult<HoldReport> {
     s.hold_report().map(Json).ok_or_else(|| {
-        ApiError::new(StatusCode::CONFLICT, "no buffer daemon runs (started with --no-buffer)")
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no buffer daemon runs (started with --no-buffer)",
+        )
     })
 }
 
@@ -379,7 +454,13 @@ pub fn collect_stats(dp: &mut Datapath) -> Result<Vec<PortStats>, ApiError> {
                 .iter()
                 .map(|o| {
                     let c = counters.counter(*o);
-                    (o.name().to_owned(), CounterJson { frames: c.frames, bytes: c.bytes })
+                    (
+                        o.name().to_owned(),
+                        CounterJson {
+                            frames: c.frames,
+                            bytes: c.bytes,
+                        },
+                    )
                 })
                 .collect(),
         })
@@ -392,7 +473,9 @@ async fn stats(State(s): State<Shared>) -> ApiResult<Vec<PortStats>> {
 
 async fn get_config(State(s): State<Shared>) -> ApiResult<Config> {
     let mode = s.datapath.lock().await.type3_mode()?;
-    Ok(Json(Config { type3_mode: mode.into() }))
+    Ok(Json(Config {
+        type3_mode: mode.into(),
+    }))
 }
 
 async fn set_config(
@@ -400,7 +483,10 @@ async fn set_config(
     body: Result<Json<Config>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Config> {
     let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    s.datapath.lock().await.set_type3_mode(req.type3_mode.into())?;
+    s.datapath
+        .lock()
+        .await
+        .set_type3_mode(req.type3_mode.into())?;
     Ok(Json(req))
 }
 
@@ -411,7 +497,10 @@ async fn prometheus(State(s): State<Shared>) -> Result<impl IntoResponse, ApiErr
     drop(dp);
     let holds = s.hold_report();
     let mut headers = HeaderMap::new();
-    headers.insert(header::CONTENT_TYPE, "text/plain; version=0.0.4".parse().expect("static header"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        "text/plain; version=0.0.4".parse().expect("static header"),
+    );
     Ok((headers, metrics::render(&ports, &vms, holds.as_ref())))
 }
 

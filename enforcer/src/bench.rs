@@ -29,7 +29,10 @@ pub struct DatapathBenchOptions {
 
 impl Default for DatapathBenchOptions {
     fn default() -> Self {
-        Self { rounds: 5, seconds: 3.0 }
+        Self {
+            rounds: 5,
+            seconds: 3.0,
+        }
     }
 }
 
@@ -59,7 +62,11 @@ struct Samples {
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
-    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
 }
 
 /// Runs the datapath benchmark; returns the report, whose last line is
@@ -69,7 +76,11 @@ pub fn datapath(opts: &DatapathBenchOptions) -> anyhow::Result<String> {
     let lab = Lab::create("enfb", 2).context("creating the benchmark lab")?;
     let pin_root = std::path::PathBuf::from("/sys/fs/bpf/enforcer-bench");
     let _ = datapath::teardown(&pin_root);
-    let setups = [Setup::Without, Setup::With(AttachMode::Tc), Setup::With(AttachMode::Xdp)];
+    let setups = [
+        Setup::Without,
+        Setup::With(AttachMode::Tc),
+        Setup::With(AttachMode::Xdp),
+    ];
     let mut samples: Vec<Samples> = vec![Samples::default(); setups.len()];
     for round in 1..=opts.rounds {
         // Alternate the order (A B C, C B A, ...) so drift in the machine's load over a run
@@ -86,7 +97,13 @@ pub fn datapath(opts: &DatapathBenchOptions) -> anyhow::Result<String> {
             };
             let pps = udp_pps(&lab, opts.seconds)?;
             let gbps = tcp_gbps(&lab, opts.seconds)?;
-            eprintln!("[bench] round {round}/{}: {:<7} {:>10.0} pps  {:>7.2} Gb/s", opts.rounds, setup.name(), pps, gbps);
+            eprintln!(
+                "[bench] round {round}/{}: {:<7} {:>10.0} pps  {:>7.2} Gb/s",
+                opts.rounds,
+                setup.name(),
+                pps,
+                gbps
+            );
             samples[i].pps.push(pps);
             samples[i].gbps.push(gbps);
             drop(dp);
@@ -98,13 +115,16 @@ pub fn datapath(opts: &DatapathBenchOptions) -> anyhow::Result<String> {
     for (i, setup) in setups.iter().enumerate() {
         let Setup::With(mode) = setup else { continue };
         let dp = attach(&lab, &pin_root, *mode)?;
-        let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF run-time stats")?;
+        let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .context("enabling BPF run-time stats")?;
         let (t0, c0) = program_totals(&dp)?;
         udp_pps(&lab, opts.seconds.min(1.0))?;
         let (t1, c1) = program_totals(&dp)?;
         drop(stats_fd);
         if c1 > c0 {
-            samples[i].ns_per_frame.push((t1 - t0) as f64 / (c1 - c0) as f64);
+            samples[i]
+                .ns_per_frame
+                .push((t1 - t0) as f64 / (c1 - c0) as f64);
         }
         drop(dp);
         let _ = datapath::teardown(&pin_root);
@@ -120,14 +140,26 @@ pub fn datapath(opts: &DatapathBenchOptions) -> anyhow::Result<String> {
         "datapath benchmark: 2 netns VMs on a bridge, veth ports, {} rounds (alternating order) x {:.1} s per measure, medians\n",
         opts.rounds, opts.seconds
     ));
-    out.push_str(&format!("{:<8} {:>12} {:>8} {:>10} {:>8} {:>14}\n", "setup", "UDP 64B pps", "ratio", "TCP Gb/s", "ratio", "ns/frame(prog)"));
+    out.push_str(&format!(
+        "{:<8} {:>12} {:>8} {:>10} {:>8} {:>14}\n",
+        "setup", "UDP 64B pps", "ratio", "TCP Gb/s", "ratio", "ns/frame(prog)"
+    ));
     let mut tc_ratio = f64::NAN;
     for (setup, s) in setups.iter().zip(&samples) {
         let (pps, gbps) = (median(&s.pps), median(&s.gbps));
-        let cost = if s.ns_per_frame.is_empty() { "-".to_owned() } else { format!("{:.1}", median(&s.ns_per_frame)) };
+        let cost = if s.ns_per_frame.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{:.1}", median(&s.ns_per_frame))
+        };
         out.push_str(&format!(
             "{:<8} {:>12.0} {:>8.3} {:>10.2} {:>8.3} {:>14}\n",
-            setup.name(), pps, pps / base_pps, gbps, gbps / base_gbps, cost
+            setup.name(),
+            pps,
+            pps / base_pps,
+            gbps,
+            gbps / base_gbps,
+            cost
         ));
         if *setup == Setup::With(AttachMode::Tc) {
             tc_ratio = (pps / base_pps).min(gbps / base_gbps);
@@ -139,7 +171,9 @@ pub fn datapath(opts: &DatapathBenchOptions) -> anyhow::Result<String> {
         run_cost.2, run_cost.3, run_cost.0, run_cost.1
     ));
     out.push_str("(ratio = with/without; the summary takes the lower of the UDP and TCP ratios of the default hook, tc)\n");
-    out.push_str(&format!("datapath throughput ratio (with/without): {tc_ratio:.2}"));
+    out.push_str(&format!(
+        "datapath throughput ratio (with/without): {tc_ratio:.2}"
+    ));
     Ok(out)
 }
 
@@ -151,7 +185,10 @@ const TEST_RUN_REPEAT: u32 = 1_000_000;
 fn test_run_cost(pin_root: &std::path::Path) -> anyhow::Result<(f64, f64, f64, f64)> {
     let _ = datapath::teardown(pin_root);
     let mut dp = Datapath::open(pin_root, AttachMode::Tc)?;
-    let (a, b) = (crate::mac::MacAddr([2, 0, 0, 0, 0, 1]), crate::mac::MacAddr([2, 0, 0, 0, 0, 2]));
+    let (a, b) = (
+        crate::mac::MacAddr([2, 0, 0, 0, 0, 1]),
+        crate::mac::MacAddr([2, 0, 0, 0, 0, 2]),
+    );
     dp.ensure_port_slot(1)?;
     dp.ensure_port_slot(999_999)?;
     epochs::register(&mut dp, a, 1, 1, Some(0))?;
@@ -180,7 +217,10 @@ fn test_run_cost(pin_root: &std::path::Path) -> anyhow::Result<(f64, f64, f64, f
     }
     let stats = dp.port_stats()?;
     let counted = stats.get(&1).map_or(0, |c| c.type1.frames);
-    anyhow::ensure!(counted == 10 * u64::from(TEST_RUN_REPEAT), "test runs took the Type-1 path ({counted} counted)");
+    anyhow::ensure!(
+        counted == 10 * u64::from(TEST_RUN_REPEAT),
+        "test runs took the Type-1 path ({counted} counted)"
+    );
     Ok((cost[0] - cost[2], cost[1] - cost[3], cost[2], cost[3]))
 }
 
@@ -206,8 +246,12 @@ fn null_program(mode: AttachMode) -> anyhow::Result<std::os::fd::OwnedFd> {
     prog.license = license.as_ptr() as u64;
     // SAFETY: a BPF_PROG_LOAD attr whose pointers (instructions, license) outlive the call.
     let fd = unsafe {
-        libc::syscall(libc::SYS_bpf, bpf_cmd::BPF_PROG_LOAD as libc::c_int, &mut attr as *mut bpf_attr,
-            std::mem::size_of::<bpf_attr>() as libc::c_uint)
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_PROG_LOAD as libc::c_int,
+            &mut attr as *mut bpf_attr,
+            std::mem::size_of::<bpf_attr>() as libc::c_uint,
+        )
     };
     if fd < 0 {
         return Err(std::io::Error::last_os_error()).context("loading the baseline program");
@@ -217,8 +261,15 @@ fn null_program(mode: AttachMode) -> anyhow::Result<std::os::fd::OwnedFd> {
 }
 
 fn which_iperf3() -> anyhow::Result<()> {
-    let ok = Command::new("iperf3").arg("--version").stdout(Stdio::null()).status().map(|s| s.success());
-    anyhow::ensure!(matches!(ok, Ok(true)), "iperf3 not found: run scripts/setup.sh");
+    let ok = Command::new("iperf3")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success());
+    anyhow::ensure!(
+        matches!(ok, Ok(true)),
+        "iperf3 not found: run scripts/setup.sh"
+    );
     Ok(())
 }
 
@@ -299,9 +350,15 @@ fn tcp_gbps(lab: &Lab, seconds: f64) -> anyhow::Result<f64> {
         .output()
         .context("running iperf3 client")?;
     let _ = server.wait();
-    anyhow::ensure!(out.status.success(), "iperf3 failed: {}", String::from_utf8_lossy(&out.stdout));
+    anyhow::ensure!(
+        out.status.success(),
+        "iperf3 failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-    let bps = json["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 result without bits_per_second")?;
+    let bps = json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 result without bits_per_second")?;
     Ok(bps / 1e9)
 }
 
@@ -393,14 +450,22 @@ impl BufferedLab {
             listen: "127.0.0.1:0".parse()?,
             token: None,
             type3_mode: None,
-            hold: Some(HoldOptions { device: hold_device.into(), max_bytes: 1 << 30 }),
+            hold: Some(HoldOptions {
+                device: hold_device.into(),
+                max_bytes: 1 << 30,
+            }),
         })
         .await?;
         let client = crate::client::Client::new(format!("http://{}", running.addr), None);
         for vm in &lab.vms {
             client.register_vm(vm.mac, 1, &vm.port, Some(0)).await?;
         }
-        Ok(Self { lab, running, client, pin_root })
+        Ok(Self {
+            lab,
+            running,
+            client,
+            pin_root,
+        })
     }
 
     async fn stop(self) -> anyhow::Result<()> {
@@ -417,7 +482,13 @@ fn blast(tx: &std::net::UdpSocket, dst: SocketAddrV4, color: u32, seconds: f64) 
     let mut seq = 0u32;
     while start.elapsed() < window {
         for _ in 0..64 {
-            let payload = crate::traffic::Message { from: 0, to: 1, seq, color }.encode();
+            let payload = crate::traffic::Message {
+                from: 0,
+                to: 1,
+                seq,
+                color,
+            }
+            .encode();
             // A full socket buffer: try again, every frame counts.
             while tx.send_to(&payload, dst).is_err() {}
             seq += 1;
@@ -457,14 +528,19 @@ impl Receiver {
                                 count.fetch_add(1, Ordering::Relaxed);
                             }
                         }
-                        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                        Err(e)
+                            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                         Err(_) => break,
                     }
                 }
                 reordered
             })
         };
-        Self { count, stop, thread }
+        Self {
+            count,
+            stop,
+            thread,
+        }
     }
 
     fn count(&self) -> u64 {
@@ -475,7 +551,10 @@ impl Receiver {
         thread::sleep(settle);
         self.stop.store(true, Ordering::Relaxed);
         let reordered = self.thread.join().unwrap_or(0);
-        ReceiverResult { count: self.count.load(Ordering::Relaxed), reordered }
+        ReceiverResult {
+            count: self.count.load(Ordering::Relaxed),
+            reordered,
+        }
     }
 
     /// Waits until `want` frames arrived (or `max`), then stops.
@@ -508,8 +587,15 @@ pub async fn tcp_skew(skews: &[f64], figure: &std::path::Path) -> anyhow::Result
         let (lab, client) = (&bench.lab, &bench.client);
         // Segmentation offload off at the sender: MTU-sized segments, each of which can be held
         // (GSO super-frames are too big for the XDP hold path and would be dropped instead).
-        let ok = lab.command(0, "ethtool").args(["-K", "eth0", "tso", "off", "gso", "off"]).status()?.success();
-        anyhow::ensure!(ok, "ethtool -K eth0 tso off gso off failed (install ethtool: scripts/setup.sh)");
+        let ok = lab
+            .command(0, "ethtool")
+            .args(["-K", "eth0", "tso", "off", "gso", "off"])
+            .status()?
+            .success();
+        anyhow::ensure!(
+            ok,
+            "ethtool -K eth0 tso off gso off failed (install ethtool: scripts/setup.sh)"
+        );
         let mut runs = Vec::new();
         for (mode, name) in [(ModeName::Drop, "drop"), (ModeName::Buffer, "buffer")] {
             client.set_mode(mode).await?;
@@ -520,18 +606,33 @@ pub async fn tcp_skew(skews: &[f64], figure: &std::path::Path) -> anyhow::Result
         }
         std::fs::write(figure, skew_svg(&runs, skews))
             .with_context(|| format!("writing {}", figure.display()))?;
-        let mut out = String::from("tcp-skew: TCP bulk vm1 -> vm2, sender snapshot at 2 s, receiver `skew` s later\n");
-        out.push_str(&format!("{:<8} {:>8} {:>16} {:>14}\n", "mode", "skew s", "no-progress s", "target"));
+        let mut out = String::from(
+            "tcp-skew: TCP bulk vm1 -> vm2, sender snapshot at 2 s, receiver `skew` s later\n",
+        );
+        out.push_str(&format!(
+            "{:<8} {:>8} {:>16} {:>14}\n",
+            "mode", "skew s", "no-progress s", "target"
+        ));
         let mut worst: f64 = f64::NEG_INFINITY;
         for r in &runs {
-            let target = if r.mode == "buffer" { format!("<= {:.3}", r.skew + 0.05) } else { "-".into() };
-            out.push_str(&format!("{:<8} {:>8.1} {:>16.3} {:>14}\n", r.mode, r.skew, r.no_progress, target));
+            let target = if r.mode == "buffer" {
+                format!("<= {:.3}", r.skew + 0.05)
+            } else {
+                "-".into()
+            };
+            out.push_str(&format!(
+                "{:<8} {:>8.1} {:>16.3} {:>14}\n",
+                r.mode, r.skew, r.no_progress, target
+            ));
             if r.mode == "buffer" {
                 worst = worst.max(r.no_progress - r.skew);
             }
         }
         out.push_str(&format!("figure: {}\n", figure.display()));
-        out.push_str(&format!("buffer no-progress beyond the skew: at most {:.0} ms (target 50 ms)", worst * 1000.0));
+        out.push_str(&format!(
+            "buffer no-progress beyond the skew: at most {:.0} ms (target 50 ms)",
+            worst * 1000.0
+        ));
         Ok::<_, anyhow::Error>(out)
     }
     .await;
@@ -539,7 +640,12 @@ pub async fn tcp_skew(skews: &[f64], figure: &std::path::Path) -> anyhow::Result
     result
 }
 
-async fn skew_run(lab: &Lab, client: &crate::client::Client, mode: &'static str, skew: f64) -> anyhow::Result<SkewRun> {
+async fn skew_run(
+    lab: &Lab,
+    client: &crate::client::Client,
+    mode: &'static str,
+    skew: f64,
+) -> anyhow::Result<SkewRun> {
     use std::io::{Read as _, Write as _};
     let server_ip = lab.vms[1].ip;
     let listener = lab.in_vm(1, move || std::net::TcpListener::bind((server_ip, 47_600)))??;
@@ -570,7 +676,11 @@ async fn skew_run(lab: &Lab, client: &crate::client::Client, mode: &'static str,
             let _ = conn.shutdown(std::net::Shutdown::Write);
         })
     };
-    let at = |secs: f64| tokio::time::sleep_until(tokio::time::Instant::from_std(start + Duration::from_secs_f64(secs)));
+    let at = |secs: f64| {
+        tokio::time::sleep_until(tokio::time::Instant::from_std(
+            start + Duration::from_secs_f64(secs),
+        ))
+    };
     at(2.0).await;
     client.advance(lab.vms[0].mac).await?;
     at(2.0 + skew).await;
@@ -578,52 +688,118 @@ async fn skew_run(lab: &Lab, client: &crate::client::Client, mode: &'static str,
     at(2.0 + skew + 3.0).await;
     stop.store(true, Ordering::Relaxed);
     let _ = writer.join();
-    let progress = server.join().map_err(|_| anyhow::anyhow!("server thread panicked"))??;
-    let after: Vec<f64> = progress.iter().map(|(t, _)| *t).filter(|t| *t >= 2.0).collect();
+    let progress = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+    let after: Vec<f64> = progress
+        .iter()
+        .map(|(t, _)| *t)
+        .filter(|t| *t >= 2.0)
+        .collect();
     let mut no_progress: f64 = 0.0;
     let mut last = 2.0;
     for t in after {
         no_progress = no_progress.max(t - last);
         last = t;
     }
-    Ok(SkewRun { mode, skew, progress, no_progress })
+    Ok(SkewRun {
+        mode,
+        skew,
+        progress,
+        no_progress,
+    })
 }
 
 /// The figure: bytes received over time, one panel per mode, one line per skew.
 fn skew_svg(runs: &[SkewRun], skews: &[f64]) -> String {
     const COLORS: [&str; 4] = ["#d62728", "#2ca02c", "#1f77b4", "#9467bd"];
     let (w, h, pad) = (460.0, 300.0, 50.0);
-    let t_max = runs.iter().flat_map(|r| r.progress.last()).map(|(t, _)| *t).fold(1.0, f64::max);
-    let y_max = runs.iter().flat_map(|r| r.progress.last()).map(|(_, b)| *b as f64).fold(1.0, f64::max);
+    let t_max = runs
+        .iter()
+        .flat_map(|r| r.progress.last())
+        .map(|(t, _)| *t)
+        .fold(1.0, f64::max);
+    let y_max = runs
+        .iter()
+        .flat_map(|r| r.progress.last())
+        .map(|(_, b)| *b as f64)
+        .fold(1.0, f64::max);
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
-        2.0 * w, h + 30.0
+        2.0 * w,
+        h + 30.0
     );
     for (panel, mode) in ["drop", "buffer"].iter().enumerate() {
         let x0 = panel as f64 * w;
         let (px, py, pw, ph) = (x0 + pad, 30.0, w - pad - 15.0, h - pad - 10.0);
-        svg += &format!("<text x=\"{}\" y=\"18\" font-weight=\"bold\">({}) Type-3 frames {}</text>\n", px,
-            if panel == 0 { 'a' } else { 'b' }, if *mode == "drop" { "dropped" } else { "held and re-injected" });
-        svg += &format!("<rect x=\"{px}\" y=\"{py}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"black\"/>\n");
+        svg += &format!(
+            "<text x=\"{}\" y=\"18\" font-weight=\"bold\">({}) Type-3 frames {}</text>\n",
+            px,
+            if panel == 0 { 'a' } else { 'b' },
+            if *mode == "drop" {
+                "dropped"
+            } else {
+                "held and re-injected"
+            }
+        );
+        svg += &format!(
+            "<rect x=\"{px}\" y=\"{py}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"black\"/>\n"
+        );
         for tick in 0..=(t_max as u32) {
             let x = px + pw * f64::from(tick) / t_max;
-            svg += &format!("<line x1=\"{x}\" y1=\"{}\" x2=\"{x}\" y2=\"{}\" stroke=\"black\"/><text x=\"{x}\" y=\"{}\" text-anchor=\"middle\">{tick}</text>\n",
-                py + ph, py + ph + 4.0, py + ph + 16.0);
+            svg += &format!(
+                "<line x1=\"{x}\" y1=\"{}\" x2=\"{x}\" y2=\"{}\" stroke=\"black\"/><text x=\"{x}\" y=\"{}\" text-anchor=\"middle\">{tick}</text>\n",
+                py + ph,
+                py + ph + 4.0,
+                py + ph + 16.0
+            );
         }
-        svg += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">time (s)</text>\n", px + pw / 2.0, py + ph + 32.0);
-        svg += &format!("<text x=\"{}\" y=\"{}\" transform=\"rotate(-90 {} {})\" text-anchor=\"middle\">MB received</text>\n",
-            x0 + 14.0, py + ph / 2.0, x0 + 14.0, py + ph / 2.0);
-        svg += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.0}</text>\n", px - 4.0, py + 10.0, y_max / 1e6);
+        svg += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">time (s)</text>\n",
+            px + pw / 2.0,
+            py + ph + 32.0
+        );
+        svg += &format!(
+            "<text x=\"{}\" y=\"{}\" transform=\"rotate(-90 {} {})\" text-anchor=\"middle\">MB received</text>\n",
+            x0 + 14.0,
+            py + ph / 2.0,
+            x0 + 14.0,
+            py + ph / 2.0
+        );
+        svg += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.0}</text>\n",
+            px - 4.0,
+            py + 10.0,
+            y_max / 1e6
+        );
         for (i, skew) in skews.iter().enumerate() {
-            let Some(run) = runs.iter().find(|r| r.mode == *mode && r.skew == *skew) else { continue };
+            let Some(run) = runs.iter().find(|r| r.mode == *mode && r.skew == *skew) else {
+                continue;
+            };
             let color = COLORS[i % COLORS.len()];
             let step = (run.progress.len() / 1500).max(1);
-            let points: Vec<String> = run.progress.iter().step_by(step)
-                .map(|(t, b)| format!("{:.1},{:.1}", px + pw * t / t_max, py + ph - ph * (*b as f64) / y_max))
+            let points: Vec<String> = run
+                .progress
+                .iter()
+                .step_by(step)
+                .map(|(t, b)| {
+                    format!(
+                        "{:.1},{:.1}",
+                        px + pw * t / t_max,
+                        py + ph - ph * (*b as f64) / y_max
+                    )
+                })
                 .collect();
-            svg += &format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n", points.join(" "));
-            svg += &format!("<text x=\"{}\" y=\"{}\" fill=\"{color}\">skew {skew} s: no progress {:.2} s</text>\n",
-                px + 8.0, py + 16.0 + 14.0 * i as f64, run.no_progress);
+            svg += &format!(
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n",
+                points.join(" ")
+            );
+            svg += &format!(
+                "<text x=\"{}\" y=\"{}\" fill=\"{color}\">skew {skew} s: no progress {:.2} s</text>\n",
+                px + 8.0,
+                py + 16.0 + 14.0 * i as f64,
+                run.no_progress
+            );
         }
     }
     svg += "</svg>\n";

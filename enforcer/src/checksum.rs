@@ -23,11 +23,14 @@ pub fn complete_l4_checksum(frame: &mut [u8]) -> bool {
     }
     let (proto, l4, l4_len, pseudo) = match ether_type {
         0x0800 => {
-            let Some(ip) = frame.get(l3..l3 + 20) else { return false };
+            let Some(ip) = frame.get(l3..l3 + 20) else {
+                return false;
+            };
             let ihl = usize::from(ip[0] & 0x0f) * 4;
             let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
             let fragmented = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
-            if ip[0] >> 4 != 4 || ihl < 20 || total < ihl || fragmented || frame.len() < l3 + total {
+            if ip[0] >> 4 != 4 || ihl < 20 || total < ihl || fragmented || frame.len() < l3 + total
+            {
                 return false;
             }
             let proto = ip[9];
@@ -37,7 +40,9 @@ pub fn complete_l4_checksum(frame: &mut [u8]) -> bool {
             (proto, l3 + ihl, l4_len, sum)
         }
         0x86dd => {
-            let Some(ip) = frame.get(l3..l3 + 40) else { return false };
+            let Some(ip) = frame.get(l3..l3 + 40) else {
+                return false;
+            };
             let l4_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
             if ip[0] >> 4 != 6 || frame.len() < l3 + 40 + l4_len {
                 return false;
@@ -98,8 +103,10 @@ mod tests {
     /// its correct checksum 0x1d44 as computed by the sender's kernel.
     fn udp_v4() -> Vec<u8> {
         let mut f = vec![
-            0x02, 0x00, 0x5e, 0x10, 0x00, 0x02, 0x02, 0x00, 0x5e, 0x10, 0x00, 0x01, 0x08, 0x00, // eth
-            0x45, 0x00, 0x00, 0x2c, 0x12, 0x34, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, // ip (csum 0)
+            0x02, 0x00, 0x5e, 0x10, 0x00, 0x02, 0x02, 0x00, 0x5e, 0x10, 0x00, 0x01, 0x08,
+            0x00, // eth
+            0x45, 0x00, 0x00, 0x2c, 0x12, 0x34, 0x40, 0x00, 0x40, 0x11, 0x00,
+            0x00, // ip (csum 0)
             10, 213, 0, 1, 10, 213, 0, 2, // addresses
             0xb8, 0xc4, 0xb8, 0xc4, 0x00, 0x18, 0xab, 0xcd, // udp, checksum to be fixed
         ];
@@ -126,9 +133,35 @@ mod tests {
 
     #[test]
     fn completes_tcp_over_ipv4_behind_a_vlan_tag() {
-        let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x81, 0x00, 0x00, 0x64, 0x08, 0x00];
-        f.extend_from_slice(&[0x45, 0, 0, 40 + 5, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
-        f.extend_from_slice(&[0x1f, 0x90, 0xc0, 0x01, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0x12, 0x34, 0, 0]);
+        let mut f = vec![
+            0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x81, 0x00, 0x00, 0x64, 0x08, 0x00,
+        ];
+        f.extend_from_slice(&[
+            0x45,
+            0,
+            0,
+            40 + 5,
+            0,
+            0,
+            0x40,
+            0,
+            64,
+            6,
+            0,
+            0,
+            10,
+            0,
+            0,
+            1,
+            10,
+            0,
+            0,
+            2,
+        ]);
+        f.extend_from_slice(&[
+            0x1f, 0x90, 0xc0, 0x01, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0x12, 0x34, 0,
+            0,
+        ]);
         f.extend_from_slice(b"hello");
         assert!(complete_l4_checksum(&mut f));
         let untagged: Vec<u8> = f[..12].iter().chain(&f[16..]).copied().collect();
@@ -157,7 +190,10 @@ mod tests {
         let mut no_csum = udp_v4();
         no_csum[40] = 0;
         no_csum[41] = 0;
-        assert!(!complete_l4_checksum(&mut no_csum), "IPv4 UDP without checksum stays without");
+        assert!(
+            !complete_l4_checksum(&mut no_csum),
+            "IPv4 UDP without checksum stays without"
+        );
         let mut fragment = udp_v4();
         fragment[20] = 0x20; // more fragments
         assert!(!complete_l4_checksum(&mut fragment));

@@ -17,7 +17,11 @@ use crate::{
 };
 
 #[derive(Parser, Debug)]
-#[command(name = "enforcer", version, about = "Causally consistent live snapshots of VM groups, enforced in the kernel datapath")]
+#[command(
+    name = "enforcer",
+    version,
+    about = "Causally consistent live snapshots of VM groups, enforced in the kernel datapath"
+)]
 pub struct Cli {
     /// The daemon's API (for the client commands).
     #[arg(long, global = true, env = "ENFORCER_API", default_value = DEFAULT_API)]
@@ -230,7 +234,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 listen: args.listen,
                 token: cli.token,
                 type3_mode: args.mode.map(|m| ModeName::from(m).into()),
-                hold: (!args.no_buffer).then(|| crate::hold::HoldOptions {
+                hold: (!args.no_buffer).then_some(crate::hold::HoldOptions {
                     device: args.hold_device,
                     max_bytes: args.hold_max_mib << 20,
                 }),
@@ -248,18 +252,32 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             .await?;
             println!("{report}");
         }
-        Command::Vm(VmCommand::Add { mac, group, port, epoch }) => {
+        Command::Vm(VmCommand::Add {
+            mac,
+            group,
+            port,
+            epoch,
+        }) => {
             let vm = client.register_vm(mac, group, &port, epoch).await?;
-            println!("registered {} in group {} at epoch {} (ifindex {})", vm.mac, vm.group, vm.epoch, vm.ifindex);
+            println!(
+                "registered {} in group {} at epoch {} (ifindex {})",
+                vm.mac, vm.group, vm.epoch, vm.ifindex
+            );
         }
         Command::Vm(VmCommand::Rm { mac }) => {
             let vm = client.unregister_vm(mac).await?;
             println!("unregistered {}", vm.mac);
         }
         Command::Vm(VmCommand::Ls) | Command::Epoch(EpochCommand::Get { mac: None }) => {
-            println!("{:<19} {:>6} {:>6} {:>8}", "MAC", "GROUP", "EPOCH", "IFINDEX");
+            println!(
+                "{:<19} {:>6} {:>6} {:>8}",
+                "MAC", "GROUP", "EPOCH", "IFINDEX"
+            );
             for vm in client.vms().await? {
-                println!("{:<19} {:>6} {:>6} {:>8}", vm.mac, vm.group, vm.epoch, vm.ifindex);
+                println!(
+                    "{:<19} {:>6} {:>6} {:>8}",
+                    vm.mac, vm.group, vm.epoch, vm.ifindex
+                );
             }
         }
         Command::Epoch(EpochCommand::Get { mac: Some(mac) }) => {
@@ -274,9 +292,15 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             println!("{} at epoch {}", vm.mac, vm.epoch);
         }
         Command::Groups => {
-            println!("{:>6} {:>8} {:>10} {:>10}", "GROUP", "MEMBERS", "MIN_EPOCH", "MAX_EPOCH");
+            println!(
+                "{:>6} {:>8} {:>10} {:>10}",
+                "GROUP", "MEMBERS", "MIN_EPOCH", "MAX_EPOCH"
+            );
             for g in client.groups().await? {
-                println!("{:>6} {:>8} {:>10} {:>10}", g.group, g.members, g.min_epoch, g.max_epoch);
+                println!(
+                    "{:>6} {:>8} {:>10} {:>10}",
+                    g.group, g.members, g.min_epoch, g.max_epoch
+                );
             }
         }
         Command::Ports => {
@@ -307,9 +331,15 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 }
                 // The buffer's part, when one runs.
                 if let Ok(report) = client.holds().await {
-                    println!("\nheld now: {} frames, {} bytes", report.held_frames, report.held_bytes);
+                    println!(
+                        "\nheld now: {} frames, {} bytes",
+                        report.held_frames, report.held_bytes
+                    );
                     for q in &report.queues {
-                        println!("  {:<28} {:>8} frames {:>10} bytes  oldest {} ms", q.queue, q.frames, q.bytes, q.oldest_ms);
+                        println!(
+                            "  {:<28} {:>8} frames {:>10} bytes  oldest {} ms",
+                            q.queue, q.frames, q.bytes, q.oldest_ms
+                        );
                     }
                 }
             }
@@ -319,23 +349,48 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!("held now: {} frames, {} bytes (bound {} bytes)", report.held_frames, report.held_bytes, report.max_bytes);
+                println!(
+                    "held now: {} frames, {} bytes (bound {} bytes)",
+                    report.held_frames, report.held_bytes, report.max_bytes
+                );
                 for q in &report.queues {
-                    println!("  {:<28} {:>8} frames {:>10} bytes  oldest {:>6} ms  dropped(bound) {}{}",
-                        q.queue, q.frames, q.bytes, q.oldest_ms, q.dropped_bound, if q.draining { "  draining" } else { "" });
+                    println!(
+                        "  {:<28} {:>8} frames {:>10} bytes  oldest {:>6} ms  dropped(bound) {}{}",
+                        q.queue,
+                        q.frames,
+                        q.bytes,
+                        q.oldest_ms,
+                        q.dropped_bound,
+                        if q.draining { "  draining" } else { "" }
+                    );
                 }
-                let totals: Vec<String> = report.totals.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                let totals: Vec<String> = report
+                    .totals
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect();
                 println!("totals: {}", totals.join(", "));
-                let kernel: Vec<String> = report.kernel.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                let kernel: Vec<String> = report
+                    .kernel
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect();
                 println!("lost in the kernel: {}", kernel.join(", "));
                 if report.hold_time_count > 0 {
-                    println!("mean hold time: {:.1} ms over {} frames", 1000.0 * report.hold_time_sum_seconds / report.hold_time_count as f64, report.hold_time_count);
+                    println!(
+                        "mean hold time: {:.1} ms over {} frames",
+                        1000.0 * report.hold_time_sum_seconds / report.hold_time_count as f64,
+                        report.hold_time_count
+                    );
                 }
             }
         }
         Command::Abort { group, epoch } => {
             let vms = client.abort(group, epoch).await?;
-            println!("group {group} back at epoch {epoch} ({} VMs rolled back); held frames delivered", vms.len());
+            println!(
+                "group {group} back at epoch {epoch} ({} VMs rolled back); held frames delivered",
+                vms.len()
+            );
         }
         Command::Mode { mode: None } => {
             println!("{:?}", client.config().await?.type3_mode);
@@ -344,7 +399,10 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             println!("{:?}", client.set_mode(mode.into()).await?.type3_mode);
         }
         Command::Bench(BenchCommand::TcpSkew { skews, figure }) => {
-            anyhow::ensure!(!skews.is_empty() && skews.iter().all(|s| *s > 0.0 && *s <= 30.0), "--skews must be between 0 and 30 s");
+            anyhow::ensure!(
+                !skews.is_empty() && skews.iter().all(|s| *s > 0.0 && *s <= 30.0),
+                "--skews must be between 0 and 30 s"
+            );
             println!("{}", crate::bench::tcp_skew(&skews, &figure).await?);
         }
         Command::Bench(BenchCommand::Hold { seconds }) => {
@@ -352,7 +410,10 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             println!("{}", crate::bench::hold(seconds).await?);
         }
         Command::Bench(BenchCommand::Datapath { rounds, seconds }) => {
-            anyhow::ensure!(rounds >= 1 && seconds > 0.0, "--rounds must be at least 1 and --seconds positive");
+            anyhow::ensure!(
+                rounds >= 1 && seconds > 0.0,
+                "--rounds must be at least 1 and --seconds positive"
+            );
             let report = tokio::task::spawn_blocking(move || {
                 crate::bench::datapath(&crate::bench::DatapathBenchOptions { rounds, seconds })
             })
@@ -360,8 +421,13 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             println!("{report}");
         }
         Command::Teardown { pin_root } => {
-            if datapath::teardown(&pin_root).with_context(|| format!("removing {}", pin_root.display()))? {
-                println!("removed {} (programs detached, maps freed)", pin_root.display());
+            if datapath::teardown(&pin_root)
+                .with_context(|| format!("removing {}", pin_root.display()))?
+            {
+                println!(
+                    "removed {} (programs detached, maps freed)",
+                    pin_root.display()
+                );
             } else {
                 println!("nothing pinned at {}", pin_root.display());
             }

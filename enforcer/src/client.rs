@@ -42,7 +42,11 @@ pub struct Client {
 impl Client {
     pub fn new(base: impl Into<String>, token: Option<String>) -> Self {
         let base = base.into().trim_end_matches('/').to_owned();
-        Self { base, token, http: reqwest::Client::new() }
+        Self {
+            base,
+            token,
+            http: reqwest::Client::new(),
+        }
     }
 
     async fn call<B: Serialize, T: DeserializeOwned>(
@@ -59,7 +63,10 @@ impl Client {
         if let Some(body) = body {
             req = req.json(body);
         }
-        let resp = req.send().await.map_err(|source| ClientError::Connect { url: url.clone(), source })?;
+        let resp = req.send().await.map_err(|source| ClientError::Connect {
+            url: url.clone(),
+            source,
+        })?;
         let status = resp.status();
         if !status.is_success() {
             let message = match resp.json::<ErrorBody>().await {
@@ -68,7 +75,9 @@ impl Client {
             };
             return Err(ClientError::Api { status, message });
         }
-        resp.json().await.map_err(|source| ClientError::Decode { url, source })
+        resp.json()
+            .await
+            .map_err(|source| ClientError::Decode { url, source })
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
@@ -94,20 +103,32 @@ impl Client {
         port: &str,
         epoch: Option<u32>,
     ) -> Result<VmRecord, ClientError> {
-        let body = RegisterVm { mac, group, port: port.to_owned(), epoch };
+        let body = RegisterVm {
+            mac,
+            group,
+            port: port.to_owned(),
+            epoch,
+        };
         self.call(Method::POST, "/v1/vms", Some(&body)).await
     }
 
     pub async fn unregister_vm(&self, mac: MacAddr) -> Result<VmRecord, ClientError> {
-        self.call::<(), _>(Method::DELETE, &format!("/v1/vms/{mac}"), None).await
+        self.call::<(), _>(Method::DELETE, &format!("/v1/vms/{mac}"), None)
+            .await
     }
 
     pub async fn set_epoch(&self, mac: MacAddr, epoch: u32) -> Result<VmRecord, ClientError> {
-        self.call(Method::PUT, &format!("/v1/vms/{mac}/epoch"), Some(&SetEpoch { epoch })).await
+        self.call(
+            Method::PUT,
+            &format!("/v1/vms/{mac}/epoch"),
+            Some(&SetEpoch { epoch }),
+        )
+        .await
     }
 
     pub async fn advance(&self, mac: MacAddr) -> Result<VmRecord, ClientError> {
-        self.call::<(), _>(Method::POST, &format!("/v1/vms/{mac}/advance"), None).await
+        self.call::<(), _>(Method::POST, &format!("/v1/vms/{mac}/advance"), None)
+            .await
     }
 
     pub async fn groups(&self) -> Result<Vec<GroupRecord>, ClientError> {
@@ -119,7 +140,12 @@ impl Client {
     }
 
     pub async fn abort(&self, group: u32, epoch: u32) -> Result<Vec<VmRecord>, ClientError> {
-        self.call(Method::POST, &format!("/v1/groups/{group}/abort"), Some(&Abort { epoch })).await
+        self.call(
+            Method::POST,
+            &format!("/v1/groups/{group}/abort"),
+            Some(&Abort { epoch }),
+        )
+        .await
     }
 
     pub async fn ports(&self) -> Result<Vec<AttachedPort>, ClientError> {
@@ -135,7 +161,12 @@ impl Client {
     }
 
     pub async fn set_mode(&self, mode: ModeName) -> Result<Config, ClientError> {
-        self.call(Method::PUT, "/v1/config", Some(&Config { type3_mode: mode })).await
+        self.call(
+            Method::PUT,
+            "/v1/config",
+            Some(&Config { type3_mode: mode }),
+        )
+        .await
     }
 
     /// `GET /metrics`, as text.
@@ -145,10 +176,18 @@ impl Client {
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
         }
-        let resp = req.send().await.map_err(|source| ClientError::Connect { url: url.clone(), source })?;
+        let resp = req.send().await.map_err(|source| ClientError::Connect {
+            url: url.clone(),
+            source,
+        })?;
         if !resp.status().is_success() {
-            return Err(ClientError::Api { status: resp.status(), message: "metrics".into() });
+            return Err(ClientError::Api {
+                status: resp.status(),
+                message: "metrics".into(),
+            });
         }
-        resp.text().await.map_err(|source| ClientError::Decode { url, source })
+        resp.text()
+            .await
+            .map_err(|source| ClientError::Decode { url, source })
     }
 }

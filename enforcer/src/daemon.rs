@@ -36,8 +36,13 @@ pub enum DaemonError {
     #[error(transparent)]
     Ports(#[from] PortError),
     #[error("listening on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
-    #[error("refusing to serve the API on non-loopback {0} without a token (--token or ENFORCER_TOKEN)")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "refusing to serve the API on non-loopback {0} without a token (--token or ENFORCER_TOKEN)"
+    )]
     TokenRequired(SocketAddr),
     #[error("serving the API: {0}")]
     Serve(std::io::Error),
@@ -71,7 +76,9 @@ impl Running {
         let result = self.task.await.unwrap_or(Ok(()));
         let buffer = self.state.buffer.lock().expect("buffer lock").take();
         let report = match buffer {
-            Some(buffer) => tokio::task::spawn_blocking(move || buffer.stop(graceful)).await.unwrap_or(None),
+            Some(buffer) => tokio::task::spawn_blocking(move || buffer.stop(graceful))
+                .await
+                .unwrap_or(None),
             None => None,
         };
         result.map(|()| report)
@@ -101,7 +108,9 @@ pub async fn start(config: DaemonConfig) -> Result<Running, DaemonError> {
     // Until a buffer socket is bound, nothing may be redirected to a hold device.
     datapath.set_hold_ifindex(0)?;
     if datapath.type3_mode()? == Type3Mode::Buffer && config.hold.is_none() {
-        warn!("Type-3 mode is `buffer` but the buffer daemon is off: Type-3 frames are dropped and counted as type3_unbuffered");
+        warn!(
+            "Type-3 mode is `buffer` but the buffer daemon is off: Type-3 frames are dropped and counted as type3_unbuffered"
+        );
     }
 
     let mut watcher = PortWatcher::new(config.ports.clone()).await?;
@@ -110,20 +119,31 @@ pub async fn start(config: DaemonConfig) -> Result<Running, DaemonError> {
     }
     datapath.remove_stale_links();
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| DaemonError::Listen { addr: config.listen, source })?;
+    let listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| DaemonError::Listen {
+                addr: config.listen,
+                source,
+            })?;
     let addr = listener.local_addr().map_err(DaemonError::Serve)?;
     let datapath = Arc::new(Mutex::new(datapath));
     let buffer = match config.hold.clone() {
         Some(opts) => {
             let dp = datapath.clone();
-            Some(tokio::task::spawn_blocking(move || Buffer::start(dp, opts)).await.expect("buffer start task")?)
+            Some(
+                tokio::task::spawn_blocking(move || Buffer::start(dp, opts))
+                    .await
+                    .expect("buffer start task")?,
+            )
         }
         None => None,
     };
-    let state: Shared =
-        Arc::new(AppState { datapath, token: config.token, buffer: std::sync::Mutex::new(buffer) });
+    let state: Shared = Arc::new(AppState {
+        datapath,
+        token: config.token,
+        buffer: std::sync::Mutex::new(buffer),
+    });
     info!(%addr, "API listening");
 
     let (shutdown, mut stopped) = tokio::sync::watch::channel(false);
@@ -147,7 +167,12 @@ pub async fn start(config: DaemonConfig) -> Result<Running, DaemonError> {
             _ = stopped.wait_for(|s| *s) => Ok(()),
         }
     });
-    Ok(Running { addr, state, shutdown, task })
+    Ok(Running {
+        addr,
+        state,
+        shutdown,
+        task,
+    })
 }
 
 async fn apply_port_event(state: &Shared, event: PortEvent) {

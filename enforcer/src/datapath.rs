@@ -68,7 +68,10 @@ pub enum DatapathError {
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("pinning program {name}: {detail}")]
     PinProgram { name: &'static str, detail: String },
     #[error("map {0} missing from the eBPF object")]
@@ -87,7 +90,11 @@ pub enum DatapathError {
         "pinned map {path} does not fit this build (key/value/entries {found:?}, expected {expected:?}): \
          it was left by another version; run `enforcer teardown --pin-root ...` first"
     )]
-    IncompatiblePin { path: PathBuf, found: (u32, u32, u32), expected: (u32, u32, u32) },
+    IncompatiblePin {
+        path: PathBuf,
+        found: (u32, u32, u32),
+        expected: (u32, u32, u32),
+    },
     #[error("unknown Type-3 mode value {0} in the config map")]
     BadMode(u32),
 }
@@ -124,11 +131,15 @@ impl Datapath {
             return Err(DatapathError::NoBpffs(bpffs.to_owned()));
         }
         let links_dir = pin_root.join("links");
-        fs::create_dir_all(&links_dir)
-            .map_err(|source| DatapathError::PinDir { path: links_dir.clone(), source })?;
+        fs::create_dir_all(&links_dir).map_err(|source| DatapathError::PinDir {
+            path: links_dir.clone(),
+            source,
+        })?;
 
-        let pins: Vec<(&'static str, PathBuf)> =
-            names::ALL.iter().map(|name| (*name, pin_root.join(name))).collect();
+        let pins: Vec<(&'static str, PathBuf)> = names::ALL
+            .iter()
+            .map(|name| (*name, pin_root.join(name)))
+            .collect();
         let adopted = pins.iter().filter(|(_, path)| path.exists()).count();
         check_pinned_layouts(&pins)?;
         let mut loader = EbpfLoader::new();
@@ -138,22 +149,41 @@ impl Datapath {
         let mut ebpf = loader.load(EBPF_OBJECT)?;
 
         let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?;
-        tc.load().map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
+        tc.load().map_err(|source| DatapathError::Program {
+            name: TC_PROGRAM,
+            source,
+        })?;
         let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
-        xdp.load().map_err(|source| DatapathError::Program { name: XDP_PROGRAM, source })?;
+        xdp.load().map_err(|source| DatapathError::Program {
+            name: XDP_PROGRAM,
+            source,
+        })?;
         let hold: &mut Xdp = program(&mut ebpf, HOLD_PROGRAM)?;
-        hold.load().map_err(|source| DatapathError::Program { name: HOLD_PROGRAM, source })?;
+        hold.load().map_err(|source| DatapathError::Program {
+            name: HOLD_PROGRAM,
+            source,
+        })?;
         // Pin the programs too (`bpftool prog show pinned ...`); a restart replaces the pins
         // of the previous daemon's programs, which stay alive while links still use them.
         for name in [TC_PROGRAM, XDP_PROGRAM, HOLD_PROGRAM] {
             let path = pin_root.join(name);
             let _ = fs::remove_file(&path);
-            let prog = ebpf.program_mut(name).ok_or(DatapathError::MissingMap(name))?;
-            prog.pin(&path).map_err(|e| DatapathError::PinProgram { name, detail: e.to_string() })?;
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingMap(name))?;
+            prog.pin(&path).map_err(|e| DatapathError::PinProgram {
+                name,
+                detail: e.to_string(),
+            })?;
         }
 
         info!(pin_root = %pin_root.display(), adopted_maps = adopted, ?mode, "datapath loaded");
-        let mut dp = Self { ebpf, pin_root: pin_root.to_owned(), mode, ports: BTreeMap::new() };
+        let mut dp = Self {
+            ebpf,
+            pin_root: pin_root.to_owned(),
+            mode,
+            ports: BTreeMap::new(),
+        };
         dp.rebuild_epoch_cache()?;
         Ok(dp)
     }
@@ -169,7 +199,12 @@ impl Datapath {
         for (mac, vm) in vms {
             let e = &mut entries[cache_index(&mac) as usize];
             if e.state & CACHE_OCCUPIED == 0 {
-                *e = CachedVm { mac, vm, state: CACHE_OCCUPIED | (e.state & CACHE_OVERFLOW), _pad: 0 };
+                *e = CachedVm {
+                    mac,
+                    vm,
+                    state: CACHE_OCCUPIED | (e.state & CACHE_OVERFLOW),
+                    _pad: 0,
+                };
             } else {
                 e.state |= CACHE_OVERFLOW;
             }
@@ -187,19 +222,30 @@ impl Datapath {
         let entry = self.epoch_cache_map()?.get(&index, 0)?;
         let occupant = entry.state & CACHE_OCCUPIED != 0;
         let new = match vm {
-            Some(vm) if !occupant || entry.mac == *mac => {
-                CachedVm { mac: *mac, vm, state: CACHE_OCCUPIED | (entry.state & CACHE_OVERFLOW), _pad: 0 }
-            }
+            Some(vm) if !occupant || entry.mac == *mac => CachedVm {
+                mac: *mac,
+                vm,
+                state: CACHE_OCCUPIED | (entry.state & CACHE_OVERFLOW),
+                _pad: 0,
+            },
             // Another VM holds the slot: this one lives in `epochs` only.
-            Some(_) => CachedVm { state: entry.state | CACHE_OVERFLOW, ..entry },
-            None if occupant && entry.mac != *mac && entry.state & CACHE_OVERFLOW == 0 => return Ok(()),
+            Some(_) => CachedVm {
+                state: entry.state | CACHE_OVERFLOW,
+                ..entry
+            },
+            None if occupant && entry.mac != *mac && entry.state & CACHE_OVERFLOW == 0 => {
+                return Ok(());
+            }
             // Removed (or the overflow set changed): rebuild this index from `epochs`.
             None => {
                 let same: Vec<(MacKey, VmEpoch)> = crate::epochs::EpochStore::vms(self)?
                     .into_iter()
                     .filter(|(m, _)| cache_index(m) == index)
                     .collect();
-                let keep = same.iter().find(|(m, _)| occupant && *m == entry.mac).or(same.first());
+                let keep = same
+                    .iter()
+                    .find(|(m, _)| occupant && *m == entry.mac)
+                    .or(same.first());
                 match keep {
                     Some((m, v)) => CachedVm {
                         mac: *m,
@@ -226,7 +272,9 @@ impl Datapath {
     }
 
     fn link_pin(&self, ifindex: u32) -> PathBuf {
-        self.pin_root.join("links").join(format!("{}-{ifindex}", self.mode.link_prefix()))
+        self.pin_root
+            .join("links")
+            .join(format!("{}-{ifindex}", self.mode.link_prefix()))
     }
 
     /// Attaches the program to a port, adopting a link a previous daemon pinned for it.
@@ -236,7 +284,10 @@ impl Datapath {
             return Ok(ifindex);
         }
         let pin = self.link_pin(ifindex);
-        let link_err = |detail: String| DatapathError::Link { port: name.to_owned(), detail };
+        let link_err = |detail: String| DatapathError::Link {
+            port: name.to_owned(),
+            detail,
+        };
 
         let adopted = match PinnedLink::from_pin(&pin) {
             Ok(old) => match self.swap_into(FdLink::from(old)) {
@@ -262,7 +313,14 @@ impl Datapath {
         };
         self.ensure_port_slot(ifindex)?;
         info!(port = name, ifindex, adopted = was_adopted, "attached");
-        self.ports.insert(ifindex, PortLink { name: name.to_owned(), pin, _link: link });
+        self.ports.insert(
+            ifindex,
+            PortLink {
+                name: name.to_owned(),
+                pin,
+                _link: link,
+            },
+        );
         Ok(ifindex)
     }
 
@@ -279,7 +337,8 @@ impl Datapath {
             }
             AttachMode::Xdp => {
                 let link = XdpLink::try_from(old).map_err(|e| e.to_string())?;
-                let prog: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM).map_err(|e| e.to_string())?;
+                let prog: &mut Xdp =
+                    program(&mut self.ebpf, XDP_PROGRAM).map_err(|e| e.to_string())?;
                 let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
                 let link = prog.take_link(id).map_err(|e| e.to_string())?;
                 link.try_into().map_err(|e: LinkError| e.to_string())
@@ -288,7 +347,10 @@ impl Datapath {
     }
 
     fn attach_new(&mut self, name: &str) -> Result<FdLink, DatapathError> {
-        let link_err = |detail: String| DatapathError::Link { port: name.to_owned(), detail };
+        let link_err = |detail: String| DatapathError::Link {
+            port: name.to_owned(),
+            detail,
+        };
         match self.mode {
             AttachMode::Tc => {
                 let prog: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
@@ -306,7 +368,9 @@ impl Datapath {
             }
             AttachMode::Xdp => {
                 let prog: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
-                let id = prog.attach(name, XdpMode::Default).map_err(|e| link_err(e.to_string()))?;
+                let id = prog
+                    .attach(name, XdpMode::Default)
+                    .map_err(|e| link_err(e.to_string()))?;
                 prog.take_link(id)
                     .map_err(|e| link_err(e.to_string()))?
                     .try_into()
@@ -317,7 +381,10 @@ impl Datapath {
 
     /// Detaches from a port (it left the bridge or was deleted) and removes its link pin.
     pub fn detach(&mut self, ifindex: u32) -> Result<(), DatapathError> {
-        let port = self.ports.remove(&ifindex).ok_or(DatapathError::NotAttached(ifindex))?;
+        let port = self
+            .ports
+            .remove(&ifindex)
+            .ok_or(DatapathError::NotAttached(ifindex))?;
         // Removing the pin and dropping our fd, the last references, detaches the program.
         if let Err(err) = fs::remove_file(&port.pin) {
             warn!(port = port.name, %err, "removing link pin");
@@ -340,16 +407,24 @@ impl Datapath {
     pub fn attached_ports(&self) -> Vec<AttachedPort> {
         self.ports
             .iter()
-            .map(|(ifindex, port)| AttachedPort { ifindex: *ifindex, name: port.name.clone() })
+            .map(|(ifindex, port)| AttachedPort {
+                ifindex: *ifindex,
+                name: port.name.clone(),
+            })
             .collect()
     }
 
     /// Removes link pins of ports this daemon did not attach (ports gone while it was down).
     pub fn remove_stale_links(&self) {
-        let Ok(entries) = fs::read_dir(self.pin_root.join("links")) else { return };
+        let Ok(entries) = fs::read_dir(self.pin_root.join("links")) else {
+            return;
+        };
         for entry in entries.flatten() {
             let file = entry.file_name();
-            let known = self.ports.keys().any(|ifindex| self.link_pin(*ifindex).file_name() == Some(&file));
+            let known = self
+                .ports
+                .keys()
+                .any(|ifindex| self.link_pin(*ifindex).file_name() == Some(&file));
             if !known {
                 info!(pin = %entry.path().display(), "removing stale link pin");
                 let _ = fs::remove_file(entry.path());
@@ -370,14 +445,17 @@ impl Datapath {
             .find(|s| !used.contains(s))
             .ok_or(DatapathError::NoFreeSlot(MAX_PORTS - 1))?;
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::IoError(e))?;
-        let zero = PerCpuValues::try_from(vec![PortCounters::default(); cpus]).map_err(MapError::IoError)?;
+        let zero = PerCpuValues::try_from(vec![PortCounters::default(); cpus])
+            .map_err(MapError::IoError)?;
         self.port_stats_map()?.set(slot, zero, 0)?;
         self.port_slots_map()?.insert(ifindex, slot, 0)?;
         Ok(slot)
     }
 
     fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DatapathError> {
-        self.ebpf.map_mut(name).ok_or(DatapathError::MissingMap(name))
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))
     }
 
     fn epochs_map(&mut self) -> Result<HashMap<&mut MapData, MacKey, VmEpoch>, DatapathError> {
@@ -434,12 +512,21 @@ impl Datapath {
     /// `links/hold`: if the daemon dies, frames still redirected there are counted
     /// (`hold_kernel.no_socket`) instead of vanishing. Returns the pin.
     pub fn attach_hold_program(&mut self, device: &str) -> Result<PathBuf, DatapathError> {
-        let err = |detail: String| DatapathError::Link { port: device.to_owned(), detail };
+        let err = |detail: String| DatapathError::Link {
+            port: device.to_owned(),
+            detail,
+        };
         let pin = self.pin_root.join("links").join("hold");
         let _ = fs::remove_file(&pin);
         let prog: &mut Xdp = program(&mut self.ebpf, HOLD_PROGRAM)?;
-        let id = prog.attach(device, XdpMode::Driver).map_err(|e| err(e.to_string()))?;
-        let link: FdLink = prog.take_link(id).map_err(|e| err(e.to_string()))?.try_into().map_err(|e: LinkError| err(e.to_string()))?;
+        let id = prog
+            .attach(device, XdpMode::Driver)
+            .map_err(|e| err(e.to_string()))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(|e| err(e.to_string()))?
+            .try_into()
+            .map_err(|e: LinkError| err(e.to_string()))?;
         link.pin(&pin).map_err(|e| err(e.to_string()))?;
         Ok(pin)
     }
@@ -517,8 +604,13 @@ impl Datapath {
             AttachMode::Tc => TC_PROGRAM,
             AttachMode::Xdp => XDP_PROGRAM,
         };
-        let prog = self.ebpf.program(name).ok_or(DatapathError::MissingMap(name))?;
-        let fd = prog.fd().map_err(|source| DatapathError::Program { name, source })?;
+        let prog = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let fd = prog
+            .fd()
+            .map_err(|source| DatapathError::Program { name, source })?;
         Ok(fd.as_fd().as_raw_fd())
     }
 
@@ -528,8 +620,12 @@ impl Datapath {
             AttachMode::Tc => TC_PROGRAM,
             AttachMode::Xdp => XDP_PROGRAM,
         };
-        let prog = self.ebpf.program(name).ok_or(DatapathError::MissingMap(name))?;
-        prog.info().map_err(|source| DatapathError::Program { name, source })
+        let prog = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        prog.info()
+            .map_err(|source| DatapathError::Program { name, source })
     }
 }
 
@@ -612,25 +708,36 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, D
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let prog = ebpf.program_mut(name).ok_or(DatapathError::MissingMap(name))?;
-    prog.try_into().map_err(|source| DatapathError::Program { name, source })
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingMap(name))?;
+    prog.try_into()
+        .map_err(|source| DatapathError::Program { name, source })
 }
 
 /// Refuses to adopt pinned maps whose layout differs from this build's (a daemon of another
 /// version left them): reading them with the wrong layout would be garbage.
 fn check_pinned_layouts(pins: &[(&'static str, PathBuf)]) -> Result<(), DatapathError> {
-    let object = aya_obj::Object::parse(EBPF_OBJECT)
-        .map_err(|e| DatapathError::Link { port: "(object)".into(), detail: e.to_string() })?;
+    let object = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| DatapathError::Link {
+        port: "(object)".into(),
+        detail: e.to_string(),
+    })?;
     for (name, path) in pins {
         if !path.exists() {
             continue;
         }
-        let Some(def) = object.maps.get(*name) else { continue };
+        let Some(def) = object.maps.get(*name) else {
+            continue;
+        };
         let expected = (def.key_size(), def.value_size(), def.max_entries());
         let info = aya::maps::MapInfo::from_pin(path)?;
         let found = (info.key_size(), info.value_size(), info.max_entries());
         if found != expected {
-            return Err(DatapathError::IncompatiblePin { path: path.clone(), found, expected });
+            return Err(DatapathError::IncompatiblePin {
+                path: path.clone(),
+                found,
+                expected,
+            });
         }
     }
     Ok(())
@@ -638,13 +745,14 @@ fn check_pinned_layouts(pins: &[(&'static str, PathBuf)]) -> Result<(), Datapath
 
 /// The ifindex of an interface, by name.
 pub fn ifindex_of(name: &str) -> Result<u32, DatapathError> {
-    nix::net::if_::if_nametoindex(name).map_err(|_| DatapathError::UnknownInterface(name.to_owned()))
+    nix::net::if_::if_nametoindex(name)
+        .map_err(|_| DatapathError::UnknownInterface(name.to_owned()))
 }
 
 fn is_bpffs(path: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
     nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false)
 }
 
@@ -661,7 +769,11 @@ pub fn teardown(pin_root: &Path) -> io::Result<bool> {
 /// Runs a loaded program `repeat` times over `frame` with BPF_PROG_TEST_RUN, as if the frame
 /// arrived on the loopback device; returns the program's return value and the kernel's mean
 /// run time per repetition in ns.
-pub fn prog_test_run(prog_fd: std::os::fd::RawFd, frame: &[u8], repeat: u32) -> io::Result<(u32, u32)> {
+pub fn prog_test_run(
+    prog_fd: std::os::fd::RawFd,
+    frame: &[u8],
+    repeat: u32,
+) -> io::Result<(u32, u32)> {
     use aya_obj::generated::{bpf_attr, bpf_cmd};
     let mut out = vec![0u8; frame.len() + 512];
     // SAFETY: bpf_attr is a plain C union of integer fields; all-zero is its "unset" state.

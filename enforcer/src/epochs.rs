@@ -40,7 +40,11 @@ pub enum EpochError<E: std::error::Error + 'static> {
     #[error("port {port} already carries VM {mac}")]
     PortTaken { port: u32, mac: MacAddr },
     #[error("epoch of {mac} cannot go backwards from {current} to {requested}")]
-    Backwards { mac: MacAddr, current: u32, requested: u32 },
+    Backwards {
+        mac: MacAddr,
+        current: u32,
+        requested: u32,
+    },
     #[error("group {0} is out of range: group ids go from 0 to {max}", max = MAX_GROUPS - 1)]
     BadGroup(u32),
     #[error("epoch of {mac} is already at the maximum")]
@@ -60,7 +64,12 @@ pub struct VmRecord {
 
 impl VmRecord {
     pub fn new(mac: MacKey, vm: VmEpoch) -> Self {
-        Self { mac: mac.into(), group: vm.group, epoch: vm.epoch, ifindex: vm.ifindex }
+        Self {
+            mac: mac.into(),
+            group: vm.group,
+            epoch: vm.epoch,
+            ifindex: vm.ifindex,
+        }
     }
 }
 
@@ -74,8 +83,12 @@ pub struct GroupRecord {
 }
 
 pub fn list_vms<S: EpochStore>(store: &mut S) -> Result<Vec<VmRecord>, EpochError<S::Error>> {
-    let mut vms: Vec<VmRecord> =
-        store.vms().map_err(EpochError::Store)?.into_iter().map(|(m, v)| VmRecord::new(m, v)).collect();
+    let mut vms: Vec<VmRecord> = store
+        .vms()
+        .map_err(EpochError::Store)?
+        .into_iter()
+        .map(|(m, v)| VmRecord::new(m, v))
+        .collect();
     vms.sort_by_key(|vm| (vm.group, vm.mac));
     Ok(vms)
 }
@@ -96,8 +109,14 @@ pub fn list_groups<S: EpochStore>(store: &mut S) -> Result<Vec<GroupRecord>, Epo
     Ok(groups.into_values().collect())
 }
 
-pub fn get_vm<S: EpochStore>(store: &mut S, mac: MacAddr) -> Result<VmRecord, EpochError<S::Error>> {
-    let vm = store.vm(&mac.key()).map_err(EpochError::Store)?.ok_or(EpochError::UnknownVm(mac))?;
+pub fn get_vm<S: EpochStore>(
+    store: &mut S,
+    mac: MacAddr,
+) -> Result<VmRecord, EpochError<S::Error>> {
+    let vm = store
+        .vm(&mac.key())
+        .map_err(EpochError::Store)?
+        .ok_or(EpochError::UnknownVm(mac))?;
     Ok(VmRecord::new(mac.key(), vm))
 }
 
@@ -120,23 +139,54 @@ pub fn register<S: EpochStore>(
         return Err(EpochError::AlreadyRegistered(mac));
     }
     if let Some(port) = store.port(ifindex).map_err(EpochError::Store)? {
-        return Err(EpochError::PortTaken { port: ifindex, mac: port.mac.into() });
+        return Err(EpochError::PortTaken {
+            port: ifindex,
+            mac: port.mac.into(),
+        });
     }
     let epoch = match epoch {
         Some(epoch) => epoch,
-        None => list_groups(store)?.iter().find(|g| g.group == group).map_or(0, |g| g.max_epoch),
+        None => list_groups(store)?
+            .iter()
+            .find(|g| g.group == group)
+            .map_or(0, |g| g.max_epoch),
     };
-    let slot = store.port_slot(ifindex).map_err(EpochError::Store)?.ok_or(EpochError::PortNotAttached(ifindex))?;
-    let vm = VmEpoch { epoch, group, ifindex, slot, flags: 0, _pad: 0 };
+    let slot = store
+        .port_slot(ifindex)
+        .map_err(EpochError::Store)?
+        .ok_or(EpochError::PortNotAttached(ifindex))?;
+    let vm = VmEpoch {
+        epoch,
+        group,
+        ifindex,
+        slot,
+        flags: 0,
+        _pad: 0,
+    };
     // Port first: from the moment the VM's MAC is known, its port already claims it.
-    store.put_port(ifindex, PortVm { mac: mac.key(), group, _pad: 0 }).map_err(EpochError::Store)?;
+    store
+        .put_port(
+            ifindex,
+            PortVm {
+                mac: mac.key(),
+                group,
+                _pad: 0,
+            },
+        )
+        .map_err(EpochError::Store)?;
     store.put_vm(mac.key(), vm).map_err(EpochError::Store)?;
     refresh_group(store, group, false)?;
     Ok(VmRecord::new(mac.key(), vm))
 }
 
-pub fn unregister<S: EpochStore>(store: &mut S, mac: MacAddr) -> Result<VmRecord, EpochError<S::Error>> {
-    let vm = store.vm(&mac.key()).map_err(EpochError::Store)?.ok_or(EpochError::UnknownVm(mac))?;
+pub fn unregister<S: EpochStore>(
+    store: &mut S,
+    mac: MacAddr,
+) -> Result<VmRecord, EpochError<S::Error>> {
+    let vm = store
+        .vm(&mac.key())
+        .map_err(EpochError::Store)?
+        .ok_or(EpochError::UnknownVm(mac))?;
     store.remove_vm(&mac.key()).map_err(EpochError::Store)?;
     store.remove_port(vm.ifindex).map_err(EpochError::Store)?;
     refresh_group(store, vm.group, false)?;
@@ -162,9 +212,16 @@ pub fn set_epoch<S: EpochStore>(
     epoch: u32,
     drain: bool,
 ) -> Result<EpochChange, EpochError<S::Error>> {
-    let vm = store.vm(&mac.key()).map_err(EpochError::Store)?.ok_or(EpochError::UnknownVm(mac))?;
+    let vm = store
+        .vm(&mac.key())
+        .map_err(EpochError::Store)?
+        .ok_or(EpochError::UnknownVm(mac))?;
     if epoch < vm.epoch {
-        return Err(EpochError::Backwards { mac, current: vm.epoch, requested: epoch });
+        return Err(EpochError::Backwards {
+            mac,
+            current: vm.epoch,
+            requested: epoch,
+        });
     }
     write_epoch(store, mac, vm, epoch, drain)
 }
@@ -176,9 +233,17 @@ fn write_epoch<S: EpochStore>(
     epoch: u32,
     drain: bool,
 ) -> Result<EpochChange, EpochError<S::Error>> {
-    let before = store.group(vm.group).map_err(EpochError::Store)?.map_or(0, |g| g.min_epoch);
+    let before = store
+        .group(vm.group)
+        .map_err(EpochError::Store)?
+        .map_or(0, |g| g.min_epoch);
     if epoch == vm.epoch {
-        return Ok(EpochChange { vm, changed: false, group_min: before, group_min_rose: false });
+        return Ok(EpochChange {
+            vm,
+            changed: false,
+            group_min: before,
+            group_min_rose: false,
+        });
     }
     vm.epoch = epoch;
     if drain {
@@ -187,7 +252,12 @@ fn write_epoch<S: EpochStore>(
     store.put_vm(mac.key(), vm).map_err(EpochError::Store)?;
     // After the member: the group minimum is never ahead of any member.
     let after = refresh_group(store, vm.group, drain)?;
-    Ok(EpochChange { vm, changed: true, group_min: after, group_min_rose: after > before })
+    Ok(EpochChange {
+        vm,
+        changed: true,
+        group_min: after,
+        group_min_rose: after > before,
+    })
 }
 
 /// Moves a VM to the next epoch.
@@ -231,40 +301,48 @@ pub fn roll_back<S: EpochStore>(
         }
     }
     refresh_group(store, group, false)?;
-    if drain {
-        if let Some(mut g) = store.group(group).map_err(EpochError::Store)? {
-            g.flags |= FLAG_DRAINING;
-            store.put_group(group, g).map_err(EpochError::Store)?;
-        }
+    if drain && let Some(mut g) = store.group(group).map_err(EpochError::Store)? {
+        g.flags |= FLAG_DRAINING;
+        store.put_group(group, g).map_err(EpochError::Store)?;
     }
     Ok(changed)
 }
 
 /// Clears the draining flag of a VM (the buffer daemon re-injected everything held for it).
-pub fn clear_vm_draining<S: EpochStore>(store: &mut S, mac: &MacKey) -> Result<(), EpochError<S::Error>> {
-    if let Some(mut vm) = store.vm(mac).map_err(EpochError::Store)? {
-        if vm.flags & FLAG_DRAINING != 0 {
-            vm.flags &= !FLAG_DRAINING;
-            store.put_vm(*mac, vm).map_err(EpochError::Store)?;
-        }
+pub fn clear_vm_draining<S: EpochStore>(
+    store: &mut S,
+    mac: &MacKey,
+) -> Result<(), EpochError<S::Error>> {
+    if let Some(mut vm) = store.vm(mac).map_err(EpochError::Store)?
+        && vm.flags & FLAG_DRAINING != 0
+    {
+        vm.flags &= !FLAG_DRAINING;
+        store.put_vm(*mac, vm).map_err(EpochError::Store)?;
     }
     Ok(())
 }
 
 /// Clears the draining flag of a group.
-pub fn clear_group_draining<S: EpochStore>(store: &mut S, group: u32) -> Result<(), EpochError<S::Error>> {
-    if let Some(mut g) = store.group(group).map_err(EpochError::Store)? {
-        if g.flags & FLAG_DRAINING != 0 {
-            g.flags &= !FLAG_DRAINING;
-            store.put_group(group, g).map_err(EpochError::Store)?;
-        }
+pub fn clear_group_draining<S: EpochStore>(
+    store: &mut S,
+    group: u32,
+) -> Result<(), EpochError<S::Error>> {
+    if let Some(mut g) = store.group(group).map_err(EpochError::Store)?
+        && g.flags & FLAG_DRAINING != 0
+    {
+        g.flags &= !FLAG_DRAINING;
+        store.put_group(group, g).map_err(EpochError::Store)?;
     }
     Ok(())
 }
 
 /// Rewrites a group's entry from its members; keeps its draining flag, and sets it when
 /// `drain` and the minimum moved. Returns the new minimum.
-fn refresh_group<S: EpochStore>(store: &mut S, group: u32, drain: bool) -> Result<u32, EpochError<S::Error>> {
+fn refresh_group<S: EpochStore>(
+    store: &mut S,
+    group: u32,
+    drain: bool,
+) -> Result<u32, EpochError<S::Error>> {
     let old = store.group(group).map_err(EpochError::Store)?;
     match list_groups(store)?.into_iter().find(|g| g.group == group) {
         Some(g) => {
@@ -272,7 +350,12 @@ fn refresh_group<S: EpochStore>(store: &mut S, group: u32, drain: bool) -> Resul
             if drain && old.is_some_and(|o| o.min_epoch != g.min_epoch) {
                 flags |= FLAG_DRAINING;
             }
-            let state = GroupState { min_epoch: g.min_epoch, members: g.members, flags, _pad: 0 };
+            let state = GroupState {
+                min_epoch: g.min_epoch,
+                members: g.members,
+                flags,
+                _pad: 0,
+            };
             store.put_group(group, state).map_err(EpochError::Store)?;
             Ok(g.min_epoch)
         }
@@ -295,8 +378,15 @@ pub struct MemoryStore {
 impl MemoryStore {
     /// A store where the ports with these ifindexes are attached (slot = position + 1).
     pub fn with_ports(ports: &[u32]) -> Self {
-        let slots = ports.iter().enumerate().map(|(i, p)| (*p, i as u32 + 1)).collect();
-        Self { slots, ..Self::default() }
+        let slots = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (*p, i as u32 + 1))
+            .collect();
+        Self {
+            slots,
+            ..Self::default()
+        }
     }
 }
 
@@ -356,12 +446,32 @@ mod tests {
         let mut s = MemoryStore::with_ports(&[11]);
         register(&mut s, mac(1), 7, 11, None).unwrap();
         assert_eq!(advance(&mut s, mac(1), false).unwrap().vm.epoch, 1);
-        assert!(!set_epoch(&mut s, mac(1), 1, false).unwrap().changed, "equal is a no-op");
+        assert!(
+            !set_epoch(&mut s, mac(1), 1, false).unwrap().changed,
+            "equal is a no-op"
+        );
         let err = set_epoch(&mut s, mac(1), 0, false).unwrap_err();
-        assert!(matches!(err, EpochError::Backwards { current: 1, requested: 0, .. }), "{err}");
-        assert_eq!(s.vms[&mac(1).key()].epoch, 1, "a refused update changes nothing");
+        assert!(
+            matches!(
+                err,
+                EpochError::Backwards {
+                    current: 1,
+                    requested: 0,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            s.vms[&mac(1).key()].epoch,
+            1,
+            "a refused update changes nothing"
+        );
         set_epoch(&mut s, mac(1), u32::MAX, false).unwrap();
-        assert!(matches!(advance(&mut s, mac(1), false), Err(EpochError::Overflow { .. })));
+        assert!(matches!(
+            advance(&mut s, mac(1), false),
+            Err(EpochError::Overflow { .. })
+        ));
     }
 
     #[test]
@@ -371,7 +481,15 @@ mod tests {
             register(&mut s, mac(n), 7, 10 + n as u32, Some(0)).unwrap();
         }
         register(&mut s, mac(9), 8, 99, Some(0)).unwrap();
-        assert_eq!(s.groups[&7], GroupState { min_epoch: 0, members: 3, flags: 0, _pad: 0 });
+        assert_eq!(
+            s.groups[&7],
+            GroupState {
+                min_epoch: 0,
+                members: 3,
+                flags: 0,
+                _pad: 0
+            }
+        );
         advance(&mut s, mac(1), false).unwrap();
         assert!(!advance(&mut s, mac(3), false).unwrap().group_min_rose);
         assert_eq!(s.groups[&7].min_epoch, 0, "mac(2) is still at 0");
@@ -396,7 +514,11 @@ mod tests {
         assert_eq!(s.groups[&7].flags, FLAG_DRAINING, "the minimum moved");
         clear_vm_draining(&mut s, &mac(1).key()).unwrap();
         assert_eq!(s.vms[&mac(1).key()].flags, 0);
-        assert_eq!(s.vms[&mac(1).key()].epoch, 1, "clearing the flag keeps the epoch");
+        assert_eq!(
+            s.vms[&mac(1).key()].epoch,
+            1,
+            "clearing the flag keeps the epoch"
+        );
         // A later refresh keeps the group's flag until it is cleared.
         advance(&mut s, mac(1), false).unwrap();
         assert_eq!(s.groups[&7].flags, FLAG_DRAINING);
@@ -412,18 +534,43 @@ mod tests {
     #[test]
     fn registration_rules() {
         let mut s = MemoryStore::with_ports(&[11, 12, 13]);
-        assert!(matches!(register(&mut s, mac(1), 7, 50, None), Err(EpochError::PortNotAttached(50))));
+        assert!(matches!(
+            register(&mut s, mac(1), 7, 50, None),
+            Err(EpochError::PortNotAttached(50))
+        ));
         let vm = register(&mut s, mac(1), 7, 11, Some(4)).unwrap();
-        assert_eq!(s.vms[&vm.mac.key()].slot, 1, "the VM carries its port's counter slot");
-        assert!(matches!(register(&mut s, mac(1), 7, 12, None), Err(EpochError::AlreadyRegistered(_))));
-        assert!(matches!(register(&mut s, mac(2), 7, 11, None), Err(EpochError::PortTaken { port: 11, .. })));
+        assert_eq!(
+            s.vms[&vm.mac.key()].slot,
+            1,
+            "the VM carries its port's counter slot"
+        );
+        assert!(matches!(
+            register(&mut s, mac(1), 7, 12, None),
+            Err(EpochError::AlreadyRegistered(_))
+        ));
+        assert!(matches!(
+            register(&mut s, mac(2), 7, 11, None),
+            Err(EpochError::PortTaken { port: 11, .. })
+        ));
         let bcast = MacAddr([0xff; 6]);
-        assert!(matches!(register(&mut s, bcast, 7, 12, None), Err(EpochError::NotUnicast(_))));
+        assert!(matches!(
+            register(&mut s, bcast, 7, 12, None),
+            Err(EpochError::NotUnicast(_))
+        ));
         // A new member joins at the group's current epoch, not 0.
         assert_eq!(register(&mut s, mac(2), 7, 12, None).unwrap().epoch, 4);
         assert_eq!(register(&mut s, mac(3), 9, 13, None).unwrap().epoch, 0);
-        assert!(matches!(set_epoch(&mut s, mac(50), 1, false), Err(EpochError::UnknownVm(_))));
-        assert!(matches!(register(&mut s, mac(4), MAX_GROUPS, 13, None), Err(EpochError::BadGroup(_))));
-        assert!(matches!(unregister(&mut s, mac(50)), Err(EpochError::UnknownVm(_))));
+        assert!(matches!(
+            set_epoch(&mut s, mac(50), 1, false),
+            Err(EpochError::UnknownVm(_))
+        ));
+        assert!(matches!(
+            register(&mut s, mac(4), MAX_GROUPS, 13, None),
+            Err(EpochError::BadGroup(_))
+        ));
+        assert!(matches!(
+            unregister(&mut s, mac(50)),
+            Err(EpochError::UnknownVm(_))
+        ));
     }
 }

@@ -45,7 +45,7 @@ use enforcer_common::{MAX_GROUPS, MAX_PORTS, MacKey, VmEpoch, hold_kernel, hold_
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
-use xdpilone::{IfInfo, RingRx, Socket, SocketConfig, Umem, UmemConfig, DeviceQueue};
+use xdpilone::{DeviceQueue, IfInfo, RingRx, Socket, SocketConfig, Umem, UmemConfig};
 
 use crate::{
     datapath::{Datapath, DatapathError, ifindex_of},
@@ -66,7 +66,10 @@ pub struct HoldOptions {
 
 impl Default for HoldOptions {
     fn default() -> Self {
-        Self { device: "enfhold".into(), max_bytes: 64 << 20 }
+        Self {
+            device: "enfhold".into(),
+            max_bytes: 64 << 20,
+        }
     }
 }
 
@@ -97,17 +100,31 @@ const RING_DEADLINE: Duration = Duration::from_millis(500);
 /// Messages from the API to the buffer thread.
 pub enum Command {
     /// A VM's entry as the map is about to hold it (`None`: being removed).
-    Vm { mac: MacKey, vm: Option<VmEpoch> },
+    Vm {
+        mac: MacKey,
+        vm: Option<VmEpoch>,
+    },
     /// The map now has the VM at `epoch`, flagged draining.
-    Advanced { mac: MacKey, epoch: u32 },
+    Advanced {
+        mac: MacKey,
+        epoch: u32,
+    },
     /// The group's minimum epoch in the map rose to `min_epoch`, the group flagged draining.
-    GroupAdvanced { group: u32, min_epoch: u32 },
+    GroupAdvanced {
+        group: u32,
+        min_epoch: u32,
+    },
     /// The group's snapshot was aborted: deliver everything held for it, whatever the colors.
-    Release { group: u32 },
+    Release {
+        group: u32,
+    },
     Report(mpsc::Sender<HoldReport>),
     /// Stop. `graceful`: stop redirecting, take in what is in flight, drop (and count) what
     /// cannot be delivered, clear the flags. Otherwise vanish as a crashed daemon would.
-    Stop { graceful: bool, done: mpsc::Sender<HoldReport> },
+    Stop {
+        graceful: bool,
+        done: mpsc::Sender<HoldReport>,
+    },
 }
 
 /// One queue as the API shows it.
@@ -172,9 +189,21 @@ impl Buffer {
         let thread = thread::Builder::new()
             .name("enforcer-hold".into())
             .spawn(move || state.run(rx))
-            .map_err(|e| HoldError::Xsk { device: opts.device.clone(), detail: e.to_string() })?;
-        info!(device = opts.device, max_bytes = opts.max_bytes, "buffer daemon started");
-        Ok(Self { commands, thread: Some(thread), device, link_pin })
+            .map_err(|e| HoldError::Xsk {
+                device: opts.device.clone(),
+                detail: e.to_string(),
+            })?;
+        info!(
+            device = opts.device,
+            max_bytes = opts.max_bytes,
+            "buffer daemon started"
+        );
+        Ok(Self {
+            commands,
+            thread: Some(thread),
+            device,
+            link_pin,
+        })
     }
 
     pub fn send(&self, command: Command) {
@@ -220,14 +249,20 @@ struct HoldDevice {
 }
 
 fn ip(args: &[&str]) -> Result<(), HoldError> {
-    let out = Process::new("ip").args(args).output().map_err(|e| HoldError::Ip {
-        args: args.join(" "),
-        stderr: e.to_string(),
-    })?;
+    let out = Process::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| HoldError::Ip {
+            args: args.join(" "),
+            stderr: e.to_string(),
+        })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(HoldError::Ip { args: args.join(" "), stderr: String::from_utf8_lossy(&out.stderr).trim().into() })
+        Err(HoldError::Ip {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().into(),
+        })
     }
 }
 
@@ -240,20 +275,42 @@ impl HoldDevice {
         // A device left by a daemon that died is stale: replace it.
         let _ = Process::new("ip").args(["link", "del", name]).output();
         // One queue each way: the AF_XDP socket serves queue 0.
-        ip(&["link", "add", name, "numtxqueues", "1", "numrxqueues", "1", "type", "veth", "peer", "name",
-            &socket_side, "numtxqueues", "1", "numrxqueues", "1"])?;
+        ip(&[
+            "link",
+            "add",
+            name,
+            "numtxqueues",
+            "1",
+            "numrxqueues",
+            "1",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &socket_side,
+            "numtxqueues",
+            "1",
+            "numrxqueues",
+            "1",
+        ])?;
         for dev in [name, socket_side.as_str()] {
             let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1");
             ip(&["link", "set", dev, "up"])?;
         }
         let ifindex = ifindex_of(name)?;
-        Ok(Self { name: name.into(), socket_side, ifindex })
+        Ok(Self {
+            name: name.into(),
+            socket_side,
+            ifindex,
+        })
     }
 }
 
 impl Drop for HoldDevice {
     fn drop(&mut self) {
-        let _ = Process::new("ip").args(["link", "del", &self.name]).output();
+        let _ = Process::new("ip")
+            .args(["link", "del", &self.name])
+            .output();
     }
 }
 
@@ -267,13 +324,22 @@ impl UmemArea {
     fn new(len: usize) -> std::io::Result<Self> {
         // SAFETY: an anonymous private mapping with no address hint; checked for MAP_FAILED.
         let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         };
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Self { ptr: NonNull::new(ptr.cast()).expect("mmap returned a non-null pointer"), len })
+        Ok(Self {
+            ptr: NonNull::new(ptr.cast()).expect("mmap returned a non-null pointer"),
+            len,
+        })
     }
 
     /// The bytes of a received frame.
@@ -308,31 +374,60 @@ unsafe impl Send for XskSocket {}
 
 impl XskSocket {
     fn bind(device: &str) -> Result<Self, HoldError> {
-        let err = |detail: String| HoldError::Xsk { device: device.into(), detail };
+        let err = |detail: String| HoldError::Xsk {
+            device: device.into(),
+            detail,
+        };
         let area = UmemArea::new((UMEM_FRAMES * FRAME_SIZE) as usize).map_err(HoldError::Mmap)?;
-        let config = UmemConfig { fill_size: RING_SIZE, complete_size: RING_SIZE, frame_size: FRAME_SIZE, headroom: 0, flags: 0 };
+        let config = UmemConfig {
+            fill_size: RING_SIZE,
+            complete_size: RING_SIZE,
+            frame_size: FRAME_SIZE,
+            headroom: 0,
+            flags: 0,
+        };
         let slice = NonNull::slice_from_raw_parts(area.ptr, area.len);
         // SAFETY: `area` is page aligned (mmap), `len` bytes long, and lives as long as the
         // socket (same struct, dropped after it).
         let umem = unsafe { Umem::new(config, slice) }.map_err(|e| err(format!("UMEM: {e}")))?;
         let mut iface = IfInfo::invalid();
         let name = CString::new(device).map_err(|e| err(e.to_string()))?;
-        iface.from_name(&name).map_err(|e| err(format!("interface: {e}")))?;
+        iface
+            .from_name(&name)
+            .map_err(|e| err(format!("interface: {e}")))?;
         iface.set_queue(0);
         let sock = Socket::with_shared(&iface, &umem).map_err(|e| err(format!("socket: {e}")))?;
-        let mut fill = umem.fq_cq(&sock).map_err(|e| err(format!("fill/completion rings: {e}")))?;
+        let mut fill = umem
+            .fq_cq(&sock)
+            .map_err(|e| err(format!("fill/completion rings: {e}")))?;
         const XDP_COPY: u16 = 1 << 1;
-        let cfg = SocketConfig { rx_size: NonZeroU32::new(RING_SIZE), tx_size: None, bind_flags: XDP_COPY };
-        let rxtx = umem.rx_tx(&sock, &cfg).map_err(|e| err(format!("rx ring: {e}")))?;
-        let rx = rxtx.map_rx().map_err(|e| err(format!("mapping rx ring: {e}")))?;
+        let cfg = SocketConfig {
+            rx_size: NonZeroU32::new(RING_SIZE),
+            tx_size: None,
+            bind_flags: XDP_COPY,
+        };
+        let rxtx = umem
+            .rx_tx(&sock, &cfg)
+            .map_err(|e| err(format!("rx ring: {e}")))?;
+        let rx = rxtx
+            .map_rx()
+            .map_err(|e| err(format!("mapping rx ring: {e}")))?;
         umem.bind(&rxtx).map_err(|e| err(format!("bind: {e}")))?;
-        let mut free: Vec<u64> = (0..UMEM_FRAMES).map(|i| u64::from(i * FRAME_SIZE)).collect();
+        let mut free: Vec<u64> = (0..UMEM_FRAMES)
+            .map(|i| u64::from(i * FRAME_SIZE))
+            .collect();
         let mut writer = fill.fill(RING_SIZE);
         let n = writer.capacity() as usize;
         writer.insert(free.drain(free.len() - n..));
         writer.commit();
         drop(writer);
-        Ok(Self { rx, fill, _umem: umem, free, area })
+        Ok(Self {
+            rx,
+            fill,
+            _umem: umem,
+            free,
+            area,
+        })
     }
 
     /// Hands freed chunks back to the kernel.
@@ -355,7 +450,13 @@ impl XskSocket {
         const XDP_STATISTICS: libc::c_int = 7;
         // SAFETY: getsockopt into a buffer of the size we pass.
         let r = unsafe {
-            libc::getsockopt(self.rx.as_raw_fd(), SOL_XDP, XDP_STATISTICS, stats.as_mut_ptr().cast(), &mut len)
+            libc::getsockopt(
+                self.rx.as_raw_fd(),
+                SOL_XDP,
+                XDP_STATISTICS,
+                stats.as_mut_ptr().cast(),
+                &mut len,
+            )
         };
         if r == 0 { stats[0] + stats[3] } else { 0 }
     }
@@ -424,15 +525,30 @@ impl State {
         totals.resize(hold_totals::LEN as usize, 0);
         // What a previous daemon held in memory, or left unread in its ring, died with it.
         use hold_totals::*;
-        let outcomes: u64 = [REINJECTED, DROPPED_BOUND, DROPPED_SHUTDOWN, LOST_RESTART, LOST_RING, DROPPED_UNKNOWN, INJECT_FAILED]
-            .iter()
-            .map(|i| totals[*i as usize])
-            .sum();
+        let outcomes: u64 = [
+            REINJECTED,
+            DROPPED_BOUND,
+            DROPPED_SHUTDOWN,
+            LOST_RESTART,
+            LOST_RING,
+            DROPPED_UNKNOWN,
+            INJECT_FAILED,
+        ]
+        .iter()
+        .map(|i| totals[*i as usize])
+        .sum();
         let in_memory = totals[RECEIVED as usize].saturating_sub(outcomes);
-        let counted: u64 = read_port.iter().chain(&read_group).sum::<u64>().saturating_sub(no_socket);
+        let counted: u64 = read_port
+            .iter()
+            .chain(&read_group)
+            .sum::<u64>()
+            .saturating_sub(no_socket);
         let unread = counted.saturating_sub(totals[RECEIVED as usize]);
         if in_memory + unread > 0 {
-            warn!(in_memory, unread, "frames held by a previous buffer daemon were lost with it");
+            warn!(
+                in_memory,
+                unread, "frames held by a previous buffer daemon were lost with it"
+            );
         }
         totals[LOST_RESTART as usize] += in_memory + unread;
         totals[RECEIVED as usize] += unread;
@@ -473,7 +589,10 @@ impl State {
     }
 
     fn dp(&self) -> tokio::sync::MutexGuard<'_, Datapath> {
-        self.dp.as_ref().expect("set before the thread starts").blocking_lock()
+        self.dp
+            .as_ref()
+            .expect("set before the thread starts")
+            .blocking_lock()
     }
 
     fn run(mut self, commands: mpsc::Receiver<Command>) {
@@ -483,7 +602,11 @@ impl State {
             loop {
                 match commands.try_recv() {
                     Ok(Command::Stop { graceful, done }) => {
-                        let report = if graceful { Some(self.shutdown()) } else { None };
+                        let report = if graceful {
+                            Some(self.shutdown())
+                        } else {
+                            None
+                        };
                         let _ = done.send(report.unwrap_or_default());
                         return;
                     }
@@ -510,7 +633,11 @@ impl State {
     }
 
     fn wait_for_frames(&self, timeout: Duration) {
-        let mut pfd = libc::pollfd { fd: self.socket.rx.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.socket.rx.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd for the duration of the call.
         unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
     }
@@ -601,7 +728,12 @@ impl State {
         }
         self.held_bytes += data.len();
         queue.bytes += data.len();
-        queue.frames.push_back(Held { data, color, sender, arrived: now });
+        queue.frames.push_back(Held {
+            data,
+            color,
+            sender,
+            arrived: now,
+        });
     }
 
     fn released(&self, key: Key) -> u32 {
@@ -629,25 +761,49 @@ impl State {
             Command::Advanced { mac, epoch } => {
                 self.released_vm.insert(mac, epoch);
                 self.flush(Key::Vm(mac), false);
-                self.drains.insert(Key::Vm(mac), Drain::Pending { since: Instant::now() });
+                self.drains.insert(
+                    Key::Vm(mac),
+                    Drain::Pending {
+                        since: Instant::now(),
+                    },
+                );
             }
             Command::GroupAdvanced { group, min_epoch } => {
                 self.released_group.insert(group, min_epoch);
                 self.flush(Key::Group(group), false);
-                self.drains.insert(Key::Group(group), Drain::Pending { since: Instant::now() });
+                self.drains.insert(
+                    Key::Group(group),
+                    Drain::Pending {
+                        since: Instant::now(),
+                    },
+                );
             }
             Command::Release { group } => {
-                let members: Vec<(MacKey, u32)> =
-                    self.vms.iter().filter(|(_, vm)| vm.group == group).map(|(m, vm)| (*m, vm.epoch)).collect();
+                let members: Vec<(MacKey, u32)> = self
+                    .vms
+                    .iter()
+                    .filter(|(_, vm)| vm.group == group)
+                    .map(|(m, vm)| (*m, vm.epoch))
+                    .collect();
                 let min = members.iter().map(|(_, e)| *e).min().unwrap_or(0);
                 self.released_group.insert(group, min);
                 for (mac, epoch) in &members {
                     self.released_vm.insert(*mac, *epoch);
                     self.flush(Key::Vm(*mac), true);
-                    self.drains.insert(Key::Vm(*mac), Drain::Pending { since: Instant::now() });
+                    self.drains.insert(
+                        Key::Vm(*mac),
+                        Drain::Pending {
+                            since: Instant::now(),
+                        },
+                    );
                 }
                 self.flush(Key::Group(group), true);
-                self.drains.insert(Key::Group(group), Drain::Pending { since: Instant::now() });
+                self.drains.insert(
+                    Key::Group(group),
+                    Drain::Pending {
+                        since: Instant::now(),
+                    },
+                );
             }
             Command::Report(tx) => {
                 let _ = tx.send(self.report());
@@ -674,10 +830,18 @@ impl State {
     /// Sends a frame to its receiver's port (a broadcast: to every other port of the group).
     fn inject(&mut self, key: Key, sender: MacKey, data: &[u8], arrived: Instant) {
         let ports: Vec<u32> = match key {
-            Key::Vm(mac) => self.vms.get(&mac).map(|vm| vec![vm.ifindex]).unwrap_or_default(),
+            Key::Vm(mac) => self
+                .vms
+                .get(&mac)
+                .map(|vm| vec![vm.ifindex])
+                .unwrap_or_default(),
             Key::Group(g) => {
                 let from = self.vms.get(&sender).map(|vm| vm.ifindex);
-                self.vms.values().filter(|vm| vm.group == g && Some(vm.ifindex) != from).map(|vm| vm.ifindex).collect()
+                self.vms
+                    .values()
+                    .filter(|vm| vm.group == g && Some(vm.ifindex) != from)
+                    .map(|vm| vm.ifindex)
+                    .collect()
             }
         };
         let mut ok = !ports.is_empty() || matches!(key, Key::Group(_));
@@ -687,7 +851,10 @@ impl State {
         if ok {
             self.bump(hold_totals::REINJECTED, 1);
             let held = arrived.elapsed().as_secs_f64();
-            let bucket = BUCKETS.iter().position(|b| held <= *b).unwrap_or(BUCKETS.len());
+            let bucket = BUCKETS
+                .iter()
+                .position(|b| held <= *b)
+                .unwrap_or(BUCKETS.len());
             self.hold_hist[bucket] += 1;
             self.hold_sum += held;
         } else {
@@ -719,7 +886,9 @@ impl State {
             let err = std::io::Error::last_os_error();
             match err.raw_os_error() {
                 // The port's queue is full: wait for it rather than lose the frame.
-                Some(libc::ENOBUFS) | Some(libc::EAGAIN) => thread::sleep(Duration::from_micros(20)),
+                Some(libc::ENOBUFS) | Some(libc::EAGAIN) => {
+                    thread::sleep(Duration::from_micros(20))
+                }
                 _ => {
                     warn!(ifindex, %err, "re-injecting a held frame");
                     self.inject.remove(&ifindex);
@@ -782,7 +951,9 @@ impl State {
                     if !queue_empty || now - latest < QUIET {
                         continue;
                     }
-                    let Some(before) = self.kernel_count(key) else { continue };
+                    let Some(before) = self.kernel_count(key) else {
+                        continue;
+                    };
                     if before > read {
                         // Counted but not yet read: let it arrive first, unless nothing came for
                         // so long that it was lost on the way (a full ring): count it, go on.
@@ -803,7 +974,13 @@ impl State {
                         self.drains.remove(&key);
                     } else {
                         self.bump(hold_totals::ORDER_RACES, 1);
-                        self.drains.insert(key, Drain::Waiting { expected: after, deadline: now + RING_DEADLINE });
+                        self.drains.insert(
+                            key,
+                            Drain::Waiting {
+                                expected: after,
+                                deadline: now + RING_DEADLINE,
+                            },
+                        );
                     }
                 }
                 Drain::Waiting { expected, deadline } => {
@@ -828,7 +1005,9 @@ impl State {
         let mut queues: Vec<QueueReport> = self
             .queues
             .iter()
-            .filter(|(k, q)| !q.frames.is_empty() || q.dropped_bound > 0 || self.drains.contains_key(k))
+            .filter(|(k, q)| {
+                !q.frames.is_empty() || q.dropped_bound > 0 || self.drains.contains_key(k)
+            })
             .map(|(k, q)| QueueReport {
                 queue: match k {
                     Key::Vm(mac) => format!("vm {}", MacAddr::from(*mac)),
@@ -836,14 +1015,20 @@ impl State {
                 },
                 frames: q.frames.len() as u64,
                 bytes: q.bytes as u64,
-                oldest_ms: q.frames.front().map_or(0, |h| (now - h.arrived).as_millis() as u64),
+                oldest_ms: q
+                    .frames
+                    .front()
+                    .map_or(0, |h| (now - h.arrived).as_millis() as u64),
                 dropped_bound: q.dropped_bound,
                 draining: self.drains.contains_key(k),
             })
             .collect();
         queues.sort_by(|a, b| a.queue.cmp(&b.queue));
         let mut kernel = std::collections::BTreeMap::new();
-        if let Ok(n) = self.dp().per_cpu_sum(names::HOLD_KERNEL, hold_kernel::NO_SOCKET) {
+        if let Ok(n) = self
+            .dp()
+            .per_cpu_sum(names::HOLD_KERNEL, hold_kernel::NO_SOCKET)
+        {
             kernel.insert("no_socket".to_owned(), n);
         }
         kernel.insert("ring_full".to_owned(), self.socket.ring_full_drops());
@@ -860,7 +1045,10 @@ impl State {
             held_bytes: self.held_bytes as u64,
             max_bytes: self.opts.max_bytes as u64,
             queues,
-            totals: hold_totals::NAMES.iter().map(|(i, n)| ((*n).to_owned(), self.totals[*i as usize])).collect(),
+            totals: hold_totals::NAMES
+                .iter()
+                .map(|(i, n)| ((*n).to_owned(), self.totals[*i as usize]))
+                .collect(),
             kernel,
             hold_time_buckets,
             hold_time_sum_seconds: self.hold_sum,
@@ -906,7 +1094,10 @@ impl State {
             }
         }
         self.flush_totals();
-        info!(dropped = self.totals[hold_totals::DROPPED_SHUTDOWN as usize], "buffer daemon stopped");
+        info!(
+            dropped = self.totals[hold_totals::DROPPED_SHUTDOWN as usize],
+            "buffer daemon stopped"
+        );
         self.report()
     }
 }
@@ -914,7 +1105,10 @@ impl State {
 fn epoch_err(e: epochs::EpochError<DatapathError>) -> HoldError {
     match e {
         epochs::EpochError::Store(e) => HoldError::Datapath(e),
-        other => HoldError::Xsk { device: String::new(), detail: other.to_string() },
+        other => HoldError::Xsk {
+            device: String::new(),
+            detail: other.to_string(),
+        },
     }
 }
 
@@ -946,7 +1140,11 @@ fn packet_socket(ifindex: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: binding our socket to a sockaddr_ll of the size we pass. Protocol 0: it sends
     // only, and receives nothing.
     let r = unsafe {
-        libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_ll).cast(), std::mem::size_of_val(&addr) as u32)
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of_val(&addr) as u32,
+        )
     };
     if r != 0 {
         return Err(std::io::Error::last_os_error());

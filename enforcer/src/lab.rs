@@ -28,7 +28,10 @@ pub enum LabError {
     #[error("entering namespace {netns}: {detail}")]
     Netns { netns: String, detail: String },
     #[error("socket in {netns}: {source}")]
-    Socket { netns: String, source: std::io::Error },
+    Socket {
+        netns: String,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -51,7 +54,10 @@ pub struct Lab {
 
 fn run(args: &[&str]) -> Result<(), LabError> {
     debug!(?args, "ip");
-    let out = Command::new("ip").args(args).output().map_err(LabError::Spawn)?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(LabError::Spawn)?;
     if out.status.success() {
         Ok(())
     } else {
@@ -65,14 +71,24 @@ fn run(args: &[&str]) -> Result<(), LabError> {
 impl Lab {
     /// Creates a bridge `<prefix>br` and `n` VMs `<prefix>-vm<i>` with ports `<prefix>p<i>`.
     pub fn create(prefix: &str, n: usize) -> Result<Lab, LabError> {
-        if prefix.is_empty() || prefix.len() > 6 || !prefix.chars().all(|c| c.is_ascii_alphanumeric()) {
+        if prefix.is_empty()
+            || prefix.len() > 6
+            || !prefix.chars().all(|c| c.is_ascii_alphanumeric())
+        {
             return Err(LabError::BadPrefix(prefix.to_owned()));
         }
-        let mut lab = Lab { prefix: prefix.to_owned(), bridge: format!("{prefix}br"), vms: Vec::new() };
+        let mut lab = Lab {
+            prefix: prefix.to_owned(),
+            bridge: format!("{prefix}br"),
+            vms: Vec::new(),
+        };
         // A leftover lab of the same prefix (a killed run) would make every step fail.
         lab.remove_leftovers(n);
         run(&["link", "add", &lab.bridge, "type", "bridge"])?;
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", lab.bridge), "1");
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", lab.bridge),
+            "1",
+        );
         run(&["link", "set", &lab.bridge, "up"])?;
         for i in 1..=n {
             let vm = LabVm {
@@ -92,11 +108,19 @@ impl Lab {
             // IPv6 off before any interface comes up: no router/neighbour solicitations.
             Command::new("ip")
                 .args(["netns", "exec", &vm.netns, "sysctl", "-qw"])
-                .args(["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
+                .args([
+                    "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                ])
                 .status()
                 .map_err(LabError::Spawn)?;
-            run(&["link", "add", &vm.port, "type", "veth", "peer", "name", "eth0", "netns", &vm.netns])?;
-            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", vm.port), "1");
+            run(&[
+                "link", "add", &vm.port, "type", "veth", "peer", "name", "eth0", "netns", &vm.netns,
+            ])?;
+            let _ = std::fs::write(
+                format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", vm.port),
+                "1",
+            );
             run(&["link", "set", &vm.port, "master", &lab.bridge, "up"])?;
             ns(&["link", "set", "eth0", "address", &vm.mac.to_string()])?;
             ns(&["addr", "add", &format!("{}/24", vm.ip), "dev", "eth0"])?;
@@ -106,8 +130,17 @@ impl Lab {
         for vm in &lab.vms {
             for peer in lab.vms.iter().filter(|p| p.name != vm.name) {
                 run(&[
-                    "-n", &vm.netns, "neigh", "replace", &peer.ip.to_string(), "lladdr",
-                    &peer.mac.to_string(), "dev", "eth0", "nud", "permanent",
+                    "-n",
+                    &vm.netns,
+                    "neigh",
+                    "replace",
+                    &peer.ip.to_string(),
+                    "lladdr",
+                    &peer.mac.to_string(),
+                    "dev",
+                    "eth0",
+                    "nud",
+                    "permanent",
                 ])?;
             }
         }
@@ -115,9 +148,13 @@ impl Lab {
     }
 
     fn remove_leftovers(&self, n: usize) {
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
         for i in 1..=n.max(16) {
-            let _ = Command::new("ip").args(["netns", "del", &format!("{}-vm{i}", self.prefix)]).output();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &format!("{}-vm{i}", self.prefix)])
+                .output();
         }
     }
 
@@ -129,13 +166,19 @@ impl Lab {
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, LabError> {
         let netns = self.vms[vm].netns.clone();
-        let err = |detail: String| LabError::Netns { netns: netns.clone(), detail };
+        let err = |detail: String| LabError::Netns {
+            netns: netns.clone(),
+            detail,
+        };
         let file = File::open(format!("/run/netns/{netns}")).map_err(|e| err(e.to_string()))?;
         let handle = thread::spawn(move || -> Result<T, String> {
             setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())?;
             Ok(f())
         });
-        handle.join().map_err(|_| err("thread panicked".into()))?.map_err(err)
+        handle
+            .join()
+            .map_err(|_| err("thread panicked".into()))?
+            .map_err(err)
     }
 
     /// A UDP socket bound to `port` on the VM's address, inside its namespace.
@@ -162,9 +205,13 @@ impl Drop for Lab {
     fn drop(&mut self) {
         // Deleting a namespace deletes its veth end, and with it the port on the bridge.
         for vm in &self.vms {
-            let _ = Command::new("ip").args(["netns", "del", &vm.netns]).output();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &vm.netns])
+                .output();
         }
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
     }
 }
 
@@ -182,5 +229,9 @@ pub fn force_rcvbuf(socket: &UdpSocket, bytes: libc::c_int) -> std::io::Result<(
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

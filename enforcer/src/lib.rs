@@ -5,8 +5,8 @@
 //! [`api`] + [`client`] (HTTP/JSON), [`metrics`] (Prometheus), [`lab`] (network-namespace
 //! "VMs" for the demo, tests and benchmarks), [`demo`] and [`cli`].
 pub mod api;
-pub mod checksum;
 pub mod bench;
+pub mod checksum;
 pub mod cli;
 pub mod client;
 pub mod daemon;

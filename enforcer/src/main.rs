@@ -7,7 +7,11 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.default_log_filter()))
                 // It warns about every kernel attribute newer than itself; nothing to act on.
-                .add_directive("netlink_packet_route=error".parse().expect("static directive")),
+                .add_directive(
+                    "netlink_packet_route=error"
+                        .parse()
+                        .expect("static directive"),
+                ),
         )
         .with_writer(std::io::stderr)
         .init();

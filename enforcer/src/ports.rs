@@ -49,13 +49,20 @@ impl PortWatcher {
     /// Subscribes to link events first, then lists, so no change between the two is missed.
     pub async fn new(source: PortSource) -> Result<Self, PortError> {
         let (mut conn, handle, messages) = rtnetlink::new_connection()?;
-        conn.socket_mut().socket_mut().bind(&SocketAddr::new(0, RTMGRP_LINK))?;
+        conn.socket_mut()
+            .socket_mut()
+            .bind(&SocketAddr::new(0, RTMGRP_LINK))?;
         tokio::spawn(conn);
         let bridge_ifindex = match &source {
             PortSource::Bridge(name) => Some(link_index(&handle, name).await?),
             PortSource::Named(_) => None,
         };
-        Ok(Self { source, bridge_ifindex, handle, messages })
+        Ok(Self {
+            source,
+            bridge_ifindex,
+            handle,
+            messages,
+        })
     }
 
     /// The ports there are now.
@@ -81,7 +88,9 @@ impl PortWatcher {
     pub async fn next_event(&mut self) -> Option<PortEvent> {
         loop {
             let (msg, _) = self.messages.next().await?;
-            let NetlinkPayload::InnerMessage(msg) = msg.payload else { continue };
+            let NetlinkPayload::InnerMessage(msg) = msg.payload else {
+                continue;
+            };
             match msg {
                 RouteNetlinkMessage::NewLink(link) => {
                     let ifindex = link.header.index;
@@ -93,7 +102,9 @@ impl PortWatcher {
                     });
                 }
                 RouteNetlinkMessage::DelLink(link) => {
-                    return Some(PortEvent::Down { ifindex: link.header.index });
+                    return Some(PortEvent::Down {
+                        ifindex: link.header.index,
+                    });
                 }
                 _ => continue,
             }

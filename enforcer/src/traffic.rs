@@ -42,7 +42,12 @@ impl Message {
         }
         let u16_at = |i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
         let u32_at = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        Some(Self { from: u16_at(4), to: u16_at(6), seq: u32_at(8), color: u32_at(12) })
+        Some(Self {
+            from: u16_at(4),
+            to: u16_at(6),
+            seq: u32_at(8),
+            color: u32_at(12),
+        })
     }
 }
 
@@ -57,13 +62,19 @@ impl Mesh {
         let mut sockets = Vec::new();
         for i in 0..lab.vms.len() {
             let socket = lab.udp_socket(i, MESH_PORT)?;
-            socket.set_nonblocking(true).map_err(|source| LabError::Socket {
-                netns: lab.vms[i].netns.clone(),
-                source,
-            })?;
+            socket
+                .set_nonblocking(true)
+                .map_err(|source| LabError::Socket {
+                    netns: lab.vms[i].netns.clone(),
+                    source,
+                })?;
             sockets.push(socket);
         }
-        let addrs = lab.vms.iter().map(|vm| SocketAddrV4::new(vm.ip, MESH_PORT)).collect();
+        let addrs = lab
+            .vms
+            .iter()
+            .map(|vm| SocketAddrV4::new(vm.ip, MESH_PORT))
+            .collect();
         Ok(Self { sockets, addrs })
     }
 
@@ -78,10 +89,14 @@ impl Mesh {
     /// Sends one message; a frame dropped by the datapath is still "sent" (UDP does not know).
     pub fn send(&self, msg: Message) -> std::io::Result<()> {
         loop {
-            match self.sockets[msg.from as usize].send_to(&msg.encode(), self.addrs[msg.to as usize]) {
+            match self.sockets[msg.from as usize]
+                .send_to(&msg.encode(), self.addrs[msg.to as usize])
+            {
                 Ok(_) => return Ok(()),
                 // The socket buffer is full: wait for the stack to drain it, never lose a send.
-                Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_micros(50)),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_micros(50))
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -144,12 +159,22 @@ pub struct PhaseResult {
 
 /// Sends `per_pair` numbered messages between every ordered pair, with every VM at the epoch
 /// in `epochs`, and reports what each receiver got.
-pub fn exchange(mesh: &Mesh, epochs: &[u32], per_pair: u32, title: &str) -> std::io::Result<PhaseResult> {
+pub fn exchange(
+    mesh: &Mesh,
+    epochs: &[u32],
+    per_pair: u32,
+    title: &str,
+) -> std::io::Result<PhaseResult> {
     let n = mesh.len();
     for seq in 0..per_pair {
         for from in 0..n {
             for to in (0..n).filter(|to| *to != from) {
-                mesh.send(Message { from: from as u16, to: to as u16, seq, color: epochs[from] })?;
+                mesh.send(Message {
+                    from: from as u16,
+                    to: to as u16,
+                    seq,
+                    color: epochs[from],
+                })?;
             }
         }
     }
@@ -157,7 +182,10 @@ pub fn exchange(mesh: &Mesh, epochs: &[u32], per_pair: u32, title: &str) -> std:
     let mut pairs = Vec::new();
     for from in 0..n {
         for to in (0..n).filter(|to| *to != from) {
-            let got: Vec<&Message> = inboxes[to].iter().filter(|m| m.from as usize == from).collect();
+            let got: Vec<&Message> = inboxes[to]
+                .iter()
+                .filter(|m| m.from as usize == from)
+                .collect();
             let mut reordered = 0;
             let mut next = None::<u32>;
             for m in &got {
@@ -178,7 +206,11 @@ pub fn exchange(mesh: &Mesh, epochs: &[u32], per_pair: u32, title: &str) -> std:
             });
         }
     }
-    Ok(PhaseResult { title: title.to_owned(), epochs: epochs.to_vec(), pairs })
+    Ok(PhaseResult {
+        title: title.to_owned(),
+        epochs: epochs.to_vec(),
+        pairs,
+    })
 }
 
 /// The phased scenario: all VMs at epoch 0, then each VM of `order` advances in turn, with an
@@ -212,7 +244,12 @@ mod tests {
 
     #[test]
     fn message_roundtrip_and_rejects_foreign_bytes() {
-        let m = Message { from: 2, to: 0, seq: 77, color: 3 };
+        let m = Message {
+            from: 2,
+            to: 0,
+            seq: 77,
+            color: 3,
+        };
         assert_eq!(Message::decode(&m.encode()), Some(m));
         assert_eq!(Message::decode(&[0u8; 16]), None);
         assert_eq!(Message::decode(&m.encode()[..15]), None);

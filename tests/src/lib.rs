@@ -9,12 +9,14 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-
 /// Panics (fails the test) unless running as root.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "this test needs root (BPF and network namespaces); run the suite as root");
+    assert_eq!(
+        euid, 0,
+        "this test needs root (BPF and network namespaces); run the suite as root"
+    );
 }
 
 /// A pin root private to one test, removed (detaching everything) when dropped.
@@ -24,7 +26,10 @@ impl PinRoot {
     pub fn new(test: &str) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = PathBuf::from(format!("/sys/fs/bpf/enforcer-test-{}-{n}-{test}", std::process::id()));
+        let path = PathBuf::from(format!(
+            "/sys/fs/bpf/enforcer-test-{}-{n}-{test}",
+            std::process::id()
+        ));
         let _ = enforcer::datapath::teardown(&path);
         Self(path)
     }
@@ -70,19 +75,35 @@ pub fn bpftool_dump(path: &Path) -> serde_json::Value {
         .arg(path)
         .output()
         .expect("running bpftool (installed by scripts/setup.sh)");
-    assert!(out.status.success(), "bpftool failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bpftool failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("bpftool prints JSON")
 }
 
 /// Creates a BPF hash map of the given layout and pins it at `path` (to play a map left by
 /// another build).
-pub fn pin_hash_map(path: &Path, key_size: u32, value_size: u32, max_entries: u32) -> io::Result<()> {
+pub fn pin_hash_map(
+    path: &Path,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> io::Result<()> {
     use std::{ffi::CString, os::unix::ffi::OsStrExt as _};
 
     use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_map_type};
     let bpf = |cmd: bpf_cmd, attr: &mut bpf_attr| {
         // SAFETY: `attr` is a valid bpf_attr for `cmd`, and any pointer in it outlives the call.
-        unsafe { libc::syscall(libc::SYS_bpf, cmd as libc::c_int, attr as *mut bpf_attr, std::mem::size_of::<bpf_attr>() as libc::c_uint) }
+        unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd as libc::c_int,
+                attr as *mut bpf_attr,
+                std::mem::size_of::<bpf_attr>() as libc::c_uint,
+            )
+        }
     };
     // SAFETY: bpf_attr is a plain C union of integers; all-zero is its "unset" state.
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
@@ -102,5 +123,9 @@ pub fn pin_hash_map(path: &Path, key_size: u32, value_size: u32, max_entries: u3
     let r = bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr);
     // SAFETY: closing the map fd we created; the pin keeps the map.
     unsafe { libc::close(fd as i32) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }

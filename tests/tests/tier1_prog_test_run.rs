@@ -44,7 +44,12 @@ impl Harness {
     }
 
     fn lo_counters(&mut self) -> PortCounters {
-        self.dp.port_stats().unwrap().get(&LO_IFINDEX).copied().unwrap_or_default()
+        self.dp
+            .port_stats()
+            .unwrap()
+            .get(&LO_IFINDEX)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Runs `frame` through both programs; asserts the verdict and that each run moved only
@@ -57,16 +62,32 @@ impl Harness {
         ] {
             let before = self.lo_counters();
             let fd = self.dp.program_fd(mode).unwrap();
-            let got = test_run(fd, frame).unwrap_or_else(|e| panic!("{what} ({mode:?}): test run: {e}"));
+            let got =
+                test_run(fd, frame).unwrap_or_else(|e| panic!("{what} ({mode:?}): test run: {e}"));
             assert_eq!(got, want, "{what} ({mode:?}): verdict");
             let after = self.lo_counters();
             for o in Outcome::ALL {
                 let (b, a) = (before.counter(o), after.counter(o));
                 if o == outcome {
-                    assert_eq!(a.frames - b.frames, 1, "{what} ({mode:?}): {} frames", o.name());
-                    assert_eq!(a.bytes - b.bytes, frame.len() as u64, "{what} ({mode:?}): {} bytes", o.name());
+                    assert_eq!(
+                        a.frames - b.frames,
+                        1,
+                        "{what} ({mode:?}): {} frames",
+                        o.name()
+                    );
+                    assert_eq!(
+                        a.bytes - b.bytes,
+                        frame.len() as u64,
+                        "{what} ({mode:?}): {} bytes",
+                        o.name()
+                    );
                 } else {
-                    assert_eq!(a, b, "{what} ({mode:?}): counter {} must not move", o.name());
+                    assert_eq!(
+                        a,
+                        b,
+                        "{what} ({mode:?}): counter {} must not move",
+                        o.name()
+                    );
                 }
             }
         }
@@ -83,7 +104,11 @@ fn type1_and_type2_pass() {
     h.dp.set_type3_mode(Type3Mode::Drop).unwrap();
     h.expect(&frame(BOB, ALICE, IPV4, 86), Outcome::Type1, "same epoch");
     h.set_epoch(BOB, 1);
-    h.expect(&frame(BOB, ALICE, IPV4, 86), Outcome::Type2, "receiver ahead");
+    h.expect(
+        &frame(BOB, ALICE, IPV4, 86),
+        Outcome::Type2,
+        "receiver ahead",
+    );
 }
 
 #[test]
@@ -94,7 +119,11 @@ fn type3_follows_the_mode_and_never_passes_in_buffer_or_drop() {
     h.dp.set_type3_mode(Type3Mode::Drop).unwrap();
     h.expect(&f, Outcome::Type3Dropped, "drop mode");
     h.dp.set_type3_mode(Type3Mode::Buffer).unwrap();
-    h.expect(&f, Outcome::Type3Unbuffered, "buffer mode without a buffer socket");
+    h.expect(
+        &f,
+        Outcome::Type3Unbuffered,
+        "buffer mode without a buffer socket",
+    );
     h.dp.set_type3_mode(Type3Mode::Monitor).unwrap();
     h.expect(&f, Outcome::Type3Monitored, "monitor mode");
     // Once the receiver advances the same frame is Type-1.
@@ -132,20 +161,35 @@ fn malformed_frames_are_dropped_and_counted() {
     // truncated-tag case exercises.
     let runt = &frame(BOB, ALICE, IPV4, 0)[..10];
     let fd = h.dp.program_fd(AttachMode::Tc).unwrap();
-    assert!(test_run(fd, runt).is_err(), "the kernel runs no program on a 10-byte frame");
+    assert!(
+        test_run(fd, runt).is_err(),
+        "the kernel runs no program on a 10-byte frame"
+    );
 }
 
 #[test]
 fn non_ip_and_large_frames() {
     let mut h = Harness::new("t1jumbo");
     h.dp.set_type3_mode(Type3Mode::Drop).unwrap();
-    h.expect(&frame(BOB, ALICE, 0x88b5, 46), Outcome::Type1, "non-IP ethertype");
+    h.expect(
+        &frame(BOB, ALICE, 0x88b5, 46),
+        Outcome::Type1,
+        "non-IP ethertype",
+    );
     h.set_epoch(ALICE, 1);
-    h.expect(&frame(BOB, ALICE, 0x88b5, 46), Outcome::Type3Dropped, "non-IP Type-3");
+    h.expect(
+        &frame(BOB, ALICE, 0x88b5, 46),
+        Outcome::Type3Dropped,
+        "non-IP Type-3",
+    );
     // A large frame: the kernel's test runner takes at most about a page of linear data for
     // either hook (9000-byte jumbo frames are exercised on real ports in tier 2).
     h.set_epoch(BOB, 1);
-    h.expect(&frame(BOB, ALICE, IPV4, 3000 - 14), Outcome::Type1, "3000-byte frame");
+    h.expect(
+        &frame(BOB, ALICE, IPV4, 3000 - 14),
+        Outcome::Type1,
+        "3000-byte frame",
+    );
 }
 
 #[test]
@@ -155,7 +199,11 @@ fn broadcast_is_held_back_until_every_member_advanced() {
     let arp = frame(BROADCAST, ALICE, 0x0806, 28);
     h.expect(&arp, Outcome::Type1, "broadcast, all at epoch 0");
     h.set_epoch(ALICE, 1);
-    h.expect(&arp, Outcome::Type3Dropped, "broadcast from a post-snapshot sender, BOB behind");
+    h.expect(
+        &arp,
+        Outcome::Type3Dropped,
+        "broadcast from a post-snapshot sender, BOB behind",
+    );
     // CAROL is in another group and still at 0: she must not hold group 1 back.
     h.set_epoch(BOB, 1);
     h.expect(&arp, Outcome::Type1, "broadcast once every member advanced");
@@ -167,12 +215,32 @@ fn broadcast_is_held_back_until_every_member_advanced() {
 fn foreign_unregistered_and_outside_group() {
     let mut h = Harness::new("t1src");
     h.dp.set_type3_mode(Type3Mode::Drop).unwrap();
-    h.expect(&frame(BOB, STRANGER, IPV4, 60), Outcome::ForeignSource, "unknown MAC from ALICE's port");
-    h.expect(&frame(ALICE, BOB, IPV4, 60), Outcome::ForeignSource, "BOB's MAC from ALICE's port");
-    h.expect(&frame(CAROL, ALICE, IPV4, 60), Outcome::OutsideGroup, "to another group");
-    h.expect(&frame(STRANGER, ALICE, IPV4, 60), Outcome::OutsideGroup, "to an unknown MAC");
+    h.expect(
+        &frame(BOB, STRANGER, IPV4, 60),
+        Outcome::ForeignSource,
+        "unknown MAC from ALICE's port",
+    );
+    h.expect(
+        &frame(ALICE, BOB, IPV4, 60),
+        Outcome::ForeignSource,
+        "BOB's MAC from ALICE's port",
+    );
+    h.expect(
+        &frame(CAROL, ALICE, IPV4, 60),
+        Outcome::OutsideGroup,
+        "to another group",
+    );
+    h.expect(
+        &frame(STRANGER, ALICE, IPV4, 60),
+        Outcome::OutsideGroup,
+        "to an unknown MAC",
+    );
     epochs::unregister(&mut h.dp, MacAddr(ALICE)).unwrap();
-    h.expect(&frame(BOB, STRANGER, IPV4, 60), Outcome::Unregistered, "port without a VM");
+    h.expect(
+        &frame(BOB, STRANGER, IPV4, 60),
+        Outcome::Unregistered,
+        "port without a VM",
+    );
 }
 
 /// VMs whose MACs share an `epoch_cache` index: the one not in the cache is found through the
@@ -182,7 +250,11 @@ fn colliding_cache_entries_fall_back_to_the_hash() {
     use enforcer_common::{CACHE_OCCUPIED, CACHE_OVERFLOW, CachedVm, MacKey, cache_index};
     const BOB_TWIN: [u8; 6] = [0x02, 0, 0xb0, 0x02, 0, 0];
     let index = cache_index(&MacKey::new(BOB));
-    assert_eq!(cache_index(&MacKey::new(BOB_TWIN)), index, "the test needs a real collision");
+    assert_eq!(
+        cache_index(&MacKey::new(BOB_TWIN)),
+        index,
+        "the test needs a real collision"
+    );
     let mut h = Harness::new("t1cache");
     h.dp.set_type3_mode(Type3Mode::Drop).unwrap();
     h.dp.ensure_port_slot(900_003).unwrap();
@@ -194,20 +266,51 @@ fn colliding_cache_entries_fall_back_to_the_hash() {
         array.get(&index, 0).unwrap()
     };
     let entry = cached(&h);
-    assert_eq!((entry.mac.addr, entry.state), (BOB, CACHE_OCCUPIED | CACHE_OVERFLOW));
+    assert_eq!(
+        (entry.mac.addr, entry.state),
+        (BOB, CACHE_OCCUPIED | CACHE_OVERFLOW)
+    );
 
-    h.expect(&frame(BOB_TWIN, ALICE, IPV4, 60), Outcome::Type1, "to the VM in the hash only");
+    h.expect(
+        &frame(BOB_TWIN, ALICE, IPV4, 60),
+        Outcome::Type1,
+        "to the VM in the hash only",
+    );
     h.set_epoch(ALICE, 1);
-    h.expect(&frame(BOB_TWIN, ALICE, IPV4, 60), Outcome::Type3Dropped, "Type-3 to it");
+    h.expect(
+        &frame(BOB_TWIN, ALICE, IPV4, 60),
+        Outcome::Type3Dropped,
+        "Type-3 to it",
+    );
     h.set_epoch(BOB_TWIN, 1);
-    h.expect(&frame(BOB_TWIN, ALICE, IPV4, 60), Outcome::Type1, "after it advanced");
-    h.expect(&frame(BOB, ALICE, IPV4, 60), Outcome::Type3Dropped, "the cached VM is still behind");
+    h.expect(
+        &frame(BOB_TWIN, ALICE, IPV4, 60),
+        Outcome::Type1,
+        "after it advanced",
+    );
+    h.expect(
+        &frame(BOB, ALICE, IPV4, 60),
+        Outcome::Type3Dropped,
+        "the cached VM is still behind",
+    );
 
     epochs::unregister(&mut h.dp, MacAddr(BOB)).unwrap();
     let entry = cached(&h);
-    assert_eq!((entry.mac.addr, entry.vm.epoch, entry.state), (BOB_TWIN, 1, CACHE_OCCUPIED), "promoted");
-    h.expect(&frame(BOB_TWIN, ALICE, IPV4, 60), Outcome::Type1, "after the promotion");
-    h.expect(&frame(BOB, ALICE, IPV4, 60), Outcome::OutsideGroup, "the removed VM is gone");
+    assert_eq!(
+        (entry.mac.addr, entry.vm.epoch, entry.state),
+        (BOB_TWIN, 1, CACHE_OCCUPIED),
+        "promoted"
+    );
+    h.expect(
+        &frame(BOB_TWIN, ALICE, IPV4, 60),
+        Outcome::Type1,
+        "after the promotion",
+    );
+    h.expect(
+        &frame(BOB, ALICE, IPV4, 60),
+        Outcome::OutsideGroup,
+        "the removed VM is gone",
+    );
     epochs::unregister(&mut h.dp, MacAddr(BOB_TWIN)).unwrap();
     assert_eq!(cached(&h), CachedVm::default(), "the index is empty again");
 }
@@ -220,9 +323,14 @@ fn pinned_maps_of_another_layout_are_refused() {
     std::fs::create_dir_all(pins.path()).unwrap();
     // `epochs` as an older build had it: 16-byte values.
     enforcer_tests::pin_hash_map(&pins.path().join("epochs"), 8, 16, 4096).unwrap();
-    let err = Datapath::open(pins.path(), AttachMode::Tc).err().expect("an incompatible pin is refused");
+    let err = Datapath::open(pins.path(), AttachMode::Tc)
+        .err()
+        .expect("an incompatible pin is refused");
     let text = err.to_string();
-    assert!(text.contains("epochs") && text.contains("teardown"), "{text}");
+    assert!(
+        text.contains("epochs") && text.contains("teardown"),
+        "{text}"
+    );
     // The same root with a fitting layout opens.
     std::fs::remove_file(pins.path().join("epochs")).unwrap();
     enforcer_tests::pin_hash_map(&pins.path().join("epochs"), 8, 24, 4096).unwrap();

@@ -35,7 +35,12 @@ struct Setup {
     client: Client,
 }
 
-async fn start_daemon(lab: &Lab, pins: &PinRoot, max_bytes: usize, mode: ModeName) -> (Running, Client) {
+async fn start_daemon(
+    lab: &Lab,
+    pins: &PinRoot,
+    max_bytes: usize,
+    mode: ModeName,
+) -> (Running, Client) {
     start_daemon_with(lab, pins, max_bytes, mode, AttachMode::Tc).await
 }
 
@@ -53,7 +58,10 @@ async fn start_daemon_with(
         listen: "127.0.0.1:0".parse().unwrap(),
         token: None,
         type3_mode: Some(mode.into()),
-        hold: Some(HoldOptions { device: format!("{}h", lab.prefix), max_bytes }),
+        hold: Some(HoldOptions {
+            device: format!("{}h", lab.prefix),
+            max_bytes,
+        }),
     })
     .await
     .expect("starting the daemon with its buffer");
@@ -65,15 +73,29 @@ async fn setup(tag: char, vms: usize, max_bytes: usize, mode: ModeName) -> Setup
     setup_with(tag, vms, max_bytes, mode, AttachMode::Tc).await
 }
 
-async fn setup_with(tag: char, vms: usize, max_bytes: usize, mode: ModeName, attach: AttachMode) -> Setup {
+async fn setup_with(
+    tag: char,
+    vms: usize,
+    max_bytes: usize,
+    mode: ModeName,
+    attach: AttachMode,
+) -> Setup {
     require_root();
     let lab = Lab::create(&lab_prefix(tag), vms).unwrap();
     let pins = PinRoot::new("hold");
     let (running, client) = start_daemon_with(&lab, &pins, max_bytes, mode, attach).await;
     for vm in &lab.vms {
-        client.register_vm(vm.mac, 1, &vm.port, Some(0)).await.unwrap();
+        client
+            .register_vm(vm.mac, 1, &vm.port, Some(0))
+            .await
+            .unwrap();
     }
-    Setup { lab, pins, running: Some(running), client }
+    Setup {
+        lab,
+        pins,
+        running: Some(running),
+        client,
+    }
 }
 
 impl Setup {
@@ -83,14 +105,22 @@ impl Setup {
 
     async fn port_stats(&self, vm: usize) -> PortStats {
         let port = &self.lab.vms[vm].port;
-        self.client.stats().await.unwrap().into_iter().find(|s| s.port.as_deref() == Some(port)).unwrap()
+        self.client
+            .stats()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|s| s.port.as_deref() == Some(port))
+            .unwrap()
     }
 }
 
 impl Drop for Setup {
     fn drop(&mut self) {
         // A crashed buffer leaves its hold device behind on purpose; remove it here.
-        let _ = std::process::Command::new("ip").args(["link", "del", &format!("{}h", self.lab.prefix)]).output();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &format!("{}h", self.lab.prefix)])
+            .output();
     }
 }
 
@@ -103,7 +133,9 @@ struct Inbox {
 
 impl Inbox {
     fn new(socket: UdpSocket) -> Self {
-        socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
         // Re-injection is a burst: room for all of it even if this thread is descheduled.
         enforcer::lab::force_rcvbuf(&socket, 64 << 20).unwrap();
         let got = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -113,19 +145,29 @@ impl Inbox {
             thread::spawn(move || {
                 let mut buf = [0u8; 2048];
                 while !stop.load(Ordering::SeqCst) {
-                    if let Ok(n) = socket.recv(&mut buf) {
-                        if let Some(m) = Message::decode(&buf[..n]) {
-                            got.lock().unwrap().push((m, Instant::now()));
-                        }
+                    if let Ok(n) = socket.recv(&mut buf)
+                        && let Some(m) = Message::decode(&buf[..n])
+                    {
+                        got.lock().unwrap().push((m, Instant::now()));
                     }
                 }
             })
         };
-        Self { got, stop, thread: Some(thread) }
+        Self {
+            got,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     fn from(&self, sender: u16) -> Vec<(Message, Instant)> {
-        self.got.lock().unwrap().iter().filter(|(m, _)| m.from == sender).copied().collect()
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, _)| m.from == sender)
+            .copied()
+            .collect()
     }
 
     fn finish(mut self) -> Vec<(Message, Instant)> {
@@ -136,10 +178,23 @@ impl Inbox {
 }
 
 /// Sends `count` numbered messages from `from` to each of `to`, one every `gap`.
-fn send_stream(socket: &UdpSocket, from: u16, to: &[(u16, std::net::SocketAddrV4)], first: u32, count: u32, color: u32, gap: Duration) {
+fn send_stream(
+    socket: &UdpSocket,
+    from: u16,
+    to: &[(u16, std::net::SocketAddrV4)],
+    first: u32,
+    count: u32,
+    color: u32,
+    gap: Duration,
+) {
     for seq in first..first + count {
         for (idx, addr) in to {
-            let m = Message { from, to: *idx, seq, color };
+            let m = Message {
+                from,
+                to: *idx,
+                seq,
+                color,
+            };
             socket.send_to(&m.encode(), addr).unwrap();
         }
         thread::sleep(gap);
@@ -154,7 +209,13 @@ fn addr(lab: &Lab, vm: usize) -> std::net::SocketAddrV4 {
 fn assert_in_order(got: &[(Message, Instant)], first: u32, count: u32, what: &str) {
     let seqs: Vec<u32> = got.iter().map(|(m, _)| m.seq).collect();
     let want: Vec<u32> = (first..first + count).collect();
-    assert_eq!(seqs.len(), want.len(), "{what}: {} received, {} sent", seqs.len(), want.len());
+    assert_eq!(
+        seqs.len(),
+        want.len(),
+        "{what}: {} received, {} sent",
+        seqs.len(),
+        want.len()
+    );
     assert_eq!(seqs, want, "{what}: lost, duplicated or out of order");
 }
 
@@ -196,23 +257,41 @@ async fn udp_held_over_skew(attach: AttachMode, tag: char) {
     let s = setup_with(tag, 2, 64 << 20, ModeName::Buffer, attach).await;
     let (got, advanced_at, total) = skew(&s).await;
     let early: Vec<_> = got.iter().filter(|(_, at)| *at < advanced_at).collect();
-    assert!(early.is_empty(), "delivered before the receiver advanced: {} frames", early.len());
+    assert!(
+        early.is_empty(),
+        "delivered before the receiver advanced: {} frames",
+        early.len()
+    );
     assert_in_order(&got, 0, total, "vm1 -> vm2 across the skew");
 
     let report = s.client.holds().await.unwrap();
     assert_eq!(report.held_frames, 0, "nothing left held");
     assert!(report.total("reinjected") >= 400, "{report:?}");
-    assert_eq!(report.total("dropped_bound") + report.total("lost_ring") + report.total("inject_failed"), 0, "{report:?}");
+    assert_eq!(
+        report.total("dropped_bound") + report.total("lost_ring") + report.total("inject_failed"),
+        0,
+        "{report:?}"
+    );
     let sent_port = s.port_stats(0).await;
-    assert_eq!(sent_port.frames(Outcome::Type3Held), 400, "held at the sender's port");
-    assert_eq!(sent_port.frames(Outcome::Type3Dropped) + sent_port.frames(Outcome::Type3Unbuffered), 0);
+    assert_eq!(
+        sent_port.frames(Outcome::Type3Held),
+        400,
+        "held at the sender's port"
+    );
+    assert_eq!(
+        sent_port.frames(Outcome::Type3Dropped) + sent_port.frames(Outcome::Type3Unbuffered),
+        0
+    );
     assert_eq!(
         sent_port.frames(Outcome::Type1) + sent_port.frames(Outcome::HeldForOrder),
         100,
         "frames after the advance: delivered directly or queued behind the held ones"
     );
     // The hold time histogram saw the skew.
-    assert!(report.hold_time_sum_seconds / report.hold_time_count as f64 > 0.05, "{report:?}");
+    assert!(
+        report.hold_time_sum_seconds / report.hold_time_count as f64 > 0.05,
+        "{report:?}"
+    );
     s.stop().await;
 }
 
@@ -222,7 +301,10 @@ async fn udp_held_over_skew(attach: AttachMode, tag: char) {
 async fn drop_mode_on_the_same_scenario_loses_the_skewed_frames() {
     let s = setup('d', 2, 64 << 20, ModeName::Drop).await;
     let (got, advanced_at, _) = skew(&s).await;
-    assert!(got.iter().all(|(_, at)| *at >= advanced_at), "nothing before the advance");
+    assert!(
+        got.iter().all(|(_, at)| *at >= advanced_at),
+        "nothing before the advance"
+    );
     assert_in_order(&got, 400, 100, "only the frames sent after vm2 advanced");
     assert_eq!(s.port_stats(0).await.frames(Outcome::Type3Dropped), 400);
     s.stop().await;
@@ -234,10 +316,20 @@ async fn tcp_stream_survives_the_skew_with_matching_checksum() {
     let lab = &s.lab;
     // The hold path takes frames of up to a page (XDP without multi-buffer): segmentation
     // offload off, so the sender's segments are MTU-sized and every one of them can be held.
-    let ok = lab.command(0, "ethtool").args(["-K", "eth0", "tso", "off", "gso", "off"]).status().unwrap().success();
-    assert!(ok, "ethtool -K eth0 tso off gso off (installed by scripts/setup.sh)");
+    let ok = lab
+        .command(0, "ethtool")
+        .args(["-K", "eth0", "tso", "off", "gso", "off"])
+        .status()
+        .unwrap()
+        .success();
+    assert!(
+        ok,
+        "ethtool -K eth0 tso off gso off (installed by scripts/setup.sh)"
+    );
     let server_ip = lab.vms[1].ip;
-    let listener = lab.in_vm(1, move || TcpListener::bind((server_ip, 47_400)).unwrap()).unwrap();
+    let listener = lab
+        .in_vm(1, move || TcpListener::bind((server_ip, 47_400)).unwrap())
+        .unwrap();
     let advanced = Arc::new(AtomicBool::new(false));
     let server = {
         let advanced = advanced.clone();
@@ -259,10 +351,14 @@ async fn tcp_stream_survives_the_skew_with_matching_checksum() {
         })
     };
     let client_ip = lab.vms[1].ip;
-    let mut conn = lab.in_vm(0, move || TcpStream::connect((client_ip, 47_400)).unwrap()).unwrap();
+    let mut conn = lab
+        .in_vm(0, move || TcpStream::connect((client_ip, 47_400)).unwrap())
+        .unwrap();
     // Connected at epoch 0; now the sender takes its snapshot, the receiver lags 1.5 s.
     s.client.advance(lab.vms[0].mac).await.unwrap();
-    let data: Vec<u8> = (0..4_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let data: Vec<u8> = (0..4_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
     let mut sent_hash = DefaultHasher::new();
     sent_hash.write(&data);
     let writer = thread::spawn(move || {
@@ -278,10 +374,21 @@ async fn tcp_stream_survives_the_skew_with_matching_checksum() {
     assert_eq!(total, 4_000_000, "every byte arrived");
     assert_eq!(hash, sent_hash.finish(), "the stream's checksum matches");
     let port = s.port_stats(0).await;
-    assert!(port.frames(Outcome::Type3Held) > 0, "the skew held segments");
-    assert_eq!(port.frames(Outcome::Type3Unbuffered), 0, "no segment too big to hold");
+    assert!(
+        port.frames(Outcome::Type3Held) > 0,
+        "the skew held segments"
+    );
+    assert_eq!(
+        port.frames(Outcome::Type3Unbuffered),
+        0,
+        "no segment too big to hold"
+    );
     let report = s.client.holds().await.unwrap();
-    assert_eq!(report.total("dropped_bound") + report.total("lost_ring") + report.total("inject_failed"), 0, "{report:?}");
+    assert_eq!(
+        report.total("dropped_bound") + report.total("lost_ring") + report.total("inject_failed"),
+        0,
+        "{report:?}"
+    );
     s.stop().await;
 }
 
@@ -293,41 +400,95 @@ async fn many_senders_many_receivers_and_broadcast() {
     let lab = &s.lab;
     let sockets: Vec<UdpSocket> = (0..4).map(|i| lab.udp_socket(i, 47_300).unwrap()).collect();
     sockets[0].set_broadcast(true).unwrap();
-    let inboxes: Vec<Inbox> = (0..4).map(|i| Inbox::new(sockets[i].try_clone().unwrap())).collect();
+    let inboxes: Vec<Inbox> = (0..4)
+        .map(|i| Inbox::new(sockets[i].try_clone().unwrap()))
+        .collect();
     // Broadcasts reach sockets bound to the wildcard address only.
     let bcast_inboxes: Vec<Inbox> = (0..4)
-        .map(|i| Inbox::new(lab.in_vm(i, || UdpSocket::bind("0.0.0.0:47301").unwrap()).unwrap()))
+        .map(|i| {
+            Inbox::new(
+                lab.in_vm(i, || UdpSocket::bind("0.0.0.0:47301").unwrap())
+                    .unwrap(),
+            )
+        })
         .collect();
     // vm1 and vm2 take their snapshot; vm3 and vm4 lag.
     s.client.advance(lab.vms[0].mac).await.unwrap();
     s.client.advance(lab.vms[1].mac).await.unwrap();
     let gap = Duration::from_micros(500);
-    send_stream(&sockets[0], 0, &[(2, addr(lab, 2)), (3, addr(lab, 3))], 0, 50, 1, gap);
+    send_stream(
+        &sockets[0],
+        0,
+        &[(2, addr(lab, 2)), (3, addr(lab, 3))],
+        0,
+        50,
+        1,
+        gap,
+    );
     send_stream(&sockets[1], 1, &[(2, addr(lab, 2))], 0, 50, 1, gap);
     let bcast = std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(10, 213, 0, 255), 47_301);
     send_stream(&sockets[0], 0, &[(99, bcast)], 1000, 10, 1, gap);
     thread::sleep(Duration::from_millis(100));
     for (i, inbox) in inboxes.iter().enumerate() {
-        assert!(inbox.from(0).iter().chain(&inbox.from(1)).all(|(m, _)| i < 2 && m.seq >= 1000),
-            "vm{} got held frames before advancing", i + 1);
+        assert!(
+            inbox
+                .from(0)
+                .iter()
+                .chain(&inbox.from(1))
+                .all(|(m, _)| i < 2 && m.seq >= 1000),
+            "vm{} got held frames before advancing",
+            i + 1
+        );
     }
     // (The sender's own stack loops its broadcast back to itself locally: skip vm1.)
-    assert!(bcast_inboxes[1..].iter().all(|b| b.from(0).is_empty()), "the broadcast waits for the whole group");
+    assert!(
+        bcast_inboxes[1..].iter().all(|b| b.from(0).is_empty()),
+        "the broadcast waits for the whole group"
+    );
 
     s.client.advance(lab.vms[2].mac).await.unwrap();
     thread::sleep(Duration::from_millis(200));
-    assert_in_order(&inboxes[2].from(0).into_iter().filter(|(m, _)| m.seq < 1000).collect::<Vec<_>>(), 0, 50, "vm1 -> vm3");
+    assert_in_order(
+        &inboxes[2]
+            .from(0)
+            .into_iter()
+            .filter(|(m, _)| m.seq < 1000)
+            .collect::<Vec<_>>(),
+        0,
+        50,
+        "vm1 -> vm3",
+    );
     assert_in_order(&inboxes[2].from(1), 0, 50, "vm2 -> vm3");
-    assert!(inboxes[3].from(0).is_empty(), "vm4 has not advanced: its queue stays held");
-    assert!(bcast_inboxes[1..].iter().all(|b| b.from(0).is_empty()), "the broadcast still waits for vm4");
+    assert!(
+        inboxes[3].from(0).is_empty(),
+        "vm4 has not advanced: its queue stays held"
+    );
+    assert!(
+        bcast_inboxes[1..].iter().all(|b| b.from(0).is_empty()),
+        "the broadcast still waits for vm4"
+    );
 
     s.client.advance(lab.vms[3].mac).await.unwrap();
     thread::sleep(Duration::from_millis(200));
-    assert_in_order(&inboxes[3].from(0).into_iter().filter(|(m, _)| m.seq < 1000).collect::<Vec<_>>(), 0, 50, "vm1 -> vm4");
+    assert_in_order(
+        &inboxes[3]
+            .from(0)
+            .into_iter()
+            .filter(|(m, _)| m.seq < 1000)
+            .collect::<Vec<_>>(),
+        0,
+        50,
+        "vm1 -> vm4",
+    );
     for (i, b) in bcast_inboxes.iter().enumerate().skip(1) {
         assert_in_order(&b.from(0), 1000, 10, &format!("broadcast at vm{}", i + 1));
     }
-    assert_in_order(&bcast_inboxes[0].from(0), 1000, 10, "the sender's local copy only: none re-injected to it");
+    assert_in_order(
+        &bcast_inboxes[0].from(0),
+        1000,
+        10,
+        "the sender's local copy only: none re-injected to it",
+    );
     let report = s.client.holds().await.unwrap();
     assert_eq!(report.total("reinjected"), 160, "{report:?}");
     assert_eq!(report.held_frames, 0);
@@ -347,12 +508,23 @@ async fn memory_bound_overflow_is_counted_exactly() {
     let tx = lab.udp_socket(0, 47_300).unwrap();
     let inbox = Inbox::new(lab.udp_socket(1, 47_300).unwrap());
     s.client.advance(lab.vms[0].mac).await.unwrap();
-    send_stream(&tx, 0, &[(1, addr(lab, 1))], 0, 300, 1, Duration::from_micros(300));
+    send_stream(
+        &tx,
+        0,
+        &[(1, addr(lab, 1))],
+        0,
+        300,
+        1,
+        Duration::from_micros(300),
+    );
     thread::sleep(Duration::from_millis(100));
     let report = s.client.holds().await.unwrap();
     assert_eq!(report.held_frames, 100, "{report:?}");
     assert_eq!(report.total("dropped_bound"), 200, "{report:?}");
-    assert_eq!(report.queues[0].dropped_bound, 200, "accounted per receiver");
+    assert_eq!(
+        report.queues[0].dropped_bound, 200,
+        "accounted per receiver"
+    );
     s.client.advance(lab.vms[1].mac).await.unwrap();
     thread::sleep(Duration::from_millis(200));
     assert_in_order(&inbox.finish(), 0, 100, "the first 100, in order");
@@ -368,25 +540,61 @@ async fn frames_held_by_a_crashed_daemon_are_counted_by_the_next() {
     let tx = lab.udp_socket(0, 47_300).unwrap();
     let inbox = Inbox::new(lab.udp_socket(1, 47_300).unwrap());
     s.client.advance(lab.vms[0].mac).await.unwrap();
-    send_stream(&tx, 0, &[(1, addr(lab, 1))], 0, 50, 1, Duration::from_micros(300));
+    send_stream(
+        &tx,
+        0,
+        &[(1, addr(lab, 1))],
+        0,
+        50,
+        1,
+        Duration::from_micros(300),
+    );
     thread::sleep(Duration::from_millis(100));
     assert_eq!(s.client.holds().await.unwrap().held_frames, 50);
     s.running.take().unwrap().crash().await.unwrap();
-    send_stream(&tx, 0, &[(1, addr(lab, 1))], 50, 30, 1, Duration::from_micros(300));
+    send_stream(
+        &tx,
+        0,
+        &[(1, addr(lab, 1))],
+        50,
+        30,
+        1,
+        Duration::from_micros(300),
+    );
     thread::sleep(Duration::from_millis(100));
 
     let (running, client) = start_daemon(lab, &s.pins, 64 << 20, ModeName::Buffer).await;
     s.running = Some(running);
     s.client = client;
     let report = s.client.holds().await.unwrap();
-    assert_eq!(report.total("lost_restart"), 50, "held in the dead daemon's memory: {report:?}");
-    assert_eq!(report.kernel["no_socket"], 30, "redirected while no socket was bound: {report:?}");
+    assert_eq!(
+        report.total("lost_restart"),
+        50,
+        "held in the dead daemon's memory: {report:?}"
+    );
+    assert_eq!(
+        report.kernel["no_socket"], 30,
+        "redirected while no socket was bound: {report:?}"
+    );
     // The receiver advances: nothing was delivered (the frames are gone, and counted), and new
     // frames flow again.
     s.client.advance(lab.vms[1].mac).await.unwrap();
-    send_stream(&tx, 0, &[(1, addr(lab, 1))], 80, 10, 1, Duration::from_micros(300));
+    send_stream(
+        &tx,
+        0,
+        &[(1, addr(lab, 1))],
+        80,
+        10,
+        1,
+        Duration::from_micros(300),
+    );
     thread::sleep(Duration::from_millis(200));
-    assert_in_order(&inbox.finish(), 80, 10, "only frames sent after the restart and the advance");
+    assert_in_order(
+        &inbox.finish(),
+        80,
+        10,
+        "only frames sent after the restart and the advance",
+    );
     s.stop().await;
 }
 
@@ -398,12 +606,28 @@ async fn abort_delivers_held_frames() {
     let tx = lab.udp_socket(0, 47_300).unwrap();
     let inbox = Inbox::new(lab.udp_socket(1, 47_300).unwrap());
     s.client.advance(lab.vms[0].mac).await.unwrap();
-    send_stream(&tx, 0, &[(1, addr(lab, 1))], 0, 40, 1, Duration::from_micros(300));
+    send_stream(
+        &tx,
+        0,
+        &[(1, addr(lab, 1))],
+        0,
+        40,
+        1,
+        Duration::from_micros(300),
+    );
     thread::sleep(Duration::from_millis(100));
     assert!(inbox.from(0).is_empty());
     let rolled = s.client.abort(1, 0).await.unwrap();
     assert_eq!(rolled.len(), 1, "vm1 rolled back");
-    send_stream(&tx, 0, &[(1, addr(lab, 1))], 40, 10, 0, Duration::from_micros(300));
+    send_stream(
+        &tx,
+        0,
+        &[(1, addr(lab, 1))],
+        40,
+        10,
+        0,
+        Duration::from_micros(300),
+    );
     thread::sleep(Duration::from_millis(200));
     assert_in_order(&inbox.finish(), 0, 50, "held frames, then new ones");
     assert_eq!(s.client.vm(lab.vms[0].mac).await.unwrap().epoch, 0);
@@ -419,23 +643,57 @@ async fn graceful_stop_counts_what_it_drops() {
     let tx = lab.udp_socket(0, 47_300).unwrap();
     let inbox = Inbox::new(lab.udp_socket(1, 47_300).unwrap());
     s.client.advance(lab.vms[0].mac).await.unwrap();
-    send_stream(&tx, 0, &[(1, addr(lab, 1))], 0, 25, 1, Duration::from_micros(300));
+    send_stream(
+        &tx,
+        0,
+        &[(1, addr(lab, 1))],
+        0,
+        25,
+        1,
+        Duration::from_micros(300),
+    );
     thread::sleep(Duration::from_millis(100));
-    let report = s.running.take().unwrap().stop().await.unwrap().expect("the buffer's last report");
+    let report = s
+        .running
+        .take()
+        .unwrap()
+        .stop()
+        .await
+        .unwrap()
+        .expect("the buffer's last report");
     assert_eq!(report.total("dropped_shutdown"), 25, "{report:?}");
     assert_eq!(report.held_frames, 0);
     // With no buffer, Type-3 frames are dropped by the datapath and counted there.
-    send_stream(&tx, 0, &[(1, addr(lab, 1))], 25, 5, 1, Duration::from_micros(300));
+    send_stream(
+        &tx,
+        0,
+        &[(1, addr(lab, 1))],
+        25,
+        5,
+        1,
+        Duration::from_micros(300),
+    );
 
     let (running, client) = start_daemon(lab, &s.pins, 64 << 20, ModeName::Buffer).await;
     s.running = Some(running);
     s.client = client;
     let report = s.client.holds().await.unwrap();
-    assert_eq!(report.total("lost_restart"), 0, "nothing unaccounted: {report:?}");
-    assert_eq!(report.total("dropped_shutdown"), 25, "totals survive the restart");
+    assert_eq!(
+        report.total("lost_restart"),
+        0,
+        "nothing unaccounted: {report:?}"
+    );
+    assert_eq!(
+        report.total("dropped_shutdown"),
+        25,
+        "totals survive the restart"
+    );
     assert_eq!(s.port_stats(0).await.frames(Outcome::Type3Unbuffered), 5);
     s.client.advance(lab.vms[1].mac).await.unwrap();
     thread::sleep(Duration::from_millis(100));
-    assert!(inbox.finish().is_empty(), "nothing from before the advance was delivered");
+    assert!(
+        inbox.finish().is_empty(),
+        "nothing from before the advance was delivered"
+    );
     s.stop().await;
 }

@@ -42,12 +42,18 @@ async fn start(lab: &Lab, pins: &PinRoot, attach: AttachMode) -> (Running, Clien
 
 async fn register_all(lab: &Lab, client: &Client) {
     for vm in &lab.vms {
-        client.register_vm(vm.mac, 1, &vm.port, Some(0)).await.expect("registering a VM");
+        client
+            .register_vm(vm.mac, 1, &vm.port, Some(0))
+            .await
+            .expect("registering a VM");
     }
 }
 
 fn by_port(stats: &[PortStats]) -> BTreeMap<String, PortStats> {
-    stats.iter().filter_map(|s| Some((s.port.clone()?, s.clone()))).collect()
+    stats
+        .iter()
+        .filter_map(|s| Some((s.port.clone()?, s.clone())))
+        .collect()
 }
 
 /// Every phase of the scenario, checked exactly: what each receiver got and what each port
@@ -57,7 +63,11 @@ async fn phased_exact(attach: AttachMode, tag: char) {
     let lab = Lab::create(&lab_prefix(tag), 3).unwrap();
     let pins = PinRoot::new("phased");
     let (running, client) = start(&lab, &pins, attach).await;
-    assert_eq!(client.ports().await.unwrap().len(), 3, "attached to every bridge member");
+    assert_eq!(
+        client.ports().await.unwrap().len(),
+        3,
+        "attached to every bridge member"
+    );
     client.set_mode(ModeName::Drop).await.unwrap();
     register_all(&lab, &client).await;
 
@@ -67,7 +77,13 @@ async fn phased_exact(attach: AttachMode, tag: char) {
     let phases = traffic::run_phases(&mesh, &[1, 0, 2], per_pair, &names, |vm| {
         let mac = lab.vms[vm].mac;
         let client = client.clone();
-        async move { client.advance(mac).await.map(|_| ()).map_err(std::io::Error::other) }
+        async move {
+            client
+                .advance(mac)
+                .await
+                .map(|_| ())
+                .map_err(std::io::Error::other)
+        }
     })
     .await
     .unwrap();
@@ -83,12 +99,23 @@ async fn phased_exact(attach: AttachMode, tag: char) {
             } else {
                 Outcome::Type3Dropped
             };
-            let want = if outcome == Outcome::Type3Dropped { 0 } else { p.sent };
-            assert_eq!(p.delivered, want, "{}: {} -> {}: delivered", phase.title, p.from, p.to);
+            let want = if outcome == Outcome::Type3Dropped {
+                0
+            } else {
+                p.sent
+            };
+            assert_eq!(
+                p.delivered, want,
+                "{}: {} -> {}: delivered",
+                phase.title, p.from, p.to
+            );
             assert_eq!(p.type3_delivered, 0, "{}: Type-3 delivered", phase.title);
             assert_eq!(p.reordered, 0, "{}: order", phase.title);
-            *expected.entry(lab.vms[p.from].port.clone()).or_default().entry(outcome.name()).or_default() +=
-                u64::from(p.sent);
+            *expected
+                .entry(lab.vms[p.from].port.clone())
+                .or_default()
+                .entry(outcome.name())
+                .or_default() += u64::from(p.sent);
         }
     }
     // The scenario really produced each type (so the checks above could fail).
@@ -122,7 +149,10 @@ async fn phased_exact(attach: AttachMode, tag: char) {
     }
     let stats_dump = bpftool_dump(&pins.path().join("port_stats"));
     let first = &stats_dump.as_array().unwrap()[0]["formatted"];
-    assert!(first["values"][0]["value"]["type3_dropped"]["frames"].is_u64(), "per-CPU named counters: {first}");
+    assert!(
+        first["values"][0]["value"]["type3_dropped"]["frames"].is_u64(),
+        "per-CPU named counters: {first}"
+    );
 
     running.stop().await.unwrap();
 }
@@ -159,14 +189,25 @@ async fn concurrent_advances_never_deliver_type3() {
     let sent = Arc::new(AtomicU32::new(0));
 
     let sender = {
-        let (mesh, sender_epoch, stop, sent) = (mesh.clone(), sender_epoch.clone(), stop.clone(), sent.clone());
+        let (mesh, sender_epoch, stop, sent) = (
+            mesh.clone(),
+            sender_epoch.clone(),
+            stop.clone(),
+            sent.clone(),
+        );
         std::thread::spawn(move || {
             let mut seq = 0;
             while !stop.load(Ordering::SeqCst) {
                 for from in 0..n {
                     let color = sender_epoch[from].load(Ordering::SeqCst);
                     for to in (0..n).filter(|t| *t != from) {
-                        mesh.send(Message { from: from as u16, to: to as u16, seq, color }).unwrap();
+                        mesh.send(Message {
+                            from: from as u16,
+                            to: to as u16,
+                            seq,
+                            color,
+                        })
+                        .unwrap();
                         sent.fetch_add(1, Ordering::SeqCst);
                     }
                 }
@@ -233,8 +274,15 @@ async fn concurrent_advances_never_deliver_type3() {
     let dropped: u64 = stats.iter().map(|s| s.frames(Outcome::Type3Dropped)).sum();
     let sent = u64::from(sent.load(Ordering::SeqCst));
     assert_eq!(counted, sent, "every frame sent was seen and counted once");
-    assert_eq!(received + dropped, sent, "every frame was delivered or counted as dropped");
-    assert!(dropped > 0, "the skew produced Type-3 frames (else this test proves nothing)");
+    assert_eq!(
+        received + dropped,
+        sent,
+        "every frame was delivered or counted as dropped"
+    );
+    assert!(
+        dropped > 0,
+        "the skew produced Type-3 frames (else this test proves nothing)"
+    );
     running.stop().await.unwrap();
 }
 
@@ -257,21 +305,46 @@ async fn datapath_outlives_the_daemon_and_is_adopted() {
     let phase = traffic::exchange(&mesh, &[1, 0], 10, "daemon down").unwrap();
     let p12 = phase.pairs.iter().find(|p| p.from == 0).unwrap();
     let p21 = phase.pairs.iter().find(|p| p.from == 1).unwrap();
-    assert_eq!((p12.delivered, p21.delivered), (0, 10), "enforcement without the daemon");
+    assert_eq!(
+        (p12.delivered, p21.delivered),
+        (0, 10),
+        "enforcement without the daemon"
+    );
 
     let (running, client) = start(&lab, &pins, AttachMode::Tc).await;
     let vms = client.vms().await.unwrap();
-    assert_eq!(vms.iter().map(|v| v.epoch).collect::<Vec<_>>(), vec![1, 0], "epochs adopted, not reset");
-    assert_eq!(client.config().await.unwrap().type3_mode, ModeName::Drop, "mode adopted");
+    assert_eq!(
+        vms.iter().map(|v| v.epoch).collect::<Vec<_>>(),
+        vec![1, 0],
+        "epochs adopted, not reset"
+    );
+    assert_eq!(
+        client.config().await.unwrap().type3_mode,
+        ModeName::Drop,
+        "mode adopted"
+    );
     let stats = by_port(&client.stats().await.unwrap());
-    assert_eq!(stats[&lab.vms[0].port].frames(Outcome::Type3Dropped), 10, "drops counted while down");
-    let links = std::fs::read_dir(pins.path().join("links")).unwrap().count();
-    assert_eq!(links, 2, "one pinned link per port, adopted rather than duplicated");
+    assert_eq!(
+        stats[&lab.vms[0].port].frames(Outcome::Type3Dropped),
+        10,
+        "drops counted while down"
+    );
+    let links = std::fs::read_dir(pins.path().join("links"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        links, 2,
+        "one pinned link per port, adopted rather than duplicated"
+    );
 
     // The adopted links run the new daemon's program: advancing vm2 lets vm1 through.
     client.advance(lab.vms[1].mac).await.unwrap();
     let phase = traffic::exchange(&mesh, &[1, 1], 10, "after restart").unwrap();
-    assert!(phase.pairs.iter().all(|p| p.delivered == 10), "{:?}", phase.pairs);
+    assert!(
+        phase.pairs.iter().all(|p| p.delivered == 10),
+        "{:?}",
+        phase.pairs
+    );
     running.stop().await.unwrap();
 }
 
@@ -285,8 +358,22 @@ async fn ports_follow_bridge_membership() {
     assert_eq!(client.ports().await.unwrap().len(), 1);
 
     let extra = format!("{}x", lab.prefix);
-    let ip = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}");
-    ip(&["link", "add", &extra, "type", "veth", "peer", "name", &format!("{extra}y")]);
+    let ip = |args: &[&str]| {
+        assert!(
+            Command::new("ip").args(args).status().unwrap().success(),
+            "ip {args:?}"
+        )
+    };
+    ip(&[
+        "link",
+        "add",
+        &extra,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &format!("{extra}y"),
+    ]);
     ip(&["link", "set", &extra, "master", &lab.bridge, "up"]);
     let wait_for = |want: usize| {
         let client = client.clone();
@@ -302,10 +389,16 @@ async fn ports_follow_bridge_membership() {
         }
     };
     let ports = wait_for(2).await;
-    assert!(ports.iter().any(|p| p.name == extra), "new member attached: {ports:?}");
+    assert!(
+        ports.iter().any(|p| p.name == extra),
+        "new member attached: {ports:?}"
+    );
     ip(&["link", "del", &extra]);
     let ports = wait_for(1).await;
-    assert!(!ports.iter().any(|p| p.name == extra), "deleted port detached: {ports:?}");
+    assert!(
+        !ports.iter().any(|p| p.name == extra),
+        "deleted port detached: {ports:?}"
+    );
     running.stop().await.unwrap();
 }
 
@@ -315,9 +408,17 @@ async fn jumbo_frames_on_real_ports() {
     require_root();
     let lab = Lab::create(&lab_prefix('j'), 2).unwrap();
     for vm in &lab.vms {
-        let ok = Command::new("ip").args(["link", "set", &vm.port, "mtu", "9000"]).status().unwrap().success()
+        let ok = Command::new("ip")
+            .args(["link", "set", &vm.port, "mtu", "9000"])
+            .status()
+            .unwrap()
+            .success()
             && lab.command(0, "true").status().unwrap().success()
-            && Command::new("ip").args(["-n", &vm.netns, "link", "set", "eth0", "mtu", "9000"]).status().unwrap().success();
+            && Command::new("ip")
+                .args(["-n", &vm.netns, "link", "set", "eth0", "mtu", "9000"])
+                .status()
+                .unwrap()
+                .success();
         assert!(ok, "setting MTU 9000");
     }
     let pins = PinRoot::new("jumbo");
@@ -330,10 +431,17 @@ async fn jumbo_frames_on_real_ports() {
     let payload = vec![0x5a; 8900];
     a.send_to(&payload, (lab.vms[1].ip, 47_100)).unwrap();
     let mut buf = vec![0; 9100];
-    assert_eq!(b.recv(&mut buf).unwrap(), 8900, "jumbo Type-1 frame delivered whole");
+    assert_eq!(
+        b.recv(&mut buf).unwrap(),
+        8900,
+        "jumbo Type-1 frame delivered whole"
+    );
     client.advance(lab.vms[0].mac).await.unwrap();
     a.send_to(&payload, (lab.vms[1].ip, 47_100)).unwrap();
-    assert!(b.recv(&mut buf).is_err(), "jumbo Type-3 frame not delivered");
+    assert!(
+        b.recv(&mut buf).is_err(),
+        "jumbo Type-3 frame not delivered"
+    );
     let stats = by_port(&client.stats().await.unwrap());
     let port = &stats[&lab.vms[0].port];
     assert_eq!(port.counters["type1"].bytes, 8900 + 8 + 20 + 14);
@@ -349,23 +457,64 @@ async fn api_rejects_bad_input() {
     let pins = PinRoot::new("api");
     let (running, client) = start(&lab, &pins, AttachMode::Tc).await;
     let (vm1, vm2) = (&lab.vms[0], &lab.vms[1]);
-    client.register_vm(vm1.mac, 1, &vm1.port, Some(3)).await.unwrap();
+    client
+        .register_vm(vm1.mac, 1, &vm1.port, Some(3))
+        .await
+        .unwrap();
 
-    assert_eq!(status(client.register_vm(vm1.mac, 1, &vm2.port, None).await), Some(409), "MAC twice");
-    assert_eq!(status(client.register_vm(vm2.mac, 1, &vm1.port, None).await), Some(409), "port twice");
-    assert_eq!(status(client.register_vm(vm2.mac, 1, "nosuchport0", None).await), Some(400), "unknown port");
-    assert_eq!(status(client.register_vm(vm2.mac, 1, "lo", None).await), Some(409), "port not attached");
-    assert_eq!(status(client.set_epoch(vm1.mac, 2).await), Some(409), "epoch backwards");
-    assert_eq!(status(client.advance(vm2.mac).await), Some(404), "unknown VM");
-    assert_eq!(client.vm(vm1.mac).await.unwrap().epoch, 3, "refused requests changed nothing");
+    assert_eq!(
+        status(client.register_vm(vm1.mac, 1, &vm2.port, None).await),
+        Some(409),
+        "MAC twice"
+    );
+    assert_eq!(
+        status(client.register_vm(vm2.mac, 1, &vm1.port, None).await),
+        Some(409),
+        "port twice"
+    );
+    assert_eq!(
+        status(client.register_vm(vm2.mac, 1, "nosuchport0", None).await),
+        Some(400),
+        "unknown port"
+    );
+    assert_eq!(
+        status(client.register_vm(vm2.mac, 1, "lo", None).await),
+        Some(409),
+        "port not attached"
+    );
+    assert_eq!(
+        status(client.set_epoch(vm1.mac, 2).await),
+        Some(409),
+        "epoch backwards"
+    );
+    assert_eq!(
+        status(client.advance(vm2.mac).await),
+        Some(404),
+        "unknown VM"
+    );
+    assert_eq!(
+        client.vm(vm1.mac).await.unwrap().epoch,
+        3,
+        "refused requests changed nothing"
+    );
     // A new member joins at the group's epoch.
-    assert_eq!(client.register_vm(vm2.mac, 1, &vm2.port, None).await.unwrap().epoch, 3);
+    assert_eq!(
+        client
+            .register_vm(vm2.mac, 1, &vm2.port, None)
+            .await
+            .unwrap()
+            .epoch,
+        3
+    );
 
     let http = reqwest_like_get(&running, "/v1/vms/not-a-mac").await;
     assert_eq!(http.0, 400);
     assert!(http.1.contains("bad MAC address"), "{}", http.1);
     let metrics = client.metrics().await.unwrap();
-    assert!(metrics.contains("enforcer_vm_epoch{mac=\"02:00:5e:10:00:01\",group=\"1\"} 3"), "{metrics}");
+    assert!(
+        metrics.contains("enforcer_vm_epoch{mac=\"02:00:5e:10:00:01\",group=\"1\"} 3"),
+        "{metrics}"
+    );
     running.stop().await.unwrap();
 
     // Anywhere but loopback needs a token.
@@ -397,8 +546,18 @@ async fn api_rejects_bad_input() {
     .unwrap();
     let base = format!("http://{}", running.addr);
     assert_eq!(status(Client::new(&base, None).vms().await), Some(401));
-    assert_eq!(status(Client::new(&base, Some("wrong".into())).vms().await), Some(401));
-    assert_eq!(Client::new(&base, Some("s3cret".into())).vms().await.unwrap().len(), 2);
+    assert_eq!(
+        status(Client::new(&base, Some("wrong".into())).vms().await),
+        Some(401)
+    );
+    assert_eq!(
+        Client::new(&base, Some("s3cret".into()))
+            .vms()
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
     running.stop().await.unwrap();
 }
 
@@ -410,7 +569,9 @@ fn status<T>(r: Result<T, enforcer::client::ClientError>) -> Option<u16> {
 async fn reqwest_like_get(running: &Running, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut s = tokio::net::TcpStream::connect(running.addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).await.unwrap();
     let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
