@@ -51,6 +51,14 @@ pub enum AttachMode {
 }
 
 impl AttachMode {
+    /// The program that serves this hook.
+    pub fn program_name(self) -> &'static str {
+        match self {
+            AttachMode::Tc => TC_PROGRAM,
+            AttachMode::Xdp => XDP_PROGRAM,
+        }
+    }
+
     fn link_prefix(self) -> &'static str {
         match self {
             AttachMode::Tc => "tc",
@@ -76,6 +84,8 @@ pub enum DatapathError {
     PinProgram { name: &'static str, detail: String },
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error("program {0} missing from the eBPF object")]
+    MissingProgram(&'static str),
     #[error("map access: {0}")]
     Map(#[from] MapError),
     #[error("pinning or opening the link for port {port}: {detail}")]
@@ -170,7 +180,7 @@ impl Datapath {
             let _ = fs::remove_file(&path);
             let prog = ebpf
                 .program_mut(name)
-                .ok_or(DatapathError::MissingMap(name))?;
+                .ok_or(DatapathError::MissingProgram(name))?;
             prog.pin(&path).map_err(|e| DatapathError::PinProgram {
                 name,
                 detail: e.to_string(),
@@ -600,14 +610,11 @@ impl Datapath {
     /// The fd of a loaded program (valid while `self` lives), e.g. for BPF_PROG_TEST_RUN.
     pub fn program_fd(&self, mode: AttachMode) -> Result<std::os::fd::RawFd, DatapathError> {
         use std::os::fd::{AsFd as _, AsRawFd as _};
-        let name = match mode {
-            AttachMode::Tc => TC_PROGRAM,
-            AttachMode::Xdp => XDP_PROGRAM,
-        };
+        let name = mode.program_name();
         let prog = self
             .ebpf
             .program(name)
-            .ok_or(DatapathError::MissingMap(name))?;
+            .ok_or(DatapathError::MissingProgram(name))?;
         let fd = prog
             .fd()
             .map_err(|source| DatapathError::Program { name, source })?;
@@ -616,14 +623,11 @@ impl Datapath {
 
     /// The kernel's id of the loaded program for the active attach mode (for run-time stats).
     pub fn program_info(&self) -> Result<aya::programs::ProgramInfo, DatapathError> {
-        let name = match self.mode {
-            AttachMode::Tc => TC_PROGRAM,
-            AttachMode::Xdp => XDP_PROGRAM,
-        };
+        let name = self.mode.program_name();
         let prog = self
             .ebpf
             .program(name)
-            .ok_or(DatapathError::MissingMap(name))?;
+            .ok_or(DatapathError::MissingProgram(name))?;
         prog.info()
             .map_err(|source| DatapathError::Program { name, source })
     }
@@ -710,7 +714,7 @@ where
 {
     let prog = ebpf
         .program_mut(name)
-        .ok_or(DatapathError::MissingMap(name))?;
+        .ok_or(DatapathError::MissingProgram(name))?;
     prog.try_into()
         .map_err(|source| DatapathError::Program { name, source })
 }

@@ -109,14 +109,19 @@ pub fn list_groups<S: EpochStore>(store: &mut S) -> Result<Vec<GroupRecord>, Epo
     Ok(groups.into_values().collect())
 }
 
+/// The VM registered under `mac`, or `UnknownVm`.
+fn require_vm<S: EpochStore>(store: &mut S, mac: MacAddr) -> Result<VmEpoch, EpochError<S::Error>> {
+    store
+        .vm(&mac.key())
+        .map_err(EpochError::Store)?
+        .ok_or(EpochError::UnknownVm(mac))
+}
+
 pub fn get_vm<S: EpochStore>(
     store: &mut S,
     mac: MacAddr,
 ) -> Result<VmRecord, EpochError<S::Error>> {
-    let vm = store
-        .vm(&mac.key())
-        .map_err(EpochError::Store)?
-        .ok_or(EpochError::UnknownVm(mac))?;
+    let vm = require_vm(store, mac)?;
     Ok(VmRecord::new(mac.key(), vm))
 }
 
@@ -183,10 +188,7 @@ pub fn unregister<S: EpochStore>(
     store: &mut S,
     mac: MacAddr,
 ) -> Result<VmRecord, EpochError<S::Error>> {
-    let vm = store
-        .vm(&mac.key())
-        .map_err(EpochError::Store)?
-        .ok_or(EpochError::UnknownVm(mac))?;
+    let vm = require_vm(store, mac)?;
     store.remove_vm(&mac.key()).map_err(EpochError::Store)?;
     store.remove_port(vm.ifindex).map_err(EpochError::Store)?;
     refresh_group(store, vm.group, false)?;
@@ -212,10 +214,7 @@ pub fn set_epoch<S: EpochStore>(
     epoch: u32,
     drain: bool,
 ) -> Result<EpochChange, EpochError<S::Error>> {
-    let vm = store
-        .vm(&mac.key())
-        .map_err(EpochError::Store)?
-        .ok_or(EpochError::UnknownVm(mac))?;
+    let vm = require_vm(store, mac)?;
     if epoch < vm.epoch {
         return Err(EpochError::Backwards {
             mac,

@@ -462,7 +462,11 @@ impl XskSocket {
                 &mut len,
             )
         };
-        if r == 0 { (stats[0], stats[3], stats[4]) } else { (0, 0, 0) }
+        if r == 0 {
+            (stats[0], stats[3], stats[4])
+        } else {
+            (0, 0, 0)
+        }
     }
 }
 
@@ -491,7 +495,10 @@ const FIFO_CHUNK: usize = 1024;
 
 impl<T> Default for Fifo<T> {
     fn default() -> Self {
-        Self { chunks: VecDeque::new(), len: 0 }
+        Self {
+            chunks: VecDeque::new(),
+            len: 0,
+        }
     }
 }
 
@@ -888,7 +895,9 @@ impl State {
     fn flush(&mut self, key: Key, force: bool) {
         let released = self.released(key);
         loop {
-            let Some(q) = self.queues.get_mut(&key) else { return };
+            let Some(q) = self.queues.get_mut(&key) else {
+                return;
+            };
             let mut batch = Vec::new();
             while batch.len() < BATCH as usize {
                 match q.frames.front() {
@@ -982,10 +991,15 @@ impl State {
     /// Sends frames out of a port, in order, with as few system calls as it can (`sendmmsg`);
     /// waits out a full queue rather than lose a frame. Returns how many were sent.
     fn send_frames(&mut self, ifindex: u32, frames: &[&[u8]]) -> usize {
-        let Some(fd) = self.inject_socket(ifindex) else { return 0 };
+        let Some(fd) = self.inject_socket(ifindex) else {
+            return 0;
+        };
         let mut iovecs: Vec<libc::iovec> = frames
             .iter()
-            .map(|f| libc::iovec { iov_base: f.as_ptr() as *mut libc::c_void, iov_len: f.len() })
+            .map(|f| libc::iovec {
+                iov_base: f.as_ptr() as *mut libc::c_void,
+                iov_len: f.len(),
+            })
             .collect();
         let mut messages: Vec<libc::mmsghdr> = iovecs
             .iter_mut()
@@ -1003,7 +1017,12 @@ impl State {
             // SAFETY: `messages[sent..]` are valid headers pointing at `iovecs`, which point at
             // the frames; all outlive the call.
             let r = unsafe {
-                libc::sendmmsg(fd, messages[sent..].as_mut_ptr(), (messages.len() - sent) as u32, 0)
+                libc::sendmmsg(
+                    fd,
+                    messages[sent..].as_mut_ptr(),
+                    (messages.len() - sent) as u32,
+                    0,
+                )
             };
             if r > 0 {
                 sent += r as usize;
