@@ -9,6 +9,7 @@ pub mod bench;
 pub mod checksum;
 pub mod cli;
 pub mod client;
+pub mod coordinator;
 pub mod daemon;
 pub mod datapath;
 pub mod demo;
