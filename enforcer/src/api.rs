@@ -158,6 +158,16 @@ pub enum ModeName {
     Monitor,
 }
 
+impl std::fmt::Display for ModeName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ModeName::Buffer => "buffer",
+            ModeName::Drop => "drop",
+            ModeName::Monitor => "monitor",
+        })
+    }
+}
+
 impl From<Type3Mode> for ModeName {
     fn from(mode: Type3Mode) -> Self {
         match mode {

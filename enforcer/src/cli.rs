@@ -269,11 +269,12 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             println!("unregistered {}", vm.mac);
         }
         Command::Vm(VmCommand::Ls) | Command::Epoch(EpochCommand::Get { mac: None }) => {
+            let vms = client.vms().await?;
             println!(
                 "{:<19} {:>6} {:>6} {:>8}",
                 "MAC", "GROUP", "EPOCH", "IFINDEX"
             );
-            for vm in client.vms().await? {
+            for vm in vms {
                 println!(
                     "{:<19} {:>6} {:>6} {:>8}",
                     vm.mac, vm.group, vm.epoch, vm.ifindex
@@ -292,11 +293,12 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             println!("{} at epoch {}", vm.mac, vm.epoch);
         }
         Command::Groups => {
+            let groups = client.groups().await?;
             println!(
                 "{:>6} {:>8} {:>10} {:>10}",
                 "GROUP", "MEMBERS", "MIN_EPOCH", "MAX_EPOCH"
             );
-            for g in client.groups().await? {
+            for g in groups {
                 println!(
                     "{:>6} {:>8} {:>10} {:>10}",
                     g.group, g.members, g.min_epoch, g.max_epoch
@@ -393,10 +395,10 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Mode { mode: None } => {
-            println!("{:?}", client.config().await?.type3_mode);
+            println!("{}", client.config().await?.type3_mode);
         }
         Command::Mode { mode: Some(mode) } => {
-            println!("{:?}", client.set_mode(mode.into()).await?.type3_mode);
+            println!("{}", client.set_mode(mode.into()).await?.type3_mode);
         }
         Command::Bench(BenchCommand::TcpSkew { skews, figure }) => {
             anyhow::ensure!(
