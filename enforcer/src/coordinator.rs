@@ -787,45 +787,48 @@ mod tests {
         assert!(!c.store.join("journal.json").exists());
     }
 
-    #[test]
-    fn a_vanished_vm_aborts_the_whole_group() {
-        let g = group(3);
+    /// Runs a snapshot of `n` VMs where `vm` fails with `failure`; checks the abort was clean.
+    fn aborts_when(n: u8, vm: &str, failure: Failure, reason: &str) -> Vec<(String, String)> {
+        let g = group(n);
         let dir = store();
         let (c, hv) = coordinator(&g, &dir);
-        hv.fail("vm2", Failure::Vanish);
+        hv.fail(vm, failure);
         let m = c.snapshot(&g).unwrap();
-        assert_aborted_cleanly(&c, &hv, &m, &g, "no such domain");
+        assert_aborted_cleanly(&c, &hv, &m, &g, reason);
         let _ = fs::remove_dir_all(dir);
+        let log = hv.world.lock().unwrap().log.clone();
+        log
     }
 
     #[test]
-    fn an_image_write_failure_aborts_after_others_advanced() {
-        let g = group(3);
-        let dir = store();
-        let (c, hv) = coordinator(&g, &dir);
-        hv.fail("vm3", Failure::ImageFails);
-        let m = c.snapshot(&g).unwrap();
-        assert_aborted_cleanly(&c, &hv, &m, &g, "no space left");
+    fn a_vanished_vm_aborts_the_whole_group() {
+        aborts_when(3, "vm2", Failure::Vanish, "no such domain");
+    }
+
+    #[test]
+    fn an_image_write_failure_after_the_advance_rolls_the_epoch_back() {
+        let log = aborts_when(3, "vm3", Failure::ImageFails, "no space left");
+        let rollback = log
+            .iter()
+            .position(|(w, _)| w == "rollback")
+            .expect("epochs rolled back");
+        let advanced = log
+            .iter()
+            .position(|(w, v)| w == "advance" && v == "vm3")
+            .expect("vm3 advanced");
         assert!(
-            hv.world
-                .lock()
-                .unwrap()
-                .log
-                .iter()
-                .any(|(w, _)| w == "rollback")
+            advanced < rollback,
+            "the advance came first, then its roll-back: {log:?}"
         );
-        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]
     fn a_vm_that_never_pauses_times_out_and_aborts() {
-        let g = group(2);
-        let dir = store();
-        let (c, hv) = coordinator(&g, &dir);
-        hv.fail("vm1", Failure::NeverPauses);
-        let m = c.snapshot(&g).unwrap();
-        assert_aborted_cleanly(&c, &hv, &m, &g, "timed out");
-        let _ = fs::remove_dir_all(dir);
+        let log = aborts_when(2, "vm1", Failure::NeverPauses, "timed out");
+        assert!(
+            !log.iter().any(|(w, v)| w == "advance" && v == "vm1"),
+            "vm1 never advanced"
+        );
     }
 
     #[test]
