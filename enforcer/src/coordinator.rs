@@ -124,6 +124,19 @@ pub struct VmRecord {
     pub error: Option<String>,
 }
 
+impl VmRecord {
+    /// A VM's record before any step of the transaction.
+    fn pending(vm: &VmSpec) -> Self {
+        Self {
+            name: vm.name.clone(),
+            mac: vm.mac,
+            images: Vec::new(),
+            timeline: Timeline::default(),
+            error: None,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
@@ -221,18 +234,7 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
             "aborting a snapshot left unfinished by a previous coordinator"
         );
         let reason = "the coordinator stopped during the snapshot".to_owned();
-        let vms = journal
-            .group
-            .vms
-            .iter()
-            .map(|vm| VmRecord {
-                name: vm.name.clone(),
-                mac: vm.mac,
-                images: Vec::new(),
-                timeline: Timeline::default(),
-                error: None,
-            })
-            .collect();
+        let vms = journal.group.vms.iter().map(VmRecord::pending).collect();
         let mut manifest = Manifest {
             id: journal.id.clone(),
             group: journal.group.clone(),
@@ -294,15 +296,7 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
         let records: Vec<Arc<Mutex<VmRecord>>> = group
             .vms
             .iter()
-            .map(|vm| {
-                Arc::new(Mutex::new(VmRecord {
-                    name: vm.name.clone(),
-                    mac: vm.mac,
-                    images: Vec::new(),
-                    timeline: Timeline::default(),
-                    error: None,
-                }))
-            })
+            .map(|vm| Arc::new(Mutex::new(VmRecord::pending(vm))))
             .collect();
         let threads: Vec<_> = group
             .vms

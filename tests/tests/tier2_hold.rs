@@ -201,6 +201,19 @@ fn send_stream(
     }
 }
 
+/// `count` numbered messages from vm1 to vm2 starting at `first`, one every 300 µs.
+fn to_vm2(tx: &UdpSocket, lab: &Lab, first: u32, count: u32, color: u32) {
+    send_stream(
+        tx,
+        0,
+        &[(1, addr(lab, 1))],
+        first,
+        count,
+        color,
+        Duration::from_micros(300),
+    );
+}
+
 fn addr(lab: &Lab, vm: usize) -> std::net::SocketAddrV4 {
     std::net::SocketAddrV4::new(lab.vms[vm].ip, 47_300)
 }
@@ -508,15 +521,7 @@ async fn memory_bound_overflow_is_counted_exactly() {
     let tx = lab.udp_socket(0, 47_300).unwrap();
     let inbox = Inbox::new(lab.udp_socket(1, 47_300).unwrap());
     s.client.advance(lab.vms[0].mac).await.unwrap();
-    send_stream(
-        &tx,
-        0,
-        &[(1, addr(lab, 1))],
-        0,
-        300,
-        1,
-        Duration::from_micros(300),
-    );
+    to_vm2(&tx, lab, 0, 300, 1);
     thread::sleep(Duration::from_millis(100));
     let report = s.client.holds().await.unwrap();
     assert_eq!(report.held_frames, 100, "{report:?}");
@@ -540,27 +545,11 @@ async fn frames_held_by_a_crashed_daemon_are_counted_by_the_next() {
     let tx = lab.udp_socket(0, 47_300).unwrap();
     let inbox = Inbox::new(lab.udp_socket(1, 47_300).unwrap());
     s.client.advance(lab.vms[0].mac).await.unwrap();
-    send_stream(
-        &tx,
-        0,
-        &[(1, addr(lab, 1))],
-        0,
-        50,
-        1,
-        Duration::from_micros(300),
-    );
+    to_vm2(&tx, lab, 0, 50, 1);
     thread::sleep(Duration::from_millis(100));
     assert_eq!(s.client.holds().await.unwrap().held_frames, 50);
     s.running.take().unwrap().crash().await.unwrap();
-    send_stream(
-        &tx,
-        0,
-        &[(1, addr(lab, 1))],
-        50,
-        30,
-        1,
-        Duration::from_micros(300),
-    );
+    to_vm2(&tx, lab, 50, 30, 1);
     thread::sleep(Duration::from_millis(100));
 
     let (running, client) = start_daemon(lab, &s.pins, 64 << 20, ModeName::Buffer).await;
@@ -579,15 +568,7 @@ async fn frames_held_by_a_crashed_daemon_are_counted_by_the_next() {
     // The receiver advances: nothing was delivered (the frames are gone, and counted), and new
     // frames flow again.
     s.client.advance(lab.vms[1].mac).await.unwrap();
-    send_stream(
-        &tx,
-        0,
-        &[(1, addr(lab, 1))],
-        80,
-        10,
-        1,
-        Duration::from_micros(300),
-    );
+    to_vm2(&tx, lab, 80, 10, 1);
     thread::sleep(Duration::from_millis(200));
     assert_in_order(
         &inbox.finish(),
@@ -606,28 +587,12 @@ async fn abort_delivers_held_frames() {
     let tx = lab.udp_socket(0, 47_300).unwrap();
     let inbox = Inbox::new(lab.udp_socket(1, 47_300).unwrap());
     s.client.advance(lab.vms[0].mac).await.unwrap();
-    send_stream(
-        &tx,
-        0,
-        &[(1, addr(lab, 1))],
-        0,
-        40,
-        1,
-        Duration::from_micros(300),
-    );
+    to_vm2(&tx, lab, 0, 40, 1);
     thread::sleep(Duration::from_millis(100));
     assert!(inbox.from(0).is_empty());
     let rolled = s.client.abort(1, 0).await.unwrap();
     assert_eq!(rolled.len(), 1, "vm1 rolled back");
-    send_stream(
-        &tx,
-        0,
-        &[(1, addr(lab, 1))],
-        40,
-        10,
-        0,
-        Duration::from_micros(300),
-    );
+    to_vm2(&tx, lab, 40, 10, 0);
     thread::sleep(Duration::from_millis(200));
     assert_in_order(&inbox.finish(), 0, 50, "held frames, then new ones");
     assert_eq!(s.client.vm(lab.vms[0].mac).await.unwrap().epoch, 0);
@@ -643,15 +608,7 @@ async fn graceful_stop_counts_what_it_drops() {
     let tx = lab.udp_socket(0, 47_300).unwrap();
     let inbox = Inbox::new(lab.udp_socket(1, 47_300).unwrap());
     s.client.advance(lab.vms[0].mac).await.unwrap();
-    send_stream(
-        &tx,
-        0,
-        &[(1, addr(lab, 1))],
-        0,
-        25,
-        1,
-        Duration::from_micros(300),
-    );
+    to_vm2(&tx, lab, 0, 25, 1);
     thread::sleep(Duration::from_millis(100));
     let report = s
         .running
@@ -664,15 +621,7 @@ async fn graceful_stop_counts_what_it_drops() {
     assert_eq!(report.total("dropped_shutdown"), 25, "{report:?}");
     assert_eq!(report.held_frames, 0);
     // With no buffer, Type-3 frames are dropped by the datapath and counted there.
-    send_stream(
-        &tx,
-        0,
-        &[(1, addr(lab, 1))],
-        25,
-        5,
-        1,
-        Duration::from_micros(300),
-    );
+    to_vm2(&tx, lab, 25, 5, 1);
 
     let (running, client) = start_daemon(lab, &s.pins, 64 << 20, ModeName::Buffer).await;
     s.running = Some(running);
