@@ -14,6 +14,8 @@ fi
 APT_PACKAGES=(
   llvm-22-dev libpolly-22-dev clang-22 lld-22   # bpf-linker's LLVM
   bpftool iproute2 iperf3 ethtool pkg-config    # inspection, netns/veth/bridge, offloads, benchmark
+  qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev  # real VMs (TCG)
+  busybox-static                                # the guest's initramfs
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -23,7 +25,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   log "installing apt packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  # A newer qemu-utils (backports) conflicts with Debian 12's qemu-system-x86: take the one that
+  # matches qemu-system-x86, which may be a downgrade.
+  qemu_version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+  apt-get install -y -qq --no-install-recommends --allow-downgrades "${missing[@]}" \
+    "qemu-utils=$qemu_version"
 else
   log "apt packages present"
 fi
@@ -57,4 +63,41 @@ if ! mountpoint -q /sys/fs/bpf; then
   log "mounting bpffs at /sys/fs/bpf"
   mount -t bpf bpf /sys/fs/bpf
 fi
+# libvirt without systemd: QEMU runs as root with no sandboxing layers this machine lacks
+# (cgroup controllers, mount namespaces, security drivers); guests are TCG (no usable KVM).
+getent passwd libvirt-qemu >/dev/null || useradd --system --no-create-home libvirt-qemu
+QEMU_CONF=/etc/libvirt/qemu.conf
+if ! grep -q 'managed by enforcer v2' "$QEMU_CONF" 2>/dev/null; then
+  log "writing $QEMU_CONF and libvirtd.conf"
+  mkdir -p /etc/libvirt
+  cat >"$QEMU_CONF" <<'CONF'
+# managed by enforcer v2 (scripts/setup.sh)
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+cgroup_controllers = [ ]
+namespaces = [ ]
+# QEMU logs to files directly: no virtlogd daemon to run.
+stdio_handler = "file"
+CONF
+  printf '# managed by enforcer\nauth_unix_rw = "none"\n' >/etc/libvirt/libvirtd.conf
+fi
+LIBVIRTD_PID=/run/enforcer-libvirtd.pid
+if ! { [ -S /run/libvirt/libvirt-sock ] && virsh -c qemu:///system version >/dev/null 2>&1; }; then
+  log "starting libvirtd"
+  mkdir -p /var/log/libvirt /var/lib/libvirt /run/libvirt
+  libvirtd -d --pid-file "$LIBVIRTD_PID"
+  for _ in $(seq 50); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.1; done
+  virsh -c qemu:///system version >/dev/null
+else
+  log "libvirtd running"
+fi
+
+# The guest the demo and the real-VM tests boot: a Debian kernel, a busybox initramfs and our
+# static test application (rebuilt every time: it takes seconds and follows the source).
+log "building the guest image (cargo xtask guest)"
+cargo xtask guest
+
 log "set-up complete"

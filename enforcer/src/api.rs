@@ -16,11 +16,15 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::{
+    coordinator::{
+        CoordinatorError, GroupSpec, Manifest, Outcome as SnapshotOutcome, RestoreReport,
+    },
     datapath::{AttachMode, AttachedPort, Datapath, DatapathError, ifindex_of},
     epochs::{self, EpochError, EpochStore as _, GroupRecord, VmRecord},
     hold::{Buffer, Command, HoldReport},
     mac::MacAddr,
     metrics,
+    snapshots::Snapshots,
 };
 
 pub struct AppState {
@@ -28,6 +32,8 @@ pub struct AppState {
     pub token: Option<String>,
     /// The buffer daemon, when it runs (mode `buffer` needs it to hold frames).
     pub buffer: std::sync::Mutex<Option<Buffer>>,
+    /// Group snapshots over libvirt, when enabled.
+    pub snapshots: std::sync::OnceLock<Arc<Snapshots>>,
 }
 
 impl AppState {
@@ -224,8 +230,16 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/vms/{mac}", get(get_vm).delete(unregister_vm))
         .route("/v1/vms/{mac}/epoch", put(set_epoch))
         .route("/v1/vms/{mac}/advance", post(advance))
-        .route("/v1/groups", get(list_groups))
+        .route("/v1/groups", get(list_groups).post(define_group))
+        .route("/v1/groups/{group}", axum::routing::delete(remove_group))
         .route("/v1/groups/{group}/abort", post(abort))
+        .route("/v1/groups/{group}/snapshots", post(create_snapshot))
+        .route("/v1/snapshots", get(list_snapshots))
+        .route(
+            "/v1/snapshots/{id}",
+            get(get_snapshot).delete(delete_snapshot),
+        )
+        .route("/v1/snapshots/{id}/restore", post(restore_snapshot))
         .route("/v1/holds", get(holds))
         .route("/v1/ports", get(list_ports))
         .route("/v1/stats", get(stats))
@@ -395,6 +409,16 @@ async fn abort(
     body: Result<Json<Abort>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Vec<VmRecord>> {
     let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    Ok(Json(roll_back_group(&s, group, req.epoch).await?))
+}
+
+/// Every member of `group` above `epoch` goes back to it, and everything held for the group
+/// is delivered (an aborted snapshot).
+pub async fn roll_back_group(
+    s: &AppState,
+    group: u32,
+    epoch: u32,
+) -> Result<Vec<VmRecord>, ApiError> {
     let mut dp = s.datapath.lock().await;
     if !epochs::list_groups(&mut *dp)?
         .iter()
@@ -407,30 +431,25 @@ async fn abort(
     }
     let drain = s.buffer_running();
     for (mac, vm) in dp.vms()? {
-        if vm.group == group && vm.epoch > req.epoch {
+        if vm.group == group && vm.epoch > epoch {
             s.to_buffer(Command::Vm {
                 mac,
-                vm: Some(VmEpoch {
-                    epoch: req.epoch,
-                    ..vm
-                }),
+                vm: Some(VmEpoch { epoch, ..vm }),
             });
         }
     }
-    let changed = epochs::roll_back(&mut *dp, group, req.epoch, drain)?;
+    let changed = epochs::roll_back(&mut *dp, group, epoch, drain)?;
     s.to_buffer(Command::Release { group });
     tracing::info!(
         group,
-        epoch = req.epoch,
+        epoch,
         rolled_back = changed.len(),
         "snapshot aborted"
     );
-    Ok(Json(
-        changed
-            .into_iter()
-            .map(|(mac, vm)| VmRecord::new(mac.key(), vm))
-            .collect(),
-    ))
+    Ok(changed
+        .into_iter()
+        .map(|(mac, vm)| VmRecord::new(mac.key(), vm))
+        .collect())
 }
 
 async fn holds(State(s): State<Shared>) -> ApiResult<HoldReport> {
@@ -442,8 +461,178 @@ async fn holds(State(s): State<Shared>) -> ApiResult<HoldReport> {
     })
 }
 
-async fn list_groups(State(s): State<Shared>) -> ApiResult<Vec<GroupRecord>> {
-    Ok(Json(epochs::list_groups(&mut *s.datapath.lock().await)?))
+/// A datapath group, with its name and domains when it was defined over libvirt.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct GroupView {
+    #[serde(flatten)]
+    pub record: GroupRecord,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub domains: Vec<String>,
+}
+
+async fn list_groups(State(s): State<Shared>) -> ApiResult<Vec<GroupView>> {
+    let records = epochs::list_groups(&mut *s.datapath.lock().await)?;
+    let named = s.snapshots.get().map(|c| c.groups()).unwrap_or_default();
+    Ok(Json(
+        records
+            .into_iter()
+            .map(|record| {
+                let spec = named.iter().find(|g| g.id == record.group);
+                GroupView {
+                    name: spec.map(|g| g.name.clone()),
+                    domains: spec
+                        .map(|g| g.vms.iter().map(|v| v.name.clone()).collect())
+                        .unwrap_or_default(),
+                    record,
+                }
+            })
+            .collect(),
+    ))
+}
+
+/// `POST /v1/groups`: a group of running libvirt domains.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct DefineGroup {
+    pub name: String,
+    /// Datapath group id; default the lowest unused.
+    #[serde(default)]
+    pub id: Option<u32>,
+    pub domains: Vec<String>,
+}
+
+/// `POST /v1/snapshots/{id}/restore`.
+#[derive(Serialize, Deserialize, Debug, Default)]
+pub struct Restore {
+    /// Put the restored VMs on this bridge instead of their own.
+    #[serde(default)]
+    pub bridge: Option<String>,
+}
+
+impl From<CoordinatorError> for ApiError {
+    fn from(err: CoordinatorError) -> Self {
+        let status = match &err {
+            CoordinatorError::UnknownGroup(_) | CoordinatorError::UnknownSnapshot(_) => {
+                StatusCode::NOT_FOUND
+            }
+            CoordinatorError::EmptyGroup(_) | CoordinatorError::BadGroup(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            CoordinatorError::Hypervisor(e) if e.detail.starts_with("no such domain") => {
+                StatusCode::NOT_FOUND
+            }
+            CoordinatorError::Busy { .. }
+            | CoordinatorError::GroupExists(_)
+            | CoordinatorError::Inconsistent { .. }
+            | CoordinatorError::NotRestorable { .. }
+            | CoordinatorError::Hypervisor(_)
+            | CoordinatorError::Epochs(_) => StatusCode::CONFLICT,
+            CoordinatorError::Store { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, err.to_string())
+    }
+}
+
+fn snapshots(s: &AppState) -> Result<Arc<Snapshots>, ApiError> {
+    s.snapshots.get().cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "snapshots are off: this daemon runs without libvirt (--no-libvirt)",
+        )
+    })
+}
+
+/// Runs blocking coordinator work off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, CoordinatorError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+async fn define_group(
+    State(s): State<Shared>,
+    body: Result<Json<DefineGroup>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<GroupSpec>), ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let c = snapshots(&s)?;
+    let group = blocking(move || c.define_group(&req.name, req.id, &req.domains)).await?;
+    Ok((StatusCode::CREATED, Json(group)))
+}
+
+async fn remove_group(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<GroupSpec> {
+    let c = snapshots(&s)?;
+    Ok(Json(blocking(move || c.remove_group(&name)).await?))
+}
+
+/// Starts a snapshot and answers at once (202) with its live view; the work goes on in the
+/// background (follow it with `GET /v1/snapshots/{id}`).
+async fn create_snapshot(
+    State(s): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Manifest>), ApiError> {
+    let c = snapshots(&s)?;
+    let (c2, name2) = (c.clone(), name.clone());
+    let prepared = blocking(move || {
+        let group = c2.group(&name2)?;
+        c2.prepare(&group)
+    })
+    .await?;
+    let id = prepared.id.clone();
+    let view = c.get(&id)?;
+    tokio::task::spawn_blocking(move || {
+        if let Err(err) = c.run(prepared) {
+            tracing::error!(%err, "group snapshot");
+        }
+    });
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+#[derive(Deserialize, Debug)]
+pub struct SnapshotFilter {
+    pub group: Option<String>,
+}
+
+async fn list_snapshots(
+    State(s): State<Shared>,
+    axum::extract::Query(filter): axum::extract::Query<SnapshotFilter>,
+) -> ApiResult<Vec<Manifest>> {
+    let c = snapshots(&s)?;
+    let mut all = blocking(move || c.list()).await?;
+    if let Some(g) = filter.group {
+        all.retain(|m| m.group.name == g);
+    }
+    Ok(Json(all))
+}
+
+async fn get_snapshot(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Manifest> {
+    let c = snapshots(&s)?;
+    Ok(Json(blocking(move || c.get(&id)).await?))
+}
+
+async fn delete_snapshot(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Manifest> {
+    let c = snapshots(&s)?;
+    Ok(Json(blocking(move || c.delete(&id)).await?))
+}
+
+async fn restore_snapshot(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    body: Option<Json<Restore>>,
+) -> ApiResult<RestoreReport> {
+    let req = body.map(|Json(r)| r).unwrap_or_default();
+    let c = snapshots(&s)?;
+    Ok(Json(
+        blocking(move || c.restore(&id, req.bridge.as_deref())).await?,
+    ))
+}
+
+/// Whether a snapshot is finished (for clients that wait).
+pub fn finished(m: &Manifest) -> bool {
+    m.outcome != SnapshotOutcome::Running
 }
 
 async fn list_ports(State(s): State<Shared>) -> ApiResult<Vec<AttachedPort>> {

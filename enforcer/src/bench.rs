@@ -454,6 +454,7 @@ impl BufferedLab {
                 device: hold_device.into(),
                 max_bytes: 1 << 30,
             }),
+            snapshots: None,
         })
         .await?;
         let client = crate::client::Client::new(format!("http://{}", running.addr), None);

@@ -14,6 +14,7 @@ use crate::{
     demo::{self, DemoOptions},
     mac::MacAddr,
     ports::PortSource,
+    snapshots::SnapshotOptions,
 };
 
 #[derive(Parser, Debug)]
@@ -45,8 +46,14 @@ pub enum Command {
     /// Read and move epochs.
     #[command(subcommand)]
     Epoch(EpochCommand),
-    /// List groups with their epochs.
+    /// List groups with their epochs (and their domains, for groups defined over libvirt).
     Groups,
+    /// Define or remove a group of libvirt domains.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Group snapshots: create, list, show, restore, delete.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// List the ports the datapath is attached to.
     Ports,
     /// What the buffer daemon holds now, and what it did with held frames.
@@ -113,6 +120,63 @@ pub struct RunArgs {
     /// Memory bound for held frames, in MiB; beyond it the newest frame is dropped (counted).
     #[arg(long, default_value_t = 64)]
     pub hold_max_mib: usize,
+    /// libvirt connection for group snapshots.
+    #[arg(long, default_value = crate::libvirt::DEFAULT_URI)]
+    pub libvirt_uri: String,
+    /// Snapshot store: images, manifests, the journal and the groups.
+    #[arg(long, default_value = "/var/lib/enforcer/snapshots")]
+    pub store: PathBuf,
+    /// Run without libvirt: no group snapshots (their endpoints answer 503).
+    #[arg(long)]
+    pub no_libvirt: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GroupCommand {
+    /// Define a group of running libvirt domains; registers their VMs in the datapath.
+    Define {
+        name: String,
+        /// Domains (libvirt names), at least one.
+        #[arg(required = true)]
+        domains: Vec<String>,
+        /// Datapath group id (default: the lowest unused).
+        #[arg(long)]
+        id: Option<u32>,
+    },
+    /// Remove a group: its VMs leave the datapath; its snapshots stay.
+    Rm { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Take a causally consistent snapshot of a group.
+    Create {
+        #[arg(long)]
+        group: String,
+        /// Follow it to the end, printing each VM's progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List snapshots (newest last).
+    Ls {
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// One snapshot: outcome, images and each VM's timeline.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore every VM of a committed snapshot together (the VMs must not be running).
+    Restore {
+        id: String,
+        /// Put the restored VMs on this bridge instead of their own.
+        #[arg(long)]
+        bridge: Option<String>,
+    },
+    /// Delete a snapshot's images and manifest.
+    Rm { id: String },
 }
 
 #[derive(Args, Debug)]
@@ -238,6 +302,11 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                     device: args.hold_device,
                     max_bytes: args.hold_max_mib << 20,
                 }),
+                snapshots: (!args.no_libvirt).then(|| SnapshotOptions {
+                    uri: args.libvirt_uri,
+                    store: args.store,
+                    ..SnapshotOptions::default()
+                }),
             })
             .await?;
             running.wait_for_signal().await?;
@@ -295,15 +364,95 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         Command::Groups => {
             let groups = client.groups().await?;
             println!(
-                "{:>6} {:>8} {:>10} {:>10}",
-                "GROUP", "MEMBERS", "MIN_EPOCH", "MAX_EPOCH"
+                "{:>6} {:<12} {:>8} {:>10} {:>10}  DOMAINS",
+                "GROUP", "NAME", "MEMBERS", "MIN_EPOCH", "MAX_EPOCH"
             );
             for g in groups {
                 println!(
-                    "{:>6} {:>8} {:>10} {:>10}",
-                    g.group, g.members, g.min_epoch, g.max_epoch
+                    "{:>6} {:<12} {:>8} {:>10} {:>10}  {}",
+                    g.record.group,
+                    g.name.as_deref().unwrap_or("-"),
+                    g.record.members,
+                    g.record.min_epoch,
+                    g.record.max_epoch,
+                    g.domains.join(" ")
                 );
             }
+        }
+        Command::Group(GroupCommand::Define { name, domains, id }) => {
+            let g = client.define_group(&name, id, &domains).await?;
+            println!("group {} (id {}) defined:", g.name, g.id);
+            for vm in &g.vms {
+                println!("  {:<20} {}", vm.name, vm.mac);
+            }
+        }
+        Command::Group(GroupCommand::Rm { name }) => {
+            let g = client.remove_group(&name).await?;
+            println!(
+                "group {} removed ({} VMs left the datapath)",
+                g.name,
+                g.vms.len()
+            );
+        }
+        Command::Snapshot(SnapshotCommand::Create { group, wait }) => {
+            let started = client.create_snapshot(&group).await?;
+            println!("snapshot {} of group {group} started", started.id);
+            if wait {
+                let m = client
+                    .wait_snapshot(&started.id, |m| {
+                        let steps: Vec<String> = m
+                            .vms
+                            .iter()
+                            .map(|v| format!("{} {}", v.name, v.step))
+                            .collect();
+                        println!("  {}", steps.join(" | "));
+                    })
+                    .await?;
+                print!("{}", crate::coordinator::render_manifest(&m));
+                anyhow::ensure!(
+                    m.outcome == crate::coordinator::Outcome::Committed,
+                    "snapshot {} aborted",
+                    m.id
+                );
+            }
+        }
+        Command::Snapshot(SnapshotCommand::Ls { group }) => {
+            println!("{:<36} {:<10} {:>6} {:>4}", "ID", "OUTCOME", "EPOCH", "VMS");
+            for m in client.snapshots(group.as_deref()).await? {
+                println!(
+                    "{:<36} {:<10} {:>6} {:>4}",
+                    m.id,
+                    format!("{:?}", m.outcome).to_lowercase(),
+                    m.epoch,
+                    m.vms.len()
+                );
+            }
+        }
+        Command::Snapshot(SnapshotCommand::Show { id, json }) => {
+            let m = client.snapshot(&id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                print!("{}", crate::coordinator::render_manifest(&m));
+            }
+        }
+        Command::Snapshot(SnapshotCommand::Restore { id, bridge }) => {
+            let r = client.restore(&id, bridge.as_deref()).await?;
+            println!(
+                "restored {} (group {}, epoch {}):",
+                r.snapshot, r.group, r.epoch
+            );
+            for vm in &r.vms {
+                println!(
+                    "  {:<20} {} on {:<8} restored at {:>8.1} ms, resumed at {:>8.1} ms",
+                    vm.name, vm.mac, vm.port, vm.restored_ms, vm.resumed_ms
+                );
+            }
+            println!("  all resumed within {:.1} ms", r.resume_spread_ms);
+        }
+        Command::Snapshot(SnapshotCommand::Rm { id }) => {
+            let m = client.delete_snapshot(&id).await?;
+            println!("deleted {}", m.id);
         }
         Command::Ports => {
             for p in client.ports().await? {

@@ -4,9 +4,13 @@ use reqwest::{Method, StatusCode};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
-    api::{Abort, Config, ErrorBody, Health, ModeName, PortStats, RegisterVm, SetEpoch},
+    api::{
+        Abort, Config, DefineGroup, ErrorBody, GroupView, Health, ModeName, PortStats, RegisterVm,
+        Restore, SetEpoch,
+    },
+    coordinator::{GroupSpec, Manifest, RestoreReport},
     datapath::AttachedPort,
-    epochs::{GroupRecord, VmRecord},
+    epochs::VmRecord,
     hold::HoldReport,
     mac::MacAddr,
 };
@@ -131,7 +135,87 @@ impl Client {
             .await
     }
 
-    pub async fn groups(&self) -> Result<Vec<GroupRecord>, ClientError> {
+    pub async fn define_group(
+        &self,
+        name: &str,
+        id: Option<u32>,
+        domains: &[String],
+    ) -> Result<GroupSpec, ClientError> {
+        let body = DefineGroup {
+            name: name.into(),
+            id,
+            domains: domains.to_vec(),
+        };
+        self.call(Method::POST, "/v1/groups", Some(&body)).await
+    }
+
+    pub async fn remove_group(&self, name: &str) -> Result<GroupSpec, ClientError> {
+        self.call::<(), _>(Method::DELETE, &format!("/v1/groups/{name}"), None)
+            .await
+    }
+
+    /// Starts a group snapshot; returns its live view (follow it with [`Client::snapshot`]).
+    pub async fn create_snapshot(&self, group: &str) -> Result<Manifest, ClientError> {
+        self.call::<(), _>(Method::POST, &format!("/v1/groups/{group}/snapshots"), None)
+            .await
+    }
+
+    pub async fn snapshots(&self, group: Option<&str>) -> Result<Vec<Manifest>, ClientError> {
+        let path = match group {
+            Some(g) => format!("/v1/snapshots?group={g}"),
+            None => "/v1/snapshots".into(),
+        };
+        self.call::<(), _>(Method::GET, &path, None).await
+    }
+
+    pub async fn snapshot(&self, id: &str) -> Result<Manifest, ClientError> {
+        self.call::<(), _>(Method::GET, &format!("/v1/snapshots/{id}"), None)
+            .await
+    }
+
+    pub async fn delete_snapshot(&self, id: &str) -> Result<Manifest, ClientError> {
+        self.call::<(), _>(Method::DELETE, &format!("/v1/snapshots/{id}"), None)
+            .await
+    }
+
+    pub async fn restore(
+        &self,
+        id: &str,
+        bridge: Option<&str>,
+    ) -> Result<RestoreReport, ClientError> {
+        let body = Restore {
+            bridge: bridge.map(str::to_owned),
+        };
+        self.call(
+            Method::POST,
+            &format!("/v1/snapshots/{id}/restore"),
+            Some(&body),
+        )
+        .await
+    }
+
+    /// Follows a snapshot until it finishes, calling `progress` whenever a VM moves a step.
+    pub async fn wait_snapshot(
+        &self,
+        id: &str,
+        mut progress: impl FnMut(&Manifest),
+    ) -> Result<Manifest, ClientError> {
+        let mut last: Vec<String> = Vec::new();
+        loop {
+            let m = self.snapshot(id).await?;
+            let steps: Vec<String> = m.vms.iter().map(|v| v.step.clone()).collect();
+            if steps != last || crate::api::finished(&m) {
+                progress(&m);
+                last = steps;
+            }
+            if crate::api::finished(&m) {
+                return Ok(m);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn groups(&self) -> Result<Vec<GroupView>, ClientError> {
         self.get("/v1/groups").await
     }
 

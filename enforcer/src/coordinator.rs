@@ -16,6 +16,7 @@
 //! state machine in the tests.
 
 use std::{
+    collections::HashMap,
     fs, io,
     path::{Path, PathBuf},
     sync::{
@@ -59,19 +60,53 @@ pub trait Hypervisor: Send + Sync {
     /// the final stop-and-copy, where it stops and **waits** (for [`Hypervisor::complete`]).
     fn begin(&self, vm: &VmSpec, image_dir: &Path) -> Result<(), HvError>;
     /// Blocks until the VM is stopped at its snapshot point.
-    fn wait_paused(&self, vm: &VmSpec, timeout: Duration) -> Result<(), HvError>;
+    fn wait_paused(&self, vm: &VmSpec, timeout: Duration) -> Result<Paused, HvError>;
     /// Lets the image complete; the VM stays paused. Returns the files written.
     fn complete(&self, vm: &VmSpec, timeout: Duration) -> Result<Vec<PathBuf>, HvError>;
     /// Runs the VM again.
     fn resume(&self, vm: &VmSpec) -> Result<(), HvError>;
     /// Abandons an unfinished snapshot of the VM and leaves the VM running.
     fn cancel(&self, vm: &VmSpec) -> Result<(), HvError>;
+    /// A running VM's MAC and host-side port.
+    fn nic(&self, vm: &str) -> Result<(MacAddr, String), HvError>;
+    /// Brings a VM back from its images, paused; optionally onto another bridge. Returns its
+    /// host-side port.
+    fn restore_paused(
+        &self,
+        vm: &VmSpec,
+        images: &[PathBuf],
+        bridge: Option<&str>,
+    ) -> Result<String, HvError>;
+    /// Stops a VM for good (undoing a partial restore).
+    fn destroy(&self, vm: &VmSpec) -> Result<(), HvError>;
+}
+
+/// When a VM stopped at its snapshot point.
+#[derive(Clone, Copy, Debug)]
+pub struct Paused {
+    /// The hypervisor's own timestamp of the stop, when it gives one (µs since the Unix epoch).
+    pub hypervisor_unix_us: Option<u64>,
+    /// When the coordinator learned of it.
+    pub seen_unix_us: u64,
 }
 
 /// What the coordinator needs from the datapath.
 pub trait EpochControl: Send + Sync {
     fn epoch(&self, vm: &VmSpec) -> Result<u32, String>;
     fn advance(&self, vm: &VmSpec) -> Result<u32, String>;
+    /// Frames held so far (a running total), when a buffer runs.
+    fn held_total(&self) -> Option<u64>;
+    /// Puts a VM on `port` in `group` at `epoch` (replacing what the datapath had for its MAC).
+    /// Waits briefly for the port to be attached (a restored VM's tap is new).
+    fn register(
+        &self,
+        vm: &VmSpec,
+        group: u32,
+        port: &str,
+        epoch: Option<u32>,
+    ) -> Result<u32, String>;
+    /// Forgets a VM.
+    fn unregister(&self, vm: &VmSpec) -> Result<(), String>;
     /// Aborting: every member of the group back to `epoch`; held frames released.
     fn roll_back(&self, group: u32, epoch: u32) -> Result<(), String>;
 }
@@ -97,7 +132,10 @@ impl Default for Timeouts {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Timeline {
     pub begin_ms: Option<f64>,
+    /// The snapshot point: the hypervisor's timestamp of the stop when it has one.
     pub paused_ms: Option<f64>,
+    /// When the coordinator learned of the stop.
+    pub pause_seen_ms: Option<f64>,
     pub advanced_ms: Option<f64>,
     pub image_complete_ms: Option<f64>,
     pub resumed_ms: Option<f64>,
@@ -120,6 +158,8 @@ pub struct VmRecord {
     pub name: String,
     pub mac: MacAddr,
     pub images: Vec<PathBuf>,
+    /// The last step reached: pending, snapshotting, paused, advanced, image-complete, resumed.
+    pub step: String,
     pub timeline: Timeline,
     pub error: Option<String>,
 }
@@ -131,6 +171,7 @@ impl VmRecord {
             name: vm.name.clone(),
             mac: vm.mac,
             images: Vec::new(),
+            step: "pending".into(),
             timeline: Timeline::default(),
             error: None,
         }
@@ -140,6 +181,8 @@ impl VmRecord {
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
+    /// Still in progress (only in live views).
+    Running,
     Committed,
     Aborted,
 }
@@ -154,6 +197,9 @@ pub struct Manifest {
     pub outcome: Outcome,
     pub reason: Option<String>,
     pub started_unix_ms: u64,
+    /// Type-3 frames the buffer held while the snapshot ran (all released by its end).
+    #[serde(default)]
+    pub held_frames: Option<u64>,
     pub vms: Vec<VmRecord>,
 }
 
@@ -172,20 +218,94 @@ pub enum CoordinatorError {
     Store { path: PathBuf, source: io::Error },
     #[error("group {0} has no VMs")]
     EmptyGroup(String),
+    #[error("no group {0}")]
+    UnknownGroup(String),
+    #[error("group {0} already exists")]
+    GroupExists(String),
+    #[error("bad group: {0}")]
+    BadGroup(String),
+    #[error("group {group} is busy with {id}")]
+    Busy { group: String, id: String },
+    #[error("no snapshot {0}")]
+    UnknownSnapshot(String),
+    #[error("snapshot {id} was {outcome:?}: only committed snapshots can be restored")]
+    NotRestorable { id: String, outcome: Outcome },
     #[error(
         "the VMs of group {group} are not at one epoch ({detail}): finish or abort the last snapshot first"
     )]
     Inconsistent { group: String, detail: String },
     #[error("datapath: {0}")]
     Epochs(String),
+    #[error("{0}")]
+    Hypervisor(HvError),
 }
 
-/// Runs snapshot transactions and keeps their manifests under `store`.
+/// A snapshot being taken: visible to readers while it runs.
+struct Live {
+    id: String,
+    group: GroupSpec,
+    epoch: u32,
+    started_unix_ms: u64,
+    records: Vec<Arc<Mutex<VmRecord>>>,
+}
+
+impl Live {
+    fn manifest(&self) -> Manifest {
+        Manifest {
+            id: self.id.clone(),
+            group: self.group.clone(),
+            epoch: self.epoch,
+            outcome: Outcome::Running,
+            reason: None,
+            started_unix_ms: self.started_unix_ms,
+            held_frames: None,
+            vms: self
+                .records
+                .iter()
+                .map(|r| r.lock().expect("record lock").clone())
+                .collect(),
+        }
+    }
+}
+
+/// A snapshot that passed its checks and holds its group: [`Coordinator::run`] takes it.
+pub struct Prepared {
+    pub id: String,
+    journal: Journal,
+    started: Duration,
+}
+
+/// One VM brought back by [`Coordinator::restore`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RestoredVm {
+    pub name: String,
+    pub mac: MacAddr,
+    pub port: String,
+    pub restored_ms: f64,
+    pub resumed_ms: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RestoreReport {
+    pub snapshot: String,
+    pub group: String,
+    pub epoch: u32,
+    pub vms: Vec<RestoredVm>,
+    /// From the first VM resumed to the last.
+    pub resume_spread_ms: f64,
+}
+
+/// Runs snapshot transactions and keeps their manifests under `store`, plus the named groups
+/// (`groups.json`).
 pub struct Coordinator<H: Hypervisor, E: EpochControl> {
     pub hypervisor: Arc<H>,
     pub epochs: Arc<E>,
     pub store: PathBuf,
     pub timeouts: Timeouts,
+    /// Group name → what keeps it busy (a snapshot id, or "restore").
+    busy: Mutex<HashMap<String, String>>,
+    live: Mutex<HashMap<String, Live>>,
+    groups: Mutex<Vec<GroupSpec>>,
 }
 
 impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
@@ -201,11 +321,21 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
             path: store.into(),
             source,
         })?;
+        let groups = match fs::read_to_string(store.join("groups.json")) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| CoordinatorError::Store {
+                path: store.join("groups.json"),
+                source: io::Error::other(e),
+            })?,
+            Err(_) => Vec::new(),
+        };
         let c = Self {
             hypervisor: Arc::new(hypervisor),
             epochs: Arc::new(epochs),
             store: store.into(),
             timeouts,
+            busy: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
+            groups: Mutex::new(groups),
         };
         c.recover()?;
         Ok(c)
@@ -242,6 +372,7 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
             outcome: Outcome::Aborted,
             reason: Some(reason),
             started_unix_ms: 0,
+            held_frames: None,
             vms,
         };
         self.abort(&journal, &mut manifest);
@@ -250,12 +381,172 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
         Ok(())
     }
 
+    // ---- groups ----
+
+    pub fn groups(&self) -> Vec<GroupSpec> {
+        self.groups.lock().expect("groups lock").clone()
+    }
+
+    pub fn group(&self, name: &str) -> Result<GroupSpec, CoordinatorError> {
+        self.groups()
+            .into_iter()
+            .find(|g| g.name == name)
+            .ok_or_else(|| CoordinatorError::UnknownGroup(name.into()))
+    }
+
+    fn save_groups(&self, groups: &[GroupSpec]) -> Result<(), CoordinatorError> {
+        write_atomically(&self.store.join("groups.json"), &groups)
+    }
+
+    /// Defines a group of running VMs (by hypervisor name) and registers each in the datapath
+    /// with the group id, at the group's current epoch. `id`: the datapath group id; default
+    /// the lowest unused.
+    pub fn define_group(
+        &self,
+        name: &str,
+        id: Option<u32>,
+        domains: &[String],
+    ) -> Result<GroupSpec, CoordinatorError> {
+        let valid_name = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid_name {
+            return Err(CoordinatorError::BadGroup(format!(
+                "name {name:?}: 1-64 of [A-Za-z0-9_-]"
+            )));
+        }
+        if domains.is_empty() {
+            return Err(CoordinatorError::EmptyGroup(name.into()));
+        }
+        let mut unique = domains.to_vec();
+        unique.sort();
+        unique.dedup();
+        if unique.len() != domains.len() {
+            return Err(CoordinatorError::BadGroup(
+                "a domain is listed twice".into(),
+            ));
+        }
+        let mut groups = self.groups.lock().expect("groups lock");
+        if groups.iter().any(|g| g.name == name) {
+            return Err(CoordinatorError::GroupExists(name.into()));
+        }
+        for g in groups.iter() {
+            if let Some(d) = g.vms.iter().find(|v| domains.contains(&v.name)) {
+                return Err(CoordinatorError::BadGroup(format!(
+                    "domain {} already belongs to group {}",
+                    d.name, g.name
+                )));
+            }
+        }
+        let id = match id {
+            Some(id) if groups.iter().any(|g| g.id == id) => {
+                return Err(CoordinatorError::BadGroup(format!(
+                    "group id {id} is taken"
+                )));
+            }
+            Some(id) => id,
+            None => (1..)
+                .find(|i| !groups.iter().any(|g| g.id == *i))
+                .expect("a free id"),
+        };
+        let mut vms = Vec::new();
+        let mut ports = Vec::new();
+        for d in domains {
+            let (mac, port) = self
+                .hypervisor
+                .nic(d)
+                .map_err(CoordinatorError::Hypervisor)?;
+            vms.push(VmSpec {
+                name: d.clone(),
+                mac,
+            });
+            ports.push(port);
+        }
+        let mut registered: Vec<&VmSpec> = Vec::new();
+        for (vm, port) in vms.iter().zip(&ports) {
+            if let Err(e) = self.epochs.register(vm, id, port, None) {
+                for done in registered {
+                    let _ = self.epochs.unregister(done);
+                }
+                return Err(CoordinatorError::Epochs(format!("{}: {e}", vm.name)));
+            }
+            registered.push(vm);
+        }
+        let group = GroupSpec {
+            name: name.into(),
+            id,
+            vms,
+        };
+        groups.push(group.clone());
+        self.save_groups(&groups)?;
+        info!(group = name, id, vms = domains.len(), "group defined");
+        Ok(group)
+    }
+
+    /// Forgets a group (its VMs leave the datapath; its snapshots stay).
+    pub fn remove_group(&self, name: &str) -> Result<GroupSpec, CoordinatorError> {
+        self.hold(name, "removal")?;
+        let _release = Release(self, name.to_owned());
+        let mut groups = self.groups.lock().expect("groups lock");
+        let at = groups
+            .iter()
+            .position(|g| g.name == name)
+            .ok_or_else(|| CoordinatorError::UnknownGroup(name.into()))?;
+        let group = groups.remove(at);
+        for vm in &group.vms {
+            let _ = self.epochs.unregister(vm);
+        }
+        self.save_groups(&groups)?;
+        Ok(group)
+    }
+
+    /// Marks a group busy; `Busy` when it already is.
+    fn hold(&self, group: &str, what: &str) -> Result<(), CoordinatorError> {
+        let mut busy = self.busy.lock().expect("busy lock");
+        if let Some(id) = busy.get(group) {
+            return Err(CoordinatorError::Busy {
+                group: group.into(),
+                id: id.clone(),
+            });
+        }
+        busy.insert(group.into(), what.into());
+        Ok(())
+    }
+
+    // ---- snapshots ----
+
     /// Takes a group snapshot; returns its manifest (committed or aborted). `Err` only when it
-    /// could not start (bad group, store unwritable).
+    /// could not start (bad group, busy group, store unwritable).
     pub fn snapshot(&self, group: &GroupSpec) -> Result<Manifest, CoordinatorError> {
+        let prepared = self.prepare(group)?;
+        self.run(prepared)
+    }
+
+    /// Checks a snapshot can start, claims the group and writes the journal. Fast: the API
+    /// answers with the id, then [`Coordinator::run`] does the work.
+    pub fn prepare(&self, group: &GroupSpec) -> Result<Prepared, CoordinatorError> {
         if group.vms.is_empty() {
             return Err(CoordinatorError::EmptyGroup(group.name.clone()));
         }
+        self.hold(&group.name, "a snapshot")?;
+        match self.prepare_held(group) {
+            Ok(p) => {
+                self.busy
+                    .lock()
+                    .expect("busy lock")
+                    .insert(group.name.clone(), p.id.clone());
+                Ok(p)
+            }
+            Err(e) => {
+                self.busy.lock().expect("busy lock").remove(&group.name);
+                Err(e)
+            }
+        }
+    }
+
+    fn prepare_held(&self, group: &GroupSpec) -> Result<Prepared, CoordinatorError> {
         let epochs: Vec<u32> = group
             .vms
             .iter()
@@ -289,15 +580,51 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
             source,
         })?;
         write_atomically(&self.journal_path(), &journal)?;
-        info!(id, vms = group.vms.len(), "group snapshot started");
-
-        let t0 = Instant::now();
-        let failed = Arc::new(AtomicBool::new(false));
-        let records: Vec<Arc<Mutex<VmRecord>>> = group
+        let records = group
             .vms
             .iter()
             .map(|vm| Arc::new(Mutex::new(VmRecord::pending(vm))))
             .collect();
+        self.live.lock().expect("live lock").insert(
+            id.clone(),
+            Live {
+                id: id.clone(),
+                group: group.clone(),
+                epoch: epoch_before + 1,
+                started_unix_ms: started.as_millis() as u64,
+                records,
+            },
+        );
+        Ok(Prepared {
+            id,
+            journal,
+            started,
+        })
+    }
+
+    /// Runs a prepared snapshot to commit or abort.
+    pub fn run(&self, prepared: Prepared) -> Result<Manifest, CoordinatorError> {
+        let Prepared {
+            id,
+            journal,
+            started,
+        } = prepared;
+        let group = journal.group.clone();
+        let _release = Release(self, group.name.clone());
+        let records: Vec<Arc<Mutex<VmRecord>>> = self
+            .live
+            .lock()
+            .expect("live lock")
+            .get(&id)
+            .map(|l| l.records.clone())
+            .expect("prepared snapshot is live");
+        let dir = self.store.join(&id);
+        info!(id, vms = group.vms.len(), "group snapshot started");
+
+        let held_before = self.epochs.held_total();
+        let t0 = Instant::now();
+        let t0_unix_us = unix_us();
+        let failed = Arc::new(AtomicBool::new(false));
         let threads: Vec<_> = group
             .vms
             .iter()
@@ -310,8 +637,9 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
                     record.clone(),
                 );
                 let (vm, dir, timeouts) = (vm.clone(), dir.clone(), self.timeouts.clone());
+                let clock = Clock { t0, t0_unix_us };
                 thread::spawn(move || {
-                    snapshot_vm(&*hv, &*ep, &vm, &dir, &timeouts, t0, &failed, &record)
+                    snapshot_vm(&*hv, &*ep, &vm, &dir, &timeouts, clock, &failed, &record)
                 })
             })
             .collect();
@@ -327,10 +655,11 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
         let mut manifest = Manifest {
             id: id.clone(),
             group: group.clone(),
-            epoch: epoch_before + 1,
+            epoch: journal.epoch_before + 1,
             outcome: Outcome::Committed,
             reason: None,
             started_unix_ms: started.as_millis() as u64,
+            held_frames: None,
             vms,
         };
         if failed.load(Ordering::SeqCst) {
@@ -347,8 +676,13 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
             });
             self.abort(&journal, &mut manifest);
         }
-        self.write_manifest(&manifest)?;
+        if let (Some(before), Some(after)) = (held_before, self.epochs.held_total()) {
+            manifest.held_frames = Some(after.saturating_sub(before));
+        }
+        let written = self.write_manifest(&manifest);
         let _ = fs::remove_file(self.journal_path());
+        self.live.lock().expect("live lock").remove(&id);
+        written?;
         info!(id, outcome = ?manifest.outcome, "group snapshot finished");
         Ok(manifest)
     }
@@ -386,7 +720,7 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
         write_atomically(&dir.join("manifest.json"), manifest)
     }
 
-    /// Manifests in the store, oldest first.
+    /// Manifests in the store and snapshots in progress, oldest first.
     pub fn list(&self) -> Result<Vec<Manifest>, CoordinatorError> {
         let entries = fs::read_dir(&self.store).map_err(|source| CoordinatorError::Store {
             path: self.store.clone(),
@@ -397,8 +731,215 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
             .filter_map(|e| fs::read_to_string(e.path().join("manifest.json")).ok())
             .filter_map(|t| serde_json::from_str(&t).ok())
             .collect();
+        out.extend(
+            self.live
+                .lock()
+                .expect("live lock")
+                .values()
+                .map(Live::manifest),
+        );
         out.sort_by_key(|m| (m.started_unix_ms, m.id.clone()));
         Ok(out)
+    }
+
+    /// One snapshot: live while it runs, then its manifest.
+    pub fn get(&self, id: &str) -> Result<Manifest, CoordinatorError> {
+        if let Some(live) = self.live.lock().expect("live lock").get(id) {
+            return Ok(live.manifest());
+        }
+        if id.contains('/') || id.starts_with('.') {
+            return Err(CoordinatorError::UnknownSnapshot(id.into()));
+        }
+        let text = fs::read_to_string(self.store.join(id).join("manifest.json"))
+            .map_err(|_| CoordinatorError::UnknownSnapshot(id.into()))?;
+        serde_json::from_str(&text).map_err(|e| CoordinatorError::Store {
+            path: self.store.join(id),
+            source: io::Error::other(e),
+        })
+    }
+
+    /// Deletes a finished snapshot (manifest and images).
+    pub fn delete(&self, id: &str) -> Result<Manifest, CoordinatorError> {
+        let m = self.get(id)?;
+        if m.outcome == Outcome::Running {
+            return Err(CoordinatorError::Busy {
+                group: m.group.name,
+                id: id.into(),
+            });
+        }
+        let dir = self.store.join(id);
+        fs::remove_dir_all(&dir).map_err(|source| CoordinatorError::Store { path: dir, source })?;
+        Ok(m)
+    }
+
+    /// Restores every VM of a committed snapshot together: all restored paused, registered in
+    /// the datapath at the snapshot's epoch, then resumed one right after another. All or
+    /// nothing: if one VM cannot be restored, the ones already restored are destroyed.
+    pub fn restore(
+        &self,
+        id: &str,
+        bridge: Option<&str>,
+    ) -> Result<RestoreReport, CoordinatorError> {
+        let m = self.get(id)?;
+        if m.outcome != Outcome::Committed {
+            return Err(CoordinatorError::NotRestorable {
+                id: id.into(),
+                outcome: m.outcome,
+            });
+        }
+        self.hold(&m.group.name, &format!("restoring {id}"))?;
+        let _release = Release(self, m.group.name.clone());
+        let t0 = Instant::now();
+        let ms = || t0.elapsed().as_secs_f64() * 1000.0;
+        let mut restored: Vec<RestoredVm> = Vec::new();
+        let undo = |restored: &[RestoredVm]| {
+            for r in restored {
+                let vm = VmSpec {
+                    name: r.name.clone(),
+                    mac: r.mac,
+                };
+                let _ = self.hypervisor.destroy(&vm);
+            }
+        };
+        for rec in &m.vms {
+            let vm = VmSpec {
+                name: rec.name.clone(),
+                mac: rec.mac,
+            };
+            let port = match self.hypervisor.restore_paused(&vm, &rec.images, bridge) {
+                Ok(port) => port,
+                Err(e) => {
+                    undo(&restored);
+                    return Err(CoordinatorError::Hypervisor(e));
+                }
+            };
+            restored.push(RestoredVm {
+                name: vm.name.clone(),
+                mac: vm.mac,
+                port,
+                restored_ms: ms(),
+                resumed_ms: 0.0,
+            });
+        }
+        // Every VM at the snapshot's epoch before any of them runs.
+        for r in &restored {
+            let vm = VmSpec {
+                name: r.name.clone(),
+                mac: r.mac,
+            };
+            if let Err(e) = self
+                .epochs
+                .register(&vm, m.group.id, &r.port, Some(m.epoch))
+            {
+                undo(&restored);
+                return Err(CoordinatorError::Epochs(format!("{}: {e}", r.name)));
+            }
+        }
+        for r in &mut restored {
+            let vm = VmSpec {
+                name: r.name.clone(),
+                mac: r.mac,
+            };
+            if let Err(e) = self.hypervisor.resume(&vm) {
+                undo(&restored);
+                return Err(CoordinatorError::Hypervisor(e));
+            }
+            r.resumed_ms = ms();
+        }
+        let first = restored
+            .iter()
+            .map(|r| r.resumed_ms)
+            .fold(f64::MAX, f64::min);
+        let last = restored.iter().map(|r| r.resumed_ms).fold(0.0, f64::max);
+        info!(id, vms = restored.len(), "group restored");
+        Ok(RestoreReport {
+            snapshot: id.into(),
+            group: m.group.name.clone(),
+            epoch: m.epoch,
+            vms: restored,
+            resume_spread_ms: last - first,
+        })
+    }
+}
+
+/// A manifest for people: outcome, then one line per VM with its timeline (ms from the start).
+pub fn render_manifest(m: &Manifest) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "snapshot {}: {:?}, group {} (id {}) at epoch {}{}",
+        m.id,
+        m.outcome,
+        m.group.name,
+        m.group.id,
+        m.epoch,
+        m.held_frames
+            .map(|h| format!(", {h} frames held"))
+            .unwrap_or_default()
+    );
+    if let Some(reason) = &m.reason {
+        let _ = writeln!(out, "  reason: {reason}");
+    }
+    let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+    let _ = writeln!(
+        out,
+        "  {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>13}",
+        "VM", "begin", "paused", "advanced", "image", "resumed", "downtime", "pause→advance"
+    );
+    for v in &m.vms {
+        let t = &v.timeline;
+        let _ = writeln!(
+            out,
+            "  {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>13}{}",
+            v.name,
+            f(t.begin_ms),
+            f(t.paused_ms),
+            f(t.advanced_ms),
+            f(t.image_complete_ms),
+            f(t.resumed_ms),
+            f(t.downtime_ms()),
+            t.pause_to_advance_ms()
+                .map_or("-".into(), |v| format!("{:.3}", v)),
+            v.error
+                .as_ref()
+                .map(|e| format!("  error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    out
+}
+
+/// Frees a group claimed by [`Coordinator::hold`] when dropped.
+struct Release<'a, H: Hypervisor, E: EpochControl>(&'a Coordinator<H, E>, String);
+
+impl<H: Hypervisor, E: EpochControl> Drop for Release<'_, H, E> {
+    fn drop(&mut self) {
+        self.0.busy.lock().expect("busy lock").remove(&self.1);
+    }
+}
+
+fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+/// The transaction's time origin, on both clocks (the hypervisor reports wall-clock times).
+#[derive(Clone, Copy)]
+struct Clock {
+    t0: Instant,
+    t0_unix_us: u64,
+}
+
+impl Clock {
+    fn now_ms(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64() * 1000.0
+    }
+
+    fn unix_ms(&self, unix_us: u64) -> f64 {
+        (unix_us as f64 - self.t0_unix_us as f64) / 1000.0
     }
 }
 
@@ -410,44 +951,69 @@ fn snapshot_vm<H: Hypervisor + ?Sized, E: EpochControl + ?Sized>(
     vm: &VmSpec,
     dir: &Path,
     timeouts: &Timeouts,
-    t0: Instant,
+    clock: Clock,
     failed: &AtomicBool,
     record: &Mutex<VmRecord>,
 ) {
-    let ms = || t0.elapsed().as_secs_f64() * 1000.0;
+    let update = |f: &dyn Fn(&mut VmRecord)| f(&mut record.lock().expect("record lock"));
     let fail = |detail: String| {
         record.lock().expect("record lock").error = Some(detail);
         failed.store(true, Ordering::SeqCst);
     };
-    record.lock().expect("record lock").timeline.begin_ms = Some(ms());
+    let begin_ms = clock.now_ms();
+    update(&|r| {
+        r.timeline.begin_ms = Some(begin_ms);
+        r.step = "snapshotting".into();
+    });
     if let Err(e) = hv.begin(vm, dir) {
         return fail(format!("starting the snapshot: {e}"));
     }
-    if let Err(e) = hv.wait_paused(vm, timeouts.pause) {
-        return fail(format!("waiting for the snapshot point: {e}"));
-    }
-    record.lock().expect("record lock").timeline.paused_ms = Some(ms());
+    let paused = match hv.wait_paused(vm, timeouts.pause) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("waiting for the snapshot point: {e}")),
+    };
     if failed.load(Ordering::SeqCst) {
         // Another VM failed: this one must not move to the new epoch.
         return;
     }
     // The VM is held at its snapshot point: advance it before it can run again (invariant 3).
-    if let Err(e) = ep.advance(vm) {
-        return fail(format!("advancing the epoch: {e}"));
+    let advanced = ep.advance(vm);
+    let advanced_ms = clock.now_ms();
+    let (seen_ms, paused_ms) = (
+        clock.unix_ms(paused.seen_unix_us),
+        clock.unix_ms(paused.hypervisor_unix_us.unwrap_or(paused.seen_unix_us)),
+    );
+    update(&|r| {
+        r.timeline.pause_seen_ms = Some(seen_ms);
+        r.timeline.paused_ms = Some(paused_ms.min(seen_ms));
+        r.step = "paused".into();
+    });
+    match advanced {
+        Ok(_) => update(&|r| {
+            r.timeline.advanced_ms = Some(advanced_ms);
+            r.step = "advanced".into();
+        }),
+        Err(e) => return fail(format!("advancing the epoch: {e}")),
     }
-    record.lock().expect("record lock").timeline.advanced_ms = Some(ms());
     match hv.complete(vm, timeouts.complete) {
         Ok(images) => {
-            let mut r = record.lock().expect("record lock");
-            r.images = images;
-            r.timeline.image_complete_ms = Some(ms());
+            let ms = clock.now_ms();
+            update(&|r| {
+                r.images = images.clone();
+                r.timeline.image_complete_ms = Some(ms);
+                r.step = "image-complete".into();
+            });
         }
         Err(e) => return fail(format!("completing the image: {e}")),
     }
     if let Err(e) = hv.resume(vm) {
         return fail(format!("resuming: {e}"));
     }
-    record.lock().expect("record lock").timeline.resumed_ms = Some(ms());
+    let ms = clock.now_ms();
+    update(&|r| {
+        r.timeline.resumed_ms = Some(ms);
+        r.step = "resumed".into();
+    });
 }
 
 fn write_atomically<T: Serialize>(path: &Path, value: &T) -> Result<(), CoordinatorError> {
@@ -479,6 +1045,8 @@ pub mod fake {
         NeverPauses,
         /// Writing its image fails.
         ImageFails,
+        /// Its image cannot be restored.
+        RestoreFails,
     }
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -499,6 +1067,9 @@ pub mod fake {
         /// "resume", "cancel", "rollback".
         pub log: Vec<(String, String)>,
         pub failures: HashMap<String, Failure>,
+        pub macs: HashMap<String, MacAddr>,
+        /// Datapath registrations: MAC → (group, port).
+        pub registered: HashMap<MacAddr, (u32, String)>,
         /// A VM that runs while its epoch lags its snapshot would break invariant 3.
         pub ran_unadvanced: Vec<String>,
     }
@@ -516,6 +1087,7 @@ pub mod fake {
                 for vm in vms {
                     w.states.insert(vm.name.clone(), VmState::Running);
                     w.epochs.insert(vm.mac, 0);
+                    w.macs.insert(vm.name.clone(), vm.mac);
                 }
             }
             fake
@@ -561,7 +1133,7 @@ pub mod fake {
             fs::create_dir_all(image_dir).map_err(|e| hv_err(vm, &e.to_string()))
         }
 
-        fn wait_paused(&self, vm: &VmSpec, timeout: Duration) -> Result<(), HvError> {
+        fn wait_paused(&self, vm: &VmSpec, timeout: Duration) -> Result<Paused, HvError> {
             if self.world.lock().expect("world").failures.get(&vm.name)
                 == Some(&Failure::NeverPauses)
             {
@@ -572,7 +1144,10 @@ pub mod fake {
             thread::sleep(Duration::from_millis(u64::from(vm.mac.0[5] % 7) * 3));
             let mut w = self.step(vm, "paused");
             w.states.insert(vm.name.clone(), VmState::HeldAtSnapshot);
-            Ok(())
+            Ok(Paused {
+                hypervisor_unix_us: None,
+                seen_unix_us: unix_us(),
+            })
         }
 
         fn complete(&self, vm: &VmSpec, _timeout: Duration) -> Result<Vec<PathBuf>, HvError> {
@@ -607,6 +1182,44 @@ pub mod fake {
                 Some(_) => Ok(()),
             }
         }
+
+        fn nic(&self, vm: &str) -> Result<(MacAddr, String), HvError> {
+            let w = self.world.lock().expect("world");
+            if !w.states.contains_key(vm) {
+                return Err(HvError {
+                    vm: vm.into(),
+                    detail: "no such domain".into(),
+                });
+            }
+            let mac = w.macs.get(vm).copied().ok_or_else(|| HvError {
+                vm: vm.into(),
+                detail: "no NIC".into(),
+            })?;
+            Ok((mac, format!("tap-{vm}")))
+        }
+
+        fn restore_paused(
+            &self,
+            vm: &VmSpec,
+            images: &[PathBuf],
+            _bridge: Option<&str>,
+        ) -> Result<String, HvError> {
+            let mut w = self.step(vm, "restore");
+            if images.is_empty() {
+                return Err(hv_err(vm, "no image"));
+            }
+            if w.failures.get(&vm.name) == Some(&Failure::RestoreFails) {
+                return Err(hv_err(vm, "the image is unreadable"));
+            }
+            w.states.insert(vm.name.clone(), VmState::Paused);
+            Ok(format!("tap-{}", vm.name))
+        }
+
+        fn destroy(&self, vm: &VmSpec) -> Result<(), HvError> {
+            let mut w = self.step(vm, "destroy");
+            w.states.remove(&vm.name);
+            Ok(())
+        }
     }
 
     #[derive(Clone)]
@@ -626,6 +1239,10 @@ pub mod fake {
                 .ok_or_else(|| "unknown VM".into())
         }
 
+        fn held_total(&self) -> Option<u64> {
+            None
+        }
+
         fn advance(&self, vm: &VmSpec) -> Result<u32, String> {
             let mut w = self.world.lock().expect("world");
             w.log.push(("advance".into(), vm.name.clone()));
@@ -640,6 +1257,27 @@ pub mod fake {
                 .expect("epochs")
                 .insert(vm.mac, *e);
             Ok(*e)
+        }
+
+        fn register(
+            &self,
+            vm: &VmSpec,
+            group: u32,
+            port: &str,
+            epoch: Option<u32>,
+        ) -> Result<u32, String> {
+            let mut w = self.world.lock().expect("world");
+            w.log.push(("register".into(), vm.name.clone()));
+            let epoch = epoch.unwrap_or(0);
+            w.epochs.insert(vm.mac, epoch);
+            w.registered.insert(vm.mac, (group, port.into()));
+            Ok(epoch)
+        }
+
+        fn unregister(&self, vm: &VmSpec) -> Result<(), String> {
+            let mut w = self.world.lock().expect("world");
+            w.registered.remove(&vm.mac);
+            Ok(())
         }
 
         fn roll_back(&self, _group: u32, epoch: u32) -> Result<(), String> {

@@ -13,6 +13,7 @@ use crate::{
     datapath::{AttachMode, Datapath, DatapathError},
     hold::{Buffer, HoldError, HoldOptions, HoldReport},
     ports::{PortError, PortEvent, PortSource, PortWatcher},
+    snapshots::SnapshotOptions,
 };
 
 #[derive(Clone, Debug)]
@@ -27,6 +28,8 @@ pub struct DaemonConfig {
     /// Run the buffer daemon (hold Type-3 frames and re-inject them); `None`: no buffer, so
     /// `buffer` mode drops Type-3 frames (counted as `type3_unbuffered`).
     pub hold: Option<HoldOptions>,
+    /// Group snapshots over libvirt; `None`: the snapshot endpoints answer 503.
+    pub snapshots: Option<SnapshotOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,8 @@ pub enum DaemonError {
     TokenRequired(SocketAddr),
     #[error("serving the API: {0}")]
     Serve(std::io::Error),
+    #[error("snapshots: {0}")]
+    Snapshots(#[from] crate::snapshots::SnapshotsError),
     #[error("buffer daemon: {0}")]
     Hold(#[from] HoldError),
 }
@@ -143,7 +148,31 @@ pub async fn start(config: DaemonConfig) -> Result<Running, DaemonError> {
         datapath,
         token: config.token,
         buffer: std::sync::Mutex::new(buffer),
+        snapshots: std::sync::OnceLock::new(),
     });
+    if let Some(opts) = &config.snapshots {
+        let (for_open, opts, rt) = (
+            state.clone(),
+            opts.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        // Opening may abort a snapshot a previous daemon left unfinished: blocking work.
+        let service =
+            tokio::task::spawn_blocking(move || crate::snapshots::open(&opts, &for_open, rt))
+                .await
+                .expect("snapshot service task");
+        match service {
+            Ok(c) => {
+                let _ = state.snapshots.set(Arc::new(c));
+            }
+            Err(err) => {
+                if let Some(buffer) = state.buffer.lock().expect("buffer lock").take() {
+                    buffer.stop(true);
+                }
+                return Err(DaemonError::Snapshots(err));
+            }
+        }
+    }
     info!(%addr, "API listening");
 
     let (shutdown, mut stopped) = tokio::sync::watch::channel(false);

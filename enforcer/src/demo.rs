@@ -70,6 +70,7 @@ async fn run_in(lab: &Lab, opts: &DemoOptions, out: &mut String) -> anyhow::Resu
             device: "enfdhold".into(),
             ..Default::default()
         }),
+        snapshots: None,
     })
     .await?;
     let client = Client::new(format!("http://{}", running.addr), None);

@@ -62,6 +62,7 @@ async fn start_daemon_with(
             device: format!("{}h", lab.prefix),
             max_bytes,
         }),
+        snapshots: None,
     })
     .await
     .expect("starting the daemon with its buffer");

@@ -33,6 +33,7 @@ async fn start(lab: &Lab, pins: &PinRoot, attach: AttachMode) -> (Running, Clien
         type3_mode: None,
         // These tests run `drop` mode with exact counters: no buffer (see tier2_hold.rs).
         hold: None,
+        snapshots: None,
     })
     .await
     .expect("starting the daemon");
@@ -526,6 +527,7 @@ async fn api_rejects_bad_input() {
         token: None,
         type3_mode: None,
         hold: None,
+        snapshots: None,
     })
     .await
     .err()
@@ -541,6 +543,7 @@ async fn api_rejects_bad_input() {
         token: Some("s3cret".into()),
         type3_mode: None,
         hold: None,
+        snapshots: None,
     })
     .await
     .unwrap();

@@ -3,6 +3,9 @@
 //! - `cargo xtask bench datapath [args]`: builds `enforcer` in release mode, then runs its
 //!   benchmark (benchmarks need optimised code on the userspace side too).
 //! - `cargo xtask demo [args]`: the same for the demo.
+//! - `cargo xtask guest [--out DIR]`: builds the guest kernel + initramfs (see `guest.rs`).
+
+mod guest;
 
 use std::process::Command;
 
@@ -23,6 +26,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         args: Vec<String>,
     },
+    /// Build the guest image (kernel + initramfs with the test application).
+    Guest {
+        #[arg(long, default_value = "/var/lib/enforcer/guest")]
+        out: std::path::PathBuf,
+    },
     /// Run the demo (release build).
     Demo {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -32,7 +40,9 @@ enum Task {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let (sub, args) = match cli.task {
+        Task::Guest { out } => return guest::build(&root, &out),
         Task::Bench { args } => ("bench", args),
         Task::Demo { args } => ("demo", args),
     };
@@ -44,7 +54,6 @@ fn main() -> anyhow::Result<()> {
     if !status.success() {
         bail!("cargo build --release failed");
     }
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let binary = root.join("target/release/enforcer");
     let status = Command::new(&binary)
         .arg(sub)
