@@ -67,9 +67,9 @@ fn nonce() -> u64 {
     z ^ (z >> 31)
 }
 
-fn talk_to(guest: Arc<Guest>, peer: Ipv4Addr, udp: UdpSocket, interval: Duration) {
+/// Numbered datagrams to one peer.
+fn send_datagrams(guest: Arc<Guest>, peer: Ipv4Addr, udp: UdpSocket, interval: Duration) {
     let stats = &guest.peers[&peer];
-    let mut stream: Option<TcpStream> = None;
     loop {
         thread::sleep(interval);
         if !guest.talking.load(Ordering::SeqCst) {
@@ -85,6 +85,18 @@ fn talk_to(guest: Arc<Guest>, peer: Ipv4Addr, udp: UdpSocket, interval: Duration
             .is_ok()
         {
             stats.lock().expect("peer lock").udp_sent = seq;
+        }
+    }
+}
+
+/// The TCP stream to one peer (its own thread: a write may block while the peer is paused).
+fn send_stream(guest: Arc<Guest>, peer: Ipv4Addr, interval: Duration) {
+    let stats = &guest.peers[&peer];
+    let mut stream: Option<TcpStream> = None;
+    loop {
+        thread::sleep(interval);
+        if !guest.talking.load(Ordering::SeqCst) {
+            continue;
         }
         if stream.is_none() {
             match TcpStream::connect_timeout(
@@ -303,14 +315,15 @@ fn main() -> ExitCode {
         "enforcer-guest: {} talking to {:?} every {:?}",
         args.ip, args.peers, args.interval
     );
-    let talkers: Vec<_> = guest
-        .peers
-        .keys()
-        .map(|peer| {
-            let (guest, peer, udp) = (guest.clone(), *peer, udp.try_clone().expect("udp clone"));
-            thread::spawn(move || talk_to(guest, peer, udp, args.interval))
-        })
-        .collect();
+    let mut talkers = Vec::new();
+    for peer in guest.peers.keys().copied() {
+        let (g, udp) = (guest.clone(), udp.try_clone().expect("udp clone"));
+        talkers.push(thread::spawn(move || {
+            send_datagrams(g, peer, udp, args.interval)
+        }));
+        let g = guest.clone();
+        talkers.push(thread::spawn(move || send_stream(g, peer, args.interval)));
+    }
     for t in talkers {
         let _ = t.join();
     }

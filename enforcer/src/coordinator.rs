@@ -151,6 +151,11 @@ impl Timeline {
     pub fn pause_to_advance_ms(&self) -> Option<f64> {
         Some(self.advanced_ms? - self.paused_ms?)
     }
+
+    /// The coordinator's own part: from learning of the stop to the map updated.
+    pub fn seen_to_advance_ms(&self) -> Option<f64> {
+        Some(self.advanced_ms? - self.pause_seen_ms?)
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -884,14 +889,22 @@ pub fn render_manifest(m: &Manifest) -> String {
     let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
     let _ = writeln!(
         out,
-        "  {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>13}",
-        "VM", "begin", "paused", "advanced", "image", "resumed", "downtime", "pause→advance"
+        "  {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>13} {:>12}",
+        "VM",
+        "begin",
+        "paused",
+        "advanced",
+        "image",
+        "resumed",
+        "downtime",
+        "pause→advance",
+        "seen→advance"
     );
     for v in &m.vms {
         let t = &v.timeline;
         let _ = writeln!(
             out,
-            "  {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>13}{}",
+            "  {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>13} {:>12}{}",
             v.name,
             f(t.begin_ms),
             f(t.paused_ms),
@@ -900,6 +913,8 @@ pub fn render_manifest(m: &Manifest) -> String {
             f(t.resumed_ms),
             f(t.downtime_ms()),
             t.pause_to_advance_ms()
+                .map_or("-".into(), |v| format!("{:.3}", v)),
+            t.seen_to_advance_ms()
                 .map_or("-".into(), |v| format!("{:.3}", v)),
             v.error
                 .as_ref()
@@ -955,6 +970,9 @@ fn snapshot_vm<H: Hypervisor + ?Sized, E: EpochControl + ?Sized>(
     failed: &AtomicBool,
     record: &Mutex<VmRecord>,
 ) {
+    // From the VM's stop to its advance this thread is on the critical path: it must not wait
+    // behind the busy QEMU threads of the other VMs.
+    crate::hold::raise_this_thread("a snapshot thread");
     let update = |f: &dyn Fn(&mut VmRecord)| f(&mut record.lock().expect("record lock"));
     let fail = |detail: String| {
         record.lock().expect("record lock").error = Some(detail);

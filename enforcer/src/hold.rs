@@ -166,6 +166,16 @@ impl HoldReport {
     }
 }
 
+/// Gives the calling thread a higher CFS weight (nice -15), so it runs promptly on a loaded
+/// host (e.g. next to busy QEMU vCPUs). Root may; otherwise a warning and no change.
+pub fn raise_this_thread(what: &str) {
+    // SAFETY: setpriority on this thread (tid) with plain integers.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -15) };
+    if r != 0 {
+        warn!(err = %std::io::Error::last_os_error(), "raising the priority of {what}");
+    }
+}
+
 /// Handle to the running buffer.
 pub struct Buffer {
     commands: mpsc::Sender<Command>,
@@ -667,13 +677,8 @@ impl State {
 
     fn run(mut self, commands: mpsc::Receiver<Command>) {
         // The kernel's rings hold ~20 ms of small frames at line rate: this thread must not wait
-        // behind busy threads for longer than that. A higher CFS weight (nice -15) keeps it
-        // running on a loaded host; the daemon is root, so this is allowed.
-        // SAFETY: setpriority on this thread (tid) with plain integers.
-        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, -15) };
-        if r != 0 {
-            warn!(err = %std::io::Error::last_os_error(), "raising the buffer thread's priority");
-        }
+        // behind busy threads for longer than that.
+        raise_this_thread("the buffer thread");
         let mut last_flush = Instant::now();
         loop {
             let mut busy = false;

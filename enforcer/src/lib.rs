@@ -22,3 +22,5 @@ pub mod metrics;
 pub mod ports;
 pub mod snapshots;
 pub mod traffic;
+pub mod vmdemo;
+pub mod vmlab;

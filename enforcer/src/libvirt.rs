@@ -139,6 +139,8 @@ fn start_event_loop() -> Result<(), String> {
             thread::Builder::new()
                 .name("libvirt-events".into())
                 .spawn(|| {
+                    // It delivers the "VM stopped" events: on the pause→advance critical path.
+                    crate::hold::raise_this_thread("the libvirt event thread");
                     loop {
                         if let Err(e) = virt::event::event_run_default_impl() {
                             warn!(%e, "libvirt event loop iteration failed");
@@ -253,6 +255,9 @@ pub fn with_bridge(xml: &str, bridge: &str) -> String {
 
 impl Libvirt {
     pub fn open(uri: &str) -> Result<Self, LibvirtError> {
+        // libvirt's default handler prints every error (a lookup that misses included) to
+        // stderr; errors reach callers through results instead.
+        virt::error::clear_error_callback();
         start_event_loop().map_err(LibvirtError::Events)?;
         let conn = Connect::open(Some(uri)).map_err(|e| LibvirtError::Connect {
             uri: uri.into(),
