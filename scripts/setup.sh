@@ -3,6 +3,7 @@
 # apt packages (LLVM 22 for bpf-linker, bpftool, iproute2, iperf3), the nightly rust-src
 # component and bpf-linker. Safe to run again: each step is skipped when already done.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 

@@ -226,6 +226,16 @@ impl DemoArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
+    /// Group snapshots of real guests under traffic: pause→advance latency, downtime,
+    /// disruption (percentiles).
+    Snapshot {
+        #[arg(long, default_value_t = 4)]
+        vms: usize,
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        #[arg(long, default_value = crate::vmlab::DEFAULT_GUEST_DIR)]
+        guest_dir: PathBuf,
+    },
     /// TCP through a snapshot with skew: no-progress period, drop vs buffer (GENI-VIOLIN Fig. 6).
     TcpSkew {
         /// Skews to run, in seconds (comma-separated).
@@ -594,6 +604,29 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 "--skews must be between 0 and 30 s"
             );
             println!("{}", crate::bench::tcp_skew(&skews, &figure).await?);
+        }
+        Command::Bench(BenchCommand::Snapshot {
+            vms,
+            count,
+            guest_dir,
+        }) => {
+            anyhow::ensure!((2..=8).contains(&vms), "--vms must be between 2 and 8");
+            anyhow::ensure!(
+                (1..=1000).contains(&count),
+                "--count must be between 1 and 1000"
+            );
+            let mut o = crate::vmdemo::VmDemoOptions::default();
+            o.lab.vms = vms;
+            o.lab.prefix = "enfb".into();
+            o.lab.subnet = 4;
+            o.lab.guest_dir = guest_dir;
+            o.pin_root = "/sys/fs/bpf/enforcer-bench".into();
+            o.store = "/var/lib/enforcer/bench-snapshots".into();
+            o.hold_device = "enfbhold".into();
+            let report =
+                crate::vmdemo::bench_snapshots(o, count, std::time::Duration::from_millis(500))
+                    .await?;
+            println!("{report}");
         }
         Command::Bench(BenchCommand::Hold { seconds }) => {
             anyhow::ensure!(seconds > 0.0, "--seconds must be positive");

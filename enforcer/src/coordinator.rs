@@ -12,8 +12,10 @@
 //! also releases held frames), and the images are discarded. A journal on disk lets a restarted
 //! coordinator abort a transaction it was in the middle of.
 //!
-//! The real hypervisor (libvirt + QMP) is the next step; [`fake::FakeHypervisor`] drives the
-//! state machine in the tests.
+//! The real hypervisor is [`crate::libvirt::Libvirt`] (libvirt + QMP passthrough);
+//! [`fake::FakeHypervisor`] drives the state machine in the tier-0 tests. Restore brings every
+//! VM of a committed snapshot back paused, registers all of them at the snapshot's epoch, and
+//! only then resumes them.
 
 use std::{
     collections::HashMap,
@@ -1527,6 +1529,135 @@ mod tests {
         assert!(matches!(
             c.snapshot(&empty),
             Err(CoordinatorError::EmptyGroup(_))
+        ));
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn restore_registers_every_vm_at_the_snapshot_epoch_before_any_resumes() {
+        let g = group(3);
+        let dir = store();
+        let (c, hv) = coordinator(&g, &dir);
+        let m = c.snapshot(&g).unwrap();
+        hv.world.lock().unwrap().log.clear();
+        let r = c.restore(&m.id, None).unwrap();
+        assert_eq!((r.epoch, r.vms.len()), (1, 3));
+        let w = hv.world.lock().unwrap();
+        let last_register = g
+            .vms
+            .iter()
+            .map(|vm| at(&w.log, "register", &vm.name).unwrap())
+            .max()
+            .unwrap();
+        for vm in &g.vms {
+            let restored = at(&w.log, "restore", &vm.name).unwrap();
+            let resumed = at(&w.log, "resume", &vm.name).unwrap();
+            assert!(
+                restored < last_register && last_register < resumed,
+                "{:?}",
+                w.log
+            );
+            assert_eq!(w.epochs[&vm.mac], 1);
+            assert_eq!(w.registered[&vm.mac], (1, format!("tap-{}", vm.name)));
+            assert_eq!(w.states[&vm.name], VmState::Running);
+        }
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_failed_restore_destroys_what_it_restored_and_runs_nothing() {
+        let g = group(3);
+        let dir = store();
+        let (c, hv) = coordinator(&g, &dir);
+        let m = c.snapshot(&g).unwrap();
+        hv.fail("vm3", Failure::RestoreFails);
+        hv.world.lock().unwrap().log.clear();
+        let err = c.restore(&m.id, None).unwrap_err();
+        assert!(err.to_string().contains("unreadable"), "{err}");
+        let w = hv.world.lock().unwrap();
+        assert!(
+            w.log.iter().all(|(step, _)| step != "resume"),
+            "{:?}",
+            w.log
+        );
+        for vm in ["vm1", "vm2"] {
+            assert!(
+                at(&w.log, "destroy", vm).is_some(),
+                "{vm} destroyed: {:?}",
+                w.log
+            );
+        }
+        drop(w);
+        // Aborted snapshots are not restorable; unknown ones are not found.
+        assert!(matches!(
+            c.restore("nope", None),
+            Err(CoordinatorError::UnknownSnapshot(_))
+        ));
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_busy_group_refuses_a_second_snapshot_until_the_first_ends() {
+        let g = group(2);
+        let dir = store();
+        let (c, _hv) = coordinator(&g, &dir);
+        let first = c.prepare(&g).unwrap();
+        let live = c.get(&first.id).unwrap();
+        assert_eq!(live.outcome, Outcome::Running);
+        assert!(matches!(c.prepare(&g), Err(CoordinatorError::Busy { .. })));
+        assert!(matches!(
+            c.delete(&first.id),
+            Err(CoordinatorError::Busy { .. })
+        ));
+        let m = c.run(first).unwrap();
+        assert_eq!(m.outcome, Outcome::Committed);
+        let second = c.prepare(&g).unwrap();
+        assert!(second.id != m.id);
+        c.run(second).unwrap();
+        assert_eq!(c.list().unwrap().len(), 2);
+        c.delete(&m.id).unwrap();
+        assert_eq!(c.list().unwrap().len(), 1);
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn groups_are_checked_registered_and_kept_on_disk() {
+        let g = group(2);
+        let dir = store();
+        let (c, hv) = coordinator(&g, &dir);
+        let names = vec!["vm1".to_owned(), "vm2".to_owned()];
+        for (name, domains, expect) in [
+            ("bad name!", names.clone(), "name"),
+            ("g", vec!["vm1".into(), "vm1".into()], "twice"),
+            ("g", vec![], "no VMs"),
+            ("g", vec!["ghost".into()], "no such domain"),
+        ] {
+            let err = c.define_group(name, None, &domains).unwrap_err();
+            assert!(
+                err.to_string().contains(expect),
+                "{name} {domains:?}: {err}"
+            );
+        }
+        let defined = c.define_group("web", None, &names).unwrap();
+        assert_eq!(defined.id, 1);
+        assert_eq!(hv.world.lock().unwrap().registered.len(), 2);
+        assert!(matches!(
+            c.define_group("web", None, &names),
+            Err(CoordinatorError::GroupExists(_))
+        ));
+        assert!(
+            c.define_group("other", None, &names[..1]).is_err(),
+            "vm1 is taken"
+        );
+        // A new coordinator on the same store knows the group.
+        drop(c);
+        let c = Coordinator::open(hv.clone(), hv.epochs(), &dir, Timeouts::default()).unwrap();
+        assert_eq!(c.group("web").unwrap(), defined);
+        c.remove_group("web").unwrap();
+        assert!(hv.world.lock().unwrap().registered.is_empty());
+        assert!(matches!(
+            c.group("web"),
+            Err(CoordinatorError::UnknownGroup(_))
         ));
         let _ = fs::remove_dir_all(dir);
     }

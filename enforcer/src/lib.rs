@@ -3,7 +3,10 @@
 //! One module per concern: [`datapath`] (load, pin, attach, maps), [`epochs`] (VM registry and
 //! epoch rules), [`ports`] (VM port discovery over rtnetlink), [`daemon`] (`enforcer run`),
 //! [`api`] + [`client`] (HTTP/JSON), [`metrics`] (Prometheus), [`lab`] (network-namespace
-//! "VMs" for the demo, tests and benchmarks), [`demo`] and [`cli`].
+//! "VMs" for the demo, tests and benchmarks), [`demo`] and [`cli`]. Snapshots of real VMs:
+//! [`coordinator`] (the transaction, restore, store), [`libvirt`] (the hypervisor backend),
+//! [`snapshots`] (the coordinator inside the daemon), [`vmlab`] (guests for the demo and tier
+//! 3) and [`vmdemo`] (the main job and its consistency check).
 pub mod api;
 pub mod bench;
 pub mod checksum;

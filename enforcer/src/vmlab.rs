@@ -276,9 +276,9 @@ impl VmLab {
             loop {
                 let ready = self.stats(vm).is_ok_and(|s| {
                     s.peers.len() + 1 == self.vms.len()
-                        && s.peers.iter().all(|p| {
-                            p.tcp_connects > 0 && p.udp_received > 0 && p.tcp_received > 0
-                        })
+                        && s.peers
+                            .iter()
+                            .all(|p| p.tcp_connects > 0 && p.udp_received > 0 && p.tcp_received > 0)
                 });
                 if ready {
                     break;

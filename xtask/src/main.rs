@@ -3,6 +3,7 @@
 //! - `cargo xtask bench datapath [args]`: builds `enforcer` in release mode, then runs its
 //!   benchmark (benchmarks need optimised code on the userspace side too).
 //! - `cargo xtask demo [args]`: the same for the demo.
+//! - `cargo xtask e2e`: tier 3 on real VMs, with and without enforcement.
 //! - `cargo xtask guest [--out DIR]`: builds the guest kernel + initramfs (see `guest.rs`).
 
 mod guest;
@@ -31,6 +32,12 @@ enum Task {
         #[arg(long, default_value = "/var/lib/enforcer/guest")]
         out: std::path::PathBuf,
     },
+    /// Tier 3 on real VMs: snapshot under load → destroy → restore → check, with and without
+    /// enforcement (release build).
+    E2e {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run the demo (release build).
     Demo {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -45,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         Task::Guest { out } => return guest::build(&root, &out),
         Task::Bench { args } => ("bench", args),
         Task::Demo { args } => ("demo", args),
+        Task::E2e { args } => ("e2e", args),
     };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(&cargo)
