@@ -1448,8 +1448,7 @@ mod tests {
         let m = c.snapshot(&g).unwrap();
         assert_aborted_cleanly(&c, &hv, &m, &g, reason);
         let _ = fs::remove_dir_all(dir);
-        let log = hv.world.lock().unwrap().log.clone();
-        log
+        hv.world.lock().unwrap().log.clone()
     }
 
     #[test]

@@ -171,7 +171,7 @@ pub struct Libvirt {
 #[derive(Debug, thiserror::Error)]
 pub enum LibvirtError {
     #[error(
-        "connecting to libvirt at {uri}: {detail} (is libvirtd running? scripts/setup.sh starts it)"
+        "connecting to libvirt at {uri}: {detail} (is libvirtd running? scripts/setup.sh starts it; or run without snapshots: --no-libvirt)"
     )]
     Connect { uri: String, detail: String },
     #[error("libvirt: {0}")]

@@ -167,13 +167,13 @@ pub fn exchange(
 ) -> std::io::Result<PhaseResult> {
     let n = mesh.len();
     for seq in 0..per_pair {
-        for from in 0..n {
+        for (from, color) in epochs.iter().copied().enumerate().take(n) {
             for to in (0..n).filter(|to| *to != from) {
                 mesh.send(Message {
                     from: from as u16,
                     to: to as u16,
                     seq,
-                    color: epochs[from],
+                    color,
                 })?;
             }
         }
