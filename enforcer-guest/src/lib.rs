@@ -88,6 +88,38 @@ impl UdpMessage {
     }
 }
 
+/// The record the guest keeps on its disk (first 512-byte sector): a generation the guest
+/// increments with every write, so memory and disk can be compared after a restore.
+pub const DISK_RECORD_LEN: usize = 512;
+const MAGIC_DISK: u32 = u32::from_be_bytes(*b"ENFD");
+
+pub fn encode_disk_record(generation: u64) -> [u8; DISK_RECORD_LEN] {
+    let mut b = [0u8; DISK_RECORD_LEN];
+    b[0..4].copy_from_slice(&MAGIC_DISK.to_be_bytes());
+    b[8..16].copy_from_slice(&generation.to_be_bytes());
+    b
+}
+
+/// The generation on disk; 0 for a blank disk.
+pub fn decode_disk_record(b: &[u8]) -> Option<u64> {
+    if b.len() < 16 {
+        return None;
+    }
+    if b[..16].iter().all(|x| *x == 0) {
+        return Some(0);
+    }
+    (u32::from_be_bytes(b[0..4].try_into().expect("4 bytes")) == MAGIC_DISK)
+        .then(|| u64::from_be_bytes(b[8..16].try_into().expect("8 bytes")))
+}
+
+/// Whether the disk and the guest's memory are from one instant. The guest writes generation
+/// g+1, syncs, and only then remembers g+1: stopped between the two, the disk may be one ahead
+/// of memory, never more, and never behind. A disk captured after the memory (while the VM ran
+/// on) is ahead by more; one captured before it is behind.
+pub fn disk_matches_memory(on_disk: u64, in_memory: u64) -> bool {
+    on_disk == in_memory || on_disk == in_memory + 1
+}
+
 /// FNV-1a, continued over a stream.
 pub fn checksum(prev: u64, bytes: &[u8]) -> u64 {
     bytes.iter().fold(prev, |h, b| {
@@ -129,6 +161,13 @@ pub struct GuestStats {
     /// False after `quiet`: no new messages are sent.
     pub talking: bool,
     pub peers: Vec<PeerStats>,
+    /// The disk record's generation as the guest remembers it (0 without a disk).
+    #[serde(default)]
+    pub disk_generation: u64,
+    /// Times the disk held another generation than memory allowed (see
+    /// [`disk_matches_memory`]).
+    #[serde(default)]
+    pub disk_mismatches: u64,
 }
 
 impl GuestStats {
@@ -153,6 +192,20 @@ mod tests {
         let u = UdpMessage { seq: 9, nonce: 1 };
         assert_eq!(UdpMessage::decode(&u.encode()), Some(u));
         assert_eq!(UdpMessage::decode(&u.encode()[..31]), None);
+    }
+
+    #[test]
+    fn disk_records_round_trip_and_the_memory_check_tolerates_one_write_in_flight() {
+        assert_eq!(decode_disk_record(&encode_disk_record(41)), Some(41));
+        assert_eq!(decode_disk_record(&[0u8; DISK_RECORD_LEN]), Some(0));
+        assert_eq!(decode_disk_record(&[7u8; DISK_RECORD_LEN]), None);
+        assert!(disk_matches_memory(5, 5));
+        assert!(
+            disk_matches_memory(6, 5),
+            "written and synced, not yet remembered"
+        );
+        assert!(!disk_matches_memory(8, 5), "disk captured after memory");
+        assert!(!disk_matches_memory(4, 5), "disk captured before memory");
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! The guest test application (PID 1's child in enforcer's tiny guests).
 //!
-//! `enforcer-guest --ip 10.77.0.11 --peers 10.77.0.12,10.77.0.13 [--interval-ms 10]`
+//! `enforcer-guest --ip 10.77.0.11 --peers 10.77.0.12,10.77.0.13 [--interval-ms 10] [--disk /dev/vda]`
+//!
+//! With a disk it also keeps a generation record in the disk's first sector and checks, before
+//! every write, that the disk holds what memory says it wrote (see the library).
 //!
 //! Every interval it sends one UDP datagram and one TCP message to every peer, and it counts and
 //! checks what arrives (see the library for the formats and checks). The control port answers
@@ -20,14 +23,17 @@ use std::{
 };
 
 use enforcer_guest::{
-    CHECKSUM_START, CONTROL_PORT, GuestStats, PeerStats, TCP_MESSAGE_LEN, TCP_PORT, TcpMessage,
-    UDP_MESSAGE_LEN, UDP_PORT, UdpMessage, checksum,
+    CHECKSUM_START, CONTROL_PORT, DISK_RECORD_LEN, GuestStats, PeerStats, TCP_MESSAGE_LEN,
+    TCP_PORT, TcpMessage, UDP_MESSAGE_LEN, UDP_PORT, UdpMessage, checksum, decode_disk_record,
+    disk_matches_memory, encode_disk_record,
 };
 
 struct Guest {
     ip: Ipv4Addr,
     talking: AtomicBool,
     peers: HashMap<Ipv4Addr, Mutex<PeerStats>>,
+    /// (generation remembered, mismatches seen).
+    disk: Mutex<(u64, u64)>,
 }
 
 impl Guest {
@@ -45,10 +51,13 @@ impl Guest {
             .map(|p| p.lock().expect("peer lock").clone())
             .collect();
         peers.sort_by(|a, b| a.peer.cmp(&b.peer));
+        let (disk_generation, disk_mismatches) = *self.disk.lock().expect("disk lock");
         GuestStats {
             ip: self.ip.to_string(),
             talking: self.talking.load(Ordering::SeqCst),
             peers,
+            disk_generation,
+            disk_mismatches,
         }
     }
 }
@@ -180,6 +189,50 @@ fn receive_datagrams(guest: Arc<Guest>, udp: UdpSocket) {
     }
 }
 
+/// Every `interval`: read the disk record, check it against memory, write the next
+/// generation, sync, and only then remember it.
+fn keep_disk_record(guest: Arc<Guest>, path: String, interval: Duration) {
+    use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+    /// O_DIRECT needs an aligned buffer.
+    #[repr(C, align(4096))]
+    struct Sector([u8; DISK_RECORD_LEN]);
+    // O_DIRECT: past the guest's page cache, so a read sees the disk, not what this guest
+    // remembers writing (a restored guest's cache is part of its memory image).
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("enforcer-guest: disk {path}: {e}");
+            return;
+        }
+    };
+    let mut sector = Box::new(Sector([0u8; DISK_RECORD_LEN]));
+    loop {
+        let buf = &mut sector.0;
+        let remembered = guest.disk.lock().expect("disk lock").0;
+        if file.read_exact_at(buf, 0).is_ok() {
+            let on_disk = decode_disk_record(buf);
+            // The first read of a fresh guest finds whatever the disk had: adopt it.
+            if remembered != 0 && !on_disk.is_some_and(|d| disk_matches_memory(d, remembered)) {
+                eprintln!(
+                    "enforcer-guest: disk record {on_disk:?} does not match memory {remembered}"
+                );
+                guest.disk.lock().expect("disk lock").1 += 1;
+            }
+            let next = remembered.max(on_disk.unwrap_or(0)) + 1;
+            buf.copy_from_slice(&encode_disk_record(next));
+            if file.write_all_at(buf, 0).is_ok() && file.sync_data().is_ok() {
+                guest.disk.lock().expect("disk lock").0 = next;
+            }
+        }
+        thread::sleep(interval);
+    }
+}
+
 fn serve_control(guest: Arc<Guest>, s: TcpStream) {
     let mut out = match s.try_clone() {
         Ok(o) => o,
@@ -223,12 +276,14 @@ struct Args {
     ip: Ipv4Addr,
     peers: Vec<Ipv4Addr>,
     interval: Duration,
+    disk: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut ip = None;
     let mut peers = Vec::new();
     let mut interval = Duration::from_millis(10);
+    let mut disk = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -241,6 +296,7 @@ fn parse_args() -> Result<Args, String> {
                     .map(|p| p.parse().map_err(|e| format!("--peers {p}: {e}")))
                     .collect::<Result<_, _>>()?
             }
+            "--disk" => disk = Some(value),
             "--interval-ms" => {
                 interval = Duration::from_millis(
                     value
@@ -255,6 +311,7 @@ fn parse_args() -> Result<Args, String> {
         ip: ip.ok_or("--ip is required")?,
         peers,
         interval,
+        disk,
     })
 }
 
@@ -263,7 +320,9 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => {
             eprintln!("enforcer-guest: {e}");
-            eprintln!("usage: enforcer-guest --ip A.B.C.D --peers IP,IP [--interval-ms N]");
+            eprintln!(
+                "usage: enforcer-guest --ip A.B.C.D --peers IP,IP [--interval-ms N] [--disk DEV]"
+            );
             return ExitCode::from(2);
         }
     };
@@ -285,6 +344,7 @@ fn main() -> ExitCode {
         ip: args.ip,
         talking: AtomicBool::new(true),
         peers,
+        disk: Mutex::new((0, 0)),
     });
     let bind = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
     let (control, data, udp) = match (
@@ -310,6 +370,10 @@ fn main() -> ExitCode {
     {
         let (guest, udp) = (guest.clone(), udp.try_clone().expect("udp clone"));
         thread::spawn(move || receive_datagrams(guest, udp));
+    }
+    if let Some(path) = args.disk.clone() {
+        let guest = guest.clone();
+        thread::spawn(move || keep_disk_record(guest, path, Duration::from_millis(50)));
     }
     eprintln!(
         "enforcer-guest: {} talking to {:?} every {:?}",

@@ -28,6 +28,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tracing::{debug, warn};
 use virt::{connect::Connect, domain::Domain, sys};
@@ -160,6 +161,8 @@ struct Job {
     image: PathBuf,
     file: File,
     data_len: u32,
+    disks: Vec<(String, PathBuf)>,
+    dir: PathBuf,
 }
 
 pub struct Libvirt {
@@ -227,13 +230,48 @@ pub fn first_nic(xml: &str) -> Result<DomainNic, String> {
     })
 }
 
-/// Whether the domain has disks: their snapshot is not implemented, and silently leaving them
-/// out would restore memory that does not match its disk.
-fn has_disks(xml: &str) -> bool {
-    roxmltree::Document::parse(xml).is_ok_and(|doc| {
-        doc.descendants()
-            .any(|n| n.has_tag_name("disk") && n.attribute("device").unwrap_or("disk") == "disk")
-    })
+/// A domain's disk and where a snapshot keeps its copy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskCopy {
+    /// The guest's name for it (`vda`).
+    pub target: String,
+    /// The file the domain uses.
+    pub source: PathBuf,
+    /// The copy taken at the snapshot point.
+    pub copy: PathBuf,
+}
+
+/// The domain's disks as (target, file). Only file-backed disks can be captured; any other
+/// disk is refused rather than left out (memory restored with a disk that moved on would be
+/// inconsistent). CD-ROMs and floppies are read-only media and are not captured.
+fn file_disks(xml: &str) -> Result<Vec<(String, PathBuf)>, String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("domain XML: {e}"))?;
+    let mut out = Vec::new();
+    for disk in doc
+        .descendants()
+        .filter(|n| n.has_tag_name("disk") && n.attribute("device").unwrap_or("disk") == "disk")
+    {
+        let target = disk
+            .children()
+            .find(|c| c.has_tag_name("target"))
+            .and_then(|t| t.attribute("dev"))
+            .unwrap_or("?")
+            .to_owned();
+        let kind = disk.attribute("type").unwrap_or("file");
+        let source = disk
+            .children()
+            .find(|c| c.has_tag_name("source"))
+            .and_then(|s| s.attribute("file"));
+        match (kind, source) {
+            ("file", Some(file)) => out.push((target, PathBuf::from(file))),
+            _ => {
+                return Err(format!(
+                    "disk {target} is a `{kind}` disk: only file-backed disks can be captured"
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The XML with every bridge-type interface moved onto `bridge`.
@@ -493,13 +531,7 @@ impl Hypervisor for Libvirt {
         let xml = dom
             .xml_desc(sys::VIR_DOMAIN_XML_SECURE | sys::VIR_DOMAIN_XML_MIGRATABLE)
             .map_err(|e| hv_err(name, e.to_string()))?;
-        if has_disks(&xml) {
-            return Err(hv_err(
-                name,
-                "the domain has disks; enforcer snapshots memory only and refuses rather than \
-                 pairing a memory image with a disk that moved on",
-            ));
-        }
+        let disks = file_disks(&xml).map_err(|e| hv_err(name, e))?;
         let nic = first_nic(&xml).map_err(|e| hv_err(name, e))?;
         if nic.mac != vm.mac {
             return Err(hv_err(
@@ -554,6 +586,8 @@ impl Hypervisor for Libvirt {
                 image,
                 file,
                 data_len,
+                disks,
+                dir: image_dir.to_owned(),
             },
         );
         Ok(())
@@ -581,13 +615,41 @@ impl Hypervisor for Libvirt {
             .expect("jobs lock")
             .remove(name)
             .ok_or_else(|| hv_err(name, "no snapshot in progress"))?;
+        // The VM is still stopped, and QEMU flushed and let go of its disks when the migration
+        // completed: the files are the disks at the snapshot point. Copy them (copy_file_range,
+        // which shares extents where the filesystem can).
+        let mut images = vec![job.image.clone()];
+        if !job.disks.is_empty() {
+            let mut copies = Vec::new();
+            for (target, source) in &job.disks {
+                let copy = job.dir.join(format!("{name}.{target}.disk"));
+                std::fs::copy(source, &copy).map_err(|e| {
+                    hv_err(
+                        name,
+                        format!("copying disk {target} ({}): {e}", source.display()),
+                    )
+                })?;
+                copies.push(DiskCopy {
+                    target: target.clone(),
+                    source: source.clone(),
+                    copy: copy.clone(),
+                });
+                images.push(copy);
+            }
+            let sidecar = job.dir.join(format!("{name}.disks.json"));
+            let text = serde_json::to_vec_pretty(&copies).expect("disk list serializes");
+            std::fs::write(&sidecar, text)
+                .and_then(|()| File::open(&sidecar)?.sync_all())
+                .map_err(|e| hv_err(name, format!("writing {}: {e}", sidecar.display())))?;
+            images.push(sidecar);
+        }
         // Only now is the image whole: mark it so (libvirt refuses partial images).
         job.file
             .seek(SeekFrom::Start(0))
             .and_then(|_| job.file.write_all(&save_header(SAVE_MAGIC, job.data_len)))
             .and_then(|()| job.file.sync_all())
             .map_err(|e| hv_err(name, format!("finishing {}: {e}", job.image.display())))?;
-        Ok(vec![job.image])
+        Ok(images)
     }
 
     fn resume(&self, vm: &VmSpec) -> Result<(), HvError> {
@@ -629,6 +691,32 @@ impl Hypervisor for Libvirt {
             .iter()
             .find(|p| p.extension().is_some_and(|e| e == "save"))
             .ok_or_else(|| hv_err(&vm.name, "the snapshot has no memory image"))?;
+        if let Ok(dom) = self.conn.lookup_domain_by_name(&vm.name)
+            && dom.is_active().unwrap_or(false)
+        {
+            return Err(hv_err(
+                &vm.name,
+                "a domain of that name is running: destroy it before restoring",
+            ));
+        }
+        // The disks go back to where the domain has them, as they were at the snapshot point.
+        if let Some(sidecar) = images
+            .iter()
+            .find(|p| p.to_string_lossy().ends_with(".disks.json"))
+        {
+            let copies: Vec<DiskCopy> = std::fs::read(sidecar)
+                .map_err(|e| e.to_string())
+                .and_then(|t| serde_json::from_slice(&t).map_err(|e| e.to_string()))
+                .map_err(|e| hv_err(&vm.name, format!("{}: {e}", sidecar.display())))?;
+            for d in copies {
+                std::fs::copy(&d.copy, &d.source).map_err(|e| {
+                    hv_err(
+                        &vm.name,
+                        format!("restoring disk {} to {}: {e}", d.target, d.source.display()),
+                    )
+                })?;
+            }
+        }
         let nic = self.restore_image_paused(&vm.name, image, bridge)?;
         if nic.mac != vm.mac {
             let _ = self.destroy_domain(&vm.name);
@@ -696,13 +784,24 @@ mod tests {
         let moved = with_bridge(XML, "enfbr9");
         assert_eq!(first_nic(&moved).unwrap().bridge.as_deref(), Some("enfbr9"));
         assert_eq!(moved.len(), XML.len());
-        assert!(!has_disks(XML));
-        assert!(has_disks(
-            "<domain><devices><disk type='file' device='disk'/></devices></domain>"
-        ));
-        assert!(!has_disks(
-            "<domain><devices><disk device='cdrom'/></devices></domain>"
-        ));
+        assert_eq!(file_disks(XML).unwrap(), vec![]);
+        assert_eq!(
+            file_disks(
+                "<domain><devices><disk type='file' device='disk'><source file='/d/a.img'/>\
+                 <target dev='vda'/></disk><disk type='file' device='cdrom'/></devices></domain>"
+            )
+            .unwrap(),
+            vec![("vda".to_owned(), PathBuf::from("/d/a.img"))]
+        );
+        let refused = file_disks(
+            "<domain><devices><disk type='block' device='disk'><source dev='/dev/sdb'/>\
+             <target dev='vdb'/></disk></devices></domain>",
+        )
+        .unwrap_err();
+        assert!(
+            refused.contains("vdb") && refused.contains("block"),
+            "{refused}"
+        );
     }
 
     #[test]

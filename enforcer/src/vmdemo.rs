@@ -3,6 +3,10 @@
 //! the restored state checked for consistency. `e2e` runs the same with enforcement off
 //! (per-VM snapshots one after another) to show the check catches what enforcement prevents.
 //!
+//! Each guest also keeps a generation record on its disk and checks it against memory before
+//! every write (see `enforcer_guest::disk_matches_memory`): a disk captured at another instant
+//! than the memory shows as a mismatch.
+//!
 //! The check (DESIGN.md invariant 1: no VM remembers receiving what its sender never sent):
 //! for every pair i→j, in the restored run,
 //! - UDP: no datagram arrives whose seq j already had (`udp_rewinds`): the restored i numbers on
@@ -77,14 +81,38 @@ pub struct PairCheck {
     pub violations: u64,
 }
 
+/// One VM's disk against its memory, in the restored run.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiskCheck {
+    pub vm: String,
+    /// The generation the guest remembered right after the restore, and at the end.
+    pub generation_early: u64,
+    pub generation_last: u64,
+    /// Reads where the disk held another generation than memory allowed.
+    pub mismatches: u64,
+}
+
+impl DiskCheck {
+    /// The guest kept writing its record after the restore, and the disk always matched.
+    pub fn ok(&self) -> bool {
+        self.mismatches == 0 && self.generation_last > self.generation_early
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Consistency {
     pub pairs: Vec<PairCheck>,
+    pub disks: Vec<DiskCheck>,
 }
 
 impl Consistency {
     pub fn violations(&self) -> u64 {
-        self.pairs.iter().map(|p| p.violations).sum()
+        self.pairs.iter().map(|p| p.violations).sum::<u64>()
+            + self
+                .disks
+                .iter()
+                .map(|d| d.mismatches.max(u64::from(!d.ok())))
+                .sum::<u64>()
     }
 
     pub fn render(&self) -> String {
@@ -117,6 +145,17 @@ impl Consistency {
                 p.tcp_errors,
                 if p.tcp_resumed { "yes" } else { "NO" },
                 p.violations
+            );
+        }
+        for d in &self.disks {
+            let _ = writeln!(
+                out,
+                "  {:<10} disk record generation {} → {}, disk/memory mismatches {}{}",
+                d.vm,
+                d.generation_early,
+                d.generation_last,
+                d.mismatches,
+                if d.ok() { "" } else { "  NOT OK" }
             );
         }
         out
@@ -162,7 +201,18 @@ pub fn check(lab: &VmLab, early: &[GuestStats], last: &[GuestStats]) -> Consiste
             });
         }
     }
-    Consistency { pairs }
+    let disks = lab
+        .vms
+        .iter()
+        .enumerate()
+        .map(|(i, vm)| DiskCheck {
+            vm: vm.name.clone(),
+            generation_early: early[i].disk_generation,
+            generation_last: last[i].disk_generation,
+            mismatches: last[i].disk_mismatches,
+        })
+        .collect();
+    Consistency { pairs, disks }
 }
 
 /// Runs the restored group for a while, then stops the senders, lets the streams drain and
@@ -314,8 +364,9 @@ async fn enforced(
     })
 }
 
-/// The same group snapshotted one VM after another with no enforcement (no epochs advanced),
-/// killed and restored: violations are expected, and counted.
+/// The same group snapshotted one VM after another with no enforcement (no epochs advanced)
+/// and each disk captured after its memory, killed and restored: violations are expected, and
+/// counted.
 fn unenforced(lab: &VmLab, dir: &std::path::Path, gap: Duration) -> anyhow::Result<Consistency> {
     let libvirt = Libvirt::open(&lab_uri(lab)).context("opening libvirt")?;
     let _ = std::fs::remove_dir_all(dir);
@@ -334,6 +385,16 @@ fn unenforced(lab: &VmLab, dir: &std::path::Path, gap: Duration) -> anyhow::Resu
         std::thread::sleep(gap);
     }
     std::thread::sleep(gap);
+    // And each disk taken later than its memory, as a snapshot that copied disks after letting
+    // the VM run would: the guests' disk checks must notice.
+    for ((_, files), vm) in images.iter().zip(&lab.vms) {
+        for copy in files
+            .iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "disk"))
+        {
+            std::fs::copy(lab.disk(vm), copy)?;
+        }
+    }
     lab.destroy_all();
     for (spec, files) in &images {
         libvirt.restore_paused(spec, files, None)?;
@@ -422,7 +483,7 @@ pub async fn e2e(opts: VmDemoOptions) -> anyhow::Result<String> {
         client.remove_group("demo").await?;
         let l = lab.clone();
         let dir = o.store.join("unenforced");
-        log("now without enforcement: per-VM snapshots one after another");
+        log("now without enforcement: per-VM snapshots one after another, disks copied late");
         let without = blocking(move || {
             l.broadcast("talk")?;
             std::thread::sleep(Duration::from_secs(1));

@@ -164,7 +164,8 @@ impl VmLab {
         let peers: Vec<String> = self.vms.iter().map(|v| v.ip.to_string()).collect();
         let o = &self.opts;
         // TCG (no usable KVM here). Guest offloads off: frames stay MTU-sized, so the hold path
-        // (XDP, single buffer) can take every one; no disk: the image is all of the state.
+        // (XDP, single buffer) can take every one. A small raw disk where the guest keeps its
+        // generation record (memory and disk are checked against each other after a restore).
         format!(
             "<domain type='qemu'>
   <name>{name}</name>
@@ -179,6 +180,11 @@ impl VmLab {
   <on_poweroff>destroy</on_poweroff>
   <on_crash>destroy</on_crash>
   <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
     <interface type='bridge'>
       <source bridge='{bridge}'/>
       <mac address='{mac}'/>
@@ -204,6 +210,7 @@ impl VmLab {
             bridge = self.bridge,
             mac = vm.mac,
             console = self.console(vm).display(),
+            disk = self.disk(vm).display(),
         )
     }
 
@@ -212,8 +219,20 @@ impl VmLab {
         self.console_dir.join(format!("{}.console", vm.name))
     }
 
+    /// A guest's disk (1 MiB, raw).
+    pub fn disk(&self, vm: &GuestVm) -> PathBuf {
+        self.console_dir.join(format!("{}.img", vm.name))
+    }
+
     fn boot(&self, vm: &GuestVm) -> Result<(), VmLabError> {
         debug!(vm = vm.name, "booting");
+        let disk = self.disk(vm);
+        std::fs::File::create(&disk)
+            .and_then(|f| f.set_len(1 << 20))
+            .map_err(|e| VmLabError::Command {
+                command: format!("creating {}", disk.display()),
+                stderr: e.to_string(),
+            })?;
         self.conn
             .create_domain_xml(&self.domain_xml(vm), 0)
             .map(|_| ())
@@ -318,5 +337,8 @@ impl Drop for VmLab {
     fn drop(&mut self) {
         self.destroy_all();
         let _ = ip(&["link", "del", &self.bridge]);
+        for vm in &self.vms {
+            let _ = std::fs::remove_file(self.disk(vm));
+        }
     }
 }

@@ -27,6 +27,7 @@ const MODULES: &[&str] = &[
     "failover",
     "net_failover",
     "virtio_net",
+    "virtio_blk",
 ];
 
 const INIT: &str = r#"#!/bin/busybox sh
@@ -48,8 +49,10 @@ ip link set lo up
 ip link set eth0 up
 ip addr add "$ip/24" dev eth0
 echo "init: eth0 $ip up, peers $peers"
+disk=""
+[ -b /dev/vda ] && disk="--disk /dev/vda"
 while true; do
-  /enforcer-guest --ip "$ip" --peers "$peers" --interval-ms "$interval"
+  /enforcer-guest --ip "$ip" --peers "$peers" --interval-ms "$interval" $disk
   echo "init: enforcer-guest exited ($?), restarting"
   sleep 1
 done
