@@ -10,11 +10,14 @@
 //! 2. `wait_paused`: QEMU stops the vCPUs for the final copy and waits in `pre-switchover`
 //!    (as long as needed). Its `MIGRATION` event, with QEMU's own timestamp, wakes us.
 //! 3. the coordinator advances the epoch.
-//! 4. `complete`: `migrate-continue`; QEMU writes the last state and leaves the VM paused
-//!    (`postmigrate`); the header is marked complete, so `virDomainRestore` accepts the file.
+//! 4. `complete`: `migrate-continue`; QEMU writes the last state, flushes and releases its
+//!    disks and leaves the VM paused (`postmigrate`); the disk files are copied (still the
+//!    snapshot point: the VM has not run); the header is marked complete, so
+//!    `virDomainRestore` accepts the file.
 //! 5. `resume`: `cont`.
 //!
-//! Restore is `virDomainRestoreFlags` of that file, paused, optionally onto another bridge.
+//! Restore puts the disk copies back and is `virDomainRestoreFlags` of the memory image,
+//! paused, optionally onto another bridge.
 
 use std::{
     collections::HashMap,
