@@ -98,6 +98,8 @@ pub trait EpochControl: Send + Sync {
     fn advance(&self, vm: &VmSpec) -> Result<u32, String>;
     /// Frames held so far (a running total), when a buffer runs.
     fn held_total(&self) -> Option<u64>;
+    /// Waits until nothing is held for the group's VMs any more (REINJECT done).
+    fn wait_released(&self, group: &GroupSpec, timeout: Duration) -> Result<(), String>;
     /// Puts a VM on `port` in `group` at `epoch` (replacing what the datapath had for its MAC).
     /// Waits briefly for the port to be attached (a restored VM's tap is new).
     fn register(
@@ -207,6 +209,9 @@ pub struct Manifest {
     /// Type-3 frames the buffer held while the snapshot ran (all released by its end).
     #[serde(default)]
     pub held_frames: Option<u64>,
+    /// When everything held for the group had been re-injected (ms from the start; REINJECT).
+    #[serde(default)]
+    pub released_ms: Option<f64>,
     pub vms: Vec<VmRecord>,
 }
 
@@ -266,6 +271,7 @@ impl Live {
             reason: None,
             started_unix_ms: self.started_unix_ms,
             held_frames: None,
+            released_ms: None,
             vms: self
                 .records
                 .iter()
@@ -380,6 +386,7 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
             reason: Some(reason),
             started_unix_ms: 0,
             held_frames: None,
+            released_ms: None,
             vms,
         };
         self.abort(&journal, &mut manifest);
@@ -667,8 +674,17 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
             reason: None,
             started_unix_ms: started.as_millis() as u64,
             held_frames: None,
+            released_ms: None,
             vms,
         };
+        if !failed.load(Ordering::SeqCst) {
+            // REINJECT: every member advanced; the buffer delivers what it held for them. The
+            // images are consistent either way, so a slow release is recorded, not aborted.
+            match self.epochs.wait_released(&group, self.timeouts.complete) {
+                Ok(()) => manifest.released_ms = Some(t0.elapsed().as_secs_f64() * 1000.0),
+                Err(err) => warn!(id, %err, "held frames not all re-injected yet"),
+            }
+        }
         if failed.load(Ordering::SeqCst) {
             let reasons: Vec<String> = manifest
                 .vms
@@ -875,7 +891,7 @@ pub fn render_manifest(m: &Manifest) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "snapshot {}: {:?}, group {} (id {}) at epoch {}{}",
+        "snapshot {}: {:?}, group {} (id {}) at epoch {}{}{}",
         m.id,
         m.outcome,
         m.group.name,
@@ -883,6 +899,9 @@ pub fn render_manifest(m: &Manifest) -> String {
         m.epoch,
         m.held_frames
             .map(|h| format!(", {h} frames held"))
+            .unwrap_or_default(),
+        m.released_ms
+            .map(|r| format!(", all re-injected at {r:.1} ms"))
             .unwrap_or_default()
     );
     if let Some(reason) = &m.reason {
@@ -1263,6 +1282,15 @@ pub mod fake {
             None
         }
 
+        fn wait_released(&self, _group: &GroupSpec, _timeout: Duration) -> Result<(), String> {
+            self.world
+                .lock()
+                .expect("world")
+                .log
+                .push(("released".into(), String::new()));
+            Ok(())
+        }
+
         fn advance(&self, vm: &VmSpec) -> Result<u32, String> {
             let mut w = self.world.lock().expect("world");
             w.log.push(("advance".into(), vm.name.clone()));
@@ -1387,6 +1415,15 @@ mod tests {
             assert_eq!(w.states[&vm.name], VmState::Running);
             assert_eq!(w.epochs[&vm.mac], 1);
         }
+        let released = w.log.iter().position(|(s, _)| s == "released").unwrap();
+        assert!(
+            g.vms
+                .iter()
+                .all(|vm| at(&w.log, "resume", &vm.name).unwrap() < released),
+            "REINJECT after every VM_UNPAUSE: {:?}",
+            w.log
+        );
+        assert!(m.released_ms.is_some());
         for r in &m.vms {
             let t = &r.timeline;
             assert!(t.downtime_ms().unwrap() >= t.pause_to_advance_ms().unwrap());

@@ -13,7 +13,7 @@ use tokio::runtime::Handle;
 
 use crate::{
     api::{self, AppState},
-    coordinator::{Coordinator, CoordinatorError, EpochControl, Timeouts, VmSpec},
+    coordinator::{Coordinator, CoordinatorError, EpochControl, GroupSpec, Timeouts, VmSpec},
     datapath::{DatapathError, ifindex_of},
     epochs::{self, EpochError, EpochStore as _},
     hold::Command,
@@ -111,6 +111,36 @@ impl EpochControl for DatapathEpochs {
     fn held_total(&self) -> Option<u64> {
         let s = self.state.upgrade()?;
         s.hold_report().map(|r| r.total("received"))
+    }
+
+    fn wait_released(&self, group: &GroupSpec, timeout: Duration) -> Result<(), String> {
+        let s = self.state()?;
+        if !s.buffer_running() {
+            return Ok(());
+        }
+        let mine: Vec<String> = group
+            .vms
+            .iter()
+            .map(|v| format!("vm {}", v.mac))
+            .chain([format!("group {}", group.id)])
+            .collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let report = s.hold_report().ok_or("the buffer does not answer")?;
+            let pending: Vec<&str> = report
+                .queues
+                .iter()
+                .filter(|q| mine.contains(&q.queue) && (q.frames > 0 || q.draining))
+                .map(|q| q.queue.as_str())
+                .collect();
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("still held or draining: {}", pending.join(", ")));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     fn roll_back(&self, group: u32, epoch: u32) -> Result<(), String> {
