@@ -67,7 +67,8 @@ pub trait Hypervisor: Send + Sync {
     fn complete(&self, vm: &VmSpec, timeout: Duration) -> Result<Vec<PathBuf>, HvError>;
     /// Runs the VM again.
     fn resume(&self, vm: &VmSpec) -> Result<(), HvError>;
-    /// Abandons an unfinished snapshot of the VM and leaves the VM running.
+    /// Abandons an unfinished snapshot of the VM and leaves the VM as it was before: running
+    /// again if the snapshot stopped it (a VM paused by someone else stays paused).
     fn cancel(&self, vm: &VmSpec) -> Result<(), HvError>;
     /// A running VM's MAC and host-side port.
     fn nic(&self, vm: &str) -> Result<(MacAddr, String), HvError>;
@@ -713,10 +714,11 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
     /// Leaves every VM running, the group at its epoch before, and no images.
     fn abort(&self, journal: &Journal, manifest: &mut Manifest) {
         for vm in &journal.group.vms {
-            // Cancel whatever is unfinished, then make sure the VM runs (either may say there
-            // is nothing to do).
-            let _ = self.hypervisor.cancel(vm);
-            let _ = self.hypervisor.resume(vm);
+            // Cancels whatever is unfinished and runs again every VM the snapshot stopped; a VM
+            // that was paused before the snapshot stays paused.
+            if let Err(err) = self.hypervisor.cancel(vm) {
+                warn!(vm = vm.name, %err, "cancelling the snapshot");
+            }
         }
         if let Err(err) = self
             .epochs
@@ -1214,11 +1216,13 @@ pub mod fake {
             let mut w = self.step(vm, "cancel");
             match w.states.get(&vm.name).copied() {
                 None => Err(hv_err(vm, "no such domain")),
-                Some(VmState::Snapshotting) | Some(VmState::HeldAtSnapshot) => {
+                Some(VmState::Snapshotting)
+                | Some(VmState::HeldAtSnapshot)
+                | Some(VmState::Paused) => {
                     w.states.insert(vm.name.clone(), VmState::Running);
                     Ok(())
                 }
-                Some(_) => Ok(()),
+                Some(VmState::Running) => Ok(()),
             }
         }
 

@@ -761,7 +761,14 @@ impl Hypervisor for Libvirt {
         if let Some(job) = job {
             let _ = std::fs::remove_file(job.image);
         }
-        Ok(())
+        // Stopped by our migration (cancelled after completing, or completed but not resumed):
+        // run it again. A cancelled migration restarts the vCPUs by itself; a VM paused by
+        // someone else is `paused` and is left so.
+        let run_state = self.qmp(name, json!({"execute": "query-status"}), None)?;
+        match run_state.get("status").and_then(Value::as_str) {
+            Some("postmigrate") | Some("finish-migrate") => self.resume(vm),
+            _ => Ok(()),
+        }
     }
 }
 

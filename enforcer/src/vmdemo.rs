@@ -318,6 +318,49 @@ async fn enforced(
         unknown.as_ref().err().and_then(|e| e.status()) == Some(reqwest::StatusCode::NOT_FOUND),
         "defining a group of an unknown domain should be a 404, got {unknown:?}"
     );
+    // The abort path on real VMs: with one member paused (it cannot be snapshotted live), the
+    // whole group aborts, and every other VM is left running at its old epoch.
+    let last = lab.vms.last().expect("a lab has VMs").clone();
+    let l = lab.clone();
+    let paused = last.clone();
+    blocking(move || Ok(l.set_paused(&paused, true)?)).await?;
+    let attempt = client.create_snapshot("demo").await?;
+    let aborted = client.wait_snapshot(&attempt.id, |_| {}).await?;
+    let l = lab.clone();
+    let paused = last.clone();
+    let left_paused = blocking(move || {
+        let left_paused = !l.running(&paused);
+        l.set_paused(&paused, false)?;
+        Ok(left_paused)
+    })
+    .await?;
+    anyhow::ensure!(
+        left_paused,
+        "the abort must leave the VM someone else paused as it was"
+    );
+    anyhow::ensure!(
+        aborted.outcome == Outcome::Aborted
+            && aborted
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("not running")),
+        "a snapshot with {} paused should abort: {aborted:?}",
+        last.name
+    );
+    let epochs: Vec<u32> = client.vms().await?.iter().map(|v| v.epoch).collect();
+    let l = lab.clone();
+    let all_running = blocking(move || Ok(l.vms.iter().all(|vm| l.running(vm)))).await?;
+    anyhow::ensure!(
+        all_running
+            && epochs.iter().all(|e| *e == 0)
+            && aborted.vms.iter().all(|v| v.images.is_empty()),
+        "after the abort every VM runs at epoch 0 with no images (running: {all_running}, epochs: {epochs:?})"
+    );
+    log(format!(
+        "abort path: a snapshot with {} paused aborted ({}); every VM running, epochs back at 0, no images",
+        last.name,
+        aborted.reason.clone().unwrap_or_default()
+    ));
     tokio::time::sleep(opts.before).await;
     let started = client.create_snapshot("demo").await?;
     log(format!("snapshot {} under traffic:", started.id));

@@ -250,6 +250,29 @@ impl VmLab {
         }
     }
 
+    /// Pauses (`true`) or resumes a guest through libvirt.
+    pub fn set_paused(&self, vm: &GuestVm, paused: bool) -> Result<(), VmLabError> {
+        let dom = self
+            .conn
+            .lookup_domain_by_name(&vm.name)
+            .map_err(|e| VmLabError::Libvirt(format!("{}: {e}", vm.name)))?;
+        if paused { dom.suspend() } else { dom.resume() }
+            .map_err(|e| VmLabError::Libvirt(format!("{}: {e}", vm.name)))
+    }
+
+    /// Whether a guest is running (not paused, not gone).
+    pub fn running(&self, vm: &GuestVm) -> bool {
+        self.conn
+            .lookup_domain_by_name(&vm.name)
+            .and_then(|d| d.state())
+            .is_ok_and(|(state, _)| {
+                matches!(
+                    Result::<_, _>::from(state),
+                    Ok(virt::domain::DomainState::Running)
+                )
+            })
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.vms.iter().map(|v| v.name.clone()).collect()
     }
