@@ -7,6 +7,7 @@
 //! [`coordinator`] (the transaction, restore, store), [`libvirt`] (the hypervisor backend),
 //! [`snapshots`] (the coordinator inside the daemon), [`vmlab`] (guests for the demo and tier
 //! 3) and [`vmdemo`] (the main job and its consistency check).
+pub mod agent_epochs;
 pub mod api;
 pub mod bench;
 pub mod checksum;

@@ -28,8 +28,12 @@ use enforcer_guest::GuestStats;
 use serde::Serialize;
 
 use crate::{
+    agent_epochs::AgentEpochs,
     client::Client,
-    coordinator::{Hypervisor as _, Manifest, Outcome, RestoreReport, VmSpec, render_manifest},
+    coordinator::{
+        Coordinator, EpochControl as _, GroupSpec, Hypervisor as _, Manifest, Outcome,
+        RestoreReport, Timeouts, VmSpec, render_manifest,
+    },
     daemon::{self, DaemonConfig, Running},
     datapath::{self, AttachMode},
     hold::HoldOptions,
@@ -407,6 +411,85 @@ async fn enforced(
     })
 }
 
+/// A coordinator that dies mid-snapshot, on real VMs: every VM held by QEMU at its snapshot
+/// point, one already advanced, the journal on disk. A new coordinator on the same store must
+/// abort it: every VM running, the group back at its epoch, no images. This coordinator runs
+/// outside the daemon and drives it over HTTP (as a coordinator of remote agents does).
+fn coordinator_crash(
+    lab: &VmLab,
+    api: &str,
+    store: &std::path::Path,
+    group: GroupSpec,
+    rt: tokio::runtime::Handle,
+) -> anyhow::Result<String> {
+    let open = || -> anyhow::Result<Coordinator<Libvirt, AgentEpochs>> {
+        Ok(Coordinator::open(
+            Libvirt::open(crate::libvirt::DEFAULT_URI)?,
+            AgentEpochs {
+                client: Client::new(api, None),
+                rt: rt.clone(),
+            },
+            store,
+            Timeouts::default(),
+        )?)
+    };
+    let _ = std::fs::remove_dir_all(store);
+    let c1 = open()?;
+    let before = c1.epochs.epoch(&group.vms[0]).map_err(anyhow::Error::msg)?;
+    let prepared = c1.prepare(&group)?;
+    let dir = store.join(&prepared.id);
+    for vm in &group.vms {
+        c1.hypervisor.begin(vm, &dir)?;
+    }
+    for vm in &group.vms {
+        c1.hypervisor.wait_paused(vm, Duration::from_secs(60))?;
+    }
+    c1.epochs
+        .advance(&group.vms[0])
+        .map_err(anyhow::Error::msg)?;
+    let held = lab.vms.iter().filter(|vm| !lab.running(vm)).count();
+    anyhow::ensure!(
+        held == lab.vms.len(),
+        "every VM should be held at its snapshot point, {held} are"
+    );
+    // The coordinator is gone (its threads, its libvirt connection, its memory).
+    drop(prepared);
+    drop(c1);
+    let c2 = open()?;
+    let manifests = c2.list()?;
+    let aborted = manifests
+        .iter()
+        .find(|m| m.group.name == group.name)
+        .context("the new coordinator recorded the unfinished snapshot")?;
+    let epochs: Vec<u32> = group
+        .vms
+        .iter()
+        .map(|vm| c2.epochs.epoch(vm))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let running = lab.vms.iter().filter(|vm| lab.running(vm)).count();
+    let leftovers: Vec<String> = std::fs::read_dir(store.join(&aborted.id))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "manifest.json")
+        .collect();
+    anyhow::ensure!(
+        aborted.outcome == Outcome::Aborted
+            && running == lab.vms.len()
+            && epochs.iter().all(|e| *e == before)
+            && leftovers.is_empty()
+            && !store.join("journal.json").exists(),
+        "recovery after a coordinator crash: outcome {:?}, {running} running, epochs {epochs:?} \
+         (before: {before}), leftovers {leftovers:?}",
+        aborted.outcome
+    );
+    let _ = std::fs::remove_dir_all(store);
+    Ok(format!(
+        "coordinator crash mid-snapshot ({held} VMs held at their snapshot point, one advanced): \
+         the next coordinator aborted it; every VM running, epochs back at {before}, no images"
+    ))
+}
+
 /// The same group snapshotted one VM after another with no enforcement (no epochs advanced)
 /// and each disk captured after its memory, killed and restored: violations are expected, and
 /// counted.
@@ -520,8 +603,35 @@ pub async fn demo(opts: VmDemoOptions) -> anyhow::Result<String> {
 /// Tier 3: the enforced run, then the unenforced one on the same guests.
 pub async fn e2e(opts: VmDemoOptions) -> anyhow::Result<String> {
     let o = opts.clone();
-    let (run, without) = with_lab(&opts, async move |lab, client| {
+    let (run, crash, without) = with_lab(&opts, async move |lab, client| {
         let run = enforced(lab, client, &o).await?;
+        let group = GroupSpec {
+            name: "demo".into(),
+            id: client
+                .groups()
+                .await?
+                .iter()
+                .find(|g| g.name.as_deref() == Some("demo"))
+                .map(|g| g.record.group)
+                .context("group demo")?,
+            vms: lab
+                .vms
+                .iter()
+                .map(|v| VmSpec {
+                    name: v.name.clone(),
+                    mac: v.mac,
+                })
+                .collect(),
+        };
+        let (l, api, store, rt) = (
+            lab.clone(),
+            client.base().to_owned(),
+            o.store.join("crash"),
+            tokio::runtime::Handle::current(),
+        );
+        log("a coordinator dying mid-snapshot, and the next one recovering");
+        let crash = blocking(move || coordinator_crash(&l, &api, &store, group, rt)).await?;
+        log(&crash);
         // Enforcement off: the VMs leave the datapath (their frames pass unclassified).
         client.remove_group("demo").await?;
         let l = lab.clone();
@@ -533,11 +643,12 @@ pub async fn e2e(opts: VmDemoOptions) -> anyhow::Result<String> {
             unenforced(&l, &dir, Duration::from_millis(400))
         })
         .await?;
-        Ok((run, without))
+        Ok((run, crash, without))
     })
     .await?;
     let _ = std::fs::remove_dir_all(&opts.store);
     let mut out = run.render();
+    let _ = writeln!(out, "{crash}");
     out.push_str("without enforcement, restored state:\n");
     out.push_str(&without.render());
     let (v, n) = (run.consistency.violations(), without.violations());

@@ -1,0 +1,122 @@
+//! [`EpochControl`] over a daemon's HTTP API: a coordinator that runs outside the daemon that
+//! owns the datapath (another process, or another host) drives that daemon — the agent — with
+//! the same calls the daemon makes on itself. Blocks on a tokio runtime handle, so it must be
+//! called from a plain thread (as the coordinator does), not from async code.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use tokio::runtime::Handle;
+
+use crate::{
+    client::{Client, ClientError},
+    coordinator::{EpochControl, GroupSpec, VmSpec},
+};
+
+pub struct AgentEpochs {
+    pub client: Client,
+    pub rt: Handle,
+}
+
+fn text(e: ClientError) -> String {
+    e.to_string()
+}
+
+impl EpochControl for AgentEpochs {
+    fn epoch(&self, vm: &VmSpec) -> Result<u32, String> {
+        self.rt
+            .block_on(self.client.vm(vm.mac))
+            .map(|r| r.epoch)
+            .map_err(text)
+    }
+
+    fn advance(&self, vm: &VmSpec) -> Result<u32, String> {
+        self.rt
+            .block_on(self.client.advance(vm.mac))
+            .map(|r| r.epoch)
+            .map_err(text)
+    }
+
+    fn held_total(&self) -> Option<u64> {
+        self.rt
+            .block_on(self.client.holds())
+            .ok()
+            .map(|r| r.total("received"))
+    }
+
+    fn wait_released(&self, group: &GroupSpec, timeout: Duration) -> Result<(), String> {
+        let mine: Vec<String> = group
+            .vms
+            .iter()
+            .map(|v| format!("vm {}", v.mac))
+            .chain([format!("group {}", group.id)])
+            .collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let report = match self.rt.block_on(self.client.holds()) {
+                Ok(r) => r,
+                // No buffer on that agent: nothing is ever held.
+                Err(e) if e.status() == Some(StatusCode::CONFLICT) => return Ok(()),
+                Err(e) => return Err(text(e)),
+            };
+            let pending = report
+                .queues
+                .iter()
+                .any(|q| mine.contains(&q.queue) && (q.frames > 0 || q.draining));
+            if !pending {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err("frames still held or draining".into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn roll_back(&self, group: u32, epoch: u32) -> Result<(), String> {
+        self.rt
+            .block_on(self.client.abort(group, epoch))
+            .map(|_| ())
+            .map_err(text)
+    }
+
+    fn register(
+        &self,
+        vm: &VmSpec,
+        group: u32,
+        port: &str,
+        epoch: Option<u32>,
+    ) -> Result<u32, String> {
+        self.rt.block_on(async {
+            match self.client.unregister_vm(vm.mac).await {
+                Ok(_) => {}
+                Err(e) if e.status() == Some(StatusCode::NOT_FOUND) => {}
+                Err(e) => return Err(text(e)),
+            }
+            // A new tap is attached by the agent's port watcher a moment after it appears.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match self.client.register_vm(vm.mac, group, port, epoch).await {
+                    Ok(r) => return Ok(r.epoch),
+                    Err(e)
+                        if Instant::now() < deadline
+                            && matches!(
+                                e.status(),
+                                Some(StatusCode::CONFLICT) | Some(StatusCode::BAD_REQUEST)
+                            ) =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => return Err(text(e)),
+                }
+            }
+        })
+    }
+
+    fn unregister(&self, vm: &VmSpec) -> Result<(), String> {
+        self.rt
+            .block_on(self.client.unregister_vm(vm.mac))
+            .map(|_| ())
+            .map_err(text)
+    }
+}
