@@ -52,12 +52,16 @@ impl AppState {
         self.buffer.lock().expect("buffer lock").is_some()
     }
 
+    /// What the buffer holds. The buffer lock is only held to reach the buffer, not while it
+    /// answers (that can take a while when its thread is busy; advances must not wait on it).
     pub fn hold_report(&self) -> Option<HoldReport> {
-        self.buffer
+        let reporter = self
+            .buffer
             .lock()
             .expect("buffer lock")
             .as_ref()
-            .and_then(Buffer::report)
+            .map(Buffer::reporter)?;
+        reporter.report()
     }
 }
 
@@ -452,8 +456,17 @@ pub async fn roll_back_group(
         .collect())
 }
 
+/// The buffer's report, waited for off the async workers.
+async fn hold_report_async(s: &Shared) -> Option<HoldReport> {
+    let s = s.clone();
+    tokio::task::spawn_blocking(move || s.hold_report())
+        .await
+        .ok()
+        .flatten()
+}
+
 async fn holds(State(s): State<Shared>) -> ApiResult<HoldReport> {
-    s.hold_report().map(Json).ok_or_else(|| {
+    hold_report_async(&s).await.map(Json).ok_or_else(|| {
         ApiError::new(
             StatusCode::CONFLICT,
             "no buffer daemon runs (started with --no-buffer)",
@@ -569,25 +582,31 @@ async fn remove_group(State(s): State<Shared>, Path(name): Path<String>) -> ApiR
 }
 
 /// Starts a snapshot and answers at once (202) with its live view; the work goes on in the
-/// background (follow it with `GET /v1/snapshots/{id}`).
+/// background (follow it with `GET /v1/snapshots/{id}`). Preparing and running happen in one
+/// task, so a client that goes away cannot leave a prepared snapshot (and a busy group) behind.
 async fn create_snapshot(
     State(s): State<Shared>,
     Path(name): Path<String>,
 ) -> Result<(StatusCode, Json<Manifest>), ApiError> {
     let c = snapshots(&s)?;
-    let (c2, name2) = (c.clone(), name.clone());
-    let prepared = blocking(move || {
-        let group = c2.group(&name2)?;
-        c2.prepare(&group)
-    })
-    .await?;
-    let id = prepared.id.clone();
-    let view = c.get(&id)?;
+    let (started, view) = tokio::sync::oneshot::channel();
     tokio::task::spawn_blocking(move || {
-        if let Err(err) = c.run(prepared) {
-            tracing::error!(%err, "group snapshot");
+        let prepared = c.group(&name).and_then(|group| c.prepare(&group));
+        match prepared {
+            Ok(prepared) => {
+                let _ = started.send(c.get(&prepared.id));
+                if let Err(err) = c.run(prepared) {
+                    tracing::error!(%err, "group snapshot");
+                }
+            }
+            Err(err) => {
+                let _ = started.send(Err(err));
+            }
         }
     });
+    let view = view
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "snapshot task ended"))??;
     Ok((StatusCode::ACCEPTED, Json(view)))
 }
 
@@ -624,6 +643,19 @@ async fn restore_snapshot(
     body: Option<Json<Restore>>,
 ) -> ApiResult<RestoreReport> {
     let req = body.map(|Json(r)| r).unwrap_or_default();
+    if let Some(bridge) = &req.bridge {
+        let valid = !bridge.is_empty()
+            && bridge.len() <= 15
+            && bridge
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !valid {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("bridge {bridge:?}: an interface name (1-15 of [A-Za-z0-9_.-])"),
+            ));
+        }
+    }
     let c = snapshots(&s)?;
     Ok(Json(
         blocking(move || c.restore(&id, req.bridge.as_deref())).await?,
@@ -694,7 +726,7 @@ async fn prometheus(State(s): State<Shared>) -> Result<impl IntoResponse, ApiErr
     let ports = collect_stats(&mut dp)?;
     let vms = epochs::list_vms(&mut *dp)?;
     drop(dp);
-    let holds = s.hold_report();
+    let holds = hold_report_async(&s).await;
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,

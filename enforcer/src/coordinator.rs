@@ -216,7 +216,7 @@ pub struct Manifest {
     pub vms: Vec<VmRecord>,
 }
 
-/// The journal of a transaction in progress (`<store>/journal.json`).
+/// The journal of a transaction in progress (`<store>/journals/<id>.json`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 struct Journal {
     id: String,
@@ -355,44 +355,55 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
         Ok(c)
     }
 
-    fn journal_path(&self) -> PathBuf {
-        self.store.join("journal.json")
+    /// One journal per snapshot in progress: groups snapshot independently.
+    fn journal_path(&self, id: &str) -> PathBuf {
+        self.store.join("journals").join(format!("{id}.json"))
     }
 
+    /// Aborts every snapshot a previous coordinator left unfinished. A journal stays until its
+    /// abort went through, so a failed clean-up is tried again at the next start.
     fn recover(&self) -> Result<(), CoordinatorError> {
-        let path = self.journal_path();
-        let Ok(text) = fs::read_to_string(&path) else {
-            return Ok(());
-        };
-        let journal: Journal = match serde_json::from_str(&text) {
-            Ok(j) => j,
-            Err(err) => {
-                warn!(%err, "unreadable snapshot journal; removing it");
+        let mut paths: Vec<PathBuf> = fs::read_dir(self.store.join("journals"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        // The single journal of earlier versions.
+        paths.push(self.store.join("journal.json"));
+        for path in paths {
+            let Ok(text) = fs::read_to_string(&path) else {
+                continue;
+            };
+            let journal: Journal = match serde_json::from_str(&text) {
+                Ok(j) => j,
+                Err(err) => {
+                    warn!(%err, path = %path.display(), "unreadable snapshot journal; removing it");
+                    let _ = fs::remove_file(&path);
+                    continue;
+                }
+            };
+            warn!(
+                id = journal.id,
+                group = journal.group.name,
+                "aborting a snapshot left unfinished by a previous coordinator"
+            );
+            let reason = "the coordinator stopped during the snapshot".to_owned();
+            let vms = journal.group.vms.iter().map(VmRecord::pending).collect();
+            let mut manifest = Manifest {
+                id: journal.id.clone(),
+                group: journal.group.clone(),
+                epoch: journal.epoch_before + 1,
+                outcome: Outcome::Aborted,
+                reason: Some(reason),
+                started_unix_ms: 0,
+                held_frames: None,
+                released_ms: None,
+                vms,
+            };
+            let clean = self.abort(&journal, &mut manifest);
+            self.write_manifest(&manifest)?;
+            if clean {
                 let _ = fs::remove_file(&path);
-                return Ok(());
             }
-        };
-        warn!(
-            id = journal.id,
-            group = journal.group.name,
-            "aborting a snapshot left unfinished by a previous coordinator"
-        );
-        let reason = "the coordinator stopped during the snapshot".to_owned();
-        let vms = journal.group.vms.iter().map(VmRecord::pending).collect();
-        let mut manifest = Manifest {
-            id: journal.id.clone(),
-            group: journal.group.clone(),
-            epoch: journal.epoch_before + 1,
-            outcome: Outcome::Aborted,
-            reason: Some(reason),
-            started_unix_ms: 0,
-            held_frames: None,
-            released_ms: None,
-            vms,
-        };
-        self.abort(&journal, &mut manifest);
-        self.write_manifest(&manifest)?;
-        let _ = fs::remove_file(&path);
+        }
         Ok(())
     }
 
@@ -443,29 +454,33 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
                 "a domain is listed twice".into(),
             ));
         }
-        let mut groups = self.groups.lock().expect("groups lock");
-        if groups.iter().any(|g| g.name == name) {
-            return Err(CoordinatorError::GroupExists(name.into()));
-        }
-        for g in groups.iter() {
-            if let Some(d) = g.vms.iter().find(|v| domains.contains(&v.name)) {
-                return Err(CoordinatorError::BadGroup(format!(
-                    "domain {} already belongs to group {}",
-                    d.name, g.name
-                )));
+        // The name is claimed while the slow part (libvirt, waiting for ports) runs without
+        // the groups lock; the checks are made again before the group is added.
+        self.hold(name, "its definition")?;
+        let _release = Release(self, name.to_owned());
+        let check = |groups: &[GroupSpec], id: Option<u32>| -> Result<u32, CoordinatorError> {
+            if groups.iter().any(|g| g.name == name) {
+                return Err(CoordinatorError::GroupExists(name.into()));
             }
-        }
-        let id = match id {
-            Some(id) if groups.iter().any(|g| g.id == id) => {
-                return Err(CoordinatorError::BadGroup(format!(
-                    "group id {id} is taken"
-                )));
+            for g in groups {
+                if let Some(d) = g.vms.iter().find(|v| domains.contains(&v.name)) {
+                    return Err(CoordinatorError::BadGroup(format!(
+                        "domain {} already belongs to group {}",
+                        d.name, g.name
+                    )));
+                }
             }
-            Some(id) => id,
-            None => (1..)
-                .find(|i| !groups.iter().any(|g| g.id == *i))
-                .expect("a free id"),
+            match id {
+                Some(id) if groups.iter().any(|g| g.id == id) => Err(CoordinatorError::BadGroup(
+                    format!("group id {id} is taken"),
+                )),
+                Some(id) => Ok(id),
+                None => Ok((1..)
+                    .find(|i| !groups.iter().any(|g| g.id == *i))
+                    .expect("a free id")),
+            }
         };
+        let id = check(&self.groups(), id)?;
         let mut vms = Vec::new();
         let mut ports = Vec::new();
         for d in domains {
@@ -480,14 +495,22 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
             ports.push(port);
         }
         let mut registered: Vec<&VmSpec> = Vec::new();
+        let undo = |registered: &[&VmSpec]| {
+            for done in registered {
+                let _ = self.epochs.unregister(done);
+            }
+        };
         for (vm, port) in vms.iter().zip(&ports) {
             if let Err(e) = self.epochs.register(vm, id, port, None) {
-                for done in registered {
-                    let _ = self.epochs.unregister(done);
-                }
+                undo(&registered);
                 return Err(CoordinatorError::Epochs(format!("{}: {e}", vm.name)));
             }
             registered.push(vm);
+        }
+        let mut groups = self.groups.lock().expect("groups lock");
+        if let Err(e) = check(&groups, Some(id)) {
+            undo(&registered);
+            return Err(e);
         }
         let group = GroupSpec {
             name: name.into(),
@@ -594,7 +617,12 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
             path: dir.clone(),
             source,
         })?;
-        write_atomically(&self.journal_path(), &journal)?;
+        let journals = self.store.join("journals");
+        fs::create_dir_all(&journals).map_err(|source| CoordinatorError::Store {
+            path: journals,
+            source,
+        })?;
+        write_atomically(&self.journal_path(&id), &journal)?;
         let records = group
             .vms
             .iter()
@@ -686,6 +714,7 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
                 Err(err) => warn!(id, %err, "held frames not all re-injected yet"),
             }
         }
+        let mut clean = true;
         if failed.load(Ordering::SeqCst) {
             let reasons: Vec<String> = manifest
                 .vms
@@ -698,32 +727,44 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
             } else {
                 reasons.join("; ")
             });
-            self.abort(&journal, &mut manifest);
+            clean = self.abort(&journal, &mut manifest);
         }
         if let (Some(before), Some(after)) = (held_before, self.epochs.held_total()) {
             manifest.held_frames = Some(after.saturating_sub(before));
         }
         let written = self.write_manifest(&manifest);
-        let _ = fs::remove_file(self.journal_path());
+        if clean {
+            let _ = fs::remove_file(self.journal_path(&id));
+        } else {
+            warn!(
+                id,
+                "the abort did not fully go through; its journal stays for the next start"
+            );
+        }
         self.live.lock().expect("live lock").remove(&id);
         written?;
         info!(id, outcome = ?manifest.outcome, "group snapshot finished");
         Ok(manifest)
     }
 
-    /// Leaves every VM running, the group at its epoch before, and no images.
-    fn abort(&self, journal: &Journal, manifest: &mut Manifest) {
+    /// Leaves every VM as it was before (running, unless someone else had paused it), the
+    /// group at its epoch before, and no images. False when a step failed.
+    fn abort(&self, journal: &Journal, manifest: &mut Manifest) -> bool {
+        let mut clean = true;
         for vm in &journal.group.vms {
             // Cancels whatever is unfinished and runs again every VM the snapshot stopped; a VM
             // that was paused before the snapshot stays paused.
             if let Err(err) = self.hypervisor.cancel(vm) {
                 warn!(vm = vm.name, %err, "cancelling the snapshot");
+                // A VM that is gone has nothing left to clean up.
+                clean &= err.detail.starts_with("no such domain");
             }
         }
         if let Err(err) = self
             .epochs
             .roll_back(journal.group.id, journal.epoch_before)
         {
+            clean = false;
             warn!(%err, "rolling back the group's epochs");
             manifest.reason = Some(format!(
                 "{}; rolling back epochs failed: {err}",
@@ -734,6 +775,7 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
         for vm in &mut manifest.vms {
             vm.images.clear();
         }
+        clean
     }
 
     fn write_manifest(&self, manifest: &Manifest) -> Result<(), CoordinatorError> {
@@ -814,9 +856,20 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
         }
         self.hold(&m.group.name, &format!("restoring {id}"))?;
         let _release = Release(self, m.group.name.clone());
+        if let Some(other) = self
+            .groups()
+            .into_iter()
+            .find(|g| g.id == m.group.id && g.name != m.group.name)
+        {
+            return Err(CoordinatorError::BadGroup(format!(
+                "datapath group id {} now belongs to group {}",
+                m.group.id, other.name
+            )));
+        }
         let t0 = Instant::now();
         let ms = || t0.elapsed().as_secs_f64() * 1000.0;
         let mut restored: Vec<RestoredVm> = Vec::new();
+        // Nothing restored stays: no domain, and no registration pointing at its dead port.
         let undo = |restored: &[RestoredVm]| {
             for r in restored {
                 let vm = VmSpec {
@@ -824,6 +877,7 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
                     mac: r.mac,
                 };
                 let _ = self.hypervisor.destroy(&vm);
+                let _ = self.epochs.unregister(&vm);
             }
         };
         for rec in &m.vms {
@@ -1014,7 +1068,9 @@ fn snapshot_vm<H: Hypervisor + ?Sized, E: EpochControl + ?Sized>(
         Err(e) => return fail(format!("waiting for the snapshot point: {e}")),
     };
     if failed.load(Ordering::SeqCst) {
-        // Another VM failed: this one must not move to the new epoch.
+        // Another VM failed: this one must not move to the new epoch, and need not wait for
+        // the others to run again.
+        let _ = hv.cancel(vm);
         return;
     }
     // The VM is held at its snapshot point: advance it before it can run again (invariant 3).
@@ -1034,7 +1090,10 @@ fn snapshot_vm<H: Hypervisor + ?Sized, E: EpochControl + ?Sized>(
             r.timeline.advanced_ms = Some(advanced_ms);
             r.step = "advanced".into();
         }),
-        Err(e) => return fail(format!("advancing the epoch: {e}")),
+        Err(e) => {
+            let _ = hv.cancel(vm);
+            return fail(format!("advancing the epoch: {e}"));
+        }
     }
     match hv.complete(vm, timeouts.complete) {
         Ok(images) => {
@@ -1067,7 +1126,14 @@ fn write_atomically<T: Serialize>(path: &Path, value: &T) -> Result<(), Coordina
     fs::write(&tmp, text).map_err(err)?;
     let file = fs::File::open(&tmp).map_err(err)?;
     file.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)
+    fs::rename(&tmp, path).map_err(err)?;
+    // The rename itself is durable once the directory is synced.
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
+    }
+    Ok(())
 }
 
 /// A hypervisor and a datapath in memory, with failures on demand, recording every step in one
@@ -1441,6 +1507,7 @@ mod tests {
             (&m.id, Outcome::Committed, 4)
         );
         assert!(!dir.join("journal.json").exists());
+        assert_eq!(fs::read_dir(dir.join("journals")).unwrap().count(), 0);
         let _ = fs::remove_dir_all(dir);
     }
 
@@ -1478,6 +1545,11 @@ mod tests {
             "only the manifest of the aborted snapshot remains"
         );
         assert!(!c.store.join("journal.json").exists());
+        assert_eq!(
+            fs::read_dir(c.store.join("journals")).map_or(0, |d| d.count()),
+            0,
+            "no journal left"
+        );
     }
 
     /// Runs a snapshot of `n` VMs where `vm` fails with `failure`; checks the abort was clean.
@@ -1699,6 +1771,47 @@ mod tests {
             c.group("web"),
             Err(CoordinatorError::UnknownGroup(_))
         ));
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn every_groups_unfinished_snapshot_is_recovered() {
+        let (a, mut b) = (group(2), group(2));
+        b.name = "h".into();
+        b.id = 2;
+        for (i, vm) in b.vms.iter_mut().enumerate() {
+            vm.name = format!("other{i}");
+            vm.mac = MacAddr([2, 0, 0, 0, 1, i as u8]);
+        }
+        let dir = store();
+        fs::create_dir_all(dir.join("journals")).unwrap();
+        for g in [&a, &b] {
+            let id = format!("{}-1-e1", g.name);
+            let journal = Journal {
+                id: id.clone(),
+                group: g.clone(),
+                epoch_before: 0,
+            };
+            write_atomically(&dir.join("journals").join(format!("{id}.json")), &journal).unwrap();
+        }
+        let hv = FakeHypervisor::new(&[a.vms.clone(), b.vms.clone()].concat());
+        {
+            let mut w = hv.world.lock().unwrap();
+            w.states.insert("vm1".into(), VmState::HeldAtSnapshot);
+            w.states.insert("other1".into(), VmState::HeldAtSnapshot);
+        }
+        let c = Coordinator::open(hv.clone(), hv.epochs(), &dir, Timeouts::default()).unwrap();
+        let list = c.list().unwrap();
+        assert_eq!(list.len(), 2);
+        assert!(list.iter().all(|m| m.outcome == Outcome::Aborted));
+        let w = hv.world.lock().unwrap();
+        assert!(
+            w.states.values().all(|s| *s == VmState::Running),
+            "{:?}",
+            w.states
+        );
+        drop(w);
+        assert_eq!(fs::read_dir(dir.join("journals")).unwrap().count(), 0);
         let _ = fs::remove_dir_all(dir);
     }
 }

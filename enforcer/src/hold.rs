@@ -176,6 +176,18 @@ pub fn raise_this_thread(what: &str) {
     }
 }
 
+/// Asks the buffer thread for a [`HoldReport`].
+#[derive(Clone)]
+pub struct Reporter(mpsc::Sender<Command>);
+
+impl Reporter {
+    pub fn report(&self) -> Option<HoldReport> {
+        let (tx, rx) = mpsc::channel();
+        self.0.send(Command::Report(tx)).ok()?;
+        rx.recv_timeout(Duration::from_secs(5)).ok()
+    }
+}
+
 /// Handle to the running buffer.
 pub struct Buffer {
     commands: mpsc::Sender<Command>,
@@ -225,9 +237,13 @@ impl Buffer {
     }
 
     pub fn report(&self) -> Option<HoldReport> {
-        let (tx, rx) = mpsc::channel();
-        self.send(Command::Report(tx));
-        rx.recv_timeout(Duration::from_secs(5)).ok()
+        self.reporter().report()
+    }
+
+    /// A way to ask for reports without holding on to the buffer (or a lock around it) while
+    /// waiting for the answer.
+    pub fn reporter(&self) -> Reporter {
+        Reporter(self.commands.clone())
     }
 
     /// Stops the thread (see [`Command::Stop`]). Graceful: removes the hold device and its

@@ -172,6 +172,8 @@ pub struct Libvirt {
     conn: Connect,
     callback_id: c_int,
     jobs: Mutex<HashMap<String, Job>>,
+    /// When each VM's current migration was started (µs since the Unix epoch).
+    started: Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -328,6 +330,7 @@ impl Libvirt {
             conn,
             callback_id,
             jobs: Mutex::new(HashMap::new()),
+            started: Mutex::new(HashMap::new()),
         })
     }
 
@@ -415,12 +418,24 @@ impl Libvirt {
         let ev = events();
         let mut seen = 0;
         let mut last_poll = Instant::now();
+        // Events of an earlier migration of this VM (say, the `cancelled` of an abort) can be
+        // delivered late: only events from this migration on count.
+        let since = self
+            .started
+            .lock()
+            .expect("started lock")
+            .get(vm)
+            .copied()
+            .unwrap_or(0);
         loop {
             {
                 let mut map = ev.by_domain.lock().expect("events lock");
                 loop {
                     let list = map.get(vm).map(Vec::as_slice).unwrap_or_default();
-                    for e in &list[seen.min(list.len())..] {
+                    for e in list[seen.min(list.len())..]
+                        .iter()
+                        .filter(|e| e.at_unix_us >= since)
+                    {
                         debug!(vm, status = e.status, "migration event");
                         if e.status == want {
                             return Ok(Some(e.at_unix_us));
@@ -444,8 +459,8 @@ impl Libvirt {
             last_poll = Instant::now();
             match self.migration_status(vm)?.as_str() {
                 s if s == want => return Ok(None),
-                "failed" | "cancelled" => {
-                    return Err(hv_err(vm, format!("QEMU's migration is `{}`", want)));
+                s @ ("failed" | "cancelled") => {
+                    return Err(hv_err(vm, format!("QEMU's migration is `{s}`")));
                 }
                 _ => {}
             }
@@ -557,6 +572,10 @@ impl Hypervisor for Libvirt {
             .map_err(|e| hv_err(name, format!("writing {}: {e}", image.display())))?;
 
         events().by_domain.lock().expect("events lock").remove(name);
+        self.started
+            .lock()
+            .expect("started lock")
+            .insert(name.to_owned(), unix_us());
         let status = self.migration_status(name)?;
         if matches!(
             status.as_str(),
@@ -580,6 +599,12 @@ impl Hypervisor for Libvirt {
             .and_then(|_| self.qmp(name, getfd, Some(file.as_raw_fd())))
             .and_then(|_| self.qmp(name, migrate, None));
         if let Err(e) = started {
+            // QEMU may hold the fd already: let it go, with the file.
+            let _ = self.qmp(
+                name,
+                json!({"execute": "closefd", "arguments": {"fdname": FD_NAME}}),
+                None,
+            );
             let _ = std::fs::remove_file(&image);
             return Err(e);
         }
@@ -626,12 +651,14 @@ impl Hypervisor for Libvirt {
             let mut copies = Vec::new();
             for (target, source) in &job.disks {
                 let copy = job.dir.join(format!("{name}.{target}.disk"));
-                std::fs::copy(source, &copy).map_err(|e| {
-                    hv_err(
-                        name,
-                        format!("copying disk {target} ({}): {e}", source.display()),
-                    )
-                })?;
+                std::fs::copy(source, &copy)
+                    .and_then(|_| File::open(&copy)?.sync_all())
+                    .map_err(|e| {
+                        hv_err(
+                            name,
+                            format!("copying disk {target} ({}): {e}", source.display()),
+                        )
+                    })?;
                 copies.push(DiskCopy {
                     target: target.clone(),
                     source: source.clone(),

@@ -351,6 +351,11 @@ impl VmLab {
         Ok(())
     }
 
+    /// The libvirt URI the guests run under.
+    pub fn uri(&self) -> String {
+        self.opts.uri.clone()
+    }
+
     pub fn guest_dir(&self) -> &Path {
         &self.opts.guest_dir
     }
