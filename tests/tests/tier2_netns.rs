@@ -511,6 +511,25 @@ async fn api_rejects_bad_input() {
     let http = reqwest_like_get(&running, "/v1/vms/not-a-mac").await;
     assert_eq!(http.0, 400);
     assert!(http.1.contains("bad MAC address"), "{}", http.1);
+    // Snapshot endpoints: bad input is a 400 before anything else; without libvirt, a 503
+    // that says why.
+    let bad_bridge = client
+        .restore("g-1-e1", Some("br0'/><disk"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad_bridge.status().map(|s| s.as_u16()),
+        Some(400),
+        "{bad_bridge}"
+    );
+    assert_eq!(
+        status(client.define_group("web", None, &[]).await),
+        Some(503),
+        "snapshots off"
+    );
+    let off = client.snapshots(None).await.unwrap_err();
+    assert_eq!(off.status().map(|s| s.as_u16()), Some(503));
+    assert!(off.to_string().contains("--no-libvirt"), "{off}");
     let metrics = client.metrics().await.unwrap();
     assert!(
         metrics.contains("enforcer_vm_epoch{mac=\"02:00:5e:10:00:01\",group=\"1\"} 3"),
