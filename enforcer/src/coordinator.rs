@@ -1049,7 +1049,7 @@ fn snapshot_vm<H: Hypervisor + ?Sized, E: EpochControl + ?Sized>(
 ) {
     // From the VM's stop to its advance this thread is on the critical path: it must not wait
     // behind the busy QEMU threads of the other VMs.
-    crate::hold::raise_this_thread("a snapshot thread");
+    crate::hold::make_this_thread_realtime("a snapshot thread");
     let update = |f: &dyn Fn(&mut VmRecord)| f(&mut record.lock().expect("record lock"));
     let fail = |detail: String| {
         record.lock().expect("record lock").error = Some(detail);

@@ -176,6 +176,19 @@ pub fn raise_this_thread(what: &str) {
     }
 }
 
+/// Runs the calling thread under the real-time FIFO policy (lowest priority), so it preempts
+/// ordinary threads the moment it wakes. Only for threads that block between short bursts of
+/// work (the coordinator's per-VM threads, the libvirt event thread), never for pollers. Falls
+/// back to [`raise_this_thread`] when not allowed.
+pub fn make_this_thread_realtime(what: &str) {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sched_setscheduler on this thread (0) with a valid parameter block.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if r != 0 {
+        raise_this_thread(what);
+    }
+}
+
 /// Asks the buffer thread for a [`HoldReport`].
 #[derive(Clone)]
 pub struct Reporter(mpsc::Sender<Command>);

@@ -144,7 +144,7 @@ fn start_event_loop() -> Result<(), String> {
                 .name("libvirt-events".into())
                 .spawn(|| {
                     // It delivers the "VM stopped" events: on the pause→advance critical path.
-                    crate::hold::raise_this_thread("the libvirt event thread");
+                    crate::hold::make_this_thread_realtime("the libvirt event thread");
                     loop {
                         if let Err(e) = virt::event::event_run_default_impl() {
                             warn!(%e, "libvirt event loop iteration failed");
