@@ -1076,6 +1076,9 @@ fn snapshot_vm<H: Hypervisor + ?Sized, E: EpochControl + ?Sized>(
     // The VM is held at its snapshot point: advance it before it can run again (invariant 3).
     let advanced = ep.advance(vm);
     let advanced_ms = clock.now_ms();
+    // The critical part is over; copying images and disks must not hog a CPU at real-time
+    // priority.
+    crate::hold::leave_realtime("a snapshot thread");
     let (seen_ms, paused_ms) = (
         clock.unix_ms(paused.seen_unix_us),
         clock.unix_ms(paused.hypervisor_unix_us.unwrap_or(paused.seen_unix_us)),

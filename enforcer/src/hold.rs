@@ -189,6 +189,14 @@ pub fn make_this_thread_realtime(what: &str) {
     }
 }
 
+/// Back to ordinary scheduling (nice -15) after a real-time burst, before longer work.
+pub fn leave_realtime(what: &str) {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on this thread (0) with a valid parameter block.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+    raise_this_thread(what);
+}
+
 /// Asks the buffer thread for a [`HoldReport`].
 #[derive(Clone)]
 pub struct Reporter(mpsc::Sender<Command>);
