@@ -44,6 +44,25 @@ impl EpochControl for AgentEpochs {
             .map(|r| r.total("received"))
     }
 
+    fn held_at_advance(
+        &self,
+        group: &GroupSpec,
+    ) -> std::collections::HashMap<crate::mac::MacAddr, u64> {
+        let Some(report) = self.rt.block_on(self.client.holds()).ok() else {
+            return Default::default();
+        };
+        group
+            .vms
+            .iter()
+            .filter_map(|v| {
+                report
+                    .released_at_advance
+                    .get(&format!("vm {}", v.mac))
+                    .map(|n| (v.mac, *n))
+            })
+            .collect()
+    }
+
     fn wait_released(&self, group: &GroupSpec, timeout: Duration) -> Result<(), String> {
         let mine: Vec<String> = group
             .vms

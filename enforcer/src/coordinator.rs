@@ -99,6 +99,8 @@ pub trait EpochControl: Send + Sync {
     fn advance(&self, vm: &VmSpec) -> Result<u32, String>;
     /// Frames held so far (a running total), when a buffer runs.
     fn held_total(&self) -> Option<u64>;
+    /// Frames each VM's last advance released (what was held for it), where known.
+    fn held_at_advance(&self, group: &GroupSpec) -> HashMap<MacAddr, u64>;
     /// Waits until nothing is held for the group's VMs any more (REINJECT done).
     fn wait_released(&self, group: &GroupSpec, timeout: Duration) -> Result<(), String>;
     /// Puts a VM on `port` in `group` at `epoch` (replacing what the datapath had for its MAC).
@@ -171,6 +173,9 @@ pub struct VmRecord {
     /// The last step reached: pending, snapshotting, paused, advanced, image-complete, resumed.
     pub step: String,
     pub timeline: Timeline,
+    /// Frames held for this VM until it advanced (then re-injected).
+    #[serde(default)]
+    pub held_frames: Option<u64>,
     pub error: Option<String>,
 }
 
@@ -183,6 +188,7 @@ impl VmRecord {
             images: Vec::new(),
             step: "pending".into(),
             timeline: Timeline::default(),
+            held_frames: None,
             error: None,
         }
     }
@@ -713,6 +719,10 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
                 Ok(()) => manifest.released_ms = Some(t0.elapsed().as_secs_f64() * 1000.0),
                 Err(err) => warn!(id, %err, "held frames not all re-injected yet"),
             }
+            let held = self.epochs.held_at_advance(&group);
+            for vm in &mut manifest.vms {
+                vm.held_frames = held.get(&vm.mac).copied();
+            }
         }
         let mut clean = true;
         if failed.load(Ordering::SeqCst) {
@@ -966,7 +976,7 @@ pub fn render_manifest(m: &Manifest) -> String {
     let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
     let _ = writeln!(
         out,
-        "  {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>13} {:>12}",
+        "  {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>13} {:>12} {:>6}",
         "VM",
         "begin",
         "paused",
@@ -975,13 +985,14 @@ pub fn render_manifest(m: &Manifest) -> String {
         "resumed",
         "downtime",
         "pause→advance",
-        "seen→advance"
+        "seen→advance",
+        "held"
     );
     for v in &m.vms {
         let t = &v.timeline;
         let _ = writeln!(
             out,
-            "  {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>13} {:>12}{}",
+            "  {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>13} {:>12} {:>6}{}",
             v.name,
             f(t.begin_ms),
             f(t.paused_ms),
@@ -993,6 +1004,7 @@ pub fn render_manifest(m: &Manifest) -> String {
                 .map_or("-".into(), |v| format!("{:.3}", v)),
             t.seen_to_advance_ms()
                 .map_or("-".into(), |v| format!("{:.3}", v)),
+            v.held_frames.map_or("-".into(), |h| h.to_string()),
             v.error
                 .as_ref()
                 .map(|e| format!("  error: {e}"))
@@ -1353,6 +1365,10 @@ pub mod fake {
 
         fn held_total(&self) -> Option<u64> {
             None
+        }
+
+        fn held_at_advance(&self, _group: &GroupSpec) -> HashMap<MacAddr, u64> {
+            HashMap::new()
         }
 
         fn wait_released(&self, _group: &GroupSpec, _timeout: Duration) -> Result<(), String> {

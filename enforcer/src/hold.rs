@@ -158,6 +158,9 @@ pub struct HoldReport {
     pub hold_time_buckets: Vec<(f64, u64)>,
     pub hold_time_sum_seconds: f64,
     pub hold_time_count: u64,
+    /// Per receiver (`vm <mac>`): frames its last advance released.
+    #[serde(default)]
+    pub released_at_advance: std::collections::BTreeMap<String, u64>,
 }
 
 impl HoldReport {
@@ -626,6 +629,8 @@ struct State {
     read_port: Vec<u64>,
     read_group: Vec<u64>,
     held_bytes: usize,
+    /// Frames each VM's last advance released (what was held for it).
+    released_at_advance: HashMap<MacKey, u64>,
     totals: Vec<u64>,
     inject: HashMap<u32, OwnedFd>,
     hold_hist: [u64; BUCKETS.len() + 1],
@@ -697,6 +702,7 @@ impl State {
             read_port,
             read_group,
             held_bytes: 0,
+            released_at_advance: HashMap::new(),
             totals,
             inject: HashMap::new(),
             hold_hist: [0; BUCKETS.len() + 1],
@@ -880,7 +886,8 @@ impl State {
             }
             Command::Advanced { mac, epoch } => {
                 self.released_vm.insert(mac, epoch);
-                self.flush(Key::Vm(mac), false);
+                let n = self.flush(Key::Vm(mac), false);
+                self.released_at_advance.insert(mac, n);
                 self.drains.insert(
                     Key::Vm(mac),
                     Drain::Pending {
@@ -890,7 +897,7 @@ impl State {
             }
             Command::GroupAdvanced { group, min_epoch } => {
                 self.released_group.insert(group, min_epoch);
-                self.flush(Key::Group(group), false);
+                let _ = self.flush(Key::Group(group), false);
                 self.drains.insert(
                     Key::Group(group),
                     Drain::Pending {
@@ -909,7 +916,7 @@ impl State {
                 self.released_group.insert(group, min);
                 for (mac, epoch) in &members {
                     self.released_vm.insert(*mac, *epoch);
-                    self.flush(Key::Vm(*mac), true);
+                    let _ = self.flush(Key::Vm(*mac), true);
                     self.drains.insert(
                         Key::Vm(*mac),
                         Drain::Pending {
@@ -917,7 +924,7 @@ impl State {
                         },
                     );
                 }
-                self.flush(Key::Group(group), true);
+                let _ = self.flush(Key::Group(group), true);
                 self.drains.insert(
                     Key::Group(group),
                     Drain::Pending {
@@ -934,11 +941,13 @@ impl State {
 
     /// Re-injects a queue's frames in order, as far as their colors allow (all with `force`),
     /// in batches (one `sendmmsg` each for a receiver's queue).
-    fn flush(&mut self, key: Key, force: bool) {
+    /// Sends what may be released from a queue, in order; returns how many frames left it.
+    fn flush(&mut self, key: Key, force: bool) -> u64 {
         let released = self.released(key);
+        let mut released_frames = 0;
         loop {
             let Some(q) = self.queues.get_mut(&key) else {
-                return;
+                return released_frames;
             };
             let mut batch = Vec::new();
             while batch.len() < BATCH as usize {
@@ -952,8 +961,9 @@ impl State {
                 }
             }
             if batch.is_empty() {
-                return;
+                return released_frames;
             }
+            released_frames += batch.len() as u64;
             self.held_bytes -= batch.iter().map(|h| h.data.len()).sum::<usize>();
             match key {
                 Key::Vm(mac) => {
@@ -1244,6 +1254,11 @@ impl State {
             hold_time_buckets,
             hold_time_sum_seconds: self.hold_sum,
             hold_time_count: count,
+            released_at_advance: self
+                .released_at_advance
+                .iter()
+                .map(|(mac, n)| (format!("vm {}", MacAddr::from(*mac)), *n))
+                .collect(),
         }
     }
 
@@ -1262,7 +1277,7 @@ impl State {
         }
         let keys: Vec<Key> = self.queues.keys().copied().collect();
         for key in keys {
-            self.flush(key, false);
+            let _ = self.flush(key, false);
             if let Some(q) = self.queues.get_mut(&key) {
                 let n = q.frames.len() as u64;
                 q.frames.clear();

@@ -113,6 +113,25 @@ impl EpochControl for DatapathEpochs {
         s.hold_report().map(|r| r.total("received"))
     }
 
+    fn held_at_advance(
+        &self,
+        group: &GroupSpec,
+    ) -> std::collections::HashMap<crate::mac::MacAddr, u64> {
+        let Some(report) = self.state.upgrade().and_then(|s| s.hold_report()) else {
+            return Default::default();
+        };
+        group
+            .vms
+            .iter()
+            .filter_map(|v| {
+                report
+                    .released_at_advance
+                    .get(&format!("vm {}", v.mac))
+                    .map(|n| (v.mac, *n))
+            })
+            .collect()
+    }
+
     fn wait_released(&self, group: &GroupSpec, timeout: Duration) -> Result<(), String> {
         let s = self.state()?;
         if !s.buffer_running() {
