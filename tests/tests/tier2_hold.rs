@@ -293,6 +293,14 @@ async fn udp_held_over_skew(attach: AttachMode, tag: char) {
         "held at the sender's port"
     );
     assert_eq!(
+        report
+            .released_at_advance
+            .get(&format!("vm {}", s.lab.vms[1].mac))
+            .copied(),
+        Some(400),
+        "the receiver's advance released exactly what was held for it: {report:?}"
+    );
+    assert_eq!(
         sent_port.frames(Outcome::Type3Dropped) + sent_port.frames(Outcome::Type3Unbuffered),
         0
     );
