@@ -97,9 +97,10 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Attach to every member of this bridge, following members as they come and go.
+    /// Attach to every member of this bridge, following members as they come and go
+    /// (repeatable: several bridges).
     #[arg(long, conflicts_with = "port", required_unless_present = "port")]
-    pub bridge: Option<String>,
+    pub bridge: Vec<String>,
     /// Attach to exactly these interfaces (repeatable).
     #[arg(long)]
     pub port: Vec<String>,
@@ -330,9 +331,10 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.api, cli.token.clone());
     match cli.command {
         Command::Run(args) => {
-            let ports = match args.bridge {
-                Some(bridge) => PortSource::Bridge(bridge),
-                None => PortSource::Named(args.port),
+            let ports = if args.bridge.is_empty() {
+                PortSource::Named(args.port)
+            } else {
+                PortSource::Bridges(args.bridge)
             };
             let running = daemon::start(DaemonConfig {
                 ports,

@@ -15,6 +15,8 @@ use rtnetlink::{Handle, constants::RTMGRP_LINK};
 pub enum PortSource {
     /// Every member of this bridge is a VM port.
     Bridge(String),
+    /// Every member of any of these bridges (VMs may be restored onto another bridge).
+    Bridges(Vec<String>),
     /// Exactly these interfaces.
     Named(Vec<String>),
 }
@@ -40,7 +42,7 @@ pub enum PortError {
 /// Follows the ports of a [`PortSource`]: the current ports, then changes as they happen.
 pub struct PortWatcher {
     source: PortSource,
-    bridge_ifindex: Option<u32>,
+    bridges: Vec<u32>,
     handle: Handle,
     messages: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
 }
@@ -53,13 +55,18 @@ impl PortWatcher {
             .socket_mut()
             .bind(&SocketAddr::new(0, RTMGRP_LINK))?;
         tokio::spawn(conn);
-        let bridge_ifindex = match &source {
-            PortSource::Bridge(name) => Some(link_index(&handle, name).await?),
-            PortSource::Named(_) => None,
+        let names: &[String] = match &source {
+            PortSource::Bridge(name) => std::slice::from_ref(name),
+            PortSource::Bridges(names) => names,
+            PortSource::Named(_) => &[],
         };
+        let mut bridges = Vec::new();
+        for name in names {
+            bridges.push(link_index(&handle, name).await?);
+        }
         Ok(Self {
             source,
-            bridge_ifindex,
+            bridges,
             handle,
             messages,
         })
@@ -116,13 +123,12 @@ impl PortWatcher {
             LinkAttribute::IfName(name) => Some(name.clone()),
             _ => None,
         })?;
-        let is_port = match (&self.source, self.bridge_ifindex) {
-            (PortSource::Bridge(_), Some(bridge)) => link
+        let is_port = match &self.source {
+            PortSource::Bridge(_) | PortSource::Bridges(_) => link
                 .attributes
                 .iter()
-                .any(|a| matches!(a, LinkAttribute::Controller(c) if *c == bridge)),
-            (PortSource::Named(names), _) => names.contains(&name),
-            (PortSource::Bridge(_), None) => false,
+                .any(|a| matches!(a, LinkAttribute::Controller(c) if self.bridges.contains(c))),
+            PortSource::Named(names) => names.contains(&name),
         };
         is_port.then_some((link.header.index, name))
     }

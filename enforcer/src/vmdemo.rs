@@ -53,6 +53,8 @@ pub struct VmDemoOptions {
     pub before: Duration,
     pub after: Duration,
     pub restored: Duration,
+    /// Restore onto the lab's second bridge instead of the first.
+    pub restore_elsewhere: bool,
 }
 
 impl Default for VmDemoOptions {
@@ -65,6 +67,7 @@ impl Default for VmDemoOptions {
             before: Duration::from_secs(1),
             after: Duration::from_secs(1),
             restored: Duration::from_secs(3),
+            restore_elsewhere: false,
         }
     }
 }
@@ -286,7 +289,7 @@ async fn start_daemon(lab: &VmLab, opts: &VmDemoOptions) -> anyhow::Result<Runni
     let _ = datapath::teardown(&opts.pin_root);
     let _ = std::fs::remove_dir_all(&opts.store);
     Ok(daemon::start(DaemonConfig {
-        ports: PortSource::Bridge(lab.bridge.clone()),
+        ports: PortSource::Bridges(vec![lab.bridge.clone(), lab.other_bridge.clone()]),
         pin_root: opts.pin_root.clone(),
         attach: AttachMode::Tc,
         listen: "127.0.0.1:0".parse()?,
@@ -409,8 +412,34 @@ async fn enforced(
         Ok(())
     })
     .await?;
-    log("restoring the group from the snapshot");
-    let restore = client.restore(&manifest.id, None).await?;
+    let bridge = if opts.restore_elsewhere {
+        let (l, b) = (lab.clone(), lab.other_bridge.clone());
+        blocking(move || Ok(l.move_host_to(&b)?)).await?;
+        Some(lab.other_bridge.clone())
+    } else {
+        None
+    };
+    log(format!(
+        "restoring the group from the snapshot{}",
+        bridge
+            .as_deref()
+            .map(|b| format!(" onto bridge {b}"))
+            .unwrap_or_default()
+    ));
+    let restore = client.restore(&manifest.id, bridge.as_deref()).await?;
+    if let Some(bridge) = &bridge {
+        for vm in &restore.vms {
+            let master = std::fs::read_link(format!("/sys/class/net/{}/master", vm.port))
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+            anyhow::ensure!(
+                master.as_deref() == Some(bridge.as_str()),
+                "{} was restored with port {} on {master:?}, not {bridge}",
+                vm.name,
+                vm.port
+            );
+        }
+    }
     log(format!(
         "running the restored group for {:?}, then draining",
         opts.restored
@@ -610,7 +639,9 @@ pub async fn demo(opts: VmDemoOptions) -> anyhow::Result<String> {
 }
 
 /// Tier 3: the enforced run, then the unenforced one on the same guests.
-pub async fn e2e(opts: VmDemoOptions) -> anyhow::Result<String> {
+pub async fn e2e(mut opts: VmDemoOptions) -> anyhow::Result<String> {
+    // Restored onto the other bridge: "same or another bridge" shown on real VMs.
+    opts.restore_elsewhere = true;
     let o = opts.clone();
     let (run, crash, without) = with_lab(&opts, async move |lab, client| {
         let run = enforced(lab, client, &o).await?;

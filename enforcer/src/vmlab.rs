@@ -79,6 +79,8 @@ pub struct GuestVm {
 
 pub struct VmLab {
     pub bridge: String,
+    /// A second bridge (no address until [`VmLab::move_host_to`]): restores can go there.
+    pub other_bridge: String,
     pub host_ip: Ipv4Addr,
     pub vms: Vec<GuestVm>,
     pub console_dir: PathBuf,
@@ -141,6 +143,7 @@ impl VmLab {
             })
             .collect();
         let lab = VmLab {
+            other_bridge: format!("{p}br2"),
             bridge,
             host_ip,
             vms,
@@ -150,10 +153,12 @@ impl VmLab {
         };
         // Leftovers of a run that was killed.
         lab.destroy_all();
-        let _ = ip(&["link", "del", &lab.bridge]);
-        ip(&["link", "add", &lab.bridge, "type", "bridge"])?;
+        for b in [&lab.bridge, &lab.other_bridge] {
+            let _ = ip(&["link", "del", b]);
+            ip(&["link", "add", b, "type", "bridge"])?;
+            ip(&["link", "set", b, "up"])?;
+        }
         ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &lab.bridge])?;
-        ip(&["link", "set", &lab.bridge, "up"])?;
         for vm in &lab.vms {
             lab.boot(vm)?;
         }
@@ -237,6 +242,16 @@ impl VmLab {
             .create_domain_xml(&self.domain_xml(vm), 0)
             .map(|_| ())
             .map_err(|e| VmLabError::Libvirt(format!("starting {}: {e}", vm.name)))
+    }
+
+    /// Moves the host's address (its way to the guests' control ports) to `bridge`, for guests
+    /// restored there.
+    pub fn move_host_to(&self, bridge: &str) -> Result<(), VmLabError> {
+        let addr = format!("{}/24", self.host_ip);
+        for b in [&self.bridge, &self.other_bridge] {
+            let _ = ip(&["addr", "del", &addr, "dev", b]);
+        }
+        ip(&["addr", "add", &addr, "dev", bridge])
     }
 
     /// Destroys every guest of the lab (they are transient: destroyed is gone).
@@ -365,6 +380,7 @@ impl Drop for VmLab {
     fn drop(&mut self) {
         self.destroy_all();
         let _ = ip(&["link", "del", &self.bridge]);
+        let _ = ip(&["link", "del", &self.other_bridge]);
         for vm in &self.vms {
             let _ = std::fs::remove_file(self.disk(vm));
         }
