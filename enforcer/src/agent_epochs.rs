@@ -10,7 +10,8 @@ use tokio::runtime::Handle;
 
 use crate::{
     client::{Client, ClientError},
-    coordinator::{EpochControl, GroupSpec, VmSpec},
+    coordinator::{EpochControl, VmSpec},
+    hold::HoldReport,
 };
 
 pub struct AgentEpochs {
@@ -37,58 +38,12 @@ impl EpochControl for AgentEpochs {
             .map_err(text)
     }
 
-    fn held_total(&self) -> Option<u64> {
-        self.rt
-            .block_on(self.client.holds())
-            .ok()
-            .map(|r| r.total("received"))
-    }
-
-    fn held_at_advance(
-        &self,
-        group: &GroupSpec,
-    ) -> std::collections::HashMap<crate::mac::MacAddr, u64> {
-        let Some(report) = self.rt.block_on(self.client.holds()).ok() else {
-            return Default::default();
-        };
-        group
-            .vms
-            .iter()
-            .filter_map(|v| {
-                report
-                    .released_at_advance
-                    .get(&format!("vm {}", v.mac))
-                    .map(|n| (v.mac, *n))
-            })
-            .collect()
-    }
-
-    fn wait_released(&self, group: &GroupSpec, timeout: Duration) -> Result<(), String> {
-        let mine: Vec<String> = group
-            .vms
-            .iter()
-            .map(|v| format!("vm {}", v.mac))
-            .chain([format!("group {}", group.id)])
-            .collect();
-        let deadline = Instant::now() + timeout;
-        loop {
-            let report = match self.rt.block_on(self.client.holds()) {
-                Ok(r) => r,
-                // No buffer on that agent: nothing is ever held.
-                Err(e) if e.status() == Some(StatusCode::CONFLICT) => return Ok(()),
-                Err(e) => return Err(text(e)),
-            };
-            let pending = report
-                .queues
-                .iter()
-                .any(|q| mine.contains(&q.queue) && (q.frames > 0 || q.draining));
-            if !pending {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err("frames still held or draining".into());
-            }
-            std::thread::sleep(Duration::from_millis(5));
+    fn hold_report(&self) -> Result<Option<HoldReport>, String> {
+        match self.rt.block_on(self.client.holds()) {
+            Ok(report) => Ok(Some(report)),
+            // No buffer on that agent: nothing is ever held.
+            Err(e) if e.status() == Some(StatusCode::CONFLICT) => Ok(None),
+            Err(e) => Err(text(e)),
         }
     }
 

@@ -32,7 +32,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::mac::MacAddr;
+use crate::{hold::HoldReport, mac::MacAddr};
 
 /// A VM of a group: its hypervisor name and the MAC the datapath knows it by.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -97,12 +97,42 @@ pub struct Paused {
 pub trait EpochControl: Send + Sync {
     fn epoch(&self, vm: &VmSpec) -> Result<u32, String>;
     fn advance(&self, vm: &VmSpec) -> Result<u32, String>;
+    /// The buffer's report: `Ok(None)` when no buffer runs (nothing is ever held), `Err` when
+    /// it does not answer.
+    fn hold_report(&self) -> Result<Option<HoldReport>, String>;
     /// Frames held so far (a running total), when a buffer runs.
-    fn held_total(&self) -> Option<u64>;
+    fn held_total(&self) -> Option<u64> {
+        Some(self.hold_report().ok()??.total("received"))
+    }
     /// Frames each VM's last advance released (what was held for it), where known.
-    fn held_at_advance(&self, group: &GroupSpec) -> HashMap<MacAddr, u64>;
+    fn held_at_advance(&self, group: &GroupSpec) -> HashMap<MacAddr, u64> {
+        let Ok(Some(report)) = self.hold_report() else {
+            return HashMap::new();
+        };
+        group
+            .vms
+            .iter()
+            .filter_map(|v| Some((v.mac, report.released_at_advance_of(v.mac)?)))
+            .collect()
+    }
     /// Waits until nothing is held for the group's VMs any more (REINJECT done).
-    fn wait_released(&self, group: &GroupSpec, timeout: Duration) -> Result<(), String>;
+    fn wait_released(&self, group: &GroupSpec, timeout: Duration) -> Result<(), String> {
+        let macs: Vec<MacAddr> = group.vms.iter().map(|v| v.mac).collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(report) = self.hold_report()? else {
+                return Ok(());
+            };
+            let pending = report.pending(&macs, group.id);
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("still held or draining: {}", pending.join(", ")));
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
     /// Puts a VM on `port` in `group` at `epoch` (replacing what the datapath had for its MAC).
     /// Waits briefly for the port to be attached (a restored VM's tap is new).
     fn register(
@@ -1363,12 +1393,8 @@ pub mod fake {
                 .ok_or_else(|| "unknown VM".into())
         }
 
-        fn held_total(&self) -> Option<u64> {
-            None
-        }
-
-        fn held_at_advance(&self, _group: &GroupSpec) -> HashMap<MacAddr, u64> {
-            HashMap::new()
+        fn hold_report(&self) -> Result<Option<HoldReport>, String> {
+            Ok(None)
         }
 
         fn wait_released(&self, _group: &GroupSpec, _timeout: Duration) -> Result<(), String> {

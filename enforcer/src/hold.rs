@@ -167,6 +167,35 @@ impl HoldReport {
     pub fn total(&self, name: &str) -> u64 {
         self.totals.get(name).copied().unwrap_or(0)
     }
+
+    /// The report's name of a receiver's queue.
+    pub fn vm_queue(mac: MacAddr) -> String {
+        format!("vm {mac}")
+    }
+
+    /// The report's name of a group's (broadcast) queue.
+    pub fn group_queue(group: u32) -> String {
+        format!("group {group}")
+    }
+
+    /// Queues of these VMs or this group that still hold frames or are draining.
+    pub fn pending(&self, vms: &[MacAddr], group: u32) -> Vec<&str> {
+        let mine: Vec<String> = vms
+            .iter()
+            .map(|m| Self::vm_queue(*m))
+            .chain([Self::group_queue(group)])
+            .collect();
+        self.queues
+            .iter()
+            .filter(|q| mine.contains(&q.queue) && (q.frames > 0 || q.draining))
+            .map(|q| q.queue.as_str())
+            .collect()
+    }
+
+    /// Frames the VM's last advance released.
+    pub fn released_at_advance_of(&self, mac: MacAddr) -> Option<u64> {
+        self.released_at_advance.get(&Self::vm_queue(mac)).copied()
+    }
 }
 
 /// Gives the calling thread a higher CFS weight (nice -15), so it runs promptly on a loaded
@@ -1208,8 +1237,8 @@ impl State {
             })
             .map(|(k, q)| QueueReport {
                 queue: match k {
-                    Key::Vm(mac) => format!("vm {}", MacAddr::from(*mac)),
-                    Key::Group(g) => format!("group {g}"),
+                    Key::Vm(mac) => HoldReport::vm_queue(MacAddr::from(*mac)),
+                    Key::Group(g) => HoldReport::group_queue(*g),
                 },
                 frames: q.frames.len() as u64,
                 bytes: q.bytes as u64,
@@ -1257,7 +1286,7 @@ impl State {
             released_at_advance: self
                 .released_at_advance
                 .iter()
-                .map(|(mac, n)| (format!("vm {}", MacAddr::from(*mac)), *n))
+                .map(|(mac, n)| (HoldReport::vm_queue(MacAddr::from(*mac)), *n))
                 .collect(),
         }
     }

@@ -13,10 +13,10 @@ use tokio::runtime::Handle;
 
 use crate::{
     api::{self, AppState},
-    coordinator::{Coordinator, CoordinatorError, EpochControl, GroupSpec, Timeouts, VmSpec},
+    coordinator::{Coordinator, CoordinatorError, EpochControl, Timeouts, VmSpec},
     datapath::{DatapathError, ifindex_of},
     epochs::{self, EpochError, EpochStore as _},
-    hold::Command,
+    hold::{Command, HoldReport},
     libvirt::{Libvirt, LibvirtError},
 };
 
@@ -108,58 +108,14 @@ impl EpochControl for DatapathEpochs {
             .map_err(|e| e.message)
     }
 
-    fn held_total(&self) -> Option<u64> {
-        let s = self.state.upgrade()?;
-        s.hold_report().map(|r| r.total("received"))
-    }
-
-    fn held_at_advance(
-        &self,
-        group: &GroupSpec,
-    ) -> std::collections::HashMap<crate::mac::MacAddr, u64> {
-        let Some(report) = self.state.upgrade().and_then(|s| s.hold_report()) else {
-            return Default::default();
-        };
-        group
-            .vms
-            .iter()
-            .filter_map(|v| {
-                report
-                    .released_at_advance
-                    .get(&format!("vm {}", v.mac))
-                    .map(|n| (v.mac, *n))
-            })
-            .collect()
-    }
-
-    fn wait_released(&self, group: &GroupSpec, timeout: Duration) -> Result<(), String> {
+    fn hold_report(&self) -> Result<Option<HoldReport>, String> {
         let s = self.state()?;
         if !s.buffer_running() {
-            return Ok(());
+            return Ok(None);
         }
-        let mine: Vec<String> = group
-            .vms
-            .iter()
-            .map(|v| format!("vm {}", v.mac))
-            .chain([format!("group {}", group.id)])
-            .collect();
-        let deadline = Instant::now() + timeout;
-        loop {
-            let report = s.hold_report().ok_or("the buffer does not answer")?;
-            let pending: Vec<&str> = report
-                .queues
-                .iter()
-                .filter(|q| mine.contains(&q.queue) && (q.frames > 0 || q.draining))
-                .map(|q| q.queue.as_str())
-                .collect();
-            if pending.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!("still held or draining: {}", pending.join(", ")));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        s.hold_report()
+            .map(Some)
+            .ok_or_else(|| "the buffer does not answer".to_owned())
     }
 
     fn roll_back(&self, group: u32, epoch: u32) -> Result<(), String> {
