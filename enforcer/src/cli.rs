@@ -451,12 +451,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             if wait {
                 let m = client
                     .wait_snapshot(&started.id, |m| {
-                        let steps: Vec<String> = m
-                            .vms
-                            .iter()
-                            .map(|v| format!("{} {}", v.name, v.step))
-                            .collect();
-                        println!("  {}", steps.join(" | "));
+                        println!("  {}", crate::coordinator::render_progress(m))
                     })
                     .await?;
                 print!("{}", crate::coordinator::render_manifest(&m));

@@ -981,6 +981,16 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
     }
 }
 
+/// One line of a snapshot's progress: each VM's last step (`vm1 advanced | vm2 paused`).
+pub fn render_progress(m: &Manifest) -> String {
+    let steps: Vec<String> = m
+        .vms
+        .iter()
+        .map(|v| format!("{} {}", v.name, v.step))
+        .collect();
+    steps.join(" | ")
+}
+
 /// A manifest for people: outcome, then one line per VM with its timeline (ms from the start).
 pub fn render_manifest(m: &Manifest) -> String {
     use std::fmt::Write as _;

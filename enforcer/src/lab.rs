@@ -52,7 +52,8 @@ pub struct Lab {
     pub vms: Vec<LabVm>,
 }
 
-fn run(args: &[&str]) -> Result<(), LabError> {
+/// Runs `ip` with these arguments (also used by [`crate::vmlab`]).
+pub(crate) fn run(args: &[&str]) -> Result<(), LabError> {
     debug!(?args, "ip");
     let out = Command::new("ip")
         .args(args)

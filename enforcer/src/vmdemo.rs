@@ -32,7 +32,7 @@ use crate::{
     client::Client,
     coordinator::{
         Coordinator, EpochControl as _, GroupSpec, Hypervisor as _, Manifest, Outcome,
-        RestoreReport, Timeouts, VmSpec, render_manifest,
+        RestoreReport, Timeouts, VmSpec, render_manifest, render_progress,
     },
     daemon::{self, DaemonConfig, Running},
     datapath::{self, AttachMode},
@@ -242,20 +242,16 @@ fn run_restored_and_check(lab: &VmLab, restored_for: Duration) -> anyhow::Result
     let early = lab.all_stats().context("guest stats after the restore")?;
     std::thread::sleep(restored_for);
     lab.broadcast("quiet")?;
-    // Drained when nothing moves any more (TCP retransmits can take a while after a loss).
+    // Drained when every stream is back in step (TCP retransmits can take a while after a
+    // loss), or at the deadline: then what is left is reported.
     let deadline = Instant::now() + Duration::from_secs(8);
-    let mut last = lab.all_stats()?;
     loop {
         std::thread::sleep(Duration::from_millis(500));
-        let now = lab.all_stats()?;
-        let done = check(lab, &early, &now).pairs.iter().all(|p| p.tcp_resumed);
-        let still = now == last;
-        last = now;
-        if done || (still && Instant::now() > deadline) || Instant::now() > deadline {
-            break;
+        let consistency = check(lab, &early, &lab.all_stats()?);
+        if consistency.pairs.iter().all(|p| p.tcp_resumed) || Instant::now() > deadline {
+            return Ok(consistency);
         }
     }
-    Ok(check(lab, &early, &last))
 }
 
 fn log(msg: impl AsRef<str>) {
@@ -390,14 +386,7 @@ async fn enforced(
         "a second snapshot of a busy group should be a 409, got {second:?}"
     );
     let manifest = client
-        .wait_snapshot(&started.id, |m| {
-            let steps: Vec<String> = m
-                .vms
-                .iter()
-                .map(|v| format!("{} {}", v.name, v.step))
-                .collect();
-            log(format!("  {}", steps.join(" | ")));
-        })
+        .wait_snapshot(&started.id, |m| log(format!("  {}", render_progress(m))))
         .await?;
     anyhow::ensure!(
         manifest.outcome == Outcome::Committed,
@@ -607,11 +596,10 @@ async fn with_lab<T>(
         result
     }
     .await;
-    let l = lab.clone();
-    drop(lab);
-    // The last reference: its Drop destroys the domains and the bridge.
+    // The last reference, dropped off the async workers: its Drop destroys the domains (libvirt
+    // calls) and the bridges.
     let _ = blocking(move || {
-        drop(l);
+        drop(lab);
         Ok(())
     })
     .await;

@@ -8,7 +8,6 @@ use std::{
     io::{BufRead, BufReader, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -17,7 +16,10 @@ use enforcer_guest::{CONTROL_PORT, GuestStats};
 use tracing::debug;
 use virt::connect::Connect;
 
-use crate::mac::MacAddr;
+use crate::{
+    lab::{LabError, run as ip},
+    mac::MacAddr,
+};
 
 pub const DEFAULT_GUEST_DIR: &str = "/var/lib/enforcer/guest";
 
@@ -31,6 +33,8 @@ pub enum VmLabError {
     BadPrefix(String),
     #[error("`{command}` failed: {stderr}")]
     Command { command: String, stderr: String },
+    #[error(transparent)]
+    Lab(#[from] LabError),
     #[error("libvirt: {0}")]
     Libvirt(String),
     #[error("guest {vm} ({ip}): {detail}")]
@@ -86,24 +90,6 @@ pub struct VmLab {
     pub console_dir: PathBuf,
     conn: Connect,
     opts: VmLabOptions,
-}
-
-fn ip(args: &[&str]) -> Result<(), VmLabError> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| VmLabError::Command {
-            command: "ip".into(),
-            stderr: e.to_string(),
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(VmLabError::Command {
-            command: format!("ip {}", args.join(" ")),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
-    }
 }
 
 impl VmLab {
@@ -251,7 +237,7 @@ impl VmLab {
         for b in [&self.bridge, &self.other_bridge] {
             let _ = ip(&["addr", "del", &addr, "dev", b]);
         }
-        ip(&["addr", "add", &addr, "dev", bridge])
+        Ok(ip(&["addr", "add", &addr, "dev", bridge])?)
     }
 
     /// Destroys every guest of the lab (they are transient: destroyed is gone).
