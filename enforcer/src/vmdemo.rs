@@ -274,6 +274,13 @@ impl EnforcedRun {
             self.restore.vms.len(),
             self.restore.resume_spread_ms
         );
+        for vm in &self.restore.vms {
+            let _ = writeln!(
+                out,
+                "  {:<16} on {:<8} restored (paused) at {:>7.1} ms, resumed at {:>7.1} ms",
+                vm.name, vm.port, vm.restored_ms, vm.resumed_ms
+            );
+        }
         out.push_str("restored state, every pair:\n");
         out.push_str(&self.consistency.render());
         out
