@@ -104,24 +104,40 @@ fn build_app(root: &Path) -> anyhow::Result<PathBuf> {
         .join("release/enforcer-guest"))
 }
 
-/// Downloads (once) and unpacks Debian's current kernel package; returns the unpacked tree.
-fn kernel_tree(cache: &Path) -> anyhow::Result<PathBuf> {
+/// The kernel package `linux-image-amd64` currently depends on.
+fn kernel_package() -> anyhow::Result<String> {
     let depends = output(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
-    let package = depends
+    Ok(depends
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
         .find(|p| p.starts_with("linux-image-"))
         .context("apt-cache depends linux-image-amd64 names no kernel package")?
-        .to_owned();
+        .to_owned())
+}
+
+/// Downloads (once) and unpacks Debian's current kernel package; returns the unpacked tree.
+fn kernel_tree(cache: &Path) -> anyhow::Result<PathBuf> {
+    let mut package = kernel_package()?;
     let tree = cache.join(&package);
     if tree.join("boot").is_dir() {
         return Ok(tree);
     }
     fs::create_dir_all(cache)?;
     eprintln!("[guest] downloading {package}");
-    run(Command::new("apt-get")
-        .current_dir(cache)
-        .args(["download", "-q", &package]))?;
+    let download = |package: &str| {
+        run(Command::new("apt-get")
+            .current_dir(cache)
+            .args(["download", "-q", package]))
+    };
+    if download(&package).is_err() {
+        // Package lists older than the mirror name a kernel it no longer serves (set-up only
+        // refreshes them when it installs something): refresh, ask again, retry once.
+        eprintln!("[guest] download failed; refreshing the package lists");
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        package = kernel_package()?;
+        download(&package)?;
+    }
+    let tree = cache.join(&package);
     let deb = fs::read_dir(cache)?
         .flatten()
         .map(|e| e.path())
