@@ -467,22 +467,15 @@ impl Libvirt {
         }
     }
 
-    /// Restores a domain from its image, paused; optionally onto another bridge. Returns the
-    /// domain's NIC as it came up (MAC, bridge, tap).
-    pub fn restore_image_paused(
+    /// Restores a domain from its memory image, paused; optionally onto another bridge. Returns
+    /// the domain's NIC as it came up (MAC, bridge, tap). The caller has checked that no domain
+    /// of that name runs ([`Hypervisor::restore_paused`], before it puts the disks back).
+    fn restore_image_paused(
         &self,
         vm: &str,
         image: &Path,
         bridge: Option<&str>,
     ) -> Result<DomainNic, HvError> {
-        if let Ok(dom) = self.conn.lookup_domain_by_name(vm)
-            && dom.is_active().unwrap_or(false)
-        {
-            return Err(hv_err(
-                vm,
-                "a domain of that name is running: destroy it before restoring",
-            ));
-        }
         let path = image
             .to_str()
             .ok_or_else(|| hv_err(vm, "image path is not UTF-8"))?;
