@@ -1755,11 +1755,31 @@ mod tests {
             );
         }
         drop(w);
-        // Aborted snapshots are not restorable; unknown ones are not found.
+        // An unknown snapshot is not found.
         assert!(matches!(
             c.restore("nope", None),
             Err(CoordinatorError::UnknownSnapshot(_))
         ));
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn an_aborted_snapshot_is_not_restorable() {
+        let g = group(2);
+        let dir = store();
+        let (c, hv) = coordinator(&g, &dir);
+        hv.fail("vm2", Failure::ImageFails);
+        let m = c.snapshot(&g).unwrap();
+        assert_eq!(m.outcome, Outcome::Aborted);
+        hv.world.lock().unwrap().log.clear();
+        assert!(matches!(
+            c.restore(&m.id, None),
+            Err(CoordinatorError::NotRestorable { .. })
+        ));
+        assert!(
+            hv.world.lock().unwrap().log.is_empty(),
+            "nothing was touched"
+        );
         let _ = fs::remove_dir_all(dir);
     }
 
