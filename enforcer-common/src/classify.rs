@@ -2,7 +2,10 @@
 //! function over a read-only view of the datapath's maps. The eBPF program implements the view
 //! with map lookups; the unit tests implement it with plain tables.
 
-use crate::maps::{FLAG_DRAINING, MAX_HELD_FRAME, MacKey, Type3Mode, VmEpoch};
+use crate::{
+    maps::{FLAG_DRAINING, FLAG_REMOTE, MAX_HELD_FRAME, MacKey, Type3Mode, VmEpoch},
+    wire,
+};
 
 /// The type of a frame from a sender coloured `color` to a receiver at `receiver_epoch`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +142,15 @@ pub struct Decision {
     pub outcome: Outcome,
     pub sender_slot: Option<u32>,
     pub hold: HoldKey,
+    /// The color the frame was classified with (0 when the sender is not identified).
+    pub color: u32,
+    /// The frame came from a VM on another host and carried a color above this host's view of
+    /// it: the view may be raised to `color` (it never leads: the color is the sender's epoch
+    /// when it sent the frame).
+    pub learn: bool,
+    /// The `skb->mark` to give a delivered frame of a local sender, so the overlay carries its
+    /// color to other hosts (VXLAN-GBP); 0: leave the mark alone.
+    pub mark: u32,
 }
 
 impl Decision {
@@ -168,10 +180,29 @@ pub fn decide_frame<V: DatapathView>(
     src: &MacKey,
     dst: &MacKey,
 ) -> Decision {
+    decide_wire(view, ifindex, src, dst, 0)
+}
+
+/// [`decide_frame`] for a frame that arrived with `skb->mark` = `mark`. For a sender on another
+/// host (registered with [`FLAG_REMOTE`] on the overlay port) a mark carrying a wire color
+/// ([`wire::decode`]) is the frame's exact color; without one, this host's view of the sender
+/// (which may lag) stands in, and the sender's host, which knows the color exactly, has
+/// already held the frame if it was Type-3 to its view of the receiver.
+#[inline(always)]
+pub fn decide_wire<V: DatapathView>(
+    view: &V,
+    ifindex: u32,
+    src: &MacKey,
+    dst: &MacKey,
+    mark: u32,
+) -> Decision {
     let unidentified = |outcome| Decision {
         outcome,
         sender_slot: None,
         hold: HoldKey::None,
+        color: 0,
+        learn: false,
+        mark: 0,
     };
     let sender = match view.vm(src) {
         Some(vm) if vm.ifindex == ifindex => vm,
@@ -180,11 +211,28 @@ pub fn decide_frame<V: DatapathView>(
         None if view.port_has_vm(ifindex) => return unidentified(Outcome::ForeignSource),
         None => return unidentified(Outcome::Unregistered),
     };
-    let color = sender.epoch;
-    let decided = |outcome, hold| Decision {
+    let remote = sender.flags & FLAG_REMOTE != 0;
+    let color = if remote {
+        match wire::decode(mark, sender.epoch) {
+            Some(color) => color,
+            None => sender.epoch,
+        }
+    } else {
+        sender.epoch
+    };
+    let learn = remote && color > sender.epoch;
+    let decided = |outcome: Outcome, hold| Decision {
         outcome,
         sender_slot: Some(sender.slot),
         hold,
+        color,
+        learn,
+        // Only frames to group members carry the color; other traffic keeps its mark.
+        mark: if remote || outcome == Outcome::OutsideGroup {
+            0
+        } else {
+            wire::encode(color)
+        },
     };
 
     let (frame_type, flags, hold) = if dst.is_multicast() {
@@ -299,6 +347,57 @@ mod tests {
         MacKey::new([0x02, 0, 0, 0, 0, n])
     }
     const BROADCAST: MacKey = MacKey::new([0xff; 6]);
+
+    /// A VM on another host, seen through the overlay port 900.
+    fn add_remote(t: &mut Tables, n: u8, group: u32, view: u32) -> MacKey {
+        let m = t.add(n, group, view);
+        let vm = t.vms.get_mut(&m).expect("added");
+        vm.ifindex = 900;
+        vm.flags |= FLAG_REMOTE;
+        m
+    }
+
+    #[test]
+    fn frames_from_another_host_are_classified_with_their_wire_color() {
+        let mut t = Tables::new(Type3Mode::Buffer);
+        t.hold_ready = true;
+        let local = t.add(1, 7, 0);
+        // This host's view of the remote sender lags: 0, while it already sent at 1.
+        let remote = add_remote(&mut t, 2, 7, 0);
+        let d = decide_wire(&t, 900, &remote, &local, wire::encode(1));
+        assert_eq!(d.outcome, Outcome::Type3Held);
+        assert_eq!((d.color, d.learn, d.mark), (1, true, 0));
+        // Without a wire color the view stands in (the sender's host has enforced already).
+        let d = decide_wire(&t, 900, &remote, &local, 0);
+        assert_eq!((d.outcome, d.color, d.learn), (Outcome::Type1, 0, false));
+        // An old frame (color below the view) is not learned from, and is Type-2 once the
+        // receiver has moved on.
+        t.vms.get_mut(&local).expect("added").epoch = 1;
+        t.vms.get_mut(&remote).expect("added").epoch = 1;
+        let d = decide_wire(&t, 900, &remote, &local, wire::encode(0));
+        assert_eq!((d.outcome, d.color, d.learn), (Outcome::Type2, 0, false));
+        // A remote VM's MAC on a local port is foreign.
+        assert_eq!(
+            decide_wire(&t, 101, &remote, &local, 0).outcome,
+            Outcome::ForeignSource
+        );
+    }
+
+    #[test]
+    fn frames_to_another_host_are_held_by_the_lagging_view_and_carry_their_color() {
+        let mut t = Tables::new(Type3Mode::Buffer);
+        t.hold_ready = true;
+        let local = t.add(1, 7, 1);
+        let remote = add_remote(&mut t, 2, 7, 0);
+        let d = decide_wire(&t, 101, &local, &remote, 0);
+        assert_eq!(d.outcome, Outcome::Type3Held);
+        assert_eq!(d.hold, HoldKey::Receiver(2));
+        t.vms.get_mut(&remote).expect("added").epoch = 1;
+        let d = decide_wire(&t, 101, &local, &remote, 0);
+        assert_eq!((d.outcome, d.mark), (Outcome::Type1, wire::encode(1)));
+        // Traffic leaving the group keeps its mark.
+        assert_eq!(decide_wire(&t, 101, &local, &mac(77), 0).mark, 0);
+    }
 
     #[test]
     fn classify_by_color_and_receiver_epoch() {

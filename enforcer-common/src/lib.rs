@@ -9,8 +9,10 @@
 
 pub mod classify;
 pub mod maps;
+pub mod wire;
 
 pub use classify::{
     DatapathView, Decision, FrameType, HoldKey, Outcome, Verdict, classify, decide, decide_frame,
+    decide_wire,
 };
 pub use maps::*;

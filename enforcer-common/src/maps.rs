@@ -16,8 +16,9 @@ pub mod names {
     pub const HOLD_SOCKS: &str = "hold_socks";
     pub const HOLD_KERNEL: &str = "hold_kernel";
     pub const HOLD_TOTALS: &str = "hold_totals";
+    pub const LEARNED: &str = "learned";
     /// Every map the datapath pins.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         EPOCHS,
         EPOCH_CACHE,
         PORTS,
@@ -30,6 +31,7 @@ pub mod names {
         HOLD_SOCKS,
         HOLD_KERNEL,
         HOLD_TOTALS,
+        LEARNED,
     ];
 }
 
@@ -49,11 +51,35 @@ pub const MAX_HELD_FRAME: u64 = 4096 - 256 - 320;
 /// `VmEpoch::flags` / `GroupState::flags`: the buffer daemon is still re-injecting frames held
 /// for this receiver (group), so newer frames to it are held too and cannot overtake them.
 pub const FLAG_DRAINING: u32 = 1;
+/// `VmEpoch::flags`: the VM runs on another host. Its entry is this host's view of its epoch
+/// (it may lag, never lead) and its `ifindex` is the overlay port its frames arrive on.
+pub const FLAG_REMOTE: u32 = 2;
+
+/// `port_slots` keys with this bit hold the counter slots of VMs on other hosts (`key & !bit`
+/// is the slot); an ifindex never has it.
+pub const REMOTE_SLOT_KEY: u32 = 0x8000_0000;
+
+/// Size in bytes of the `learned` ring buffer (a power of two, a multiple of the page size).
+pub const LEARNED_RING_BYTES: u32 = 64 * 1024;
+
+/// An entry of the `learned` ring buffer: a frame from another host carried a color above this
+/// host's view of its sender, so the view may rise to `epoch`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LearnedEpoch {
+    pub mac: MacKey,
+    pub epoch: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<LearnedEpoch>() == 16);
 
 /// Indexes of the per-CPU `hold_kernel` counters (frames the hold path lost in the kernel).
 pub mod hold_kernel {
     /// Redirected to the hold device, but no buffer socket was bound to take it.
     pub const NO_SOCKET: u32 = 0;
+    /// A learned epoch could not be reported: the `learned` ring was full (the view is then
+    /// raised by the coordinator's message instead, later).
+    pub const LEARN_LOST: u32 = 1;
     pub const LEN: u32 = 2;
 }
 
@@ -337,4 +363,6 @@ mod pod {
     unsafe impl aya::Pod for DatapathConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PortCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LearnedEpoch {}
 }

@@ -14,16 +14,16 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    btf_maps::{Array, HashMap, PerCpuArray, XskMap},
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf, XskMap},
     helpers::generated::bpf_redirect,
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use enforcer_common::{
     CACHE_OCCUPIED, CACHE_OVERFLOW, CachedVm, DatapathConfig, DatapathView, EPOCH_CACHE_SIZE,
-    GroupState, HoldKey, MAX_GROUPS, MAX_PORTS, MAX_VMS, MacKey, Outcome, PortCounters, PortVm,
-    Type3Mode, UNATTRIBUTED_SLOT, Verdict, VmEpoch, cache_index, decide_frame, hold_kernel,
-    hold_totals,
+    GroupState, HoldKey, LEARNED_RING_BYTES, LearnedEpoch, MAX_GROUPS, MAX_PORTS, MAX_VMS, MacKey,
+    Outcome, PortCounters, PortVm, Type3Mode, UNATTRIBUTED_SLOT, Verdict, VmEpoch, cache_index,
+    decide_wire, hold_kernel, hold_totals,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -80,6 +80,11 @@ static HOLD_KERNEL: PerCpuArray<u64, { hold_kernel::LEN as usize }> = PerCpuArra
 /// survives a restart. Written by userspace only.
 #[btf_map(name = "hold_totals")]
 static HOLD_TOTALS: Array<u64, { hold_totals::LEN as usize }> = Array::new();
+
+/// Colors learned from frames of VMs on other hosts, above this host's view of them: the
+/// daemon raises its view (see `enforcer_common::wire`).
+#[btf_map(name = "learned")]
+static LEARNED: RingBuf<LearnedEpoch, { LEARNED_RING_BYTES as usize }> = RingBuf::new();
 
 /// The hold device's ifindex, 0 when no buffer daemon serves.
 #[inline(always)]
@@ -143,7 +148,10 @@ impl DatapathView for Maps {
 pub fn enforcer_xdp(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let ifindex = ctx.ingress_ifindex() as u32;
-    match try_enforce(ctx.data(), ctx.data_end(), ifindex, bytes) {
+    // XDP sees no skb mark: frames from other hosts are classified with this host's view of
+    // their sender, and delivered frames carry no color to other hosts.
+    let (verdict, _mark) = try_enforce(ctx.data(), ctx.data_end(), ifindex, bytes, 0);
+    match verdict {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
         // SAFETY: a helper call with plain integer arguments; it returns XDP_REDIRECT.
@@ -154,7 +162,7 @@ pub fn enforcer_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn enforcer_tc(ctx: TcContext) -> i32 {
     // SAFETY: `skb` is the context pointer the kernel passed to this program.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (ifindex, mark) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).mark) };
     let len = ctx.len();
     // Headers of a received skb are normally linear; pull them in if not, so a frame is never
     // called malformed just because of how it is laid out in memory.
@@ -162,8 +170,15 @@ pub fn enforcer_tc(ctx: TcContext) -> i32 {
     if ctx.data_end() - ctx.data() < wanted as usize && len > (ctx.data_end() - ctx.data()) as u32 {
         let _ = ctx.pull_data(if len < wanted { len } else { wanted });
     }
-    match try_enforce(ctx.data(), ctx.data_end(), ifindex, len as u64) {
-        Verdict::Pass => TC_ACT_OK,
+    let (verdict, color_mark) = try_enforce(ctx.data(), ctx.data_end(), ifindex, len as u64, mark);
+    match verdict {
+        Verdict::Pass => {
+            if color_mark != 0 {
+                // VXLAN-GBP carries it to the receiver's host.
+                ctx.set_mark(color_mark);
+            }
+            TC_ACT_OK
+        }
         Verdict::Drop => TC_ACT_SHOT,
         // SAFETY: a helper call with plain integer arguments; it returns TC_ACT_REDIRECT.
         Verdict::Hold => unsafe { bpf_redirect(hold_ifindex(), 0) as i32 },
@@ -183,20 +198,32 @@ pub fn enforcer_hold(_ctx: XdpContext) -> u32 {
     }
 }
 
-/// Classifies one frame and counts it; returns what to do with it.
+/// Classifies one frame and counts it; returns what to do with it, and the mark that carries
+/// its color to other hosts (0: none).
 #[inline(always)]
-fn try_enforce(data: usize, data_end: usize, ifindex: u32, bytes: u64) -> Verdict {
-    let (outcome, sender_slot) = match ethernet_addresses(data, data_end) {
+fn try_enforce(
+    data: usize,
+    data_end: usize,
+    ifindex: u32,
+    bytes: u64,
+    mark: u32,
+) -> (Verdict, u32) {
+    let (outcome, sender_slot, color_mark) = match ethernet_addresses(data, data_end) {
         Some((src, dst)) => {
-            let decision = decide_frame(&Maps, ifindex, &src, &dst).fit_hold(bytes);
+            let decision = decide_wire(&Maps, ifindex, &src, &dst, mark).fit_hold(bytes);
+            // Reported before the frame is redirected: the buffer daemon, which reads the ring
+            // before the frames it takes, then knows the color of a held frame from another host.
+            if decision.learn {
+                learn(src, decision.color);
+            }
             match decision.hold {
                 HoldKey::None => {}
                 HoldKey::Receiver(slot) => bump(HOLD_IN_PORT.get_ptr_mut(slot)),
                 HoldKey::Group(group) => bump(HOLD_IN_GROUP.get_ptr_mut(group)),
             }
-            (decision.outcome, decision.sender_slot)
+            (decision.outcome, decision.sender_slot, decision.mark)
         }
-        None => (Outcome::Malformed, None),
+        None => (Outcome::Malformed, None, 0),
     };
     let slot = match sender_slot {
         Some(slot) => slot,
@@ -204,7 +231,20 @@ fn try_enforce(data: usize, data_end: usize, ifindex: u32, bytes: u64) -> Verdic
         None => unsafe { PORT_SLOTS.get(ifindex).copied() }.unwrap_or(UNATTRIBUTED_SLOT),
     };
     count(slot, outcome, bytes);
-    outcome.verdict()
+    (outcome.verdict(), color_mark)
+}
+
+/// Reports a color learned from another host's frame; counted when the ring is full.
+#[inline(always)]
+fn learn(mac: MacKey, epoch: u32) {
+    let entry = LearnedEpoch {
+        mac,
+        epoch,
+        _pad: 0,
+    };
+    if LEARNED.output(entry, 0).is_err() {
+        bump(HOLD_KERNEL.get_ptr_mut(hold_kernel::LEARN_LOST));
+    }
 }
 
 /// Source and destination MAC of a well-formed frame: at least an Ethernet header, and the

@@ -47,7 +47,7 @@ impl EpochControl for AgentEpochs {
         }
     }
 
-    fn roll_back(&self, group: u32, epoch: u32) -> Result<(), String> {
+    fn abort_epochs(&self, group: u32, epoch: u32) -> Result<(), String> {
         self.rt
             .block_on(self.client.abort(group, epoch))
             .map(|_| ())

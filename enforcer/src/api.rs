@@ -11,17 +11,21 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
-use enforcer_common::{Outcome, Type3Mode, VmEpoch};
+use enforcer_common::{
+    FLAG_REMOTE, Outcome, REMOTE_SLOT_KEY, Type3Mode, VmEpoch, hold_kernel, names,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::{
     coordinator::{
-        CoordinatorError, GroupSpec, Manifest, Outcome as SnapshotOutcome, RestoreReport,
+        CoordinatorError, EpochControl as _, GroupSpec, HvError, Hypervisor as _, Manifest,
+        Outcome as SnapshotOutcome, RestoreReport, VmSpec,
     },
     datapath::{AttachMode, AttachedPort, Datapath, DatapathError, ifindex_of},
     epochs::{self, EpochError, EpochStore as _, GroupRecord, VmRecord},
     hold::{Buffer, Command, HoldReport},
+    hosts::Hosts,
     mac::MacAddr,
     metrics,
     snapshots::Snapshots,
@@ -34,6 +38,8 @@ pub struct AppState {
     pub buffer: std::sync::Mutex<Option<Buffer>>,
     /// Group snapshots over libvirt, when enabled.
     pub snapshots: std::sync::OnceLock<Arc<Snapshots>>,
+    /// Views of VMs on other hosts raised from their frames' colors (see `learn.rs`).
+    pub learned_applied: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl AppState {
@@ -66,6 +72,45 @@ impl AppState {
 }
 
 pub type Shared = Arc<AppState>;
+
+/// What the group and snapshot routes need. The daemon (`enforcer run`) serves them over its
+/// own host; the coordinator of several hosts (`enforcer coordinator`) over the agents.
+pub trait SnapshotService: Send + Sync + 'static {
+    fn snapshots(&self) -> Result<Arc<Snapshots>, ApiError>;
+    fn token(&self) -> Option<&str>;
+}
+
+impl SnapshotService for AppState {
+    fn snapshots(&self) -> Result<Arc<Snapshots>, ApiError> {
+        self.snapshots.get().cloned().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "snapshots are off: this daemon runs without libvirt (--no-libvirt)",
+            )
+        })
+    }
+
+    fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+}
+
+/// The state of `enforcer coordinator`: no datapath of its own, only agents.
+pub struct CoordinatorState {
+    pub snapshots: Arc<Snapshots>,
+    pub hosts: Hosts,
+    pub token: Option<String>,
+}
+
+impl SnapshotService for CoordinatorState {
+    fn snapshots(&self) -> Result<Arc<Snapshots>, ApiError> {
+        Ok(self.snapshots.clone())
+    }
+
+    fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+}
 
 /// A JSON error: `{"error": "..."}` with a 4xx/5xx status.
 #[derive(Debug)]
@@ -121,6 +166,7 @@ impl From<EpochError<DatapathError>> for ApiError {
             | EpochError::PortTaken { .. }
             | EpochError::Backwards { .. }
             | EpochError::Overflow { .. } => StatusCode::CONFLICT,
+            EpochError::NoFreeSlot => StatusCode::INSUFFICIENT_STORAGE,
             EpochError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, err.to_string())
@@ -135,6 +181,12 @@ pub struct Health {
     pub attach_mode: AttachMode,
     pub pin_root: String,
     pub ports: usize,
+    /// Views of VMs on other hosts raised from the colors their frames carried.
+    #[serde(default)]
+    pub learned_epochs: u64,
+    /// Learned colors the program could not report (its ring was full).
+    #[serde(default)]
+    pub learn_lost: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -143,14 +195,22 @@ pub struct RegisterVm {
     pub group: u32,
     /// Host-side interface of the VM (its tap/veth on the bridge).
     pub port: String,
-    /// Starting epoch; default: the group's current epoch.
+    /// Starting epoch; default: the group's current epoch. Required for a remote VM.
     #[serde(default)]
     pub epoch: Option<u32>,
+    /// The VM runs on another host: `port` is the overlay port (e.g. the VXLAN device on the
+    /// bridge) its frames arrive on, and `epoch` the coordinator's value of its epoch.
+    #[serde(default)]
+    pub remote: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
 pub struct SetEpoch {
     pub epoch: u32,
+    /// Only raise: an epoch at or below the current one is not an error but a no-op (how
+    /// views of VMs on other hosts are updated, since they may have learned it already).
+    #[serde(default)]
+    pub raise_only: bool,
 }
 
 /// `POST /v1/groups/{g}/abort`: every member above `epoch` goes back to it, and everything
@@ -215,6 +275,9 @@ pub struct PortStats {
     pub ifindex: u32,
     pub port: Option<String>,
     pub vm: Option<MacAddr>,
+    /// The counters of one VM on another host (frames from it that arrived on the overlay).
+    #[serde(default)]
+    pub remote: bool,
     pub counters: BTreeMap<String, CounterJson>,
 }
 
@@ -228,34 +291,65 @@ impl PortStats {
 }
 
 pub fn router(state: Shared) -> Router {
-    Router::new()
+    snapshot_routes(Router::new())
         .route("/v1/health", get(health))
         .route("/v1/vms", get(list_vms).post(register_vm))
         .route("/v1/vms/{mac}", get(get_vm).delete(unregister_vm))
         .route("/v1/vms/{mac}/epoch", put(set_epoch))
         .route("/v1/vms/{mac}/advance", post(advance))
-        .route("/v1/groups", get(list_groups).post(define_group))
-        .route("/v1/groups/{group}", axum::routing::delete(remove_group))
+        .route("/v1/groups", get(list_groups))
         .route("/v1/groups/{group}/abort", post(abort))
-        .route("/v1/groups/{group}/snapshots", post(create_snapshot))
-        .route("/v1/snapshots", get(list_snapshots))
-        .route(
-            "/v1/snapshots/{id}",
-            get(get_snapshot).delete(delete_snapshot),
-        )
-        .route("/v1/snapshots/{id}/restore", post(restore_snapshot))
+        .route("/v1/domains/{name}/nic", get(domain_nic))
+        .route("/v1/domains/{name}/{op}", post(domain_op))
         .route("/v1/holds", get(holds))
         .route("/v1/ports", get(list_ports))
         .route("/v1/stats", get(stats))
         .route("/v1/config", get(get_config).put(set_config))
         .route("/metrics", get(prometheus))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
-        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_token::<AppState>,
+        ))
         .with_state(state)
 }
 
-async fn require_token(State(state): State<Shared>, req: Request, next: Next) -> Response {
-    if let Some(token) = &state.token {
+/// The API of `enforcer coordinator`: groups and snapshots over the agents of several hosts.
+pub fn coordinator_router(state: Arc<CoordinatorState>) -> Router {
+    snapshot_routes(Router::new())
+        .route("/v1/health", get(coordinator_health))
+        .route("/v1/groups", get(coordinator_groups))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_token::<CoordinatorState>,
+        ))
+        .with_state(state)
+}
+
+/// Group and snapshot routes, the same for one host and for several.
+fn snapshot_routes<S: SnapshotService>(router: Router<Arc<S>>) -> Router<Arc<S>> {
+    router
+        .route("/v1/groups", post(define_group::<S>))
+        .route(
+            "/v1/groups/{group}",
+            axum::routing::delete(remove_group::<S>),
+        )
+        .route("/v1/groups/{group}/snapshots", post(create_snapshot::<S>))
+        .route("/v1/snapshots", get(list_snapshots::<S>))
+        .route(
+            "/v1/snapshots/{id}",
+            get(get_snapshot::<S>).delete(delete_snapshot::<S>),
+        )
+        .route("/v1/snapshots/{id}/restore", post(restore_snapshot::<S>))
+}
+
+async fn require_token<S: SnapshotService>(
+    State(state): State<Arc<S>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = state.token() {
         let ok = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -281,12 +375,15 @@ fn parse_mac(s: &str) -> Result<MacAddr, ApiError> {
 }
 
 async fn health(State(s): State<Shared>) -> ApiResult<Health> {
-    let dp = s.datapath.lock().await;
+    let mut dp = s.datapath.lock().await;
+    let learn_lost = dp.per_cpu_sum(names::HOLD_KERNEL, hold_kernel::LEARN_LOST)?;
     Ok(Json(Health {
         status: "ok".into(),
         attach_mode: dp.attach_mode(),
         pin_root: dp.pin_root().display().to_string(),
         ports: dp.attached_ports().len(),
+        learned_epochs: s.learned_applied.load(std::sync::atomic::Ordering::Relaxed),
+        learn_lost,
     }))
 }
 
@@ -315,12 +412,22 @@ async fn register_vm(
             ),
         ));
     }
-    let vm = epochs::register(&mut *dp, req.mac, req.group, ifindex, req.epoch)?;
+    let vm = if req.remote {
+        let epoch = req.epoch.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "a remote VM is registered with its epoch (the value its own host has)",
+            )
+        })?;
+        epochs::register_remote(&mut *dp, req.mac, req.group, ifindex, epoch)?
+    } else {
+        epochs::register(&mut *dp, req.mac, req.group, ifindex, req.epoch)?
+    };
     s.to_buffer(Command::Vm {
         mac: vm.mac.key(),
         vm: dp.vm(&vm.mac.key()).ok().flatten(),
     });
-    tracing::info!(mac = %vm.mac, group = vm.group, epoch = vm.epoch, port = req.port, "VM registered");
+    tracing::info!(mac = %vm.mac, group = vm.group, epoch = vm.epoch, port = req.port, remote = vm.remote, "VM registered");
     Ok((StatusCode::CREATED, Json(vm)))
 }
 
@@ -342,26 +449,33 @@ async fn set_epoch(
 ) -> ApiResult<VmRecord> {
     let mac = parse_mac(&mac)?;
     let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    Ok(Json(change_epoch(&s, mac, Some(req.epoch)).await?))
+    Ok(Json(
+        change_epoch(&s, mac, Some(req.epoch), req.raise_only).await?,
+    ))
 }
 
 async fn advance(State(s): State<Shared>, Path(mac): Path<String>) -> ApiResult<VmRecord> {
     let mac = parse_mac(&mac)?;
-    Ok(Json(change_epoch(&s, mac, None).await?))
+    Ok(Json(change_epoch(&s, mac, None, false).await?))
 }
 
 /// Moves a VM's epoch (to `target`, or the next one). With a buffer running: its copy of the
 /// VM is updated first (so colors it assigns never lag the map), then the map gets the epoch
-/// and the draining flag in one write, then the buffer is told to re-inject.
+/// and the draining flag in one write, then the buffer is told to re-inject. With
+/// `raise_only`, a target at or below the current epoch leaves it as it is.
 pub async fn change_epoch(
     s: &AppState,
     mac: MacAddr,
     target: Option<u32>,
+    raise_only: bool,
 ) -> Result<VmRecord, ApiError> {
     let mut dp = s.datapath.lock().await;
     let current: VmEpoch = dp
         .vm(&mac.key())?
         .ok_or(EpochError::<DatapathError>::UnknownVm(mac))?;
+    if raise_only && target.is_some_and(|t| t <= current.epoch) {
+        return Ok(VmRecord::new(mac.key(), current));
+    }
     let epoch = match target {
         Some(epoch) => epoch,
         None => current
@@ -547,15 +661,6 @@ impl From<CoordinatorError> for ApiError {
     }
 }
 
-fn snapshots(s: &AppState) -> Result<Arc<Snapshots>, ApiError> {
-    s.snapshots.get().cloned().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "snapshots are off: this daemon runs without libvirt (--no-libvirt)",
-        )
-    })
-}
-
 /// Runs blocking coordinator work off the async runtime.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, CoordinatorError> + Send + 'static,
@@ -566,29 +671,32 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
-async fn define_group(
-    State(s): State<Shared>,
+async fn define_group<S: SnapshotService>(
+    State(s): State<Arc<S>>,
     body: Result<Json<DefineGroup>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<GroupSpec>), ApiError> {
     let Json(req) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let c = snapshots(&s)?;
+    let c = s.snapshots()?;
     let group = blocking(move || c.define_group(&req.name, req.id, &req.domains)).await?;
     Ok((StatusCode::CREATED, Json(group)))
 }
 
-async fn remove_group(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<GroupSpec> {
-    let c = snapshots(&s)?;
+async fn remove_group<S: SnapshotService>(
+    State(s): State<Arc<S>>,
+    Path(name): Path<String>,
+) -> ApiResult<GroupSpec> {
+    let c = s.snapshots()?;
     Ok(Json(blocking(move || c.remove_group(&name)).await?))
 }
 
 /// Starts a snapshot and answers at once (202) with its live view; the work goes on in the
 /// background (follow it with `GET /v1/snapshots/{id}`). Preparing and running happen in one
 /// task, so a client that goes away cannot leave a prepared snapshot (and a busy group) behind.
-async fn create_snapshot(
-    State(s): State<Shared>,
+async fn create_snapshot<S: SnapshotService>(
+    State(s): State<Arc<S>>,
     Path(name): Path<String>,
 ) -> Result<(StatusCode, Json<Manifest>), ApiError> {
-    let c = snapshots(&s)?;
+    let c = s.snapshots()?;
     let (started, view) = tokio::sync::oneshot::channel();
     tokio::task::spawn_blocking(move || {
         let prepared = c.group(&name).and_then(|group| c.prepare(&group));
@@ -615,11 +723,11 @@ pub struct SnapshotFilter {
     pub group: Option<String>,
 }
 
-async fn list_snapshots(
-    State(s): State<Shared>,
+async fn list_snapshots<S: SnapshotService>(
+    State(s): State<Arc<S>>,
     axum::extract::Query(filter): axum::extract::Query<SnapshotFilter>,
 ) -> ApiResult<Vec<Manifest>> {
-    let c = snapshots(&s)?;
+    let c = s.snapshots()?;
     let mut all = blocking(move || c.list()).await?;
     if let Some(g) = filter.group {
         all.retain(|m| m.group.name == g);
@@ -627,39 +735,274 @@ async fn list_snapshots(
     Ok(Json(all))
 }
 
-async fn get_snapshot(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Manifest> {
-    let c = snapshots(&s)?;
+async fn get_snapshot<S: SnapshotService>(
+    State(s): State<Arc<S>>,
+    Path(id): Path<String>,
+) -> ApiResult<Manifest> {
+    let c = s.snapshots()?;
     Ok(Json(blocking(move || c.get(&id)).await?))
 }
 
-async fn delete_snapshot(State(s): State<Shared>, Path(id): Path<String>) -> ApiResult<Manifest> {
-    let c = snapshots(&s)?;
+async fn delete_snapshot<S: SnapshotService>(
+    State(s): State<Arc<S>>,
+    Path(id): Path<String>,
+) -> ApiResult<Manifest> {
+    let c = s.snapshots()?;
     Ok(Json(blocking(move || c.delete(&id)).await?))
 }
 
-async fn restore_snapshot(
-    State(s): State<Shared>,
+async fn restore_snapshot<S: SnapshotService>(
+    State(s): State<Arc<S>>,
     Path(id): Path<String>,
     body: Option<Json<Restore>>,
 ) -> ApiResult<RestoreReport> {
     let req = body.map(|Json(r)| r).unwrap_or_default();
     if let Some(bridge) = &req.bridge {
-        let valid = !bridge.is_empty()
-            && bridge.len() <= 15
-            && bridge
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-        if !valid {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("bridge {bridge:?}: an interface name (1-15 of [A-Za-z0-9_.-])"),
-            ));
-        }
+        check_bridge(bridge)?;
     }
-    let c = snapshots(&s)?;
+    let c = s.snapshots()?;
     Ok(Json(
         blocking(move || c.restore(&id, req.bridge.as_deref())).await?,
     ))
+}
+
+/// `POST /v1/domains/{name}/{op}`: one step of a snapshot or restore of a domain on this
+/// agent's host, for a coordinator of several hosts (see `hosts.rs`).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct DomainCall {
+    pub mac: MacAddr,
+    /// The snapshot's id (`begin`, `discard`): its images live under this agent's store.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// `wait-paused`, `complete`.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// `restore`: the images `complete` returned.
+    #[serde(default)]
+    pub images: Vec<std::path::PathBuf>,
+    /// `restore`: onto this bridge instead of the domain's own.
+    #[serde(default)]
+    pub bridge: Option<String>,
+}
+
+impl Default for DomainCall {
+    fn default() -> Self {
+        Self {
+            mac: MacAddr([0; 6]),
+            snapshot: None,
+            timeout_ms: None,
+            images: Vec::new(),
+            bridge: None,
+        }
+    }
+}
+
+/// A domain's NIC: its MAC and host-side port.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct DomainNicJson {
+    pub mac: MacAddr,
+    pub port: String,
+}
+
+impl From<HvError> for ApiError {
+    fn from(err: HvError) -> Self {
+        let status = if err.detail.starts_with("no such domain") {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::CONFLICT
+        };
+        // The detail alone: the coordinator names the VM itself.
+        Self::new(status, err.detail)
+    }
+}
+
+fn check_bridge(bridge: &str) -> Result<(), ApiError> {
+    let valid = !bridge.is_empty()
+        && bridge.len() <= 15
+        && bridge
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("bridge {bridge:?}: an interface name (1-15 of [A-Za-z0-9_.-])"),
+        ))
+    }
+}
+
+async fn domain_nic(State(s): State<Shared>, Path(name): Path<String>) -> ApiResult<DomainNicJson> {
+    let c = s.snapshots()?;
+    let (mac, port) = tokio::task::spawn_blocking(move || c.hypervisor().nic(&name))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(DomainNicJson { mac, port }))
+}
+
+async fn domain_op(
+    State(s): State<Shared>,
+    Path((name, op)): Path<(String, String)>,
+    body: Result<Json<DomainCall>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<serde_json::Value> {
+    let Json(call) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let c = s.snapshots()?;
+    let snapshot = call.snapshot.clone();
+    let snapshot_dir = move |c: &Snapshots| -> Result<std::path::PathBuf, ApiError> {
+        match snapshot.as_deref() {
+            Some(id) if !id.is_empty() && !id.contains('/') && !id.starts_with('.') => {
+                Ok(c.store().join(id))
+            }
+            other => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("snapshot id {other:?}: a name, no / and not starting with ."),
+            )),
+        }
+    };
+    if let Some(bridge) = &call.bridge {
+        check_bridge(bridge)?;
+    }
+    let vm = VmSpec {
+        name,
+        mac: call.mac,
+    };
+    let timeout = std::time::Duration::from_millis(call.timeout_ms.unwrap_or(60_000));
+    let done = || serde_json::json!({});
+    let work = move || -> Result<serde_json::Value, ApiError> {
+        let hv = c.hypervisor();
+        Ok(match op.as_str() {
+            "begin" => {
+                let dir = snapshot_dir(&c)?;
+                std::fs::create_dir_all(&dir).map_err(|e| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("{}: {e}", dir.display()),
+                    )
+                })?;
+                hv.begin(&vm, &dir).map(|()| done())?
+            }
+            "wait-paused" => serde_json::json!(hv.wait_paused(&vm, timeout)?),
+            "complete" => serde_json::json!(hv.complete(&vm, timeout)?),
+            "resume" => hv.resume(&vm).map(|()| done())?,
+            "cancel" => hv.cancel(&vm).map(|()| done())?,
+            "destroy" => hv.destroy(&vm).map(|()| done())?,
+            "discard" => {
+                let dir = snapshot_dir(&c)?;
+                hv.discard(&vm, &dir)?;
+                // The last VM's images gone: the directory goes too.
+                let _ = std::fs::remove_dir(&dir);
+                done()
+            }
+            "restore" => {
+                let store = c
+                    .store()
+                    .canonicalize()
+                    .unwrap_or_else(|_| c.store().into());
+                if let Some(outside) = call
+                    .images
+                    .iter()
+                    .find(|p| !p.canonicalize().is_ok_and(|p| p.starts_with(&store)))
+                {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "{} is not an image in this agent's store",
+                            outside.display()
+                        ),
+                    ));
+                }
+                let port = hv.restore_paused(&vm, &call.images, call.bridge.as_deref())?;
+                serde_json::json!(DomainNicJson { mac: vm.mac, port })
+            }
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "no domain operation {other:?} (begin, wait-paused, complete, resume, cancel, destroy, discard, restore)"
+                    ),
+                ));
+            }
+        })
+    };
+    let value = tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(value))
+}
+
+/// `GET /v1/health` of the coordinator: every agent, reachable or not.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct CoordinatorHealth {
+    pub status: String,
+    pub hosts: Vec<HostHealth>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct HostHealth {
+    pub name: String,
+    pub agent: String,
+    pub reachable: bool,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub learned_epochs: u64,
+}
+
+async fn coordinator_health(State(s): State<Arc<CoordinatorState>>) -> Json<CoordinatorHealth> {
+    let mut hosts = Vec::new();
+    for spec in s.hosts.specs() {
+        let client = s.hosts.client(&spec.name).expect("a listed host");
+        let (reachable, error, learned_epochs) = match client.health().await {
+            Ok(h) => (true, None, h.learned_epochs),
+            Err(e) => (false, Some(e.to_string()), 0),
+        };
+        hosts.push(HostHealth {
+            name: spec.name,
+            agent: spec.agent,
+            reachable,
+            error,
+            learned_epochs,
+        });
+    }
+    let status = if hosts.iter().all(|h| h.reachable) {
+        "ok"
+    } else {
+        "degraded"
+    };
+    Json(CoordinatorHealth {
+        status: status.into(),
+        hosts,
+    })
+}
+
+/// The coordinator's groups, with their members' epochs as their own hosts have them.
+async fn coordinator_groups(State(s): State<Arc<CoordinatorState>>) -> ApiResult<Vec<GroupView>> {
+    let c = s.snapshots.clone();
+    let views = tokio::task::spawn_blocking(move || {
+        c.groups()
+            .into_iter()
+            .map(|g| {
+                let epochs: Vec<u32> = g
+                    .vms
+                    .iter()
+                    .filter_map(|vm| c.epochs().epoch(vm).ok())
+                    .collect();
+                GroupView {
+                    record: GroupRecord {
+                        group: g.id,
+                        members: g.vms.len() as u32,
+                        min_epoch: epochs.iter().copied().min().unwrap_or(0),
+                        max_epoch: epochs.iter().copied().max().unwrap_or(0),
+                    },
+                    name: Some(g.name.clone()),
+                    domains: g.vms.iter().map(|v| v.name.clone()).collect(),
+                }
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(views))
 }
 
 /// Whether a snapshot is finished (for clients that wait).
@@ -673,27 +1016,43 @@ async fn list_ports(State(s): State<Shared>) -> ApiResult<Vec<AttachedPort>> {
 
 /// Counters of every port that has any, with the port's name and VM when known.
 pub fn collect_stats(dp: &mut Datapath) -> Result<Vec<PortStats>, ApiError> {
-    let vms = epochs::list_vms(dp)?;
+    let vms = dp.vms()?;
     let stats = dp.port_stats()?;
     Ok(stats
         .into_iter()
-        .map(|(ifindex, counters)| PortStats {
-            ifindex,
-            port: dp.port_name(ifindex).map(str::to_owned),
-            vm: vms.iter().find(|vm| vm.ifindex == ifindex).map(|vm| vm.mac),
-            counters: Outcome::ALL
-                .iter()
-                .map(|o| {
-                    let c = counters.counter(*o);
-                    (
-                        o.name().to_owned(),
-                        CounterJson {
-                            frames: c.frames,
-                            bytes: c.bytes,
-                        },
-                    )
-                })
-                .collect(),
+        .map(|(key, counters)| {
+            // A VM on another host has a slot of its own on the shared overlay port.
+            let (ifindex, vm) = if key & REMOTE_SLOT_KEY != 0 {
+                let slot = key & !REMOTE_SLOT_KEY;
+                let vm = vms
+                    .iter()
+                    .find(|(_, vm)| vm.flags & FLAG_REMOTE != 0 && vm.slot == slot);
+                (vm.map_or(0, |(_, vm)| vm.ifindex), vm)
+            } else {
+                let vm = vms
+                    .iter()
+                    .find(|(_, vm)| vm.flags & FLAG_REMOTE == 0 && vm.ifindex == key);
+                (key, vm)
+            };
+            PortStats {
+                ifindex,
+                port: dp.port_name(ifindex).map(str::to_owned),
+                vm: vm.map(|(mac, _)| MacAddr::from(*mac)),
+                remote: vm.is_some_and(|(_, vm)| vm.flags & FLAG_REMOTE != 0),
+                counters: Outcome::ALL
+                    .iter()
+                    .map(|o| {
+                        let c = counters.counter(*o);
+                        (
+                            o.name().to_owned(),
+                            CounterJson {
+                                frames: c.frames,
+                                bytes: c.bytes,
+                            },
+                        )
+                    })
+                    .collect(),
+            }
         })
         .collect())
 }

@@ -38,6 +38,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: attach to every VM port, follow ports, serve the API.
     Run(RunArgs),
+    /// Coordinate group snapshots across several hosts: drives the agent (`enforcer run`) of
+    /// each host over HTTP. Groups name their VMs `domain@host`.
+    Coordinator(CoordinatorArgs),
     /// Run the demo: a group of real VMs talking, a group snapshot under traffic through the
     /// API, the VMs killed, the group restored, and the restored state checked.
     Demo(DemoArgs),
@@ -136,12 +139,27 @@ pub struct RunArgs {
     pub no_libvirt: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    /// The hosts: a JSON array of {"name", "agent" (the agent's API URL), "overlay" (the
+    /// agent's VXLAN-GBP port on its bridge)}.
+    #[arg(long)]
+    pub hosts: PathBuf,
+    /// API address. Anything but loopback requires --token (which the agents also require).
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub listen: SocketAddr,
+    /// Manifests, journals and groups (images stay on the hosts that run the VMs).
+    #[arg(long, default_value = "/var/lib/enforcer/coordinator")]
+    pub store: PathBuf,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum GroupCommand {
     /// Define a group of running libvirt domains; registers their VMs in the datapath.
     Define {
         name: String,
-        /// Domains (libvirt names), at least one.
+        /// Domains (libvirt names), at least one; `domain@host` for a coordinator of several
+        /// hosts.
         #[arg(required = true)]
         domains: Vec<String>,
         /// Datapath group id (default: the lowest unused).
@@ -352,6 +370,18 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                     store: args.store,
                     ..SnapshotOptions::default()
                 }),
+            })
+            .await?;
+            running.wait_for_signal().await?;
+        }
+        Command::Coordinator(args) => {
+            let hosts = crate::hosts::load(&args.hosts)?;
+            let running = daemon::start_coordinator(daemon::CoordinatorConfig {
+                hosts,
+                listen: args.listen,
+                token: cli.token,
+                store: args.store,
+                timeouts: crate::coordinator::Timeouts::default(),
             })
             .await?;
             running.wait_for_signal().await?;

@@ -1,14 +1,16 @@
 //! HTTP client of the daemon's API, used by the CLI, the demo and the tests.
 
+use std::{path::PathBuf, time::Duration};
+
 use reqwest::{Method, StatusCode};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
     api::{
-        Abort, Config, DefineGroup, ErrorBody, GroupView, Health, ModeName, PortStats, RegisterVm,
-        Restore, SetEpoch,
+        Abort, Config, DefineGroup, DomainCall, DomainNicJson, ErrorBody, GroupView, Health,
+        ModeName, PortStats, RegisterVm, Restore, SetEpoch,
     },
-    coordinator::{GroupSpec, Manifest, RestoreReport},
+    coordinator::{GroupSpec, Manifest, Paused, RestoreReport, VmSpec},
     datapath::AttachedPort,
     epochs::VmRecord,
     hold::HoldReport,
@@ -16,6 +18,13 @@ use crate::{
 };
 
 pub const DEFAULT_API: &str = "http://127.0.0.1:7878";
+
+fn decode<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ClientError> {
+    serde_json::from_value(value).map_err(|e| ClientError::Api {
+        status: StatusCode::BAD_GATEWAY,
+        message: format!("unexpected answer: {e}"),
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -117,8 +126,40 @@ impl Client {
             group,
             port: port.to_owned(),
             epoch,
+            remote: false,
         };
         self.call(Method::POST, "/v1/vms", Some(&body)).await
+    }
+
+    /// Registers this agent's view of a VM that runs on another host, on its overlay port.
+    pub async fn register_remote_vm(
+        &self,
+        mac: MacAddr,
+        group: u32,
+        overlay: &str,
+        epoch: u32,
+    ) -> Result<VmRecord, ClientError> {
+        let body = RegisterVm {
+            mac,
+            group,
+            port: overlay.to_owned(),
+            epoch: Some(epoch),
+            remote: true,
+        };
+        self.call(Method::POST, "/v1/vms", Some(&body)).await
+    }
+
+    /// Raises a VM's epoch to `epoch` unless it is there already (views of remote VMs).
+    pub async fn raise_epoch(&self, mac: MacAddr, epoch: u32) -> Result<VmRecord, ClientError> {
+        self.call(
+            Method::PUT,
+            &format!("/v1/vms/{mac}/epoch"),
+            Some(&SetEpoch {
+                epoch,
+                raise_only: true,
+            }),
+        )
+        .await
     }
 
     pub async fn unregister_vm(&self, mac: MacAddr) -> Result<VmRecord, ClientError> {
@@ -130,7 +171,10 @@ impl Client {
         self.call(
             Method::PUT,
             &format!("/v1/vms/{mac}/epoch"),
-            Some(&SetEpoch { epoch }),
+            Some(&SetEpoch {
+                epoch,
+                raise_only: false,
+            }),
         )
         .await
     }
@@ -259,6 +303,104 @@ impl Client {
     }
 
     /// `GET /metrics`, as text.
+    // ---- an agent's domains, for a coordinator of several hosts (see `hosts.rs`) ----
+
+    async fn domain(
+        &self,
+        vm: &VmSpec,
+        op: &str,
+        call: DomainCall,
+    ) -> Result<serde_json::Value, ClientError> {
+        let call = DomainCall {
+            mac: vm.mac,
+            ..call
+        };
+        self.call(
+            Method::POST,
+            &format!("/v1/domains/{}/{op}", vm.name),
+            Some(&call),
+        )
+        .await
+    }
+
+    pub async fn domain_nic(&self, name: &str) -> Result<(MacAddr, String), ClientError> {
+        let nic: DomainNicJson = self.get(&format!("/v1/domains/{name}/nic")).await?;
+        Ok((nic.mac, nic.port))
+    }
+
+    pub async fn domain_begin(&self, vm: &VmSpec, snapshot: &str) -> Result<(), ClientError> {
+        let call = DomainCall {
+            snapshot: Some(snapshot.to_owned()),
+            ..DomainCall::default()
+        };
+        self.domain(vm, "begin", call).await.map(|_| ())
+    }
+
+    pub async fn domain_wait_paused(
+        &self,
+        vm: &VmSpec,
+        timeout: Duration,
+    ) -> Result<Paused, ClientError> {
+        let call = DomainCall {
+            timeout_ms: Some(timeout.as_millis() as u64),
+            ..DomainCall::default()
+        };
+        decode(self.domain(vm, "wait-paused", call).await?)
+    }
+
+    pub async fn domain_complete(
+        &self,
+        vm: &VmSpec,
+        timeout: Duration,
+    ) -> Result<Vec<PathBuf>, ClientError> {
+        let call = DomainCall {
+            timeout_ms: Some(timeout.as_millis() as u64),
+            ..DomainCall::default()
+        };
+        decode(self.domain(vm, "complete", call).await?)
+    }
+
+    pub async fn domain_resume(&self, vm: &VmSpec) -> Result<(), ClientError> {
+        self.domain(vm, "resume", DomainCall::default())
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn domain_cancel(&self, vm: &VmSpec) -> Result<(), ClientError> {
+        self.domain(vm, "cancel", DomainCall::default())
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn domain_destroy(&self, vm: &VmSpec) -> Result<(), ClientError> {
+        self.domain(vm, "destroy", DomainCall::default())
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn domain_discard(&self, vm: &VmSpec, snapshot: &str) -> Result<(), ClientError> {
+        let call = DomainCall {
+            snapshot: Some(snapshot.to_owned()),
+            ..DomainCall::default()
+        };
+        self.domain(vm, "discard", call).await.map(|_| ())
+    }
+
+    pub async fn domain_restore(
+        &self,
+        vm: &VmSpec,
+        images: &[PathBuf],
+        bridge: Option<&str>,
+    ) -> Result<String, ClientError> {
+        let call = DomainCall {
+            images: images.to_vec(),
+            bridge: bridge.map(str::to_owned),
+            ..DomainCall::default()
+        };
+        let nic: DomainNicJson = decode(self.domain(vm, "restore", call).await?)?;
+        Ok(nic.port)
+    }
+
     pub async fn metrics(&self) -> Result<String, ClientError> {
         let url = format!("{}/metrics", self.base);
         let mut req = self.http.get(&url);

@@ -82,10 +82,50 @@ pub trait Hypervisor: Send + Sync {
     ) -> Result<String, HvError>;
     /// Stops a VM for good (undoing a partial restore).
     fn destroy(&self, vm: &VmSpec) -> Result<(), HvError>;
+    /// Deletes the VM's images of the snapshot whose directory is `image_dir` (an aborted or
+    /// deleted snapshot). Where the images live is the hypervisor's business: on the host
+    /// that runs the VM.
+    fn discard(&self, vm: &VmSpec, image_dir: &Path) -> Result<(), HvError>;
+}
+
+/// Hypervisors behind one type (one host's libvirt, or the agents of several hosts).
+impl Hypervisor for Box<dyn Hypervisor> {
+    fn begin(&self, vm: &VmSpec, image_dir: &Path) -> Result<(), HvError> {
+        (**self).begin(vm, image_dir)
+    }
+    fn wait_paused(&self, vm: &VmSpec, timeout: Duration) -> Result<Paused, HvError> {
+        (**self).wait_paused(vm, timeout)
+    }
+    fn complete(&self, vm: &VmSpec, timeout: Duration) -> Result<Vec<PathBuf>, HvError> {
+        (**self).complete(vm, timeout)
+    }
+    fn resume(&self, vm: &VmSpec) -> Result<(), HvError> {
+        (**self).resume(vm)
+    }
+    fn cancel(&self, vm: &VmSpec) -> Result<(), HvError> {
+        (**self).cancel(vm)
+    }
+    fn nic(&self, vm: &str) -> Result<(MacAddr, String), HvError> {
+        (**self).nic(vm)
+    }
+    fn restore_paused(
+        &self,
+        vm: &VmSpec,
+        images: &[PathBuf],
+        bridge: Option<&str>,
+    ) -> Result<String, HvError> {
+        (**self).restore_paused(vm, images, bridge)
+    }
+    fn destroy(&self, vm: &VmSpec) -> Result<(), HvError> {
+        (**self).destroy(vm)
+    }
+    fn discard(&self, vm: &VmSpec, image_dir: &Path) -> Result<(), HvError> {
+        (**self).discard(vm, image_dir)
+    }
 }
 
 /// When a VM stopped at its snapshot point.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct Paused {
     /// The hypervisor's own timestamp of the stop, when it gives one (µs since the Unix epoch).
     pub hypervisor_unix_us: Option<u64>,
@@ -144,8 +184,49 @@ pub trait EpochControl: Send + Sync {
     ) -> Result<u32, String>;
     /// Forgets a VM.
     fn unregister(&self, vm: &VmSpec) -> Result<(), String>;
-    /// Aborting: every member of the group back to `epoch`; held frames released.
-    fn roll_back(&self, group: u32, epoch: u32) -> Result<(), String>;
+    /// Aborting a snapshot that started with the group at `epoch`: held frames are released
+    /// and the group's members end at one epoch again. On one host they go back to `epoch`;
+    /// across hosts they go forward to `epoch + 1` instead, because a view raised from a
+    /// frame's color would lead a lowered epoch (see `hosts.rs`).
+    fn abort_epochs(&self, group: u32, epoch: u32) -> Result<(), String>;
+}
+
+/// Epoch control behind one type; every method forwards, the provided ones too (a
+/// multi-host implementation overrides none of them, but may).
+impl EpochControl for Box<dyn EpochControl> {
+    fn epoch(&self, vm: &VmSpec) -> Result<u32, String> {
+        (**self).epoch(vm)
+    }
+    fn advance(&self, vm: &VmSpec) -> Result<u32, String> {
+        (**self).advance(vm)
+    }
+    fn hold_report(&self) -> Result<Option<HoldReport>, String> {
+        (**self).hold_report()
+    }
+    fn held_total(&self) -> Option<u64> {
+        (**self).held_total()
+    }
+    fn held_at_advance(&self, group: &GroupSpec) -> HashMap<MacAddr, u64> {
+        (**self).held_at_advance(group)
+    }
+    fn wait_released(&self, group: &GroupSpec, timeout: Duration) -> Result<(), String> {
+        (**self).wait_released(group, timeout)
+    }
+    fn register(
+        &self,
+        vm: &VmSpec,
+        group: u32,
+        port: &str,
+        epoch: Option<u32>,
+    ) -> Result<u32, String> {
+        (**self).register(vm, group, port, epoch)
+    }
+    fn unregister(&self, vm: &VmSpec) -> Result<(), String> {
+        (**self).unregister(vm)
+    }
+    fn abort_epochs(&self, group: u32, epoch: u32) -> Result<(), String> {
+        (**self).abort_epochs(group, epoch)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -389,6 +470,19 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
         };
         c.recover()?;
         Ok(c)
+    }
+
+    pub fn hypervisor(&self) -> &H {
+        &self.hypervisor
+    }
+
+    pub fn epochs(&self) -> &E {
+        &self.epochs
+    }
+
+    /// Where snapshots (images, manifests), the journals and the groups live.
+    pub fn store(&self) -> &Path {
+        &self.store
     }
 
     /// One journal per snapshot in progress: groups snapshot independently.
@@ -802,7 +896,7 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
         }
         if let Err(err) = self
             .epochs
-            .roll_back(journal.group.id, journal.epoch_before)
+            .abort_epochs(journal.group.id, journal.epoch_before)
         {
             clean = false;
             warn!(%err, "rolling back the group's epochs");
@@ -811,7 +905,13 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
                 manifest.reason.clone().unwrap_or_default()
             ));
         }
-        let _ = fs::remove_dir_all(self.store.join(&journal.id));
+        let dir = self.store.join(&journal.id);
+        for vm in &journal.group.vms {
+            if let Err(err) = self.hypervisor.discard(vm, &dir) {
+                warn!(vm = vm.name, %err, "discarding the aborted snapshot's images");
+            }
+        }
+        let _ = fs::remove_dir_all(&dir);
         for vm in &mut manifest.vms {
             vm.images.clear();
         }
@@ -875,6 +975,11 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
             });
         }
         let dir = self.store.join(id);
+        for vm in &m.group.vms {
+            self.hypervisor
+                .discard(vm, &dir)
+                .map_err(CoordinatorError::Hypervisor)?;
+        }
         fs::remove_dir_all(&dir).map_err(|source| CoordinatorError::Store { path: dir, source })?;
         Ok(m)
     }
@@ -1171,6 +1276,21 @@ fn snapshot_vm<H: Hypervisor + ?Sized, E: EpochControl + ?Sized>(
     });
 }
 
+/// Deletes the files of one VM (`<name>.*`) in a snapshot directory on this host.
+pub fn discard_local(vm: &str, image_dir: &Path) -> Result<(), String> {
+    let prefix = format!("{vm}.");
+    let Ok(entries) = fs::read_dir(image_dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            fs::remove_file(entry.path())
+                .map_err(|e| format!("{}: {e}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
 fn write_atomically<T: Serialize>(path: &Path, value: &T) -> Result<(), CoordinatorError> {
     let err = |source: io::Error| CoordinatorError::Store {
         path: path.into(),
@@ -1384,6 +1504,11 @@ pub mod fake {
             w.states.remove(&vm.name);
             Ok(())
         }
+
+        fn discard(&self, vm: &VmSpec, image_dir: &Path) -> Result<(), HvError> {
+            let _w = self.step(vm, "discard");
+            discard_local(&vm.name, image_dir).map_err(|e| hv_err(vm, &e))
+        }
     }
 
     #[derive(Clone)]
@@ -1453,7 +1578,7 @@ pub mod fake {
             Ok(())
         }
 
-        fn roll_back(&self, _group: u32, epoch: u32) -> Result<(), String> {
+        fn abort_epochs(&self, _group: u32, epoch: u32) -> Result<(), String> {
             let mut w = self.world.lock().expect("world");
             w.log.push(("rollback".into(), String::new()));
             for e in w.epochs.values_mut() {

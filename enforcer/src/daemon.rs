@@ -2,7 +2,11 @@
 //! as they come and go, and serves the API until SIGINT/SIGTERM. Stopping the daemon leaves
 //! the programs attached and the maps pinned: enforcement goes on without it (invariant 6).
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, atomic::AtomicU64},
+};
 
 use enforcer_common::Type3Mode;
 use tokio::{net::TcpListener, sync::Mutex};
@@ -12,6 +16,7 @@ use crate::{
     api::{self, AppState, Shared},
     datapath::{AttachMode, Datapath, DatapathError},
     hold::{Buffer, HoldError, HoldOptions, HoldReport},
+    learn::LearnedRing,
     ports::{PortError, PortEvent, PortSource, PortWatcher},
     snapshots::SnapshotOptions,
 };
@@ -132,24 +137,34 @@ pub async fn start(config: DaemonConfig) -> Result<Running, DaemonError> {
                 source,
             })?;
     let addr = listener.local_addr().map_err(DaemonError::Serve)?;
+    let learned_applied = Arc::new(AtomicU64::new(0));
+    let learned = LearnedRing::new(datapath.take_learned_ring()?, learned_applied.clone());
     let datapath = Arc::new(Mutex::new(datapath));
-    let buffer = match config.hold.clone() {
+    let (buffer, learned) = match config.hold.clone() {
         Some(opts) => {
             let dp = datapath.clone();
-            Some(
-                tokio::task::spawn_blocking(move || Buffer::start(dp, opts))
+            let buffer =
+                tokio::task::spawn_blocking(move || Buffer::start(dp, opts, Some(learned)))
                     .await
-                    .expect("buffer start task")?,
-            )
+                    .expect("buffer start task")?;
+            (Some(buffer), None)
         }
-        None => None,
+        None => (None, Some(learned)),
     };
     let state: Shared = Arc::new(AppState {
         datapath,
         token: config.token,
         buffer: std::sync::Mutex::new(buffer),
         snapshots: std::sync::OnceLock::new(),
+        learned_applied,
     });
+    if let Some(ring) = learned {
+        crate::learn::spawn_without_buffer(
+            ring,
+            Arc::downgrade(&state),
+            tokio::runtime::Handle::current(),
+        );
+    }
     if let Some(opts) = &config.snapshots {
         let (for_open, opts, rt) = (
             state.clone(),
@@ -219,4 +234,114 @@ async fn apply_port_event(state: &Shared, event: PortEvent) {
         }
         _ => {}
     }
+}
+
+/// `enforcer coordinator`: group snapshots across several hosts, over their agents.
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    pub hosts: Vec<crate::hosts::HostSpec>,
+    pub listen: SocketAddr,
+    /// For this API and for the agents'.
+    pub token: Option<String>,
+    /// Manifests, journals and groups (the images stay on the hosts that run the VMs).
+    pub store: PathBuf,
+    pub timeouts: crate::coordinator::Timeouts,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorRoleError {
+    #[error(
+        "refusing to serve the API on non-loopback {0} without a token (--token or ENFORCER_TOKEN)"
+    )]
+    TokenRequired(SocketAddr),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Coordinator(#[from] crate::coordinator::CoordinatorError),
+    #[error("serving the API: {0}")]
+    Serve(std::io::Error),
+}
+
+pub struct RunningCoordinator {
+    pub addr: SocketAddr,
+    pub state: Arc<api::CoordinatorState>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), CoordinatorRoleError>>,
+}
+
+impl RunningCoordinator {
+    pub async fn stop(self) -> Result<(), CoordinatorRoleError> {
+        let _ = self.shutdown.send(true);
+        self.task.await.unwrap_or(Ok(()))
+    }
+
+    pub async fn wait_for_signal(self) -> Result<(), CoordinatorRoleError> {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(CoordinatorRoleError::Serve)?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
+            _ = term.recv() => info!("SIGTERM: stopping"),
+        }
+        self.stop().await
+    }
+}
+
+/// Starts the coordinator on the current tokio runtime. Opening aborts a snapshot a previous
+/// coordinator left unfinished (on every agent).
+pub async fn start_coordinator(
+    config: CoordinatorConfig,
+) -> Result<RunningCoordinator, CoordinatorRoleError> {
+    use crate::coordinator::{Coordinator, EpochControl, Hypervisor};
+    if !api::is_local(&config.listen) && config.token.is_none() {
+        return Err(CoordinatorRoleError::TokenRequired(config.listen));
+    }
+    let hosts = crate::hosts::Hosts::new(
+        config.hosts.clone(),
+        config.token.clone(),
+        tokio::runtime::Handle::current(),
+    );
+    let (for_open, store, timeouts) = (hosts.clone(), config.store.clone(), config.timeouts);
+    let snapshots = tokio::task::spawn_blocking(move || {
+        Coordinator::open(
+            Box::new(for_open.clone()) as Box<dyn Hypervisor>,
+            Box::new(for_open) as Box<dyn EpochControl>,
+            &store,
+            timeouts,
+        )
+    })
+    .await
+    .expect("coordinator open task")?;
+    let listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| CoordinatorRoleError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+    let addr = listener.local_addr().map_err(CoordinatorRoleError::Serve)?;
+    let state = Arc::new(api::CoordinatorState {
+        snapshots: Arc::new(snapshots),
+        hosts,
+        token: config.token,
+    });
+    let app = api::coordinator_router(state.clone());
+    let (shutdown, mut stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await
+            .map_err(CoordinatorRoleError::Serve)
+    });
+    info!(%addr, hosts = config.hosts.len(), "coordinator listening");
+    Ok(RunningCoordinator {
+        addr,
+        state,
+        shutdown,
+        task,
+    })
 }

@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -24,8 +24,8 @@ use aya::{
 };
 use enforcer_common::{
     CACHE_OCCUPIED, CACHE_OVERFLOW, CachedVm, DatapathConfig, EPOCH_CACHE_SIZE, GroupState,
-    MAX_PORTS, MacKey, PortCounters, PortVm, Type3Mode, UNATTRIBUTED_SLOT, VmEpoch, cache_index,
-    names,
+    MAX_PORTS, MacKey, PortCounters, PortVm, REMOTE_SLOT_KEY, Type3Mode, UNATTRIBUTED_SLOT,
+    VmEpoch, cache_index, names,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -462,6 +462,15 @@ impl Datapath {
         Ok(slot)
     }
 
+    /// The ring of colors learned from other hosts' frames; its one consumer takes it.
+    pub fn take_learned_ring(&mut self) -> Result<RingBuf<MapData>, DatapathError> {
+        let map = self
+            .ebpf
+            .take_map(names::LEARNED)
+            .ok_or(DatapathError::MissingMap(names::LEARNED))?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
     fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DatapathError> {
         self.ebpf
             .map_mut(name)
@@ -702,6 +711,27 @@ impl EpochStore for Datapath {
 
     fn remove_group(&mut self, group: u32) -> Result<(), DatapathError> {
         match self.groups_map()?.remove(&group) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn alloc_remote_slot(&mut self) -> Result<Option<u32>, DatapathError> {
+        match self.ensure_port_slot(REMOTE_SLOT_KEY) {
+            Ok(slot) => {
+                // Re-key it: the slot number is in the key, so the VM's entry finds it again.
+                let slots = &mut self.port_slots_map()?;
+                slots.remove(&REMOTE_SLOT_KEY)?;
+                slots.insert(REMOTE_SLOT_KEY | slot, slot, 0)?;
+                Ok(Some(slot))
+            }
+            Err(DatapathError::NoFreeSlot(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn free_remote_slot(&mut self, slot: u32) -> Result<(), DatapathError> {
+        match self.port_slots_map()?.remove(&(REMOTE_SLOT_KEY | slot)) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e.into()),
         }

@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use enforcer_common::{FLAG_DRAINING, GroupState, MAX_GROUPS, MacKey, PortVm, VmEpoch};
+use enforcer_common::{
+    FLAG_DRAINING, FLAG_REMOTE, GroupState, MAX_GROUPS, MacKey, PortVm, VmEpoch,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::mac::MacAddr;
@@ -25,6 +27,10 @@ pub trait EpochStore {
     fn group(&mut self, group: u32) -> Result<Option<GroupState>, Self::Error>;
     fn put_group(&mut self, group: u32, state: GroupState) -> Result<(), Self::Error>;
     fn remove_group(&mut self, group: u32) -> Result<(), Self::Error>;
+    /// A counter slot of its own for a VM on another host (they share the overlay port);
+    /// `None` when every slot is taken.
+    fn alloc_remote_slot(&mut self) -> Result<Option<u32>, Self::Error>;
+    fn free_remote_slot(&mut self, slot: u32) -> Result<(), Self::Error>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +43,8 @@ pub enum EpochError<E: std::error::Error + 'static> {
     NotUnicast(MacAddr),
     #[error("port {0} is not attached (no counter slot)")]
     PortNotAttached(u32),
+    #[error("no counter slot left for another VM")]
+    NoFreeSlot,
     #[error("port {port} already carries VM {mac}")]
     PortTaken { port: u32, mac: MacAddr },
     #[error("epoch of {mac} cannot go backwards from {current} to {requested}")]
@@ -58,8 +66,12 @@ pub enum EpochError<E: std::error::Error + 'static> {
 pub struct VmRecord {
     pub mac: MacAddr,
     pub group: u32,
+    /// For a VM on another host: this host's view of its epoch (it may lag, never lead).
     pub epoch: u32,
     pub ifindex: u32,
+    /// The VM runs on another host; `ifindex` is the overlay port its frames arrive on.
+    #[serde(default)]
+    pub remote: bool,
 }
 
 impl VmRecord {
@@ -69,6 +81,7 @@ impl VmRecord {
             group: vm.group,
             epoch: vm.epoch,
             ifindex: vm.ifindex,
+            remote: vm.flags & FLAG_REMOTE != 0,
         }
     }
 }
@@ -184,13 +197,66 @@ pub fn register<S: EpochStore>(
     Ok(VmRecord::new(mac.key(), vm))
 }
 
+/// Registers this host's view of a VM that runs on another host, whose frames arrive on the
+/// overlay port `ifindex` (shared by all remote VMs, so it is not claimed). The epoch is the
+/// coordinator's: a value the VM's own host already has, so the view does not lead.
+pub fn register_remote<S: EpochStore>(
+    store: &mut S,
+    mac: MacAddr,
+    group: u32,
+    ifindex: u32,
+    epoch: u32,
+) -> Result<VmRecord, EpochError<S::Error>> {
+    if !mac.is_unicast() {
+        return Err(EpochError::NotUnicast(mac));
+    }
+    if group >= MAX_GROUPS {
+        return Err(EpochError::BadGroup(group));
+    }
+    if store.vm(&mac.key()).map_err(EpochError::Store)?.is_some() {
+        return Err(EpochError::AlreadyRegistered(mac));
+    }
+    if let Some(port) = store.port(ifindex).map_err(EpochError::Store)? {
+        return Err(EpochError::PortTaken {
+            port: ifindex,
+            mac: port.mac.into(),
+        });
+    }
+    if store
+        .port_slot(ifindex)
+        .map_err(EpochError::Store)?
+        .is_none()
+    {
+        return Err(EpochError::PortNotAttached(ifindex));
+    }
+    let slot = store
+        .alloc_remote_slot()
+        .map_err(EpochError::Store)?
+        .ok_or(EpochError::NoFreeSlot)?;
+    let vm = VmEpoch {
+        epoch,
+        group,
+        ifindex,
+        slot,
+        flags: FLAG_REMOTE,
+        _pad: 0,
+    };
+    store.put_vm(mac.key(), vm).map_err(EpochError::Store)?;
+    refresh_group(store, group, false)?;
+    Ok(VmRecord::new(mac.key(), vm))
+}
+
 pub fn unregister<S: EpochStore>(
     store: &mut S,
     mac: MacAddr,
 ) -> Result<VmRecord, EpochError<S::Error>> {
     let vm = require_vm(store, mac)?;
     store.remove_vm(&mac.key()).map_err(EpochError::Store)?;
-    store.remove_port(vm.ifindex).map_err(EpochError::Store)?;
+    if vm.flags & FLAG_REMOTE != 0 {
+        store.free_remote_slot(vm.slot).map_err(EpochError::Store)?;
+    } else {
+        store.remove_port(vm.ifindex).map_err(EpochError::Store)?;
+    }
     refresh_group(store, vm.group, false)?;
     Ok(VmRecord::new(mac.key(), vm))
 }
@@ -428,6 +494,19 @@ impl EpochStore for MemoryStore {
     }
     fn remove_group(&mut self, group: u32) -> Result<(), Self::Error> {
         self.groups.remove(&group);
+        Ok(())
+    }
+    fn alloc_remote_slot(&mut self) -> Result<Option<u32>, Self::Error> {
+        let slot = (1..enforcer_common::MAX_PORTS).find(|s| !self.slots.values().any(|u| u == s));
+        if let Some(slot) = slot {
+            self.slots
+                .insert(enforcer_common::REMOTE_SLOT_KEY | slot, slot);
+        }
+        Ok(slot)
+    }
+    fn free_remote_slot(&mut self, slot: u32) -> Result<(), Self::Error> {
+        self.slots
+            .remove(&(enforcer_common::REMOTE_SLOT_KEY | slot));
         Ok(())
     }
 }

@@ -41,7 +41,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_common::{MAX_GROUPS, MAX_PORTS, MacKey, VmEpoch, hold_kernel, hold_totals, names};
+use enforcer_common::{
+    FLAG_REMOTE, MAX_GROUPS, MAX_PORTS, MacKey, VmEpoch, hold_kernel, hold_totals, names, wire,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -50,6 +52,7 @@ use xdpilone::{DeviceQueue, IfInfo, RingRx, Socket, SocketConfig, Umem, UmemConf
 use crate::{
     datapath::{Datapath, DatapathError, ifindex_of},
     epochs,
+    learn::LearnedRing,
     mac::MacAddr,
 };
 
@@ -252,7 +255,13 @@ pub struct Buffer {
 impl Buffer {
     /// Creates the hold device, binds the AF_XDP socket, accounts for what a previous daemon
     /// left, and starts the thread. From then on the datapath redirects held frames here.
-    pub fn start(dp: Arc<Mutex<Datapath>>, opts: HoldOptions) -> Result<Self, HoldError> {
+    /// `learned`: the ring of colors learned from other hosts' frames, which this thread then
+    /// consumes (see `learn.rs`).
+    pub fn start(
+        dp: Arc<Mutex<Datapath>>,
+        opts: HoldOptions,
+        learned: Option<LearnedRing>,
+    ) -> Result<Self, HoldError> {
         let device = HoldDevice::create(&opts.device)?;
         let mut guard = dp.blocking_lock();
         let link_pin = guard.attach_hold_program(&device.socket_side)?;
@@ -263,6 +272,7 @@ impl Buffer {
         guard.set_hold_ifindex(device.ifindex)?;
         drop(guard);
         state.dp = Some(dp);
+        state.learned = learned;
         let (commands, rx) = mpsc::channel();
         let thread = thread::Builder::new()
             .name("enforcer-hold".into())
@@ -662,6 +672,10 @@ struct State {
     released_at_advance: HashMap<MacKey, u64>,
     totals: Vec<u64>,
     inject: HashMap<u32, OwnedFd>,
+    /// The `SO_MARK` each re-injection socket has now (frames to other hosts carry their
+    /// color in it, see `enforcer_common::wire`).
+    inject_marks: HashMap<u32, u32>,
+    learned: Option<LearnedRing>,
     hold_hist: [u64; BUCKETS.len() + 1],
     hold_sum: f64,
     totals_dirty: bool,
@@ -734,6 +748,8 @@ impl State {
             released_at_advance: HashMap::new(),
             totals,
             inject: HashMap::new(),
+            inject_marks: HashMap::new(),
+            learned: None,
             hold_hist: [0; BUCKETS.len() + 1],
             hold_sum: 0.0,
             totals_dirty: false,
@@ -775,6 +791,7 @@ impl State {
                     Err(mpsc::TryRecvError::Disconnected) => return,
                 }
             }
+            busy |= self.apply_learned();
             busy |= self.receive();
             self.progress_drains();
             if self.totals_dirty && last_flush.elapsed() > Duration::from_millis(20) {
@@ -788,13 +805,70 @@ impl State {
     }
 
     fn wait_for_frames(&self, timeout: Duration) {
-        let mut pfd = libc::pollfd {
-            fd: self.socket.rx.as_raw_fd(),
+        let pfd = |fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+        let mut fds = vec![pfd(self.socket.rx.as_raw_fd())];
+        if let Some(ring) = &self.learned {
+            fds.push(pfd(ring.raw_fd()));
+        }
+        // SAFETY: valid pollfds for the duration of the call.
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                timeout.as_millis() as libc::c_int,
+            )
+        };
+    }
+
+    /// Raises this host's views of VMs on other hosts to the colors their frames carried: our
+    /// copy first (so colors assigned from now on never lag the map), then the map, flagged
+    /// draining, then the frames held for that VM are released like after any advance.
+    fn apply_learned(&mut self) -> bool {
+        let Some(ring) = self.learned.as_mut() else {
+            return false;
+        };
+        let learned = ring.drain();
+        let applied = ring.applied.clone();
+        let any = !learned.is_empty();
+        for (mac, color) in learned {
+            let dp_arc = self.dp.clone().expect("set before the thread starts");
+            let mut dp = dp_arc.blocking_lock();
+            let Ok(Some(current)) = epochs::EpochStore::vm(&mut *dp, &mac) else {
+                continue;
+            };
+            if color <= current.epoch {
+                // The coordinator's message got there first; keep our copy level with it.
+                self.vms.insert(mac, current);
+                continue;
+            }
+            self.vms.insert(
+                mac,
+                VmEpoch {
+                    epoch: color,
+                    ..current
+                },
+            );
+            let change = epochs::set_epoch(&mut *dp, mac.into(), color, true);
+            drop(dp);
+            match change {
+                Ok(change) => {
+                    applied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.command(Command::Advanced { mac, epoch: color });
+                    if change.group_min_rose {
+                        self.command(Command::GroupAdvanced {
+                            group: change.vm.group,
+                            min_epoch: change.group_min,
+                        });
+                    }
+                }
+                Err(err) => warn!(%err, "raising a learned view"),
+            }
+        }
+        any
     }
 
     fn flush_totals(&mut self) {
@@ -826,6 +900,9 @@ impl State {
             reader.release();
         }
         self.socket.refill();
+        // A held frame from another host may carry a color above our view of its sender; it
+        // was reported to the ring before the frame reached the socket, so it is there now.
+        self.apply_learned();
         let now = Instant::now();
         for data in frames {
             self.on_frame(data, now);
@@ -873,7 +950,7 @@ impl State {
         let queue = self.queues.entry(key).or_default();
         queue.last_arrival = Some(now);
         if queue.frames.is_empty() && color <= released {
-            self.inject(key, sender, &data, now);
+            self.inject(key, sender, color, &data, now);
             return;
         }
         if self.held_bytes + data.len() > self.opts.max_bytes {
@@ -996,9 +1073,28 @@ impl State {
             self.held_bytes -= batch.iter().map(|h| h.data.len()).sum::<usize>();
             match key {
                 Key::Vm(mac) => {
-                    let port = self.vms.get(&mac).map(|vm| vm.ifindex);
-                    let frames: Vec<&[u8]> = batch.iter().map(|h| h.data.as_slice()).collect();
-                    let sent = port.map_or(0, |port| self.send_frames(port, &frames));
+                    let receiver = self.vms.get(&mac).copied();
+                    let mut sent = 0;
+                    // Runs of one color: to another host, each run goes with its color mark.
+                    while let Some(receiver) = receiver
+                        && sent < batch.len()
+                    {
+                        let color = batch[sent].color;
+                        let run = batch[sent..]
+                            .iter()
+                            .take_while(|h| h.color == color)
+                            .count();
+                        let frames: Vec<&[u8]> = batch[sent..sent + run]
+                            .iter()
+                            .map(|h| h.data.as_slice())
+                            .collect();
+                        let mark = remote_mark(&receiver, color);
+                        let n = self.send_frames(receiver.ifindex, &frames, mark);
+                        sent += n;
+                        if n < run {
+                            break;
+                        }
+                    }
                     for held in &batch[..sent] {
                         self.record_reinjected(held.arrived);
                     }
@@ -1006,7 +1102,7 @@ impl State {
                 }
                 Key::Group(_) => {
                     for held in batch {
-                        self.inject(key, held.sender, &held.data, held.arrived);
+                        self.inject(key, held.sender, held.color, &held.data, held.arrived);
                     }
                 }
             }
@@ -1014,25 +1110,28 @@ impl State {
     }
 
     /// Sends one frame to its receiver's port (a broadcast: to every other port of its group).
-    fn inject(&mut self, key: Key, sender: MacKey, data: &[u8], arrived: Instant) {
-        let ports: Vec<u32> = match key {
+    fn inject(&mut self, key: Key, sender: MacKey, color: u32, data: &[u8], arrived: Instant) {
+        let mut ports: Vec<(u32, u32)> = match key {
             Key::Vm(mac) => self
                 .vms
                 .get(&mac)
-                .map(|vm| vec![vm.ifindex])
+                .map(|vm| vec![(vm.ifindex, remote_mark(vm, color))])
                 .unwrap_or_default(),
             Key::Group(g) => {
                 let from = self.vms.get(&sender).map(|vm| vm.ifindex);
                 self.vms
                     .values()
                     .filter(|vm| vm.group == g && Some(vm.ifindex) != from)
-                    .map(|vm| vm.ifindex)
+                    .map(|vm| (vm.ifindex, remote_mark(vm, color)))
                     .collect()
             }
         };
+        // VMs on another host share the overlay port: one copy goes out there.
+        ports.sort_unstable();
+        ports.dedup();
         let mut ok = !ports.is_empty() || matches!(key, Key::Group(_));
-        for port in ports {
-            ok &= self.send_frames(port, &[data]) == 1;
+        for (port, mark) in ports {
+            ok &= self.send_frames(port, &[data], mark) == 1;
         }
         if ok {
             self.record_reinjected(arrived);
@@ -1060,6 +1159,7 @@ impl State {
             Ok(fd) => {
                 let raw = fd.as_raw_fd();
                 self.inject.insert(ifindex, fd);
+                self.inject_marks.remove(&ifindex);
                 Some(raw)
             }
             Err(err) => {
@@ -1071,10 +1171,28 @@ impl State {
 
     /// Sends frames out of a port, in order, with as few system calls as it can (`sendmmsg`);
     /// waits out a full queue rather than lose a frame. Returns how many were sent.
-    fn send_frames(&mut self, ifindex: u32, frames: &[&[u8]]) -> usize {
+    fn send_frames(&mut self, ifindex: u32, frames: &[&[u8]], mark: u32) -> usize {
         let Some(fd) = self.inject_socket(ifindex) else {
             return 0;
         };
+        if self.inject_marks.get(&ifindex).copied().unwrap_or(0) != mark {
+            let value = mark as libc::c_int;
+            // SAFETY: a valid socket and a c_int option value that outlives the call.
+            let r = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_MARK,
+                    (&value as *const libc::c_int).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if r != 0 {
+                warn!(ifindex, err = %std::io::Error::last_os_error(), "setting the color mark");
+                return 0;
+            }
+            self.inject_marks.insert(ifindex, mark);
+        }
         let mut iovecs: Vec<libc::iovec> = frames
             .iter()
             .map(|f| libc::iovec {
@@ -1334,6 +1452,16 @@ impl State {
             "buffer daemon stopped"
         );
         self.report()
+    }
+}
+
+/// The mark a frame of `color` goes out with towards `receiver`: its wire color when the
+/// receiver is on another host (the overlay carries it), none otherwise.
+fn remote_mark(receiver: &VmEpoch, color: u32) -> u32 {
+    if receiver.flags & FLAG_REMOTE != 0 {
+        wire::encode(color)
+    } else {
+        0
     }
 }
 

@@ -43,12 +43,17 @@ pub struct LabVm {
     pub port: String,
     pub mac: MacAddr,
     pub ip: Ipv4Addr,
+    /// Index of the emulated host (bridge) the VM is on.
+    pub host: usize,
 }
 
 #[derive(Debug)]
 pub struct Lab {
     pub prefix: String,
+    /// The first host's bridge.
     pub bridge: String,
+    /// One bridge per emulated host (`<prefix>br`, `<prefix>br1`, ...).
+    pub bridges: Vec<String>,
     pub vms: Vec<LabVm>,
 }
 
@@ -72,27 +77,51 @@ pub(crate) fn run(args: &[&str]) -> Result<(), LabError> {
 impl Lab {
     /// Creates a bridge `<prefix>br` and `n` VMs `<prefix>-vm<i>` with ports `<prefix>p<i>`.
     pub fn create(prefix: &str, n: usize) -> Result<Lab, LabError> {
+        Self::create_hosts(prefix, &[n])
+    }
+
+    /// VMs spread over emulated hosts: `per_host[h]` VMs on host `h`'s bridge, numbered on
+    /// from one host to the next. Every VM knows every other's address (one L2 segment once
+    /// the bridges are joined, see [`crate::overlay`]).
+    pub fn create_hosts(prefix: &str, per_host: &[usize]) -> Result<Lab, LabError> {
+        let n: usize = per_host.iter().sum();
         if prefix.is_empty()
             || prefix.len() > 6
             || !prefix.chars().all(|c| c.is_ascii_alphanumeric())
         {
             return Err(LabError::BadPrefix(prefix.to_owned()));
         }
+        let bridges: Vec<String> = (0..per_host.len())
+            .map(|h| match h {
+                0 => format!("{prefix}br"),
+                h => format!("{prefix}br{h}"),
+            })
+            .collect();
         let mut lab = Lab {
             prefix: prefix.to_owned(),
-            bridge: format!("{prefix}br"),
+            bridge: bridges[0].clone(),
+            bridges,
             vms: Vec::new(),
         };
         // A leftover lab of the same prefix (a killed run) would make every step fail.
         lab.remove_leftovers(n);
-        run(&["link", "add", &lab.bridge, "type", "bridge"])?;
-        let _ = std::fs::write(
-            format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", lab.bridge),
-            "1",
-        );
-        run(&["link", "set", &lab.bridge, "up"])?;
+        for bridge in &lab.bridges {
+            run(&["link", "add", bridge, "type", "bridge"])?;
+            let _ = std::fs::write(
+                format!("/proc/sys/net/ipv6/conf/{bridge}/disable_ipv6"),
+                "1",
+            );
+            run(&["link", "set", bridge, "up"])?;
+        }
+        let hosts: Vec<usize> = per_host
+            .iter()
+            .enumerate()
+            .flat_map(|(h, count)| std::iter::repeat_n(h, *count))
+            .collect();
         for i in 1..=n {
+            let host = hosts[i - 1];
             let vm = LabVm {
+                host,
                 name: format!("vm{i}"),
                 netns: format!("{prefix}-vm{i}"),
                 port: format!("{prefix}p{i}"),
@@ -122,7 +151,7 @@ impl Lab {
                 format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", vm.port),
                 "1",
             );
-            run(&["link", "set", &vm.port, "master", &lab.bridge, "up"])?;
+            run(&["link", "set", &vm.port, "master", &lab.bridges[host], "up"])?;
             ns(&["link", "set", "eth0", "address", &vm.mac.to_string()])?;
             ns(&["addr", "add", &format!("{}/24", vm.ip), "dev", "eth0"])?;
             ns(&["link", "set", "eth0", "up"])?;
@@ -149,9 +178,9 @@ impl Lab {
     }
 
     fn remove_leftovers(&self, n: usize) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .output();
+        for bridge in &self.bridges {
+            let _ = Command::new("ip").args(["link", "del", bridge]).output();
+        }
         for i in 1..=n.max(16) {
             let _ = Command::new("ip")
                 .args(["netns", "del", &format!("{}-vm{i}", self.prefix)])
@@ -210,9 +239,9 @@ impl Drop for Lab {
                 .args(["netns", "del", &vm.netns])
                 .output();
         }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .output();
+        for bridge in &self.bridges {
+            let _ = Command::new("ip").args(["link", "del", bridge]).output();
+        }
     }
 }
 

@@ -759,6 +759,10 @@ impl Hypervisor for Libvirt {
         self.destroy_domain(&vm.name)
     }
 
+    fn discard(&self, vm: &VmSpec, image_dir: &Path) -> Result<(), HvError> {
+        crate::coordinator::discard_local(&vm.name, image_dir).map_err(|e| hv_err(&vm.name, e))
+    }
+
     fn cancel(&self, vm: &VmSpec) -> Result<(), HvError> {
         let name = vm.name.as_str();
         let job = self.jobs.lock().expect("jobs lock").remove(name);

@@ -140,6 +140,7 @@ mod tests {
             },
         );
         let ports = vec![PortStats {
+            remote: false,
             ifindex: 7,
             port: Some("vnet\"0".into()),
             vm: None,

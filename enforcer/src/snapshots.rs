@@ -13,14 +13,16 @@ use tokio::runtime::Handle;
 
 use crate::{
     api::{self, AppState},
-    coordinator::{Coordinator, CoordinatorError, EpochControl, Timeouts, VmSpec},
+    coordinator::{Coordinator, CoordinatorError, EpochControl, Hypervisor, Timeouts, VmSpec},
     datapath::{DatapathError, ifindex_of},
     epochs::{self, EpochError, EpochStore as _},
     hold::{Command, HoldReport},
     libvirt::{Libvirt, LibvirtError},
 };
 
-pub type Snapshots = Coordinator<Libvirt, DatapathEpochs>;
+/// The coordinator behind the API: over this host's libvirt and datapath (`enforcer run`), or
+/// over the agents of several hosts (`enforcer coordinator`, see `hosts.rs`).
+pub type Snapshots = Coordinator<Box<dyn Hypervisor>, Box<dyn EpochControl>>;
 
 #[derive(Clone, Debug)]
 pub struct SnapshotOptions {
@@ -61,8 +63,8 @@ pub fn open(
         rt,
     };
     Ok(Coordinator::open(
-        libvirt,
-        epochs,
+        Box::new(libvirt) as Box<dyn Hypervisor>,
+        Box::new(epochs) as Box<dyn EpochControl>,
         &opts.store,
         opts.timeouts.clone(),
     )?)
@@ -103,7 +105,7 @@ impl EpochControl for DatapathEpochs {
     fn advance(&self, vm: &VmSpec) -> Result<u32, String> {
         let s = self.state()?;
         self.rt
-            .block_on(api::change_epoch(&s, vm.mac, None))
+            .block_on(api::change_epoch(&s, vm.mac, None, false))
             .map(|r| r.epoch)
             .map_err(|e| e.message)
     }
@@ -118,7 +120,7 @@ impl EpochControl for DatapathEpochs {
             .ok_or_else(|| "the buffer does not answer".to_owned())
     }
 
-    fn roll_back(&self, group: u32, epoch: u32) -> Result<(), String> {
+    fn abort_epochs(&self, group: u32, epoch: u32) -> Result<(), String> {
         let s = self.state()?;
         self.rt
             .block_on(api::roll_back_group(&s, group, epoch))

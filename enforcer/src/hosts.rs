@@ -1,0 +1,533 @@
+//! Groups that span several hypervisor hosts: the coordinator drives one agent per host (an
+//! `enforcer run` daemon, which owns that host's datapath and its local libvirt) over the
+//! HTTP API, with the bearer token.
+//!
+//! A VM of such a group is named `domain@host`. The coordinator reaches the domain through the
+//! agent of `host`: QMP file-descriptor passing and the memory images are local to the host
+//! that runs the VM, so libvirt is driven there and not over a remote libvirt URI.
+//!
+//! # Epochs across hosts: a view may lag, never lead (invariant 2)
+//!
+//! Every agent keeps an entry for every member of its groups: exact for its own VMs, a *view*
+//! for the others (registered `remote`, on its overlay port). The rules:
+//!
+//! 1. **An advance goes to the owner first.** The coordinator advances a VM on the agent that
+//!    runs it, in the pause window (invariant 3: that is the only datapath whose check needs
+//!    the exact epoch, since frames from the VM carry their color to other hosts, and frames to
+//!    it are checked against a view that can only be lower).
+//! 2. **Views are raised only to values the owner already has**: after the owner's
+//!    acknowledgement the coordinator sends `raise_only` updates to every other agent, in the
+//!    background, retried until acknowledged; an agent keeps the maximum. A lost, late or
+//!    reordered message leaves a view lower, never higher.
+//! 3. **Views are also raised from frames**: a frame carries its sender's epoch when it was
+//!    sent (VXLAN-GBP, `enforcer_common::wire`), which is at most the owner's value.
+//! 4. **Epochs never go down across hosts.** An aborted snapshot moves every member *forward*
+//!    to the snapshot's epoch instead of back (its images are discarded all the same). Going
+//!    back would let a view raised by rule 3 lead the lowered epoch, so a later frame to that
+//!    VM would pass as Type-1 while really Type-3.
+//!
+//! Restarts: an agent's maps are pinned, so a restarted agent keeps views that were true once
+//! and still do not lead; updates it missed are retried by the coordinator until it answers. A
+//! restarted coordinator finds its journal and aborts the unfinished snapshot by rule 4, on
+//! every agent; until each has answered, the journal stays.
+//!
+//! A restore registers the restored VMs at the snapshot's epoch everywhere (owners and
+//! views): the old instances are gone, so nothing of theirs can raise a view again.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Handle;
+use tracing::{info, warn};
+
+use crate::{
+    agent_epochs::AgentEpochs,
+    client::{Client, ClientError},
+    coordinator::{EpochControl, HvError, Hypervisor, Paused, VmSpec},
+    hold::HoldReport,
+    mac::MacAddr,
+};
+
+/// One hypervisor host, as the coordinator's `--hosts` file lists it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostSpec {
+    /// The name VMs are qualified with (`domain@name`).
+    pub name: String,
+    /// The agent's API, e.g. `http://192.168.56.11:7878`.
+    pub agent: String,
+    /// The agent's overlay port (the VXLAN-GBP device on its bridge), where frames of VMs on
+    /// other hosts arrive.
+    pub overlay: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostsError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {detail}")]
+    Invalid { path: PathBuf, detail: String },
+}
+
+/// Reads and checks a hosts file: a JSON array of [`HostSpec`].
+pub fn load(path: &Path) -> Result<Vec<HostSpec>, HostsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| HostsError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let invalid = |detail: String| HostsError::Invalid {
+        path: path.into(),
+        detail,
+    };
+    let hosts: Vec<HostSpec> = serde_json::from_str(&text).map_err(|e| {
+        invalid(format!(
+            "{e} (expected [{{\"name\":…,\"agent\":\"http://…\",\"overlay\":…}}, …])"
+        ))
+    })?;
+    if hosts.is_empty() {
+        return Err(invalid("no hosts".into()));
+    }
+    for h in &hosts {
+        if h.name.is_empty() || h.name.contains('@') || h.name.contains('/') {
+            return Err(invalid(format!(
+                "host name {:?}: non-empty, no @ or /",
+                h.name
+            )));
+        }
+        if !h.agent.starts_with("http://") && !h.agent.starts_with("https://") {
+            return Err(invalid(format!(
+                "{}: agent {:?} is not a URL",
+                h.name, h.agent
+            )));
+        }
+        if hosts.iter().filter(|o| o.name == h.name).count() > 1 {
+            return Err(invalid(format!("host {} is listed twice", h.name)));
+        }
+    }
+    Ok(hosts)
+}
+
+/// `domain@host` → (`domain`, `host`).
+pub fn split_name(vm: &str) -> Option<(&str, &str)> {
+    vm.rsplit_once('@')
+        .filter(|(d, h)| !d.is_empty() && !h.is_empty())
+}
+
+struct Host {
+    spec: HostSpec,
+    agent: AgentEpochs,
+}
+
+struct Inner {
+    hosts: Vec<Host>,
+    rt: Handle,
+    /// How long a view update is retried before it is given up (logged; the view then lags
+    /// until the next update, which only holds frames longer).
+    propagate_for: Duration,
+    /// Time from the owner's acknowledgement to each other agent's, per update (ms).
+    propagation_ms: Mutex<Vec<f64>>,
+}
+
+/// The coordinator's [`EpochControl`] and [`Hypervisor`] over several agents. Cheap to clone.
+#[derive(Clone)]
+pub struct Hosts(Arc<Inner>);
+
+fn text(e: ClientError) -> String {
+    e.to_string()
+}
+
+fn not_found(e: &ClientError) -> bool {
+    e.status() == Some(StatusCode::NOT_FOUND)
+}
+
+impl Hosts {
+    pub fn new(specs: Vec<HostSpec>, token: Option<String>, rt: Handle) -> Self {
+        let hosts = specs
+            .into_iter()
+            .map(|spec| Host {
+                agent: AgentEpochs {
+                    client: Client::new(spec.agent.clone(), token.clone()),
+                    rt: rt.clone(),
+                },
+                spec,
+            })
+            .collect();
+        Self(Arc::new(Inner {
+            hosts,
+            rt,
+            propagate_for: Duration::from_secs(120),
+            propagation_ms: Mutex::new(Vec::new()),
+        }))
+    }
+
+    pub fn specs(&self) -> Vec<HostSpec> {
+        self.0.hosts.iter().map(|h| h.spec.clone()).collect()
+    }
+
+    /// The agent's client of a host, by name.
+    pub fn client(&self, host: &str) -> Option<&Client> {
+        self.0
+            .hosts
+            .iter()
+            .find(|h| h.spec.name == host)
+            .map(|h| &h.agent.client)
+    }
+
+    /// Takes the propagation times recorded so far (ms from the owner's acknowledgement to
+    /// another agent's), for the benchmark.
+    pub fn take_propagation_ms(&self) -> Vec<f64> {
+        std::mem::take(&mut *self.0.propagation_ms.lock().expect("propagation lock"))
+    }
+
+    fn host(&self, name: &str) -> Result<&Host, String> {
+        self.0
+            .hosts
+            .iter()
+            .find(|h| h.spec.name == name)
+            .ok_or_else(|| format!("no host {name:?} in the hosts file"))
+    }
+
+    /// The VM's owner and the VM as its owner knows it (the domain name alone).
+    fn owner(&self, vm: &VmSpec) -> Result<(&Host, VmSpec), String> {
+        let (domain, host) = split_name(&vm.name).ok_or_else(|| {
+            format!(
+                "{}: a VM of a multi-host group is named domain@host",
+                vm.name
+            )
+        })?;
+        Ok((
+            self.host(host)?,
+            VmSpec {
+                name: domain.to_owned(),
+                mac: vm.mac,
+            },
+        ))
+    }
+
+    fn others<'a>(&'a self, owner: &'a Host) -> impl Iterator<Item = &'a Host> + 'a {
+        self.0
+            .hosts
+            .iter()
+            .filter(move |h| h.spec.name != owner.spec.name)
+    }
+
+    /// Raises every other agent's view of `mac` to `epoch`, in the background, retrying each
+    /// until it answers (or the VM is gone from it).
+    fn propagate(&self, owner: &Host, mac: MacAddr, epoch: u32) {
+        let acked = Instant::now();
+        for host in self.others(owner) {
+            let client = host.agent.client.clone();
+            let name = host.spec.name.clone();
+            let inner = self.0.clone();
+            self.0.rt.spawn(async move {
+                let deadline = acked + inner.propagate_for;
+                let mut wait = Duration::from_millis(10);
+                loop {
+                    match client.raise_epoch(mac, epoch).await {
+                        Ok(_) => {
+                            let ms = acked.elapsed().as_secs_f64() * 1000.0;
+                            inner.propagation_ms.lock().expect("propagation lock").push(ms);
+                            return;
+                        }
+                        Err(e) if not_found(&e) => return,
+                        Err(e) if Instant::now() > deadline => {
+                            warn!(host = name, %mac, epoch, err = %e, "gave up raising a view; it lags until the next update");
+                            return;
+                        }
+                        Err(_) => {
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(Duration::from_secs(2));
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// Raises every other agent's view now and waits for them (used by abort, which must
+    /// leave every host level).
+    fn raise_everywhere(&self, owner: &Host, mac: MacAddr, epoch: u32) -> Result<(), String> {
+        let mut failed = Vec::new();
+        for host in self.others(owner) {
+            match self
+                .0
+                .rt
+                .block_on(host.agent.client.raise_epoch(mac, epoch))
+            {
+                Ok(_) => {}
+                Err(e) if not_found(&e) => {}
+                Err(e) => failed.push(format!("{}: {e}", host.spec.name)),
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+
+    fn call<T>(
+        &self,
+        vm: &VmSpec,
+        f: impl AsyncFnOnce(&Client, &VmSpec) -> Result<T, ClientError>,
+    ) -> Result<T, HvError> {
+        let err = |detail: String| HvError {
+            vm: vm.name.clone(),
+            detail,
+        };
+        let (owner, local) = self.owner(vm).map_err(err)?;
+        self.0
+            .rt
+            .block_on(f(&owner.agent.client, &local))
+            .map_err(|e| match e {
+                // The agent's hypervisor error, as the agent saw it ("no such domain" etc.).
+                ClientError::Api { message, .. } => err(message),
+                other => err(other.to_string()),
+            })
+    }
+}
+
+impl EpochControl for Hosts {
+    fn epoch(&self, vm: &VmSpec) -> Result<u32, String> {
+        let (owner, local) = self.owner(vm)?;
+        owner.agent.epoch(&local)
+    }
+
+    fn advance(&self, vm: &VmSpec) -> Result<u32, String> {
+        let (owner, local) = self.owner(vm)?;
+        let epoch = owner.agent.advance(&local)?;
+        self.propagate(owner, vm.mac, epoch);
+        Ok(epoch)
+    }
+
+    /// Every agent's report in one: queues side by side, counts added up.
+    fn hold_report(&self) -> Result<Option<HoldReport>, String> {
+        let mut merged: Option<HoldReport> = None;
+        for host in &self.0.hosts {
+            let Some(report) = host
+                .agent
+                .hold_report()
+                .map_err(|e| format!("{}: {e}", host.spec.name))?
+            else {
+                continue;
+            };
+            let m = merged.get_or_insert_with(HoldReport::default);
+            m.device = if m.device.is_empty() {
+                report.device.clone()
+            } else {
+                format!("{},{}", m.device, report.device)
+            };
+            m.held_frames += report.held_frames;
+            m.held_bytes += report.held_bytes;
+            m.max_bytes += report.max_bytes;
+            m.queues.extend(report.queues);
+            add_all(&mut m.totals, report.totals);
+            add_all(&mut m.kernel, report.kernel);
+            add_all(&mut m.released_at_advance, report.released_at_advance);
+            m.hold_time_sum_seconds += report.hold_time_sum_seconds;
+            m.hold_time_count += report.hold_time_count;
+            if m.hold_time_buckets.is_empty() {
+                m.hold_time_buckets = report.hold_time_buckets;
+            } else {
+                for (mine, theirs) in m.hold_time_buckets.iter_mut().zip(report.hold_time_buckets) {
+                    mine.1 += theirs.1;
+                }
+            }
+        }
+        Ok(merged)
+    }
+
+    fn register(
+        &self,
+        vm: &VmSpec,
+        group: u32,
+        port: &str,
+        epoch: Option<u32>,
+    ) -> Result<u32, String> {
+        let (owner, local) = self.owner(vm)?;
+        let epoch = owner.agent.register(&local, group, port, epoch)?;
+        for host in self.others(owner) {
+            let client = &host.agent.client;
+            self.0
+                .rt
+                .block_on(async {
+                    match client.unregister_vm(vm.mac).await {
+                        Ok(_) => {}
+                        Err(e) if not_found(&e) => {}
+                        Err(e) => return Err(e),
+                    }
+                    client
+                        .register_remote_vm(vm.mac, group, &host.spec.overlay, epoch)
+                        .await
+                })
+                .map_err(|e| format!("{} (view on {}): {}", vm.name, host.spec.name, text(e)))?;
+        }
+        Ok(epoch)
+    }
+
+    fn unregister(&self, vm: &VmSpec) -> Result<(), String> {
+        let mut failed = Vec::new();
+        for host in &self.0.hosts {
+            match self.0.rt.block_on(host.agent.client.unregister_vm(vm.mac)) {
+                Ok(_) => {}
+                Err(e) if not_found(&e) => {}
+                Err(e) => failed.push(format!("{}: {e}", host.spec.name)),
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+
+    /// Forward, never back (rule 4 above): every member still at `epoch` is advanced on its
+    /// owner, then every view is raised to `epoch + 1` before this returns. Advancing releases
+    /// what was held for it, as an abort must.
+    fn abort_epochs(&self, group: u32, epoch: u32) -> Result<(), String> {
+        let target = epoch + 1;
+        let mut failed = Vec::new();
+        for owner in &self.0.hosts {
+            let vms = match self.0.rt.block_on(owner.agent.client.vms()) {
+                Ok(vms) => vms,
+                Err(e) => {
+                    failed.push(format!("{}: {e}", owner.spec.name));
+                    continue;
+                }
+            };
+            for vm in vms.iter().filter(|v| v.group == group && !v.remote) {
+                if vm.epoch < target
+                    && let Err(e) = self
+                        .0
+                        .rt
+                        .block_on(owner.agent.client.raise_epoch(vm.mac, target))
+                {
+                    failed.push(format!("{} on {}: {e}", vm.mac, owner.spec.name));
+                    continue;
+                }
+                if let Err(e) = self.raise_everywhere(owner, vm.mac, target) {
+                    failed.push(e);
+                }
+            }
+        }
+        info!(
+            group,
+            epoch = target,
+            "aborted snapshot: members moved forward"
+        );
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+}
+
+fn add_all(into: &mut BTreeMap<String, u64>, from: BTreeMap<String, u64>) {
+    for (k, v) in from {
+        *into.entry(k).or_default() += v;
+    }
+}
+
+impl Hypervisor for Hosts {
+    fn begin(&self, vm: &VmSpec, image_dir: &Path) -> Result<(), HvError> {
+        let id = snapshot_id(vm, image_dir)?;
+        self.call(vm, async |c, local| c.domain_begin(local, &id).await)
+    }
+
+    fn wait_paused(&self, vm: &VmSpec, timeout: Duration) -> Result<Paused, HvError> {
+        self.call(vm, async |c, local| {
+            c.domain_wait_paused(local, timeout).await
+        })
+    }
+
+    fn complete(&self, vm: &VmSpec, timeout: Duration) -> Result<Vec<PathBuf>, HvError> {
+        self.call(vm, async |c, local| c.domain_complete(local, timeout).await)
+    }
+
+    fn resume(&self, vm: &VmSpec) -> Result<(), HvError> {
+        self.call(vm, async |c, local| c.domain_resume(local).await)
+    }
+
+    fn cancel(&self, vm: &VmSpec) -> Result<(), HvError> {
+        self.call(vm, async |c, local| c.domain_cancel(local).await)
+    }
+
+    fn nic(&self, vm: &str) -> Result<(MacAddr, String), HvError> {
+        let spec = VmSpec {
+            name: vm.to_owned(),
+            mac: MacAddr([0; 6]),
+        };
+        self.call(&spec, async |c, local| c.domain_nic(&local.name).await)
+    }
+
+    fn restore_paused(
+        &self,
+        vm: &VmSpec,
+        images: &[PathBuf],
+        bridge: Option<&str>,
+    ) -> Result<String, HvError> {
+        self.call(vm, async |c, local| {
+            c.domain_restore(local, images, bridge).await
+        })
+    }
+
+    fn destroy(&self, vm: &VmSpec) -> Result<(), HvError> {
+        self.call(vm, async |c, local| c.domain_destroy(local).await)
+    }
+
+    fn discard(&self, vm: &VmSpec, image_dir: &Path) -> Result<(), HvError> {
+        let id = snapshot_id(vm, image_dir)?;
+        self.call(vm, async |c, local| c.domain_discard(local, &id).await)
+    }
+}
+
+/// The snapshot's id: the name of the coordinator's directory for it. Each agent keeps the
+/// images of its VMs under its own store, in a directory of that name.
+fn snapshot_id(vm: &VmSpec, image_dir: &Path) -> Result<String, HvError> {
+    image_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+        .ok_or_else(|| HvError {
+            vm: vm.name.clone(),
+            detail: format!("no snapshot id in {}", image_dir.display()),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_hosts_files_are_checked() {
+        assert_eq!(split_name("web1@hv1"), Some(("web1", "hv1")));
+        assert_eq!(split_name("web1"), None);
+        assert_eq!(split_name("@hv1"), None);
+        let dir = std::env::temp_dir().join(format!("enforcer-hosts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("hosts.json");
+        let write = |text: &str| std::fs::write(&path, text).unwrap();
+        write(r#"[{"name":"hv1","agent":"http://10.0.0.1:7878","overlay":"enfvx0"}]"#);
+        assert_eq!(load(&path).unwrap()[0].overlay, "enfvx0");
+        for bad in [
+            "[]",
+            "{}",
+            r#"[{"name":"hv1","agent":"10.0.0.1:7878","overlay":"x"}]"#,
+            r#"[{"name":"a@b","agent":"http://x","overlay":"x"}]"#,
+            r#"[{"name":"hv1","agent":"http://x","overlay":"x"},{"name":"hv1","agent":"http://y","overlay":"x"}]"#,
+        ] {
+            write(bad);
+            assert!(load(&path).is_err(), "{bad} was accepted");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

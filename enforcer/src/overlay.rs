@@ -1,0 +1,89 @@
+//! Two emulated hosts on this machine, joined the way real hosts are: a VXLAN overlay with
+//! Group Based Policy between their bridges (the color of a frame rides in the GBP field).
+//!
+//! Both bridges, both VXLAN devices and both daemons live in the root namespace, so nothing
+//! else needs namespace juggling. Two VXLAN devices with one VNI would clash on one UDP socket,
+//! so each device is created in a small "underlay" namespace of its own, the two underlays are
+//! joined by a veth, and the device is then moved into the root namespace: its socket stays in
+//! the underlay where it was created. The GBP field survives the crossing: the kernel builds
+//! the header from the inner frame's mark before the namespace change scrubs it, and sets the
+//! mark from the header after the scrub on the way in.
+
+use std::process::Command;
+
+use crate::lab::{LabError, run};
+
+/// The VXLAN network identifier and UDP port of the emulated overlay.
+pub const VNI: &str = "4242";
+pub const VXLAN_PORT: &str = "4789";
+
+#[derive(Debug)]
+pub struct Overlay {
+    /// The overlay port of each host (a VXLAN-GBP device on that host's bridge).
+    pub devices: [String; 2],
+    underlays: [String; 2],
+}
+
+impl Overlay {
+    /// Joins `bridges[0]` and `bridges[1]`; names start with `prefix` (1-6 characters).
+    pub fn create(prefix: &str, bridges: [&str; 2]) -> Result<Self, LabError> {
+        let overlay = Self {
+            devices: [format!("{prefix}vx0"), format!("{prefix}vx1")],
+            underlays: [format!("{prefix}-u0"), format!("{prefix}-u1")],
+        };
+        overlay.remove();
+        let veth = [format!("{prefix}u0"), format!("{prefix}u1")];
+        let pid = std::process::id().to_string();
+        for ns in &overlay.underlays {
+            run(&["netns", "add", ns])?;
+            run(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        run(&[
+            "link", "add", &veth[0], "type", "veth", "peer", "name", &veth[1],
+        ])?;
+        for i in 0..2 {
+            let (ns, dev) = (&overlay.underlays[i], &overlay.devices[i]);
+            let local = format!("10.214.0.{}", i + 1);
+            let remote = format!("10.214.0.{}", 2 - i);
+            run(&["link", "set", &veth[i], "netns", ns])?;
+            // Room for the 50 bytes of encapsulation around a full 1500-byte frame.
+            run(&["-n", ns, "link", "set", &veth[i], "mtu", "1600", "up"])?;
+            run(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{local}/24"),
+                "dev",
+                &veth[i],
+            ])?;
+            run(&[
+                "-n", ns, "link", "add", dev, "type", "vxlan", "id", VNI, "local", &local,
+                "remote", &remote, "dstport", VXLAN_PORT, "gbp",
+            ])?;
+            // Into the root namespace (ours), onto the host's bridge.
+            run(&["-n", ns, "link", "set", dev, "netns", &pid])?;
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1");
+            run(&[
+                "link", "set", dev, "mtu", "1500", "master", bridges[i], "up",
+            ])?;
+        }
+        Ok(overlay)
+    }
+
+    fn remove(&self) {
+        for dev in &self.devices {
+            let _ = Command::new("ip").args(["link", "del", dev]).output();
+        }
+        // Deleting an underlay deletes its end of the veth, and with it the other end.
+        for ns in &self.underlays {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}

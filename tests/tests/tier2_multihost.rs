@@ -1,0 +1,421 @@
+//! Tier 2 across hosts: two emulated hosts on this machine, each with its own bridge, daemon
+//! (agent), pin root and buffer, joined by a VXLAN-GBP overlay (`enforcer::overlay`); a group
+//! of network-namespace VMs spanning them. The coordinator's side is `enforcer::hosts::Hosts`,
+//! the same code `enforcer coordinator` runs. Checked at the receivers.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use enforcer::{
+    api::ModeName,
+    client::Client,
+    coordinator::{EpochControl, VmSpec},
+    daemon::{self, DaemonConfig, Running},
+    datapath::AttachMode,
+    hold::HoldOptions,
+    hosts::{HostSpec, Hosts},
+    lab::Lab,
+    mac::MacAddr,
+    overlay::Overlay,
+    ports::PortSource,
+    traffic::{Mesh, Message},
+};
+use enforcer_common::Outcome;
+use enforcer_tests::{PinRoot, lab_prefix, require_root};
+
+const GROUP: u32 = 7;
+
+struct Host {
+    pins: PinRoot,
+    bridge: String,
+    hold_device: String,
+    addr: SocketAddr,
+    running: Option<Running>,
+    client: Client,
+}
+
+async fn start_agent(
+    bridge: &str,
+    pins: &PinRoot,
+    hold_device: &str,
+    listen: SocketAddr,
+) -> Running {
+    daemon::start(DaemonConfig {
+        ports: PortSource::Bridge(bridge.to_owned()),
+        pin_root: pins.path().to_owned(),
+        attach: AttachMode::Tc,
+        listen,
+        token: None,
+        type3_mode: Some(ModeName::Buffer.into()),
+        hold: Some(HoldOptions {
+            device: hold_device.to_owned(),
+            max_bytes: 16 << 20,
+        }),
+        snapshots: None,
+    })
+    .await
+    .expect("starting an agent")
+}
+
+impl Host {
+    async fn start(bridge: &str, hold_device: String, tag: &str) -> Self {
+        let pins = PinRoot::new(tag);
+        let running =
+            start_agent(bridge, &pins, &hold_device, "127.0.0.1:0".parse().unwrap()).await;
+        let addr = running.addr;
+        Self {
+            pins,
+            bridge: bridge.to_owned(),
+            hold_device,
+            addr,
+            running: Some(running),
+            client: Client::new(format!("http://{addr}"), None),
+        }
+    }
+
+    /// Kills the agent as a crash would (its buffer vanishes with what it holds).
+    async fn crash(&mut self) {
+        self.running.take().expect("running").crash().await.unwrap();
+    }
+
+    /// A new agent on the same pins and address (the coordinator knows it by its URL).
+    async fn restart(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.hold_device])
+            .output();
+        self.running =
+            Some(start_agent(&self.bridge, &self.pins, &self.hold_device, self.addr).await);
+    }
+
+    async fn stop(mut self) {
+        self.running.take().expect("running").stop().await.unwrap();
+    }
+
+    async fn epoch_of(&self, mac: MacAddr) -> u32 {
+        self.client.vm(mac).await.expect("a registered VM").epoch
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // A crashed buffer leaves its hold device behind on purpose; remove it here.
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.hold_device])
+            .output();
+    }
+}
+
+/// Runs blocking coordinator calls off the async runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+fn send(mesh: &Mesh, from: usize, to: usize, seqs: std::ops::Range<u32>, color: u32) {
+    for seq in seqs {
+        mesh.send(Message {
+            from: from as u16,
+            to: to as u16,
+            seq,
+            color,
+        })
+        .unwrap();
+    }
+}
+
+/// What `vm` received from `from` until nothing came for `quiet`.
+fn received(mesh: &Mesh, to: usize, from: usize, quiet: Duration) -> Vec<Message> {
+    let got = mesh.collect(quiet, Duration::from_secs(10));
+    got[to]
+        .iter()
+        .filter(|m| m.from as usize == from)
+        .copied()
+        .collect()
+}
+
+fn assert_in_order(got: &[Message], seqs: std::ops::Range<u32>, what: &str) {
+    let want: Vec<u32> = seqs.collect();
+    let seen: Vec<u32> = got.iter().map(|m| m.seq).collect();
+    assert_eq!(seen, want, "{what}: every frame, once, in order");
+}
+
+async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A group of three VMs on two hosts: vm1 and vm2 on host A, vm3 on host B.
+///
+/// 1. vm1 advances on its host only (the coordinator's message to B is "lost"). Its frames
+///    to vm3 are Type-3 to A's view of vm3: held on A, on the sender's side.
+/// 2. vm3 advances on its host only. Its frames to vm1 are Type-3 to B's stale view of vm1
+///    (0): held on B, conservatively (vm1 is really at 1 already).
+/// 3. A learns vm3's advance (the coordinator's update). A releases vm1's frames to vm3; they
+///    cross the overlay carrying color 1, and B learns from them that vm1 is at 1 — nobody
+///    told B — and releases vm3's frames to vm1.
+///
+/// Every frame arrives once, in order, and none before its receiver advanced. Then vm2
+/// advances through the coordinator while B is down: the update is retried until B is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn views_lag_never_lead_and_frames_carry_their_color_across_hosts() {
+    require_root();
+    let lab = Lab::create_hosts(&lab_prefix('m'), &[2, 1]).unwrap();
+    let overlay = Overlay::create(
+        &format!("{}o", &lab.prefix[..5]),
+        [&lab.bridges[0], &lab.bridges[1]],
+    )
+    .expect("the VXLAN-GBP overlay");
+    let a = Host::start(&lab.bridges[0], format!("{}h0", lab.prefix), "mh-a").await;
+    let mut b = Host::start(&lab.bridges[1], format!("{}h1", lab.prefix), "mh-b").await;
+    let hosts = Hosts::new(
+        vec![
+            HostSpec {
+                name: "a".into(),
+                agent: format!("http://{}", a.addr),
+                overlay: overlay.devices[0].clone(),
+            },
+            HostSpec {
+                name: "b".into(),
+                agent: format!("http://{}", b.addr),
+                overlay: overlay.devices[1].clone(),
+            },
+        ],
+        None,
+        tokio::runtime::Handle::current(),
+    );
+    let spec = |i: usize| VmSpec {
+        name: format!("{}@{}", lab.vms[i].name, ["a", "b"][lab.vms[i].host]),
+        mac: lab.vms[i].mac,
+    };
+    for i in 0..3 {
+        let (hosts, vm, port) = (hosts.clone(), spec(i), lab.vms[i].port.clone());
+        let epoch = blocking(move || hosts.register(&vm, GROUP, &port, Some(0)))
+            .await
+            .expect("registering on the owner and as a view everywhere else");
+        assert_eq!(epoch, 0);
+    }
+    let (vm1, vm2, vm3) = (lab.vms[0].mac, lab.vms[1].mac, lab.vms[2].mac);
+    let views = b.client.vms().await.unwrap();
+    assert!(
+        views.iter().any(|v| v.mac == vm1 && v.remote)
+            && views.iter().any(|v| v.mac == vm3 && !v.remote),
+        "B: vm3 its own, vm1 a view: {views:?}"
+    );
+
+    let mesh = Mesh::new(&lab).unwrap();
+    // Baseline: the overlay carries the group's traffic both ways.
+    send(&mesh, 0, 2, 0..20, 0);
+    assert_in_order(
+        &received(&mesh, 2, 0, Duration::from_millis(200)),
+        0..20,
+        "vm1 -> vm3 at epoch 0",
+    );
+    send(&mesh, 2, 0, 0..20, 0);
+    assert_in_order(
+        &received(&mesh, 0, 2, Duration::from_millis(200)),
+        0..20,
+        "vm3 -> vm1 at epoch 0",
+    );
+
+    // 1. vm1 advances on A only.
+    a.client.advance(vm1).await.unwrap();
+    assert_eq!(b.epoch_of(vm1).await, 0, "B was not told");
+    send(&mesh, 0, 2, 20..120, 1);
+    assert!(
+        received(&mesh, 2, 0, Duration::from_millis(300)).is_empty(),
+        "vm1's post-snapshot frames reached pre-snapshot vm3"
+    );
+    // vm3's pre-snapshot frames to vm1 are Type-2: delivered.
+    send(&mesh, 2, 0, 20..40, 0);
+    assert_in_order(
+        &received(&mesh, 0, 2, Duration::from_millis(200)),
+        20..40,
+        "vm3 -> vm1, Type-2",
+    );
+
+    // 2. vm3 advances on B only; B's view of vm1 is stale, so vm3's frames to it are held.
+    b.client.advance(vm3).await.unwrap();
+    send(&mesh, 2, 0, 40..140, 1);
+    let early = received(&mesh, 0, 2, Duration::from_millis(300));
+    assert!(
+        early.is_empty(),
+        "held on B while its view of vm1 is 0: {early:?}"
+    );
+    let learned_before = b.client.health().await.unwrap().learned_epochs;
+
+    // 3. A learns that vm3 advanced: vm1's held frames go; B learns vm1 from their color.
+    a.client.raise_epoch(vm3, 1).await.unwrap();
+    let got = mesh.collect(Duration::from_millis(400), Duration::from_secs(10));
+    let pick = |to: usize, from: usize| -> Vec<Message> {
+        got[to]
+            .iter()
+            .filter(|m| m.from as usize == from)
+            .copied()
+            .collect()
+    };
+    let (at_vm3, at_vm1) = (pick(2, 0), pick(0, 2));
+    assert_in_order(
+        &at_vm3,
+        20..120,
+        "vm1 -> vm3, held on A, re-injected across",
+    );
+    wait_for("B to learn vm1's epoch from its frames", async || {
+        b.epoch_of(vm1).await == 1
+    })
+    .await;
+    let health = b.client.health().await.unwrap();
+    assert!(
+        health.learned_epochs > learned_before,
+        "B's view rose from a frame's color: {health:?}"
+    );
+    assert_eq!(health.learn_lost, 0);
+    assert_in_order(
+        &at_vm1,
+        40..140,
+        "vm3 -> vm1, held on B until it learned vm1's epoch",
+    );
+    for m in at_vm3.iter().chain(&at_vm1) {
+        assert_eq!(m.color, 1);
+    }
+
+    // What each datapath counted: held on the sender's host, Type-1 at the receiver's.
+    let holds_a = a.client.holds().await.unwrap();
+    let holds_b = b.client.holds().await.unwrap();
+    assert_eq!(holds_a.total("reinjected"), 100, "A: {holds_a:?}");
+    assert_eq!(holds_b.total("reinjected"), 100, "B: {holds_b:?}");
+    let stats_a = a.client.stats().await.unwrap();
+    let port_vm1 = stats_a
+        .iter()
+        .find(|s| s.vm == Some(vm1) && !s.remote)
+        .expect("vm1's port counters");
+    assert_eq!(port_vm1.frames(Outcome::Type3Held), 100);
+    let stats_b = b.client.stats().await.unwrap();
+    let from_vm1 = stats_b
+        .iter()
+        .find(|s| s.vm == Some(vm1) && s.remote)
+        .expect("B's counters of frames from vm1 (a slot of its own on the overlay)");
+    assert_eq!(from_vm1.frames(Outcome::Type3Held), 0, "{from_vm1:?}");
+    assert_eq!(
+        from_vm1.frames(Outcome::Type1),
+        120,
+        "20 at epoch 0, 100 re-injected"
+    );
+
+    // vm2 advances through the coordinator while B is down: the view update is retried.
+    b.crash().await;
+    let (h, vm) = (hosts.clone(), spec(1));
+    assert_eq!(blocking(move || h.advance(&vm)).await.unwrap(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.restart().await;
+    wait_for("the retried update to reach the restarted B", async || {
+        b.epoch_of(vm2).await == 1
+    })
+    .await;
+    // The restarted agent kept its views (pinned): lagging or level, never ahead.
+    assert_eq!(b.epoch_of(vm1).await, 1);
+    assert_eq!(b.epoch_of(vm3).await, 1);
+    // Everyone at epoch 1: every pair delivers, across the hosts too.
+    for (from, to) in [(0usize, 2usize), (2, 0), (1, 2), (2, 1)] {
+        send(&mesh, from, to, 200..230, 1);
+        assert_in_order(
+            &received(&mesh, to, from, Duration::from_millis(200)),
+            200..230,
+            &format!("vm{} -> vm{} at epoch 1", from + 1, to + 1),
+        );
+    }
+    let propagated = hosts.take_propagation_ms();
+    assert!(
+        !propagated.is_empty(),
+        "the coordinator timed its view updates"
+    );
+
+    a.stop().await;
+    b.stop().await;
+    drop(overlay);
+}
+
+/// An aborted snapshot across hosts moves the members forward, never back: the VM that had
+/// advanced keeps its epoch, the others join it, held frames are released, and every view
+/// ends level with its owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_abort_across_hosts_moves_forward_and_releases_held_frames() {
+    require_root();
+    let lab = Lab::create_hosts(&lab_prefix('n'), &[1, 1]).unwrap();
+    let overlay = Overlay::create(
+        &format!("{}o", &lab.prefix[..5]),
+        [&lab.bridges[0], &lab.bridges[1]],
+    )
+    .expect("the VXLAN-GBP overlay");
+    let a = Host::start(&lab.bridges[0], format!("{}h0", lab.prefix), "ab-a").await;
+    let b = Host::start(&lab.bridges[1], format!("{}h1", lab.prefix), "ab-b").await;
+    let hosts = Hosts::new(
+        vec![
+            HostSpec {
+                name: "a".into(),
+                agent: format!("http://{}", a.addr),
+                overlay: overlay.devices[0].clone(),
+            },
+            HostSpec {
+                name: "b".into(),
+                agent: format!("http://{}", b.addr),
+                overlay: overlay.devices[1].clone(),
+            },
+        ],
+        None,
+        tokio::runtime::Handle::current(),
+    );
+    let specs: Vec<VmSpec> = lab
+        .vms
+        .iter()
+        .map(|v| VmSpec {
+            name: format!("{}@{}", v.name, ["a", "b"][v.host]),
+            mac: v.mac,
+        })
+        .collect();
+    for (i, vm) in specs.iter().enumerate() {
+        let (h, vm, port) = (hosts.clone(), vm.clone(), lab.vms[i].port.clone());
+        blocking(move || h.register(&vm, GROUP, &port, Some(3)))
+            .await
+            .unwrap();
+    }
+    let mesh = Mesh::new(&lab).unwrap();
+    // vm1 (A) advanced in the snapshot that is about to fail; vm2 (B) did not.
+    let (h, vm) = (hosts.clone(), specs[0].clone());
+    blocking(move || h.advance(&vm)).await.unwrap();
+    send(&mesh, 0, 1, 0..50, 4);
+    assert!(received(&mesh, 1, 0, Duration::from_millis(300)).is_empty());
+
+    let h = hosts.clone();
+    blocking(move || h.abort_epochs(GROUP, 3)).await.unwrap();
+    assert_in_order(
+        &received(&mesh, 1, 0, Duration::from_millis(300)),
+        0..50,
+        "released by the abort",
+    );
+    for host in [&a, &b] {
+        for v in host.client.vms().await.unwrap() {
+            assert_eq!(v.epoch, 4, "forward, never back: {v:?}");
+        }
+    }
+    let h = hosts.clone();
+    let report = blocking(move || h.hold_report()).await.unwrap().unwrap();
+    // Held on A (the sender's side); B may hold them again briefly behind its own release of
+    // vm2 (held for order), so the merged report adds both agents up.
+    let (on_a, on_b) = (
+        a.client.holds().await.unwrap().total("reinjected"),
+        b.client.holds().await.unwrap().total("reinjected"),
+    );
+    assert_eq!(on_a, 50);
+    assert_eq!(
+        report.total("reinjected"),
+        on_a + on_b,
+        "the merged report of both agents"
+    );
+    a.stop().await;
+    b.stop().await;
+    drop(overlay);
+}
