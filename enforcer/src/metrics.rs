@@ -151,6 +151,7 @@ mod tests {
             group: 1,
             epoch: 4,
             ifindex: 7,
+            remote: false,
         }];
         let mut holds = HoldReport {
             hold_time_buckets: vec![(0.001, 2), (1.0, 5)],

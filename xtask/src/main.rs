@@ -5,7 +5,13 @@
 //! - `cargo xtask demo [args]`: the same for the demo.
 //! - `cargo xtask e2e`: tier 3 on real VMs, with and without enforcement.
 //! - `cargo xtask guest [--out DIR]`: builds the guest kernel + initramfs (see `guest.rs`).
+//! - `cargo xtask basebox [--out DIR] [--mirror URL]`: builds the testbed's vagrant-libvirt box
+//!   offline from Debian packages (see `basebox.rs`).
+//! - `cargo xtask deploy [...]`: installs enforcer on the testbed's hosts over SSH (see
+//!   `deploy.rs`, docs/testbed.md).
 
+mod basebox;
+mod deploy;
 mod guest;
 
 use std::process::Command;
@@ -43,6 +49,45 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the testbed's vagrant-libvirt box (Debian 12) offline from Debian packages (root).
+    Basebox {
+        /// Where box.img, metadata.json, Vagrantfile and enforcer-debian12.box go.
+        #[arg(long, default_value = "/var/lib/enforcer/box")]
+        out: std::path::PathBuf,
+        /// Debian mirror (default: the one apt on this machine uses for bookworm).
+        #[arg(long)]
+        mirror: Option<String>,
+        /// Virtual disk size.
+        #[arg(long, default_value_t = 8)]
+        size_gib: u64,
+        /// Extra packages to bake in (repeatable or comma-separated), e.g. the hypervisors'
+        /// libvirt-daemon-system,qemu-system-x86,bpftool, so that provisioning needs no mirror.
+        #[arg(long, value_delimiter = ',')]
+        include: Vec<String>,
+    },
+    /// Install enforcer on the testbed (coord + hv1, hv2, ...) over SSH and start it.
+    Deploy {
+        /// ssh-config naming the hosts `coord` and `hv1`, `hv2`, ... (default: `vagrant
+        /// ssh-config` run in vagrant/).
+        #[arg(long)]
+        ssh_config: Option<std::path::PathBuf>,
+        /// The enforcer binary to install (default: `cargo build --release -p enforcer`).
+        #[arg(long)]
+        binary: Option<std::path::PathBuf>,
+        /// API bearer token for the agents and the coordinator (default: 32 random bytes, hex).
+        #[arg(long)]
+        token: Option<String>,
+        /// Print the commands instead of running them.
+        #[arg(long)]
+        dry_run: bool,
+        /// The hosts' private network: coord is .10 in it, hvN is .(10+N).
+        #[arg(long, default_value = "192.168.56.0/24")]
+        net: String,
+        /// A host's address on the private network, overriding the --net convention
+        /// (NAME=IP, repeatable).
+        #[arg(long, value_name = "NAME=IP")]
+        host_ip: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,6 +95,39 @@ fn main() -> anyhow::Result<()> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let (sub, args) = match cli.task {
         Task::Guest { out } => return guest::build(&root, &out),
+        Task::Basebox {
+            out,
+            mirror,
+            size_gib,
+            include,
+        } => {
+            return basebox::build(&basebox::Options {
+                out,
+                mirror,
+                size_gib,
+                include,
+            });
+        }
+        Task::Deploy {
+            ssh_config,
+            binary,
+            token,
+            dry_run,
+            net,
+            host_ip,
+        } => {
+            return deploy::run(
+                &root,
+                deploy::Options {
+                    ssh_config,
+                    binary,
+                    token,
+                    dry_run,
+                    net,
+                    host_ips: host_ip,
+                },
+            );
+        }
         Task::Bench { args } => ("bench", args),
         Task::Demo { args } => ("demo", args),
         Task::E2e { args } => ("e2e", args),
