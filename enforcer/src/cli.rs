@@ -47,6 +47,10 @@ pub enum Command {
     /// Tier 3: the demo, then the same without enforcement, to show the check catches it.
     #[command(hide = true)]
     E2e(DemoArgs),
+    /// Tier 3 across two emulated hosts: agents, an overlay, a coordinator, an agent killed
+    /// mid-snapshot, then snapshot → kill → restore → check.
+    #[command(hide = true)]
+    E2eHosts(DemoArgs),
     /// Register, list and remove VMs.
     #[command(subcommand)]
     Vm(VmCommand),
@@ -401,6 +405,9 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         }
         Command::E2e(args) => {
             println!("{}", crate::vmdemo::e2e(args.vm_options()?).await?);
+        }
+        Command::E2eHosts(args) => {
+            println!("{}", crate::vmhosts::e2e(args.vm_options()?).await?);
         }
         Command::Vm(VmCommand::Add {
             mac,

@@ -148,6 +148,24 @@ fn not_found(e: &ClientError) -> bool {
     e.status() == Some(StatusCode::NOT_FOUND)
 }
 
+/// How long a call that is safe to repeat is retried while its agent cannot be reached (an
+/// agent restarts on the same address, and its pinned maps survive).
+const RECONNECT_FOR: Duration = Duration::from_secs(30);
+
+async fn retry_unreachable<T>(
+    mut f: impl AsyncFnMut() -> Result<T, ClientError>,
+) -> Result<T, ClientError> {
+    let deadline = Instant::now() + RECONNECT_FOR;
+    loop {
+        match f().await {
+            Err(ClientError::Connect { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Hosts {
     pub fn new(specs: Vec<HostSpec>, token: Option<String>, rt: Handle) -> Self {
         let hosts = specs
@@ -274,24 +292,31 @@ impl Hosts {
         }
     }
 
+    /// One domain operation on the VM's agent. `repeatable`: safe to send again, so it is
+    /// retried while the agent cannot be reached (restarting).
     fn call<T>(
         &self,
         vm: &VmSpec,
-        f: impl AsyncFnOnce(&Client, &VmSpec) -> Result<T, ClientError>,
+        repeatable: bool,
+        mut f: impl AsyncFnMut(&Client, &VmSpec) -> Result<T, ClientError>,
     ) -> Result<T, HvError> {
         let err = |detail: String| HvError {
             vm: vm.name.clone(),
             detail,
         };
         let (owner, local) = self.owner(vm).map_err(err)?;
-        self.0
-            .rt
-            .block_on(f(&owner.agent.client, &local))
-            .map_err(|e| match e {
-                // The agent's hypervisor error, as the agent saw it ("no such domain" etc.).
-                ClientError::Api { message, .. } => err(message),
-                other => err(other.to_string()),
-            })
+        let client = &owner.agent.client;
+        let mut once = async || f(client, &local).await;
+        let result = if repeatable {
+            self.0.rt.block_on(retry_unreachable(once))
+        } else {
+            self.0.rt.block_on(once())
+        };
+        result.map_err(|e| match e {
+            // The agent's hypervisor error, as the agent saw it ("no such domain" etc.).
+            ClientError::Api { message, .. } => err(message),
+            other => err(other.to_string()),
+        })
     }
 }
 
@@ -376,7 +401,10 @@ impl EpochControl for Hosts {
     fn unregister(&self, vm: &VmSpec) -> Result<(), String> {
         let mut failed = Vec::new();
         for host in &self.0.hosts {
-            match self.0.rt.block_on(host.agent.client.unregister_vm(vm.mac)) {
+            let client = &host.agent.client;
+            match self.0.rt.block_on(retry_unreachable(async || {
+                client.unregister_vm(vm.mac).await
+            })) {
                 Ok(_) => {}
                 Err(e) if not_found(&e) => {}
                 Err(e) => failed.push(format!("{}: {e}", host.spec.name)),
@@ -396,7 +424,12 @@ impl EpochControl for Hosts {
         let target = epoch + 1;
         let mut failed = Vec::new();
         for owner in &self.0.hosts {
-            let vms = match self.0.rt.block_on(owner.agent.client.vms()) {
+            let client = &owner.agent.client;
+            let vms = match self
+                .0
+                .rt
+                .block_on(retry_unreachable(async || client.vms().await))
+            {
                 Ok(vms) => vms,
                 Err(e) => {
                     failed.push(format!("{}: {e}", owner.spec.name));
@@ -405,10 +438,9 @@ impl EpochControl for Hosts {
             };
             for vm in vms.iter().filter(|v| v.group == group && !v.remote) {
                 if vm.epoch < target
-                    && let Err(e) = self
-                        .0
-                        .rt
-                        .block_on(owner.agent.client.raise_epoch(vm.mac, target))
+                    && let Err(e) = self.0.rt.block_on(retry_unreachable(async || {
+                        client.raise_epoch(vm.mac, target).await
+                    }))
                 {
                     failed.push(format!("{} on {}: {e}", vm.mac, owner.spec.name));
                     continue;
@@ -440,25 +472,27 @@ fn add_all(into: &mut BTreeMap<String, u64>, from: BTreeMap<String, u64>) {
 impl Hypervisor for Hosts {
     fn begin(&self, vm: &VmSpec, image_dir: &Path) -> Result<(), HvError> {
         let id = snapshot_id(vm, image_dir)?;
-        self.call(vm, async |c, local| c.domain_begin(local, &id).await)
+        self.call(vm, false, async |c, local| c.domain_begin(local, &id).await)
     }
 
     fn wait_paused(&self, vm: &VmSpec, timeout: Duration) -> Result<Paused, HvError> {
-        self.call(vm, async |c, local| {
+        self.call(vm, false, async |c, local| {
             c.domain_wait_paused(local, timeout).await
         })
     }
 
     fn complete(&self, vm: &VmSpec, timeout: Duration) -> Result<Vec<PathBuf>, HvError> {
-        self.call(vm, async |c, local| c.domain_complete(local, timeout).await)
+        self.call(vm, false, async |c, local| {
+            c.domain_complete(local, timeout).await
+        })
     }
 
     fn resume(&self, vm: &VmSpec) -> Result<(), HvError> {
-        self.call(vm, async |c, local| c.domain_resume(local).await)
+        self.call(vm, true, async |c, local| c.domain_resume(local).await)
     }
 
     fn cancel(&self, vm: &VmSpec) -> Result<(), HvError> {
-        self.call(vm, async |c, local| c.domain_cancel(local).await)
+        self.call(vm, true, async |c, local| c.domain_cancel(local).await)
     }
 
     fn nic(&self, vm: &str) -> Result<(MacAddr, String), HvError> {
@@ -466,7 +500,9 @@ impl Hypervisor for Hosts {
             name: vm.to_owned(),
             mac: MacAddr([0; 6]),
         };
-        self.call(&spec, async |c, local| c.domain_nic(&local.name).await)
+        self.call(&spec, true, async |c, local| {
+            c.domain_nic(&local.name).await
+        })
     }
 
     fn restore_paused(
@@ -475,18 +511,20 @@ impl Hypervisor for Hosts {
         images: &[PathBuf],
         bridge: Option<&str>,
     ) -> Result<String, HvError> {
-        self.call(vm, async |c, local| {
+        self.call(vm, false, async |c, local| {
             c.domain_restore(local, images, bridge).await
         })
     }
 
     fn destroy(&self, vm: &VmSpec) -> Result<(), HvError> {
-        self.call(vm, async |c, local| c.domain_destroy(local).await)
+        self.call(vm, true, async |c, local| c.domain_destroy(local).await)
     }
 
     fn discard(&self, vm: &VmSpec, image_dir: &Path) -> Result<(), HvError> {
         let id = snapshot_id(vm, image_dir)?;
-        self.call(vm, async |c, local| c.domain_discard(local, &id).await)
+        self.call(vm, true, async |c, local| {
+            c.domain_discard(local, &id).await
+        })
     }
 }
 

@@ -30,4 +30,5 @@ pub mod ports;
 pub mod snapshots;
 pub mod traffic;
 pub mod vmdemo;
+pub mod vmhosts;
 pub mod vmlab;

@@ -237,7 +237,10 @@ pub fn check(lab: &VmLab, early: &[GuestStats], last: &[GuestStats]) -> Consiste
 
 /// Runs the restored group for a while, then stops the senders, lets the streams drain and
 /// checks.
-fn run_restored_and_check(lab: &VmLab, restored_for: Duration) -> anyhow::Result<Consistency> {
+pub(crate) fn run_restored_and_check(
+    lab: &VmLab,
+    restored_for: Duration,
+) -> anyhow::Result<Consistency> {
     std::thread::sleep(Duration::from_millis(300));
     let early = lab.all_stats().context("guest stats after the restore")?;
     std::thread::sleep(restored_for);
@@ -254,7 +257,7 @@ fn run_restored_and_check(lab: &VmLab, restored_for: Duration) -> anyhow::Result
     }
 }
 
-fn log(msg: impl AsRef<str>) {
+pub(crate) fn log(msg: impl AsRef<str>) {
     eprintln!("[vm-demo] {}", msg.as_ref());
 }
 
@@ -311,7 +314,7 @@ async fn start_daemon(lab: &VmLab, opts: &VmDemoOptions) -> anyhow::Result<Runni
     .await?)
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(f).await?
@@ -701,7 +704,7 @@ pub async fn e2e(mut opts: VmDemoOptions) -> anyhow::Result<String> {
 }
 
 /// p50, p99 and max of a sample (nearest rank).
-fn percentiles(mut v: Vec<f64>) -> (f64, f64, f64) {
+pub(crate) fn percentiles(mut v: Vec<f64>) -> (f64, f64, f64) {
     if v.is_empty() {
         return (f64::NAN, f64::NAN, f64::NAN);
     }

@@ -57,6 +57,9 @@ pub struct VmLabOptions {
     /// Each guest sends one TCP and one UDP message to every peer this often.
     pub interval_ms: u32,
     pub uri: String,
+    /// This many guests (the last ones) run on the second bridge: a second emulated host,
+    /// joined to the first by an overlay (`crate::overlay`).
+    pub on_second_bridge: usize,
 }
 
 impl Default for VmLabOptions {
@@ -69,6 +72,7 @@ impl Default for VmLabOptions {
             memory_mib: 128,
             interval_ms: 10,
             uri: crate::libvirt::DEFAULT_URI.into(),
+            on_second_bridge: 0,
         }
     }
 }
@@ -79,6 +83,8 @@ pub struct GuestVm {
     pub name: String,
     pub mac: MacAddr,
     pub ip: Ipv4Addr,
+    /// The bridge it was booted on.
+    pub bridge: String,
 }
 
 pub struct VmLab {
@@ -121,11 +127,17 @@ impl VmLab {
         let host_ip = Ipv4Addr::new(10, 77, opts.subnet, 1);
         let console_dir = PathBuf::from(format!("/var/lib/enforcer/vms/{p}"));
         let _ = std::fs::create_dir_all(&console_dir);
+        let first_remote = opts.vms.saturating_sub(opts.on_second_bridge);
         let vms = (0..opts.vms)
             .map(|i| GuestVm {
                 name: format!("{p}-vm{}", i + 1),
                 mac: MacAddr([0x52, 0x54, 0x00, 0x77, opts.subnet, 11 + i as u8]),
                 ip: Ipv4Addr::new(10, 77, opts.subnet, 11 + i as u8),
+                bridge: if i < first_remote {
+                    bridge.clone()
+                } else {
+                    format!("{p}br2")
+                },
             })
             .collect();
         let lab = VmLab {
@@ -198,7 +210,7 @@ impl VmLab {
             ip = vm.ip,
             peers = peers.join(","),
             interval = o.interval_ms,
-            bridge = self.bridge,
+            bridge = vm.bridge,
             mac = vm.mac,
             console = self.console(vm).display(),
             disk = self.disk(vm).display(),
