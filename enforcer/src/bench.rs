@@ -477,7 +477,12 @@ impl BufferedLab {
 }
 
 /// Sends numbered 16-byte datagrams (58-byte frames) as fast as one thread can for `seconds`.
-fn blast(tx: &std::net::UdpSocket, dst: SocketAddrV4, color: u32, seconds: f64) -> (u64, f64) {
+pub(crate) fn blast(
+    tx: &std::net::UdpSocket,
+    dst: SocketAddrV4,
+    color: u32,
+    seconds: f64,
+) -> (u64, f64) {
     let start = Instant::now();
     let window = Duration::from_secs_f64(seconds);
     let mut seq = 0u32;
@@ -498,20 +503,20 @@ fn blast(tx: &std::net::UdpSocket, dst: SocketAddrV4, color: u32, seconds: f64) 
     (u64::from(seq), start.elapsed().as_secs_f64())
 }
 
-struct ReceiverResult {
-    count: u64,
-    reordered: u64,
+pub(crate) struct ReceiverResult {
+    pub(crate) count: u64,
+    pub(crate) reordered: u64,
 }
 
 /// Counts numbered datagrams and out-of-order arrivals on a thread.
-struct Receiver {
+pub(crate) struct Receiver {
     count: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: thread::JoinHandle<u64>,
 }
 
 impl Receiver {
-    fn start(rx: std::net::UdpSocket) -> Self {
+    pub(crate) fn start(rx: std::net::UdpSocket) -> Self {
         let count = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -544,11 +549,11 @@ impl Receiver {
         }
     }
 
-    fn count(&self) -> u64 {
+    pub(crate) fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
     }
 
-    fn finish(self, settle: Duration) -> ReceiverResult {
+    pub(crate) fn finish(self, settle: Duration) -> ReceiverResult {
         thread::sleep(settle);
         self.stop.store(true, Ordering::Relaxed);
         let reordered = self.thread.join().unwrap_or(0);
@@ -559,7 +564,7 @@ impl Receiver {
     }
 
     /// Waits until `want` frames arrived (or `max`), then stops.
-    fn finish_after(self, want: u64, max: Duration) -> ReceiverResult {
+    pub(crate) fn finish_after(self, want: u64, max: Duration) -> ReceiverResult {
         let start = Instant::now();
         while self.count() < want && start.elapsed() < max {
             thread::sleep(Duration::from_millis(1));

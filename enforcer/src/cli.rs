@@ -274,6 +274,15 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
     },
+    /// Across two emulated hosts: view propagation and learning latency, held frames
+    /// re-injected across the overlay.
+    Hosts {
+        #[arg(long, default_value_t = 200)]
+        rounds: usize,
+        /// Length of the held blast, in seconds.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+    },
     /// Veth path without / with the tc program / with the XDP program, side by side.
     Datapath {
         #[arg(long, default_value_t = 5)]
@@ -665,6 +674,13 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Hold { seconds }) => {
             anyhow::ensure!(seconds > 0.0, "--seconds must be positive");
             println!("{}", crate::bench::hold(seconds).await?);
+        }
+        Command::Bench(BenchCommand::Hosts { rounds, seconds }) => {
+            anyhow::ensure!(
+                rounds >= 2 && seconds > 0.0,
+                "--rounds must be at least 2 and --seconds positive"
+            );
+            println!("{}", crate::bench_hosts::hosts(rounds, seconds).await?);
         }
         Command::Bench(BenchCommand::Datapath { rounds, seconds }) => {
             anyhow::ensure!(

@@ -10,6 +10,7 @@
 pub mod agent_epochs;
 pub mod api;
 pub mod bench;
+pub mod bench_hosts;
 pub mod checksum;
 pub mod cli;
 pub mod client;
