@@ -302,7 +302,6 @@ impl Client {
         .await
     }
 
-    /// `GET /metrics`, as text.
     // ---- an agent's domains, for a coordinator of several hosts (see `hosts.rs`) ----
 
     async fn domain(
@@ -401,6 +400,7 @@ impl Client {
         Ok(nic.port)
     }
 
+    /// `GET /metrics`, as text.
     pub async fn metrics(&self) -> Result<String, ClientError> {
         let url = format!("{}/metrics", self.base);
         let mut req = self.http.get(&url);
