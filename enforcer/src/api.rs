@@ -777,6 +777,10 @@ pub struct DomainCall {
     /// `wait-paused`, `complete`.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// `wait-paused`: then advance the VM's epoch here at once (this agent owns it), so no
+    /// network hop separates the stop from the advance.
+    #[serde(default)]
+    pub advance: bool,
     /// `restore`: the images `complete` returned.
     #[serde(default)]
     pub images: Vec<std::path::PathBuf>,
@@ -791,10 +795,20 @@ impl Default for DomainCall {
             mac: MacAddr([0; 6]),
             snapshot: None,
             timeout_ms: None,
+            advance: false,
             images: Vec::new(),
             bridge: None,
         }
     }
+}
+
+/// `wait-paused` with `advance`: when the VM stopped, and its advance.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct PausedAdvanced {
+    pub paused: crate::coordinator::Paused,
+    /// When the map had the new epoch (µs since the Unix epoch, the agent's clock).
+    pub advanced_unix_us: u64,
+    pub epoch: u32,
 }
 
 /// A domain's NIC: its MAC and host-side port.
@@ -880,6 +894,23 @@ async fn domain_op(
                     )
                 })?;
                 hv.begin(&vm, &dir).map(|()| done())?
+            }
+            "wait-paused" if call.advance => {
+                // The stop → advance window is on the critical path (see `snapshot_vm`).
+                crate::hold::make_this_thread_realtime("an agent's snapshot step");
+                let waited = hv
+                    .wait_paused(&vm, timeout)
+                    .map(|p| (p, c.epochs().advance(&vm), crate::coordinator::unix_us()));
+                crate::hold::leave_realtime("an agent's snapshot step");
+                let (paused, advanced, advanced_unix_us) = waited?;
+                let epoch = advanced.map_err(|e| {
+                    ApiError::new(StatusCode::CONFLICT, format!("advancing the epoch: {e}"))
+                })?;
+                serde_json::json!(PausedAdvanced {
+                    paused,
+                    advanced_unix_us,
+                    epoch,
+                })
             }
             "wait-paused" => serde_json::json!(hv.wait_paused(&vm, timeout)?),
             "complete" => serde_json::json!(hv.complete(&vm, timeout)?),

@@ -8,7 +8,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use crate::{
     api::{
         Abort, Config, DefineGroup, DomainCall, DomainNicJson, ErrorBody, GroupView, Health,
-        ModeName, PortStats, RegisterVm, Restore, SetEpoch,
+        ModeName, PausedAdvanced, PortStats, RegisterVm, Restore, SetEpoch,
     },
     coordinator::{GroupSpec, Manifest, Paused, RestoreReport, VmSpec},
     datapath::AttachedPort,
@@ -342,6 +342,20 @@ impl Client {
     ) -> Result<Paused, ClientError> {
         let call = DomainCall {
             timeout_ms: Some(timeout.as_millis() as u64),
+            ..DomainCall::default()
+        };
+        decode(self.domain(vm, "wait-paused", call).await?)
+    }
+
+    /// Waits for the stop and has the agent advance the VM there at once.
+    pub async fn domain_advance_at_pause(
+        &self,
+        vm: &VmSpec,
+        timeout: Duration,
+    ) -> Result<PausedAdvanced, ClientError> {
+        let call = DomainCall {
+            timeout_ms: Some(timeout.as_millis() as u64),
+            advance: true,
             ..DomainCall::default()
         };
         decode(self.domain(vm, "wait-paused", call).await?)

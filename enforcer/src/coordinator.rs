@@ -63,6 +63,17 @@ pub trait Hypervisor: Send + Sync {
     fn begin(&self, vm: &VmSpec, image_dir: &Path) -> Result<(), HvError>;
     /// Blocks until the VM is stopped at its snapshot point.
     fn wait_paused(&self, vm: &VmSpec, timeout: Duration) -> Result<Paused, HvError>;
+    /// [`Hypervisor::wait_paused`], then the VM's epoch advanced right there, by whoever sees
+    /// the stop first: an agent on the VM's own host does both in one call, so no network
+    /// hop separates the stop from the advance. Returns when the advance was made (µs since
+    /// the Unix epoch). `None`: not offered; the coordinator waits, then advances itself.
+    fn advance_at_pause(
+        &self,
+        _vm: &VmSpec,
+        _timeout: Duration,
+    ) -> Option<Result<(Paused, u64), HvError>> {
+        None
+    }
     /// Lets the image complete; the VM stays paused. Returns the files written.
     fn complete(&self, vm: &VmSpec, timeout: Duration) -> Result<Vec<PathBuf>, HvError>;
     /// Runs the VM again.
@@ -95,6 +106,13 @@ impl Hypervisor for Box<dyn Hypervisor> {
     }
     fn wait_paused(&self, vm: &VmSpec, timeout: Duration) -> Result<Paused, HvError> {
         (**self).wait_paused(vm, timeout)
+    }
+    fn advance_at_pause(
+        &self,
+        vm: &VmSpec,
+        timeout: Duration,
+    ) -> Option<Result<(Paused, u64), HvError>> {
+        (**self).advance_at_pause(vm, timeout)
     }
     fn complete(&self, vm: &VmSpec, timeout: Duration) -> Result<Vec<PathBuf>, HvError> {
         (**self).complete(vm, timeout)
@@ -1168,7 +1186,7 @@ impl<H: Hypervisor, E: EpochControl> Drop for Release<'_, H, E> {
     }
 }
 
-fn unix_us() -> u64 {
+pub(crate) fn unix_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -1220,19 +1238,28 @@ fn snapshot_vm<H: Hypervisor + ?Sized, E: EpochControl + ?Sized>(
     if let Err(e) = hv.begin(vm, dir) {
         return fail(format!("starting the snapshot: {e}"));
     }
-    let paused = match hv.wait_paused(vm, timeouts.pause) {
-        Ok(p) => p,
-        Err(e) => return fail(format!("waiting for the snapshot point: {e}")),
+    let (paused, advanced) = match hv.advance_at_pause(vm, timeouts.pause) {
+        // Waited for and advanced where the VM runs. If another VM failed meanwhile, the
+        // abort moves this one's group forward to it (across hosts epochs never go back).
+        Some(Ok((paused, advanced_unix_us))) => (paused, Ok(clock.unix_ms(advanced_unix_us))),
+        Some(Err(e)) => return fail(format!("waiting for the snapshot point: {e}")),
+        None => {
+            let paused = match hv.wait_paused(vm, timeouts.pause) {
+                Ok(p) => p,
+                Err(e) => return fail(format!("waiting for the snapshot point: {e}")),
+            };
+            if failed.load(Ordering::SeqCst) {
+                // Another VM failed: this one must not move to the new epoch, and need not
+                // wait for the others to run again.
+                let _ = hv.cancel(vm);
+                return;
+            }
+            // The VM is held at its snapshot point: advance it before it can run again
+            // (invariant 3).
+            let advanced = ep.advance(vm).map(|_| clock.now_ms());
+            (paused, advanced)
+        }
     };
-    if failed.load(Ordering::SeqCst) {
-        // Another VM failed: this one must not move to the new epoch, and need not wait for
-        // the others to run again.
-        let _ = hv.cancel(vm);
-        return;
-    }
-    // The VM is held at its snapshot point: advance it before it can run again (invariant 3).
-    let advanced = ep.advance(vm);
-    let advanced_ms = clock.now_ms();
     // The critical part is over; copying images and disks must not hog a CPU at real-time
     // priority.
     crate::hold::leave_realtime("a snapshot thread");
@@ -1246,7 +1273,7 @@ fn snapshot_vm<H: Hypervisor + ?Sized, E: EpochControl + ?Sized>(
         r.step = "paused".into();
     });
     match advanced {
-        Ok(_) => update(&|r| {
+        Ok(advanced_ms) => update(&|r| {
             r.timeline.advanced_ms = Some(advanced_ms);
             r.step = "advanced".into();
         }),

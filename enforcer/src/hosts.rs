@@ -134,6 +134,8 @@ struct Inner {
     propagate_for: Duration,
     /// Time from the owner's acknowledgement to each other agent's, per update (ms).
     propagation_ms: Mutex<Vec<f64>>,
+    /// View updates still being sent (retried).
+    in_flight: std::sync::atomic::AtomicUsize,
 }
 
 /// The coordinator's [`EpochControl`] and [`Hypervisor`] over several agents. Cheap to clone.
@@ -183,6 +185,7 @@ impl Hosts {
             rt,
             propagate_for: Duration::from_secs(120),
             propagation_ms: Mutex::new(Vec::new()),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
 
@@ -197,6 +200,11 @@ impl Hosts {
             .iter()
             .find(|h| h.spec.name == host)
             .map(|h| &h.agent.client)
+    }
+
+    /// View updates not acknowledged yet (still retried).
+    pub fn updates_in_flight(&self) -> usize {
+        self.0.in_flight.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Takes the propagation times recorded so far (ms from the owner's acknowledgement to
@@ -245,7 +253,11 @@ impl Hosts {
             let client = host.agent.client.clone();
             let name = host.spec.name.clone();
             let inner = self.0.clone();
+            inner
+                .in_flight
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.0.rt.spawn(async move {
+                let _done = InFlight(&inner.in_flight);
                 let deadline = acked + inner.propagate_for;
                 let mut wait = Duration::from_millis(10);
                 loop {
@@ -463,6 +475,15 @@ impl EpochControl for Hosts {
     }
 }
 
+/// Counts a view update as done however its task ends.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 fn add_all(into: &mut BTreeMap<String, u64>, from: BTreeMap<String, u64>) {
     for (k, v) in from {
         *into.entry(k).or_default() += v;
@@ -479,6 +500,27 @@ impl Hypervisor for Hosts {
         self.call(vm, false, async |c, local| {
             c.domain_wait_paused(local, timeout).await
         })
+    }
+
+    /// The VM's agent waits for the stop and advances the VM itself, in its own process: the
+    /// stop → advance step is a map write there, as on one host. Then the other agents' views
+    /// are raised (rule 2).
+    fn advance_at_pause(
+        &self,
+        vm: &VmSpec,
+        timeout: Duration,
+    ) -> Option<Result<(Paused, u64), HvError>> {
+        let done = self.call(vm, false, async |c, local| {
+            c.domain_advance_at_pause(local, timeout).await
+        });
+        Some(done.and_then(|d| {
+            let (owner, _) = self.owner(vm).map_err(|detail| HvError {
+                vm: vm.name.clone(),
+                detail,
+            })?;
+            self.propagate(owner, vm.mac, d.epoch);
+            Ok((d.paused, d.advanced_unix_us))
+        }))
     }
 
     fn complete(&self, vm: &VmSpec, timeout: Duration) -> Result<Vec<PathBuf>, HvError> {

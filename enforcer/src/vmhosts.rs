@@ -277,7 +277,12 @@ async fn scenario(
     // Snapshots under traffic; view updates timed from here (not the retries across the kill).
     let mut last = None;
     let learned_before = learned(agents).await;
-    coordinator.state.hosts.take_propagation_ms();
+    let hosts = &coordinator.state.hosts;
+    let settle = Instant::now() + Duration::from_secs(30);
+    while hosts.updates_in_flight() > 0 && Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    hosts.take_propagation_ms();
     for k in 0..snapshots {
         tokio::time::sleep(opts.before).await;
         let started = client.create_snapshot("hosts").await?;
