@@ -1386,6 +1386,9 @@ pub mod fake {
     #[derive(Clone, Default)]
     pub struct FakeHypervisor {
         pub world: Arc<Mutex<World>>,
+        /// Advance each VM where it runs, at its stop, as an agent does
+        /// ([`Hypervisor::advance_at_pause`]).
+        pub advances_at_pause: bool,
     }
 
     impl FakeHypervisor {
@@ -1457,6 +1460,25 @@ pub mod fake {
                 hypervisor_unix_us: None,
                 seen_unix_us: unix_us(),
             })
+        }
+
+        fn advance_at_pause(
+            &self,
+            vm: &VmSpec,
+            timeout: Duration,
+        ) -> Option<Result<(Paused, u64), HvError>> {
+            if !self.advances_at_pause {
+                return None;
+            }
+            Some(self.wait_paused(vm, timeout).and_then(|paused| {
+                let mut w = self.step(vm, "agent-advance");
+                let e = w
+                    .epochs
+                    .get_mut(&vm.mac)
+                    .ok_or_else(|| hv_err(vm, "unknown VM"))?;
+                *e += 1;
+                Ok((paused, unix_us()))
+            }))
         }
 
         fn complete(&self, vm: &VmSpec, _timeout: Duration) -> Result<Vec<PathBuf>, HvError> {
@@ -1715,6 +1737,37 @@ mod tests {
         );
         assert!(!dir.join("journal.json").exists());
         assert_eq!(fs::read_dir(dir.join("journals")).unwrap().count(), 0);
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_vm_advanced_where_it_runs_is_advanced_once_before_it_completes() {
+        let g = group(3);
+        let dir = store();
+        let mut hv = FakeHypervisor::new(&g.vms);
+        hv.advances_at_pause = true;
+        let timeouts = Timeouts {
+            pause: Duration::from_millis(200),
+            complete: Duration::from_millis(200),
+        };
+        let c = Coordinator::open(hv.clone(), hv.epochs(), &dir, timeouts).unwrap();
+        let m = c.snapshot(&g).unwrap();
+        assert_eq!(m.outcome, Outcome::Committed, "{m:?}");
+        let w = hv.world.lock().unwrap();
+        for vm in &g.vms {
+            let (p, a, done) = (
+                at(&w.log, "paused", &vm.name).unwrap(),
+                at(&w.log, "agent-advance", &vm.name).unwrap(),
+                at(&w.log, "complete", &vm.name).unwrap(),
+            );
+            assert!(p < a && a < done, "{}: {:?}", vm.name, w.log);
+            assert_eq!(at(&w.log, "advance", &vm.name), None, "advanced twice");
+            assert_eq!(w.epochs[&vm.mac], 1);
+        }
+        for r in &m.vms {
+            assert!(r.timeline.advanced_ms.is_some() && r.timeline.pause_to_advance_ms().is_some());
+        }
+        drop(w);
         let _ = fs::remove_dir_all(dir);
     }
 
