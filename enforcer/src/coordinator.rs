@@ -202,6 +202,17 @@ pub trait EpochControl: Send + Sync {
     ) -> Result<u32, String>;
     /// Forgets a VM.
     fn unregister(&self, vm: &VmSpec) -> Result<(), String>;
+    /// Registers again what a datapath has forgotten — an agent restarted on empty maps, or a
+    /// host replaced — before a snapshot relies on it. `port_of` finds a VM's port where it
+    /// runs. Returns what was registered again (for the log). One datapath keeps its
+    /// registrations pinned and is never asked to forget them: nothing to do by default.
+    fn restore_registrations(
+        &self,
+        _group: &GroupSpec,
+        _port_of: &dyn Fn(&VmSpec) -> Result<String, String>,
+    ) -> Result<Vec<String>, String> {
+        Ok(Vec::new())
+    }
     /// Aborting a snapshot that started with the group at `epoch`: held frames are released
     /// and the group's members end at one epoch again. On one host they go back to `epoch`;
     /// across hosts they go forward to `epoch + 1` instead, because a view raised from a
@@ -244,6 +255,13 @@ impl EpochControl for Box<dyn EpochControl> {
     }
     fn abort_epochs(&self, group: u32, epoch: u32) -> Result<(), String> {
         (**self).abort_epochs(group, epoch)
+    }
+    fn restore_registrations(
+        &self,
+        group: &GroupSpec,
+        port_of: &dyn Fn(&VmSpec) -> Result<String, String>,
+    ) -> Result<Vec<String>, String> {
+        (**self).restore_registrations(group, port_of)
     }
 }
 
@@ -733,6 +751,27 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
     }
 
     fn prepare_held(&self, group: &GroupSpec) -> Result<Prepared, CoordinatorError> {
+        let port_of = |vm: &VmSpec| -> Result<String, String> {
+            let (mac, port) = self.hypervisor.nic(&vm.name).map_err(|e| e.to_string())?;
+            if mac != vm.mac {
+                return Err(format!(
+                    "{}: its NIC is {mac} now, the group says {}",
+                    vm.name, vm.mac
+                ));
+            }
+            Ok(port)
+        };
+        let again = self
+            .epochs
+            .restore_registrations(group, &port_of)
+            .map_err(CoordinatorError::Epochs)?;
+        if !again.is_empty() {
+            warn!(
+                group = group.name,
+                again = again.join(", "),
+                "registered again where a datapath had forgotten them"
+            );
+        }
         let epochs: Vec<u32> = group
             .vms
             .iter()

@@ -49,7 +49,7 @@ use tracing::{info, warn};
 use crate::{
     agent_epochs::AgentEpochs,
     client::{Client, ClientError},
-    coordinator::{EpochControl, HvError, Hypervisor, Paused, VmSpec},
+    coordinator::{EpochControl, GroupSpec, HvError, Hypervisor, Paused, VmSpec},
     hold::HoldReport,
     mac::MacAddr,
 };
@@ -427,6 +427,77 @@ impl EpochControl for Hosts {
         } else {
             Err(failed.join("; "))
         }
+    }
+
+    /// Per host, what its agent has; then for each member: registered again on its owner (at
+    /// the group's epoch, as its peers' owners have it) if the owner lost it, and as a view
+    /// (at the owner's epoch) wherever a view is missing. An owner that still has the VM is
+    /// never touched: its value is the truth, and views must not lead it.
+    fn restore_registrations(
+        &self,
+        group: &GroupSpec,
+        port_of: &dyn Fn(&VmSpec) -> Result<String, String>,
+    ) -> Result<Vec<String>, String> {
+        let mut known: Vec<Vec<crate::epochs::VmRecord>> = Vec::new();
+        for host in &self.0.hosts {
+            let client = &host.agent.client;
+            let vms = self
+                .0
+                .rt
+                .block_on(retry_unreachable(async || client.vms().await))
+                .map_err(|e| format!("{}: {e}", host.spec.name))?;
+            known.push(vms);
+        }
+        let index = |host: &Host| {
+            self.0
+                .hosts
+                .iter()
+                .position(|h| h.spec.name == host.spec.name)
+                .expect("a listed host")
+        };
+        // The group's epoch: the highest any member's own agent has.
+        let mut group_epoch = None;
+        for vm in &group.vms {
+            let (owner, _) = self.owner(vm)?;
+            if let Some(r) = known[index(owner)]
+                .iter()
+                .find(|r| r.mac == vm.mac && !r.remote)
+            {
+                group_epoch = Some(group_epoch.unwrap_or(0).max(r.epoch));
+            }
+        }
+        let mut again = Vec::new();
+        for vm in &group.vms {
+            let (owner, local) = self.owner(vm)?;
+            let owner_epoch = match known[index(owner)]
+                .iter()
+                .find(|r| r.mac == vm.mac && !r.remote)
+            {
+                Some(r) => r.epoch,
+                None => {
+                    let port = port_of(vm)?;
+                    let epoch = owner.agent.register(&local, group.id, &port, group_epoch)?;
+                    again.push(format!("{} on {}", vm.name, owner.spec.name));
+                    epoch
+                }
+            };
+            for host in self.others(owner) {
+                if known[index(host)].iter().any(|r| r.mac == vm.mac) {
+                    continue;
+                }
+                self.0
+                    .rt
+                    .block_on(host.agent.client.register_remote_vm(
+                        vm.mac,
+                        group.id,
+                        &host.spec.overlay,
+                        owner_epoch,
+                    ))
+                    .map_err(|e| format!("{} (view on {}): {e}", vm.name, host.spec.name))?;
+                again.push(format!("{} (view on {})", vm.name, host.spec.name));
+            }
+        }
+        Ok(again)
     }
 
     /// Forward, never back (rule 4 above): every member still at `epoch` is advanced on its

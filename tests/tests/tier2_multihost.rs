@@ -11,7 +11,7 @@ use std::{
 use enforcer::{
     api::ModeName,
     client::Client,
-    coordinator::{EpochControl, VmSpec},
+    coordinator::{EpochControl, GroupSpec, VmSpec},
     daemon::{self, DaemonConfig, Running},
     datapath::AttachMode,
     hold::HoldOptions,
