@@ -333,6 +333,57 @@ async fn views_lag_never_lead_and_frames_carry_their_color_across_hosts() {
         "the coordinator timed its view updates"
     );
 
+    // B replaced: an agent on empty maps knows nothing. Before a snapshot relies on it, the
+    // coordinator registers again what it forgot: vm3 where it runs, at the group's epoch, and
+    // the views of vm1 and vm2 at their owners' epochs.
+    b.running.take().expect("running").stop().await.unwrap();
+    enforcer::datapath::teardown(b.pins.path()).unwrap();
+    b.restart().await;
+    assert!(b.client.vms().await.unwrap().is_empty(), "a fresh agent");
+    let group = GroupSpec {
+        name: "g".into(),
+        id: GROUP,
+        vms: (0..3).map(spec).collect(),
+    };
+    let ports: Vec<(MacAddr, String)> = lab.vms.iter().map(|v| (v.mac, v.port.clone())).collect();
+    let (h, g) = (hosts.clone(), group.clone());
+    let again = blocking(move || {
+        h.restore_registrations(&g, &|vm: &VmSpec| {
+            Ok(ports
+                .iter()
+                .find(|(m, _)| *m == vm.mac)
+                .expect("a lab VM")
+                .1
+                .clone())
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        again.len(),
+        3,
+        "vm3 on b, the views of vm1 and vm2 on b: {again:?}"
+    );
+    for (mac, remote) in [(vm1, true), (vm2, true), (vm3, false)] {
+        let v = b.client.vm(mac).await.unwrap();
+        assert_eq!((v.epoch, v.remote), (1, remote), "{v:?}");
+    }
+    let h = hosts.clone();
+    let nothing =
+        blocking(move || h.restore_registrations(&group, &|_: &VmSpec| Err("not asked".into())))
+            .await
+            .unwrap();
+    assert!(
+        nothing.is_empty(),
+        "nothing forgotten any more: {nothing:?}"
+    );
+    send(&mesh, 2, 0, 300..330, 1);
+    assert_in_order(
+        &received(&mesh, 0, 2, Duration::from_millis(200)),
+        300..330,
+        "vm3 -> vm1 through the replaced agent",
+    );
+
     a.stop().await;
     b.stop().await;
     drop(overlay);
