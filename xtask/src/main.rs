@@ -4,6 +4,7 @@
 //!   benchmark (benchmarks need optimised code on the userspace side too).
 //! - `cargo xtask demo [args]`: the same for the demo.
 //! - `cargo xtask e2e`: tier 3 on real VMs, with and without enforcement.
+//! - `cargo xtask e2e-hosts`: tier 3 across two emulated hosts (agents, overlay, coordinator).
 //! - `cargo xtask guest [--out DIR]`: builds the guest kernel + initramfs (see `guest.rs`).
 //! - `cargo xtask basebox [--out DIR] [--mirror URL]`: builds the testbed's vagrant-libvirt box
 //!   offline from Debian packages (see `basebox.rs`).
@@ -37,6 +38,12 @@ enum Task {
     Guest {
         #[arg(long, default_value = "/var/lib/enforcer/guest")]
         out: std::path::PathBuf,
+    },
+    /// Tier 3 across two emulated hosts: an agent per host, a VXLAN-GBP overlay, a
+    /// coordinator; an agent killed mid-snapshot; snapshot → destroy → restore → check.
+    E2eHosts {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Tier 3 on real VMs: snapshot under load → destroy → restore → check, with and without
     /// enforcement (release build).
@@ -131,6 +138,7 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { args } => ("bench", args),
         Task::Demo { args } => ("demo", args),
         Task::E2e { args } => ("e2e", args),
+        Task::E2eHosts { args } => ("e2e-hosts", args),
     };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(&cargo)
