@@ -248,6 +248,12 @@ pub fn decide_wire<V: DatapathView>(
         }
     } else {
         match view.vm(dst) {
+            // Between two VMs of other hosts, flooded through this one: the receiver's own
+            // host enforces it, and the bridge drops it here (it came in on the overlay port,
+            // where the receiver is). Holding it here would deliver it twice.
+            Some(receiver) if remote && receiver.flags & FLAG_REMOTE != 0 => {
+                return decided(Outcome::OutsideGroup, HoldKey::None);
+            }
             Some(receiver) if receiver.group == sender.group => (
                 classify(color, receiver.epoch),
                 receiver.flags,
@@ -381,6 +387,11 @@ mod tests {
             decide_wire(&t, 101, &remote, &local, 0).outcome,
             Outcome::ForeignSource
         );
+        // Between two VMs of other hosts (flooded through this one): never held here, or the
+        // receiver would get it twice; its own host enforces it.
+        let other = add_remote(&mut t, 3, 7, 0);
+        let d = decide_wire(&t, 900, &remote, &other, wire::encode(1));
+        assert_eq!((d.outcome, d.hold), (Outcome::OutsideGroup, HoldKey::None));
     }
 
     #[test]

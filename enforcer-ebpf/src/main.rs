@@ -210,11 +210,17 @@ fn try_enforce(
 ) -> (Verdict, u32) {
     let (outcome, sender_slot, color_mark) = match ethernet_addresses(data, data_end) {
         Some((src, dst)) => {
-            let decision = decide_wire(&Maps, ifindex, &src, &dst, mark).fit_hold(bytes);
+            let mut decision = decide_wire(&Maps, ifindex, &src, &dst, mark).fit_hold(bytes);
             // Reported before the frame is redirected: the buffer daemon, which reads the ring
-            // before the frames it takes, then knows the color of a held frame from another host.
-            if decision.learn {
-                learn(src, decision.color);
+            // before the frames it takes, then knows the color of a held frame from another
+            // host. Unreported, the buffer would queue it with the lagging view as its color
+            // and could release it too early: such a frame is dropped (counted) instead.
+            if decision.learn
+                && !learn(src, decision.color)
+                && decision.outcome == Outcome::Type3Held
+            {
+                decision.outcome = Outcome::Type3Unbuffered;
+                decision.hold = HoldKey::None;
             }
             match decision.hold {
                 HoldKey::None => {}
@@ -234,9 +240,10 @@ fn try_enforce(
     (outcome.verdict(), color_mark)
 }
 
-/// Reports a color learned from another host's frame; counted when the ring is full.
+/// Reports a color learned from another host's frame; false (and counted) when the ring is
+/// full.
 #[inline(always)]
-fn learn(mac: MacKey, epoch: u32) {
+fn learn(mac: MacKey, epoch: u32) -> bool {
     let entry = LearnedEpoch {
         mac,
         epoch,
@@ -244,7 +251,9 @@ fn learn(mac: MacKey, epoch: u32) {
     };
     if LEARNED.output(entry, 0).is_err() {
         bump(HOLD_KERNEL.get_ptr_mut(hold_kernel::LEARN_LOST));
+        return false;
     }
+    true
 }
 
 /// Source and destination MAC of a well-formed frame: at least an Ethernet header, and the

@@ -40,6 +40,8 @@ pub struct AppState {
     pub snapshots: std::sync::OnceLock<Arc<Snapshots>>,
     /// Views of VMs on other hosts raised from their frames' colors (see `learn.rs`).
     pub learned_applied: Arc<std::sync::atomic::AtomicU64>,
+    /// Domains whose snapshot a coordinator began through this agent, with their epoch then.
+    pub begun: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 impl AppState {
@@ -880,8 +882,11 @@ async fn domain_op(
         name,
         mac: call.mac,
     };
-    let timeout = std::time::Duration::from_millis(call.timeout_ms.unwrap_or(60_000));
+    // At most an hour: a step waits that long at the very most, and no deadline overflows.
+    let timeout =
+        std::time::Duration::from_millis(call.timeout_ms.unwrap_or(60_000).min(3_600_000));
     let done = || serde_json::json!({});
+    let rt = tokio::runtime::Handle::current();
     let work = move || -> Result<serde_json::Value, ApiError> {
         let hv = c.hypervisor();
         Ok(match op.as_str() {
@@ -893,19 +898,47 @@ async fn domain_op(
                         format!("{}: {e}", dir.display()),
                     )
                 })?;
-                hv.begin(&vm, &dir).map(|()| done())?
+                // The epoch the VM starts its snapshot at: `wait-paused` with `advance` moves it
+                // to the next one and no further, even if that wait outlives an abort that
+                // already moved it there.
+                let epoch = c
+                    .epochs()
+                    .epoch(&vm)
+                    .map_err(|e| ApiError::new(StatusCode::CONFLICT, format!("its epoch: {e}")))?;
+                hv.begin(&vm, &dir)?;
+                s.begun
+                    .lock()
+                    .expect("begun lock")
+                    .insert(vm.name.clone(), epoch);
+                done()
             }
             "wait-paused" if call.advance => {
-                // The stop → advance window is on the critical path (see `snapshot_vm`).
-                crate::hold::make_this_thread_realtime("an agent's snapshot step");
-                let waited = hv
-                    .wait_paused(&vm, timeout)
-                    .map(|p| (p, c.epochs().advance(&vm), crate::coordinator::unix_us()));
-                crate::hold::leave_realtime("an agent's snapshot step");
+                let target = s
+                    .begun
+                    .lock()
+                    .expect("begun lock")
+                    .remove(&vm.name)
+                    .map(|e| e + 1)
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            StatusCode::CONFLICT,
+                            "no snapshot of this domain was begun through this agent",
+                        )
+                    })?;
+                let waited = {
+                    // The stop → advance window is on the critical path (see `snapshot_vm`).
+                    let _realtime = crate::hold::Realtime::enter("an agent's snapshot step");
+                    hv.wait_paused(&vm, timeout).map(|p| {
+                        let advanced = rt.block_on(change_epoch(&s, vm.mac, Some(target), true));
+                        (p, advanced, crate::coordinator::unix_us())
+                    })
+                };
                 let (paused, advanced, advanced_unix_us) = waited?;
-                let epoch = advanced.map_err(|e| {
-                    ApiError::new(StatusCode::CONFLICT, format!("advancing the epoch: {e}"))
-                })?;
+                let epoch = advanced
+                    .map_err(|e| {
+                        ApiError::new(e.status, format!("advancing the epoch: {}", e.message))
+                    })?
+                    .epoch;
                 serde_json::json!(PausedAdvanced {
                     paused,
                     advanced_unix_us,

@@ -19,6 +19,12 @@ use crate::{
 
 pub const DEFAULT_API: &str = "http://127.0.0.1:7878";
 
+/// How long one API call may take, unless it says otherwise (restores and image writes of
+/// large VMs are the slow ones).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Added to a step's own timeout for the HTTP call that waits for it.
+const STEP_MARGIN: Duration = Duration::from_secs(30);
+
 fn decode<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ClientError> {
     serde_json::from_value(value).map_err(|e| ClientError::Api {
         status: StatusCode::BAD_GATEWAY,
@@ -55,11 +61,14 @@ pub struct Client {
 impl Client {
     pub fn new(base: impl Into<String>, token: Option<String>) -> Self {
         let base = base.into().trim_end_matches('/').to_owned();
-        Self {
-            base,
-            token,
-            http: reqwest::Client::new(),
-        }
+        // Bounded waits: a peer that stops answering (a partition without a reset) fails the
+        // call instead of blocking its caller for ever. Long steps set their own bound.
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(DEFAULT_TIMEOUT)
+            .build()
+            .expect("an HTTP client with timeouts");
+        Self { base, token, http }
     }
 
     /// The API's base URL.
@@ -73,8 +82,18 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ClientError> {
+        self.call_within(method, path, body, DEFAULT_TIMEOUT).await
+    }
+
+    async fn call_within<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method, &url);
+        let mut req = self.http.request(method, &url).timeout(timeout);
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
         }
@@ -150,14 +169,17 @@ impl Client {
     }
 
     /// Raises a VM's epoch to `epoch` unless it is there already (views of remote VMs).
+    /// (A map write on the agent: bounded by a short timeout, so a retry loop notices a
+    /// withdrawn update quickly.)
     pub async fn raise_epoch(&self, mac: MacAddr, epoch: u32) -> Result<VmRecord, ClientError> {
-        self.call(
+        self.call_within(
             Method::PUT,
             &format!("/v1/vms/{mac}/epoch"),
             Some(&SetEpoch {
                 epoch,
                 raise_only: true,
             }),
+            Duration::from_secs(5),
         )
         .await
     }
@@ -314,10 +336,15 @@ impl Client {
             mac: vm.mac,
             ..call
         };
-        self.call(
+        // A step that waits (for the stop, for the image) is bounded by its own timeout.
+        let timeout = call.timeout_ms.map_or(DEFAULT_TIMEOUT, |ms| {
+            (Duration::from_millis(ms) + STEP_MARGIN).max(Duration::from_secs(60))
+        });
+        self.call_within(
             Method::POST,
             &format!("/v1/domains/{}/{op}", vm.name),
             Some(&call),
+            timeout,
         )
         .await
     }

@@ -157,6 +157,7 @@ pub async fn start(config: DaemonConfig) -> Result<Running, DaemonError> {
         buffer: std::sync::Mutex::new(buffer),
         snapshots: std::sync::OnceLock::new(),
         learned_applied,
+        begun: Default::default(),
     });
     if let Some(ring) = learned {
         crate::learn::spawn_without_buffer(

@@ -351,7 +351,9 @@ pub fn roll_back<S: EpochStore>(
         if vm.group != group {
             continue;
         }
-        let rolled = vm.epoch > epoch;
+        // A view of a VM on another host is left where it is: only that VM's own host moves
+        // it, and across hosts epochs only go forward (see hosts.rs). It still drains.
+        let rolled = vm.flags & FLAG_REMOTE == 0 && vm.epoch > epoch;
         if rolled {
             vm.epoch = epoch;
         }

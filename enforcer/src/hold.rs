@@ -234,6 +234,23 @@ pub fn leave_realtime(what: &str) {
 
 /// Asks the buffer thread for a [`HoldReport`].
 #[derive(Clone)]
+/// `SCHED_FIFO` for a scope: [`make_this_thread_realtime`] now, [`leave_realtime`] when
+/// dropped, also on an early return or a panic (a pooled thread must not stay real-time).
+pub struct Realtime(&'static str);
+
+impl Realtime {
+    pub fn enter(what: &'static str) -> Self {
+        make_this_thread_realtime(what);
+        Self(what)
+    }
+}
+
+impl Drop for Realtime {
+    fn drop(&mut self) {
+        leave_realtime(self.0);
+    }
+}
+
 pub struct Reporter(mpsc::Sender<Command>);
 
 impl Reporter {
@@ -977,7 +994,17 @@ impl State {
 
     fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Vm { mac, vm: Some(vm) } => {
+            Command::Vm {
+                mac,
+                vm: Some(mut vm),
+            } => {
+                // A view of a VM on another host only rises while registered: this thread may
+                // have raised it from a frame's color after an older change was queued.
+                if vm.flags & FLAG_REMOTE != 0
+                    && let Some(copy) = self.vms.get(&mac)
+                {
+                    vm.epoch = vm.epoch.max(copy.epoch);
+                }
                 self.released_vm.entry(mac).or_insert(vm.epoch);
                 self.vms.insert(mac, vm);
             }
@@ -991,7 +1018,9 @@ impl State {
                 self.drains.remove(&Key::Vm(mac));
             }
             Command::Advanced { mac, epoch } => {
-                self.released_vm.insert(mac, epoch);
+                // Advances only raise (a queued older one must not lower a learned one).
+                let released = self.released_vm.entry(mac).or_insert(epoch);
+                *released = (*released).max(epoch);
                 let n = self.flush(Key::Vm(mac), false);
                 self.released_at_advance.insert(mac, n);
                 self.drains.insert(

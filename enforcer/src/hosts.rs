@@ -35,7 +35,7 @@
 //! views): the old instances are gone, so nothing of theirs can raise a view again.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -136,6 +136,10 @@ struct Inner {
     propagation_ms: Mutex<Vec<f64>>,
     /// View updates still being sent (retried).
     in_flight: std::sync::atomic::AtomicUsize,
+    /// Per VM: a registration generation, and its view updates still being sent. A new
+    /// registration (a restore, a group defined again) withdraws older updates: one landing
+    /// after it could raise a view above the VM's new, lower epoch.
+    registrations: Mutex<HashMap<MacAddr, (u64, usize)>>,
 }
 
 /// The coordinator's [`EpochControl`] and [`Hypervisor`] over several agents. Cheap to clone.
@@ -186,6 +190,7 @@ impl Hosts {
             propagate_for: Duration::from_secs(120),
             propagation_ms: Mutex::new(Vec::new()),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
+            registrations: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -256,11 +261,27 @@ impl Hosts {
             inner
                 .in_flight
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let generation = {
+                let mut regs = inner.registrations.lock().expect("registrations lock");
+                let entry = regs.entry(mac).or_default();
+                entry.1 += 1;
+                entry.0
+            };
             self.0.rt.spawn(async move {
-                let _done = InFlight(&inner.in_flight);
+                let _done = InFlight(&inner.in_flight, &inner.registrations, mac);
                 let deadline = acked + inner.propagate_for;
                 let mut wait = Duration::from_millis(10);
                 loop {
+                    let current = inner
+                        .registrations
+                        .lock()
+                        .expect("registrations lock")
+                        .get(&mac)
+                        .map(|r| r.0);
+                    if current != Some(generation) {
+                        // Withdrawn by a newer registration of the VM.
+                        return;
+                    }
                     match client.raise_epoch(mac, epoch).await {
                         Ok(_) => {
                             let ms = acked.elapsed().as_secs_f64() * 1000.0;
@@ -279,6 +300,34 @@ impl Hosts {
                     }
                 }
             });
+        }
+    }
+
+    /// Withdraws the view updates of `mac` still being sent, and waits (a few seconds at most:
+    /// each attempt is bounded) until none is on its way any more.
+    fn withdraw_updates(&self, mac: MacAddr) {
+        let in_flight = || {
+            self.0
+                .registrations
+                .lock()
+                .expect("registrations lock")
+                .get(&mac)
+                .map_or(0, |r| r.1)
+        };
+        self.0
+            .registrations
+            .lock()
+            .expect("registrations lock")
+            .entry(mac)
+            .or_default()
+            .0 += 1;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while in_flight() > 0 {
+            if Instant::now() > deadline {
+                warn!(%mac, "a withdrawn view update is still on its way");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -390,6 +439,7 @@ impl EpochControl for Hosts {
         epoch: Option<u32>,
     ) -> Result<u32, String> {
         let (owner, local) = self.owner(vm)?;
+        self.withdraw_updates(vm.mac);
         let epoch = owner.agent.register(&local, group, port, epoch)?;
         for host in self.others(owner) {
             let client = &host.agent.client;
@@ -411,6 +461,7 @@ impl EpochControl for Hosts {
     }
 
     fn unregister(&self, vm: &VmSpec) -> Result<(), String> {
+        self.withdraw_updates(vm.mac);
         let mut failed = Vec::new();
         for host in &self.0.hosts {
             let client = &host.agent.client;
@@ -475,8 +526,19 @@ impl EpochControl for Hosts {
             {
                 Some(r) => r.epoch,
                 None => {
+                    // Not below any view of it still around: views never lead.
+                    let views = known
+                        .iter()
+                        .flatten()
+                        .filter(|r| r.mac == vm.mac && r.remote)
+                        .map(|r| r.epoch)
+                        .max();
+                    let epoch = match (group_epoch, views) {
+                        (Some(g), Some(v)) => Some(g.max(v)),
+                        (g, v) => g.or(v),
+                    };
                     let port = port_of(vm)?;
-                    let epoch = owner.agent.register(&local, group.id, &port, group_epoch)?;
+                    let epoch = owner.agent.register(&local, group.id, &port, epoch)?;
                     again.push(format!("{} on {}", vm.name, owner.spec.name));
                     epoch
                 }
@@ -547,11 +609,18 @@ impl EpochControl for Hosts {
 }
 
 /// Counts a view update as done however its task ends.
-struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+struct InFlight<'a>(
+    &'a std::sync::atomic::AtomicUsize,
+    &'a Mutex<HashMap<MacAddr, (u64, usize)>>,
+    MacAddr,
+);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        if let Some(entry) = self.1.lock().expect("registrations lock").get_mut(&self.2) {
+            entry.1 -= 1;
+        }
     }
 }
 
