@@ -490,14 +490,24 @@ impl EpochControl for Hosts {
         port_of: &dyn Fn(&VmSpec) -> Result<String, String>,
     ) -> Result<Vec<String>, String> {
         let mut known: Vec<Vec<crate::epochs::VmRecord>> = Vec::new();
+        // Each agent's overlay port now (None: not attached there).
+        let mut overlays: Vec<Option<u32>> = Vec::new();
         for host in &self.0.hosts {
             let client = &host.agent.client;
-            let vms = self
+            let (vms, ports) = self
                 .0
                 .rt
-                .block_on(retry_unreachable(async || client.vms().await))
+                .block_on(retry_unreachable(async || {
+                    Ok((client.vms().await?, client.ports().await?))
+                }))
                 .map_err(|e| format!("{}: {e}", host.spec.name))?;
             known.push(vms);
+            overlays.push(
+                ports
+                    .iter()
+                    .find(|p| p.name == host.spec.overlay)
+                    .map(|p| p.ifindex),
+            );
         }
         let index = |host: &Host| {
             self.0
@@ -544,17 +554,24 @@ impl EpochControl for Hosts {
                 }
             };
             for host in self.others(owner) {
-                if known[index(host)].iter().any(|r| r.mac == vm.mac) {
+                let view = known[index(host)].iter().find(|r| r.mac == vm.mac);
+                // A view on an overlay port that was created again (a new ifindex) is as good
+                // as none: frames from the VM no longer arrive where the view says.
+                let stale = view.is_some_and(|r| Some(r.ifindex) != overlays[index(host)]);
+                if view.is_some() && !stale {
                     continue;
                 }
+                let client = &host.agent.client;
                 self.0
                     .rt
-                    .block_on(host.agent.client.register_remote_vm(
-                        vm.mac,
-                        group.id,
-                        &host.spec.overlay,
-                        owner_epoch,
-                    ))
+                    .block_on(async {
+                        if stale {
+                            client.unregister_vm(vm.mac).await?;
+                        }
+                        client
+                            .register_remote_vm(vm.mac, group.id, &host.spec.overlay, owner_epoch)
+                            .await
+                    })
                     .map_err(|e| format!("{} (view on {}): {e}", vm.name, host.spec.name))?;
                 again.push(format!("{} (view on {})", vm.name, host.spec.name));
             }
