@@ -33,7 +33,6 @@ impl Overlay {
         };
         overlay.remove();
         let veth = [format!("{prefix}u0"), format!("{prefix}u1")];
-        let pid = std::process::id().to_string();
         for ns in &overlay.underlays {
             run(&["netns", "add", ns])?;
             run(&["-n", ns, "link", "set", "lo", "up"])?;
@@ -42,33 +41,39 @@ impl Overlay {
             "link", "add", &veth[0], "type", "veth", "peer", "name", &veth[1],
         ])?;
         for i in 0..2 {
-            let (ns, dev) = (&overlay.underlays[i], &overlay.devices[i]);
-            let local = format!("10.214.0.{}", i + 1);
-            let remote = format!("10.214.0.{}", 2 - i);
+            let ns = &overlay.underlays[i];
             run(&["link", "set", &veth[i], "netns", ns])?;
             // Room for the 50 bytes of encapsulation around a full 1500-byte frame.
             run(&["-n", ns, "link", "set", &veth[i], "mtu", "1600", "up"])?;
-            run(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{local}/24"),
-                "dev",
-                &veth[i],
-            ])?;
-            run(&[
-                "-n", ns, "link", "add", dev, "type", "vxlan", "id", VNI, "local", &local,
-                "remote", &remote, "dstport", VXLAN_PORT, "gbp",
-            ])?;
-            // Into the root namespace (ours), onto the host's bridge.
-            run(&["-n", ns, "link", "set", dev, "netns", &pid])?;
-            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1");
-            run(&[
-                "link", "set", dev, "mtu", "1500", "master", bridges[i], "up",
-            ])?;
+            let local = format!("10.214.0.{}/24", i + 1);
+            run(&["-n", ns, "addr", "add", &local, "dev", &veth[i]])?;
+            overlay.add_device(i, bridges[i])?;
         }
         Ok(overlay)
+    }
+
+    /// Host `i`'s VXLAN-GBP device: made in its underlay, moved into the root namespace (ours),
+    /// put on the host's bridge.
+    fn add_device(&self, i: usize, bridge: &str) -> Result<(), LabError> {
+        let (ns, dev) = (&self.underlays[i], &self.devices[i]);
+        let local = format!("10.214.0.{}", i + 1);
+        let remote = format!("10.214.0.{}", 2 - i);
+        run(&[
+            "-n", ns, "link", "add", dev, "type", "vxlan", "id", VNI, "local", &local, "remote",
+            &remote, "dstport", VXLAN_PORT, "gbp",
+        ])?;
+        let ours = std::process::id().to_string();
+        run(&["-n", ns, "link", "set", dev, "netns", &ours])?;
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1");
+        run(&["link", "set", dev, "mtu", "1500", "master", bridge, "up"])?;
+        Ok(())
+    }
+
+    /// Deletes host `i`'s device and makes it again (as an overlay unit restart would): the
+    /// same name, a new ifindex.
+    pub fn recreate(&self, i: usize, bridge: &str) -> Result<(), LabError> {
+        run(&["link", "del", &self.devices[i]])?;
+        self.add_device(i, bridge)
     }
 
     fn remove(&self) {

@@ -368,15 +368,52 @@ async fn views_lag_never_lead_and_frames_carry_their_color_across_hosts() {
         let v = b.client.vm(mac).await.unwrap();
         assert_eq!((v.epoch, v.remote), (1, remote), "{v:?}");
     }
-    let h = hosts.clone();
+    let (h, g) = (hosts.clone(), group.clone());
     let nothing =
-        blocking(move || h.restore_registrations(&group, &|_: &VmSpec| Err("not asked".into())))
+        blocking(move || h.restore_registrations(&g, &|_: &VmSpec| Err("not asked".into())))
             .await
             .unwrap();
     assert!(
         nothing.is_empty(),
         "nothing forgotten any more: {nothing:?}"
     );
+
+    // B's overlay device made again (new ifindex): its views pointed at the old one, so frames
+    // from vm1 and vm2 would be foreign there. The check before a snapshot moves them.
+    overlay.recreate(1, &lab.bridges[1]).unwrap();
+    let new_ifindex = enforcer::datapath::ifindex_of(&overlay.devices[1]).unwrap();
+    wait_for("B to attach its new overlay port", async || {
+        b.client
+            .ports()
+            .await
+            .unwrap()
+            .iter()
+            .any(|p| p.ifindex == new_ifindex)
+    })
+    .await;
+    let ports: Vec<(MacAddr, String)> = lab.vms.iter().map(|v| (v.mac, v.port.clone())).collect();
+    let h = hosts.clone();
+    let again = blocking(move || {
+        h.restore_registrations(&group, &|vm: &VmSpec| {
+            Ok(ports
+                .iter()
+                .find(|(m, _)| *m == vm.mac)
+                .expect("a lab VM")
+                .1
+                .clone())
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(again.len(), 2, "the views of vm1 and vm2 on b: {again:?}");
+    for mac in [vm1, vm2] {
+        let v = b.client.vm(mac).await.unwrap();
+        assert_eq!(
+            (v.epoch, v.remote, v.ifindex),
+            (1, true, new_ifindex),
+            "{v:?}"
+        );
+    }
     send(&mesh, 2, 0, 300..330, 1);
     assert_in_order(
         &received(&mesh, 0, 2, Duration::from_millis(200)),
