@@ -10,7 +10,7 @@ use tokio::runtime::Handle;
 
 use crate::{
     client::{Client, ClientError},
-    coordinator::{EpochControl, VmSpec},
+    coordinator::{EpochControl, GroupSpec, VmSpec},
     hold::HoldReport,
 };
 
@@ -47,9 +47,9 @@ impl EpochControl for AgentEpochs {
         }
     }
 
-    fn abort_epochs(&self, group: u32, epoch: u32) -> Result<(), String> {
+    fn abort_epochs(&self, group: &GroupSpec, epoch: u32) -> Result<(), String> {
         self.rt
-            .block_on(self.client.abort(group, epoch))
+            .block_on(self.client.abort(group.id, epoch))
             .map(|_| ())
             .map_err(text)
     }

@@ -217,7 +217,7 @@ pub trait EpochControl: Send + Sync {
     /// and the group's members end at one epoch again. On one host they go back to `epoch`;
     /// across hosts they go forward to `epoch + 1` instead, because a view raised from a
     /// frame's color would lead a lowered epoch (see `hosts.rs`).
-    fn abort_epochs(&self, group: u32, epoch: u32) -> Result<(), String>;
+    fn abort_epochs(&self, group: &GroupSpec, epoch: u32) -> Result<(), String>;
 }
 
 /// Epoch control behind one type; every method forwards, the provided ones too (a
@@ -253,7 +253,7 @@ impl EpochControl for Box<dyn EpochControl> {
     fn unregister(&self, vm: &VmSpec) -> Result<(), String> {
         (**self).unregister(vm)
     }
-    fn abort_epochs(&self, group: u32, epoch: u32) -> Result<(), String> {
+    fn abort_epochs(&self, group: &GroupSpec, epoch: u32) -> Result<(), String> {
         (**self).abort_epochs(group, epoch)
     }
     fn restore_registrations(
@@ -953,7 +953,7 @@ impl<H: Hypervisor + 'static, E: EpochControl + 'static> Coordinator<H, E> {
         }
         if let Err(err) = self
             .epochs
-            .abort_epochs(journal.group.id, journal.epoch_before)
+            .abort_epochs(&journal.group, journal.epoch_before)
         {
             clean = false;
             warn!(%err, "rolling back the group's epochs");
@@ -1666,7 +1666,7 @@ pub mod fake {
             Ok(())
         }
 
-        fn abort_epochs(&self, _group: u32, epoch: u32) -> Result<(), String> {
+        fn abort_epochs(&self, _group: &GroupSpec, epoch: u32) -> Result<(), String> {
             let mut w = self.world.lock().expect("world");
             w.log.push(("rollback".into(), String::new()));
             for e in w.epochs.values_mut() {

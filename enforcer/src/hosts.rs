@@ -582,38 +582,27 @@ impl EpochControl for Hosts {
     /// Forward, never back (rule 4 above): every member still at `epoch` is advanced on its
     /// owner, then every view is raised to `epoch + 1` before this returns. Advancing releases
     /// what was held for it, as an abort must.
-    fn abort_epochs(&self, group: u32, epoch: u32) -> Result<(), String> {
+    fn abort_epochs(&self, group: &GroupSpec, epoch: u32) -> Result<(), String> {
         let target = epoch + 1;
         let mut failed = Vec::new();
-        for owner in &self.0.hosts {
+        for vm in &group.vms {
+            let (owner, _) = self.owner(vm)?;
             let client = &owner.agent.client;
-            let vms = match self
-                .0
-                .rt
-                .block_on(retry_unreachable(async || client.vms().await))
-            {
-                Ok(vms) => vms,
-                Err(e) => {
-                    failed.push(format!("{}: {e}", owner.spec.name));
-                    continue;
-                }
-            };
-            for vm in vms.iter().filter(|v| v.group == group && !v.remote) {
-                if vm.epoch < target
-                    && let Err(e) = self.0.rt.block_on(retry_unreachable(async || {
-                        client.raise_epoch(vm.mac, target).await
-                    }))
-                {
-                    failed.push(format!("{} on {}: {e}", vm.mac, owner.spec.name));
-                    continue;
-                }
-                if let Err(e) = self.raise_everywhere(owner, vm.mac, target) {
-                    failed.push(e);
-                }
+            // On its owner first; a member its owner no longer has is a failure (the abort
+            // is tried again from the journal), not something to skip.
+            let raised = self.0.rt.block_on(retry_unreachable(async || {
+                client.raise_epoch(vm.mac, target).await
+            }));
+            if let Err(e) = raised {
+                failed.push(format!("{} on {}: {e}", vm.name, owner.spec.name));
+                continue;
+            }
+            if let Err(e) = self.raise_everywhere(owner, vm.mac, target) {
+                failed.push(e);
             }
         }
         info!(
-            group,
+            group = group.name,
             epoch = target,
             "aborted snapshot: members moved forward"
         );

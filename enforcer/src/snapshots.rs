@@ -13,7 +13,9 @@ use tokio::runtime::Handle;
 
 use crate::{
     api::{self, AppState},
-    coordinator::{Coordinator, CoordinatorError, EpochControl, Hypervisor, Timeouts, VmSpec},
+    coordinator::{
+        Coordinator, CoordinatorError, EpochControl, GroupSpec, Hypervisor, Timeouts, VmSpec,
+    },
     datapath::{DatapathError, ifindex_of},
     epochs::{self, EpochError, EpochStore as _},
     hold::{Command, HoldReport},
@@ -120,10 +122,10 @@ impl EpochControl for DatapathEpochs {
             .ok_or_else(|| "the buffer does not answer".to_owned())
     }
 
-    fn abort_epochs(&self, group: u32, epoch: u32) -> Result<(), String> {
+    fn abort_epochs(&self, group: &GroupSpec, epoch: u32) -> Result<(), String> {
         let s = self.state()?;
         self.rt
-            .block_on(api::roll_back_group(&s, group, epoch))
+            .block_on(api::roll_back_group(&s, group.id, epoch))
             .map(|_| ())
             .map_err(|e| e.message)
     }

@@ -478,7 +478,12 @@ async fn an_abort_across_hosts_moves_forward_and_releases_held_frames() {
     assert!(received(&mesh, 1, 0, Duration::from_millis(300)).is_empty());
 
     let h = hosts.clone();
-    blocking(move || h.abort_epochs(GROUP, 3)).await.unwrap();
+    let group = GroupSpec {
+        name: "g".into(),
+        id: GROUP,
+        vms: specs.clone(),
+    };
+    blocking(move || h.abort_epochs(&group, 3)).await.unwrap();
     assert_in_order(
         &received(&mesh, 1, 0, Duration::from_millis(300)),
         0..50,
