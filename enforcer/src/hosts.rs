@@ -334,12 +334,25 @@ impl Hosts {
     /// Raises every other agent's view now and waits for them (used by abort, which must
     /// leave every host level).
     fn raise_everywhere(&self, owner: &Host, mac: MacAddr, epoch: u32) -> Result<(), String> {
+        self.on_agents(self.others(owner), async |c| {
+            c.raise_epoch(mac, epoch).await
+        })
+    }
+
+    /// `call` on the agent of each of `hosts`, each retried while it cannot be reached; an
+    /// agent that does not have the VM (404) is no failure. Failures are collected per host.
+    fn on_agents<'a>(
+        &self,
+        hosts: impl Iterator<Item = &'a Host>,
+        call: impl AsyncFn(&Client) -> Result<crate::epochs::VmRecord, ClientError>,
+    ) -> Result<(), String> {
         let mut failed = Vec::new();
-        for host in self.others(owner) {
+        for host in hosts {
+            let client = &host.agent.client;
             match self
                 .0
                 .rt
-                .block_on(host.agent.client.raise_epoch(mac, epoch))
+                .block_on(retry_unreachable(async || call(client).await))
             {
                 Ok(_) => {}
                 Err(e) if not_found(&e) => {}
@@ -462,22 +475,7 @@ impl EpochControl for Hosts {
 
     fn unregister(&self, vm: &VmSpec) -> Result<(), String> {
         self.withdraw_updates(vm.mac);
-        let mut failed = Vec::new();
-        for host in &self.0.hosts {
-            let client = &host.agent.client;
-            match self.0.rt.block_on(retry_unreachable(async || {
-                client.unregister_vm(vm.mac).await
-            })) {
-                Ok(_) => {}
-                Err(e) if not_found(&e) => {}
-                Err(e) => failed.push(format!("{}: {e}", host.spec.name)),
-            }
-        }
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(failed.join("; "))
-        }
+        self.on_agents(self.0.hosts.iter(), async |c| c.unregister_vm(vm.mac).await)
     }
 
     /// Per host, what its agent has; then for each member: registered again on its owner (at
