@@ -138,15 +138,14 @@ pub fn get_vm<S: EpochStore>(
     Ok(VmRecord::new(mac.key(), vm))
 }
 
-/// Registers a VM on the port `ifindex`. Without an explicit epoch it joins at the group's
-/// highest epoch (the snapshot the group is at), so its peers' frames are not Type-3 to it.
-pub fn register<S: EpochStore>(
+/// What any new registration must satisfy: a unicast MAC not registered yet, a group in
+/// range, and a port no VM of this host claims.
+fn check_new<S: EpochStore>(
     store: &mut S,
     mac: MacAddr,
     group: u32,
     ifindex: u32,
-    epoch: Option<u32>,
-) -> Result<VmRecord, EpochError<S::Error>> {
+) -> Result<(), EpochError<S::Error>> {
     if !mac.is_unicast() {
         return Err(EpochError::NotUnicast(mac));
     }
@@ -162,6 +161,19 @@ pub fn register<S: EpochStore>(
             mac: port.mac.into(),
         });
     }
+    Ok(())
+}
+
+/// Registers a VM on the port `ifindex`. Without an explicit epoch it joins at the group's
+/// highest epoch (the snapshot the group is at), so its peers' frames are not Type-3 to it.
+pub fn register<S: EpochStore>(
+    store: &mut S,
+    mac: MacAddr,
+    group: u32,
+    ifindex: u32,
+    epoch: Option<u32>,
+) -> Result<VmRecord, EpochError<S::Error>> {
+    check_new(store, mac, group, ifindex)?;
     let epoch = match epoch {
         Some(epoch) => epoch,
         None => list_groups(store)?
@@ -207,21 +219,7 @@ pub fn register_remote<S: EpochStore>(
     ifindex: u32,
     epoch: u32,
 ) -> Result<VmRecord, EpochError<S::Error>> {
-    if !mac.is_unicast() {
-        return Err(EpochError::NotUnicast(mac));
-    }
-    if group >= MAX_GROUPS {
-        return Err(EpochError::BadGroup(group));
-    }
-    if store.vm(&mac.key()).map_err(EpochError::Store)?.is_some() {
-        return Err(EpochError::AlreadyRegistered(mac));
-    }
-    if let Some(port) = store.port(ifindex).map_err(EpochError::Store)? {
-        return Err(EpochError::PortTaken {
-            port: ifindex,
-            mac: port.mac.into(),
-        });
-    }
+    check_new(store, mac, group, ifindex)?;
     if store
         .port_slot(ifindex)
         .map_err(EpochError::Store)?
