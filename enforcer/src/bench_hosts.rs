@@ -27,9 +27,9 @@ use crate::{
     daemon::{self, DaemonConfig, Running},
     datapath::{self, AttachMode},
     hold::HoldOptions,
-    hosts::{HostSpec, Hosts},
+    hosts::Hosts,
     lab::Lab,
-    overlay::Overlay,
+    overlay::{HOST_NAMES, Overlay},
     ports::PortSource,
     vmdemo::percentiles,
 };
@@ -72,7 +72,7 @@ pub async fn hosts(rounds: usize, seconds: f64) -> anyhow::Result<String> {
     let result = measure(&lab, &overlay, &a, &b, rounds, seconds).await;
     running_a.stop().await?;
     running_b.stop().await?;
-    for name in ["a", "b"] {
+    for name in HOST_NAMES {
         let _ = datapath::teardown(std::path::Path::new(&format!(
             "/sys/fs/bpf/enforcer-bench-hosts-{name}"
         )));
@@ -90,23 +90,12 @@ async fn measure(
     seconds: f64,
 ) -> anyhow::Result<String> {
     let hosts = Hosts::new(
-        vec![
-            HostSpec {
-                name: "a".into(),
-                agent: a.base().into(),
-                overlay: overlay.devices[0].clone(),
-            },
-            HostSpec {
-                name: "b".into(),
-                agent: b.base().into(),
-                overlay: overlay.devices[1].clone(),
-            },
-        ],
+        overlay.host_specs([a.base().into(), b.base().into()]),
         None,
         tokio::runtime::Handle::current(),
     );
     let vm = |i: usize| VmSpec {
-        name: format!("{}@{}", lab.vms[i].name, ["a", "b"][i]),
+        name: format!("{}@{}", lab.vms[i].name, HOST_NAMES[i]),
         mac: lab.vms[i].mac,
     };
     for i in 0..2 {

@@ -11,7 +11,13 @@
 
 use std::process::Command;
 
-use crate::lab::{LabError, run};
+use crate::{
+    hosts::HostSpec,
+    lab::{LabError, run},
+};
+
+/// The two emulated hosts' names, as the VMs on them are qualified (`domain@a`).
+pub const HOST_NAMES: [&str; 2] = ["a", "b"];
 
 /// The VXLAN network identifier and UDP port of the emulated overlay.
 pub const VNI: &str = "4242";
@@ -74,6 +80,20 @@ impl Overlay {
     pub fn recreate(&self, i: usize, bridge: &str) -> Result<(), LabError> {
         run(&["link", "del", &self.devices[i]])?;
         self.add_device(i, bridge)
+    }
+
+    /// The coordinator's hosts for the two emulated hosts, given their agents' API URLs.
+    pub fn host_specs(&self, agents: [String; 2]) -> Vec<HostSpec> {
+        agents
+            .into_iter()
+            .zip(&self.devices)
+            .zip(HOST_NAMES)
+            .map(|((agent, device), name)| HostSpec {
+                name: name.into(),
+                agent,
+                overlay: device.clone(),
+            })
+            .collect()
     }
 
     fn remove(&self) {

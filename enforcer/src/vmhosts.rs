@@ -25,7 +25,7 @@ use crate::{
     datapath::{self, AttachMode},
     hold::HoldOptions,
     hosts::HostSpec,
-    overlay::Overlay,
+    overlay::{HOST_NAMES, Overlay},
     ports::PortSource,
     snapshots::SnapshotOptions,
     vmdemo::{self, Consistency, VmDemoOptions, blocking, log, percentiles},
@@ -107,7 +107,7 @@ pub async fn run(mut opts: VmDemoOptions, snapshots: usize) -> anyhow::Result<Ho
     }
     let p = opts.lab.prefix.clone();
     let _ = std::fs::remove_dir_all(&opts.store);
-    let host_of = |bridge: &str| if bridge == format!("{p}br") { "a" } else { "b" };
+    let host_of = |bridge: &str| HOST_NAMES[usize::from(bridge != format!("{p}br"))];
     log(format!(
         "booting {} guests (QEMU/TCG via libvirt): {} on host a (bridge {p}br), {} on host b (bridge {p}br2)",
         opts.lab.vms,
@@ -118,7 +118,7 @@ pub async fn run(mut opts: VmDemoOptions, snapshots: usize) -> anyhow::Result<Ho
     let lab = Arc::new(blocking(move || Ok(VmLab::start(lab_opts)?)).await?);
     let overlay = Overlay::create(&format!("{p}o"), [&lab.bridge, &lab.other_bridge])
         .context("the VXLAN-GBP overlay between the hosts")?;
-    let mut agents: Vec<Agent> = ["a", "b"]
+    let mut agents: Vec<Agent> = HOST_NAMES
         .into_iter()
         .enumerate()
         .map(|(i, name)| Agent {

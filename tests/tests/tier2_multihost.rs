@@ -15,10 +15,10 @@ use enforcer::{
     daemon::{self, DaemonConfig, Running},
     datapath::AttachMode,
     hold::HoldOptions,
-    hosts::{HostSpec, Hosts},
+    hosts::Hosts,
     lab::Lab,
     mac::MacAddr,
-    overlay::Overlay,
+    overlay::{HOST_NAMES, Overlay},
     ports::PortSource,
     traffic::{Mesh, Message},
 };
@@ -172,23 +172,12 @@ async fn views_lag_never_lead_and_frames_carry_their_color_across_hosts() {
     let a = Host::start(&lab.bridges[0], format!("{}h0", lab.prefix), "mh-a").await;
     let mut b = Host::start(&lab.bridges[1], format!("{}h1", lab.prefix), "mh-b").await;
     let hosts = Hosts::new(
-        vec![
-            HostSpec {
-                name: "a".into(),
-                agent: format!("http://{}", a.addr),
-                overlay: overlay.devices[0].clone(),
-            },
-            HostSpec {
-                name: "b".into(),
-                agent: format!("http://{}", b.addr),
-                overlay: overlay.devices[1].clone(),
-            },
-        ],
+        overlay.host_specs([format!("http://{}", a.addr), format!("http://{}", b.addr)]),
         None,
         tokio::runtime::Handle::current(),
     );
     let spec = |i: usize| VmSpec {
-        name: format!("{}@{}", lab.vms[i].name, ["a", "b"][lab.vms[i].host]),
+        name: format!("{}@{}", lab.vms[i].name, HOST_NAMES[lab.vms[i].host]),
         mac: lab.vms[i].mac,
     };
     for i in 0..3 {
@@ -441,18 +430,7 @@ async fn an_abort_across_hosts_moves_forward_and_releases_held_frames() {
     let a = Host::start(&lab.bridges[0], format!("{}h0", lab.prefix), "ab-a").await;
     let b = Host::start(&lab.bridges[1], format!("{}h1", lab.prefix), "ab-b").await;
     let hosts = Hosts::new(
-        vec![
-            HostSpec {
-                name: "a".into(),
-                agent: format!("http://{}", a.addr),
-                overlay: overlay.devices[0].clone(),
-            },
-            HostSpec {
-                name: "b".into(),
-                agent: format!("http://{}", b.addr),
-                overlay: overlay.devices[1].clone(),
-            },
-        ],
+        overlay.host_specs([format!("http://{}", a.addr), format!("http://{}", b.addr)]),
         None,
         tokio::runtime::Handle::current(),
     );
@@ -460,7 +438,7 @@ async fn an_abort_across_hosts_moves_forward_and_releases_held_frames() {
         .vms
         .iter()
         .map(|v| VmSpec {
-            name: format!("{}@{}", v.name, ["a", "b"][v.host]),
+            name: format!("{}@{}", v.name, HOST_NAMES[v.host]),
             mac: v.mac,
         })
         .collect();
