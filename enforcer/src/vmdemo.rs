@@ -314,6 +314,30 @@ async fn start_daemon(lab: &VmLab, opts: &VmDemoOptions) -> anyhow::Result<Runni
     .await?)
 }
 
+/// Follows a snapshot to its end, logging each VM's step; an error unless it committed.
+pub(crate) async fn wait_committed(client: &Client, id: &str) -> anyhow::Result<Manifest> {
+    let m = client
+        .wait_snapshot(id, |m| log(format!("  {}", render_progress(m))))
+        .await?;
+    anyhow::ensure!(
+        m.outcome == Outcome::Committed,
+        "the snapshot aborted: {}",
+        m.reason.clone().unwrap_or_default()
+    );
+    Ok(m)
+}
+
+/// Destroys every guest of the group (off the async workers: libvirt calls).
+pub(crate) async fn kill_all(lab: &std::sync::Arc<VmLab>) -> anyhow::Result<()> {
+    log("killing every VM of the group");
+    let l = lab.clone();
+    blocking(move || {
+        l.destroy_all();
+        Ok(())
+    })
+    .await
+}
+
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
@@ -395,22 +419,9 @@ async fn enforced(
         second.as_ref().err().and_then(|e| e.status()) == Some(reqwest::StatusCode::CONFLICT),
         "a second snapshot of a busy group should be a 409, got {second:?}"
     );
-    let manifest = client
-        .wait_snapshot(&started.id, |m| log(format!("  {}", render_progress(m))))
-        .await?;
-    anyhow::ensure!(
-        manifest.outcome == Outcome::Committed,
-        "the snapshot aborted: {}",
-        manifest.reason.clone().unwrap_or_default()
-    );
+    let manifest = wait_committed(client, &started.id).await?;
     tokio::time::sleep(opts.after).await;
-    log("killing every VM of the group");
-    let l = lab.clone();
-    blocking(move || {
-        l.destroy_all();
-        Ok(())
-    })
-    .await?;
+    kill_all(lab).await?;
     let bridge = if opts.restore_elsewhere {
         let (l, b) = (lab.clone(), lab.other_bridge.clone());
         blocking(move || Ok(l.move_host_to(&b)?)).await?;

@@ -20,7 +20,7 @@ use anyhow::Context as _;
 
 use crate::{
     client::Client,
-    coordinator::{Outcome, render_manifest, render_progress},
+    coordinator::{Outcome, render_manifest},
     daemon::{self, CoordinatorConfig, DaemonConfig, Running, RunningCoordinator},
     datapath::{self, AttachMode},
     hold::HoldOptions,
@@ -291,16 +291,8 @@ async fn scenario(
             k + 1,
             started.id
         ));
-        let m = client
-            .wait_snapshot(&started.id, |m| log(format!("  {}", render_progress(m))))
-            .await?;
-        anyhow::ensure!(
-            m.outcome == Outcome::Committed,
-            "the snapshot aborted: {}",
-            m.reason.clone().unwrap_or_default()
-        );
+        let m = vmdemo::wait_committed(client, &started.id).await?;
         if let Some(previous) = last.replace(m) {
-            let previous: crate::coordinator::Manifest = previous;
             client.delete_snapshot(&previous.id).await?;
         }
     }
@@ -316,13 +308,7 @@ async fn scenario(
     );
 
     tokio::time::sleep(opts.after).await;
-    log("killing every VM of the group");
-    let l = lab.clone();
-    blocking(move || {
-        l.destroy_all();
-        Ok(())
-    })
-    .await?;
+    vmdemo::kill_all(lab).await?;
     log("restoring the group, each VM on its own host");
     let restore = client.restore(&manifest.id, None).await?;
     let _ = writeln!(
