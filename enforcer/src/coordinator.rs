@@ -1704,7 +1704,17 @@ mod tests {
         Coordinator<FakeHypervisor, fake::FakeEpochs>,
         FakeHypervisor,
     ) {
-        let hv = FakeHypervisor::new(&g.vms);
+        open_on(FakeHypervisor::new(&g.vms), store)
+    }
+
+    /// A coordinator over this fake, with short timeouts.
+    fn open_on(
+        hv: FakeHypervisor,
+        store: &Path,
+    ) -> (
+        Coordinator<FakeHypervisor, fake::FakeEpochs>,
+        FakeHypervisor,
+    ) {
         let timeouts = Timeouts {
             pause: Duration::from_millis(200),
             complete: Duration::from_millis(200),
@@ -1785,11 +1795,7 @@ mod tests {
         let dir = store();
         let mut hv = FakeHypervisor::new(&g.vms);
         hv.advances_at_pause = true;
-        let timeouts = Timeouts {
-            pause: Duration::from_millis(200),
-            complete: Duration::from_millis(200),
-        };
-        let c = Coordinator::open(hv.clone(), hv.epochs(), &dir, timeouts).unwrap();
+        let (c, hv) = open_on(hv, &dir);
         let m = c.snapshot(&g).unwrap();
         assert_eq!(m.outcome, Outcome::Committed, "{m:?}");
         let w = hv.world.lock().unwrap();
