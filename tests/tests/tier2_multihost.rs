@@ -107,6 +107,25 @@ impl Drop for Host {
     }
 }
 
+/// The coordinator's check before a snapshot: registers again what an agent forgot, with
+/// each VM's port from the lab.
+async fn reregister(hosts: &Hosts, group: &GroupSpec, lab: &Lab) -> Vec<String> {
+    let ports: Vec<(MacAddr, String)> = lab.vms.iter().map(|v| (v.mac, v.port.clone())).collect();
+    let (h, g) = (hosts.clone(), group.clone());
+    blocking(move || {
+        h.restore_registrations(&g, &|vm: &VmSpec| {
+            Ok(ports
+                .iter()
+                .find(|(m, _)| *m == vm.mac)
+                .expect("a lab VM")
+                .1
+                .clone())
+        })
+    })
+    .await
+    .unwrap()
+}
+
 /// Runs blocking coordinator calls off the async runtime.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.unwrap()
@@ -334,20 +353,7 @@ async fn views_lag_never_lead_and_frames_carry_their_color_across_hosts() {
         id: GROUP,
         vms: (0..3).map(spec).collect(),
     };
-    let ports: Vec<(MacAddr, String)> = lab.vms.iter().map(|v| (v.mac, v.port.clone())).collect();
-    let (h, g) = (hosts.clone(), group.clone());
-    let again = blocking(move || {
-        h.restore_registrations(&g, &|vm: &VmSpec| {
-            Ok(ports
-                .iter()
-                .find(|(m, _)| *m == vm.mac)
-                .expect("a lab VM")
-                .1
-                .clone())
-        })
-    })
-    .await
-    .unwrap();
+    let again = reregister(&hosts, &group, &lab).await;
     assert_eq!(
         again.len(),
         3,
@@ -380,20 +386,7 @@ async fn views_lag_never_lead_and_frames_carry_their_color_across_hosts() {
             .any(|p| p.ifindex == new_ifindex)
     })
     .await;
-    let ports: Vec<(MacAddr, String)> = lab.vms.iter().map(|v| (v.mac, v.port.clone())).collect();
-    let h = hosts.clone();
-    let again = blocking(move || {
-        h.restore_registrations(&group, &|vm: &VmSpec| {
-            Ok(ports
-                .iter()
-                .find(|(m, _)| *m == vm.mac)
-                .expect("a lab VM")
-                .1
-                .clone())
-        })
-    })
-    .await
-    .unwrap();
+    let again = reregister(&hosts, &group, &lab).await;
     assert_eq!(again.len(), 2, "the views of vm1 and vm2 on b: {again:?}");
     for mac in [vm1, vm2] {
         let v = b.client.vm(mac).await.unwrap();
