@@ -39,6 +39,14 @@ fi
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 command -v rustup >/dev/null || { echo "rustup not found: install Rust (rustup) first" >&2; exit 1; }
 
+# The style gates of .ci/run.
+for component in rustfmt clippy; do
+  if ! rustup component list --installed | grep -q "^$component"; then
+    log "adding $component"
+    rustup component add "$component"
+  fi
+done
+
 if ! rustup toolchain list | grep -q '^nightly'; then
   log "installing the nightly toolchain"
   rustup toolchain install nightly --profile minimal

@@ -1,9 +1,10 @@
-//! The frame classification of Mattern's snapshot algorithm (DESIGN.md §2), as one pure
+//! The frame classification of Mattern's snapshot algorithm (docs/design.md, "The algorithm"), as one pure
 //! function over a read-only view of the datapath's maps. The eBPF program implements the view
 //! with map lookups; the unit tests implement it with plain tables.
 
 use crate::{
-    maps::{FLAG_DRAINING, FLAG_REMOTE, MAX_HELD_FRAME, MacKey, Type3Mode, VmEpoch},
+    maps::{MAX_HELD_FRAME, MacKey, Type3Mode, VmEpoch},
+    outcome::{Outcome, Verdict},
     wire,
 };
 
@@ -28,79 +29,6 @@ pub const fn classify(color: u32, receiver_epoch: u32) -> FrameType {
         FrameType::Type2
     } else {
         FrameType::Type3
-    }
-}
-
-/// What happened to one frame; each outcome has its own counter in `PortCounters`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    Type1,
-    Type2,
-    Type3Held,
-    Type3Dropped,
-    Type3Unbuffered,
-    Type3Monitored,
-    OutsideGroup,
-    Unregistered,
-    ForeignSource,
-    Malformed,
-    HeldForOrder,
-}
-
-/// The action the program takes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Pass,
-    Drop,
-    /// Hand to the buffer daemon (AF_XDP), to be re-injected after the receiver advances.
-    Hold,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 11] = [
-        Outcome::Type1,
-        Outcome::Type2,
-        Outcome::Type3Held,
-        Outcome::Type3Dropped,
-        Outcome::Type3Unbuffered,
-        Outcome::Type3Monitored,
-        Outcome::OutsideGroup,
-        Outcome::Unregistered,
-        Outcome::ForeignSource,
-        Outcome::Malformed,
-        Outcome::HeldForOrder,
-    ];
-
-    pub const fn verdict(self) -> Verdict {
-        match self {
-            Outcome::Type1
-            | Outcome::Type2
-            | Outcome::Type3Monitored
-            | Outcome::OutsideGroup
-            | Outcome::Unregistered => Verdict::Pass,
-            Outcome::Type3Held | Outcome::HeldForOrder => Verdict::Hold,
-            Outcome::Type3Dropped
-            | Outcome::Type3Unbuffered
-            | Outcome::ForeignSource
-            | Outcome::Malformed => Verdict::Drop,
-        }
-    }
-
-    /// Stable snake_case name, used in the API, the CLI and `/metrics`.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Outcome::Type1 => "type1",
-            Outcome::Type2 => "type2",
-            Outcome::Type3Held => "type3_held",
-            Outcome::Type3Dropped => "type3_dropped",
-            Outcome::Type3Unbuffered => "type3_unbuffered",
-            Outcome::Type3Monitored => "type3_monitored",
-            Outcome::OutsideGroup => "outside_group",
-            Outcome::Unregistered => "unregistered",
-            Outcome::ForeignSource => "foreign_source",
-            Outcome::Malformed => "malformed",
-            Outcome::HeldForOrder => "held_for_order",
-        }
     }
 }
 
@@ -211,7 +139,7 @@ pub fn decide_wire<V: DatapathView>(
         None if view.port_has_vm(ifindex) => return unidentified(Outcome::ForeignSource),
         None => return unidentified(Outcome::Unregistered),
     };
-    let remote = sender.flags & FLAG_REMOTE != 0;
+    let remote = sender.is_remote();
     let color = if remote {
         match wire::decode(mark, sender.epoch) {
             Some(color) => color,
@@ -251,7 +179,7 @@ pub fn decide_wire<V: DatapathView>(
             // Between two VMs of other hosts, flooded through this one: the receiver's own
             // host enforces it, and the bridge drops it here (it came in on the overlay port,
             // where the receiver is). Holding it here would deliver it twice.
-            Some(receiver) if remote && receiver.flags & FLAG_REMOTE != 0 => {
+            Some(receiver) if remote && receiver.is_remote() => {
                 return decided(Outcome::OutsideGroup, HoldKey::None);
             }
             Some(receiver) if receiver.group == sender.group => (
@@ -266,7 +194,7 @@ pub fn decide_wire<V: DatapathView>(
     let outcome = match frame_type {
         // Frames the buffer is still re-injecting to this receiver must not be overtaken.
         FrameType::Type1 | FrameType::Type2
-            if flags & FLAG_DRAINING != 0 && view.hold_ready(ifindex) =>
+            if flags & crate::maps::FLAG_DRAINING != 0 && view.hold_ready(ifindex) =>
         {
             Outcome::HeldForOrder
         }
@@ -359,7 +287,7 @@ mod tests {
         let m = t.add(n, group, view);
         let vm = t.vms.get_mut(&m).expect("added");
         vm.ifindex = 900;
-        vm.flags |= FLAG_REMOTE;
+        vm.flags |= crate::maps::FLAG_REMOTE;
         m
     }
 
@@ -521,7 +449,7 @@ mod tests {
         t.hold_ready = true;
         let a = t.add(1, 7, 1);
         let b = t.add(2, 7, 1);
-        t.vms.get_mut(&b).unwrap().flags = FLAG_DRAINING;
+        t.vms.get_mut(&b).unwrap().flags = crate::maps::FLAG_DRAINING;
         let d = decide_frame(&t, 101, &a, &b);
         assert_eq!(
             (d.outcome, d.hold),
@@ -534,7 +462,7 @@ mod tests {
         // Broadcast follows the group's flag.
         t.hold_ready = true;
         assert_eq!(decide(&t, 101, &a, &BROADCAST), Outcome::Type1);
-        t.group_flags = FLAG_DRAINING;
+        t.group_flags = crate::maps::FLAG_DRAINING;
         let d = decide_frame(&t, 101, &a, &BROADCAST);
         assert_eq!(
             (d.outcome, d.hold),

@@ -1,6 +1,6 @@
 //! Keys and values of the pinned BPF maps (`/sys/fs/bpf/enforcer/<name>`).
 
-use crate::classify::Outcome;
+use crate::outcome::Outcome;
 
 /// Names of the maps, as pinned under the pin root and as named in the eBPF object.
 pub mod names {
@@ -73,53 +73,6 @@ pub struct LearnedEpoch {
 }
 const _: () = assert!(size_of::<LearnedEpoch>() == 16);
 
-/// Indexes of the per-CPU `hold_kernel` counters (frames the hold path lost in the kernel).
-pub mod hold_kernel {
-    /// Redirected to the hold device, but no buffer socket was bound to take it.
-    pub const NO_SOCKET: u32 = 0;
-    /// A learned epoch could not be reported: the `learned` ring was full (the view is then
-    /// raised by the coordinator's message instead, later).
-    pub const LEARN_LOST: u32 = 1;
-    pub const LEN: u32 = 2;
-}
-
-/// Indexes of the `hold_totals` array, written by the buffer daemon (userspace), pinned so the
-/// accounting survives a daemon restart.
-pub mod hold_totals {
-    /// Frames read from the AF_XDP socket.
-    pub const RECEIVED: u32 = 0;
-    /// Frames re-injected after their receiver advanced (or the snapshot was aborted).
-    pub const REINJECTED: u32 = 1;
-    /// Dropped because the memory bound was reached (newest dropped).
-    pub const DROPPED_BOUND: u32 = 2;
-    /// Dropped at a graceful shutdown: their receiver had not advanced.
-    pub const DROPPED_SHUTDOWN: u32 = 3;
-    /// Lost to a daemon that died without a graceful shutdown (found by the next daemon).
-    pub const LOST_RESTART: u32 = 4;
-    /// Redirected but never read within the drain deadline (kernel ring overflow).
-    pub const LOST_RING: u32 = 5;
-    /// Destination no longer registered when the frame was read: dropped.
-    pub const DROPPED_UNKNOWN: u32 = 6;
-    /// The re-injection send failed (the receiver's port vanished): dropped.
-    pub const INJECT_FAILED: u32 = 7;
-    /// A frame was handed to the hold path in the instant the draining flag was being cleared,
-    /// so a newer frame may have overtaken it (detected, not prevented; see hold.rs).
-    pub const ORDER_RACES: u32 = 8;
-    pub const LEN: u32 = 10;
-
-    pub const NAMES: [(u32, &str); 9] = [
-        (RECEIVED, "received"),
-        (REINJECTED, "reinjected"),
-        (DROPPED_BOUND, "dropped_bound"),
-        (DROPPED_SHUTDOWN, "dropped_shutdown"),
-        (LOST_RESTART, "lost_restart"),
-        (LOST_RING, "lost_ring"),
-        (DROPPED_UNKNOWN, "dropped_unknown"),
-        (INJECT_FAILED, "inject_failed"),
-        (ORDER_RACES, "order_races"),
-    ];
-}
-
 /// An Ethernet address as a map key, padded to 8 bytes so the key has no implicit padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
@@ -157,6 +110,18 @@ pub struct VmEpoch {
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<VmEpoch>() == 24);
+
+impl VmEpoch {
+    /// The entry is this host's view of a VM on another host ([`FLAG_REMOTE`]).
+    pub const fn is_remote(&self) -> bool {
+        self.flags & FLAG_REMOTE != 0
+    }
+
+    /// Held frames to this VM are being re-injected ([`FLAG_DRAINING`]).
+    pub const fn is_draining(&self) -> bool {
+        self.flags & FLAG_DRAINING != 0
+    }
+}
 
 /// Entries of the `epoch_cache` array: a direct-mapped copy of `epochs`, so the hot path finds
 /// a VM with an array lookup (inlined by the verifier) instead of a hash lookup.
@@ -213,9 +178,21 @@ pub struct GroupState {
 }
 const _: () = assert!(size_of::<GroupState>() == 16);
 
-/// What the datapath does with a Type-3 frame.
+impl GroupState {
+    /// Held broadcast/multicast frames of the group are being re-injected ([`FLAG_DRAINING`]).
+    pub const fn is_draining(&self) -> bool {
+        self.flags & FLAG_DRAINING != 0
+    }
+}
+
+/// What the datapath does with a Type-3 frame: the one Type-3 mode type, stored in the
+/// `config` map as its `u32` value and shown by name (`buffer`, `drop`, `monitor`) in the API
+/// and on the command line (serde and clap derives behind the `serde` and `clap` features).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Type3Mode {
     /// Hold the frame and re-inject it after the receiver advances (the AF_XDP buffer). While
     /// no buffer socket serves the port the frame is dropped and counted as `type3_unbuffered`.
@@ -235,6 +212,21 @@ impl Type3Mode {
             2 => Some(Self::Monitor),
             _ => None,
         }
+    }
+
+    /// The mode's name, as the API and the command line spell it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Buffer => "buffer",
+            Self::Drop => "drop",
+            Self::Monitor => "monitor",
+        }
+    }
+}
+
+impl core::fmt::Display for Type3Mode {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.pad(self.name())
     }
 }
 

@@ -21,9 +21,9 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     CACHE_OCCUPIED, CACHE_OVERFLOW, CachedVm, DatapathConfig, DatapathView, EPOCH_CACHE_SIZE,
-    GroupState, HoldKey, LEARNED_RING_BYTES, LearnedEpoch, MAX_GROUPS, MAX_PORTS, MAX_VMS, MacKey,
-    Outcome, PortCounters, PortVm, Type3Mode, UNATTRIBUTED_SLOT, Verdict, VmEpoch, cache_index,
-    decide_wire, hold_kernel, hold_totals,
+    GroupState, HoldKernel, HoldKey, HoldTotal, LEARNED_RING_BYTES, LearnedEpoch, MAX_GROUPS,
+    MAX_PORTS, MAX_VMS, MacKey, Outcome, PortCounters, PortVm, Type3Mode, UNATTRIBUTED_SLOT,
+    Verdict, VmEpoch, cache_index, decide_wire,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -72,14 +72,14 @@ static HOLD_IN_GROUP: PerCpuArray<u64, MAX_GROUPS_USIZE> = PerCpuArray::new();
 #[btf_map(name = "hold_socks")]
 static HOLD_SOCKS: XskMap<1> = XskMap::new();
 
-/// Frames the hold path lost in the kernel, by reason (`hold_kernel::*`).
+/// Frames the hold path lost in the kernel, by reason (`HoldKernel`).
 #[btf_map(name = "hold_kernel")]
-static HOLD_KERNEL: PerCpuArray<u64, { hold_kernel::LEN as usize }> = PerCpuArray::new();
+static HOLD_KERNEL: PerCpuArray<u64, { HoldKernel::LEN as usize }> = PerCpuArray::new();
 
-/// The buffer daemon's own totals (`hold_totals::*`), pinned with the rest so its accounting
+/// The buffer daemon's own totals (`HoldTotal`), pinned with the rest so its accounting
 /// survives a restart. Written by userspace only.
 #[btf_map(name = "hold_totals")]
-static HOLD_TOTALS: Array<u64, { hold_totals::LEN as usize }> = Array::new();
+static HOLD_TOTALS: Array<u64, { HoldTotal::ENTRIES as usize }> = Array::new();
 
 /// Colors learned from frames of VMs on other hosts, above this host's view of them: the
 /// daemon raises its view (see `enforcer_common::wire`).
@@ -192,7 +192,7 @@ pub fn enforcer_hold(_ctx: XdpContext) -> u32 {
     match HOLD_SOCKS.redirect(0, 0) {
         Ok(action) => action,
         Err(_) => {
-            bump(HOLD_KERNEL.get_ptr_mut(hold_kernel::NO_SOCKET));
+            bump(HOLD_KERNEL.get_ptr_mut(HoldKernel::NoSocket.index()));
             xdp_action::XDP_DROP
         }
     }
@@ -250,7 +250,7 @@ fn learn(mac: MacKey, epoch: u32) -> bool {
         _pad: 0,
     };
     if LEARNED.output(entry, 0).is_err() {
-        bump(HOLD_KERNEL.get_ptr_mut(hold_kernel::LEARN_LOST));
+        bump(HOLD_KERNEL.get_ptr_mut(HoldKernel::LearnLost.index()));
         return false;
     }
     true

@@ -1,35 +1,29 @@
 //! enforcer: causally consistent live snapshots of VM groups, enforced in the kernel datapath.
 //!
-//! One module per concern: [`datapath`] (load, pin, attach, maps), [`epochs`] (VM registry and
-//! epoch rules), [`ports`] (VM port discovery over rtnetlink), [`daemon`] (`enforcer run`),
-//! [`api`] + [`client`] (HTTP/JSON), [`metrics`] (Prometheus), [`lab`] (network-namespace
-//! "VMs" for the demo, tests and benchmarks), [`demo`] and [`cli`]. Snapshots of real VMs:
-//! [`coordinator`] (the transaction, restore, store), [`libvirt`] (the hypervisor backend),
-//! [`snapshots`] (the coordinator inside the daemon), [`vmlab`] (guests for the demo and tier
-//! 3) and [`vmdemo`] (the main job and its consistency check).
-pub mod agent_epochs;
+//! The product, in layers; each module may call only those below it (the map with a picture
+//! and one snapshot's walk through it: docs/architecture.md; the algorithm and the invariants
+//! the comments cite by number: docs/design.md).
+//!
+//! - [`cli`] — the command line; [`daemon`] — the two roles it runs, wired and served.
+//! - [`api`] — the HTTP/JSON edge (routers, error codes, the client).
+//! - [`multihost`] — the coordinator of several hosts, over their agents.
+//! - [`agent`] — one host's service: VMs, epochs, buffer, snapshots over its libvirt.
+//! - [`snapshot`] — the group snapshot transaction, restores, the store, libvirt.
+//! - [`hold`] — the AF_XDP buffer: held frames and their re-injection, and the one
+//!   epoch-change path.
+//! - [`datapath`] — the eBPF programs, the pinned maps, the epoch rules, the VM ports.
+//! - [`model`], [`sched`] — plain values; thread scheduling.
+//!
+//! The kernel programs are `enforcer-ebpf`; the types and the classification they share with
+//! this crate are `enforcer-common`. The lab (demos, fixtures, benchmarks) is `enforcer-lab`,
+//! which depends on this crate and never the other way round.
+pub mod agent;
 pub mod api;
-pub mod bench;
-pub mod bench_hosts;
-pub mod checksum;
 pub mod cli;
-pub mod client;
-pub mod coordinator;
 pub mod daemon;
 pub mod datapath;
-pub mod demo;
-pub mod epochs;
 pub mod hold;
-pub mod hosts;
-pub mod lab;
-pub mod learn;
-pub mod libvirt;
-pub mod mac;
-pub mod metrics;
-pub mod overlay;
-pub mod ports;
-pub mod snapshots;
-pub mod traffic;
-pub mod vmdemo;
-pub mod vmhosts;
-pub mod vmlab;
+pub mod model;
+pub mod multihost;
+pub mod sched;
+pub mod snapshot;

@@ -2,9 +2,8 @@
 //! Each case checks the verdict and that exactly the right per-port counter moved.
 
 use enforcer::{
-    datapath::{AttachMode, Datapath},
-    epochs,
-    mac::MacAddr,
+    datapath::{AttachMode, Datapath, epochs},
+    model::MacAddr,
 };
 use enforcer_common::{Outcome, PortCounters, Type3Mode};
 use enforcer_tests::{PinRoot, frame, require_root, test_run};

@@ -16,16 +16,14 @@ use std::{
 };
 
 use enforcer::{
-    api::{ModeName, PortStats},
-    client::Client,
+    agent::PortStats,
+    api::client::Client,
     daemon::{self, DaemonConfig, Running},
-    datapath::AttachMode,
-    hold::HoldOptions,
-    lab::Lab,
-    ports::PortSource,
-    traffic::Message,
+    datapath::{AttachMode, ports::PortSource},
+    hold::{HoldOptions, KernelLoss, QueueKey},
 };
-use enforcer_common::Outcome;
+use enforcer_common::{HoldTotal, Outcome, Type3Mode};
+use enforcer_lab::{netns::Lab, traffic::Message};
 use enforcer_tests::{PinRoot, lab_prefix, require_root};
 
 struct Setup {
@@ -39,7 +37,7 @@ async fn start_daemon(
     lab: &Lab,
     pins: &PinRoot,
     max_bytes: usize,
-    mode: ModeName,
+    mode: Type3Mode,
 ) -> (Running, Client) {
     start_daemon_with(lab, pins, max_bytes, mode, AttachMode::Tc).await
 }
@@ -48,7 +46,7 @@ async fn start_daemon_with(
     lab: &Lab,
     pins: &PinRoot,
     max_bytes: usize,
-    mode: ModeName,
+    mode: Type3Mode,
     attach: AttachMode,
 ) -> (Running, Client) {
     let running = daemon::start(DaemonConfig {
@@ -57,7 +55,7 @@ async fn start_daemon_with(
         attach,
         listen: "127.0.0.1:0".parse().unwrap(),
         token: None,
-        type3_mode: Some(mode.into()),
+        type3_mode: Some(mode),
         hold: Some(HoldOptions {
             device: format!("{}h", lab.prefix),
             max_bytes,
@@ -70,7 +68,7 @@ async fn start_daemon_with(
     (running, client)
 }
 
-async fn setup(tag: char, vms: usize, max_bytes: usize, mode: ModeName) -> Setup {
+async fn setup(tag: char, vms: usize, max_bytes: usize, mode: Type3Mode) -> Setup {
     setup_with(tag, vms, max_bytes, mode, AttachMode::Tc).await
 }
 
@@ -78,7 +76,7 @@ async fn setup_with(
     tag: char,
     vms: usize,
     max_bytes: usize,
-    mode: ModeName,
+    mode: Type3Mode,
     attach: AttachMode,
 ) -> Setup {
     require_root();
@@ -138,7 +136,7 @@ impl Inbox {
             .set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
         // Re-injection is a burst: room for all of it even if this thread is descheduled.
-        enforcer::lab::force_rcvbuf(&socket, 64 << 20).unwrap();
+        enforcer_lab::netns::force_rcvbuf(&socket, 64 << 20).unwrap();
         let got = Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -268,7 +266,7 @@ async fn udp_held_over_skew_then_delivered_in_order_xdp() {
 }
 
 async fn udp_held_over_skew(attach: AttachMode, tag: char) {
-    let s = setup_with(tag, 2, 64 << 20, ModeName::Buffer, attach).await;
+    let s = setup_with(tag, 2, 64 << 20, Type3Mode::Buffer, attach).await;
     let (got, advanced_at, total) = skew(&s).await;
     let early: Vec<_> = got.iter().filter(|(_, at)| *at < advanced_at).collect();
     assert!(
@@ -280,9 +278,11 @@ async fn udp_held_over_skew(attach: AttachMode, tag: char) {
 
     let report = s.client.holds().await.unwrap();
     assert_eq!(report.held_frames, 0, "nothing left held");
-    assert!(report.total("reinjected") >= 400, "{report:?}");
+    assert!(report.total(HoldTotal::Reinjected) >= 400, "{report:?}");
     assert_eq!(
-        report.total("dropped_bound") + report.total("lost_ring") + report.total("inject_failed"),
+        report.total(HoldTotal::DroppedBound)
+            + report.total(HoldTotal::LostRing)
+            + report.total(HoldTotal::InjectFailed),
         0,
         "{report:?}"
     );
@@ -295,7 +295,7 @@ async fn udp_held_over_skew(attach: AttachMode, tag: char) {
     assert_eq!(
         report
             .released_at_advance
-            .get(&format!("vm {}", s.lab.vms[1].mac))
+            .get(&QueueKey::Vm(s.lab.vms[1].mac))
             .copied(),
         Some(400),
         "the receiver's advance released exactly what was held for it: {report:?}"
@@ -321,7 +321,7 @@ async fn udp_held_over_skew(attach: AttachMode, tag: char) {
 /// to retransmit them), the rest arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_mode_on_the_same_scenario_loses_the_skewed_frames() {
-    let s = setup('d', 2, 64 << 20, ModeName::Drop).await;
+    let s = setup('d', 2, 64 << 20, Type3Mode::Drop).await;
     let (got, advanced_at, _) = skew(&s).await;
     assert!(
         got.iter().all(|(_, at)| *at >= advanced_at),
@@ -334,7 +334,7 @@ async fn drop_mode_on_the_same_scenario_loses_the_skewed_frames() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_stream_survives_the_skew_with_matching_checksum() {
-    let s = setup('t', 2, 64 << 20, ModeName::Buffer).await;
+    let s = setup('t', 2, 64 << 20, Type3Mode::Buffer).await;
     let lab = &s.lab;
     // The hold path takes frames of up to a page (XDP without multi-buffer): segmentation
     // offload off, so the sender's segments are MTU-sized and every one of them can be held.
@@ -407,7 +407,9 @@ async fn tcp_stream_survives_the_skew_with_matching_checksum() {
     );
     let report = s.client.holds().await.unwrap();
     assert_eq!(
-        report.total("dropped_bound") + report.total("lost_ring") + report.total("inject_failed"),
+        report.total(HoldTotal::DroppedBound)
+            + report.total(HoldTotal::LostRing)
+            + report.total(HoldTotal::InjectFailed),
         0,
         "{report:?}"
     );
@@ -418,7 +420,7 @@ async fn tcp_stream_survives_the_skew_with_matching_checksum() {
 /// and a broadcast held until the whole group advanced, then copied to every other member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_senders_many_receivers_and_broadcast() {
-    let s = setup('m', 4, 64 << 20, ModeName::Buffer).await;
+    let s = setup('m', 4, 64 << 20, Type3Mode::Buffer).await;
     let lab = &s.lab;
     let sockets: Vec<UdpSocket> = (0..4).map(|i| lab.udp_socket(i, 47_300).unwrap()).collect();
     sockets[0].set_broadcast(true).unwrap();
@@ -512,7 +514,7 @@ async fn many_senders_many_receivers_and_broadcast() {
         "the sender's local copy only: none re-injected to it",
     );
     let report = s.client.holds().await.unwrap();
-    assert_eq!(report.total("reinjected"), 160, "{report:?}");
+    assert_eq!(report.total(HoldTotal::Reinjected), 160, "{report:?}");
     assert_eq!(report.held_frames, 0);
     for inbox in inboxes.into_iter().chain(bcast_inboxes) {
         inbox.finish();
@@ -525,7 +527,7 @@ async fn many_senders_many_receivers_and_broadcast() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_bound_overflow_is_counted_exactly() {
     // Each message is a 58-byte frame: room for exactly 100.
-    let s = setup('b', 2, 58 * 100, ModeName::Buffer).await;
+    let s = setup('b', 2, 58 * 100, Type3Mode::Buffer).await;
     let lab = &s.lab;
     let tx = lab.udp_socket(0, 47_300).unwrap();
     let inbox = Inbox::new(lab.udp_socket(1, 47_300).unwrap());
@@ -534,7 +536,7 @@ async fn memory_bound_overflow_is_counted_exactly() {
     thread::sleep(Duration::from_millis(100));
     let report = s.client.holds().await.unwrap();
     assert_eq!(report.held_frames, 100, "{report:?}");
-    assert_eq!(report.total("dropped_bound"), 200, "{report:?}");
+    assert_eq!(report.total(HoldTotal::DroppedBound), 200, "{report:?}");
     assert_eq!(
         report.queues[0].dropped_bound, 200,
         "accounted per receiver"
@@ -549,7 +551,7 @@ async fn memory_bound_overflow_is_counted_exactly() {
 /// frames redirected while no daemon ran are counted by the hold program (`no_socket`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_held_by_a_crashed_daemon_are_counted_by_the_next() {
-    let mut s = setup('c', 2, 64 << 20, ModeName::Buffer).await;
+    let mut s = setup('c', 2, 64 << 20, Type3Mode::Buffer).await;
     let lab = &s.lab;
     let tx = lab.udp_socket(0, 47_300).unwrap();
     let inbox = Inbox::new(lab.udp_socket(1, 47_300).unwrap());
@@ -561,17 +563,18 @@ async fn frames_held_by_a_crashed_daemon_are_counted_by_the_next() {
     to_vm2(&tx, lab, 50, 30, 1);
     thread::sleep(Duration::from_millis(100));
 
-    let (running, client) = start_daemon(lab, &s.pins, 64 << 20, ModeName::Buffer).await;
+    let (running, client) = start_daemon(lab, &s.pins, 64 << 20, Type3Mode::Buffer).await;
     s.running = Some(running);
     s.client = client;
     let report = s.client.holds().await.unwrap();
     assert_eq!(
-        report.total("lost_restart"),
+        report.total(HoldTotal::LostRestart),
         50,
         "held in the dead daemon's memory: {report:?}"
     );
     assert_eq!(
-        report.kernel["no_socket"], 30,
+        report.kernel[&KernelLoss::NoSocket],
+        30,
         "redirected while no socket was bound: {report:?}"
     );
     // The receiver advances: nothing was delivered (the frames are gone, and counted), and new
@@ -591,7 +594,7 @@ async fn frames_held_by_a_crashed_daemon_are_counted_by_the_next() {
 /// Aborting the snapshot delivers what was held (the frames are ordinary again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_delivers_held_frames() {
-    let s = setup('a', 2, 64 << 20, ModeName::Buffer).await;
+    let s = setup('a', 2, 64 << 20, Type3Mode::Buffer).await;
     let lab = &s.lab;
     let tx = lab.udp_socket(0, 47_300).unwrap();
     let inbox = Inbox::new(lab.udp_socket(1, 47_300).unwrap());
@@ -612,7 +615,7 @@ async fn abort_delivers_held_frames() {
 /// they are dropped and counted (`dropped_shutdown`); the next daemon finds nothing unaccounted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_counts_what_it_drops() {
-    let mut s = setup('g', 2, 64 << 20, ModeName::Buffer).await;
+    let mut s = setup('g', 2, 64 << 20, Type3Mode::Buffer).await;
     let lab = &s.lab;
     let tx = lab.udp_socket(0, 47_300).unwrap();
     let inbox = Inbox::new(lab.udp_socket(1, 47_300).unwrap());
@@ -627,22 +630,22 @@ async fn graceful_stop_counts_what_it_drops() {
         .await
         .unwrap()
         .expect("the buffer's last report");
-    assert_eq!(report.total("dropped_shutdown"), 25, "{report:?}");
+    assert_eq!(report.total(HoldTotal::DroppedShutdown), 25, "{report:?}");
     assert_eq!(report.held_frames, 0);
     // With no buffer, Type-3 frames are dropped by the datapath and counted there.
     to_vm2(&tx, lab, 25, 5, 1);
 
-    let (running, client) = start_daemon(lab, &s.pins, 64 << 20, ModeName::Buffer).await;
+    let (running, client) = start_daemon(lab, &s.pins, 64 << 20, Type3Mode::Buffer).await;
     s.running = Some(running);
     s.client = client;
     let report = s.client.holds().await.unwrap();
     assert_eq!(
-        report.total("lost_restart"),
+        report.total(HoldTotal::LostRestart),
         0,
         "nothing unaccounted: {report:?}"
     );
     assert_eq!(
-        report.total("dropped_shutdown"),
+        report.total(HoldTotal::DroppedShutdown),
         25,
         "totals survive the restart"
     );

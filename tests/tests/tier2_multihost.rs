@@ -1,5 +1,5 @@
 //! Tier 2 across hosts: two emulated hosts on this machine, each with its own bridge, daemon
-//! (agent), pin root and buffer, joined by a VXLAN-GBP overlay (`enforcer::overlay`); a group
+//! (agent), pin root and buffer, joined by a VXLAN-GBP overlay (`enforcer_lab::overlay`); a group
 //! of network-namespace VMs spanning them. The coordinator's side is `enforcer::hosts::Hosts`,
 //! the same code `enforcer coordinator` runs. Checked at the receivers.
 
@@ -9,20 +9,20 @@ use std::{
 };
 
 use enforcer::{
-    api::ModeName,
-    client::Client,
-    coordinator::{EpochControl, GroupSpec, VmSpec},
+    api::client::Client,
     daemon::{self, DaemonConfig, Running},
-    datapath::AttachMode,
+    datapath::{AttachMode, ports::PortSource},
     hold::HoldOptions,
-    hosts::Hosts,
-    lab::Lab,
-    mac::MacAddr,
+    model::{GroupSpec, MacAddr, VmSpec},
+    multihost::Hosts,
+    snapshot::{EpochControl, HvError},
+};
+use enforcer_common::{HoldTotal, Outcome, Type3Mode};
+use enforcer_lab::{
+    netns::Lab,
     overlay::{HOST_NAMES, Overlay},
-    ports::PortSource,
     traffic::{Mesh, Message},
 };
-use enforcer_common::Outcome;
 use enforcer_tests::{PinRoot, lab_prefix, require_root};
 
 const GROUP: u32 = 7;
@@ -48,7 +48,7 @@ async fn start_agent(
         attach: AttachMode::Tc,
         listen,
         token: None,
-        type3_mode: Some(ModeName::Buffer.into()),
+        type3_mode: Some(Type3Mode::Buffer),
         hold: Some(HoldOptions {
             device: hold_device.to_owned(),
             max_bytes: 16 << 20,
@@ -293,8 +293,8 @@ async fn views_lag_never_lead_and_frames_carry_their_color_across_hosts() {
     // What each datapath counted: held on the sender's host, Type-1 at the receiver's.
     let holds_a = a.client.holds().await.unwrap();
     let holds_b = b.client.holds().await.unwrap();
-    assert_eq!(holds_a.total("reinjected"), 100, "A: {holds_a:?}");
-    assert_eq!(holds_b.total("reinjected"), 100, "B: {holds_b:?}");
+    assert_eq!(holds_a.total(HoldTotal::Reinjected), 100, "A: {holds_a:?}");
+    assert_eq!(holds_b.total(HoldTotal::Reinjected), 100, "B: {holds_b:?}");
     let stats_a = a.client.stats().await.unwrap();
     let port_vm1 = stats_a
         .iter()
@@ -349,7 +349,7 @@ async fn views_lag_never_lead_and_frames_carry_their_color_across_hosts() {
     b.restart().await;
     assert!(b.client.vms().await.unwrap().is_empty(), "a fresh agent");
     let group = GroupSpec {
-        name: "g".into(),
+        name: "g".parse().unwrap(),
         id: GROUP,
         vms: (0..3).map(spec).collect(),
     };
@@ -364,10 +364,13 @@ async fn views_lag_never_lead_and_frames_carry_their_color_across_hosts() {
         assert_eq!((v.epoch, v.remote), (1, remote), "{v:?}");
     }
     let (h, g) = (hosts.clone(), group.clone());
-    let nothing =
-        blocking(move || h.restore_registrations(&g, &|_: &VmSpec| Err("not asked".into())))
-            .await
-            .unwrap();
+    let nothing = blocking(move || {
+        h.restore_registrations(&g, &|vm: &VmSpec| {
+            Err(HvError::failed(&vm.name, "not asked"))
+        })
+    })
+    .await
+    .unwrap();
     assert!(
         nothing.is_empty(),
         "nothing forgotten any more: {nothing:?}"
@@ -450,7 +453,7 @@ async fn an_abort_across_hosts_moves_forward_and_releases_held_frames() {
 
     let h = hosts.clone();
     let group = GroupSpec {
-        name: "g".into(),
+        name: "g".parse().unwrap(),
         id: GROUP,
         vms: specs.clone(),
     };
@@ -470,12 +473,12 @@ async fn an_abort_across_hosts_moves_forward_and_releases_held_frames() {
     // Held on A (the sender's side); B may hold them again briefly behind its own release of
     // vm2 (held for order), so the merged report adds both agents up.
     let (on_a, on_b) = (
-        a.client.holds().await.unwrap().total("reinjected"),
-        b.client.holds().await.unwrap().total("reinjected"),
+        a.client.holds().await.unwrap().total(HoldTotal::Reinjected),
+        b.client.holds().await.unwrap().total(HoldTotal::Reinjected),
     );
     assert_eq!(on_a, 50);
     assert_eq!(
-        report.total("reinjected"),
+        report.total(HoldTotal::Reinjected),
         on_a + on_b,
         "the merged report of both agents"
     );

@@ -12,15 +12,16 @@ use std::{
 };
 
 use enforcer::{
-    api::{ModeName, PortStats},
-    client::Client,
+    agent::PortStats,
+    api::client::Client,
     daemon::{self, DaemonConfig, Running},
-    datapath::AttachMode,
-    lab::Lab,
-    ports::PortSource,
+    datapath::{AttachMode, ports::PortSource},
+};
+use enforcer_common::{Outcome, Type3Mode};
+use enforcer_lab::{
+    netns::Lab,
     traffic::{self, Mesh, Message},
 };
-use enforcer_common::Outcome;
 use enforcer_tests::{PinRoot, bpftool_dump, lab_prefix, require_root};
 
 async fn start(lab: &Lab, pins: &PinRoot, attach: AttachMode) -> (Running, Client) {
@@ -69,7 +70,7 @@ async fn phased_exact(attach: AttachMode, tag: char) {
         3,
         "attached to every bridge member"
     );
-    client.set_mode(ModeName::Drop).await.unwrap();
+    client.set_mode(Type3Mode::Drop).await.unwrap();
     register_all(&lab, &client).await;
 
     let mesh = Mesh::new(&lab).unwrap();
@@ -180,7 +181,7 @@ async fn concurrent_advances_never_deliver_type3() {
     let lab = Lab::create(&lab_prefix('c'), n).unwrap();
     let pins = PinRoot::new("concurrent");
     let (running, client) = start(&lab, &pins, AttachMode::Tc).await;
-    client.set_mode(ModeName::Drop).await.unwrap();
+    client.set_mode(Type3Mode::Drop).await.unwrap();
     register_all(&lab, &client).await;
 
     let mesh = Arc::new(Mesh::new(&lab).unwrap());
@@ -295,7 +296,7 @@ async fn datapath_outlives_the_daemon_and_is_adopted() {
     let lab = Lab::create(&lab_prefix('r'), 2).unwrap();
     let pins = PinRoot::new("restart");
     let (running, client) = start(&lab, &pins, AttachMode::Tc).await;
-    client.set_mode(ModeName::Drop).await.unwrap();
+    client.set_mode(Type3Mode::Drop).await.unwrap();
     register_all(&lab, &client).await;
     client.advance(lab.vms[0].mac).await.unwrap();
     running.stop().await.unwrap();
@@ -321,7 +322,7 @@ async fn datapath_outlives_the_daemon_and_is_adopted() {
     );
     assert_eq!(
         client.config().await.unwrap().type3_mode,
-        ModeName::Drop,
+        Type3Mode::Drop,
         "mode adopted"
     );
     let stats = by_port(&client.stats().await.unwrap());
@@ -424,7 +425,7 @@ async fn jumbo_frames_on_real_ports() {
     }
     let pins = PinRoot::new("jumbo");
     let (running, client) = start(&lab, &pins, AttachMode::Tc).await;
-    client.set_mode(ModeName::Drop).await.unwrap();
+    client.set_mode(Type3Mode::Drop).await.unwrap();
     register_all(&lab, &client).await;
     let a = lab.udp_socket(0, 47_100).unwrap();
     let b = lab.udp_socket(1, 47_100).unwrap();
@@ -583,7 +584,7 @@ async fn api_rejects_bad_input() {
     running.stop().await.unwrap();
 }
 
-fn status<T>(r: Result<T, enforcer::client::ClientError>) -> Option<u16> {
+fn status<T>(r: Result<T, enforcer::api::client::ClientError>) -> Option<u16> {
     r.err().and_then(|e| e.status()).map(|s| s.as_u16())
 }
 

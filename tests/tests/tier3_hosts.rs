@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use enforcer::{vmdemo::VmDemoOptions, vmhosts};
+use enforcer_lab::demo::{hosts as vmhosts, vms::VmDemoOptions};
 use enforcer_tests::require_root;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -81,7 +81,7 @@ ExecStart=/usr/bin/ssh-keygen -A
 WantedBy=multi-user.target
 ";
 
-pub struct Options {
+pub(crate) struct Options {
     pub out: PathBuf,
     pub mirror: Option<String>,
     pub size_gib: u64,
@@ -175,7 +175,7 @@ impl Steps {
     }
 }
 
-pub fn build(opts: &Options) -> anyhow::Result<()> {
+pub(crate) fn build(opts: &Options) -> anyhow::Result<()> {
     let mut steps = Steps {
         started: Instant::now(),
         step: Instant::now(),

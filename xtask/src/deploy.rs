@@ -62,7 +62,7 @@ const OVERLAY_MTU: u32 = 1450;
 /// Seconds to wait for an agent or the coordinator to answer after (re)starting it.
 const HEALTH_WAIT_S: u32 = 30;
 
-pub struct Options {
+pub(crate) struct Options {
     pub ssh_config: Option<PathBuf>,
     pub binary: Option<PathBuf>,
     pub token: Option<String>,
@@ -237,7 +237,7 @@ impl Drop for Staging {
     }
 }
 
-pub fn run(root: &Path, opts: Options) -> anyhow::Result<()> {
+pub(crate) fn run(root: &Path, opts: Options) -> anyhow::Result<()> {
     let started = Instant::now();
     let staging = Staging {
         dir: std::env::temp_dir().join(format!("enforcer-deploy.{}", std::process::id())),

@@ -6,7 +6,7 @@
 //!   kernel command line, and our static test application `enforcer-guest`.
 //!
 //! Writes `vmlinuz` and `initramfs.gz` into the output directory (default
-//! `/var/lib/enforcer/guest`, where `enforcer demo` looks).
+//! `/var/lib/enforcer/guest`, where `enforcer-lab demo` looks).
 
 use std::{
     fs,
@@ -174,7 +174,7 @@ fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
     None
 }
 
-pub fn build(root: &Path, out: &Path) -> anyhow::Result<()> {
+pub(crate) fn build(root: &Path, out: &Path) -> anyhow::Result<()> {
     let app = build_app(root)?;
     let cache = root.join("target/guest-cache");
     let kernel = kernel_tree(&cache)?;

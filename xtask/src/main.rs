@@ -1,7 +1,8 @@
 //! `cargo xtask <task>`: orchestration that needs more than one cargo invocation.
 //!
-//! - `cargo xtask bench datapath [args]`: builds `enforcer` in release mode, then runs its
-//!   benchmark (benchmarks need optimised code on the userspace side too).
+//! - `cargo xtask bench datapath [args]`: builds the lab (`enforcer-lab`, over the product) in
+//!   release mode, then runs its benchmark (benchmarks need optimised code on the userspace
+//!   side too).
 //! - `cargo xtask demo [args]`: the same for the demo.
 //! - `cargo xtask e2e`: tier 3 on real VMs, with and without enforcement.
 //! - `cargo xtask e2e-hosts`: tier 3 across two emulated hosts (agents, overlay, coordinator).
@@ -30,7 +31,7 @@ struct Cli {
 enum Task {
     /// Run a benchmark (`datapath`), printing ratios measured side by side.
     Bench {
-        /// Which benchmark, followed by its options (see `enforcer bench datapath --help`).
+        /// Which benchmark, followed by its options (see `enforcer-lab bench datapath --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         args: Vec<String>,
     },
@@ -142,20 +143,20 @@ fn main() -> anyhow::Result<()> {
     };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(&cargo)
-        .args(["build", "--release", "--package", "enforcer"])
+        .args(["build", "--release", "--package", "enforcer-lab"])
         .status()
         .context("running cargo build")?;
     if !status.success() {
         bail!("cargo build --release failed");
     }
-    let binary = root.join("target/release/enforcer");
+    let binary = root.join("target/release/enforcer-lab");
     let status = Command::new(&binary)
         .arg(sub)
         .args(&args)
         .status()
         .with_context(|| format!("running {}", binary.display()))?;
     if !status.success() {
-        bail!("enforcer {sub} failed ({status})");
+        bail!("enforcer-lab {sub} failed ({status})");
     }
     Ok(())
 }

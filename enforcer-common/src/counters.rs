@@ -1,0 +1,135 @@
+//! The buffer's counter families, each one list like [`crate::Outcome`]: the index of every
+//! counter in its pinned array, its stable name (the API's, `/metrics`'; with the `serde`
+//! feature also its JSON name), compiled into the kernel programs and userspace alike, so no
+//! name or index is kept by hand anywhere else.
+
+/// Frames the hold path lost in the kernel, by reason: the indexes of the per-CPU
+/// `hold_kernel` array, which the programs bump.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum HoldKernel {
+    /// Redirected to the hold device, but no buffer socket was bound to take it.
+    NoSocket = 0,
+    /// A learned epoch could not be reported: the `learned` ring was full (the view is then
+    /// raised by the coordinator's message instead, later).
+    LearnLost = 1,
+}
+
+impl HoldKernel {
+    pub const ALL: [HoldKernel; 2] = [HoldKernel::NoSocket, HoldKernel::LearnLost];
+    /// Entries of the `hold_kernel` array.
+    pub const LEN: u32 = Self::ALL.len() as u32;
+
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+
+    /// Stable snake_case name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            HoldKernel::NoSocket => "no_socket",
+            HoldKernel::LearnLost => "learn_lost",
+        }
+    }
+}
+
+/// What the buffer daemon did with the frames it was handed: the indexes of the `hold_totals`
+/// array, written by userspace and pinned so the accounting survives a daemon restart
+/// (invariant 4 in docs/design.md: every frame delivered, or counted with a reason).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum HoldTotal {
+    /// Frames read from the AF_XDP socket.
+    Received = 0,
+    /// Re-injected after their receiver advanced (or the snapshot was aborted).
+    Reinjected = 1,
+    /// Dropped because the memory bound was reached (newest dropped).
+    DroppedBound = 2,
+    /// Dropped at a graceful shutdown: their receiver had not advanced.
+    DroppedShutdown = 3,
+    /// Lost to a daemon that died without a graceful shutdown (found by the next daemon).
+    LostRestart = 4,
+    /// Redirected but never read within the drain deadline (kernel ring overflow).
+    LostRing = 5,
+    /// Destination no longer registered when the frame was read: dropped.
+    DroppedUnknown = 6,
+    /// The re-injection send failed (the receiver's port vanished): dropped.
+    InjectFailed = 7,
+    /// A frame was handed to the hold path in the instant the draining flag was being cleared,
+    /// so a newer frame may have overtaken it (detected, not prevented). Not a fate: the frame
+    /// is also counted under one of the others.
+    OrderRaces = 8,
+}
+
+impl HoldTotal {
+    pub const ALL: [HoldTotal; 9] = [
+        HoldTotal::Received,
+        HoldTotal::Reinjected,
+        HoldTotal::DroppedBound,
+        HoldTotal::DroppedShutdown,
+        HoldTotal::LostRestart,
+        HoldTotal::LostRing,
+        HoldTotal::DroppedUnknown,
+        HoldTotal::InjectFailed,
+        HoldTotal::OrderRaces,
+    ];
+    /// Entries of the pinned `hold_totals` array: one spare beyond [`HoldTotal::ALL`], the
+    /// layout every earlier version pinned (a restarted daemon adopts it, so it stays).
+    pub const ENTRIES: u32 = 10;
+
+    /// What became of a received frame: every frame read ends in exactly one of these.
+    pub const FATES: [HoldTotal; 7] = [
+        HoldTotal::Reinjected,
+        HoldTotal::DroppedBound,
+        HoldTotal::DroppedShutdown,
+        HoldTotal::LostRestart,
+        HoldTotal::LostRing,
+        HoldTotal::DroppedUnknown,
+        HoldTotal::InjectFailed,
+    ];
+
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+
+    /// Stable snake_case name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            HoldTotal::Received => "received",
+            HoldTotal::Reinjected => "reinjected",
+            HoldTotal::DroppedBound => "dropped_bound",
+            HoldTotal::DroppedShutdown => "dropped_shutdown",
+            HoldTotal::LostRestart => "lost_restart",
+            HoldTotal::LostRing => "lost_ring",
+            HoldTotal::DroppedUnknown => "dropped_unknown",
+            HoldTotal::InjectFailed => "inject_failed",
+            HoldTotal::OrderRaces => "order_races",
+        }
+    }
+}
+
+const _: () = assert!(HoldTotal::ALL.len() as u32 <= HoldTotal::ENTRIES);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_has_its_own_index_and_name() {
+        for (i, t) in HoldTotal::ALL.iter().enumerate() {
+            assert_eq!(t.index() as usize, i, "{t:?}");
+            assert!(HoldTotal::ALL[..i].iter().all(|o| o.name() != t.name()));
+        }
+        for (i, k) in HoldKernel::ALL.iter().enumerate() {
+            assert_eq!(k.index() as usize, i, "{k:?}");
+        }
+        // Every fate is a total, and neither the intake nor the race counter is a fate.
+        assert!(!HoldTotal::FATES.contains(&HoldTotal::Received));
+        assert!(!HoldTotal::FATES.contains(&HoldTotal::OrderRaces));
+        assert_eq!(HoldTotal::FATES.len(), HoldTotal::ALL.len() - 2);
+    }
+}

@@ -1,0 +1,17 @@
+//! enforcer's lab: everything that exercises the product without being part of it. The product
+//! (`enforcer`) never depends on this crate; this crate, the privileged tests (`tests/`) and
+//! `cargo xtask` depend on the product.
+//!
+//! - Fixtures: [`netns`] (network-namespace "VMs" on a bridge), [`traffic`] (numbered messages
+//!   between them), [`vms`] (real guests under libvirt/QEMU, running `enforcer-guest`),
+//!   [`overlay`] (two emulated hosts joined by VXLAN-GBP).
+//! - Scenarios: [`demo`] — the README's main job on real VMs (and its netns variant), tier 3 on
+//!   one host and across two emulated hosts, each ending with the consistency check.
+//! - [`bench`]: the benchmarks behind `cargo xtask bench …` and BENCHMARKS.md.
+pub mod bench;
+pub mod demo;
+pub mod netns;
+pub mod overlay;
+pub mod stats;
+pub mod traffic;
+pub mod vms;

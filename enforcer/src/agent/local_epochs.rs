@@ -1,0 +1,184 @@
+//! The snapshot service of one host (`enforcer run` with libvirt): the coordinator over this
+//! host's libvirt ([`Libvirt`]) and this agent's own datapath ([`LocalEpochs`]), so an epoch
+//! advance is a map write in the same process as the code that saw the VM stop — no network
+//! hop, and no HTTP type, between pause and advance.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Weak},
+    thread,
+    time::{Duration, Instant},
+};
+
+use super::{
+    datapath::AgentDatapath,
+    service::{Agent, AgentError},
+};
+use crate::{
+    datapath::epochs::EpochError,
+    hold::HoldReport,
+    model::{GroupSpec, IfName, VmSpec},
+    snapshot::{
+        Coordinator, CoordinatorError, EpochControl, EpochControlError, Hypervisor, Snapshots,
+        Timeouts,
+        libvirt::{DEFAULT_URI, Libvirt, LibvirtError},
+    },
+};
+
+#[derive(Clone, Debug)]
+pub struct SnapshotOptions {
+    /// libvirt connection URI.
+    pub uri: String,
+    /// Where snapshots (images + manifests), the journal and the groups live.
+    pub store: PathBuf,
+    pub timeouts: Timeouts,
+}
+
+impl Default for SnapshotOptions {
+    fn default() -> Self {
+        Self {
+            uri: DEFAULT_URI.into(),
+            store: PathBuf::from("/var/lib/enforcer/snapshots"),
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotsError {
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtError),
+    #[error(transparent)]
+    Coordinator(#[from] CoordinatorError),
+}
+
+/// Opens the service for an agent (recovering an unfinished snapshot first). Blocking.
+pub fn open<D: AgentDatapath>(
+    opts: &SnapshotOptions,
+    agent: &Arc<Agent<D>>,
+) -> Result<Snapshots, SnapshotsError> {
+    let libvirt = Libvirt::open(&opts.uri)?;
+    let epochs = LocalEpochs {
+        agent: Arc::downgrade(agent),
+    };
+    Ok(Coordinator::open(
+        Arc::new(libvirt) as Arc<dyn Hypervisor>,
+        Arc::new(epochs) as Arc<dyn EpochControl>,
+        &opts.store,
+        opts.timeouts.clone(),
+    )?)
+}
+
+/// [`EpochControl`] on the agent's own datapath and buffer.
+pub struct LocalEpochs<D: AgentDatapath> {
+    // Weak: the agent owns the coordinator, which owns this.
+    agent: Weak<Agent<D>>,
+}
+
+impl<D: AgentDatapath> LocalEpochs<D> {
+    pub fn new(agent: &Arc<Agent<D>>) -> Self {
+        Self {
+            agent: Arc::downgrade(agent),
+        }
+    }
+
+    fn agent(&self) -> Result<Arc<Agent<D>>, EpochControlError> {
+        self.agent
+            .upgrade()
+            .ok_or_else(|| EpochControlError::Unavailable("the daemon is stopping".into()))
+    }
+}
+
+/// The agent's refusal or failure, by kind.
+fn control_error(vm: &VmSpec, e: AgentError) -> EpochControlError {
+    match e {
+        AgentError::Epochs(EpochError::UnknownVm(mac)) => EpochControlError::NotRegistered {
+            vm: vm.name.clone(),
+            mac,
+        },
+        AgentError::PortNotAttached(port) => EpochControlError::PortNotAttached { port },
+        AgentError::Epochs(EpochError::Store(e)) | AgentError::Datapath(e) => {
+            EpochControlError::Unavailable(Box::new(e))
+        }
+        AgentError::BufferSilent | AgentError::NoBuffer | AgentError::SnapshotsOff => {
+            EpochControlError::Unavailable(Box::new(e))
+        }
+        other => EpochControlError::Refused(Box::new(other)),
+    }
+}
+
+impl<D: AgentDatapath> EpochControl for LocalEpochs<D> {
+    fn epoch(&self, vm: &VmSpec) -> Result<u32, EpochControlError> {
+        let agent = self.agent()?;
+        agent
+            .vm(vm.mac)
+            .map(|r| r.epoch)
+            .map_err(|e| control_error(vm, e))
+    }
+
+    fn advance(&self, vm: &VmSpec) -> Result<u32, EpochControlError> {
+        self.agent()?
+            .change_epoch(vm.mac, None, false)
+            .map(|r| r.epoch)
+            .map_err(|e| control_error(vm, e))
+    }
+
+    fn hold_report(&self) -> Result<Option<HoldReport>, EpochControlError> {
+        let agent = self.agent()?;
+        if !agent.buffer_running() {
+            return Ok(None);
+        }
+        agent
+            .hold_report()
+            .map(Some)
+            .ok_or_else(|| EpochControlError::Unavailable(Box::new(AgentError::BufferSilent)))
+    }
+
+    fn abort_epochs(&self, group: &GroupSpec, epoch: u32) -> Result<(), EpochControlError> {
+        self.agent()?
+            .abort(group.id, epoch)
+            .map(|_| ())
+            .map_err(|e| EpochControlError::Refused(Box::new(e)))
+    }
+
+    fn register(
+        &self,
+        vm: &VmSpec,
+        group: u32,
+        port: &str,
+        epoch: Option<u32>,
+    ) -> Result<u32, EpochControlError> {
+        let agent = self.agent()?;
+        // A tap that just appeared is attached by the port watcher a moment later.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !agent.port_attached(port) {
+            if Instant::now() > deadline {
+                return Err(EpochControlError::PortNotAttached { port: port.into() });
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let port: IfName = port
+            .parse()
+            .map_err(|e| EpochControlError::Refused(Box::new(e)))?;
+        if agent.vm(vm.mac).is_ok() {
+            agent.unregister(vm.mac).map_err(|e| control_error(vm, e))?;
+        }
+        agent
+            .register(&super::service::RegisterVm {
+                mac: vm.mac,
+                group,
+                port,
+                epoch,
+                remote: false,
+            })
+            .map(|r| r.epoch)
+            .map_err(|e| control_error(vm, e))
+    }
+
+    fn unregister(&self, vm: &VmSpec) -> Result<(), EpochControlError> {
+        self.agent()?
+            .unregister(vm.mac)
+            .map(|_| ())
+            .map_err(|e| control_error(vm, e))
+    }
+}

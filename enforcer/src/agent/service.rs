@@ -1,0 +1,347 @@
+//! The agent's service: everything `enforcer run` does for its callers, in process, with
+//! typed errors — registering VMs, changing epochs (through the one path, [`advance`]),
+//! aborting, reporting groups, holds, ports, counters and the Type-3 mode. The HTTP routes
+//! translate to these calls; the snapshot transaction reaches them through
+//! [`super::local_epochs`]; learned colors through [`super::learn`]. Synchronous: each call
+//! takes the datapath's lock for a few map operations.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard, OnceLock, atomic::AtomicU64},
+};
+
+use enforcer_common::Type3Mode;
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use super::datapath::AgentDatapath;
+use crate::{
+    datapath::{
+        AttachMode, AttachedPort, Datapath, DatapathError,
+        epochs::{self, EpochError, GroupRecord, VmRecord},
+    },
+    hold::{
+        Buffer, HoldReport, Notice,
+        advance::{self, BufferLink},
+    },
+    model::{IfName, MacAddr},
+    snapshot::Snapshots,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Epochs(#[from] EpochError<DatapathError>),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("port {0} is not a VM port of this daemon (not attached)")]
+    PortNotAttached(String),
+    #[error("a remote VM is registered with its epoch (the value its own host has)")]
+    RemoteNeedsEpoch,
+    #[error("no buffer daemon runs (started with --no-buffer)")]
+    NoBuffer,
+    #[error("the buffer does not answer")]
+    BufferSilent,
+    #[error("snapshots are off: this daemon runs without libvirt (--no-libvirt)")]
+    SnapshotsOff,
+}
+
+/// `GET /v1/health`.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Health {
+    pub status: String,
+    pub attach_mode: AttachMode,
+    pub pin_root: String,
+    pub ports: usize,
+    /// Views of VMs on other hosts raised from the colors their frames carried.
+    #[serde(default)]
+    pub learned_epochs: u64,
+    /// Learned colors the program could not report (its ring was full).
+    #[serde(default)]
+    pub learn_lost: u64,
+}
+
+/// `POST /v1/vms`: a VM to register.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct RegisterVm {
+    pub mac: MacAddr,
+    pub group: u32,
+    /// Host-side interface of the VM (its tap/veth on the bridge).
+    pub port: IfName,
+    /// Starting epoch; default: the group's current epoch. Required for a remote VM.
+    #[serde(default)]
+    pub epoch: Option<u32>,
+    /// The VM runs on another host: `port` is the overlay port (e.g. the VXLAN device on the
+    /// bridge) its frames arrive on, and `epoch` the coordinator's value of its epoch.
+    #[serde(default)]
+    pub remote: bool,
+}
+
+/// `PUT /v1/vms/{mac}/epoch`.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct SetEpoch {
+    pub epoch: u32,
+    /// Only raise: an epoch at or below the current one is not an error but a no-op (how
+    /// views of VMs on other hosts are updated, since they may have learned it already).
+    #[serde(default)]
+    pub raise_only: bool,
+}
+
+/// `POST /v1/groups/{g}/abort`: every member above `epoch` goes back to it, and everything
+/// held for the group is delivered.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Abort {
+    pub epoch: u32,
+}
+
+/// `GET`/`PUT /v1/config`.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Config {
+    pub type3_mode: Type3Mode,
+}
+
+/// A datapath group, with its name and domains when it was defined over libvirt.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct GroupView {
+    #[serde(flatten)]
+    pub record: GroupRecord,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub domains: Vec<String>,
+}
+
+/// The agent: this host's datapath, its buffer, and (with libvirt) its snapshot coordinator.
+pub struct Agent<D: AgentDatapath = Datapath> {
+    datapath: Arc<Mutex<D>>,
+    /// The buffer, when it runs (mode `buffer` needs it to hold frames).
+    buffer: Mutex<Option<Buffer>>,
+    /// Group snapshots over libvirt, when enabled.
+    snapshots: OnceLock<Arc<Snapshots>>,
+    /// Views of VMs on other hosts raised from their frames' colors (see `hold::learn`).
+    learned_applied: Arc<AtomicU64>,
+    /// Domains whose snapshot a coordinator began through this agent, with their epoch then.
+    pub(crate) begun: Mutex<HashMap<String, u32>>,
+}
+
+/// Epoch notices to the buffer thread's channel.
+struct ToBuffer<'a>(&'a Mutex<Option<Buffer>>);
+
+impl BufferLink for ToBuffer<'_> {
+    fn running(&self) -> bool {
+        self.0.lock().expect("buffer lock").is_some()
+    }
+
+    fn tell(&mut self, notice: Notice) -> bool {
+        match &*self.0.lock().expect("buffer lock") {
+            Some(buffer) => {
+                buffer.tell(notice);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl<D: AgentDatapath> Agent<D> {
+    pub fn new(
+        datapath: Arc<Mutex<D>>,
+        buffer: Option<Buffer>,
+        learned_applied: Arc<AtomicU64>,
+    ) -> Self {
+        Self {
+            datapath,
+            buffer: Mutex::new(buffer),
+            snapshots: OnceLock::new(),
+            learned_applied,
+            begun: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The datapath, locked.
+    pub(crate) fn datapath(&self) -> MutexGuard<'_, D> {
+        self.datapath.lock().expect("datapath lock")
+    }
+
+    /// Enables group snapshots (once).
+    pub fn set_snapshots(&self, snapshots: Arc<Snapshots>) {
+        let _ = self.snapshots.set(snapshots);
+    }
+
+    /// The snapshot coordinator, or [`AgentError::SnapshotsOff`].
+    pub fn snapshots(&self) -> Result<Arc<Snapshots>, AgentError> {
+        self.snapshots
+            .get()
+            .cloned()
+            .ok_or(AgentError::SnapshotsOff)
+    }
+
+    /// Takes the buffer out (to stop it).
+    pub fn take_buffer(&self) -> Option<Buffer> {
+        self.buffer.lock().expect("buffer lock").take()
+    }
+
+    pub fn buffer_running(&self) -> bool {
+        self.buffer.lock().expect("buffer lock").is_some()
+    }
+
+    /// What the buffer holds; `None` when none runs or it does not answer. The buffer lock is
+    /// only held to reach the buffer, not while it answers (that can take a while when its
+    /// thread is busy; advances must not wait on it).
+    pub fn hold_report(&self) -> Option<HoldReport> {
+        let reporter = self
+            .buffer
+            .lock()
+            .expect("buffer lock")
+            .as_ref()
+            .map(Buffer::reporter)?;
+        reporter.report()
+    }
+
+    /// [`Agent::hold_report`], or why there is none.
+    pub fn holds(&self) -> Result<HoldReport, AgentError> {
+        if !self.buffer_running() {
+            return Err(AgentError::NoBuffer);
+        }
+        self.hold_report().ok_or(AgentError::BufferSilent)
+    }
+
+    pub fn health(&self) -> Result<Health, AgentError> {
+        let mut dp = self.datapath();
+        Ok(Health {
+            status: "ok".into(),
+            attach_mode: dp.attach_mode(),
+            pin_root: dp.pin_root().display().to_string(),
+            ports: dp.attached_ports().len(),
+            learned_epochs: self
+                .learned_applied
+                .load(std::sync::atomic::Ordering::Relaxed),
+            learn_lost: dp.learn_lost()?,
+        })
+    }
+
+    pub fn vms(&self) -> Result<Vec<VmRecord>, AgentError> {
+        Ok(epochs::list_vms(&mut *self.datapath())?)
+    }
+
+    pub fn vm(&self, mac: MacAddr) -> Result<VmRecord, AgentError> {
+        Ok(epochs::get_vm(&mut *self.datapath(), mac)?)
+    }
+
+    /// Whether `port` names an interface this daemon has attached to.
+    pub fn port_attached(&self, port: &str) -> bool {
+        let dp = self.datapath();
+        dp.ifindex(port).is_ok_and(|i| dp.is_attached(i))
+    }
+
+    /// Registers a VM (on one of this host's ports), or this host's view of a VM on another
+    /// host (`remote`, on the overlay port).
+    pub fn register(&self, req: &RegisterVm) -> Result<VmRecord, AgentError> {
+        let mut dp = self.datapath();
+        let ifindex = dp.ifindex(&req.port)?;
+        if !dp.is_attached(ifindex) {
+            return Err(AgentError::PortNotAttached(req.port.to_string()));
+        }
+        let vm = if req.remote {
+            let epoch = req.epoch.ok_or(AgentError::RemoteNeedsEpoch)?;
+            epochs::register_remote(&mut *dp, req.mac, req.group, ifindex, epoch)?
+        } else {
+            epochs::register(&mut *dp, req.mac, req.group, ifindex, req.epoch)?
+        };
+        ToBuffer(&self.buffer).tell(Notice::Vm {
+            mac: vm.mac.key(),
+            vm: dp.vm(&vm.mac.key()).ok().flatten(),
+        });
+        info!(mac = %vm.mac, group = vm.group, epoch = vm.epoch, port = %req.port, remote = vm.remote, "VM registered");
+        Ok(vm)
+    }
+
+    pub fn unregister(&self, mac: MacAddr) -> Result<VmRecord, AgentError> {
+        let vm = epochs::unregister(&mut *self.datapath(), mac)?;
+        ToBuffer(&self.buffer).tell(Notice::Vm {
+            mac: mac.key(),
+            vm: None,
+        });
+        info!(mac = %vm.mac, "VM unregistered");
+        Ok(vm)
+    }
+
+    /// Moves a VM's epoch (to `target`, or the next one) through the one epoch-change path
+    /// ([`advance::change_epoch`]); with `raise_only`, a target at or below the current epoch
+    /// leaves it as it is.
+    pub fn change_epoch(
+        &self,
+        mac: MacAddr,
+        target: Option<u32>,
+        raise_only: bool,
+    ) -> Result<VmRecord, AgentError> {
+        self.change_epoch_reporting(mac, target, raise_only)
+            .map(|c| c.vm)
+    }
+
+    /// [`Agent::change_epoch`], saying whether anything changed.
+    pub(crate) fn change_epoch_reporting(
+        &self,
+        mac: MacAddr,
+        target: Option<u32>,
+        raise_only: bool,
+    ) -> Result<advance::Changed, AgentError> {
+        let mut dp = self.datapath();
+        Ok(advance::change_epoch(
+            &mut *dp,
+            &mut ToBuffer(&self.buffer),
+            mac,
+            target,
+            raise_only,
+        )?)
+    }
+
+    /// Aborts a snapshot on this host: members above `epoch` go back to it, and everything
+    /// held for the group is delivered.
+    pub fn abort(&self, group: u32, epoch: u32) -> Result<Vec<VmRecord>, AgentError> {
+        let mut dp = self.datapath();
+        Ok(advance::roll_back(
+            &mut *dp,
+            &mut ToBuffer(&self.buffer),
+            group,
+            epoch,
+        )?)
+    }
+
+    /// The datapath's groups, with the names and domains of groups defined over libvirt.
+    pub fn groups(&self) -> Result<Vec<GroupView>, AgentError> {
+        let records = epochs::list_groups(&mut *self.datapath())?;
+        let named = self.snapshots.get().map(|c| c.groups()).unwrap_or_default();
+        Ok(records
+            .into_iter()
+            .map(|record| {
+                let spec = named.iter().find(|g| g.id == record.group);
+                GroupView {
+                    name: spec.map(|g| g.name.to_string()),
+                    domains: spec
+                        .map(|g| g.vms.iter().map(|v| v.name.clone()).collect())
+                        .unwrap_or_default(),
+                    record,
+                }
+            })
+            .collect())
+    }
+
+    pub fn ports(&self) -> Vec<AttachedPort> {
+        self.datapath().attached_ports()
+    }
+
+    pub fn mode(&self) -> Result<Type3Mode, AgentError> {
+        Ok(self.datapath().type3_mode()?)
+    }
+
+    pub fn set_mode(&self, mode: Type3Mode) -> Result<(), AgentError> {
+        Ok(self.datapath().set_type3_mode(mode)?)
+    }
+
+    /// Where this agent keeps the images of snapshot `id` (under its store).
+    pub(crate) fn image_dir(&self, id: &crate::model::SnapshotId) -> Result<PathBuf, AgentError> {
+        Ok(self.snapshots()?.store().join(id))
+    }
+}

@@ -1,0 +1,497 @@
+//! HTTP client of the API (an agent's or a coordinator's), used by the CLI, the coordinator of
+//! several hosts, the lab and the tests. Errors carry the server's [`ErrorCode`].
+
+use std::{path::PathBuf, time::Duration};
+
+use enforcer_common::Type3Mode;
+use reqwest::{Method, StatusCode};
+use serde::{Serialize, de::DeserializeOwned};
+
+use super::types::{DefineGroup, ErrorBody, ErrorCode};
+use crate::{
+    agent::{
+        Abort, Config, DomainCall, DomainNic, DomainOp, GroupView, Health, PausedAdvanced,
+        PortStats, SetEpoch,
+    },
+    datapath::{AttachedPort, epochs::VmRecord},
+    hold::HoldReport,
+    model::{GroupSpec, IfName, MacAddr, VmSpec},
+    snapshot::{Manifest, Paused, RestoreReport},
+};
+
+pub const DEFAULT_API: &str = "http://127.0.0.1:7878";
+
+/// How long one API call may take, unless it says otherwise (restores and image writes of
+/// large VMs are the slow ones).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Added to a step's own timeout for the HTTP call that waits for it.
+const STEP_MARGIN: Duration = Duration::from_secs(30);
+
+fn decode<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ClientError> {
+    serde_json::from_value(value).map_err(|e| ClientError::Api {
+        status: StatusCode::BAD_GATEWAY,
+        code: ErrorCode::Unknown,
+        message: format!("unexpected answer: {e}"),
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the enforcer API at {url}: {source} (is `enforcer run` running?)")]
+    Connect { url: String, source: reqwest::Error },
+    #[error("{status}: {message}")]
+    Api {
+        status: StatusCode,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("bad response from {url}: {source}")]
+    Decode { url: String, source: reqwest::Error },
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The server's code for the error, when it answered with one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: impl Into<String>, token: Option<String>) -> Self {
+        let base = base.into().trim_end_matches('/').to_owned();
+        // Bounded waits: a peer that stops answering (a partition without a reset) fails the
+        // call instead of blocking its caller for ever. Long steps set their own bound.
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(DEFAULT_TIMEOUT)
+            .build()
+            .expect("an HTTP client with timeouts");
+        Self { base, token, http }
+    }
+
+    /// The API's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        self.call_within(method, path, body, DEFAULT_TIMEOUT).await
+    }
+
+    async fn call_within<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url).timeout(timeout);
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req.send().await.map_err(|source| ClientError::Connect {
+            url: url.clone(),
+            source,
+        })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let (code, message) = match resp.json::<ErrorBody>().await {
+                Ok(body) => (body.code, body.error),
+                Err(_) => (
+                    ErrorCode::Unknown,
+                    status.canonical_reason().unwrap_or("error").to_owned(),
+                ),
+            };
+            return Err(ClientError::Api {
+                status,
+                code,
+                message,
+            });
+        }
+        resp.json()
+            .await
+            .map_err(|source| ClientError::Decode { url, source })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call::<(), T>(Method::GET, path, None).await
+    }
+
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.get("/v1/health").await
+    }
+
+    pub async fn vms(&self) -> Result<Vec<VmRecord>, ClientError> {
+        self.get("/v1/vms").await
+    }
+
+    pub async fn vm(&self, mac: MacAddr) -> Result<VmRecord, ClientError> {
+        self.get(&format!("/v1/vms/{mac}")).await
+    }
+
+    pub async fn register_vm(
+        &self,
+        mac: MacAddr,
+        group: u32,
+        port: &str,
+        epoch: Option<u32>,
+    ) -> Result<VmRecord, ClientError> {
+        self.register(mac, group, port, epoch, false).await
+    }
+
+    /// `POST /v1/vms` (the body of [`RegisterVm`](crate::agent::RegisterVm)). Names are sent as given: the server
+    /// checks them and says why it refuses one.
+    async fn register(
+        &self,
+        mac: MacAddr,
+        group: u32,
+        port: &str,
+        epoch: Option<u32>,
+        remote: bool,
+    ) -> Result<VmRecord, ClientError> {
+        let body = serde_json::json!({
+            "mac": mac, "group": group, "port": port, "epoch": epoch, "remote": remote,
+        });
+        self.call(Method::POST, "/v1/vms", Some(&body)).await
+    }
+
+    /// Registers this agent's view of a VM that runs on another host, on its overlay port.
+    pub async fn register_remote_vm(
+        &self,
+        mac: MacAddr,
+        group: u32,
+        overlay: &str,
+        epoch: u32,
+    ) -> Result<VmRecord, ClientError> {
+        self.register(mac, group, overlay, Some(epoch), true).await
+    }
+
+    /// Raises a VM's epoch to `epoch` unless it is there already (views of remote VMs).
+    /// (A map write on the agent: bounded by a short timeout, so a retry loop notices a
+    /// withdrawn update quickly.)
+    pub async fn raise_epoch(&self, mac: MacAddr, epoch: u32) -> Result<VmRecord, ClientError> {
+        self.call_within(
+            Method::PUT,
+            &format!("/v1/vms/{mac}/epoch"),
+            Some(&SetEpoch {
+                epoch,
+                raise_only: true,
+            }),
+            Duration::from_secs(5),
+        )
+        .await
+    }
+
+    pub async fn unregister_vm(&self, mac: MacAddr) -> Result<VmRecord, ClientError> {
+        self.call::<(), _>(Method::DELETE, &format!("/v1/vms/{mac}"), None)
+            .await
+    }
+
+    pub async fn set_epoch(&self, mac: MacAddr, epoch: u32) -> Result<VmRecord, ClientError> {
+        self.call(
+            Method::PUT,
+            &format!("/v1/vms/{mac}/epoch"),
+            Some(&SetEpoch {
+                epoch,
+                raise_only: false,
+            }),
+        )
+        .await
+    }
+
+    pub async fn advance(&self, mac: MacAddr) -> Result<VmRecord, ClientError> {
+        self.call::<(), _>(Method::POST, &format!("/v1/vms/{mac}/advance"), None)
+            .await
+    }
+
+    pub async fn define_group(
+        &self,
+        name: &str,
+        id: Option<u32>,
+        domains: &[String],
+    ) -> Result<GroupSpec, ClientError> {
+        let body = DefineGroup {
+            name: name.into(),
+            id,
+            domains: domains.to_vec(),
+        };
+        self.call(Method::POST, "/v1/groups", Some(&body)).await
+    }
+
+    pub async fn remove_group(&self, name: &str) -> Result<GroupSpec, ClientError> {
+        self.call::<(), _>(Method::DELETE, &format!("/v1/groups/{name}"), None)
+            .await
+    }
+
+    /// Starts a group snapshot; returns its live view (follow it with [`Client::snapshot`]).
+    pub async fn create_snapshot(&self, group: &str) -> Result<Manifest, ClientError> {
+        self.call::<(), _>(Method::POST, &format!("/v1/groups/{group}/snapshots"), None)
+            .await
+    }
+
+    pub async fn snapshots(&self, group: Option<&str>) -> Result<Vec<Manifest>, ClientError> {
+        let path = match group {
+            Some(g) => format!("/v1/snapshots?group={g}"),
+            None => "/v1/snapshots".into(),
+        };
+        self.call::<(), _>(Method::GET, &path, None).await
+    }
+
+    pub async fn snapshot(&self, id: &str) -> Result<Manifest, ClientError> {
+        self.call::<(), _>(Method::GET, &format!("/v1/snapshots/{id}"), None)
+            .await
+    }
+
+    pub async fn delete_snapshot(&self, id: &str) -> Result<Manifest, ClientError> {
+        self.call::<(), _>(Method::DELETE, &format!("/v1/snapshots/{id}"), None)
+            .await
+    }
+
+    pub async fn restore(
+        &self,
+        id: &str,
+        bridge: Option<&str>,
+    ) -> Result<RestoreReport, ClientError> {
+        // A bridge the server cannot take is sent as it is, for the server to refuse.
+        let body = serde_json::json!({ "bridge": bridge });
+        self.call(
+            Method::POST,
+            &format!("/v1/snapshots/{id}/restore"),
+            Some(&body),
+        )
+        .await
+    }
+
+    /// Follows a snapshot until it finishes, calling `progress` whenever a VM moves a step.
+    pub async fn wait_snapshot(
+        &self,
+        id: &str,
+        mut progress: impl FnMut(&Manifest),
+    ) -> Result<Manifest, ClientError> {
+        let mut last = Vec::new();
+        loop {
+            let m = self.snapshot(id).await?;
+            let steps: Vec<_> = m.vms.iter().map(|v| v.step).collect();
+            if steps != last || m.finished() {
+                progress(&m);
+                last = steps;
+            }
+            if m.finished() {
+                return Ok(m);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn groups(&self) -> Result<Vec<GroupView>, ClientError> {
+        self.get("/v1/groups").await
+    }
+
+    pub async fn holds(&self) -> Result<HoldReport, ClientError> {
+        self.get("/v1/holds").await
+    }
+
+    pub async fn abort(&self, group: u32, epoch: u32) -> Result<Vec<VmRecord>, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/groups/{group}/abort"),
+            Some(&Abort { epoch }),
+        )
+        .await
+    }
+
+    pub async fn ports(&self) -> Result<Vec<AttachedPort>, ClientError> {
+        self.get("/v1/ports").await
+    }
+
+    pub async fn stats(&self) -> Result<Vec<PortStats>, ClientError> {
+        self.get("/v1/stats").await
+    }
+
+    pub async fn config(&self) -> Result<Config, ClientError> {
+        self.get("/v1/config").await
+    }
+
+    pub async fn set_mode(&self, mode: Type3Mode) -> Result<Config, ClientError> {
+        self.call(
+            Method::PUT,
+            "/v1/config",
+            Some(&Config { type3_mode: mode }),
+        )
+        .await
+    }
+
+    // ---- an agent's domains, for a coordinator of several hosts (see `multihost`) ----
+
+    async fn domain(
+        &self,
+        vm: &VmSpec,
+        op: DomainOp,
+        call: DomainCall,
+    ) -> Result<serde_json::Value, ClientError> {
+        let call = DomainCall {
+            mac: vm.mac,
+            ..call
+        };
+        // A step that waits (for the stop, for the image) is bounded by its own timeout.
+        let timeout = call.timeout_ms.map_or(DEFAULT_TIMEOUT, |ms| {
+            (Duration::from_millis(ms) + STEP_MARGIN).max(Duration::from_secs(60))
+        });
+        self.call_within(
+            Method::POST,
+            &format!("/v1/domains/{}/{op}", vm.name),
+            Some(&call),
+            timeout,
+        )
+        .await
+    }
+
+    pub async fn domain_nic(&self, name: &str) -> Result<(MacAddr, String), ClientError> {
+        let nic: DomainNic = self.get(&format!("/v1/domains/{name}/nic")).await?;
+        Ok((nic.mac, nic.port))
+    }
+
+    pub async fn domain_begin(
+        &self,
+        vm: &VmSpec,
+        snapshot: &crate::model::SnapshotId,
+    ) -> Result<(), ClientError> {
+        let call = DomainCall {
+            snapshot: Some(snapshot.clone()),
+            ..DomainCall::new(vm.mac)
+        };
+        self.domain(vm, DomainOp::Begin, call).await.map(|_| ())
+    }
+
+    pub async fn domain_wait_paused(
+        &self,
+        vm: &VmSpec,
+        timeout: Duration,
+    ) -> Result<Paused, ClientError> {
+        let call = DomainCall {
+            timeout_ms: Some(timeout.as_millis() as u64),
+            ..DomainCall::new(vm.mac)
+        };
+        decode(self.domain(vm, DomainOp::WaitPaused, call).await?)
+    }
+
+    /// Waits for the stop and has the agent advance the VM there at once.
+    pub async fn domain_advance_at_pause(
+        &self,
+        vm: &VmSpec,
+        timeout: Duration,
+    ) -> Result<PausedAdvanced, ClientError> {
+        let call = DomainCall {
+            timeout_ms: Some(timeout.as_millis() as u64),
+            advance: true,
+            ..DomainCall::new(vm.mac)
+        };
+        decode(self.domain(vm, DomainOp::WaitPaused, call).await?)
+    }
+
+    pub async fn domain_complete(
+        &self,
+        vm: &VmSpec,
+        timeout: Duration,
+    ) -> Result<Vec<PathBuf>, ClientError> {
+        let call = DomainCall {
+            timeout_ms: Some(timeout.as_millis() as u64),
+            ..DomainCall::new(vm.mac)
+        };
+        decode(self.domain(vm, DomainOp::Complete, call).await?)
+    }
+
+    pub async fn domain_resume(&self, vm: &VmSpec) -> Result<(), ClientError> {
+        self.domain(vm, DomainOp::Resume, DomainCall::new(vm.mac))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn domain_cancel(&self, vm: &VmSpec) -> Result<(), ClientError> {
+        self.domain(vm, DomainOp::Cancel, DomainCall::new(vm.mac))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn domain_destroy(&self, vm: &VmSpec) -> Result<(), ClientError> {
+        self.domain(vm, DomainOp::Destroy, DomainCall::new(vm.mac))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn domain_discard(
+        &self,
+        vm: &VmSpec,
+        snapshot: &crate::model::SnapshotId,
+    ) -> Result<(), ClientError> {
+        let call = DomainCall {
+            snapshot: Some(snapshot.clone()),
+            ..DomainCall::new(vm.mac)
+        };
+        self.domain(vm, DomainOp::Discard, call).await.map(|_| ())
+    }
+
+    pub async fn domain_restore(
+        &self,
+        vm: &VmSpec,
+        images: &[PathBuf],
+        bridge: Option<&IfName>,
+    ) -> Result<String, ClientError> {
+        let call = DomainCall {
+            images: images.to_vec(),
+            bridge: bridge.cloned(),
+            ..DomainCall::new(vm.mac)
+        };
+        let nic: DomainNic = decode(self.domain(vm, DomainOp::Restore, call).await?)?;
+        Ok(nic.port)
+    }
+
+    /// `GET /metrics`, as text.
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let url = format!("{}/metrics", self.base);
+        let mut req = self.http.get(&url);
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await.map_err(|source| ClientError::Connect {
+            url: url.clone(),
+            source,
+        })?;
+        if !resp.status().is_success() {
+            return Err(ClientError::Api {
+                status: resp.status(),
+                code: ErrorCode::Unknown,
+                message: "metrics".into(),
+            });
+        }
+        resp.text()
+            .await
+            .map_err(|source| ClientError::Decode { url, source })
+    }
+}

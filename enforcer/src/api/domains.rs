@@ -1,0 +1,30 @@
+//! `/v1/domains/{name}/…`: a local domain's NIC, and one step of a snapshot or restore of it,
+//! for a coordinator of several hosts.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    extract::{Path, State, rejection::JsonRejection},
+};
+use serde_json::Value;
+
+use super::error::{ApiResult, blocking};
+use crate::agent::{Agent, AgentDatapath, DomainCall, DomainNic, DomainOp};
+
+pub(crate) async fn nic<D: AgentDatapath>(
+    State(a): State<Arc<Agent<D>>>,
+    Path(name): Path<String>,
+) -> ApiResult<DomainNic> {
+    Ok(Json(blocking(move || a.domain_nic(&name)).await?))
+}
+
+pub(crate) async fn op<D: AgentDatapath>(
+    State(a): State<Arc<Agent<D>>>,
+    Path((name, op)): Path<(String, String)>,
+    body: Result<Json<DomainCall>, JsonRejection>,
+) -> ApiResult<Value> {
+    let op: DomainOp = op.parse()?;
+    let Json(call) = body?;
+    Ok(Json(blocking(move || a.domain_op(&name, op, call)).await?))
+}

@@ -1,0 +1,25 @@
+//! The HTTP/JSON edge (no gRPC): routers that translate requests into calls on the agent
+//! ([`crate::agent`]) and the snapshot coordinator ([`crate::snapshot`]), and their errors into
+//! statuses with machine-readable codes ([`error`], [`types`]). Handlers are grouped by
+//! resource ([`vms`], [`snapshots`], [`domains`], [`host`]); [`metrics`] renders Prometheus
+//! text; [`client`] is the other end, used by the CLI, the coordinator of several hosts and
+//! the lab. Nothing here decides anything.
+//!
+//! May call the agent, the snapshot coordinator, the buffer's report and the model.
+
+pub mod client;
+pub mod domains;
+pub mod error;
+pub mod host;
+pub mod metrics;
+pub mod router;
+pub mod snapshots;
+#[cfg(test)]
+mod tests;
+pub mod types;
+pub mod vms;
+
+pub use error::{ApiError, ApiResult, blocking};
+pub use router::{finish, is_local, router};
+pub use snapshots::SnapshotService;
+pub use types::{ErrorBody, ErrorCode};

@@ -1,0 +1,419 @@
+//! Tier 0 of the HTTP edge: the agent's router served on loopback in this process over a
+//! datapath of plain tables (no root, no BPF), driven by the real client and by raw requests;
+//! the snapshot routes over the fake hypervisor. Statuses and error codes are checked.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex, atomic::AtomicU64},
+    time::Duration,
+};
+
+use enforcer_common::Type3Mode;
+
+use super::{client::Client, types::ErrorCode};
+use crate::{
+    agent::{Agent, datapath::memory::MemoryDatapath},
+    api::client::ClientError,
+    model::{MacAddr, VmSpec},
+    snapshot::{
+        Coordinator, EpochControl, Hypervisor, SnapshotOutcome, Timeouts, fake::FakeHypervisor,
+    },
+};
+
+const VM1: MacAddr = MacAddr([2, 0, 0x5e, 0x10, 0, 1]);
+const VM2: MacAddr = MacAddr([2, 0, 0x5e, 0x10, 0, 2]);
+
+/// The agent's API on an ephemeral loopback port; stops when dropped.
+struct Served {
+    agent: Arc<Agent<MemoryDatapath>>,
+    client: Client,
+    base: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn serve(token: Option<&str>) -> Served {
+    let dp = MemoryDatapath::with_ports(&["vnet0", "vnet1", "vnet2"]);
+    let agent = Arc::new(Agent::new(
+        Arc::new(Mutex::new(dp)),
+        None,
+        Arc::new(AtomicU64::new(0)),
+    ));
+    let app = super::router::router(agent.clone(), token.map(str::to_owned));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    let base = format!("http://{addr}");
+    Served {
+        agent,
+        client: Client::new(base.clone(), token.map(str::to_owned)),
+        base,
+        _stop: stop,
+    }
+}
+
+/// A coordinator over the fake hypervisor, for the snapshot routes.
+fn fake_snapshots(vms: &[(&str, MacAddr)]) -> (Arc<crate::snapshot::Snapshots>, PathBuf) {
+    let specs: Vec<VmSpec> = vms
+        .iter()
+        .map(|(n, m)| VmSpec {
+            name: (*n).into(),
+            mac: *m,
+        })
+        .collect();
+    let hv = FakeHypervisor::new(&specs);
+    let store = std::env::temp_dir().join(format!(
+        "enforcer-api-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = std::fs::remove_dir_all(&store);
+    let timeouts = Timeouts {
+        pause: Duration::from_millis(500),
+        complete: Duration::from_millis(500),
+    };
+    let c = Coordinator::open(
+        Arc::new(hv.clone()) as Arc<dyn Hypervisor>,
+        Arc::new(hv.epochs()) as Arc<dyn EpochControl>,
+        &store,
+        timeouts,
+    )
+    .unwrap();
+    (Arc::new(c), store)
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, ErrorCode) {
+    let e = r.unwrap_err();
+    (e.status().map_or(0, |s| s.as_u16()), e.code().unwrap())
+}
+
+/// A raw request: (status, body).
+async fn raw(
+    method: reqwest::Method,
+    url: String,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut req = reqwest::Client::new().request(method, url);
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_owned());
+    }
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test]
+async fn vm_routes_register_move_and_refuse_with_their_codes() {
+    let s = serve(None).await;
+    let c = &s.client;
+    let vm = c.register_vm(VM1, 1, "vnet0", Some(3)).await.unwrap();
+    assert_eq!((vm.epoch, vm.ifindex), (3, 10));
+    assert_eq!(
+        code(c.register_vm(VM1, 1, "vnet1", None).await),
+        (409, ErrorCode::AlreadyRegistered),
+        "MAC twice"
+    );
+    assert_eq!(
+        code(c.register_vm(VM2, 1, "vnet0", None).await),
+        (409, ErrorCode::PortTaken),
+        "port twice"
+    );
+    assert_eq!(
+        code(c.register_vm(VM2, 1, "nosuchport0", None).await),
+        (400, ErrorCode::UnknownInterface)
+    );
+    assert_eq!(
+        code(c.register_vm(VM2, 1, "lo", None).await),
+        (409, ErrorCode::PortNotAttached)
+    );
+    assert_eq!(
+        code(c.register_vm(VM2, 1, "no such/port", None).await),
+        (400, ErrorCode::BadRequest),
+        "not an interface name at all"
+    );
+    assert_eq!(
+        code(c.register_vm(MacAddr([0xff; 6]), 1, "vnet1", None).await),
+        (400, ErrorCode::BadMac)
+    );
+    assert_eq!(
+        code(c.register_vm(VM2, 5000, "vnet1", None).await),
+        (400, ErrorCode::BadGroup)
+    );
+    assert_eq!(
+        code(c.set_epoch(VM1, 2).await),
+        (409, ErrorCode::EpochBackwards)
+    );
+    assert_eq!(code(c.advance(VM2).await), (404, ErrorCode::UnknownVm));
+    assert_eq!(
+        c.vm(VM1).await.unwrap().epoch,
+        3,
+        "refused requests changed nothing"
+    );
+    // A new member joins at the group's epoch; an advance moves one epoch.
+    assert_eq!(c.register_vm(VM2, 1, "vnet1", None).await.unwrap().epoch, 3);
+    assert_eq!(c.advance(VM2).await.unwrap().epoch, 4);
+    assert_eq!(c.raise_epoch(VM2, 2).await.unwrap().epoch, 4, "raise only");
+    let groups = c.groups().await.unwrap();
+    assert_eq!(
+        (groups[0].record.min_epoch, groups[0].record.max_epoch),
+        (3, 4)
+    );
+    // An abort goes back, and says which group it did not find.
+    assert_eq!(c.abort(1, 3).await.unwrap().len(), 1);
+    assert_eq!(c.vm(VM2).await.unwrap().epoch, 3);
+    assert_eq!(code(c.abort(9, 0).await), (404, ErrorCode::UnknownGroup));
+    let (status, body) = raw(
+        reqwest::Method::POST,
+        format!("{}/v1/groups/x/abort", s.base),
+        Some(r#"{"epoch":0}"#),
+        None,
+    )
+    .await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")));
+    // A view of a VM on another host is registered with its epoch, and needs one.
+    let view = c
+        .register_remote_vm(MacAddr([2, 9, 9, 9, 9, 9]), 1, "vnet2", 3)
+        .await
+        .unwrap();
+    assert!(view.remote && view.epoch == 3, "{view:?}");
+    let (status, body) = raw(
+        reqwest::Method::POST,
+        format!("{}/v1/vms", s.base),
+        Some(r#"{"mac":"02:09:09:09:09:08","group":1,"port":"vnet2","remote":true}"#),
+        None,
+    )
+    .await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")));
+    // Unregistering frees the port.
+    c.unregister_vm(VM2).await.unwrap();
+    assert_eq!(
+        code(c.unregister_vm(VM2).await),
+        (404, ErrorCode::UnknownVm)
+    );
+}
+
+#[tokio::test]
+async fn malformed_requests_get_json_errors() {
+    let s = serve(None).await;
+    let (status, body) = raw(
+        reqwest::Method::GET,
+        format!("{}/v1/vms/not-a-mac", s.base),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].as_str().unwrap().contains("bad MAC address"),
+        "{body}"
+    );
+    assert_eq!(body["code"], "bad_request");
+    let (status, body) = raw(
+        reqwest::Method::POST,
+        format!("{}/v1/vms", s.base),
+        Some("{nope"),
+        None,
+    )
+    .await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")));
+    let (status, body) = raw(
+        reqwest::Method::PUT,
+        format!("{}/v1/config", s.base),
+        Some(r#"{"type3_mode":"sometimes"}"#),
+        None,
+    )
+    .await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")));
+    let (status, body) = raw(
+        reqwest::Method::GET,
+        format!("{}/v1/nothing", s.base),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("no_such_endpoint"))
+    );
+}
+
+#[tokio::test]
+async fn a_token_is_required_when_set() {
+    let s = serve(Some("sesame")).await;
+    let url = format!("{}/v1/health", s.base);
+    let (status, body) = raw(reqwest::Method::GET, url.clone(), None, None).await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("unauthorized")));
+    let (status, _) = raw(reqwest::Method::GET, url.clone(), None, Some("open")).await;
+    assert_eq!(status, 401, "a wrong token");
+    let health = s.client.health().await.unwrap();
+    assert_eq!((health.status.as_str(), health.ports), ("ok", 3));
+}
+
+#[tokio::test]
+async fn the_agents_own_state_config_and_metrics() {
+    let s = serve(None).await;
+    let c = &s.client;
+    assert_eq!(c.config().await.unwrap().type3_mode, Type3Mode::Buffer);
+    assert_eq!(
+        c.set_mode(Type3Mode::Drop).await.unwrap().type3_mode,
+        Type3Mode::Drop
+    );
+    assert_eq!(
+        s.agent.mode().unwrap(),
+        Type3Mode::Drop,
+        "the datapath has it"
+    );
+    assert_eq!(c.ports().await.unwrap().len(), 3);
+    assert_eq!(code(c.holds().await), (409, ErrorCode::NoBuffer));
+    c.register_vm(VM1, 1, "vnet0", Some(3)).await.unwrap();
+    let metrics = c.metrics().await.unwrap();
+    assert!(
+        metrics.contains("enforcer_vm_epoch{mac=\"02:00:5e:10:00:01\",group=\"1\"} 3"),
+        "{metrics}"
+    );
+    assert!(c.stats().await.unwrap().is_empty(), "no counters yet");
+}
+
+#[tokio::test]
+async fn snapshot_routes_say_why_when_snapshots_are_off() {
+    let s = serve(None).await;
+    let c = &s.client;
+    // Bad input is a 400 before anything else; then a 503 that says why.
+    assert_eq!(
+        code(c.restore("g-1-e1", Some("br0'/><disk")).await),
+        (400, ErrorCode::BadRequest)
+    );
+    assert_eq!(
+        code(c.snapshot(".hidden").await),
+        (400, ErrorCode::BadRequest)
+    );
+    assert_eq!(
+        code(c.define_group("web", None, &[]).await),
+        (503, ErrorCode::SnapshotsOff)
+    );
+    let off = c.snapshots(None).await.unwrap_err();
+    assert!(off.to_string().contains("--no-libvirt"), "{off}");
+    assert_eq!(
+        code(c.domain_nic("vm1").await),
+        (503, ErrorCode::SnapshotsOff)
+    );
+}
+
+#[tokio::test]
+async fn snapshot_routes_run_a_group_snapshot_and_restore_it() {
+    let s = serve(None).await;
+    let (snapshots, store) = fake_snapshots(&[("vm1", VM1), ("vm2", VM2)]);
+    s.agent.set_snapshots(snapshots);
+    let c = &s.client;
+    let domains = vec!["vm1".to_owned(), "vm2".to_owned()];
+    let g = c.define_group("web", None, &domains).await.unwrap();
+    assert_eq!((g.name.as_str(), g.vms.len()), ("web", 2));
+    assert_eq!(
+        code(c.define_group("web", None, &domains).await),
+        (409, ErrorCode::GroupExists)
+    );
+    assert_eq!(
+        code(c.define_group("bad name!", None, &domains).await),
+        (400, ErrorCode::BadGroup)
+    );
+    assert_eq!(
+        code(c.define_group("other", None, &["ghost".to_owned()]).await),
+        (404, ErrorCode::NoSuchDomain)
+    );
+    assert_eq!(
+        code(c.create_snapshot("nope").await),
+        (404, ErrorCode::UnknownGroup)
+    );
+    let started = c.create_snapshot("web").await.unwrap();
+    let m = c.wait_snapshot(started.id.as_str(), |_| {}).await.unwrap();
+    assert_eq!(m.outcome, SnapshotOutcome::Committed, "{m:?}");
+    assert_eq!(c.snapshots(Some("web")).await.unwrap().len(), 1);
+    assert!(c.snapshots(Some("other")).await.unwrap().is_empty());
+    assert_eq!(
+        code(c.snapshot("web-1-e9").await),
+        (404, ErrorCode::UnknownSnapshot)
+    );
+    let r = c.restore(m.id.as_str(), None).await.unwrap();
+    assert_eq!((r.epoch, r.vms.len()), (1, 2));
+    c.delete_snapshot(m.id.as_str()).await.unwrap();
+    assert_eq!(
+        code(c.delete_snapshot(m.id.as_str()).await),
+        (404, ErrorCode::UnknownSnapshot)
+    );
+    c.remove_group("web").await.unwrap();
+    assert_eq!(
+        code(c.remove_group("web").await),
+        (404, ErrorCode::UnknownGroup)
+    );
+    let _ = std::fs::remove_dir_all(store);
+}
+
+#[tokio::test]
+async fn domain_steps_are_typed() {
+    let s = serve(None).await;
+    let (snapshots, store) = fake_snapshots(&[("vm1", VM1)]);
+    s.agent.set_snapshots(snapshots);
+    let vm = VmSpec {
+        name: "vm1".into(),
+        mac: VM1,
+    };
+    let (status, body) = raw(
+        reqwest::Method::POST,
+        format!("{}/v1/domains/vm1/hibernate", s.base),
+        Some(r#"{"mac":"02:00:5e:10:00:01"}"#),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("no_such_operation"))
+    );
+    assert_eq!(
+        code(
+            s.client
+                .domain_advance_at_pause(&vm, Duration::from_millis(10))
+                .await
+        ),
+        (409, ErrorCode::NotBegun)
+    );
+    let (status, body) = raw(
+        reqwest::Method::POST,
+        format!("{}/v1/domains/vm1/begin", s.base),
+        Some(r#"{"mac":"02:00:5e:10:00:01"}"#),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("bad_request")),
+        "no snapshot id"
+    );
+    let (status, _) = raw(
+        reqwest::Method::POST,
+        format!("{}/v1/domains/vm1/begin", s.base),
+        Some(r#"{"mac":"02:00:5e:10:00:01","snapshot":"../etc"}"#),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "a snapshot id is never a path");
+    assert_eq!(
+        code(s.client.domain_nic("ghost").await),
+        (404, ErrorCode::NoSuchDomain)
+    );
+    let (mac, port) = s.client.domain_nic("vm1").await.unwrap();
+    assert_eq!((mac, port.as_str()), (VM1, "tap-vm1"));
+    let _ = std::fs::remove_dir_all(store);
+}

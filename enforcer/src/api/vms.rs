@@ -1,0 +1,90 @@
+//! `/v1/vms…` and the agent's `/v1/groups…`: registering VMs, reading and moving epochs,
+//! listing groups, aborting a group's snapshot on this host.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    extract::{Path, State, rejection::JsonRejection},
+    http::StatusCode,
+};
+
+use super::error::{ApiError, ApiResult};
+use crate::{
+    agent::{Abort, Agent, AgentDatapath, GroupView, RegisterVm, SetEpoch},
+    datapath::epochs::VmRecord,
+    model::MacAddr,
+};
+
+/// A MAC from the path; 400 with the parser's words otherwise.
+pub(crate) fn parse_mac(s: &str) -> Result<MacAddr, ApiError> {
+    s.parse()
+        .map_err(|e: crate::model::mac::MacParseError| ApiError::bad_request(e.to_string()))
+}
+
+pub(crate) async fn list<D: AgentDatapath>(
+    State(a): State<Arc<Agent<D>>>,
+) -> ApiResult<Vec<VmRecord>> {
+    Ok(Json(a.vms()?))
+}
+
+pub(crate) async fn get_one<D: AgentDatapath>(
+    State(a): State<Arc<Agent<D>>>,
+    Path(mac): Path<String>,
+) -> ApiResult<VmRecord> {
+    Ok(Json(a.vm(parse_mac(&mac)?)?))
+}
+
+pub(crate) async fn register<D: AgentDatapath>(
+    State(a): State<Arc<Agent<D>>>,
+    body: Result<Json<RegisterVm>, JsonRejection>,
+) -> Result<(StatusCode, Json<VmRecord>), ApiError> {
+    let Json(req) = body?;
+    Ok((StatusCode::CREATED, Json(a.register(&req)?)))
+}
+
+pub(crate) async fn unregister<D: AgentDatapath>(
+    State(a): State<Arc<Agent<D>>>,
+    Path(mac): Path<String>,
+) -> ApiResult<VmRecord> {
+    Ok(Json(a.unregister(parse_mac(&mac)?)?))
+}
+
+pub(crate) async fn set_epoch<D: AgentDatapath>(
+    State(a): State<Arc<Agent<D>>>,
+    Path(mac): Path<String>,
+    body: Result<Json<SetEpoch>, JsonRejection>,
+) -> ApiResult<VmRecord> {
+    let mac = parse_mac(&mac)?;
+    let Json(req) = body?;
+    Ok(Json(a.change_epoch(
+        mac,
+        Some(req.epoch),
+        req.raise_only,
+    )?))
+}
+
+pub(crate) async fn advance<D: AgentDatapath>(
+    State(a): State<Arc<Agent<D>>>,
+    Path(mac): Path<String>,
+) -> ApiResult<VmRecord> {
+    Ok(Json(a.change_epoch(parse_mac(&mac)?, None, false)?))
+}
+
+pub(crate) async fn groups<D: AgentDatapath>(
+    State(a): State<Arc<Agent<D>>>,
+) -> ApiResult<Vec<GroupView>> {
+    Ok(Json(a.groups()?))
+}
+
+pub(crate) async fn abort<D: AgentDatapath>(
+    State(a): State<Arc<Agent<D>>>,
+    Path(group): Path<String>,
+    body: Result<Json<Abort>, JsonRejection>,
+) -> ApiResult<Vec<VmRecord>> {
+    let group: u32 = group
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("group {group:?}: a group id (0-1023)")))?;
+    let Json(req) = body?;
+    Ok(Json(a.abort(group, req.epoch)?))
+}

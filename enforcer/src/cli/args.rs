@@ -1,0 +1,228 @@
+//! The command line's arguments (clap derive): the commands, their options and defaults.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use enforcer_common::Type3Mode;
+
+use crate::{
+    api::client::DEFAULT_API,
+    datapath::{AttachMode, DEFAULT_PIN_ROOT},
+    model::MacAddr,
+    snapshot::libvirt::DEFAULT_URI,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "enforcer",
+    version,
+    about = "Causally consistent live snapshots of VM groups, enforced in the kernel datapath"
+)]
+pub struct Cli {
+    /// The daemon's API (for the client commands).
+    #[arg(long, global = true, env = "ENFORCER_API", default_value = DEFAULT_API)]
+    pub api: String,
+    /// Bearer token for the API.
+    #[arg(long, global = true, env = "ENFORCER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: attach to every VM port, follow ports, serve the API.
+    Run(RunArgs),
+    /// Coordinate group snapshots across several hosts: drives the agent (`enforcer run`) of
+    /// each host over HTTP. Groups name their VMs `domain@host`.
+    Coordinator(CoordinatorArgs),
+    /// Register, list and remove VMs.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Read and move epochs.
+    #[command(subcommand)]
+    Epoch(EpochCommand),
+    /// List groups with their epochs (and their domains, for groups defined over libvirt).
+    Groups,
+    /// Define or remove a group of libvirt domains.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Group snapshots: create, list, show, restore, delete.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// List the ports the datapath is attached to.
+    Ports,
+    /// What the buffer daemon holds now, and what it did with held frames.
+    Holds {
+        /// Print JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Abort a group's snapshot: members above EPOCH go back to it; held frames are delivered.
+    Abort {
+        #[arg(long)]
+        group: u32,
+        #[arg(long)]
+        epoch: u32,
+    },
+    /// Per-port counters: what the datapath delivered, dropped and why.
+    Stats {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show or set what happens to Type-3 frames.
+    Mode {
+        /// New mode; omit to show the current one.
+        #[arg(value_enum)]
+        mode: Option<Type3Mode>,
+    },
+    /// Remove everything pinned under the pin root: detaches the programs, frees the maps.
+    Teardown {
+        #[arg(long, default_value = DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Attach to every member of this bridge, following members as they come and go
+    /// (repeatable: several bridges).
+    #[arg(long, conflicts_with = "port", required_unless_present = "port")]
+    pub bridge: Vec<String>,
+    /// Attach to exactly these interfaces (repeatable).
+    #[arg(long)]
+    pub port: Vec<String>,
+    /// Where programs' links and maps are pinned (bpffs).
+    #[arg(long, default_value = DEFAULT_PIN_ROOT)]
+    pub pin_root: PathBuf,
+    /// API address. Anything but loopback requires --token.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub listen: SocketAddr,
+    /// Hook that classifies frames on the VM ports.
+    #[arg(long, value_enum, default_value = "tc")]
+    pub attach: AttachMode,
+    /// Set the Type-3 mode at start (default: keep the pinned setting; `buffer` when new).
+    #[arg(long, value_enum)]
+    pub mode: Option<Type3Mode>,
+    /// Do not run the buffer daemon (then `buffer` mode drops Type-3 frames, counted).
+    #[arg(long)]
+    pub no_buffer: bool,
+    /// Name of the hold device (veth pair `<name>`/`<name>p`) the buffer daemon creates.
+    #[arg(long, default_value = "enfhold")]
+    pub hold_device: String,
+    /// Memory bound for held frames, in MiB; beyond it the newest frame is dropped (counted).
+    #[arg(long, default_value_t = 64)]
+    pub hold_max_mib: usize,
+    /// libvirt connection for group snapshots.
+    #[arg(long, default_value = DEFAULT_URI)]
+    pub libvirt_uri: String,
+    /// Snapshot store: images, manifests, the journal and the groups.
+    #[arg(long, default_value = "/var/lib/enforcer/snapshots")]
+    pub store: PathBuf,
+    /// Run without libvirt: no group snapshots (their endpoints answer 503).
+    #[arg(long)]
+    pub no_libvirt: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    /// The hosts: a JSON array of {"name", "agent" (the agent's API URL), "overlay" (the
+    /// agent's VXLAN-GBP port on its bridge)}.
+    #[arg(long)]
+    pub hosts: PathBuf,
+    /// API address. Anything but loopback requires --token (which the agents also require).
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub listen: SocketAddr,
+    /// Manifests, journals and groups (images stay on the hosts that run the VMs).
+    #[arg(long, default_value = "/var/lib/enforcer/coordinator")]
+    pub store: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GroupCommand {
+    /// Define a group of running libvirt domains; registers their VMs in the datapath.
+    Define {
+        name: String,
+        /// Domains (libvirt names), at least one; `domain@host` for a coordinator of several
+        /// hosts.
+        #[arg(required = true)]
+        domains: Vec<String>,
+        /// Datapath group id (default: the lowest unused).
+        #[arg(long)]
+        id: Option<u32>,
+    },
+    /// Remove a group: its VMs leave the datapath; its snapshots stay.
+    Rm { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Take a causally consistent snapshot of a group.
+    Create {
+        #[arg(long)]
+        group: String,
+        /// Follow it to the end, printing each VM's progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List snapshots (newest last).
+    Ls {
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// One snapshot: outcome, images and each VM's timeline.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore every VM of a committed snapshot together (the VMs must not be running).
+    Restore {
+        id: String,
+        /// Put the restored VMs on this bridge instead of their own.
+        #[arg(long)]
+        bridge: Option<String>,
+    },
+    /// Delete a snapshot's images and manifest.
+    Rm { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// Register a VM: its MAC, group and host-side port.
+    Add {
+        #[arg(long)]
+        mac: MacAddr,
+        #[arg(long)]
+        group: u32,
+        #[arg(long)]
+        port: String,
+        /// Starting epoch (default: the group's current epoch).
+        #[arg(long)]
+        epoch: Option<u32>,
+    },
+    /// Unregister a VM.
+    Rm { mac: MacAddr },
+    /// List registered VMs.
+    Ls,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EpochCommand {
+    /// Show one VM's epoch, or every VM's.
+    Get { mac: Option<MacAddr> },
+    /// Set a VM's epoch (never backwards).
+    Set { mac: MacAddr, epoch: u32 },
+    /// Move a VM to its next epoch.
+    Advance { mac: MacAddr },
+}
+
+impl Cli {
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Run(_) => "info",
+            _ => "warn",
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! The command line's dispatch: each command is one call (the daemon roles, or the API's
+//! client) and one thing printed.
+
+use anyhow::Context as _;
+
+use super::{Cli, Command, EpochCommand, GroupCommand, SnapshotCommand, VmCommand, render};
+use crate::{
+    agent::SnapshotOptions,
+    api::client::Client,
+    daemon::{self, CoordinatorConfig, DaemonConfig},
+    datapath::{self, ports::PortSource},
+    hold::HoldOptions,
+    multihost,
+    snapshot::{SnapshotOutcome, Timeouts},
+};
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(run_async(cli))
+}
+
+async fn run_async(cli: Cli) -> anyhow::Result<()> {
+    let client = Client::new(&cli.api, cli.token.clone());
+    match cli.command {
+        Command::Run(args) => {
+            let ports = if args.bridge.is_empty() {
+                PortSource::Named(args.port)
+            } else {
+                PortSource::Bridges(args.bridge)
+            };
+            let running = daemon::start(DaemonConfig {
+                ports,
+                pin_root: args.pin_root,
+                attach: args.attach,
+                listen: args.listen,
+                token: cli.token,
+                type3_mode: args.mode,
+                hold: (!args.no_buffer).then_some(HoldOptions {
+                    device: args.hold_device,
+                    max_bytes: args.hold_max_mib << 20,
+                }),
+                snapshots: (!args.no_libvirt).then(|| SnapshotOptions {
+                    uri: args.libvirt_uri,
+                    store: args.store,
+                    ..SnapshotOptions::default()
+                }),
+            })
+            .await?;
+            running.wait_for_signal().await?;
+        }
+        Command::Coordinator(args) => {
+            let hosts = multihost::load(&args.hosts)?;
+            let running = daemon::start_coordinator(CoordinatorConfig {
+                hosts,
+                listen: args.listen,
+                token: cli.token,
+                store: args.store,
+                timeouts: Timeouts::default(),
+            })
+            .await?;
+            running.wait_for_signal().await?;
+        }
+        Command::Vm(VmCommand::Add {
+            mac,
+            group,
+            port,
+            epoch,
+        }) => {
+            let vm = client.register_vm(mac, group, &port, epoch).await?;
+            println!(
+                "registered {} in group {} at epoch {} (ifindex {})",
+                vm.mac, vm.group, vm.epoch, vm.ifindex
+            );
+        }
+        Command::Vm(VmCommand::Rm { mac }) => {
+            let vm = client.unregister_vm(mac).await?;
+            println!("unregistered {}", vm.mac);
+        }
+        Command::Vm(VmCommand::Ls) | Command::Epoch(EpochCommand::Get { mac: None }) => {
+            print!("{}", render::vms(&client.vms().await?));
+        }
+        Command::Epoch(EpochCommand::Get { mac: Some(mac) }) => {
+            println!("{}", client.vm(mac).await?.epoch);
+        }
+        Command::Epoch(EpochCommand::Set { mac, epoch }) => {
+            let vm = client.set_epoch(mac, epoch).await?;
+            println!("{} at epoch {}", vm.mac, vm.epoch);
+        }
+        Command::Epoch(EpochCommand::Advance { mac }) => {
+            let vm = client.advance(mac).await?;
+            println!("{} at epoch {}", vm.mac, vm.epoch);
+        }
+        Command::Groups => print!("{}", render::groups(&client.groups().await?)),
+        Command::Group(GroupCommand::Define { name, domains, id }) => {
+            let g = client.define_group(&name, id, &domains).await?;
+            println!("group {} (id {}) defined:", g.name, g.id);
+            for vm in &g.vms {
+                println!("  {:<20} {}", vm.name, vm.mac);
+            }
+        }
+        Command::Group(GroupCommand::Rm { name }) => {
+            let g = client.remove_group(&name).await?;
+            println!(
+                "group {} removed ({} VMs left the datapath)",
+                g.name,
+                g.vms.len()
+            );
+        }
+        Command::Snapshot(SnapshotCommand::Create { group, wait }) => {
+            let started = client.create_snapshot(&group).await?;
+            println!("snapshot {} of group {group} started", started.id);
+            if wait {
+                let m = client
+                    .wait_snapshot(&started.id, |m| println!("  {}", render::progress(m)))
+                    .await?;
+                print!("{}", render::manifest(&m));
+                anyhow::ensure!(
+                    m.outcome == SnapshotOutcome::Committed,
+                    "snapshot {} aborted",
+                    m.id
+                );
+            }
+        }
+        Command::Snapshot(SnapshotCommand::Ls { group }) => {
+            print!(
+                "{}",
+                render::snapshots(&client.snapshots(group.as_deref()).await?)
+            );
+        }
+        Command::Snapshot(SnapshotCommand::Show { id, json }) => {
+            let m = client.snapshot(&id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                print!("{}", render::manifest(&m));
+            }
+        }
+        Command::Snapshot(SnapshotCommand::Restore { id, bridge }) => {
+            print!(
+                "{}",
+                render::restored(&client.restore(&id, bridge.as_deref()).await?)
+            );
+        }
+        Command::Snapshot(SnapshotCommand::Rm { id }) => {
+            let m = client.delete_snapshot(&id).await?;
+            println!("deleted {}", m.id);
+        }
+        Command::Ports => print!("{}", render::ports(&client.ports().await?)),
+        Command::Stats { json } => {
+            let stats = client.stats().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else {
+                // The buffer's part, when one runs.
+                let holds = client.holds().await.ok();
+                print!("{}", render::stats(&stats, holds.as_ref()));
+            }
+        }
+        Command::Holds { json } => {
+            let report = client.holds().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", render::holds(&report));
+            }
+        }
+        Command::Abort { group, epoch } => {
+            let vms = client.abort(group, epoch).await?;
+            println!(
+                "group {group} back at epoch {epoch} ({} VMs rolled back); held frames delivered",
+                vms.len()
+            );
+        }
+        Command::Mode { mode: None } => println!("{}", client.config().await?.type3_mode),
+        Command::Mode { mode: Some(mode) } => {
+            println!("{}", client.set_mode(mode).await?.type3_mode);
+        }
+        Command::Teardown { pin_root } => {
+            if datapath::teardown(&pin_root)
+                .with_context(|| format!("removing {}", pin_root.display()))?
+            {
+                println!(
+                    "removed {} (programs detached, maps freed)",
+                    pin_root.display()
+                );
+            } else {
+                println!("nothing pinned at {}", pin_root.display());
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! `enforcer coordinator`: group snapshots across several hosts, over their agents.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use tracing::info;
+
+use super::serve::{self, ServeError};
+use crate::{
+    multihost::{CoordinatorState, HostSpec, Hosts, api},
+    snapshot::{Coordinator, CoordinatorError, EpochControl, Hypervisor, Timeouts},
+};
+
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    pub hosts: Vec<HostSpec>,
+    pub listen: SocketAddr,
+    /// For this API and for the agents'.
+    pub token: Option<String>,
+    /// Manifests, journals and groups (the images stay on the hosts that run the VMs).
+    pub store: PathBuf,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorRoleError {
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error(transparent)]
+    Coordinator(#[from] CoordinatorError),
+}
+
+pub struct RunningCoordinator {
+    pub addr: SocketAddr,
+    pub state: Arc<CoordinatorState>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl RunningCoordinator {
+    pub async fn stop(self) -> Result<(), CoordinatorRoleError> {
+        let _ = self.shutdown.send(true);
+        Ok(self.task.await.unwrap_or(Ok(()))?)
+    }
+
+    pub async fn wait_for_signal(self) -> Result<(), CoordinatorRoleError> {
+        serve::signal("").await?;
+        self.stop().await
+    }
+}
+
+/// Starts the coordinator on the current tokio runtime. Opening aborts a snapshot a previous
+/// coordinator left unfinished (on every agent).
+pub async fn start_coordinator(
+    config: CoordinatorConfig,
+) -> Result<RunningCoordinator, CoordinatorRoleError> {
+    let (listener, addr) = serve::listen(config.listen, config.token.as_deref()).await?;
+    let hosts = Hosts::new(
+        config.hosts.clone(),
+        config.token.clone(),
+        tokio::runtime::Handle::current(),
+    );
+    let (for_open, store, timeouts) = (hosts.clone(), config.store.clone(), config.timeouts);
+    let snapshots = tokio::task::spawn_blocking(move || {
+        Coordinator::open(
+            Arc::new(for_open.clone()) as Arc<dyn Hypervisor>,
+            Arc::new(for_open) as Arc<dyn EpochControl>,
+            &store,
+            timeouts,
+        )
+    })
+    .await
+    .expect("coordinator open task")?;
+    let state = Arc::new(CoordinatorState {
+        snapshots: Arc::new(snapshots),
+        hosts,
+    });
+    let app = api::router(state.clone(), config.token);
+    let (shutdown, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(serve::serve(listener, app, stopped));
+    info!(%addr, hosts = config.hosts.len(), "coordinator listening");
+    Ok(RunningCoordinator {
+        addr,
+        state,
+        shutdown,
+        task,
+    })
+}

@@ -1,0 +1,369 @@
+//! Typed access to the pinned maps: the VM, port and group tables (the [`EpochStore`] the
+//! epoch rules run on, with `epoch_cache` kept in step), the config, the port counters and
+//! slots, and the hold path's counters and totals. Every map is read and written here and
+//! nowhere else in userspace.
+
+use std::collections::BTreeMap;
+
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf};
+use enforcer_common::{
+    CACHE_OCCUPIED, CACHE_OVERFLOW, CachedVm, DatapathConfig, EPOCH_CACHE_SIZE, GroupState,
+    HoldKernel, HoldTotal, MAX_PORTS, MacKey, PortCounters, PortVm, REMOTE_SLOT_KEY, Type3Mode,
+    UNATTRIBUTED_SLOT, VmEpoch, cache_index, names,
+};
+use tracing::info;
+
+use super::{
+    epochs::EpochStore,
+    load::{Datapath, DatapathError},
+};
+
+/// The buffer's pinned totals, indexed by [`HoldTotal::index`].
+pub type HoldTotals = [u64; HoldTotal::ENTRIES as usize];
+
+impl Datapath {
+    fn epoch_cache_map(&mut self) -> Result<Array<&mut MapData, CachedVm>, DatapathError> {
+        Ok(Array::try_from(self.map(names::EPOCH_CACHE)?)?)
+    }
+
+    /// Rewrites `epoch_cache` from `epochs` (at start: the cache may predate this daemon).
+    pub(super) fn rebuild_epoch_cache(&mut self) -> Result<(), DatapathError> {
+        let vms = EpochStore::vms(self)?;
+        let mut entries = vec![CachedVm::default(); EPOCH_CACHE_SIZE as usize];
+        for (mac, vm) in vms {
+            let e = &mut entries[cache_index(&mac) as usize];
+            if e.state & CACHE_OCCUPIED == 0 {
+                *e = CachedVm {
+                    mac,
+                    vm,
+                    state: CACHE_OCCUPIED | (e.state & CACHE_OVERFLOW),
+                    _pad: 0,
+                };
+            } else {
+                e.state |= CACHE_OVERFLOW;
+            }
+        }
+        let mut cache = self.epoch_cache_map()?;
+        for (i, e) in entries.into_iter().enumerate() {
+            cache.set(i as u32, e, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the cache entry of `mac`'s index in step with `epochs` after a change to `mac`.
+    fn sync_epoch_cache(&mut self, mac: &MacKey, vm: Option<VmEpoch>) -> Result<(), DatapathError> {
+        let index = cache_index(mac);
+        let entry = self.epoch_cache_map()?.get(&index, 0)?;
+        let occupant = entry.state & CACHE_OCCUPIED != 0;
+        let new = match vm {
+            Some(vm) if !occupant || entry.mac == *mac => CachedVm {
+                mac: *mac,
+                vm,
+                state: CACHE_OCCUPIED | (entry.state & CACHE_OVERFLOW),
+                _pad: 0,
+            },
+            // Another VM holds the slot: this one lives in `epochs` only.
+            Some(_) => CachedVm {
+                state: entry.state | CACHE_OVERFLOW,
+                ..entry
+            },
+            None if occupant && entry.mac != *mac && entry.state & CACHE_OVERFLOW == 0 => {
+                return Ok(());
+            }
+            // Removed (or the overflow set changed): rebuild this index from `epochs`.
+            None => {
+                let same: Vec<(MacKey, VmEpoch)> = EpochStore::vms(self)?
+                    .into_iter()
+                    .filter(|(m, _)| cache_index(m) == index)
+                    .collect();
+                let keep = same
+                    .iter()
+                    .find(|(m, _)| occupant && *m == entry.mac)
+                    .or(same.first());
+                match keep {
+                    Some((m, v)) => CachedVm {
+                        mac: *m,
+                        vm: *v,
+                        state: CACHE_OCCUPIED | if same.len() > 1 { CACHE_OVERFLOW } else { 0 },
+                        _pad: 0,
+                    },
+                    None => CachedVm::default(),
+                }
+            }
+        };
+        if new != entry {
+            self.epoch_cache_map()?.set(index, new, 0)?;
+        }
+        Ok(())
+    }
+
+    /// The counter slot of a port, allocating the lowest free one (with zeroed counters) if it
+    /// has none. Slots live in the pinned `port_slots` map, so a restarted daemon keeps them.
+    pub fn ensure_port_slot(&mut self, ifindex: u32) -> Result<u32, DatapathError> {
+        let slots = self.port_slots_map()?;
+        if let Ok(slot) = slots.get(&ifindex, 0) {
+            return Ok(slot);
+        }
+        let used: Result<Vec<(u32, u32)>, MapError> = slots.iter().collect();
+        let used: Vec<u32> = used?.into_iter().map(|(_, slot)| slot).collect();
+        let slot = (UNATTRIBUTED_SLOT + 1..MAX_PORTS)
+            .find(|s| !used.contains(s))
+            .ok_or(DatapathError::NoFreeSlot(MAX_PORTS - 1))?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::IoError(e))?;
+        let zero = PerCpuValues::try_from(vec![PortCounters::default(); cpus])
+            .map_err(MapError::IoError)?;
+        self.port_stats_map()?.set(slot, zero, 0)?;
+        self.port_slots_map()?.insert(ifindex, slot, 0)?;
+        Ok(slot)
+    }
+
+    /// The ring of colors learned from other hosts' frames; its one consumer takes it.
+    pub fn take_learned_ring(&mut self) -> Result<RingBuf<MapData>, DatapathError> {
+        let map = self
+            .ebpf
+            .take_map(names::LEARNED)
+            .ok_or(DatapathError::MissingMap(names::LEARNED))?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    pub(super) fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DatapathError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))
+    }
+
+    fn epochs_map(&mut self) -> Result<HashMap<&mut MapData, MacKey, VmEpoch>, DatapathError> {
+        Ok(HashMap::try_from(self.map(names::EPOCHS)?)?)
+    }
+
+    fn ports_map(&mut self) -> Result<HashMap<&mut MapData, u32, PortVm>, DatapathError> {
+        Ok(HashMap::try_from(self.map(names::PORTS)?)?)
+    }
+
+    fn groups_map(&mut self) -> Result<HashMap<&mut MapData, u32, GroupState>, DatapathError> {
+        Ok(HashMap::try_from(self.map(names::GROUPS)?)?)
+    }
+
+    fn config_map(&mut self) -> Result<Array<&mut MapData, DatapathConfig>, DatapathError> {
+        Ok(Array::try_from(self.map(names::CONFIG)?)?)
+    }
+
+    pub(super) fn port_slots_map(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, u32, u32>, DatapathError> {
+        Ok(HashMap::try_from(self.map(names::PORT_SLOTS)?)?)
+    }
+
+    fn port_stats_map(&mut self) -> Result<PerCpuArray<&mut MapData, PortCounters>, DatapathError> {
+        Ok(PerCpuArray::try_from(self.map(names::PORT_STATS)?)?)
+    }
+
+    pub fn type3_mode(&mut self) -> Result<Type3Mode, DatapathError> {
+        let raw = self.config_map()?.get(&0, 0)?.type3_mode;
+        Type3Mode::from_raw(raw).ok_or(DatapathError::BadMode(raw))
+    }
+
+    pub fn set_type3_mode(&mut self, mode: Type3Mode) -> Result<(), DatapathError> {
+        let mut config = self.config_map()?.get(&0, 0)?;
+        config.type3_mode = mode as u32;
+        self.config_map()?.set(0, config, 0)?;
+        info!(?mode, "Type-3 mode set");
+        Ok(())
+    }
+
+    /// Where held frames go: the hold device's ifindex, or 0 (no buffer: Type-3 frames are
+    /// dropped and counted as `type3_unbuffered`).
+    pub fn set_hold_ifindex(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        let mut config = self.config_map()?.get(&0, 0)?;
+        config.hold_ifindex = ifindex;
+        self.config_map()?.set(0, config, 0)?;
+        Ok(())
+    }
+
+    pub fn hold_ifindex(&mut self) -> Result<u32, DatapathError> {
+        Ok(self.config_map()?.get(&0, 0)?.hold_ifindex)
+    }
+
+    /// Puts the buffer daemon's AF_XDP socket in the `hold_socks` map.
+    pub fn set_hold_socket(&mut self, fd: std::os::fd::RawFd) -> Result<(), DatapathError> {
+        let map = self.map(names::HOLD_SOCKS)?;
+        let mut socks: aya::maps::XskMap<&mut MapData> = aya::maps::XskMap::try_from(map)?;
+        socks.set(0, fd, 0)?;
+        Ok(())
+    }
+
+    /// Frames the hold path lost in the kernel for this reason, summed over CPUs.
+    pub fn hold_kernel(&mut self, reason: HoldKernel) -> Result<u64, DatapathError> {
+        self.per_cpu_sum(names::HOLD_KERNEL, reason.index())
+    }
+
+    /// Frames the programs handed to the hold path for the receiver with this port slot.
+    pub fn held_in_port(&mut self, slot: u32) -> Result<u64, DatapathError> {
+        self.per_cpu_sum(names::HOLD_IN_PORT, slot)
+    }
+
+    /// Frames the programs handed to the hold path for this group (broadcast/multicast).
+    pub fn held_in_group(&mut self, group: u32) -> Result<u64, DatapathError> {
+        self.per_cpu_sum(names::HOLD_IN_GROUP, group)
+    }
+
+    /// [`Datapath::held_in_port`] of every slot.
+    pub fn held_in_ports(&mut self) -> Result<Vec<u64>, DatapathError> {
+        self.per_cpu_sums(names::HOLD_IN_PORT)
+    }
+
+    /// [`Datapath::held_in_group`] of every group.
+    pub fn held_in_groups(&mut self) -> Result<Vec<u64>, DatapathError> {
+        self.per_cpu_sums(names::HOLD_IN_GROUP)
+    }
+
+    /// Sum over CPUs of a per-CPU u64 array entry (hold counters).
+    fn per_cpu_sum(&mut self, map: &'static str, index: u32) -> Result<u64, DatapathError> {
+        let array: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map(map)?)?;
+        Ok(array.get(&index, 0)?.iter().sum())
+    }
+
+    /// All entries of a per-CPU u64 array, summed over CPUs.
+    fn per_cpu_sums(&mut self, map: &'static str) -> Result<Vec<u64>, DatapathError> {
+        let array: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map(map)?)?;
+        let mut out = Vec::with_capacity(array.len() as usize);
+        for i in 0..array.len() {
+            out.push(array.get(&i, 0)?.iter().sum());
+        }
+        Ok(out)
+    }
+
+    /// The buffer daemon's pinned totals, indexed by [`HoldTotal::index`].
+    pub fn hold_totals(&mut self) -> Result<HoldTotals, DatapathError> {
+        let array: Array<&mut MapData, u64> = Array::try_from(self.map(names::HOLD_TOTALS)?)?;
+        let mut out = [0; HoldTotal::ENTRIES as usize];
+        for (i, v) in out.iter_mut().enumerate().take(array.len() as usize) {
+            *v = array.get(&(i as u32), 0)?;
+        }
+        Ok(out)
+    }
+
+    pub fn set_hold_totals(&mut self, totals: &HoldTotals) -> Result<(), DatapathError> {
+        let mut array: Array<&mut MapData, u64> = Array::try_from(self.map(names::HOLD_TOTALS)?)?;
+        for (i, v) in totals.iter().enumerate() {
+            array.set(i as u32, *v, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Per-port counters by ifindex, summed over CPUs. Frames seen on ports without a slot
+    /// (not attached by this daemon) appear under ifindex 0 when there are any.
+    pub fn port_stats(&mut self) -> Result<BTreeMap<u32, PortCounters>, DatapathError> {
+        let slots: Result<Vec<(u32, u32)>, MapError> = self.port_slots_map()?.iter().collect();
+        let mut slots = slots?;
+        slots.push((0, UNATTRIBUTED_SLOT));
+        let stats = self.port_stats_map()?;
+        let mut out = BTreeMap::new();
+        for (ifindex, slot) in slots {
+            let mut total = PortCounters::default();
+            for cpu in stats.get(&slot, 0)?.iter() {
+                total.add(cpu);
+            }
+            if ifindex != 0 || total.total_frames() > 0 {
+                out.insert(ifindex, total);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl EpochStore for Datapath {
+    type Error = DatapathError;
+
+    fn vm(&mut self, mac: &MacKey) -> Result<Option<VmEpoch>, DatapathError> {
+        match self.epochs_map()?.get(mac, 0) {
+            Ok(vm) => Ok(Some(vm)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn vms(&mut self) -> Result<Vec<(MacKey, VmEpoch)>, DatapathError> {
+        let map = self.epochs_map()?;
+        let vms: Result<Vec<_>, MapError> = map.iter().collect();
+        Ok(vms?)
+    }
+
+    fn put_vm(&mut self, mac: MacKey, vm: VmEpoch) -> Result<(), DatapathError> {
+        // The hash first, then its cache: both only ever move forward together.
+        self.epochs_map()?.insert(mac, vm, 0)?;
+        self.sync_epoch_cache(&mac, Some(vm))
+    }
+
+    fn remove_vm(&mut self, mac: &MacKey) -> Result<(), DatapathError> {
+        self.epochs_map()?.remove(mac)?;
+        self.sync_epoch_cache(mac, None)
+    }
+
+    fn port(&mut self, ifindex: u32) -> Result<Option<PortVm>, DatapathError> {
+        match self.ports_map()?.get(&ifindex, 0) {
+            Ok(port) => Ok(Some(port)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn port_slot(&mut self, ifindex: u32) -> Result<Option<u32>, DatapathError> {
+        match self.port_slots_map()?.get(&ifindex, 0) {
+            Ok(slot) => Ok(Some(slot)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn put_port(&mut self, ifindex: u32, port: PortVm) -> Result<(), DatapathError> {
+        Ok(self.ports_map()?.insert(ifindex, port, 0)?)
+    }
+
+    fn remove_port(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        match self.ports_map()?.remove(&ifindex) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn group(&mut self, group: u32) -> Result<Option<GroupState>, DatapathError> {
+        match self.groups_map()?.get(&group, 0) {
+            Ok(g) => Ok(Some(g)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn put_group(&mut self, group: u32, state: GroupState) -> Result<(), DatapathError> {
+        Ok(self.groups_map()?.insert(group, state, 0)?)
+    }
+
+    fn remove_group(&mut self, group: u32) -> Result<(), DatapathError> {
+        match self.groups_map()?.remove(&group) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn alloc_remote_slot(&mut self) -> Result<Option<u32>, DatapathError> {
+        match self.ensure_port_slot(REMOTE_SLOT_KEY) {
+            Ok(slot) => {
+                // Re-key it: the slot number is in the key, so the VM's entry finds it again.
+                let slots = &mut self.port_slots_map()?;
+                slots.remove(&REMOTE_SLOT_KEY)?;
+                slots.insert(REMOTE_SLOT_KEY | slot, slot, 0)?;
+                Ok(Some(slot))
+            }
+            Err(DatapathError::NoFreeSlot(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn free_remote_slot(&mut self, slot: u32) -> Result<(), DatapathError> {
+        match self.port_slots_map()?.remove(&(REMOTE_SLOT_KEY | slot)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! The buffer: holds Type-3 frames and re-injects them, in order, right after their receiver
+//! advances (mode `buffer`).
+//!
+//! Path of a held frame:
+//! 1. The port program (tc or XDP) decides `Type3Held` (or `HeldForOrder`, see [`core`]),
+//!    counts it in `hold_in_port[receiver slot]` / `hold_in_group[group]` and redirects it to
+//!    the **hold device** ([`device`]): a veth pair `<name>` → `<name>p`, in no bridge.
+//! 2. `enforcer_hold` (XDP on `<name>p`) redirects it into the XSKMAP slot of the AF_XDP
+//!    socket ([`xsk`]).
+//! 3. One thread ([`thread`]) reads the RX ring, copies the frame out, gives the chunk straight
+//!    back to the fill ring, and hands it to the decisions ([`core`]): queued per receiver
+//!    (unicast) or per group (broadcast/multicast), in arrival order, within a memory bound.
+//! 4. Every epoch change goes through one path ([`advance`]): the buffer's copy of the VM
+//!    first, then the map with the new epoch and the draining flag in one write, then the
+//!    release, which re-injects the queue in order ([`inject`]: an AF_PACKET send on the
+//!    receiver's port).
+//!
+//! Accounting (invariant 4 in docs/design.md) is pinned in `hold_totals` ([`HoldTotal`]), so a
+//! daemon that dies with frames held is accounted for by the next one (`lost_restart`).
+//!
+//! May call the datapath, the model and `sched`; never the snapshot transaction or the API.
+//!
+//! [`HoldTotal`]: enforcer_common::HoldTotal
+pub mod advance;
+mod buffer;
+pub mod checksum;
+mod config;
+mod core;
+mod device;
+mod fifo;
+mod inject;
+pub mod learn;
+pub mod protocol;
+pub mod report;
+mod thread;
+mod xsk;
+
+pub use buffer::{Buffer, Reporter};
+pub use config::{HoldError, HoldOptions};
+pub use protocol::{Command, Notice};
+pub use report::{HoldReport, KernelLoss, QueueKey, QueueReport};

@@ -1,0 +1,35 @@
+//! The messages the buffer thread takes: epoch notices ([`Notice`]), which the one epoch-change
+//! path ([`super::advance`]) sends around every map write, and the thread's own controls
+//! ([`Command`]).
+
+use std::sync::mpsc;
+
+use enforcer_common::{MacKey, VmEpoch};
+
+use super::report::HoldReport;
+
+/// What the buffer must know about an epoch change, in the order the change makes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// A VM's entry as the map is about to hold it (`None`: being removed). Sent **before** the
+    /// map is written, so the colors the buffer gives held frames never lag the datapath's.
+    Vm { mac: MacKey, vm: Option<VmEpoch> },
+    /// The map now has the VM at `epoch`, flagged draining: re-inject what waited for it.
+    Advanced { mac: MacKey, epoch: u32 },
+    /// The group's minimum epoch in the map rose to `min_epoch`, the group flagged draining.
+    GroupAdvanced { group: u32, min_epoch: u32 },
+    /// The group's snapshot was aborted: deliver everything held for it, whatever the colors.
+    Release { group: u32 },
+}
+
+/// Messages to the buffer thread.
+pub enum Command {
+    Notice(Notice),
+    Report(mpsc::Sender<HoldReport>),
+    /// Stop. `graceful`: stop redirecting, take in what is in flight, drop (and count) what
+    /// cannot be delivered, clear the flags. Otherwise vanish as a crashed daemon would.
+    Stop {
+        graceful: bool,
+        done: mpsc::Sender<HoldReport>,
+    },
+}

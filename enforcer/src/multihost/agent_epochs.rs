@@ -1,0 +1,110 @@
+//! [`EpochControl`] over an agent's HTTP API: a coordinator that runs outside the agent that
+//! owns the datapath (another process, or another host) drives it with the same calls the agent
+//! makes on itself ([`crate::agent::LocalEpochs`]). Blocks on a tokio runtime handle, so it must
+//! be called from a plain thread (as the coordinator does), not from async code.
+
+use std::time::{Duration, Instant};
+
+use tokio::runtime::Handle;
+
+use crate::{
+    api::{
+        ErrorCode,
+        client::{Client, ClientError},
+    },
+    hold::HoldReport,
+    model::{GroupSpec, VmSpec},
+    snapshot::{EpochControl, EpochControlError},
+};
+
+pub struct AgentEpochs {
+    pub client: Client,
+    pub rt: Handle,
+}
+
+/// An agent's answer as an epoch-control error, by kind: unreachable, or refused (its code
+/// says why).
+pub(crate) fn remote(e: ClientError) -> EpochControlError {
+    match e.code() {
+        Some(ErrorCode::Unavailable) | None => EpochControlError::Unavailable(Box::new(e)),
+        Some(_) => EpochControlError::Refused(Box::new(e)),
+    }
+}
+
+impl EpochControl for AgentEpochs {
+    fn epoch(&self, vm: &VmSpec) -> Result<u32, EpochControlError> {
+        match self.rt.block_on(self.client.vm(vm.mac)) {
+            Ok(r) => Ok(r.epoch),
+            Err(e) if e.code() == Some(ErrorCode::UnknownVm) => {
+                Err(EpochControlError::NotRegistered {
+                    vm: vm.name.clone(),
+                    mac: vm.mac,
+                })
+            }
+            Err(e) => Err(remote(e)),
+        }
+    }
+
+    fn advance(&self, vm: &VmSpec) -> Result<u32, EpochControlError> {
+        self.rt
+            .block_on(self.client.advance(vm.mac))
+            .map(|r| r.epoch)
+            .map_err(remote)
+    }
+
+    fn hold_report(&self) -> Result<Option<HoldReport>, EpochControlError> {
+        match self.rt.block_on(self.client.holds()) {
+            Ok(report) => Ok(Some(report)),
+            // No buffer on that agent: nothing is ever held.
+            Err(e) if e.code() == Some(ErrorCode::NoBuffer) => Ok(None),
+            Err(e) => Err(remote(e)),
+        }
+    }
+
+    fn abort_epochs(&self, group: &GroupSpec, epoch: u32) -> Result<(), EpochControlError> {
+        self.rt
+            .block_on(self.client.abort(group.id, epoch))
+            .map(|_| ())
+            .map_err(remote)
+    }
+
+    fn register(
+        &self,
+        vm: &VmSpec,
+        group: u32,
+        port: &str,
+        epoch: Option<u32>,
+    ) -> Result<u32, EpochControlError> {
+        self.rt.block_on(async {
+            match self.client.unregister_vm(vm.mac).await {
+                Ok(_) => {}
+                Err(e) if e.code() == Some(ErrorCode::UnknownVm) => {}
+                Err(e) => return Err(remote(e)),
+            }
+            // A new tap is attached by the agent's port watcher a moment after it appears.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match self.client.register_vm(vm.mac, group, port, epoch).await {
+                    Ok(r) => return Ok(r.epoch),
+                    Err(e)
+                        if Instant::now() < deadline
+                            && matches!(
+                                e.code(),
+                                Some(ErrorCode::PortNotAttached | ErrorCode::UnknownInterface)
+                            ) =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => return Err(remote(e)),
+                }
+            }
+        })
+    }
+
+    fn unregister(&self, vm: &VmSpec) -> Result<(), EpochControlError> {
+        self.rt
+            .block_on(self.client.unregister_vm(vm.mac))
+            .map(|_| ())
+            .map_err(remote)
+    }
+}

@@ -1,0 +1,243 @@
+//! What the snapshot transaction needs from the world, as two traits with typed errors: a
+//! [`Hypervisor`] (per VM: begin a live snapshot, wait for its stop, complete, resume, cancel,
+//! restore) and an [`EpochControl`] (the datapath's epochs and the buffer's state). One host's
+//! libvirt and agent implement them in process; the agents of several hosts over HTTP
+//! (`multihost`); a fake in the tier-0 tests.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    hold::{HoldReport, QueueKey},
+    model::{GroupSpec, IfName, MacAddr, VmSpec},
+};
+
+/// What kind of hypervisor failure, for callers that act on it (an abort is clean when the VM
+/// is gone; the API answers 404 for a domain that does not exist).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HvErrorKind {
+    /// No domain of that name.
+    NoSuchDomain,
+    /// The domain is not running (paused, shut off) where it must be.
+    NotRunning,
+    /// A domain of that name runs where it must not (restoring over it).
+    Running,
+    /// Anything else: QEMU, libvirt, the images.
+    Failed,
+}
+
+/// A hypervisor step that failed for one VM.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[error("{vm}: {detail}")]
+pub struct HvError {
+    pub vm: String,
+    pub kind: HvErrorKind,
+    /// For people: what the hypervisor said.
+    pub detail: String,
+}
+
+impl HvError {
+    pub fn new(vm: impl Into<String>, kind: HvErrorKind, detail: impl Into<String>) -> Self {
+        Self {
+            vm: vm.into(),
+            kind,
+            detail: detail.into(),
+        }
+    }
+
+    pub fn failed(vm: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::new(vm, HvErrorKind::Failed, detail)
+    }
+}
+
+/// When a VM stopped at its snapshot point.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Paused {
+    /// The hypervisor's own timestamp of the stop, when it gives one (µs since the Unix epoch).
+    pub hypervisor_unix_us: Option<u64>,
+    /// When the coordinator learned of it.
+    pub seen_unix_us: u64,
+}
+
+/// What the coordinator needs from a hypervisor, per VM.
+pub trait Hypervisor: Send + Sync {
+    /// Starts a live snapshot of the VM's memory into `image_dir`. The VM keeps running until
+    /// the final stop-and-copy, where it stops and **waits** (for [`Hypervisor::complete`]).
+    fn begin(&self, vm: &VmSpec, image_dir: &Path) -> Result<(), HvError>;
+    /// Blocks until the VM is stopped at its snapshot point.
+    fn wait_paused(&self, vm: &VmSpec, timeout: Duration) -> Result<Paused, HvError>;
+    /// [`Hypervisor::wait_paused`], then the VM's epoch advanced right there, by whoever sees
+    /// the stop first: an agent on the VM's own host does both in one call, so no network
+    /// hop separates the stop from the advance. Returns when the advance was made (µs since
+    /// the Unix epoch). `None`: not offered; the coordinator waits, then advances itself.
+    fn advance_at_pause(
+        &self,
+        _vm: &VmSpec,
+        _timeout: Duration,
+    ) -> Option<Result<(Paused, u64), HvError>> {
+        None
+    }
+    /// Lets the image complete; the VM stays paused. Returns the files written.
+    fn complete(&self, vm: &VmSpec, timeout: Duration) -> Result<Vec<PathBuf>, HvError>;
+    /// Runs the VM again.
+    fn resume(&self, vm: &VmSpec) -> Result<(), HvError>;
+    /// Abandons an unfinished snapshot of the VM and leaves the VM as it was before: running
+    /// again if the snapshot stopped it (a VM paused by someone else stays paused).
+    fn cancel(&self, vm: &VmSpec) -> Result<(), HvError>;
+    /// A running VM's MAC and host-side port.
+    fn nic(&self, vm: &str) -> Result<(MacAddr, String), HvError>;
+    /// Brings a VM back from its images, paused; optionally onto another bridge. Returns its
+    /// host-side port.
+    fn restore_paused(
+        &self,
+        vm: &VmSpec,
+        images: &[PathBuf],
+        bridge: Option<&IfName>,
+    ) -> Result<String, HvError>;
+    /// Stops a VM for good (undoing a partial restore).
+    fn destroy(&self, vm: &VmSpec) -> Result<(), HvError>;
+    /// Deletes the VM's images of the snapshot whose directory is `image_dir` (an aborted or
+    /// deleted snapshot). Where the images live is the hypervisor's business: on the host
+    /// that runs the VM.
+    fn discard(&self, vm: &VmSpec, image_dir: &Path) -> Result<(), HvError>;
+}
+
+/// What went wrong reading or changing a datapath's epochs (this host's, or an agent's).
+#[derive(Debug, thiserror::Error)]
+pub enum EpochControlError {
+    /// The VM is not registered where its epoch lives.
+    #[error("{vm} ({mac}) is not registered")]
+    NotRegistered { vm: String, mac: MacAddr },
+    /// Its port is not attached (a restored VM's new tap did not show up in time).
+    #[error("port {port} is not attached (is it on a bridge this daemon watches?)")]
+    PortNotAttached { port: String },
+    /// The datapath refused the change, by its rules (its own error says which).
+    #[error("{0}")]
+    Refused(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The datapath, its buffer or the agent that owns it does not answer, or is stopping.
+    #[error("{0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Held frames were still being re-injected at the deadline.
+    #[error("still held or draining: {}", list(.0))]
+    NotReleased(Vec<QueueKey>),
+    /// The VM's name does not say which host runs it, or names a host not in the hosts file.
+    #[error("{0}")]
+    NoHost(String),
+    /// Finding the VM's port failed.
+    #[error(transparent)]
+    Hypervisor(#[from] HvError),
+    /// A view of the VM on another host failed.
+    #[error("{vm} (view on {host}): {source}")]
+    View {
+        vm: String,
+        host: String,
+        source: Box<EpochControlError>,
+    },
+    /// Several hosts failed, each in its own way.
+    #[error("{}", hosts(.0))]
+    Hosts(Vec<(String, EpochControlError)>),
+}
+
+fn list(queues: &[QueueKey]) -> String {
+    queues
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn hosts(failed: &[(String, EpochControlError)]) -> String {
+    failed
+        .iter()
+        .map(|(host, e)| format!("{host}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// What the coordinator needs from the datapath.
+pub trait EpochControl: Send + Sync {
+    fn epoch(&self, vm: &VmSpec) -> Result<u32, EpochControlError>;
+    fn advance(&self, vm: &VmSpec) -> Result<u32, EpochControlError>;
+    /// The buffer's report: `Ok(None)` when no buffer runs (nothing is ever held), `Err` when
+    /// it does not answer.
+    fn hold_report(&self) -> Result<Option<HoldReport>, EpochControlError>;
+    /// Frames held so far (a running total), when a buffer runs.
+    fn held_total(&self) -> Option<u64> {
+        Some(
+            self.hold_report()
+                .ok()??
+                .total(enforcer_common::HoldTotal::Received),
+        )
+    }
+    /// Frames each VM's last advance released (what was held for it), where known.
+    fn held_at_advance(&self, group: &GroupSpec) -> HashMap<MacAddr, u64> {
+        let Ok(Some(report)) = self.hold_report() else {
+            return HashMap::new();
+        };
+        group
+            .vms
+            .iter()
+            .filter_map(|v| Some((v.mac, report.released_at_advance_of(v.mac)?)))
+            .collect()
+    }
+    /// Waits until nothing is held for the group's VMs any more (REINJECT done).
+    fn wait_released(&self, group: &GroupSpec, timeout: Duration) -> Result<(), EpochControlError> {
+        let macs: Vec<MacAddr> = group.vms.iter().map(|v| v.mac).collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(report) = self.hold_report()? else {
+                return Ok(());
+            };
+            let pending = report.pending(&macs, group.id);
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(EpochControlError::NotReleased(pending));
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+    /// Puts a VM on `port` in `group` at `epoch` (replacing what the datapath had for its MAC).
+    /// Waits briefly for the port to be attached (a restored VM's tap is new).
+    fn register(
+        &self,
+        vm: &VmSpec,
+        group: u32,
+        port: &str,
+        epoch: Option<u32>,
+    ) -> Result<u32, EpochControlError>;
+    /// Forgets a VM.
+    fn unregister(&self, vm: &VmSpec) -> Result<(), EpochControlError>;
+    /// Registers again what a datapath has forgotten — an agent restarted on empty maps, or a
+    /// host replaced — before a snapshot relies on it. `port_of` finds a VM's port where it
+    /// runs. Returns what was registered again (for the log). One datapath keeps its
+    /// registrations pinned and is never asked to forget them: nothing to do by default.
+    fn restore_registrations(
+        &self,
+        _group: &GroupSpec,
+        _port_of: &dyn Fn(&VmSpec) -> Result<String, HvError>,
+    ) -> Result<Vec<String>, EpochControlError> {
+        Ok(Vec::new())
+    }
+    /// Aborting a snapshot that started with the group at `epoch`: held frames are released
+    /// and the group's members end at one epoch again. On one host they go back to `epoch`;
+    /// across hosts they go forward to `epoch + 1` instead, because a view raised from a
+    /// frame's color would lead a lowered epoch (see `multihost::hosts`).
+    fn abort_epochs(&self, group: &GroupSpec, epoch: u32) -> Result<(), EpochControlError>;
+}
+
+/// Now, in µs since the Unix epoch (the clock hypervisors stamp their events with).
+pub fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}

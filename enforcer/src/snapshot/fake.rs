@@ -1,0 +1,324 @@
+//! A hypervisor and a datapath in memory, with failures on demand, recording every step in one
+//! global order: the tier-0 tests of the transaction (and of the API's snapshot routes).
+//! Test builds only.
+
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    thread,
+    time::Duration,
+};
+
+use super::{
+    backends::{
+        EpochControl, EpochControlError, HvError, HvErrorKind, Hypervisor, Paused, unix_us,
+    },
+    store::discard_local,
+};
+use crate::{
+    hold::HoldReport,
+    model::{GroupSpec, IfName, MacAddr, VmSpec},
+};
+
+/// Where a VM's snapshot goes wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// The VM is gone when the snapshot starts.
+    Vanish,
+    /// It never reaches its snapshot point.
+    NeverPauses,
+    /// Writing its image fails.
+    ImageFails,
+    /// Its image cannot be restored.
+    RestoreFails,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum VmState {
+    Running,
+    Snapshotting,
+    /// Stopped at its snapshot point, waiting for `complete`.
+    HeldAtSnapshot,
+    /// Image complete, still paused.
+    Paused,
+}
+
+#[derive(Default)]
+pub(crate) struct World {
+    pub states: HashMap<String, VmState>,
+    pub epochs: HashMap<MacAddr, u32>,
+    /// (step, vm) in the order they happened: "begin", "paused", "advance", "complete",
+    /// "resume", "cancel", "rollback".
+    pub log: Vec<(String, String)>,
+    pub failures: HashMap<String, Failure>,
+    pub macs: HashMap<String, MacAddr>,
+    /// Datapath registrations: MAC → (group, port).
+    pub registered: HashMap<MacAddr, (u32, String)>,
+    /// A VM that runs while its epoch lags its snapshot would break invariant 3.
+    pub ran_unadvanced: Vec<String>,
+}
+
+#[derive(Clone, Default)]
+pub(crate) struct FakeHypervisor {
+    pub world: Arc<Mutex<World>>,
+    /// Advance each VM where it runs, at its stop, as an agent does
+    /// ([`Hypervisor::advance_at_pause`]).
+    pub advances_at_pause: bool,
+}
+
+impl FakeHypervisor {
+    pub(crate) fn new(vms: &[VmSpec]) -> Self {
+        let fake = Self::default();
+        {
+            let mut w = fake.world.lock().expect("world");
+            for vm in vms {
+                w.states.insert(vm.name.clone(), VmState::Running);
+                w.epochs.insert(vm.mac, 0);
+                w.macs.insert(vm.name.clone(), vm.mac);
+            }
+        }
+        fake
+    }
+
+    pub(crate) fn fail(&self, vm: &str, failure: Failure) {
+        self.world
+            .lock()
+            .expect("world")
+            .failures
+            .insert(vm.into(), failure);
+    }
+
+    fn step(&self, vm: &VmSpec, what: &str) -> std::sync::MutexGuard<'_, World> {
+        let mut w = self.world.lock().expect("world");
+        w.log.push((what.into(), vm.name.clone()));
+        w
+    }
+
+    pub(crate) fn epochs(&self) -> FakeEpochs {
+        FakeEpochs {
+            world: self.world.clone(),
+            snapshot_epoch: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+}
+
+fn hv_err(vm: &VmSpec, detail: &str) -> HvError {
+    HvError::failed(&vm.name, detail)
+}
+
+fn gone(vm: &str) -> HvError {
+    HvError::new(vm, HvErrorKind::NoSuchDomain, "no such domain")
+}
+
+impl Hypervisor for FakeHypervisor {
+    fn begin(&self, vm: &VmSpec, image_dir: &Path) -> Result<(), HvError> {
+        let mut w = self.step(vm, "begin");
+        if w.failures.get(&vm.name) == Some(&Failure::Vanish) {
+            w.states.remove(&vm.name);
+            return Err(gone(&vm.name));
+        }
+        w.states.insert(vm.name.clone(), VmState::Snapshotting);
+        fs::create_dir_all(image_dir).map_err(|e| hv_err(vm, &e.to_string()))
+    }
+
+    fn wait_paused(&self, vm: &VmSpec, timeout: Duration) -> Result<Paused, HvError> {
+        if self.world.lock().expect("world").failures.get(&vm.name) == Some(&Failure::NeverPauses) {
+            thread::sleep(timeout);
+            return Err(hv_err(vm, "timed out"));
+        }
+        // Stagger the VMs a little, as memory sizes do.
+        thread::sleep(Duration::from_millis(u64::from(vm.mac.0[5] % 7) * 3));
+        let mut w = self.step(vm, "paused");
+        w.states.insert(vm.name.clone(), VmState::HeldAtSnapshot);
+        Ok(Paused {
+            hypervisor_unix_us: None,
+            seen_unix_us: unix_us(),
+        })
+    }
+
+    fn advance_at_pause(
+        &self,
+        vm: &VmSpec,
+        timeout: Duration,
+    ) -> Option<Result<(Paused, u64), HvError>> {
+        if !self.advances_at_pause {
+            return None;
+        }
+        Some(self.wait_paused(vm, timeout).and_then(|paused| {
+            let mut w = self.step(vm, "agent-advance");
+            let e = w
+                .epochs
+                .get_mut(&vm.mac)
+                .ok_or_else(|| hv_err(vm, "unknown VM"))?;
+            *e += 1;
+            Ok((paused, unix_us()))
+        }))
+    }
+
+    fn complete(&self, vm: &VmSpec, _timeout: Duration) -> Result<Vec<PathBuf>, HvError> {
+        let mut w = self.step(vm, "complete");
+        if w.failures.get(&vm.name) == Some(&Failure::ImageFails) {
+            return Err(hv_err(vm, "writing the image: no space left on device"));
+        }
+        w.states.insert(vm.name.clone(), VmState::Paused);
+        Ok(vec![PathBuf::from(format!("{}.mem", vm.name))])
+    }
+
+    fn resume(&self, vm: &VmSpec) -> Result<(), HvError> {
+        let mut w = self.step(vm, "resume");
+        match w.states.get(&vm.name).copied() {
+            None => Err(gone(&vm.name)),
+            Some(VmState::Running) | Some(VmState::Snapshotting) => Ok(()),
+            Some(_) => {
+                w.states.insert(vm.name.clone(), VmState::Running);
+                Ok(())
+            }
+        }
+    }
+
+    fn cancel(&self, vm: &VmSpec) -> Result<(), HvError> {
+        let mut w = self.step(vm, "cancel");
+        match w.states.get(&vm.name).copied() {
+            None => Err(gone(&vm.name)),
+            Some(VmState::Snapshotting) | Some(VmState::HeldAtSnapshot) | Some(VmState::Paused) => {
+                w.states.insert(vm.name.clone(), VmState::Running);
+                Ok(())
+            }
+            Some(VmState::Running) => Ok(()),
+        }
+    }
+
+    fn nic(&self, vm: &str) -> Result<(MacAddr, String), HvError> {
+        let w = self.world.lock().expect("world");
+        if !w.states.contains_key(vm) {
+            return Err(gone(vm));
+        }
+        let mac = w
+            .macs
+            .get(vm)
+            .copied()
+            .ok_or_else(|| HvError::failed(vm, "no NIC"))?;
+        Ok((mac, format!("tap-{vm}")))
+    }
+
+    fn restore_paused(
+        &self,
+        vm: &VmSpec,
+        images: &[PathBuf],
+        _bridge: Option<&IfName>,
+    ) -> Result<String, HvError> {
+        let mut w = self.step(vm, "restore");
+        if images.is_empty() {
+            return Err(hv_err(vm, "no image"));
+        }
+        if w.failures.get(&vm.name) == Some(&Failure::RestoreFails) {
+            return Err(hv_err(vm, "the image is unreadable"));
+        }
+        w.states.insert(vm.name.clone(), VmState::Paused);
+        Ok(format!("tap-{}", vm.name))
+    }
+
+    fn destroy(&self, vm: &VmSpec) -> Result<(), HvError> {
+        let mut w = self.step(vm, "destroy");
+        w.states.remove(&vm.name);
+        Ok(())
+    }
+
+    fn discard(&self, vm: &VmSpec, image_dir: &Path) -> Result<(), HvError> {
+        let _w = self.step(vm, "discard");
+        discard_local(&vm.name, image_dir).map_err(|e| hv_err(vm, &e.to_string()))
+    }
+}
+
+fn not_registered(vm: &VmSpec) -> EpochControlError {
+    EpochControlError::NotRegistered {
+        vm: vm.name.clone(),
+        mac: vm.mac,
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct FakeEpochs {
+    world: Arc<Mutex<World>>,
+    snapshot_epoch: Arc<Mutex<HashMap<MacAddr, u32>>>,
+}
+
+impl EpochControl for FakeEpochs {
+    fn epoch(&self, vm: &VmSpec) -> Result<u32, EpochControlError> {
+        self.world
+            .lock()
+            .expect("world")
+            .epochs
+            .get(&vm.mac)
+            .copied()
+            .ok_or_else(|| not_registered(vm))
+    }
+
+    fn hold_report(&self) -> Result<Option<HoldReport>, EpochControlError> {
+        Ok(None)
+    }
+
+    fn wait_released(
+        &self,
+        _group: &GroupSpec,
+        _timeout: Duration,
+    ) -> Result<(), EpochControlError> {
+        self.world
+            .lock()
+            .expect("world")
+            .log
+            .push(("released".into(), String::new()));
+        Ok(())
+    }
+
+    fn advance(&self, vm: &VmSpec) -> Result<u32, EpochControlError> {
+        let mut w = self.world.lock().expect("world");
+        w.log.push(("advance".into(), vm.name.clone()));
+        if w.states.get(&vm.name) != Some(&VmState::HeldAtSnapshot) {
+            // Advancing a VM that is not held at its snapshot point is a coordinator bug.
+            w.ran_unadvanced.push(vm.name.clone());
+        }
+        let e = w
+            .epochs
+            .get_mut(&vm.mac)
+            .ok_or_else(|| not_registered(vm))?;
+        *e += 1;
+        self.snapshot_epoch
+            .lock()
+            .expect("epochs")
+            .insert(vm.mac, *e);
+        Ok(*e)
+    }
+
+    fn register(
+        &self,
+        vm: &VmSpec,
+        group: u32,
+        port: &str,
+        epoch: Option<u32>,
+    ) -> Result<u32, EpochControlError> {
+        let mut w = self.world.lock().expect("world");
+        w.log.push(("register".into(), vm.name.clone()));
+        let epoch = epoch.unwrap_or(0);
+        w.epochs.insert(vm.mac, epoch);
+        w.registered.insert(vm.mac, (group, port.into()));
+        Ok(epoch)
+    }
+
+    fn unregister(&self, vm: &VmSpec) -> Result<(), EpochControlError> {
+        let mut w = self.world.lock().expect("world");
+        w.registered.remove(&vm.mac);
+        Ok(())
+    }
+
+    fn abort_epochs(&self, _group: &GroupSpec, epoch: u32) -> Result<(), EpochControlError> {
+        let mut w = self.world.lock().expect("world");
+        w.log.push(("rollback".into(), String::new()));
+        for e in w.epochs.values_mut() {
+            *e = (*e).min(epoch);
+        }
+        Ok(())
+    }
+}

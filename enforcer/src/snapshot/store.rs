@@ -1,0 +1,183 @@
+//! The snapshot store on disk: one directory per snapshot (`<id>/manifest.json` and the
+//! images), `groups.json`, and a journal per snapshot in progress (`journals/<id>.json`), from
+//! which a restarted coordinator aborts what the last one left unfinished. Every file is
+//! written atomically (temporary file, fsync, rename, fsync of the directory).
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use super::{
+    backends::{EpochControl, Hypervisor},
+    coordinator::{Coordinator, CoordinatorError},
+    manifest::{Manifest, SnapshotOutcome, SnapshotVm},
+};
+use crate::model::{GroupSpec, SnapshotId};
+
+/// The journal of a transaction in progress (`<store>/journals/<id>.json`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub(crate) struct Journal {
+    pub(crate) id: SnapshotId,
+    pub(crate) group: GroupSpec,
+    /// Each member's epoch before the snapshot: where an abort goes back to.
+    pub(crate) epoch_before: u32,
+}
+
+impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coordinator<H, E> {
+    /// One journal per snapshot in progress: groups snapshot independently.
+    pub(crate) fn journal_path(&self, id: &SnapshotId) -> PathBuf {
+        self.store.join("journals").join(format!("{id}.json"))
+    }
+
+    /// Aborts every snapshot a previous coordinator left unfinished. A journal stays until its
+    /// abort went through, so a failed clean-up is tried again at the next start.
+    pub(crate) fn recover(&self) -> Result<(), CoordinatorError> {
+        let mut paths: Vec<PathBuf> = fs::read_dir(self.store.join("journals"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        // The single journal of earlier versions.
+        paths.push(self.store.join("journal.json"));
+        for path in paths {
+            let Ok(text) = fs::read_to_string(&path) else {
+                continue;
+            };
+            let journal: Journal = match serde_json::from_str(&text) {
+                Ok(j) => j,
+                Err(err) => {
+                    warn!(%err, path = %path.display(), "unreadable snapshot journal; removing it");
+                    let _ = fs::remove_file(&path);
+                    continue;
+                }
+            };
+            warn!(
+                id = %journal.id,
+                group = %journal.group.name,
+                "aborting a snapshot left unfinished by a previous coordinator"
+            );
+            let reason = "the coordinator stopped during the snapshot".to_owned();
+            let vms = journal.group.vms.iter().map(SnapshotVm::pending).collect();
+            let mut manifest = Manifest {
+                id: journal.id.clone(),
+                group: journal.group.clone(),
+                epoch: journal.epoch_before + 1,
+                outcome: SnapshotOutcome::Aborted,
+                reason: Some(reason),
+                started_unix_ms: 0,
+                held_frames: None,
+                released_ms: None,
+                vms,
+            };
+            let clean = self.abort(&journal, &mut manifest);
+            self.write_manifest(&manifest)?;
+            if clean {
+                let _ = fs::remove_file(&path);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn write_manifest(&self, manifest: &Manifest) -> Result<(), CoordinatorError> {
+        let dir = self.store.join(&manifest.id);
+        fs::create_dir_all(&dir).map_err(|source| CoordinatorError::Store {
+            path: dir.clone(),
+            source,
+        })?;
+        write_atomically(&dir.join("manifest.json"), manifest)
+    }
+
+    /// Manifests in the store and snapshots in progress, oldest first.
+    pub fn list(&self) -> Result<Vec<Manifest>, CoordinatorError> {
+        let entries = fs::read_dir(&self.store).map_err(|source| CoordinatorError::Store {
+            path: self.store.clone(),
+            source,
+        })?;
+        let mut out: Vec<Manifest> = entries
+            .flatten()
+            .filter_map(|e| fs::read_to_string(e.path().join("manifest.json")).ok())
+            .filter_map(|t| serde_json::from_str(&t).ok())
+            .collect();
+        out.extend(
+            self.live
+                .lock()
+                .expect("live lock")
+                .values()
+                .map(|l| l.manifest()),
+        );
+        out.sort_by_key(|m| (m.started_unix_ms, m.id.clone()));
+        Ok(out)
+    }
+
+    /// One snapshot: live while it runs, then its manifest.
+    pub fn get(&self, id: &SnapshotId) -> Result<Manifest, CoordinatorError> {
+        if let Some(live) = self.live.lock().expect("live lock").get(id) {
+            return Ok(live.manifest());
+        }
+        let text = fs::read_to_string(self.store.join(id).join("manifest.json"))
+            .map_err(|_| CoordinatorError::UnknownSnapshot(id.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| CoordinatorError::Store {
+            path: self.store.join(id),
+            source: io::Error::other(e),
+        })
+    }
+
+    /// Deletes a finished snapshot (manifest and images).
+    pub fn delete(&self, id: &SnapshotId) -> Result<Manifest, CoordinatorError> {
+        let m = self.get(id)?;
+        if !m.finished() {
+            return Err(CoordinatorError::Busy {
+                group: m.group.name,
+                by: id.to_string(),
+            });
+        }
+        let dir = self.store.join(id);
+        for vm in &m.group.vms {
+            self.hypervisor.discard(vm, &dir)?;
+        }
+        fs::remove_dir_all(&dir).map_err(|source| CoordinatorError::Store { path: dir, source })?;
+        Ok(m)
+    }
+}
+
+/// Deletes the files of one VM (`<name>.*`) in a snapshot directory on this host.
+pub fn discard_local(vm: &str, image_dir: &Path) -> io::Result<()> {
+    let prefix = format!("{vm}.");
+    let Ok(entries) = fs::read_dir(image_dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            fs::remove_file(entry.path()).map_err(|e| {
+                io::Error::new(e.kind(), format!("{}: {e}", entry.path().display()))
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `value` as JSON to `path` so that a crash leaves either the old file or the new one.
+pub(crate) fn write_atomically<T: Serialize>(
+    path: &Path,
+    value: &T,
+) -> Result<(), CoordinatorError> {
+    let err = |source: io::Error| CoordinatorError::Store {
+        path: path.into(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let text = serde_json::to_vec_pretty(value).map_err(|e| err(io::Error::other(e)))?;
+    fs::write(&tmp, text).map_err(err)?;
+    let file = fs::File::open(&tmp).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    fs::rename(&tmp, path).map_err(err)?;
+    // The rename itself is durable once the directory is synced.
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
+    }
+    Ok(())
+}

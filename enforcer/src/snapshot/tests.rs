@@ -1,0 +1,497 @@
+//! Tier 0 of the transaction, restores, groups and the store, over the fake hypervisor and
+//! datapath (`fake.rs`).
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::Arc,
+    thread,
+    time::Duration,
+};
+
+use super::{
+    coordinator::{Coordinator, CoordinatorError, Timeouts},
+    fake::{self, Failure, FakeHypervisor, VmState},
+    manifest::{Manifest, SnapshotOutcome as Outcome},
+    store::{Journal, write_atomically},
+};
+use crate::model::{GroupName, GroupSpec, MacAddr, SnapshotId, VmSpec};
+
+fn name(s: &str) -> GroupName {
+    s.parse().unwrap()
+}
+
+fn id(s: &str) -> SnapshotId {
+    s.parse().unwrap()
+}
+
+fn group(n: u8) -> GroupSpec {
+    GroupSpec {
+        name: name("g"),
+        id: 1,
+        vms: (1..=n)
+            .map(|i| VmSpec {
+                name: format!("vm{i}"),
+                mac: MacAddr([2, 0, 0, 0, 0, i]),
+            })
+            .collect(),
+    }
+}
+
+fn coordinator(
+    g: &GroupSpec,
+    store: &Path,
+) -> (
+    Coordinator<FakeHypervisor, fake::FakeEpochs>,
+    FakeHypervisor,
+) {
+    open_on(FakeHypervisor::new(&g.vms), store)
+}
+
+/// A coordinator over this fake, with short timeouts.
+fn open_on(
+    hv: FakeHypervisor,
+    store: &Path,
+) -> (
+    Coordinator<FakeHypervisor, fake::FakeEpochs>,
+    FakeHypervisor,
+) {
+    let timeouts = Timeouts {
+        pause: Duration::from_millis(200),
+        complete: Duration::from_millis(200),
+    };
+    let c =
+        Coordinator::open(Arc::new(hv.clone()), Arc::new(hv.epochs()), store, timeouts).unwrap();
+    (c, hv)
+}
+
+fn store() -> PathBuf {
+    let p = std::env::temp_dir().join(format!(
+        "enforcer-coord-{}-{:?}",
+        std::process::id(),
+        thread::current().id()
+    ));
+    let _ = fs::remove_dir_all(&p);
+    p
+}
+
+/// Index of a step in the log.
+fn at(log: &[(String, String)], what: &str, vm: &str) -> Option<usize> {
+    log.iter().position(|(w, v)| w == what && v == vm)
+}
+
+#[test]
+fn commit_advances_each_vm_while_it_is_held_then_resumes_it() {
+    let g = group(4);
+    let dir = store();
+    let (c, hv) = coordinator(&g, &dir);
+    let m = c.snapshot(&g).unwrap();
+    assert_eq!(m.outcome, Outcome::Committed, "{m:?}");
+    assert_eq!(m.epoch, 1);
+    let w = hv.world.lock().unwrap();
+    assert!(w.ran_unadvanced.is_empty());
+    for vm in &g.vms {
+        let (p, a, c, r) = (
+            at(&w.log, "paused", &vm.name).unwrap(),
+            at(&w.log, "advance", &vm.name).unwrap(),
+            at(&w.log, "complete", &vm.name).unwrap(),
+            at(&w.log, "resume", &vm.name).unwrap(),
+        );
+        assert!(
+            p < a && a < c && c < r,
+            "{}: paused {p} advance {a} complete {c} resume {r}",
+            vm.name
+        );
+        assert_eq!(w.states[&vm.name], VmState::Running);
+        assert_eq!(w.epochs[&vm.mac], 1);
+    }
+    let released = w.log.iter().position(|(s, _)| s == "released").unwrap();
+    assert!(
+        g.vms
+            .iter()
+            .all(|vm| at(&w.log, "resume", &vm.name).unwrap() < released),
+        "REINJECT after every VM_UNPAUSE: {:?}",
+        w.log
+    );
+    assert!(m.released_ms.is_some());
+    for r in &m.vms {
+        let t = &r.timeline;
+        assert!(t.downtime_ms().unwrap() >= t.pause_to_advance_ms().unwrap());
+        assert_eq!(r.images.len(), 1);
+    }
+    // Kept on disk, listed, and the journal is gone.
+    let listed = c.list().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (&listed[0].id, listed[0].outcome, listed[0].vms.len()),
+        (&m.id, Outcome::Committed, 4)
+    );
+    assert!(!dir.join("journal.json").exists());
+    assert_eq!(fs::read_dir(dir.join("journals")).unwrap().count(), 0);
+    let _ = fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_vm_advanced_where_it_runs_is_advanced_once_before_it_completes() {
+    let g = group(3);
+    let dir = store();
+    let mut hv = FakeHypervisor::new(&g.vms);
+    hv.advances_at_pause = true;
+    let (c, hv) = open_on(hv, &dir);
+    let m = c.snapshot(&g).unwrap();
+    assert_eq!(m.outcome, Outcome::Committed, "{m:?}");
+    let w = hv.world.lock().unwrap();
+    for vm in &g.vms {
+        let (p, a, done) = (
+            at(&w.log, "paused", &vm.name).unwrap(),
+            at(&w.log, "agent-advance", &vm.name).unwrap(),
+            at(&w.log, "complete", &vm.name).unwrap(),
+        );
+        assert!(p < a && a < done, "{}: {:?}", vm.name, w.log);
+        assert_eq!(at(&w.log, "advance", &vm.name), None, "advanced twice");
+        assert_eq!(w.epochs[&vm.mac], 1);
+    }
+    for r in &m.vms {
+        assert!(r.timeline.advanced_ms.is_some() && r.timeline.pause_to_advance_ms().is_some());
+    }
+    drop(w);
+    let _ = fs::remove_dir_all(dir);
+}
+
+fn assert_aborted_cleanly(
+    c: &Coordinator<FakeHypervisor, fake::FakeEpochs>,
+    hv: &FakeHypervisor,
+    m: &Manifest,
+    g: &GroupSpec,
+    expect: &str,
+) {
+    assert_eq!(m.outcome, Outcome::Aborted);
+    assert!(
+        m.reason.as_deref().unwrap_or("").contains(expect),
+        "{:?}",
+        m.reason
+    );
+    let w = hv.world.lock().unwrap();
+    for vm in &g.vms {
+        if let Some(state) = w.states.get(&vm.name) {
+            assert_eq!(*state, VmState::Running, "{} left {state:?}", vm.name);
+        }
+        assert_eq!(w.epochs[&vm.mac], 0, "{} epoch rolled back", vm.name);
+    }
+    assert!(
+        m.vms.iter().all(|v| v.images.is_empty()),
+        "images discarded"
+    );
+    let kept: Vec<String> = fs::read_dir(c.store.join(&m.id))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        kept,
+        vec!["manifest.json".to_owned()],
+        "only the manifest of the aborted snapshot remains"
+    );
+    assert!(!c.store.join("journal.json").exists());
+    assert_eq!(
+        fs::read_dir(c.store.join("journals")).map_or(0, |d| d.count()),
+        0,
+        "no journal left"
+    );
+}
+
+/// Runs a snapshot of `n` VMs where `vm` fails with `failure`; checks the abort was clean.
+fn aborts_when(n: u8, vm: &str, failure: Failure, reason: &str) -> Vec<(String, String)> {
+    let g = group(n);
+    let dir = store();
+    let (c, hv) = coordinator(&g, &dir);
+    hv.fail(vm, failure);
+    let m = c.snapshot(&g).unwrap();
+    assert_aborted_cleanly(&c, &hv, &m, &g, reason);
+    let _ = fs::remove_dir_all(dir);
+    hv.world.lock().unwrap().log.clone()
+}
+
+#[test]
+fn a_vanished_vm_aborts_the_whole_group() {
+    aborts_when(3, "vm2", Failure::Vanish, "no such domain");
+}
+
+#[test]
+fn an_image_write_failure_after_the_advance_rolls_the_epoch_back() {
+    let log = aborts_when(3, "vm3", Failure::ImageFails, "no space left");
+    let rollback = log
+        .iter()
+        .position(|(w, _)| w == "rollback")
+        .expect("epochs rolled back");
+    let advanced = log
+        .iter()
+        .position(|(w, v)| w == "advance" && v == "vm3")
+        .expect("vm3 advanced");
+    assert!(
+        advanced < rollback,
+        "the advance came first, then its roll-back: {log:?}"
+    );
+}
+
+#[test]
+fn a_vm_that_never_pauses_times_out_and_aborts() {
+    let log = aborts_when(2, "vm1", Failure::NeverPauses, "timed out");
+    assert!(
+        !log.iter().any(|(w, v)| w == "advance" && v == "vm1"),
+        "vm1 never advanced"
+    );
+}
+
+#[test]
+fn a_restarted_coordinator_aborts_the_unfinished_snapshot() {
+    let g = group(2);
+    let dir = store();
+    fs::create_dir_all(&dir).unwrap();
+    // A coordinator died mid-snapshot: its journal is there, one VM held, one advanced.
+    let journal = Journal {
+        id: id("g-1-e1"),
+        group: g.clone(),
+        epoch_before: 0,
+    };
+    write_atomically(&dir.join("journal.json"), &journal).unwrap();
+    let hv = FakeHypervisor::new(&g.vms);
+    {
+        let mut w = hv.world.lock().unwrap();
+        w.states.insert("vm1".into(), VmState::HeldAtSnapshot);
+        w.states.insert("vm2".into(), VmState::Paused);
+        *w.epochs.get_mut(&g.vms[1].mac).unwrap() = 1;
+    }
+    let timeouts = Timeouts::default();
+    let c = Coordinator::open(Arc::new(hv.clone()), Arc::new(hv.epochs()), &dir, timeouts).unwrap();
+    let list = c.list().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_aborted_cleanly(&c, &hv, &list[0], &g, "coordinator stopped");
+    let _ = fs::remove_dir_all(dir);
+}
+
+#[test]
+fn refuses_groups_that_cannot_start() {
+    let g = group(2);
+    let dir = store();
+    let (c, hv) = coordinator(&g, &dir);
+    *hv.world
+        .lock()
+        .unwrap()
+        .epochs
+        .get_mut(&g.vms[0].mac)
+        .unwrap() = 3;
+    assert!(matches!(
+        c.snapshot(&g),
+        Err(CoordinatorError::Inconsistent { .. })
+    ));
+    let empty = GroupSpec { vms: vec![], ..g };
+    assert!(matches!(
+        c.snapshot(&empty),
+        Err(CoordinatorError::EmptyGroup(_))
+    ));
+    let _ = fs::remove_dir_all(dir);
+}
+
+#[test]
+fn restore_registers_every_vm_at_the_snapshot_epoch_before_any_resumes() {
+    let g = group(3);
+    let dir = store();
+    let (c, hv) = coordinator(&g, &dir);
+    let m = c.snapshot(&g).unwrap();
+    hv.world.lock().unwrap().log.clear();
+    let r = c.restore(&m.id, None).unwrap();
+    assert_eq!((r.epoch, r.vms.len()), (1, 3));
+    let w = hv.world.lock().unwrap();
+    let last_register = g
+        .vms
+        .iter()
+        .map(|vm| at(&w.log, "register", &vm.name).unwrap())
+        .max()
+        .unwrap();
+    for vm in &g.vms {
+        let restored = at(&w.log, "restore", &vm.name).unwrap();
+        let resumed = at(&w.log, "resume", &vm.name).unwrap();
+        assert!(
+            restored < last_register && last_register < resumed,
+            "{:?}",
+            w.log
+        );
+        assert_eq!(w.epochs[&vm.mac], 1);
+        assert_eq!(w.registered[&vm.mac], (1, format!("tap-{}", vm.name)));
+        assert_eq!(w.states[&vm.name], VmState::Running);
+    }
+    let _ = fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_failed_restore_destroys_what_it_restored_and_runs_nothing() {
+    let g = group(3);
+    let dir = store();
+    let (c, hv) = coordinator(&g, &dir);
+    let m = c.snapshot(&g).unwrap();
+    hv.fail("vm3", Failure::RestoreFails);
+    hv.world.lock().unwrap().log.clear();
+    let err = c.restore(&m.id, None).unwrap_err();
+    assert!(err.to_string().contains("unreadable"), "{err}");
+    let w = hv.world.lock().unwrap();
+    assert!(
+        w.log.iter().all(|(step, _)| step != "resume"),
+        "{:?}",
+        w.log
+    );
+    for vm in ["vm1", "vm2"] {
+        assert!(
+            at(&w.log, "destroy", vm).is_some(),
+            "{vm} destroyed: {:?}",
+            w.log
+        );
+    }
+    drop(w);
+    // An unknown snapshot is not found.
+    assert!(matches!(
+        c.restore(&id("nope"), None),
+        Err(CoordinatorError::UnknownSnapshot(_))
+    ));
+    let _ = fs::remove_dir_all(dir);
+}
+
+#[test]
+fn an_aborted_snapshot_is_not_restorable() {
+    let g = group(2);
+    let dir = store();
+    let (c, hv) = coordinator(&g, &dir);
+    hv.fail("vm2", Failure::ImageFails);
+    let m = c.snapshot(&g).unwrap();
+    assert_eq!(m.outcome, Outcome::Aborted);
+    hv.world.lock().unwrap().log.clear();
+    assert!(matches!(
+        c.restore(&m.id, None),
+        Err(CoordinatorError::NotRestorable { .. })
+    ));
+    assert!(
+        hv.world.lock().unwrap().log.is_empty(),
+        "nothing was touched"
+    );
+    let _ = fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_busy_group_refuses_a_second_snapshot_until_the_first_ends() {
+    let g = group(2);
+    let dir = store();
+    let (c, _hv) = coordinator(&g, &dir);
+    let first = c.prepare(&g).unwrap();
+    let live = c.get(&first.id).unwrap();
+    assert_eq!(live.outcome, Outcome::Running);
+    assert!(matches!(c.prepare(&g), Err(CoordinatorError::Busy { .. })));
+    assert!(matches!(
+        c.delete(&first.id),
+        Err(CoordinatorError::Busy { .. })
+    ));
+    let m = c.run(first).unwrap();
+    assert_eq!(m.outcome, Outcome::Committed);
+    let second = c.prepare(&g).unwrap();
+    assert!(second.id != m.id);
+    c.run(second).unwrap();
+    assert_eq!(c.list().unwrap().len(), 2);
+    c.delete(&m.id).unwrap();
+    assert_eq!(c.list().unwrap().len(), 1);
+    let _ = fs::remove_dir_all(dir);
+}
+
+#[test]
+fn groups_are_checked_registered_and_kept_on_disk() {
+    let g = group(2);
+    let dir = store();
+    let (c, hv) = coordinator(&g, &dir);
+    let names = vec!["vm1".to_owned(), "vm2".to_owned()];
+    // A bad name is refused where names are made, before anything reaches the coordinator.
+    let err = "bad name!".parse::<GroupName>().unwrap_err();
+    assert!(err.to_string().contains("name"), "bad name!: {err}");
+    for (name_, domains, expect) in [
+        ("g", vec!["vm1".into(), "vm1".into()], "twice"),
+        ("g", vec![], "no VMs"),
+        ("g", vec!["ghost".into()], "no such domain"),
+    ] {
+        let err = c.define_group(&name(name_), None, &domains).unwrap_err();
+        assert!(
+            err.to_string().contains(expect),
+            "{name_} {domains:?}: {err}"
+        );
+    }
+    let defined = c.define_group(&name("web"), None, &names).unwrap();
+    assert_eq!(defined.id, 1);
+    assert_eq!(hv.world.lock().unwrap().registered.len(), 2);
+    assert!(matches!(
+        c.define_group(&name("web"), None, &names),
+        Err(CoordinatorError::GroupExists(_))
+    ));
+    assert!(
+        c.define_group(&name("other"), None, &names[..1]).is_err(),
+        "vm1 is taken"
+    );
+    // A new coordinator on the same store knows the group.
+    drop(c);
+    let c = Coordinator::open(
+        Arc::new(hv.clone()),
+        Arc::new(hv.epochs()),
+        &dir,
+        Timeouts::default(),
+    )
+    .unwrap();
+    assert_eq!(c.group(&name("web")).unwrap(), defined);
+    c.remove_group(&name("web")).unwrap();
+    assert!(hv.world.lock().unwrap().registered.is_empty());
+    assert!(matches!(
+        c.group(&name("web")),
+        Err(CoordinatorError::UnknownGroup(_))
+    ));
+    let _ = fs::remove_dir_all(dir);
+}
+
+#[test]
+fn every_groups_unfinished_snapshot_is_recovered() {
+    let (a, mut b) = (group(2), group(2));
+    b.name = name("h");
+    b.id = 2;
+    for (i, vm) in b.vms.iter_mut().enumerate() {
+        vm.name = format!("other{i}");
+        vm.mac = MacAddr([2, 0, 0, 0, 1, i as u8]);
+    }
+    let dir = store();
+    fs::create_dir_all(dir.join("journals")).unwrap();
+    for g in [&a, &b] {
+        let id = id(&format!("{}-1-e1", g.name));
+        let journal = Journal {
+            id: id.clone(),
+            group: g.clone(),
+            epoch_before: 0,
+        };
+        write_atomically(&dir.join("journals").join(format!("{id}.json")), &journal).unwrap();
+    }
+    let hv = FakeHypervisor::new(&[a.vms.clone(), b.vms.clone()].concat());
+    {
+        let mut w = hv.world.lock().unwrap();
+        w.states.insert("vm1".into(), VmState::HeldAtSnapshot);
+        w.states.insert("other1".into(), VmState::HeldAtSnapshot);
+    }
+    let c = Coordinator::open(
+        Arc::new(hv.clone()),
+        Arc::new(hv.epochs()),
+        &dir,
+        Timeouts::default(),
+    )
+    .unwrap();
+    let list = c.list().unwrap();
+    assert_eq!(list.len(), 2);
+    assert!(list.iter().all(|m| m.outcome == Outcome::Aborted));
+    let w = hv.world.lock().unwrap();
+    assert!(
+        w.states.values().all(|s| *s == VmState::Running),
+        "{:?}",
+        w.states
+    );
+    drop(w);
+    assert_eq!(fs::read_dir(dir.join("journals")).unwrap().count(), 0);
+    let _ = fs::remove_dir_all(dir);
+}
