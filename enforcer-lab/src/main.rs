@@ -128,19 +128,7 @@ enum BenchCommand {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
-                // It warns about every kernel attribute newer than itself; nothing to act on.
-                .add_directive(
-                    "netlink_packet_route=error"
-                        .parse()
-                        .expect("static directive"),
-                ),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    enforcer::cli::init_logging("warn");
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)

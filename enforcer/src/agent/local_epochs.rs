@@ -89,7 +89,7 @@ impl<D: AgentDatapath> LocalEpochs<D> {
     }
 }
 
-/// The agent's refusal or failure, by kind.
+/// The agent's refusal (by its rules) or failure (its datapath or buffer), by kind.
 fn control_error(vm: &VmSpec, e: AgentError) -> EpochControlError {
     match e {
         AgentError::Epochs(EpochError::UnknownVm(mac)) => EpochControlError::NotRegistered {
@@ -138,7 +138,12 @@ impl<D: AgentDatapath> EpochControl for LocalEpochs<D> {
         self.agent()?
             .abort(group.id, epoch)
             .map(|_| ())
-            .map_err(|e| EpochControlError::Refused(Box::new(e)))
+            .map_err(|e| match e {
+                AgentError::Epochs(EpochError::Store(e)) | AgentError::Datapath(e) => {
+                    EpochControlError::Unavailable(Box::new(e))
+                }
+                other => EpochControlError::Refused(Box::new(other)),
+            })
     }
 
     fn register(

@@ -161,7 +161,7 @@ impl<D: AgentDatapath> Agent<D> {
 
     /// The datapath, locked.
     pub(crate) fn datapath(&self) -> MutexGuard<'_, D> {
-        self.datapath.lock().expect("datapath lock")
+        crate::sync::lock(&self.datapath)
     }
 
     /// Enables group snapshots (once).

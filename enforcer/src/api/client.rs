@@ -64,6 +64,20 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// Whether the server answered `code` — or, a server that sends no codes (an older agent),
+    /// the status that code comes with.
+    pub fn is(&self, code: ErrorCode) -> bool {
+        match self {
+            ClientError::Api {
+                code: ErrorCode::Unknown,
+                status,
+                ..
+            } => code.status() == Some(*status),
+            ClientError::Api { code: c, .. } => *c == code,
+            _ => false,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -62,7 +62,7 @@ pub(crate) async fn prometheus<D: AgentDatapath>(
     State(a): State<Arc<Agent<D>>>,
 ) -> Result<impl IntoResponse, ApiError> {
     let text = blocking(move || {
-        let (ports, vms) = (a.stats()?, a.vms()?);
+        let (ports, vms) = a.stats_and_vms()?;
         Ok::<_, AgentError>(metrics::render(&ports, &vms, a.hold_report().as_ref()))
     })
     .await?;

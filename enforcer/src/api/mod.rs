@@ -5,7 +5,8 @@
 //! text; [`client`] is the other end, used by the CLI, the coordinator of several hosts and
 //! the lab. Nothing here decides anything.
 //!
-//! May call the agent, the snapshot coordinator, the buffer's report and the model.
+//! May call the agent, the snapshot coordinator, the buffer's report, the datapath's records and
+//! errors, and the model.
 
 pub mod client;
 pub mod domains;

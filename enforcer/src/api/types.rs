@@ -56,6 +56,26 @@ pub enum ErrorCode {
     Unknown,
 }
 
+impl ErrorCode {
+    /// The status this code is always answered with, where there is one (the codes clients act
+    /// on have one; a server that sends no code is understood by its status alone).
+    pub const fn status(self) -> Option<axum::http::StatusCode> {
+        use axum::http::StatusCode as S;
+        Some(match self {
+            ErrorCode::UnknownVm
+            | ErrorCode::UnknownGroup
+            | ErrorCode::UnknownSnapshot
+            | ErrorCode::NoSuchDomain
+            | ErrorCode::NoSuchEndpoint
+            | ErrorCode::NoSuchOperation => S::NOT_FOUND,
+            ErrorCode::NoBuffer | ErrorCode::PortNotAttached => S::CONFLICT,
+            ErrorCode::UnknownInterface => S::BAD_REQUEST,
+            ErrorCode::Unauthorized => S::UNAUTHORIZED,
+            _ => return None,
+        })
+    }
+}
+
 /// Every error answer: `{"error": "...", "code": "..."}`.
 #[derive(Serialize, Deserialize, Debug)]
 pub struct ErrorBody {

@@ -219,9 +219,10 @@ pub enum EpochCommand {
 }
 
 impl Cli {
+    /// The daemon roles log what they do; the client commands only what goes wrong.
     pub fn default_log_filter(&self) -> &'static str {
         match self.command {
-            Command::Run(_) => "info",
+            Command::Run(_) | Command::Coordinator(_) => "info",
             _ => "warn",
         }
     }

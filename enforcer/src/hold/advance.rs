@@ -9,8 +9,10 @@
 //!    the VM queue behind the held ones;
 //! 3. then the release ([`Notice::Advanced`], [`Notice::GroupAdvanced`]).
 //!
-//! A failed map write takes the copy back. Pure orchestration over an [`EpochStore`] and a
-//! [`BufferLink`]; may call the datapath's epoch rules and the buffer's protocol only.
+//! A failed map write tells the buffer the VM's entry as it still is (for a view of a VM on
+//! another host the buffer keeps the higher of the two: views only rise, and holding longer is
+//! the safe side). Pure orchestration over an [`EpochStore`] and a [`BufferLink`]; may call the
+//! datapath's epoch rules and the buffer's protocol only.
 
 use enforcer_common::VmEpoch;
 use tracing::info;

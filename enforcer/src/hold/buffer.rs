@@ -54,7 +54,7 @@ impl Buffer {
         learned: Option<LearnedRing>,
     ) -> Result<Self, HoldError> {
         let device = HoldDevice::create(&opts.device)?;
-        let mut guard = dp.lock().expect("datapath lock");
+        let mut guard = crate::sync::lock(&dp);
         let link_pin = guard.attach_hold_program(&device.socket_side)?;
         let socket = XskSocket::bind(&device.socket_side)?;
         guard.set_hold_socket(socket.rx.as_raw_fd())?;
@@ -86,10 +86,6 @@ impl Buffer {
         let _ = self.commands.send(Command::Notice(notice));
     }
 
-    pub fn report(&self) -> Option<HoldReport> {
-        self.reporter().report()
-    }
-
     /// A way to ask for reports without holding on to the buffer (or a lock around it) while
     /// waiting for the answer.
     pub fn reporter(&self) -> Reporter {
@@ -113,9 +109,5 @@ impl Buffer {
             std::mem::forget(self.device);
         }
         report.filter(|_| graceful)
-    }
-
-    pub fn device(&self) -> &str {
-        &self.device.name
     }
 }

@@ -19,9 +19,9 @@
 //! arrived for [`QUIET`]; then an RCU barrier waits out program runs that still saw the flag.
 //! If the hand-over count grew meanwhile, a frame was held in that instant and a newer one may
 //! overtake it: counted as an `order_race` (detected, not prevented). Frames handed over but
-//! not read within [`RING_DEADLINE`] of being missed were lost at a full ring: counted once,
-//! as `lost_ring` (exactly the ones missing then, so one arriving later is never counted
-//! twice).
+//! not read within [`RING_DEADLINE`] of being missed were lost at a full ring: counted as
+//! `lost_ring` — exactly the ones missing then, and taken back if one turns up after all, so
+//! each frame is counted once.
 
 use std::{
     collections::HashMap,
@@ -138,6 +138,8 @@ pub(crate) struct Core {
     held_bytes: usize,
     /// Frames each VM's last advance released (what was held for it).
     released_at_advance: HashMap<MacKey, u64>,
+    /// Frames counted `lost_ring` per queue, in case one turns up after all.
+    lost: HashMap<Key, u64>,
     totals: HoldTotals,
     totals_dirty: bool,
     hold_hist: [u64; BUCKETS.len() + 1],
@@ -196,6 +198,7 @@ impl Core {
             read_group,
             held_bytes: 0,
             released_at_advance: HashMap::new(),
+            lost: HashMap::new(),
             totals,
             totals_dirty: false,
             hold_hist: [0; BUCKETS.len() + 1],
@@ -503,8 +506,28 @@ impl Core {
         if let Some(r) = self.read_count(key) {
             *r += missing;
         }
+        *self.lost.entry(key).or_default() += missing;
         self.bump(HoldTotal::LostRing, missing);
         self.bump(HoldTotal::Received, missing);
+    }
+
+    /// More frames read for `key` than the programs handed over: frames counted lost turned
+    /// up after all (a thread stalled past the deadline). They were counted when they came:
+    /// take back the loss, so each frame is counted once.
+    fn found_after_all(&mut self, key: Key, handed: u64, read: u64) -> u64 {
+        let back = (read - handed).min(self.lost.get(&key).copied().unwrap_or(0));
+        if back > 0 {
+            if let Some(r) = self.read_count(key) {
+                *r -= back;
+            }
+            if let Some(l) = self.lost.get_mut(&key) {
+                *l -= back;
+            }
+            self.totals[HoldTotal::LostRing.index() as usize] -= back;
+            self.totals[HoldTotal::Received.index() as usize] -= back;
+            self.totals_dirty = true;
+        }
+        read - back
     }
 
     /// Moves every drain on as far as it can go (see the module's header).
@@ -530,6 +553,11 @@ impl Core {
                     let Some(before) = kernel.handed(counted) else {
                         continue;
                     };
+                    let read = if read > before {
+                        self.found_after_all(key, before, read)
+                    } else {
+                        read
+                    };
                     if before > read {
                         // Counted but not yet read: on their way, or lost at a full ring.
                         self.drains.insert(
@@ -545,7 +573,7 @@ impl Core {
                     kernel.clear_draining(key);
                     kernel.barrier();
                     let after = kernel.handed(counted).unwrap_or(before);
-                    if after == read {
+                    if after <= read {
                         self.drains.remove(&key);
                     } else {
                         self.bump(HoldTotal::OrderRaces, 1);

@@ -575,6 +575,73 @@ fn a_frame_that_comes_late_is_not_counted_twice() {
     );
 }
 
+/// A frame counted lost at the deadline that turns up later (the thread stalled) is counted
+/// once, and the next drain of its receiver sees no race.
+#[test]
+fn a_frame_found_after_all_is_not_counted_lost() {
+    let mut sim = Sim::new(3, usize::MAX);
+    sim.apply(&Ev::Advance(0));
+    sim.apply(&Ev::Tick(10));
+    sim.apply(&Ev::Send { from: 0, to: 1 });
+    // The buffer does not read it in time (no tick reads the ring until the deadline).
+    let stalled = sim.dp.ring.pop_front().expect("held");
+    sim.apply(&Ev::Advance(1));
+    sim.apply(&Ev::Tick(10));
+    sim.apply(&Ev::Tick(600));
+    assert_eq!(
+        sim.core.total(HoldTotal::LostRing),
+        1,
+        "counted lost at the deadline"
+    );
+    sim.dp.ring.push_back(stalled);
+    sim.apply(&Ev::Tick(10));
+    sim.apply(&Ev::Tick(10));
+    assert_eq!(sim.core.total(HoldTotal::LostRing), 0, "taken back");
+    assert_eq!(sim.core.total(HoldTotal::Received), 1);
+    assert_eq!(sim.ports.log.len(), 1, "delivered");
+    sim.apply(&Ev::Advance(1));
+    sim.apply(&Ev::Tick(10));
+    assert!(sim.core.draining().is_empty());
+    assert_eq!(sim.core.total(HoldTotal::OrderRaces), 0);
+}
+
+/// Restoring an older snapshot registers a VM again at a lower epoch: what it may receive is
+/// its new epoch's, not the old one's (else Type-3 frames would be released to it at once).
+#[test]
+fn a_vm_registered_again_lower_is_released_from_its_new_epoch() {
+    let mut sim = Sim::new(2, usize::MAX);
+    sim.apply(&Ev::Advance(0));
+    sim.apply(&Ev::Advance(1));
+    sim.apply(&Ev::Advance(1));
+    sim.apply(&Ev::Tick(10));
+    // vm 1 (at 2) goes and comes back at 0, as the agent does it: unregister, register.
+    let mac1 = mac(1);
+    epochs::unregister(&mut sim.dp.map, mac1.into()).unwrap();
+    let now = sim.now;
+    sim.core.on_notice(
+        &mut sim.ports,
+        Notice::Vm {
+            mac: mac1,
+            vm: None,
+        },
+        now,
+    );
+    epochs::register(&mut sim.dp.map, mac1.into(), GROUP, ifindex(1), Some(0)).unwrap();
+    let vm = sim.dp.map.vms[&mac1];
+    sim.core.on_notice(
+        &mut sim.ports,
+        Notice::Vm {
+            mac: mac1,
+            vm: Some(vm),
+        },
+        now,
+    );
+    sim.apply(&Ev::Send { from: 0, to: 1 });
+    sim.apply(&Ev::Read(usize::MAX));
+    assert!(sim.early.is_empty(), "{:?}", sim.early);
+    assert_eq!(sim.core.held_frames(), 1, "held until vm 1 reaches 1 again");
+}
+
 #[test]
 fn the_memory_bound_drops_the_newest_and_counts_it() {
     let mut sim = Sim::new(2, 3 * 60);

@@ -13,8 +13,8 @@ use crate::model::MacAddr;
 /// multicast). Written `vm <mac>` / `group <id>` in the API.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QueueKey {
-    Vm(MacAddr),
     Group(u32),
+    Vm(MacAddr),
 }
 
 impl fmt::Display for QueueKey {
@@ -69,13 +69,6 @@ pub enum KernelLoss {
 }
 
 impl KernelLoss {
-    pub const ALL: [KernelLoss; 4] = [
-        KernelLoss::NoSocket,
-        KernelLoss::SocketDropped,
-        KernelLoss::RingFull,
-        KernelLoss::FillRingEmpty,
-    ];
-
     /// Stable snake_case name (`/metrics` prefixes it with `kernel_`).
     pub const fn name(self) -> &'static str {
         match self {
@@ -125,10 +118,6 @@ pub struct HoldReport {
 impl HoldReport {
     pub fn total(&self, total: HoldTotal) -> u64 {
         self.totals.get(&total).copied().unwrap_or(0)
-    }
-
-    pub fn kernel_loss(&self, loss: KernelLoss) -> u64 {
-        self.kernel.get(&loss).copied().unwrap_or(0)
     }
 
     /// Queues of these VMs or this group that still hold frames or are draining.

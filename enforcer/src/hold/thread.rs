@@ -30,6 +30,7 @@ use crate::{
     },
     model::MacAddr,
     sched::raise_this_thread,
+    sync::lock,
 };
 
 pub(crate) struct Thread {
@@ -52,7 +53,7 @@ struct Maps<'a>(&'a Mutex<Datapath>);
 
 impl Kernel for Maps<'_> {
     fn handed(&mut self, counted: Counted) -> Option<u64> {
-        let mut dp = self.0.lock().expect("datapath lock");
+        let mut dp = lock(self.0);
         match counted {
             Counted::Port(slot) => dp.held_in_port(slot),
             Counted::Group(g) => dp.held_in_group(g),
@@ -61,7 +62,7 @@ impl Kernel for Maps<'_> {
     }
 
     fn clear_draining(&mut self, key: Key) {
-        let mut dp = self.0.lock().expect("datapath lock");
+        let mut dp = lock(self.0);
         let r = match key {
             Key::Vm(mac) => epochs::clear_vm_draining(&mut *dp, &mac),
             Key::Group(g) => epochs::clear_group_draining(&mut *dp, g),
@@ -224,7 +225,7 @@ impl Thread {
                 inject: &mut self.inject,
                 later: Vec::new(),
             };
-            let mut dp = self.dp.lock().expect("datapath lock");
+            let mut dp = lock(&self.dp);
             let Ok(Some(current)) = dp.vm(&mac) else {
                 continue;
             };
@@ -323,7 +324,7 @@ impl Thread {
     /// Graceful stop: no more holds, take in what is in flight, deliver what may be delivered,
     /// drop and count the rest, clear every flag.
     fn shutdown(&mut self) -> HoldReport {
-        if let Err(err) = self.dp.lock().expect("datapath lock").set_hold_ifindex(0) {
+        if let Err(err) = lock(&self.dp).set_hold_ifindex(0) {
             warn!(%err, "clearing the hold device in the config");
         }
         rcu_barrier();
@@ -335,7 +336,7 @@ impl Thread {
         }
         self.core.shutdown(&mut self.inject, Instant::now());
         {
-            let mut dp = self.dp.lock().expect("datapath lock");
+            let mut dp = lock(&self.dp);
             let macs: Vec<MacKey> = self.core.vm_macs();
             for mac in macs {
                 let _ = epochs::clear_vm_draining(&mut *dp, &mac);

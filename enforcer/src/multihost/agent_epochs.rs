@@ -25,9 +25,11 @@ pub struct AgentEpochs {
 /// An agent's answer as an epoch-control error, by kind: unreachable, or refused (its code
 /// says why).
 pub(crate) fn remote(e: ClientError) -> EpochControlError {
-    match e.code() {
-        Some(ErrorCode::Unavailable) | None => EpochControlError::Unavailable(Box::new(e)),
-        Some(_) => EpochControlError::Refused(Box::new(e)),
+    match e.status() {
+        // It refused, by its rules (a 4xx, with its code).
+        Some(status) if status.is_client_error() => EpochControlError::Refused(Box::new(e)),
+        // It failed, or could not be reached.
+        _ => EpochControlError::Unavailable(Box::new(e)),
     }
 }
 
@@ -35,12 +37,10 @@ impl EpochControl for AgentEpochs {
     fn epoch(&self, vm: &VmSpec) -> Result<u32, EpochControlError> {
         match self.rt.block_on(self.client.vm(vm.mac)) {
             Ok(r) => Ok(r.epoch),
-            Err(e) if e.code() == Some(ErrorCode::UnknownVm) => {
-                Err(EpochControlError::NotRegistered {
-                    vm: vm.name.clone(),
-                    mac: vm.mac,
-                })
-            }
+            Err(e) if e.is(ErrorCode::UnknownVm) => Err(EpochControlError::NotRegistered {
+                vm: vm.name.clone(),
+                mac: vm.mac,
+            }),
             Err(e) => Err(remote(e)),
         }
     }
@@ -56,7 +56,7 @@ impl EpochControl for AgentEpochs {
         match self.rt.block_on(self.client.holds()) {
             Ok(report) => Ok(Some(report)),
             // No buffer on that agent: nothing is ever held.
-            Err(e) if e.code() == Some(ErrorCode::NoBuffer) => Ok(None),
+            Err(e) if e.is(ErrorCode::NoBuffer) => Ok(None),
             Err(e) => Err(remote(e)),
         }
     }
@@ -78,7 +78,7 @@ impl EpochControl for AgentEpochs {
         self.rt.block_on(async {
             match self.client.unregister_vm(vm.mac).await {
                 Ok(_) => {}
-                Err(e) if e.code() == Some(ErrorCode::UnknownVm) => {}
+                Err(e) if e.is(ErrorCode::UnknownVm) => {}
                 Err(e) => return Err(remote(e)),
             }
             // A new tap is attached by the agent's port watcher a moment after it appears.
@@ -88,10 +88,8 @@ impl EpochControl for AgentEpochs {
                     Ok(r) => return Ok(r.epoch),
                     Err(e)
                         if Instant::now() < deadline
-                            && matches!(
-                                e.code(),
-                                Some(ErrorCode::PortNotAttached | ErrorCode::UnknownInterface)
-                            ) =>
+                            && (e.is(ErrorCode::PortNotAttached)
+                                || e.is(ErrorCode::UnknownInterface)) =>
                     {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }

@@ -151,7 +151,17 @@ pub struct Hosts(Arc<Inner>);
 
 /// The agent does not have the VM (any more).
 fn not_found(e: &ClientError) -> bool {
-    e.code() == Some(ErrorCode::UnknownVm)
+    e.is(ErrorCode::UnknownVm)
+}
+
+/// A view of `vm` on `host` could not be registered.
+fn view_failed(vm: &VmSpec, host: &Host) -> impl FnOnce(ClientError) -> EpochControlError {
+    let (vm, host) = (vm.name.clone(), host.spec.name.clone());
+    move |e| EpochControlError::View {
+        vm,
+        host,
+        source: Box::new(remote(e)),
+    }
 }
 
 /// The kind of a hypervisor failure an agent reported, from its error code.
@@ -461,11 +471,7 @@ impl EpochControl for Hosts {
                         .register_remote_vm(vm.mac, group, &host.spec.overlay, epoch)
                         .await
                 })
-                .map_err(|e| EpochControlError::View {
-                    vm: vm.name.clone(),
-                    host: host.spec.name.clone(),
-                    source: Box::new(remote(e)),
-                })?;
+                .map_err(view_failed(vm, host))?;
         }
         Ok(epoch)
     }
@@ -567,11 +573,7 @@ impl EpochControl for Hosts {
                             .register_remote_vm(vm.mac, group.id, &host.spec.overlay, owner_epoch)
                             .await
                     })
-                    .map_err(|e| EpochControlError::View {
-                        vm: vm.name.clone(),
-                        host: host.spec.name.clone(),
-                        source: Box::new(remote(e)),
-                    })?;
+                    .map_err(view_failed(vm, host))?;
                 again.push(format!("{} (view on {})", vm.name, host.spec.name));
             }
         }

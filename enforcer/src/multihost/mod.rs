@@ -4,8 +4,8 @@
 //! rules that keep every host's view of a VM's epoch from ever leading it; [`api`] adds the
 //! coordinator's own routes.
 //!
-//! May call the API's client and routes, the agent's wire types, the snapshot transaction and
-//! the model.
+//! May call the API's client and routes, the agent's wire types, the snapshot transaction, the
+//! buffer's report, the datapath's records and the model.
 pub mod agent_epochs;
 pub mod api;
 pub mod hosts;

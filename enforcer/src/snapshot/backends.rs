@@ -187,20 +187,25 @@ pub trait EpochControl: Send + Sync {
             .filter_map(|v| Some((v.mac, report.released_at_advance_of(v.mac)?)))
             .collect()
     }
-    /// Waits until nothing is held for the group's VMs any more (REINJECT done).
+    /// Waits until nothing is held for the group's VMs any more (REINJECT done). A buffer that
+    /// does not answer (busy re-injecting) is asked again until the deadline.
     fn wait_released(&self, group: &GroupSpec, timeout: Duration) -> Result<(), EpochControlError> {
         let macs: Vec<MacAddr> = group.vms.iter().map(|v| v.mac).collect();
         let deadline = Instant::now() + timeout;
         loop {
-            let Some(report) = self.hold_report()? else {
-                return Ok(());
+            let failed = match self.hold_report() {
+                Ok(None) => return Ok(()),
+                Ok(Some(report)) => {
+                    let pending = report.pending(&macs, group.id);
+                    if pending.is_empty() {
+                        return Ok(());
+                    }
+                    EpochControlError::NotReleased(pending)
+                }
+                Err(e) => e,
             };
-            let pending = report.pending(&macs, group.id);
-            if pending.is_empty() {
-                return Ok(());
-            }
             if Instant::now() > deadline {
-                return Err(EpochControlError::NotReleased(pending));
+                return Err(failed);
             }
             thread::sleep(Duration::from_millis(2));
         }
