@@ -1,7 +1,14 @@
 use clap::Parser as _;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = enforcer::cli::Cli::parse();
     enforcer::cli::init_logging(cli.default_log_filter());
-    enforcer::cli::run(cli)
+    match enforcer::cli::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The causes in one line, never a backtrace: this is for people.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -54,6 +54,13 @@ pub fn finish(router: Router, token: Option<String>) -> Router {
                 "no such endpoint",
             )
         })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::MethodNotAllowed,
+                "this endpoint does not take that method",
+            )
+        })
         .layer(middleware::from_fn_with_state(
             Arc::new(token),
             require_token,

@@ -47,14 +47,19 @@ fn snapshot_id(id: &str) -> Result<SnapshotId, ApiError> {
     Ok(id.parse()?)
 }
 
+/// A group name from a path or a body; `bad_group` otherwise.
+fn group_name(name: &str) -> Result<GroupName, ApiError> {
+    name.parse().map_err(|e: crate::model::NameError| {
+        ApiError::from(crate::snapshot::CoordinatorError::BadGroup(e.into()))
+    })
+}
+
 async fn define_group<S: SnapshotService>(
     State(s): State<Arc<S>>,
     body: Result<Json<DefineGroup>, JsonRejection>,
 ) -> Result<(StatusCode, Json<GroupSpec>), ApiError> {
     let Json(req) = body?;
-    let name: GroupName = req.name.parse().map_err(|e: crate::model::NameError| {
-        ApiError::from(crate::snapshot::CoordinatorError::BadGroup(e.into()))
-    })?;
+    let name = group_name(&req.name)?;
     let c = s.snapshots()?;
     let group = blocking(move || c.define_group(&name, req.id, &req.domains)).await?;
     Ok((StatusCode::CREATED, Json(group)))
@@ -64,7 +69,7 @@ async fn remove_group<S: SnapshotService>(
     State(s): State<Arc<S>>,
     Path(name): Path<String>,
 ) -> ApiResult<GroupSpec> {
-    let name: GroupName = name.parse()?;
+    let name = group_name(&name)?;
     let c = s.snapshots()?;
     Ok(Json(blocking(move || c.remove_group(&name)).await?))
 }
@@ -76,7 +81,7 @@ async fn create<S: SnapshotService>(
     State(s): State<Arc<S>>,
     Path(name): Path<String>,
 ) -> Result<(StatusCode, Json<Manifest>), ApiError> {
-    let name: GroupName = name.parse()?;
+    let name = group_name(&name)?;
     let c = s.snapshots()?;
     let (started, view) = tokio::sync::oneshot::channel();
     tokio::task::spawn_blocking(move || {

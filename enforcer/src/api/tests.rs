@@ -182,7 +182,7 @@ async fn vm_routes_register_move_and_refuse_with_their_codes() {
         None,
     )
     .await;
-    assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")));
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_group")));
     // A view of a VM on another host is registered with its epoch, and needs one.
     let view = c
         .register_remote_vm(MacAddr([2, 9, 9, 9, 9, 9]), 1, "vnet2", 3)
@@ -237,6 +237,33 @@ async fn malformed_requests_get_json_errors() {
     )
     .await;
     assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")));
+    for (method, path, body, want) in [
+        (
+            reqwest::Method::DELETE,
+            "/v1/stats",
+            None,
+            (405, "method_not_allowed"),
+        ),
+        (
+            reqwest::Method::DELETE,
+            "/v1/groups/my%20group",
+            None,
+            (400, "bad_group"),
+        ),
+        (
+            reqwest::Method::POST,
+            "/v1/groups/abc/abort",
+            Some(r#"{"epoch":0}"#),
+            (400, "bad_group"),
+        ),
+    ] {
+        let (status, got) = raw(method, format!("{}{path}", s.base), body, None).await;
+        assert_eq!(
+            (status, got["code"].as_str()),
+            (want.0, Some(want.1)),
+            "{path}"
+        );
+    }
     let (status, body) = raw(
         reqwest::Method::GET,
         format!("{}/v1/nothing", s.base),

@@ -15,6 +15,8 @@ pub enum ErrorCode {
     BadRequest,
     Unauthorized,
     NoSuchEndpoint,
+    /// The path exists, not with this method.
+    MethodNotAllowed,
     /// No such domain operation (`/v1/domains/{name}/{op}`).
     NoSuchOperation,
     UnknownVm,

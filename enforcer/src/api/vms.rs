@@ -82,9 +82,13 @@ pub(crate) async fn abort<D: AgentDatapath>(
     Path(group): Path<String>,
     body: Result<Json<Abort>, JsonRejection>,
 ) -> ApiResult<Vec<VmRecord>> {
-    let group: u32 = group
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("group {group:?}: a group id (0-1023)")))?;
+    let group: u32 = group.parse().map_err(|_| {
+        ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            super::types::ErrorCode::BadGroup,
+            format!("group {group:?}: a group id (0-1023)"),
+        )
+    })?;
     let Json(req) = body?;
     Ok(Json(a.abort(group, req.epoch)?))
 }

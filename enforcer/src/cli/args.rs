@@ -8,7 +8,7 @@ use enforcer_common::Type3Mode;
 use crate::{
     api::client::DEFAULT_API,
     datapath::{AttachMode, DEFAULT_PIN_ROOT},
-    model::MacAddr,
+    model::{GroupName, IfName, MacAddr, SnapshotId},
     snapshot::libvirt::DEFAULT_URI,
 };
 
@@ -60,8 +60,10 @@ pub enum Command {
     },
     /// Abort a group's snapshot: members above EPOCH go back to it; held frames are delivered.
     Abort {
+        /// The datapath group id (a number, as `enforcer groups` shows it).
         #[arg(long)]
         group: u32,
+        /// The epoch the group goes back to.
         #[arg(long)]
         epoch: u32,
     },
@@ -143,7 +145,8 @@ pub struct CoordinatorArgs {
 pub enum GroupCommand {
     /// Define a group of running libvirt domains; registers their VMs in the datapath.
     Define {
-        name: String,
+        /// The group's name (1-64 of [A-Za-z0-9_-]).
+        name: GroupName,
         /// Domains (libvirt names), at least one; `domain@host` for a coordinator of several
         /// hosts.
         #[arg(required = true)]
@@ -153,57 +156,74 @@ pub enum GroupCommand {
         id: Option<u32>,
     },
     /// Remove a group: its VMs leave the datapath; its snapshots stay.
-    Rm { name: String },
+    Rm {
+        /// The group's name.
+        name: GroupName,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCommand {
     /// Take a causally consistent snapshot of a group.
     Create {
+        /// The group's name (as defined with `enforcer group define`).
         #[arg(long)]
-        group: String,
+        group: GroupName,
         /// Follow it to the end, printing each VM's progress.
         #[arg(long)]
         wait: bool,
     },
     /// List snapshots (newest last).
     Ls {
+        /// Only this group's (by name).
         #[arg(long)]
-        group: Option<String>,
+        group: Option<GroupName>,
     },
     /// One snapshot: outcome, images and each VM's timeline.
     Show {
-        id: String,
+        /// The snapshot's id (as `enforcer snapshot ls` shows it).
+        id: SnapshotId,
+        /// Print the manifest as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Restore every VM of a committed snapshot together (the VMs must not be running).
     Restore {
-        id: String,
+        /// The snapshot's id.
+        id: SnapshotId,
         /// Put the restored VMs on this bridge instead of their own.
         #[arg(long)]
-        bridge: Option<String>,
+        bridge: Option<IfName>,
     },
     /// Delete a snapshot's images and manifest.
-    Rm { id: String },
+    Rm {
+        /// The snapshot's id.
+        id: SnapshotId,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum VmCommand {
     /// Register a VM: its MAC, group and host-side port.
     Add {
+        /// The VM's MAC (02:00:00:00:00:01).
         #[arg(long)]
         mac: MacAddr,
+        /// The datapath group id (0-1023), a number.
         #[arg(long)]
         group: u32,
+        /// The VM's host-side interface (its tap or veth on the bridge).
         #[arg(long)]
-        port: String,
+        port: IfName,
         /// Starting epoch (default: the group's current epoch).
         #[arg(long)]
         epoch: Option<u32>,
     },
     /// Unregister a VM.
-    Rm { mac: MacAddr },
+    Rm {
+        /// The VM's MAC.
+        mac: MacAddr,
+    },
     /// List registered VMs.
     Ls,
 }
@@ -211,11 +231,22 @@ pub enum VmCommand {
 #[derive(Subcommand, Debug)]
 pub enum EpochCommand {
     /// Show one VM's epoch, or every VM's.
-    Get { mac: Option<MacAddr> },
+    Get {
+        /// The VM's MAC (omit: every VM).
+        mac: Option<MacAddr>,
+    },
     /// Set a VM's epoch (never backwards).
-    Set { mac: MacAddr, epoch: u32 },
+    Set {
+        /// The VM's MAC.
+        mac: MacAddr,
+        /// Its new epoch.
+        epoch: u32,
+    },
     /// Move a VM to its next epoch.
-    Advance { mac: MacAddr },
+    Advance {
+        /// The VM's MAC.
+        mac: MacAddr,
+    },
 }
 
 impl Cli {

@@ -70,7 +70,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             port,
             epoch,
         }) => {
-            let vm = client.register_vm(mac, group, &port, epoch).await?;
+            let vm = client.register_vm(mac, group, port.as_str(), epoch).await?;
             println!(
                 "registered {} in group {} at epoch {} (ifindex {})",
                 vm.mac, vm.group, vm.epoch, vm.ifindex
@@ -96,14 +96,14 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Groups => print!("{}", render::groups(&client.groups().await?)),
         Command::Group(GroupCommand::Define { name, domains, id }) => {
-            let g = client.define_group(&name, id, &domains).await?;
+            let g = client.define_group(name.as_str(), id, &domains).await?;
             println!("group {} (id {}) defined:", g.name, g.id);
             for vm in &g.vms {
                 println!("  {:<20} {}", vm.name, vm.mac);
             }
         }
         Command::Group(GroupCommand::Rm { name }) => {
-            let g = client.remove_group(&name).await?;
+            let g = client.remove_group(name.as_str()).await?;
             println!(
                 "group {} removed ({} VMs left the datapath)",
                 g.name,
@@ -111,7 +111,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Snapshot(SnapshotCommand::Create { group, wait }) => {
-            let started = client.create_snapshot(&group).await?;
+            let started = client.create_snapshot(group.as_str()).await?;
             println!("snapshot {} of group {group} started", started.id);
             if wait {
                 let m = client
@@ -128,11 +128,11 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         Command::Snapshot(SnapshotCommand::Ls { group }) => {
             print!(
                 "{}",
-                render::snapshots(&client.snapshots(group.as_deref()).await?)
+                render::snapshots(&client.snapshots(group.as_ref().map(|g| g.as_str())).await?)
             );
         }
         Command::Snapshot(SnapshotCommand::Show { id, json }) => {
-            let m = client.snapshot(&id).await?;
+            let m = client.snapshot(id.as_str()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&m)?);
             } else {
@@ -142,11 +142,15 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         Command::Snapshot(SnapshotCommand::Restore { id, bridge }) => {
             print!(
                 "{}",
-                render::restored(&client.restore(&id, bridge.as_deref()).await?)
+                render::restored(
+                    &client
+                        .restore(id.as_str(), bridge.as_ref().map(|b| b.as_str()))
+                        .await?
+                )
             );
         }
         Command::Snapshot(SnapshotCommand::Rm { id }) => {
-            let m = client.delete_snapshot(&id).await?;
+            let m = client.delete_snapshot(id.as_str()).await?;
             println!("deleted {}", m.id);
         }
         Command::Ports => print!("{}", render::ports(&client.ports().await?)),
