@@ -85,10 +85,20 @@ enum BenchCommand {
     /// Group snapshots of real guests under traffic: pause→advance latency, downtime,
     /// disruption (percentiles).
     Snapshot {
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 3)]
         vms: usize,
+        /// Snapshots per method (the methods alternate on the same guests).
         #[arg(long, default_value_t = 10)]
         count: usize,
+        /// Each guest's memory (MiB).
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u32,
+        /// Each guest's qcow2 disk (GiB).
+        #[arg(long, default_value_t = 1)]
+        disk_gib: u32,
+        /// Write every block of the disks before boot (a disk full of data), not sparse.
+        #[arg(long)]
+        disk_full: bool,
         #[arg(long, default_value = DEFAULT_GUEST_DIR)]
         guest_dir: PathBuf,
     },
@@ -169,8 +179,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Snapshot {
             vms,
             count,
+            memory_mib,
+            disk_gib,
+            disk_full,
             guest_dir,
         }) => {
+            anyhow::ensure!(
+                (128..=8192).contains(&memory_mib) && (1..=64).contains(&disk_gib),
+                "--memory-mib must be in 128..=8192 and --disk-gib in 1..=64"
+            );
             anyhow::ensure!((2..=8).contains(&vms), "--vms must be between 2 and 8");
             anyhow::ensure!(
                 (1..=1000).contains(&count),
@@ -178,6 +195,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             let mut o = VmDemoOptions::default();
             o.lab.vms = vms;
+            o.lab.memory_mib = memory_mib;
+            o.lab.disk_gib = disk_gib;
+            o.lab.disk_full = disk_full;
             o.lab.prefix = "enfb".into();
             o.lab.subnet = 4;
             o.lab.guest_dir = guest_dir;

@@ -52,6 +52,10 @@ pub struct VmLabOptions {
     pub subnet: u8,
     pub guest_dir: PathBuf,
     pub memory_mib: u32,
+    /// Each guest's qcow2 disk: its size (GiB) and whether it is allocated and written in full
+    /// before boot (a disk full of data) or sparse.
+    pub disk_gib: u32,
+    pub disk_full: bool,
     /// Each guest sends one TCP and one UDP message to every peer this often.
     pub interval_ms: u32,
     pub uri: String,
@@ -67,7 +71,9 @@ impl Default for VmLabOptions {
             vms: 3,
             subnet: 1,
             guest_dir: DEFAULT_GUEST_DIR.into(),
-            memory_mib: 128,
+            memory_mib: 256,
+            disk_gib: 1,
+            disk_full: false,
             interval_ms: 10,
             uri: enforcer::snapshot::libvirt::DEFAULT_URI.into(),
             on_second_bridge: 0,
@@ -164,9 +170,9 @@ impl VmLab {
     fn domain_xml(&self, vm: &GuestVm) -> String {
         let peers: Vec<String> = self.vms.iter().map(|v| v.ip.to_string()).collect();
         let o = &self.opts;
-        // TCG (no usable KVM here). Guest offloads off: frames stay MTU-sized, so the hold path
-        // (XDP, single buffer) can take every one. A small raw disk where the guest keeps its
-        // generation record (memory and disk are checked against each other after a restore).
+        // TCG (no usable KVM here). As users run guests: virtio-net with its default offloads,
+        // a qcow2 disk (1 GiB, sparse) where the guest keeps its generation record (memory and
+        // disk are checked against each other after a restore).
         format!(
             "<domain type='qemu'>
   <name>{name}</name>
@@ -182,7 +188,7 @@ impl VmLab {
   <on_crash>destroy</on_crash>
   <devices>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='raw'/>
+      <driver name='qemu' type='qcow2'/>
       <source file='{disk}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
@@ -190,10 +196,6 @@ impl VmLab {
       <source bridge='{bridge}'/>
       <mac address='{mac}'/>
       <model type='virtio'/>
-      <driver name='qemu'>
-        <host gso='off' tso4='off' tso6='off' ufo='off'/>
-        <guest tso4='off' tso6='off' ufo='off'/>
-      </driver>
     </interface>
     <serial type='file'>
       <source path='{console}'/>
@@ -220,20 +222,71 @@ impl VmLab {
         self.console_dir.join(format!("{}.console", vm.name))
     }
 
-    /// A guest's disk (1 MiB, raw).
+    /// A guest's disk as booted (qcow2; 1 GiB, sparse, by default). After an instant snapshot the guest
+    /// runs on an overlay of it (see [`VmLab::active_disk`]).
     pub fn disk(&self, vm: &GuestVm) -> PathBuf {
-        self.console_dir.join(format!("{}.img", vm.name))
+        self.console_dir.join(format!("{}.qcow2", vm.name))
+    }
+
+    /// The file a running guest's `vda` is on now.
+    pub fn active_disk(&self, vm: &GuestVm) -> Result<PathBuf, VmLabError> {
+        let xml = self
+            .conn
+            .lookup_domain_by_name(&vm.name)
+            .and_then(|d| d.xml_desc(0))
+            .map_err(|e| VmLabError::Libvirt(format!("{}: {e}", vm.name)))?;
+        enforcer::snapshot::libvirt::file_disks(&xml)
+            .map_err(VmLabError::Libvirt)?
+            .into_iter()
+            .find(|d| d.target == "vda")
+            .map(|d| d.file)
+            .ok_or_else(|| VmLabError::Libvirt(format!("{} has no vda", vm.name)))
+    }
+
+    /// Every disk file of a guest: as booted, and the overlays snapshots and restores put it on.
+    fn disk_files(&self, vm: &GuestVm) -> Vec<PathBuf> {
+        let prefix = format!("{}.", vm.name);
+        std::fs::read_dir(&self.console_dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name().is_some_and(|n| {
+                            let n = n.to_string_lossy();
+                            n.starts_with(&prefix) && n.ends_with(".qcow2")
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     fn boot(&self, vm: &GuestVm) -> Result<(), VmLabError> {
         debug!(vm = vm.name, "booting");
+        for old in self.disk_files(vm) {
+            let _ = std::fs::remove_file(old);
+        }
         let disk = self.disk(vm);
-        std::fs::File::create(&disk)
-            .and_then(|f| f.set_len(1 << 20))
+        let disk = disk.to_string_lossy();
+        let size = format!("{}G", self.opts.disk_gib);
+        let prealloc = if self.opts.disk_full {
+            "preallocation=full"
+        } else {
+            "preallocation=off"
+        };
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", prealloc, &disk, &size])
+            .output()
             .map_err(|e| VmLabError::Command {
-                command: format!("creating {}", disk.display()),
+                command: format!("qemu-img create {disk}"),
                 stderr: e.to_string(),
             })?;
+        if !out.status.success() {
+            return Err(VmLabError::Command {
+                command: format!("qemu-img create {disk}"),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
         self.conn
             .create_domain_xml(&self.domain_xml(vm), 0)
             .map(|_| ())
@@ -378,7 +431,9 @@ impl Drop for VmLab {
         let _ = ip(&["link", "del", &self.bridge]);
         let _ = ip(&["link", "del", &self.other_bridge]);
         for vm in &self.vms {
-            let _ = std::fs::remove_file(self.disk(vm));
+            for file in self.disk_files(vm) {
+                let _ = std::fs::remove_file(file);
+            }
         }
     }
 }

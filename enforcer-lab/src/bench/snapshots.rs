@@ -1,101 +1,167 @@
-//! `bench snapshot`: group snapshots of real guests under traffic, one after another, through
-//! the HTTP API; per-VM timings (pause → advance, downtime, disruption) as percentiles.
+//! `bench snapshot`: group snapshots of real guests under traffic through the HTTP API, by
+//! both cut methods side by side on the same guests (alternating, so both see the same load):
+//! per-VM downtime, the group's stop spread, pause → advance, the receivers' disruption, and
+//! the bytes each snapshot wrote, as percentiles.
 
-use std::{fmt::Write as _, time::Duration};
+use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
-use enforcer::snapshot::SnapshotOutcome as Outcome;
+use enforcer::snapshot::{CutMethod, Manifest, SnapshotOutcome as Outcome};
 
 use crate::{
     demo::vms::{VmDemoOptions, log, with_lab},
     stats::percentiles,
 };
 
-/// `enforcer-lab bench snapshot`: `count` group snapshots of a guest group under traffic, one
-/// after another; per-VM timings as percentiles.
-pub async fn bench_snapshots(
-    opts: VmDemoOptions,
-    count: usize,
-    gap: Duration,
-) -> anyhow::Result<String> {
-    let vms = opts.lab.vms;
-    let manifests = with_lab(&opts, async move |lab, client| {
-        client.define_group("bench", None, &lab.names()).await?;
-        let mut manifests = Vec::new();
-        for k in 0..count {
-            tokio::time::sleep(gap).await;
-            let started = client.create_snapshot("bench").await?;
-            let m = client.wait_snapshot(&started.id, |_| {}).await?;
-            anyhow::ensure!(
-                m.outcome == Outcome::Committed,
-                "snapshot {k} aborted: {:?}",
-                m.reason
-            );
-            log(format!("snapshot {}/{count}: {}", k + 1, m.id));
-            // Only the timings are kept: the images are large.
-            client.delete_snapshot(&m.id).await?;
-            manifests.push(m);
-        }
-        Ok(manifests)
-    })
-    .await?;
-    let _ = std::fs::remove_dir_all(&opts.store);
-    let (mut p2a, mut s2a, mut down, mut disrupt, mut group_span, mut held) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
-    for m in &manifests {
+/// One method's samples.
+#[derive(Default)]
+struct Samples {
+    pause_to_advance: Vec<f64>,
+    downtime: Vec<f64>,
+    stop_spread: Vec<f64>,
+    disruption: Vec<f64>,
+    image_complete: Vec<f64>,
+    written_mib: Vec<f64>,
+    held: Vec<f64>,
+}
+
+impl Samples {
+    fn add(&mut self, m: &Manifest, written: u64) {
         let last_advance = m
             .vms
             .iter()
             .filter_map(|v| v.timeline.advanced_ms)
             .fold(0.0, f64::max);
-        let first_pause = m
-            .vms
-            .iter()
-            .filter_map(|v| v.timeline.paused_ms)
-            .fold(f64::MAX, f64::min);
-        let last_resume = m
-            .vms
-            .iter()
-            .filter_map(|v| v.timeline.resumed_ms)
-            .fold(0.0, f64::max);
-        group_span.push(last_resume - first_pause);
-        held.push(m.held_frames.unwrap_or(0) as f64);
+        self.stop_spread.extend(m.stop_spread_ms);
+        self.held.push(m.held_frames.unwrap_or(0) as f64);
+        self.written_mib.push(written as f64 / f64::from(1 << 20));
         for v in &m.vms {
             let t = &v.timeline;
-            p2a.extend(t.pause_to_advance_ms());
-            s2a.extend(t.seen_to_advance_ms());
-            down.extend(t.downtime_ms());
-            // Paused, or able to run but with frames to/from it possibly held until the last
+            self.pause_to_advance.extend(t.pause_to_advance_ms());
+            self.downtime.extend(t.downtime_ms());
+            if let (Some(p), Some(i)) = (t.paused_ms, t.image_complete_ms) {
+                self.image_complete.push(i - p);
+            }
+            // Stopped, or able to run but with frames to/from it possibly held until the last
             // member advances.
             if let (Some(p), Some(r)) = (t.paused_ms, t.resumed_ms) {
-                disrupt.push(r.max(last_advance) - p);
+                self.disruption.push(r.max(last_advance) - p);
             }
         }
     }
+}
+
+/// One row of the report: a sample of [`Samples`].
+type Field = fn(&Samples) -> &Vec<f64>;
+
+/// Bytes of a snapshot's files in the store (memory images, disk copies, lists). An instant
+/// snapshot's frozen disks are not written at all: they are the files the VMs used.
+fn written(m: &Manifest) -> u64 {
+    m.vms
+        .iter()
+        .flat_map(|v| &v.images)
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|md| md.len())
+        .sum()
+}
+
+/// `enforcer-lab bench snapshot`: `count` group snapshots per method of a guest group under
+/// traffic, the methods alternating.
+pub async fn bench_snapshots(
+    opts: VmDemoOptions,
+    count: usize,
+    gap: Duration,
+) -> anyhow::Result<String> {
+    let lab = opts.lab.clone();
+    let samples = with_lab(&opts, async move |lab, client| {
+        client.define_group("bench", None, &lab.names()).await?;
+        let mut samples: BTreeMap<&'static str, Samples> = BTreeMap::new();
+        for k in 0..count * CutMethod::ALL.len() {
+            let method = CutMethod::ALL[k % CutMethod::ALL.len()];
+            tokio::time::sleep(gap).await;
+            let started = client.create_snapshot("bench", method).await?;
+            let m = client.wait_snapshot(&started.id, |_| {}).await?;
+            anyhow::ensure!(
+                m.outcome == Outcome::Committed,
+                "snapshot {k} ({method}) aborted: {:?}",
+                m.reason
+            );
+            log(format!(
+                "snapshot {}/{}: {} ({method}, stop spread {:.1} ms)",
+                k + 1,
+                count * CutMethod::ALL.len(),
+                m.id,
+                m.stop_spread_ms.unwrap_or(f64::NAN)
+            ));
+            let bytes = written(&m);
+            // Only the timings are kept: the images are large.
+            client.delete_snapshot(&m.id).await?;
+            samples.entry(method.name()).or_default().add(&m, bytes);
+        }
+        Ok(samples)
+    })
+    .await?;
+    let _ = std::fs::remove_dir_all(&opts.store);
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "group snapshots of {vms} TCG guests under traffic (10 ms message interval per pair), {} runs",
-        manifests.len()
+        "group snapshots of {} TCG guests ({} MiB memory, {} GiB qcow2 disk{}) under traffic \
+         (10 ms message interval per pair), {count} per method, alternating",
+        lab.vms,
+        lab.memory_mib,
+        lab.disk_gib,
+        if lab.disk_full {
+            " full of data"
+        } else {
+            ", sparse"
+        }
     );
     let _ = writeln!(
         out,
-        "  {:<44} {:>9} {:>9} {:>9}",
-        "per VM (ms)", "p50", "p99", "max"
+        "  {:<48} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "(ms unless stated)", "inst p50", "inst p99", "inst max", "pre p50", "pre p99", "pre max"
     );
-    for (name, v) in [
-        ("pause → map updated (QEMU's event timestamp)", p2a),
-        ("stop seen by the coordinator → map updated", s2a),
-        ("downtime (stopped → running again)", down),
-        ("disruption (stopped → last member advanced)", disrupt),
-        ("group: first stop → last resume", group_span),
-        ("frames held per snapshot (count)", held),
-    ] {
-        let (p50, p99, max) = percentiles(v);
-        let _ = writeln!(out, "  {name:<44} {p50:>9.3} {p99:>9.3} {max:>9.3}");
+    let get = |name: &str| samples.get(name).expect("every method ran");
+    let (inst, pre) = (
+        get(CutMethod::Instant.name()),
+        get(CutMethod::PreCopy.name()),
+    );
+    let rows: [(&str, Field); 7] = [
+        ("downtime per VM (stopped → running again)", |s| {
+            &s.downtime
+        }),
+        ("group stop spread (first stop → last stop)", |s| {
+            &s.stop_spread
+        }),
+        ("stop → map updated (QEMU's STOP timestamp)", |s| {
+            &s.pause_to_advance
+        }),
+        ("disruption (stopped → last member advanced)", |s| {
+            &s.disruption
+        }),
+        ("stop → image complete", |s| &s.image_complete),
+        ("written per snapshot (MiB)", |s| &s.written_mib),
+        ("frames held per snapshot (count)", |s| &s.held),
+    ];
+    let mut p99 = BTreeMap::new();
+    for (name, field) in rows {
+        let (a50, a99, amax) = percentiles(field(inst).clone());
+        let (b50, b99, bmax) = percentiles(field(pre).clone());
+        p99.insert(name, (a99, b99));
+        let _ = writeln!(
+            out,
+            "  {name:<48} {a50:>9.2} {a99:>9.2} {amax:>9.2} {b50:>9.2} {b99:>9.2} {bmax:>9.2}"
+        );
     }
     let _ = writeln!(
         out,
-        "references: GENI-VIOLIN 28 ms per flow-table update, VM downtime < 200 ms; VNsnap group disruption 0.8 s for 4 VMs"
+        "references: GENI-VIOLIN VM downtime < 200 ms, 28 ms per flow-table update; VNsnap group disruption 0.8 s for 4 VMs"
+    );
+    let down = p99["downtime per VM (stopped → running again)"];
+    let spread = p99["group stop spread (first stop → last stop)"];
+    let _ = writeln!(
+        out,
+        "instant cut: downtime p99 {:.1} ms ({} GiB disk, {} MiB memory), stop spread p99 {:.2} ms; pre-copy: downtime p99 {:.1} ms, stop spread p99 {:.1} ms",
+        down.0, lab.disk_gib, lab.memory_mib, spread.0, down.1, spread.1
     );
     Ok(out)
 }

@@ -38,8 +38,9 @@ use enforcer::{
     model::{GroupSpec, VmSpec},
     multihost::AgentEpochs,
     snapshot::{
-        Coordinator, EpochControl, Hypervisor, Manifest, RestoreReport, SnapshotOutcome as Outcome,
-        Timeouts, libvirt::Libvirt,
+        Coordinator, CutMethod, EpochControl, Hypervisor, Manifest, RestoreReport,
+        SnapshotOutcome as Outcome, Timeouts,
+        libvirt::{DiskCopy, Libvirt},
     },
 };
 
@@ -55,6 +56,8 @@ pub struct VmDemoOptions {
     pub restored: Duration,
     /// Restore onto the lab's second bridge instead of the first.
     pub restore_elsewhere: bool,
+    /// How the group snapshot stops and captures the VMs.
+    pub method: CutMethod,
 }
 
 impl Default for VmDemoOptions {
@@ -68,6 +71,7 @@ impl Default for VmDemoOptions {
             after: Duration::from_secs(1),
             restored: Duration::from_secs(3),
             restore_elsewhere: false,
+            method: CutMethod::Instant,
         }
     }
 }
@@ -374,7 +378,7 @@ async fn enforced(
     let l = lab.clone();
     let paused = last.clone();
     blocking(move || Ok(l.set_paused(&paused, true)?)).await?;
-    let attempt = client.create_snapshot("demo").await?;
+    let attempt = client.create_snapshot("demo", opts.method).await?;
     let aborted = client.wait_snapshot(&attempt.id, |_| {}).await?;
     let l = lab.clone();
     let paused = last.clone();
@@ -412,9 +416,12 @@ async fn enforced(
         aborted.reason.clone().unwrap_or_default()
     ));
     tokio::time::sleep(opts.before).await;
-    let started = client.create_snapshot("demo").await?;
-    log(format!("snapshot {} under traffic:", started.id));
-    let second = client.create_snapshot("demo").await;
+    let started = client.create_snapshot("demo", opts.method).await?;
+    log(format!(
+        "snapshot {} under traffic ({} cut):",
+        started.id, opts.method
+    ));
+    let second = client.create_snapshot("demo", opts.method).await;
     anyhow::ensure!(
         second.as_ref().err().and_then(|e| e.status()) == Some(reqwest::StatusCode::CONFLICT),
         "a second snapshot of a busy group should be a 409, got {second:?}"
@@ -488,10 +495,10 @@ fn coordinator_crash(
     let _ = std::fs::remove_dir_all(store);
     let c1 = open()?;
     let before = c1.epochs().epoch(&group.vms[0])?;
-    let prepared = c1.prepare(&group)?;
+    let prepared = c1.prepare(&group, CutMethod::PreCopy)?;
     let dir = store.join(&prepared.id);
     for vm in &group.vms {
-        c1.hypervisor().begin(vm, &dir)?;
+        c1.hypervisor().begin(vm, &dir, CutMethod::PreCopy)?;
     }
     for vm in &group.vms {
         c1.hypervisor().wait_paused(vm, Duration::from_secs(60))?;
@@ -552,7 +559,7 @@ fn unenforced(lab: &VmLab, dir: &std::path::Path, gap: Duration) -> anyhow::Resu
             name: vm.name.clone(),
             mac: vm.mac,
         };
-        libvirt.begin(&spec, dir)?;
+        libvirt.begin(&spec, dir, CutMethod::PreCopy)?;
         libvirt.wait_paused(&spec, Duration::from_secs(60))?;
         let files = libvirt.complete(&spec, Duration::from_secs(60))?;
         libvirt.resume(&spec)?;
@@ -562,12 +569,15 @@ fn unenforced(lab: &VmLab, dir: &std::path::Path, gap: Duration) -> anyhow::Resu
     std::thread::sleep(gap);
     // And each disk taken later than its memory, as a snapshot that copied disks after letting
     // the VM run would: the guests' disk checks must notice.
-    for ((_, files), vm) in images.iter().zip(&lab.vms) {
-        for copy in files
+    for (_, files) in &images {
+        for list in files
             .iter()
-            .filter(|f| f.extension().is_some_and(|e| e == "disk"))
+            .filter(|f| f.to_string_lossy().ends_with(".disks.json"))
         {
-            std::fs::copy(lab.disk(vm), copy)?;
+            let copies: Vec<DiskCopy> = serde_json::from_slice(&std::fs::read(list)?)?;
+            for d in copies {
+                std::fs::copy(&d.source, &d.copy)?;
+            }
         }
     }
     lab.destroy_all();

@@ -17,7 +17,7 @@ use super::{
 use crate::{
     model::{IfName, MacAddr, SnapshotId, VmSpec},
     sched::Realtime,
-    snapshot::{EpochControlError, HvError, Paused, unix_us},
+    snapshot::{CutMethod, EpochControlError, HvError, Paused, unix_us},
 };
 
 /// The steps a coordinator of several hosts drives on each VM's own agent.
@@ -25,6 +25,8 @@ use crate::{
 #[serde(rename_all = "kebab-case")]
 pub enum DomainOp {
     Begin,
+    Stop,
+    Capture,
     WaitPaused,
     Complete,
     Resume,
@@ -35,8 +37,10 @@ pub enum DomainOp {
 }
 
 impl DomainOp {
-    pub const ALL: [DomainOp; 8] = [
+    pub const ALL: [DomainOp; 10] = [
         DomainOp::Begin,
+        DomainOp::Stop,
+        DomainOp::Capture,
         DomainOp::WaitPaused,
         DomainOp::Complete,
         DomainOp::Resume,
@@ -50,6 +54,8 @@ impl DomainOp {
     pub const fn name(self) -> &'static str {
         match self {
             DomainOp::Begin => "begin",
+            DomainOp::Stop => "stop",
+            DomainOp::Capture => "capture",
             DomainOp::WaitPaused => "wait-paused",
             DomainOp::Complete => "complete",
             DomainOp::Resume => "resume",
@@ -85,11 +91,15 @@ pub struct DomainCall {
     /// The snapshot's id (`begin`, `discard`): its images live under this agent's store.
     #[serde(default)]
     pub snapshot: Option<SnapshotId>,
+    /// `begin`: how the snapshot stops and captures the VM (a coordinator that sends none
+    /// predates the instant method: pre-copy).
+    #[serde(default = "CutMethod::legacy")]
+    pub method: CutMethod,
     /// `wait-paused`, `complete`: how long to wait (ms; at most an hour).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
-    /// `wait-paused`: then advance the VM's epoch here at once (this agent owns it), so no
-    /// network hop separates the stop from the advance.
+    /// `wait-paused`, `stop`: then advance the VM's epoch here at once (this agent owns it),
+    /// so no network hop separates the stop from the advance.
     #[serde(default)]
     pub advance: bool,
     /// `restore`: the images `complete` returned.
@@ -106,6 +116,7 @@ impl DomainCall {
         Self {
             mac,
             snapshot: None,
+            method: CutMethod::default(),
             timeout_ms: None,
             advance: false,
             images: Vec::new(),
@@ -114,7 +125,7 @@ impl DomainCall {
     }
 }
 
-/// `wait-paused` with `advance`: when the VM stopped, and its advance.
+/// `wait-paused` or `stop` with `advance`: when the VM stopped, and its advance.
 #[derive(Serialize, Deserialize, Debug)]
 pub struct PausedAdvanced {
     pub paused: Paused,
@@ -133,7 +144,7 @@ pub struct DomainNic {
 #[derive(Debug, thiserror::Error)]
 pub enum DomainError {
     #[error(
-        "no domain operation {0:?} (begin, wait-paused, complete, resume, cancel, destroy, discard, restore)"
+        "no domain operation {0:?} (begin, stop, capture, wait-paused, complete, resume, cancel, destroy, discard, restore)"
     )]
     NoSuchOp(String),
     #[error(transparent)]
@@ -195,14 +206,14 @@ impl<D: AgentDatapath> Agent<D> {
                 // to the next one and no further, even if that wait outlives an abort that
                 // already moved it there.
                 let epoch = c.epochs().epoch(&vm).map_err(DomainError::Epoch)?;
-                hv.begin(&vm, &dir)?;
+                hv.begin(&vm, &dir, call.method)?;
                 self.begun
                     .lock()
                     .expect("begun lock")
                     .insert(vm.name.clone(), epoch);
                 done()
             }
-            DomainOp::WaitPaused if call.advance => {
+            DomainOp::WaitPaused | DomainOp::Stop if call.advance => {
                 let target = self
                     .begun
                     .lock()
@@ -213,7 +224,10 @@ impl<D: AgentDatapath> Agent<D> {
                 let (paused, advanced, advanced_unix_us) = {
                     // The stop → advance window is on the critical path (see the transaction).
                     let _realtime = Realtime::enter("an agent's snapshot step");
-                    let paused = hv.wait_paused(&vm, timeout)?;
+                    let paused = match op {
+                        DomainOp::Stop => hv.stop(&vm)?,
+                        _ => hv.wait_paused(&vm, timeout)?,
+                    };
                     let advanced = self.change_epoch(vm.mac, Some(target), true);
                     (paused, advanced, unix_us())
                 };
@@ -225,6 +239,8 @@ impl<D: AgentDatapath> Agent<D> {
                 })
             }
             DomainOp::WaitPaused => json!(hv.wait_paused(&vm, timeout)?),
+            DomainOp::Stop => json!(hv.stop(&vm)?),
+            DomainOp::Capture => json!(hv.capture(&vm)?),
             DomainOp::Complete => json!(hv.complete(&vm, timeout)?),
             DomainOp::Resume => hv.resume(&vm).map(|()| done())?,
             DomainOp::Cancel => hv.cancel(&vm).map(|()| done())?,

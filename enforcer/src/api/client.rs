@@ -7,7 +7,7 @@ use enforcer_common::Type3Mode;
 use reqwest::{Method, StatusCode};
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::types::{DefineGroup, ErrorBody, ErrorCode};
+use super::types::{DefineGroup, ErrorBody, ErrorCode, SnapshotBody};
 use crate::{
     agent::{
         Abort, Config, DomainCall, DomainNic, DomainOp, GroupView, Health, PausedAdvanced,
@@ -16,7 +16,7 @@ use crate::{
     datapath::{AttachedPort, epochs::VmRecord},
     hold::HoldReport,
     model::{GroupSpec, IfName, MacAddr, VmSpec},
-    snapshot::{Manifest, Paused, RestoreReport},
+    snapshot::{CutMethod, Manifest, Paused, RestoreReport},
 };
 
 pub const DEFAULT_API: &str = "http://127.0.0.1:7878";
@@ -264,9 +264,18 @@ impl Client {
     }
 
     /// Starts a group snapshot; returns its live view (follow it with [`Client::snapshot`]).
-    pub async fn create_snapshot(&self, group: &str) -> Result<Manifest, ClientError> {
-        self.call::<(), _>(Method::POST, &format!("/v1/groups/{group}/snapshots"), None)
-            .await
+    pub async fn create_snapshot(
+        &self,
+        group: &str,
+        method: CutMethod,
+    ) -> Result<Manifest, ClientError> {
+        let body = SnapshotBody { method };
+        self.call(
+            Method::POST,
+            &format!("/v1/groups/{group}/snapshots"),
+            Some(&body),
+        )
+        .await
     }
 
     pub async fn snapshots(&self, group: Option<&str>) -> Result<Vec<Manifest>, ClientError> {
@@ -395,12 +404,42 @@ impl Client {
         &self,
         vm: &VmSpec,
         snapshot: &crate::model::SnapshotId,
+        method: CutMethod,
     ) -> Result<(), ClientError> {
         let call = DomainCall {
             snapshot: Some(snapshot.clone()),
+            method,
             ..DomainCall::new(vm.mac)
         };
         self.domain(vm, DomainOp::Begin, call).await.map(|_| ())
+    }
+
+    /// Stops the VM (an instant snapshot's cut) and has the agent advance it there at once.
+    pub async fn domain_stop_and_advance(
+        &self,
+        vm: &VmSpec,
+    ) -> Result<PausedAdvanced, ClientError> {
+        let call = DomainCall {
+            advance: true,
+            ..DomainCall::new(vm.mac)
+        };
+        decode(self.domain(vm, DomainOp::Stop, call).await?)
+    }
+
+    pub async fn domain_stop(&self, vm: &VmSpec) -> Result<Paused, ClientError> {
+        decode(
+            self.domain(vm, DomainOp::Stop, DomainCall::new(vm.mac))
+                .await?,
+        )
+    }
+
+    /// An instant snapshot's capture; returns when the VM runs again (µs since the Unix
+    /// epoch).
+    pub async fn domain_capture(&self, vm: &VmSpec) -> Result<u64, ClientError> {
+        decode(
+            self.domain(vm, DomainOp::Capture, DomainCall::new(vm.mac))
+                .await?,
+        )
     }
 
     pub async fn domain_wait_paused(

@@ -13,7 +13,7 @@ use axum::{
 
 use super::{
     error::{ApiError, ApiResult, blocking},
-    types::{DefineGroup, RestoreBody, SnapshotFilter},
+    types::{DefineGroup, RestoreBody, SnapshotBody, SnapshotFilter},
 };
 use crate::{
     agent::{Agent, AgentDatapath},
@@ -80,12 +80,14 @@ async fn remove_group<S: SnapshotService>(
 async fn create<S: SnapshotService>(
     State(s): State<Arc<S>>,
     Path(name): Path<String>,
+    body: Result<Option<Json<SnapshotBody>>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Manifest>), ApiError> {
+    let method = body?.map(|Json(b)| b).unwrap_or_default().method;
     let name = group_name(&name)?;
     let c = s.snapshots()?;
     let (started, view) = tokio::sync::oneshot::channel();
     tokio::task::spawn_blocking(move || {
-        let prepared = c.group(&name).and_then(|group| c.prepare(&group));
+        let prepared = c.group(&name).and_then(|group| c.prepare(&group, method));
         match prepared {
             Ok(prepared) => {
                 let _ = started.send(c.get(&prepared.id));

@@ -16,7 +16,8 @@ use crate::{
     api::client::ClientError,
     model::{MacAddr, VmSpec},
     snapshot::{
-        Coordinator, EpochControl, Hypervisor, SnapshotOutcome, Timeouts, fake::FakeHypervisor,
+        Coordinator, CutMethod, EpochControl, Hypervisor, SnapshotOutcome, Timeouts,
+        fake::FakeHypervisor,
     },
 };
 
@@ -361,20 +362,48 @@ async fn snapshot_routes_run_a_group_snapshot_and_restore_it() {
         (404, ErrorCode::NoSuchDomain)
     );
     assert_eq!(
-        code(c.create_snapshot("nope").await),
+        code(c.create_snapshot("nope", CutMethod::Instant).await),
         (404, ErrorCode::UnknownGroup)
     );
-    let started = c.create_snapshot("web").await.unwrap();
+    // A method that does not exist is refused before anything starts.
+    let (status, body) = raw(
+        reqwest::Method::POST,
+        format!("{}/v1/groups/web/snapshots", s.base),
+        Some(r#"{"method":"fast"}"#),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    // Pre-copy when asked for; instant without a body.
+    let started = c.create_snapshot("web", CutMethod::PreCopy).await.unwrap();
     let m = c.wait_snapshot(started.id.as_str(), |_| {}).await.unwrap();
-    assert_eq!(m.outcome, SnapshotOutcome::Committed, "{m:?}");
-    assert_eq!(c.snapshots(Some("web")).await.unwrap().len(), 1);
+    assert_eq!(m.method, CutMethod::PreCopy);
+    let (status, body) = raw(
+        reqwest::Method::POST,
+        format!("{}/v1/groups/web/snapshots", s.base),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let m = c
+        .wait_snapshot(body["id"].as_str().unwrap(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        (m.outcome, m.method),
+        (SnapshotOutcome::Committed, CutMethod::Instant),
+        "{m:?}"
+    );
+    assert!(m.stop_spread_ms.is_some());
+    assert_eq!(c.snapshots(Some("web")).await.unwrap().len(), 2);
     assert!(c.snapshots(Some("other")).await.unwrap().is_empty());
     assert_eq!(
         code(c.snapshot("web-1-e9").await),
         (404, ErrorCode::UnknownSnapshot)
     );
     let r = c.restore(m.id.as_str(), None).await.unwrap();
-    assert_eq!((r.epoch, r.vms.len()), (1, 2));
+    assert_eq!((r.epoch, r.vms.len()), (2, 2));
     c.delete_snapshot(m.id.as_str()).await.unwrap();
     assert_eq!(
         code(c.delete_snapshot(m.id.as_str()).await),

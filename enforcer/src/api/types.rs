@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::IfName;
+use crate::{model::IfName, snapshot::CutMethod};
 
 /// What kind of error an answer is, for programs: the status says less, and the message is
 /// for people. Clients act on this, never on the message.
@@ -101,6 +101,14 @@ pub struct DefineGroup {
 }
 
 /// `POST /v1/snapshots/{id}/restore`.
+/// `POST /v1/groups/{group}/snapshots` (the body is optional).
+#[derive(Serialize, Deserialize, Debug, Default)]
+pub struct SnapshotBody {
+    /// How to stop and capture the VMs (default: instant).
+    #[serde(default)]
+    pub method: CutMethod,
+}
+
 #[derive(Serialize, Deserialize, Debug, Default)]
 pub struct RestoreBody {
     /// Put the restored VMs on this bridge instead of their own.

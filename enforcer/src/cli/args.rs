@@ -9,7 +9,7 @@ use crate::{
     api::client::DEFAULT_API,
     datapath::{AttachMode, DEFAULT_PIN_ROOT},
     model::{GroupName, IfName, MacAddr, SnapshotId},
-    snapshot::libvirt::DEFAULT_URI,
+    snapshot::{CutMethod, libvirt::DEFAULT_URI},
 };
 
 #[derive(Parser, Debug)]
@@ -172,6 +172,11 @@ pub enum SnapshotCommand {
         /// Follow it to the end, printing each VM's progress.
         #[arg(long)]
         wait: bool,
+        /// How to stop and capture the VMs: `instant` (every VM stopped at one instant, disks
+        /// and memory captured at O(1) downtime) or `pre-copy` (each VM stopped when its live
+        /// copy converges, disks copied; for VMs whose memory cannot be write-tracked).
+        #[arg(long, default_value_t = CutMethod::Instant)]
+        method: CutMethod,
     },
     /// List snapshots (newest last).
     Ls {

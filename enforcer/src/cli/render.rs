@@ -27,9 +27,13 @@ pub fn manifest(m: &Manifest) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "snapshot {}: {:?}, group {} (id {}) at epoch {}{}{}",
+        "snapshot {}: {:?}, {} cut{}, group {} (id {}) at epoch {}{}{}",
         m.id,
         m.outcome,
+        m.method,
+        m.stop_spread_ms
+            .map(|s| format!(" (VMs stopped within {s:.1} ms)"))
+            .unwrap_or_default(),
         m.group.name,
         m.group.id,
         m.epoch,

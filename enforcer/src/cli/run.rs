@@ -110,9 +110,16 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 g.vms.len()
             );
         }
-        Command::Snapshot(SnapshotCommand::Create { group, wait }) => {
-            let started = client.create_snapshot(group.as_str()).await?;
-            println!("snapshot {} of group {group} started", started.id);
+        Command::Snapshot(SnapshotCommand::Create {
+            group,
+            wait,
+            method,
+        }) => {
+            let started = client.create_snapshot(group.as_str(), method).await?;
+            println!(
+                "snapshot {} of group {group} started ({method})",
+                started.id
+            );
             if wait {
                 let m = client
                     .wait_snapshot(&started.id, |m| println!("  {}", render::progress(m)))

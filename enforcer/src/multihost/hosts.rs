@@ -54,7 +54,9 @@ use crate::{
     datapath::epochs::VmRecord,
     hold::HoldReport,
     model::{GroupSpec, IfName, MacAddr, SnapshotId, VmSpec},
-    snapshot::{EpochControl, EpochControlError, HvError, HvErrorKind, Hypervisor, Paused},
+    snapshot::{
+        CutMethod, EpochControl, EpochControlError, HvError, HvErrorKind, Hypervisor, Paused,
+    },
 };
 
 /// One hypervisor host, as the coordinator's `--hosts` file lists it.
@@ -632,9 +634,34 @@ impl Drop for InFlight<'_> {
 }
 
 impl Hypervisor for Hosts {
-    fn begin(&self, vm: &VmSpec, image_dir: &Path) -> Result<(), HvError> {
+    fn begin(&self, vm: &VmSpec, image_dir: &Path, method: CutMethod) -> Result<(), HvError> {
         let id = snapshot_id(vm, image_dir)?;
-        self.call(vm, false, async |c, local| c.domain_begin(local, &id).await)
+        self.call(vm, false, async |c, local| {
+            c.domain_begin(local, &id, method).await
+        })
+    }
+
+    fn stop(&self, vm: &VmSpec) -> Result<Paused, HvError> {
+        self.call(vm, false, async |c, local| c.domain_stop(local).await)
+    }
+
+    /// The VM's agent stops it and advances it itself, in its own process (as
+    /// [`Hypervisor::advance_at_pause`]); then the other agents' views are raised.
+    fn stop_and_advance(&self, vm: &VmSpec) -> Option<Result<(Paused, u64), HvError>> {
+        let done = self.call(vm, false, async |c, local| {
+            c.domain_stop_and_advance(local).await
+        });
+        Some(done.and_then(|d| {
+            let (owner, _) = self
+                .owner(vm)
+                .map_err(|e| HvError::failed(&vm.name, e.to_string()))?;
+            self.propagate(owner, vm.mac, d.epoch);
+            Ok((d.paused, d.advanced_unix_us))
+        }))
+    }
+
+    fn capture(&self, vm: &VmSpec) -> Result<u64, HvError> {
+        self.call(vm, false, async |c, local| c.domain_capture(local).await)
     }
 
     fn wait_paused(&self, vm: &VmSpec, timeout: Duration) -> Result<Paused, HvError> {

@@ -1,6 +1,6 @@
 //! What the snapshot transaction needs from the world, as two traits with typed errors: a
-//! [`Hypervisor`] (per VM: begin a live snapshot, wait for its stop, complete, resume, cancel,
-//! restore) and an [`EpochControl`] (the datapath's epochs and the buffer's state). One host's
+//! [`Hypervisor`] (per VM: begin a snapshot by either [`CutMethod`], stop or wait for the stop,
+//! capture, complete, resume, cancel, restore) and an [`EpochControl`] (the datapath's epochs and the buffer's state). One host's
 //! libvirt and agent implement them in process; the agents of several hosts over HTTP
 //! (`multihost`); a fake in the tier-0 tests.
 
@@ -13,6 +13,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use super::manifest::CutMethod;
 use crate::{
     hold::{HoldReport, QueueKey},
     model::{GroupSpec, IfName, MacAddr, VmSpec},
@@ -67,11 +68,29 @@ pub struct Paused {
 }
 
 /// What the coordinator needs from a hypervisor, per VM.
+///
+/// [`CutMethod::Instant`]: `begin` → `stop` (the coordinator calls it for every VM at one
+/// instant) → advance → `capture` (the VM runs again) → `complete`.
+/// [`CutMethod::PreCopy`]: `begin` → `wait_paused` → advance → `complete` → `resume`.
 pub trait Hypervisor: Send + Sync {
-    /// Starts a live snapshot of the VM's memory into `image_dir`. The VM keeps running until
-    /// the final stop-and-copy, where it stops and **waits** (for [`Hypervisor::complete`]).
-    fn begin(&self, vm: &VmSpec, image_dir: &Path) -> Result<(), HvError>;
-    /// Blocks until the VM is stopped at its snapshot point.
+    /// Starts a snapshot of the VM into `image_dir`. Instant: only prepares it (the image
+    /// file, the hypervisor's settings); the VM runs on. Pre-copy: starts copying memory while
+    /// the VM runs, until the final stop-and-copy, where it stops and **waits** (for
+    /// [`Hypervisor::complete`]).
+    fn begin(&self, vm: &VmSpec, image_dir: &Path, method: CutMethod) -> Result<(), HvError>;
+    /// Instant: stops the VM now, at its snapshot point. It does not run again before
+    /// [`Hypervisor::capture`].
+    fn stop(&self, vm: &VmSpec) -> Result<Paused, HvError>;
+    /// [`Hypervisor::stop`], then the VM's epoch advanced right there by the agent on the
+    /// VM's own host (as [`Hypervisor::advance_at_pause`]). `None`: not offered.
+    fn stop_and_advance(&self, _vm: &VmSpec) -> Option<Result<(Paused, u64), HvError>> {
+        None
+    }
+    /// Instant, after the advance: captures the stopped VM's disks and device state, starts
+    /// writing its memory as it was at the stop, and runs it again. Returns when it runs (µs
+    /// since the Unix epoch: the hypervisor's own timestamp where it has one).
+    fn capture(&self, vm: &VmSpec) -> Result<u64, HvError>;
+    /// Pre-copy: blocks until the VM is stopped at its snapshot point.
     fn wait_paused(&self, vm: &VmSpec, timeout: Duration) -> Result<Paused, HvError>;
     /// [`Hypervisor::wait_paused`], then the VM's epoch advanced right there, by whoever sees
     /// the stop first: an agent on the VM's own host does both in one call, so no network
@@ -84,7 +103,8 @@ pub trait Hypervisor: Send + Sync {
     ) -> Option<Result<(Paused, u64), HvError>> {
         None
     }
-    /// Lets the image complete; the VM stays paused. Returns the files written.
+    /// Waits until the image is whole. Pre-copy: lets the final copy go on; the VM stays
+    /// paused. Instant: the VM runs meanwhile. Returns the files written.
     fn complete(&self, vm: &VmSpec, timeout: Duration) -> Result<Vec<PathBuf>, HvError>;
     /// Runs the VM again.
     fn resume(&self, vm: &VmSpec) -> Result<(), HvError>;

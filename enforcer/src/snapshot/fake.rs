@@ -15,6 +15,7 @@ use super::{
     backends::{
         EpochControl, EpochControlError, HvError, HvErrorKind, Hypervisor, Paused, unix_us,
     },
+    manifest::CutMethod,
     store::discard_local,
 };
 use crate::{
@@ -27,8 +28,10 @@ use crate::{
 pub(crate) enum Failure {
     /// The VM is gone when the snapshot starts.
     Vanish,
-    /// It never reaches its snapshot point.
+    /// It never reaches its snapshot point (pre-copy), or cannot be stopped (instant).
     NeverPauses,
+    /// Capturing it fails (instant).
+    CaptureFails,
     /// Writing its image fails.
     ImageFails,
     /// Its image cannot be restored.
@@ -49,8 +52,8 @@ pub(crate) enum VmState {
 pub(crate) struct World {
     pub states: HashMap<String, VmState>,
     pub epochs: HashMap<MacAddr, u32>,
-    /// (step, vm) in the order they happened: "begin", "paused", "advance", "complete",
-    /// "resume", "cancel", "rollback".
+    /// (step, vm) in the order they happened: "begin", "stop", "paused", "advance",
+    /// "capture", "complete", "resume", "cancel", "rollback".
     pub log: Vec<(String, String)>,
     pub failures: HashMap<String, Failure>,
     pub macs: HashMap<String, MacAddr>,
@@ -58,6 +61,10 @@ pub(crate) struct World {
     pub registered: HashMap<MacAddr, (u32, String)>,
     /// A VM that runs while its epoch lags its snapshot would break invariant 3.
     pub ran_unadvanced: Vec<String>,
+    /// Each VM's snapshot in progress, by method.
+    pub methods: HashMap<String, CutMethod>,
+    /// VMs advanced since their snapshot began.
+    pub advanced: std::collections::HashSet<String>,
 }
 
 #[derive(Clone, Default)]
@@ -96,6 +103,18 @@ impl FakeHypervisor {
         w
     }
 
+    /// An agent's advance where the VM runs.
+    fn agent_advance(&self, vm: &VmSpec) -> Result<(), HvError> {
+        let mut w = self.step(vm, "agent-advance");
+        let e = w
+            .epochs
+            .get_mut(&vm.mac)
+            .ok_or_else(|| hv_err(vm, "unknown VM"))?;
+        *e += 1;
+        w.advanced.insert(vm.name.clone());
+        Ok(())
+    }
+
     pub(crate) fn epochs(&self) -> FakeEpochs {
         FakeEpochs {
             world: self.world.clone(),
@@ -113,14 +132,59 @@ fn gone(vm: &str) -> HvError {
 }
 
 impl Hypervisor for FakeHypervisor {
-    fn begin(&self, vm: &VmSpec, image_dir: &Path) -> Result<(), HvError> {
+    fn begin(&self, vm: &VmSpec, image_dir: &Path, method: CutMethod) -> Result<(), HvError> {
+        // Some VMs take longer to get ready than others.
+        thread::sleep(Duration::from_millis(u64::from(vm.mac.0[5] % 5) * 2));
         let mut w = self.step(vm, "begin");
         if w.failures.get(&vm.name) == Some(&Failure::Vanish) {
             w.states.remove(&vm.name);
             return Err(gone(&vm.name));
         }
         w.states.insert(vm.name.clone(), VmState::Snapshotting);
+        w.methods.insert(vm.name.clone(), method);
+        w.advanced.remove(&vm.name);
         fs::create_dir_all(image_dir).map_err(|e| hv_err(vm, &e.to_string()))
+    }
+
+    fn stop(&self, vm: &VmSpec) -> Result<Paused, HvError> {
+        let mut w = self.step(vm, "stop");
+        if w.methods.get(&vm.name) != Some(&CutMethod::Instant) {
+            return Err(hv_err(vm, "no instant snapshot begun"));
+        }
+        if w.failures.get(&vm.name) == Some(&Failure::NeverPauses) {
+            return Err(hv_err(vm, "it does not stop"));
+        }
+        w.states.insert(vm.name.clone(), VmState::HeldAtSnapshot);
+        Ok(Paused {
+            hypervisor_unix_us: None,
+            seen_unix_us: unix_us(),
+        })
+    }
+
+    fn stop_and_advance(&self, vm: &VmSpec) -> Option<Result<(Paused, u64), HvError>> {
+        if !self.advances_at_pause {
+            return None;
+        }
+        Some(self.stop(vm).and_then(|paused| {
+            self.agent_advance(vm)?;
+            Ok((paused, unix_us()))
+        }))
+    }
+
+    fn capture(&self, vm: &VmSpec) -> Result<u64, HvError> {
+        let mut w = self.step(vm, "capture");
+        if w.states.get(&vm.name) != Some(&VmState::HeldAtSnapshot) {
+            return Err(hv_err(vm, "not stopped"));
+        }
+        if w.failures.get(&vm.name) == Some(&Failure::CaptureFails) {
+            return Err(hv_err(vm, "freezing its disks: no space left on device"));
+        }
+        // It runs again now: it must have been advanced while stopped.
+        if !w.advanced.contains(&vm.name) {
+            w.ran_unadvanced.push(vm.name.clone());
+        }
+        w.states.insert(vm.name.clone(), VmState::Running);
+        Ok(unix_us())
     }
 
     fn wait_paused(&self, vm: &VmSpec, timeout: Duration) -> Result<Paused, HvError> {
@@ -147,12 +211,7 @@ impl Hypervisor for FakeHypervisor {
             return None;
         }
         Some(self.wait_paused(vm, timeout).and_then(|paused| {
-            let mut w = self.step(vm, "agent-advance");
-            let e = w
-                .epochs
-                .get_mut(&vm.mac)
-                .ok_or_else(|| hv_err(vm, "unknown VM"))?;
-            *e += 1;
+            self.agent_advance(vm)?;
             Ok((paused, unix_us()))
         }))
     }
@@ -162,7 +221,9 @@ impl Hypervisor for FakeHypervisor {
         if w.failures.get(&vm.name) == Some(&Failure::ImageFails) {
             return Err(hv_err(vm, "writing the image: no space left on device"));
         }
-        w.states.insert(vm.name.clone(), VmState::Paused);
+        if w.methods.remove(&vm.name) == Some(CutMethod::PreCopy) {
+            w.states.insert(vm.name.clone(), VmState::Paused);
+        }
         Ok(vec![PathBuf::from(format!("{}.mem", vm.name))])
     }
 
@@ -280,6 +341,7 @@ impl EpochControl for FakeEpochs {
             // Advancing a VM that is not held at its snapshot point is a coordinator bug.
             w.ran_unadvanced.push(vm.name.clone());
         }
+        w.advanced.insert(vm.name.clone());
         let e = w
             .epochs
             .get_mut(&vm.mac)

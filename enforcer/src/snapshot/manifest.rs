@@ -12,6 +12,62 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{GroupName, GroupSpec, MacAddr, SnapshotId, VmSpec};
 
+/// How a group snapshot stops its VMs and captures them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CutMethod {
+    /// The coordinator stops every VM at one instant, advances each while it is stopped,
+    /// freezes its disks (a qcow2 overlay each, O(1)) and its device state, and lets it run
+    /// at once; memory is written afterwards as it was at the stop (QEMU's
+    /// `background-snapshot`, userfaultfd write-protect). Downtime and the group's stop spread
+    /// do not depend on memory or disk size.
+    #[default]
+    Instant,
+    /// Each VM is copied live until its pre-copy converges; QEMU stops it then
+    /// (`pause-before-switchover`) and its disks are copied while it stays stopped. For VMs
+    /// whose memory cannot be write-tracked (hugepages, some device assignments) or a QEMU
+    /// without `background-snapshot`. Each VM's stop is set by its own convergence.
+    PreCopy,
+}
+
+impl CutMethod {
+    pub const ALL: [CutMethod; 2] = [CutMethod::Instant, CutMethod::PreCopy];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            CutMethod::Instant => "instant",
+            CutMethod::PreCopy => "pre-copy",
+        }
+    }
+
+    /// What manifests written before the method was recorded used.
+    pub(crate) fn legacy() -> Self {
+        CutMethod::PreCopy
+    }
+}
+
+impl fmt::Display for CutMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+/// An unknown method name.
+#[derive(Debug, thiserror::Error)]
+#[error("no snapshot method {0:?} (instant, pre-copy)")]
+pub struct NoSuchMethod(String);
+
+impl std::str::FromStr for CutMethod {
+    type Err = NoSuchMethod;
+
+    fn from_str(s: &str) -> Result<Self, NoSuchMethod> {
+        CutMethod::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| NoSuchMethod(s.to_owned()))
+    }
+}
+
 /// Milliseconds since the transaction started, per step of one VM.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Timeline {
@@ -136,7 +192,14 @@ pub struct Manifest {
     pub epoch: u32,
     pub outcome: SnapshotOutcome,
     pub reason: Option<String>,
+    /// How the VMs were stopped and captured.
+    #[serde(default = "CutMethod::legacy")]
+    pub method: CutMethod,
     pub started_unix_ms: u64,
+    /// From the first VM's stop to the last one's (ms): how far the group's cut is from one
+    /// instant.
+    #[serde(default)]
+    pub stop_spread_ms: Option<f64>,
     /// Type-3 frames the buffer held while the snapshot ran (all released by its end).
     #[serde(default)]
     pub held_frames: Option<u64>,
@@ -147,6 +210,13 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// From the first VM's stop to the last one's, over the VMs that stopped.
+    pub fn stop_spread(vms: &[SnapshotVm]) -> Option<f64> {
+        let stops: Vec<f64> = vms.iter().filter_map(|v| v.timeline.paused_ms).collect();
+        let first = stops.iter().copied().reduce(f64::min)?;
+        Some(stops.iter().copied().fold(first, f64::max) - first)
+    }
+
     /// Whether the snapshot is over (committed or aborted).
     pub fn finished(&self) -> bool {
         self.outcome != SnapshotOutcome::Running
@@ -158,6 +228,7 @@ pub(crate) struct Live {
     pub(crate) id: SnapshotId,
     pub(crate) group: GroupSpec,
     pub(crate) epoch: u32,
+    pub(crate) method: CutMethod,
     pub(crate) started_unix_ms: u64,
     pub(crate) records: Vec<Arc<Mutex<SnapshotVm>>>,
 }
@@ -170,7 +241,9 @@ impl Live {
             epoch: self.epoch,
             outcome: SnapshotOutcome::Running,
             reason: None,
+            method: self.method,
             started_unix_ms: self.started_unix_ms,
+            stop_spread_ms: None,
             held_frames: None,
             released_ms: None,
             vms: self
@@ -225,5 +298,10 @@ mod tests {
             Step::Pending < Step::Resumed,
             "steps in the transaction's order"
         );
+        for m in CutMethod::ALL {
+            assert_eq!(m.name().parse::<CutMethod>().unwrap(), m);
+            assert_eq!(serde_json::to_value(m).unwrap(), m.name());
+        }
+        assert!("fast".parse::<CutMethod>().is_err());
     }
 }

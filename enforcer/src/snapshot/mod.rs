@@ -24,7 +24,7 @@ pub use backends::{
 };
 pub use coordinator::{Coordinator, CoordinatorError, GroupError, Timeouts};
 pub use manifest::{
-    Manifest, RestoreReport, RestoredVm, SnapshotOutcome, SnapshotVm, Step, Timeline,
+    CutMethod, Manifest, RestoreReport, RestoredVm, SnapshotOutcome, SnapshotVm, Step, Timeline,
 };
 pub use transaction::Prepared;
 

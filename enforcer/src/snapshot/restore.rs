@@ -1,17 +1,21 @@
-//! Restoring a committed group snapshot: every VM back paused, every VM registered in the
-//! datapath at the snapshot's epoch, and only then every VM resumed, one right after another.
-//! All or nothing: if one VM cannot be restored, the ones already restored are destroyed.
+//! Restoring a committed group snapshot: every VM back paused (all in parallel), every VM
+//! registered in the datapath at the snapshot's epoch, and only then every VM resumed at once
+//! (one thread each, released together). All or nothing: if one VM cannot be restored, the
+//! ones restored are destroyed.
 
-use std::time::Instant;
+use std::{sync::Barrier, thread, time::Instant};
 
 use tracing::info;
 
 use super::{
-    backends::{EpochControl, Hypervisor},
+    backends::{EpochControl, HvError, Hypervisor},
     coordinator::{Coordinator, CoordinatorError, GroupError},
     manifest::{RestoreReport, RestoredVm, SnapshotOutcome},
 };
-use crate::model::{IfName, SnapshotId, VmSpec};
+use crate::{
+    model::{IfName, SnapshotId, VmSpec},
+    sched::Realtime,
+};
 
 impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coordinator<H, E> {
     /// Restores every VM of a committed snapshot together, optionally onto `bridge`.
@@ -41,7 +45,6 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
         }
         let t0 = Instant::now();
         let ms = || t0.elapsed().as_secs_f64() * 1000.0;
-        let mut restored: Vec<RestoredVm> = Vec::new();
         let spec = |r: &RestoredVm| VmSpec {
             name: r.name.clone(),
             mac: r.mac,
@@ -53,25 +56,44 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
                 let _ = self.epochs.unregister(&spec(r));
             }
         };
-        for rec in &m.vms {
-            let vm = VmSpec {
-                name: rec.name.clone(),
-                mac: rec.mac,
-            };
-            let port = match self.hypervisor.restore_paused(&vm, &rec.images, bridge) {
-                Ok(port) => port,
-                Err(e) => {
-                    undo(&restored);
-                    return Err(e.into());
-                }
-            };
-            restored.push(RestoredVm {
-                name: vm.name.clone(),
-                mac: vm.mac,
-                port,
-                restored_ms: ms(),
-                resumed_ms: 0.0,
-            });
+        // Every VM brought back paused, in parallel: the slowest image sets the time.
+        let results: Vec<Result<RestoredVm, HvError>> = thread::scope(|scope| {
+            let threads: Vec<_> = m
+                .vms
+                .iter()
+                .map(|rec| {
+                    scope.spawn(move || {
+                        let vm = VmSpec {
+                            name: rec.name.clone(),
+                            mac: rec.mac,
+                        };
+                        let port = self.hypervisor.restore_paused(&vm, &rec.images, bridge)?;
+                        Ok(RestoredVm {
+                            name: vm.name,
+                            mac: vm.mac,
+                            port,
+                            restored_ms: ms(),
+                            resumed_ms: 0.0,
+                        })
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("a restore thread panicked"))
+                .collect()
+        });
+        let mut restored: Vec<RestoredVm> = Vec::new();
+        let mut failed = None;
+        for r in results {
+            match r {
+                Ok(r) => restored.push(r),
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        if let Some(e) = failed {
+            undo(&restored);
+            return Err(e.into());
         }
         // Every VM at the snapshot's epoch before any of them runs.
         for r in &restored {
@@ -83,12 +105,33 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
                 return Err(CoordinatorError::epochs(&r.name, e));
             }
         }
-        for i in 0..restored.len() {
-            if let Err(e) = self.hypervisor.resume(&spec(&restored[i])) {
-                undo(&restored);
-                return Err(e.into());
+        // All resumed at once: each VM's thread waits for the others, then calls.
+        let start = Barrier::new(restored.len());
+        let resumed: Vec<Result<f64, HvError>> = thread::scope(|scope| {
+            let threads: Vec<_> = restored
+                .iter()
+                .map(|r| {
+                    let start = &start;
+                    scope.spawn(move || {
+                        let _realtime = Realtime::enter("a restore thread");
+                        start.wait();
+                        self.hypervisor.resume(&spec(r)).map(|()| ms())
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("a resume thread panicked"))
+                .collect()
+        });
+        for (r, at) in restored.iter_mut().zip(resumed) {
+            match at {
+                Ok(at) => r.resumed_ms = at,
+                Err(e) => {
+                    undo(&restored);
+                    return Err(e.into());
+                }
             }
-            restored[i].resumed_ms = ms();
         }
         let first = restored
             .iter()

@@ -14,7 +14,7 @@ use tracing::warn;
 use super::{
     backends::{EpochControl, Hypervisor},
     coordinator::{Coordinator, CoordinatorError},
-    manifest::{Manifest, SnapshotOutcome, SnapshotVm},
+    manifest::{CutMethod, Manifest, SnapshotOutcome, SnapshotVm},
 };
 use crate::model::{GroupSpec, SnapshotId};
 
@@ -25,6 +25,8 @@ pub(crate) struct Journal {
     pub(crate) group: GroupSpec,
     /// Each member's epoch before the snapshot: where an abort goes back to.
     pub(crate) epoch_before: u32,
+    #[serde(default = "CutMethod::legacy")]
+    pub(crate) method: CutMethod,
 }
 
 impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coordinator<H, E> {
@@ -66,7 +68,9 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
                 epoch: journal.epoch_before + 1,
                 outcome: SnapshotOutcome::Aborted,
                 reason: Some(reason),
+                method: journal.method,
                 started_unix_ms: 0,
+                stop_spread_ms: None,
                 held_frames: None,
                 released_ms: None,
                 vms,

@@ -12,7 +12,7 @@ use std::{
 use super::{
     coordinator::{Coordinator, CoordinatorError, Timeouts},
     fake::{self, Failure, FakeHypervisor, VmState},
-    manifest::{Manifest, SnapshotOutcome as Outcome},
+    manifest::{CutMethod, Manifest, SnapshotOutcome as Outcome},
     store::{Journal, write_atomically},
 };
 use crate::model::{GroupName, GroupSpec, MacAddr, SnapshotId, VmSpec};
@@ -75,6 +75,9 @@ fn store() -> PathBuf {
     p
 }
 
+const PRE: CutMethod = CutMethod::PreCopy;
+const INSTANT: CutMethod = CutMethod::Instant;
+
 /// Index of a step in the log.
 fn at(log: &[(String, String)], what: &str, vm: &str) -> Option<usize> {
     log.iter().position(|(w, v)| w == what && v == vm)
@@ -85,7 +88,7 @@ fn commit_advances_each_vm_while_it_is_held_then_resumes_it() {
     let g = group(4);
     let dir = store();
     let (c, hv) = coordinator(&g, &dir);
-    let m = c.snapshot(&g).unwrap();
+    let m = c.snapshot(&g, PRE).unwrap();
     assert_eq!(m.outcome, Outcome::Committed, "{m:?}");
     assert_eq!(m.epoch, 1);
     let w = hv.world.lock().unwrap();
@@ -132,13 +135,94 @@ fn commit_advances_each_vm_while_it_is_held_then_resumes_it() {
 }
 
 #[test]
+fn an_instant_cut_stops_every_vm_once_all_are_ready_and_advances_each_before_it_runs() {
+    let g = group(4);
+    let dir = store();
+    let (c, hv) = coordinator(&g, &dir);
+    let m = c.snapshot(&g, INSTANT).unwrap();
+    assert_eq!(
+        (m.outcome, m.method),
+        (Outcome::Committed, INSTANT),
+        "{m:?}"
+    );
+    let w = hv.world.lock().unwrap();
+    assert!(w.ran_unadvanced.is_empty(), "{:?}", w.ran_unadvanced);
+    let last_begin = g
+        .vms
+        .iter()
+        .map(|vm| at(&w.log, "begin", &vm.name).unwrap())
+        .max()
+        .unwrap();
+    for vm in &g.vms {
+        let (s, a, cap, done) = (
+            at(&w.log, "stop", &vm.name).unwrap(),
+            at(&w.log, "advance", &vm.name).unwrap(),
+            at(&w.log, "capture", &vm.name).unwrap(),
+            at(&w.log, "complete", &vm.name).unwrap(),
+        );
+        assert!(
+            last_begin < s,
+            "{} stopped before every VM was ready",
+            vm.name
+        );
+        assert!(
+            s < a && a < cap && cap < done,
+            "{}: stop {s} advance {a} capture {cap} complete {done}",
+            vm.name
+        );
+        assert_eq!(at(&w.log, "resume", &vm.name), None, "capture runs it");
+        assert_eq!(w.states[&vm.name], VmState::Running);
+        assert_eq!(w.epochs[&vm.mac], 1);
+    }
+    for r in &m.vms {
+        let t = &r.timeline;
+        assert!(
+            t.paused_ms <= t.advanced_ms && t.advanced_ms <= t.resumed_ms,
+            "{t:?}"
+        );
+        assert!(t.resumed_ms <= t.image_complete_ms, "{t:?}");
+        assert_eq!(r.images.len(), 1);
+    }
+    // The fake's VMs got ready up to 8 ms apart; the cut does not inherit that.
+    let spread = m.stop_spread_ms.expect("stop spread recorded");
+    assert!(spread < 5.0, "stop spread {spread} ms");
+    drop(w);
+    let _ = fs::remove_dir_all(dir);
+}
+
+#[test]
+fn an_instant_cut_advanced_by_the_agents_advances_each_vm_once() {
+    let g = group(3);
+    let dir = store();
+    let mut hv = FakeHypervisor::new(&g.vms);
+    hv.advances_at_pause = true;
+    let (c, hv) = open_on(hv, &dir);
+    let m = c.snapshot(&g, INSTANT).unwrap();
+    assert_eq!(m.outcome, Outcome::Committed, "{m:?}");
+    let w = hv.world.lock().unwrap();
+    assert!(w.ran_unadvanced.is_empty());
+    for vm in &g.vms {
+        let (s, a, cap) = (
+            at(&w.log, "stop", &vm.name).unwrap(),
+            at(&w.log, "agent-advance", &vm.name).unwrap(),
+            at(&w.log, "capture", &vm.name).unwrap(),
+        );
+        assert!(s < a && a < cap, "{}: {:?}", vm.name, w.log);
+        assert_eq!(at(&w.log, "advance", &vm.name), None, "advanced twice");
+        assert_eq!(w.epochs[&vm.mac], 1);
+    }
+    drop(w);
+    let _ = fs::remove_dir_all(dir);
+}
+
+#[test]
 fn a_vm_advanced_where_it_runs_is_advanced_once_before_it_completes() {
     let g = group(3);
     let dir = store();
     let mut hv = FakeHypervisor::new(&g.vms);
     hv.advances_at_pause = true;
     let (c, hv) = open_on(hv, &dir);
-    let m = c.snapshot(&g).unwrap();
+    let m = c.snapshot(&g, PRE).unwrap();
     assert_eq!(m.outcome, Outcome::Committed, "{m:?}");
     let w = hv.world.lock().unwrap();
     for vm in &g.vms {
@@ -200,12 +284,19 @@ fn assert_aborted_cleanly(
 }
 
 /// Runs a snapshot of `n` VMs where `vm` fails with `failure`; checks the abort was clean.
-fn aborts_when(n: u8, vm: &str, failure: Failure, reason: &str) -> Vec<(String, String)> {
+fn aborts_when(
+    method: CutMethod,
+    n: u8,
+    vm: &str,
+    failure: Failure,
+    reason: &str,
+) -> Vec<(String, String)> {
     let g = group(n);
     let dir = store();
     let (c, hv) = coordinator(&g, &dir);
     hv.fail(vm, failure);
-    let m = c.snapshot(&g).unwrap();
+    let m = c.snapshot(&g, method).unwrap();
+    assert_eq!(m.method, method);
     assert_aborted_cleanly(&c, &hv, &m, &g, reason);
     let _ = fs::remove_dir_all(dir);
     hv.world.lock().unwrap().log.clone()
@@ -213,12 +304,19 @@ fn aborts_when(n: u8, vm: &str, failure: Failure, reason: &str) -> Vec<(String, 
 
 #[test]
 fn a_vanished_vm_aborts_the_whole_group() {
-    aborts_when(3, "vm2", Failure::Vanish, "no such domain");
+    aborts_when(PRE, 3, "vm2", Failure::Vanish, "no such domain");
+    let log = aborts_when(INSTANT, 3, "vm2", Failure::Vanish, "no such domain");
+    assert!(
+        !log.iter().any(|(w, _)| w == "stop"),
+        "no VM stopped: the cut waits for every VM to be ready: {log:?}"
+    );
 }
 
 #[test]
 fn an_image_write_failure_after_the_advance_rolls_the_epoch_back() {
-    let log = aborts_when(3, "vm3", Failure::ImageFails, "no space left");
+    aborts_when(INSTANT, 3, "vm3", Failure::ImageFails, "no space left");
+    aborts_when(INSTANT, 3, "vm1", Failure::CaptureFails, "no space left");
+    let log = aborts_when(PRE, 3, "vm3", Failure::ImageFails, "no space left");
     let rollback = log
         .iter()
         .position(|(w, _)| w == "rollback")
@@ -235,7 +333,12 @@ fn an_image_write_failure_after_the_advance_rolls_the_epoch_back() {
 
 #[test]
 fn a_vm_that_never_pauses_times_out_and_aborts() {
-    let log = aborts_when(2, "vm1", Failure::NeverPauses, "timed out");
+    let log = aborts_when(INSTANT, 3, "vm1", Failure::NeverPauses, "does not stop");
+    assert!(
+        !log.iter().any(|(w, v)| w == "advance" && v == "vm1"),
+        "vm1 never advanced"
+    );
+    let log = aborts_when(PRE, 2, "vm1", Failure::NeverPauses, "timed out");
     assert!(
         !log.iter().any(|(w, v)| w == "advance" && v == "vm1"),
         "vm1 never advanced"
@@ -252,6 +355,7 @@ fn a_restarted_coordinator_aborts_the_unfinished_snapshot() {
         id: id("g-1-e1"),
         group: g.clone(),
         epoch_before: 0,
+        method: PRE,
     };
     write_atomically(&dir.join("journal.json"), &journal).unwrap();
     let hv = FakeHypervisor::new(&g.vms);
@@ -281,12 +385,12 @@ fn refuses_groups_that_cannot_start() {
         .get_mut(&g.vms[0].mac)
         .unwrap() = 3;
     assert!(matches!(
-        c.snapshot(&g),
+        c.snapshot(&g, INSTANT),
         Err(CoordinatorError::Inconsistent { .. })
     ));
     let empty = GroupSpec { vms: vec![], ..g };
     assert!(matches!(
-        c.snapshot(&empty),
+        c.snapshot(&empty, INSTANT),
         Err(CoordinatorError::EmptyGroup(_))
     ));
     let _ = fs::remove_dir_all(dir);
@@ -297,7 +401,7 @@ fn restore_registers_every_vm_at_the_snapshot_epoch_before_any_resumes() {
     let g = group(3);
     let dir = store();
     let (c, hv) = coordinator(&g, &dir);
-    let m = c.snapshot(&g).unwrap();
+    let m = c.snapshot(&g, INSTANT).unwrap();
     hv.world.lock().unwrap().log.clear();
     let r = c.restore(&m.id, None).unwrap();
     assert_eq!((r.epoch, r.vms.len()), (1, 3));
@@ -328,7 +432,7 @@ fn a_failed_restore_destroys_what_it_restored_and_runs_nothing() {
     let g = group(3);
     let dir = store();
     let (c, hv) = coordinator(&g, &dir);
-    let m = c.snapshot(&g).unwrap();
+    let m = c.snapshot(&g, INSTANT).unwrap();
     hv.fail("vm3", Failure::RestoreFails);
     hv.world.lock().unwrap().log.clear();
     let err = c.restore(&m.id, None).unwrap_err();
@@ -361,7 +465,7 @@ fn an_aborted_snapshot_is_not_restorable() {
     let dir = store();
     let (c, hv) = coordinator(&g, &dir);
     hv.fail("vm2", Failure::ImageFails);
-    let m = c.snapshot(&g).unwrap();
+    let m = c.snapshot(&g, PRE).unwrap();
     assert_eq!(m.outcome, Outcome::Aborted);
     hv.world.lock().unwrap().log.clear();
     assert!(matches!(
@@ -380,17 +484,20 @@ fn a_busy_group_refuses_a_second_snapshot_until_the_first_ends() {
     let g = group(2);
     let dir = store();
     let (c, _hv) = coordinator(&g, &dir);
-    let first = c.prepare(&g).unwrap();
+    let first = c.prepare(&g, PRE).unwrap();
     let live = c.get(&first.id).unwrap();
     assert_eq!(live.outcome, Outcome::Running);
-    assert!(matches!(c.prepare(&g), Err(CoordinatorError::Busy { .. })));
+    assert!(matches!(
+        c.prepare(&g, PRE),
+        Err(CoordinatorError::Busy { .. })
+    ));
     assert!(matches!(
         c.delete(&first.id),
         Err(CoordinatorError::Busy { .. })
     ));
     let m = c.run(first).unwrap();
     assert_eq!(m.outcome, Outcome::Committed);
-    let second = c.prepare(&g).unwrap();
+    let second = c.prepare(&g, PRE).unwrap();
     assert!(second.id != m.id);
     c.run(second).unwrap();
     assert_eq!(c.list().unwrap().len(), 2);
@@ -466,6 +573,7 @@ fn every_groups_unfinished_snapshot_is_recovered() {
             id: id.clone(),
             group: g.clone(),
             epoch_before: 0,
+            method: INSTANT,
         };
         write_atomically(&dir.join("journals").join(format!("{id}.json")), &journal).unwrap();
     }

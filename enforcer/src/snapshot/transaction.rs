@@ -1,12 +1,21 @@
 //! The group snapshot transaction (GENI-VIOLIN's START_SNAPSHOT → VM_PAUSED → ADVANCE_EPOCH →
-//! VM_UNPAUSE → REINJECT → COMMIT / ABORT).
+//! VM_UNPAUSE → REINJECT → COMMIT / ABORT), by either [`CutMethod`]. Every VM's part runs on
+//! its own thread.
 //!
-//! Per VM, on its own thread: begin a live snapshot; wait until the hypervisor holds the VM
-//! paused at its snapshot point; advance its epoch in the datapath; let the image complete;
-//! resume. The VM cannot run between its snapshot point and the advance (invariant 3 in
-//! docs/design.md): the hypervisor holds it (QEMU's `pause-before-switchover`) until
-//! `complete`, which is only called after the advance. Re-injection of held frames follows
-//! each advance in the buffer.
+//! Instant (the default): every VM's snapshot is prepared; once all are ready a gate opens
+//! and every thread stops its VM at once (the group's cut: one instant, up to the threads'
+//! wake-up and the hypervisor's call); each advances its VM's epoch while it is stopped, then
+//! captures it (disks frozen, device state saved, memory written afterwards as of the stop),
+//! which runs it again; then waits for its image.
+//!
+//! Pre-copy: begin a live snapshot; wait until the hypervisor holds the VM paused at its
+//! snapshot point (set by its own convergence); advance its epoch; let the image complete;
+//! resume.
+//!
+//! Either way the VM cannot run between its snapshot point and the advance (invariant 3 in
+//! docs/design.md): stopped by `stop` until `capture`, or held by QEMU's
+//! `pause-before-switchover` until `complete`, both only called after the advance.
+//! Re-injection of held frames follows each advance in the buffer.
 //!
 //! All or nothing (invariant 5): if any VM fails or times out, every unfinished snapshot is
 //! cancelled, every VM is left running, the group's epochs go back to where they were (which
@@ -15,9 +24,8 @@
 
 use std::{
     fs,
-    path::Path,
     sync::{
-        Arc, Mutex,
+        Arc, Condvar, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread,
@@ -27,14 +35,14 @@ use std::{
 use tracing::{info, warn};
 
 use super::{
-    backends::{EpochControl, HvError, HvErrorKind, Hypervisor, unix_us},
+    backends::{EpochControl, HvError, HvErrorKind, Hypervisor, Paused, unix_us},
     coordinator::{Coordinator, CoordinatorError, Timeouts},
-    manifest::{Live, Manifest, SnapshotOutcome, SnapshotVm, Step},
+    manifest::{CutMethod, Live, Manifest, SnapshotOutcome, SnapshotVm, Step},
     store::{Journal, write_atomically},
 };
 use crate::{
     model::{GroupSpec, SnapshotId, VmSpec},
-    sched::{leave_realtime, make_this_thread_realtime},
+    sched::Realtime,
 };
 
 /// A snapshot that passed its checks and holds its group: [`Coordinator::run`] takes it.
@@ -47,25 +55,37 @@ pub struct Prepared {
 impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coordinator<H, E> {
     /// Takes a group snapshot; returns its manifest (committed or aborted). `Err` only when it
     /// could not start (bad group, busy group, store unwritable).
-    pub fn snapshot(&self, group: &GroupSpec) -> Result<Manifest, CoordinatorError> {
-        let prepared = self.prepare(group)?;
+    pub fn snapshot(
+        &self,
+        group: &GroupSpec,
+        method: CutMethod,
+    ) -> Result<Manifest, CoordinatorError> {
+        let prepared = self.prepare(group, method)?;
         self.run(prepared)
     }
 
     /// Checks a snapshot can start, claims the group and writes the journal. Fast: the API
     /// answers with the id, then [`Coordinator::run`] does the work.
-    pub fn prepare(&self, group: &GroupSpec) -> Result<Prepared, CoordinatorError> {
+    pub fn prepare(
+        &self,
+        group: &GroupSpec,
+        method: CutMethod,
+    ) -> Result<Prepared, CoordinatorError> {
         if group.vms.is_empty() {
             return Err(CoordinatorError::EmptyGroup(group.name.clone()));
         }
         let claim = self.claim(&group.name, "a snapshot")?;
-        let prepared = self.prepare_claimed(group)?;
+        let prepared = self.prepare_claimed(group, method)?;
         self.relabel_claim(&group.name, prepared.id.as_str());
         claim.keep();
         Ok(prepared)
     }
 
-    fn prepare_claimed(&self, group: &GroupSpec) -> Result<Prepared, CoordinatorError> {
+    fn prepare_claimed(
+        &self,
+        group: &GroupSpec,
+        method: CutMethod,
+    ) -> Result<Prepared, CoordinatorError> {
         let port_of = |vm: &VmSpec| -> Result<String, HvError> {
             let (mac, port) = self.hypervisor.nic(&vm.name)?;
             if mac != vm.mac {
@@ -108,6 +128,7 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             id: id.clone(),
             group: group.clone(),
             epoch_before,
+            method,
         };
         let dir = self.store.join(&id);
         fs::create_dir_all(&dir).map_err(|source| CoordinatorError::Store {
@@ -131,6 +152,7 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
                 id: id.clone(),
                 group: group.clone(),
                 epoch: epoch_before + 1,
+                method,
                 started_unix_ms: started.as_millis() as u64,
                 records,
             },
@@ -165,24 +187,33 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
         let t0 = Instant::now();
         let t0_unix_us = unix_us();
         let failed = Arc::new(AtomicBool::new(false));
+        let method = journal.method;
+        let gate = Arc::new(Gate::new(group.vms.len()));
         let threads: Vec<_> = group
             .vms
             .iter()
             .zip(&records)
             .map(|(vm, record)| {
-                let (hv, ep, failed, record) = (
-                    self.hypervisor.clone(),
-                    self.epochs.clone(),
-                    failed.clone(),
-                    record.clone(),
-                );
-                let (vm, dir, timeouts) = (vm.clone(), dir.clone(), self.timeouts.clone());
-                let clock = Clock { t0, t0_unix_us };
-                thread::spawn(move || {
-                    snapshot_vm(&*hv, &*ep, &vm, &dir, &timeouts, clock, &failed, &record)
+                let part = VmPart {
+                    vm: vm.clone(),
+                    dir: dir.clone(),
+                    timeouts: self.timeouts.clone(),
+                    clock: Clock { t0, t0_unix_us },
+                    failed: failed.clone(),
+                    record: record.clone(),
+                    gate: gate.clone(),
+                };
+                let (hv, ep) = (self.hypervisor.clone(), self.epochs.clone());
+                thread::spawn(move || match method {
+                    CutMethod::Instant => part.instant(&*hv, &*ep),
+                    CutMethod::PreCopy => part.pre_copy(&*hv, &*ep),
                 })
             })
             .collect();
+        if method == CutMethod::Instant {
+            // The cut: once every VM is ready, all stop at once (or none does).
+            gate.open_when_ready(&failed);
+        }
         for t in threads {
             if t.join().is_err() {
                 failed.store(true, Ordering::SeqCst);
@@ -198,7 +229,9 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             epoch: journal.epoch_before + 1,
             outcome: SnapshotOutcome::Committed,
             reason: None,
+            method,
             started_unix_ms: started.as_millis() as u64,
+            stop_spread_ms: Manifest::stop_spread(&vms),
             held_frames: None,
             released_ms: None,
             vms,
@@ -303,95 +336,224 @@ impl Clock {
     }
 }
 
-/// One VM's part of the transaction. Stops early when another VM has failed.
-#[allow(clippy::too_many_arguments)]
-fn snapshot_vm<H: Hypervisor + ?Sized, E: EpochControl + ?Sized>(
-    hv: &H,
-    ep: &E,
-    vm: &VmSpec,
-    dir: &Path,
-    timeouts: &Timeouts,
-    clock: Clock,
-    failed: &AtomicBool,
-    record: &Mutex<SnapshotVm>,
-) {
-    // From the VM's stop to its advance this thread is on the critical path: it must not wait
-    // behind the busy QEMU threads of the other VMs.
-    make_this_thread_realtime("a snapshot thread");
-    let update = |f: &dyn Fn(&mut SnapshotVm)| f(&mut record.lock().expect("record lock"));
-    let fail = |detail: String| {
-        record.lock().expect("record lock").error = Some(detail);
-        failed.store(true, Ordering::SeqCst);
-    };
-    let begin_ms = clock.now_ms();
-    update(&|r| {
-        r.timeline.begin_ms = Some(begin_ms);
-        r.step = Step::Snapshotting;
-    });
-    if let Err(e) = hv.begin(vm, dir) {
-        return fail(format!("starting the snapshot: {e}"));
-    }
-    let (paused, advanced) = match hv.advance_at_pause(vm, timeouts.pause) {
-        // Waited for and advanced where the VM runs. If another VM failed meanwhile, the
-        // abort moves this one's group forward to it (across hosts epochs never go back).
-        Some(Ok((paused, advanced_unix_us))) => (paused, Ok(clock.unix_ms(advanced_unix_us))),
-        Some(Err(e)) => return fail(format!("waiting for the snapshot point: {e}")),
-        None => {
-            let paused = match hv.wait_paused(vm, timeouts.pause) {
-                Ok(p) => p,
-                Err(e) => return fail(format!("waiting for the snapshot point: {e}")),
-            };
-            if failed.load(Ordering::SeqCst) {
-                // Another VM failed: this one must not move to the new epoch, and need not
-                // wait for the others to run again.
-                let _ = hv.cancel(vm);
-                return;
-            }
-            // The VM is held at its snapshot point: advance it before it can run again
-            // (invariant 3).
-            let advanced = ep.advance(vm).map(|_| clock.now_ms());
-            (paused, advanced)
+/// Where the instant method's threads wait for each other: each arrives once its VM is ready
+/// (or failed); the transaction opens the gate for all at once when every VM is ready, or
+/// sends them all home when one failed.
+struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+struct GateState {
+    waiting_for: usize,
+    /// `Some(true)`: stop now; `Some(false)`: the snapshot is off.
+    open: Option<bool>,
+}
+
+impl Gate {
+    fn new(vms: usize) -> Self {
+        Self {
+            state: Mutex::new(GateState {
+                waiting_for: vms,
+                open: None,
+            }),
+            changed: Condvar::new(),
         }
-    };
-    // The critical part is over; copying images and disks must not hog a CPU at real-time
-    // priority.
-    leave_realtime("a snapshot thread");
-    let (seen_ms, paused_ms) = (
-        clock.unix_ms(paused.seen_unix_us),
-        clock.unix_ms(paused.hypervisor_unix_us.unwrap_or(paused.seen_unix_us)),
-    );
-    update(&|r| {
-        r.timeline.pause_seen_ms = Some(seen_ms);
-        r.timeline.paused_ms = Some(paused_ms.min(seen_ms));
-        r.step = Step::Paused;
-    });
-    match advanced {
-        Ok(advanced_ms) => update(&|r| {
+    }
+
+    /// One VM is ready (or failed); waits for the gate. True: stop the VM now.
+    fn arrive(&self) -> bool {
+        let mut s = self.state.lock().expect("gate lock");
+        s.waiting_for = s.waiting_for.saturating_sub(1);
+        self.changed.notify_all();
+        loop {
+            if let Some(open) = s.open {
+                return open;
+            }
+            s = self.changed.wait(s).expect("gate lock");
+        }
+    }
+
+    /// Waits until every VM arrived, then opens the gate, unless a VM failed.
+    fn open_when_ready(&self, failed: &AtomicBool) {
+        let mut s = self.state.lock().expect("gate lock");
+        while s.waiting_for > 0 {
+            s = self.changed.wait(s).expect("gate lock");
+        }
+        s.open = Some(!failed.load(Ordering::SeqCst));
+        self.changed.notify_all();
+    }
+}
+
+/// One VM's part of the transaction, on its own thread. Stops early when another VM has
+/// failed.
+struct VmPart {
+    vm: VmSpec,
+    dir: std::path::PathBuf,
+    timeouts: Timeouts,
+    clock: Clock,
+    failed: Arc<AtomicBool>,
+    record: Arc<Mutex<SnapshotVm>>,
+    gate: Arc<Gate>,
+}
+
+impl VmPart {
+    fn update(&self, f: impl FnOnce(&mut SnapshotVm)) {
+        f(&mut self.record.lock().expect("record lock"))
+    }
+
+    fn fail(&self, detail: String) {
+        self.record.lock().expect("record lock").error = Some(detail);
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    fn begin<H: Hypervisor + ?Sized>(&self, hv: &H, method: CutMethod) -> Result<(), ()> {
+        let begin_ms = self.clock.now_ms();
+        self.update(|r| {
+            r.timeline.begin_ms = Some(begin_ms);
+            r.step = Step::Snapshotting;
+        });
+        hv.begin(&self.vm, &self.dir, method)
+            .map_err(|e| self.fail(format!("starting the snapshot: {e}")))
+    }
+
+    fn record_paused(&self, paused: &Paused) {
+        let (seen_ms, paused_ms) = (
+            self.clock.unix_ms(paused.seen_unix_us),
+            self.clock
+                .unix_ms(paused.hypervisor_unix_us.unwrap_or(paused.seen_unix_us)),
+        );
+        self.update(|r| {
+            r.timeline.pause_seen_ms = Some(seen_ms);
+            r.timeline.paused_ms = Some(paused_ms.min(seen_ms));
+            r.step = Step::Paused;
+        });
+    }
+
+    fn record_advanced(&self, advanced_ms: f64) {
+        self.update(|r| {
             r.timeline.advanced_ms = Some(advanced_ms);
             r.step = Step::Advanced;
-        }),
-        Err(e) => {
-            let _ = hv.cancel(vm);
-            return fail(format!("advancing the epoch: {e}"));
-        }
+        });
     }
-    match hv.complete(vm, timeouts.complete) {
-        Ok(images) => {
-            let ms = clock.now_ms();
-            update(&|r| {
-                r.images = images.clone();
-                r.timeline.image_complete_ms = Some(ms);
+
+    fn record_resumed(&self, ms: f64) {
+        self.update(|r| {
+            r.timeline.resumed_ms = Some(ms);
+            r.step = Step::Resumed;
+        });
+    }
+
+    fn complete<H: Hypervisor + ?Sized>(&self, hv: &H) -> Result<(), ()> {
+        let images = hv
+            .complete(&self.vm, self.timeouts.complete)
+            .map_err(|e| self.fail(format!("completing the image: {e}")))?;
+        let ms = self.clock.now_ms();
+        self.update(|r| {
+            r.images = images;
+            r.timeline.image_complete_ms = Some(ms);
+            if r.step < Step::ImageComplete {
                 r.step = Step::ImageComplete;
-            });
+            }
+        });
+        Ok(())
+    }
+
+    /// Instant: ready → (gate) → stop → advance → capture (runs again) → image complete.
+    fn instant<H: Hypervisor + ?Sized, E: EpochControl + ?Sized>(&self, hv: &H, ep: &E) {
+        let vm = &self.vm;
+        if self.begin(hv, CutMethod::Instant).is_err() {
+            self.gate.arrive();
+            return;
         }
-        Err(e) => return fail(format!("completing the image: {e}")),
+        // From the gate to the advance this thread is on the critical path: it must wake and
+        // call at once, not behind the busy QEMU threads of the VMs.
+        let realtime = Realtime::enter("a snapshot thread");
+        if !self.gate.arrive() {
+            let _ = hv.cancel(vm);
+            return;
+        }
+        let (paused, advanced) = match hv.stop_and_advance(vm) {
+            Some(Ok((paused, at))) => (paused, Ok(self.clock.unix_ms(at))),
+            Some(Err(e)) => {
+                let _ = hv.cancel(vm);
+                return self.fail(format!("stopping it: {e}"));
+            }
+            None => match hv.stop(vm) {
+                // Stopped: advance before it can run again (invariant 3).
+                Ok(paused) => (paused, ep.advance(vm).map(|_| self.clock.now_ms())),
+                Err(e) => {
+                    let _ = hv.cancel(vm);
+                    return self.fail(format!("stopping it: {e}"));
+                }
+            },
+        };
+        self.record_paused(&paused);
+        match advanced {
+            Ok(ms) => self.record_advanced(ms),
+            Err(e) => {
+                let _ = hv.cancel(vm);
+                return self.fail(format!("advancing the epoch: {e}"));
+            }
+        }
+        match hv.capture(vm) {
+            Ok(at) => self.record_resumed(self.clock.unix_ms(at)),
+            Err(e) => {
+                let _ = hv.cancel(vm);
+                return self.fail(format!("capturing it: {e}"));
+            }
+        }
+        drop(realtime);
+        let _ = self.complete(hv);
     }
-    if let Err(e) = hv.resume(vm) {
-        return fail(format!("resuming: {e}"));
+
+    /// Pre-copy: begin → wait for the stop → advance → image complete → resume.
+    fn pre_copy<H: Hypervisor + ?Sized, E: EpochControl + ?Sized>(&self, hv: &H, ep: &E) {
+        let vm = &self.vm;
+        // From the VM's stop to its advance this thread is on the critical path: it must not
+        // wait behind the busy QEMU threads of the other VMs.
+        let realtime = Realtime::enter("a snapshot thread");
+        if self.begin(hv, CutMethod::PreCopy).is_err() {
+            return;
+        }
+        let (paused, advanced) = match hv.advance_at_pause(vm, self.timeouts.pause) {
+            // Waited for and advanced where the VM runs. If another VM failed meanwhile, the
+            // abort moves this one's group forward to it (across hosts epochs never go back).
+            Some(Ok((paused, at))) => (paused, Ok(self.clock.unix_ms(at))),
+            Some(Err(e)) => return self.fail(format!("waiting for the snapshot point: {e}")),
+            None => {
+                let paused = match hv.wait_paused(vm, self.timeouts.pause) {
+                    Ok(p) => p,
+                    Err(e) => return self.fail(format!("waiting for the snapshot point: {e}")),
+                };
+                if self.failed.load(Ordering::SeqCst) {
+                    // Another VM failed: this one must not move to the new epoch, and need
+                    // not wait for the others to run again.
+                    let _ = hv.cancel(vm);
+                    return;
+                }
+                // The VM is held at its snapshot point: advance it before it can run again
+                // (invariant 3).
+                (paused, ep.advance(vm).map(|_| self.clock.now_ms()))
+            }
+        };
+        // The critical part is over; copying images and disks must not hog a CPU at
+        // real-time priority.
+        drop(realtime);
+        self.record_paused(&paused);
+        match advanced {
+            Ok(ms) => self.record_advanced(ms),
+            Err(e) => {
+                let _ = hv.cancel(vm);
+                return self.fail(format!("advancing the epoch: {e}"));
+            }
+        }
+        if self.complete(hv).is_err() {
+            return;
+        }
+        if let Err(e) = hv.resume(vm) {
+            return self.fail(format!("resuming: {e}"));
+        }
+        self.record_resumed(self.clock.now_ms());
     }
-    let ms = clock.now_ms();
-    update(&|r| {
-        r.timeline.resumed_ms = Some(ms);
-        r.step = Step::Resumed;
-    });
 }

@@ -1,0 +1,314 @@
+//! A snapshot's disks, by method. Pre-copy: the disk files are copied while the VM is held at
+//! its snapshot point (cost grows with the disks). Instant: a disk-only external snapshot
+//! freezes each disk file as it is at the stop and the VM goes on in a new qcow2 overlay on top
+//! of it (libvirt's own mechanism; O(1) whatever the disk's size, sparse files stay sparse). A
+//! restore never writes over a frozen file: it boots the VM on a new overlay of it, so any
+//! snapshot of a chain can be restored, in any order, as often as wanted. The list of disks is
+//! kept beside the memory image (`<vm>.disks.json`, `<vm>.overlays.json`). Calls `qemu-img`.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::xml::{DiskFormat, FileDisk};
+
+/// A pre-copy snapshot's copy of a disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskCopy {
+    /// The guest's name for it (`vda`).
+    pub target: String,
+    /// The file the domain uses.
+    pub source: PathBuf,
+    /// The copy taken at the snapshot point.
+    pub copy: PathBuf,
+}
+
+/// An instant snapshot's disk: frozen at the stop, never written again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskCapture {
+    pub target: String,
+    /// The disk as it was at the stop: the file the domain used until then.
+    pub frozen: PathBuf,
+    pub format: DiskFormat,
+    /// The new file the domain went on in (a qcow2 overlay of `frozen`).
+    pub overlay: PathBuf,
+}
+
+pub(super) const COPIES: &str = "disks.json";
+pub(super) const CAPTURES: &str = "overlays.json";
+
+/// Where a new overlay of a VM's disk goes: beside the disk it sits on, named after the VM,
+/// the disk and `tag` (the snapshot's id, or the restore's time).
+pub(super) fn overlay_path(below: &Path, vm: &str, target: &str, tag: &str) -> PathBuf {
+    below
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join(format!("{vm}.{target}.{tag}.qcow2"))
+}
+
+/// The overlays an instant snapshot will put the VM's disks on.
+pub(super) fn plan_captures(vm: &str, disks: &[FileDisk], tag: &str) -> Vec<DiskCapture> {
+    disks
+        .iter()
+        .map(|d| DiskCapture {
+            target: d.target.clone(),
+            frozen: d.file.clone(),
+            format: d.format,
+            overlay: overlay_path(&d.file, vm, &d.target, tag),
+        })
+        .collect()
+}
+
+/// Creates the overlays an instant snapshot will put the disks on, before the stop (so the
+/// stop only switches files): each a qcow2 file over its frozen disk, of the disk's size.
+/// The disks are in use: their size is read without taking their locks, and the overlay is
+/// created without opening them. Nothing is left behind when one fails.
+pub(super) fn prepare_overlays(captures: &[DiskCapture]) -> Result<(), String> {
+    let mut made: Vec<&Path> = Vec::new();
+    for c in captures {
+        let created = virtual_size(&c.frozen, c.format).and_then(|size| {
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-F",
+                c.format.name(),
+                "-b",
+                path_str(&c.frozen)?,
+                path_str(&c.overlay)?,
+                &size.to_string(),
+            ])
+        });
+        if let Err(e) = created {
+            remove_all(made);
+            return Err(format!("disk {}: {e}", c.target));
+        }
+        made.push(&c.overlay);
+    }
+    Ok(())
+}
+
+fn remove_all<'a>(files: impl IntoIterator<Item = &'a Path>) {
+    for f in files {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+/// Removes the prepared overlays a domain did not go on (`in_use`: the files its XML names).
+pub(super) fn remove_unused(captures: &[DiskCapture], in_use: &[PathBuf]) {
+    remove_all(
+        captures
+            .iter()
+            .map(|c| c.overlay.as_path())
+            .filter(|o| !in_use.iter().any(|u| u == o)),
+    );
+}
+
+/// A disk's size as the guest sees it (bytes).
+fn virtual_size(file: &Path, format: DiskFormat) -> Result<u64, String> {
+    let info = qemu_img(&[
+        "info",
+        "-U",
+        "--output=json",
+        "-f",
+        format.name(),
+        path_str(file)?,
+    ])?;
+    serde_json::from_str::<serde_json::Value>(&info)
+        .ok()
+        .and_then(|v| v.get("virtual-size")?.as_u64())
+        .ok_or_else(|| format!("no virtual size for {}: {info}", file.display()))
+}
+
+/// libvirt's disk-only snapshot XML for `captures`: every disk external, on its new overlay.
+pub(super) fn snapshot_xml(captures: &[DiskCapture]) -> String {
+    let disks: String = captures
+        .iter()
+        .map(|c| {
+            format!(
+                "<disk name='{}' snapshot='external'><driver type='qcow2'/><source file='{}'/></disk>",
+                c.target,
+                c.overlay.display()
+            )
+        })
+        .collect();
+    format!("<domainsnapshot><disks>{disks}</disks></domainsnapshot>")
+}
+
+/// Writes a list of disks beside the memory image, durably; returns its path.
+pub(super) fn write_list<T: Serialize>(
+    dir: &Path,
+    vm: &str,
+    name: &str,
+    list: &[T],
+) -> Result<PathBuf, String> {
+    let path = dir.join(format!("{vm}.{name}"));
+    let text = serde_json::to_vec_pretty(list).expect("disk list serializes");
+    std::fs::write(&path, text)
+        .and_then(|()| File::open(&path)?.sync_all())
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(path)
+}
+
+pub(super) fn read_list<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, String> {
+    std::fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_slice(&t).map_err(|e| e.to_string()))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn qemu_img(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .map_err(|e| format!("running qemu-img: {e} (is QEMU installed?)"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "qemu-img {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Checks that a frozen disk and every file below it can be opened (`qemu-img info` over its
+/// backing chain), without changing anything.
+pub(super) fn check_chain(capture: &DiskCapture) -> Result<(), String> {
+    let frozen = path_str(&capture.frozen)?;
+    qemu_img(&[
+        "info",
+        "-U",
+        "--backing-chain",
+        "-f",
+        capture.format.name(),
+        frozen,
+    ])
+    .map(|_| ())
+    .map_err(|e| format!("disk {} of the snapshot: {e}", capture.target))
+}
+
+/// Creates a new qcow2 overlay of each frozen disk for a restored VM (after checking every
+/// chain); returns (target, overlay). Nothing is left behind when one fails.
+pub(super) fn restore_overlays(
+    vm: &str,
+    captures: &[DiskCapture],
+    tag: &str,
+) -> Result<Vec<(String, PathBuf)>, String> {
+    for c in captures {
+        check_chain(c)?;
+    }
+    let mut made: Vec<(String, PathBuf)> = Vec::new();
+    for c in captures {
+        let overlay = overlay_path(&c.frozen, vm, &c.target, tag);
+        let created = path_str(&c.frozen).and_then(|frozen| {
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                c.format.name(),
+                "-b",
+                frozen,
+                path_str(&overlay)?,
+            ])
+        });
+        if let Err(e) = created {
+            for (_, file) in &made {
+                let _ = std::fs::remove_file(file);
+            }
+            return Err(format!("disk {}: {e}", c.target));
+        }
+        made.push((c.target.clone(), overlay));
+    }
+    Ok(made)
+}
+
+/// Puts a pre-copy snapshot's disk copies back over the domain's disks, after checking that
+/// every copy is there (so a missing copy changes nothing).
+pub(super) fn restore_copies(copies: &[DiskCopy]) -> Result<(), String> {
+    if let Some(missing) = copies.iter().find(|d| !d.copy.is_file()) {
+        return Err(format!(
+            "disk {}: the copy {} is missing",
+            missing.target,
+            missing.copy.display()
+        ));
+    }
+    for d in copies {
+        std::fs::copy(&d.copy, &d.source)
+            .map_err(|e| format!("restoring disk {} to {}: {e}", d.target, d.source.display()))?;
+    }
+    Ok(())
+}
+
+fn path_str(path: &Path) -> Result<&str, String> {
+    path.to_str()
+        .ok_or_else(|| format!("{} is not UTF-8", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlays_go_beside_their_disk() {
+        let disks = [FileDisk {
+            target: "vda".into(),
+            file: "/var/lib/libvirt/images/web1.img".into(),
+            format: DiskFormat::Raw,
+        }];
+        let plan = plan_captures("web1", &disks, "g-1-2");
+        assert_eq!(
+            plan[0].overlay,
+            PathBuf::from("/var/lib/libvirt/images/web1.vda.g-1-2.qcow2")
+        );
+        assert_eq!(plan[0].frozen, disks[0].file);
+        let xml = snapshot_xml(&plan);
+        assert!(
+            xml.contains("<disk name='vda' snapshot='external'><driver type='qcow2'/><source file='/var/lib/libvirt/images/web1.vda.g-1-2.qcow2'/>"),
+            "{xml}"
+        );
+    }
+
+    /// A real chain with qemu-img: raw base (sparse) → overlay; restore overlays on the frozen
+    /// raw file and on the overlay, both readable; a missing file refuses before creating any.
+    #[test]
+    fn restore_overlays_sit_on_frozen_files_and_refuse_broken_chains() {
+        let dir = std::env::temp_dir().join(format!("enforcer-disks-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = dir.join("vm.img");
+        File::create(&base).unwrap().set_len(1 << 30).unwrap();
+        let first = DiskCapture {
+            target: "vda".into(),
+            frozen: base.clone(),
+            format: DiskFormat::Raw,
+            overlay: dir.join("vm.vda.s1.qcow2"),
+        };
+        let made = restore_overlays("vm", std::slice::from_ref(&first), "r1").unwrap();
+        assert_eq!(made[0].1, dir.join("vm.vda.r1.qcow2"));
+        let info = qemu_img(&["info", "--backing-chain", path_str(&made[0].1).unwrap()]).unwrap();
+        assert!(info.contains("vm.img"), "{info}");
+        // The frozen base stayed sparse (nothing was copied).
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&base).unwrap().blocks(), 0);
+        // A chain whose frozen file is gone is refused before anything is created.
+        let gone = DiskCapture {
+            target: "vdb".into(),
+            frozen: dir.join("nothing.qcow2"),
+            format: DiskFormat::Qcow2,
+            overlay: dir.join("x.qcow2"),
+        };
+        let err = restore_overlays("vm", &[first, gone], "r2").unwrap_err();
+        assert!(err.contains("vdb"), "{err}");
+        assert!(!dir.join("vm.vda.r2.qcow2").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
