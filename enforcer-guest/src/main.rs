@@ -277,13 +277,35 @@ struct Args {
     peers: Vec<Ipv4Addr>,
     interval: Duration,
     disk: Option<String>,
+    /// Memory rewritten continuously (MiB), like a busy application's working set.
+    dirty_mib: usize,
 }
+
+/// Keeps `mib` MiB of memory changing: every page gets a new value every [`DIRTY_SWEEP`], so
+/// a live copy of the guest's memory (pre-copy) has pages to copy again and again.
+fn dirty_memory(mib: usize) {
+    const PAGE: usize = 4096;
+    let mut buf = vec![0u8; mib << 20];
+    let mut round: u8 = 0;
+    loop {
+        let start = std::time::Instant::now();
+        round = round.wrapping_add(1);
+        for page in buf.chunks_mut(PAGE) {
+            page[0] = round;
+        }
+        std::hint::black_box(&buf);
+        thread::sleep(DIRTY_SWEEP.saturating_sub(start.elapsed()));
+    }
+}
+
+const DIRTY_SWEEP: Duration = Duration::from_millis(100);
 
 fn parse_args() -> Result<Args, String> {
     let mut ip = None;
     let mut peers = Vec::new();
     let mut interval = Duration::from_millis(10);
     let mut disk = None;
+    let mut dirty_mib = 0;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -297,6 +319,11 @@ fn parse_args() -> Result<Args, String> {
                     .collect::<Result<_, _>>()?
             }
             "--disk" => disk = Some(value),
+            "--dirty-mib" => {
+                dirty_mib = value
+                    .parse()
+                    .map_err(|e| format!("--dirty-mib {value}: {e}"))?
+            }
             "--interval-ms" => {
                 interval = Duration::from_millis(
                     value
@@ -312,6 +339,7 @@ fn parse_args() -> Result<Args, String> {
         peers,
         interval,
         disk,
+        dirty_mib,
     })
 }
 
@@ -321,7 +349,7 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("enforcer-guest: {e}");
             eprintln!(
-                "usage: enforcer-guest --ip A.B.C.D --peers IP,IP [--interval-ms N] [--disk DEV]"
+                "usage: enforcer-guest --ip A.B.C.D --peers IP,IP [--interval-ms N] [--disk DEV] [--dirty-mib N]"
             );
             return ExitCode::from(2);
         }
@@ -375,9 +403,13 @@ fn main() -> ExitCode {
         let guest = guest.clone();
         thread::spawn(move || keep_disk_record(guest, path, Duration::from_millis(50)));
     }
+    if args.dirty_mib > 0 {
+        let mib = args.dirty_mib;
+        thread::spawn(move || dirty_memory(mib));
+    }
     eprintln!(
-        "enforcer-guest: {} talking to {:?} every {:?}",
-        args.ip, args.peers, args.interval
+        "enforcer-guest: {} talking to {:?} every {:?}, rewriting {} MiB every {:?}",
+        args.ip, args.peers, args.interval, args.dirty_mib, DIRTY_SWEEP
     );
     let mut talkers = Vec::new();
     for peer in guest.peers.keys().copied() {

@@ -99,6 +99,9 @@ enum BenchCommand {
         /// Write every block of the disks before boot (a disk full of data), not sparse.
         #[arg(long)]
         disk_full: bool,
+        /// Memory each guest rewrites continuously (MiB, every page every 100 ms).
+        #[arg(long, default_value_t = 32)]
+        dirty_mib: u32,
         #[arg(long, default_value = DEFAULT_GUEST_DIR)]
         guest_dir: PathBuf,
     },
@@ -167,7 +170,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("{report}");
         }
         Command::Demo(args) => println!("{}", demo::vms::demo(args.vm_options()?).await?),
-        Command::E2e(args) => println!("{}", demo::vms::e2e(args.vm_options()?).await?),
+        Command::E2e(args) => println!("{}", demo::e2e::e2e(args.vm_options()?).await?),
         Command::E2eHosts(args) => println!("{}", demo::hosts::e2e(args.vm_options()?).await?),
         Command::Bench(BenchCommand::TcpSkew { skews, figure }) => {
             anyhow::ensure!(
@@ -182,6 +185,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             memory_mib,
             disk_gib,
             disk_full,
+            dirty_mib,
             guest_dir,
         }) => {
             anyhow::ensure!(
@@ -198,6 +202,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             o.lab.memory_mib = memory_mib;
             o.lab.disk_gib = disk_gib;
             o.lab.disk_full = disk_full;
+            anyhow::ensure!(
+                dirty_mib < memory_mib / 2,
+                "--dirty-mib must be under half of --memory-mib"
+            );
+            o.lab.dirty_mib = dirty_mib;
             o.lab.prefix = "enfb".into();
             o.lab.subnet = 4;
             o.lab.guest_dir = guest_dir;

@@ -56,6 +56,9 @@ pub struct VmLabOptions {
     /// before boot (a disk full of data) or sparse.
     pub disk_gib: u32,
     pub disk_full: bool,
+    /// Memory each guest rewrites continuously (MiB; every page every 100 ms), so a live copy
+    /// of its memory has to copy pages again.
+    pub dirty_mib: u32,
     /// Each guest sends one TCP and one UDP message to every peer this often.
     pub interval_ms: u32,
     pub uri: String,
@@ -74,6 +77,7 @@ impl Default for VmLabOptions {
             memory_mib: 256,
             disk_gib: 1,
             disk_full: false,
+            dirty_mib: 32,
             interval_ms: 10,
             uri: enforcer::snapshot::libvirt::DEFAULT_URI.into(),
             on_second_bridge: 0,
@@ -182,7 +186,7 @@ impl VmLab {
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{dir}/vmlinuz</kernel>
     <initrd>{dir}/initramfs.gz</initrd>
-    <cmdline>console=ttyS0 quiet enforcer.ip={ip} enforcer.peers={peers} enforcer.interval_ms={interval}</cmdline>
+    <cmdline>console=ttyS0 quiet enforcer.ip={ip} enforcer.peers={peers} enforcer.interval_ms={interval} enforcer.dirty_mib={dirty}</cmdline>
   </os>
   <on_poweroff>destroy</on_poweroff>
   <on_crash>destroy</on_crash>
@@ -210,6 +214,7 @@ impl VmLab {
             ip = vm.ip,
             peers = peers.join(","),
             interval = o.interval_ms,
+            dirty = o.dirty_mib,
             bridge = vm.bridge,
             mac = vm.mac,
             console = self.console(vm).display(),

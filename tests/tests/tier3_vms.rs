@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use enforcer_lab::demo::vms::{self as vmdemo, VmDemoOptions};
+use enforcer_lab::demo::{e2e as vmdemo, vms::VmDemoOptions};
 use enforcer_tests::require_root;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

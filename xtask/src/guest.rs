@@ -37,12 +37,13 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in @MODULES@; do insmod /lib/modules/$m.ko || echo "init: insmod $m failed"; done
-ip=""; peers=""; interval=10
+ip=""; peers=""; interval=10; dirty=0
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     enforcer.ip=*) ip="${arg#*=}" ;;
     enforcer.peers=*) peers="${arg#*=}" ;;
     enforcer.interval_ms=*) interval="${arg#*=}" ;;
+    enforcer.dirty_mib=*) dirty="${arg#*=}" ;;
   esac
 done
 ip link set lo up
@@ -52,7 +53,7 @@ echo "init: eth0 $ip up, peers $peers"
 disk=""
 [ -b /dev/vda ] && disk="--disk /dev/vda"
 while true; do
-  /enforcer-guest --ip "$ip" --peers "$peers" --interval-ms "$interval" $disk
+  /enforcer-guest --ip "$ip" --peers "$peers" --interval-ms "$interval" --dirty-mib "$dirty" $disk
   echo "init: enforcer-guest exited ($?), restarting"
   sleep 1
 done

@@ -1,0 +1,85 @@
+//! Tier 3's walk along a snapshot chain on real guests: a newer snapshot taken under traffic,
+//! then the **older** one restored (a second time: its frozen disks must still be as they were),
+//! then a new snapshot of the group restored from the older one, taken under traffic and
+//! restored in its turn. Each restored group is checked pair by pair and disk against memory.
+
+use std::fmt::Write as _;
+
+use enforcer::{api::client::Client, snapshot::Manifest};
+
+use super::vms::{VmDemoOptions, blocking, kill_all, log, run_restored_and_check, wait_committed};
+use crate::vms::VmLab;
+
+/// Kills the group, restores `id` (onto the lab's other bridge when the options say so), runs
+/// it and checks it. Returns its violations, and a line for the report.
+async fn restore_and_check(
+    lab: &std::sync::Arc<VmLab>,
+    client: &Client,
+    opts: &VmDemoOptions,
+    id: &str,
+    what: &str,
+) -> anyhow::Result<(u64, String)> {
+    kill_all(lab).await?;
+    let bridge = opts.restore_elsewhere.then(|| lab.other_bridge.clone());
+    let restore = client.restore(id, bridge.as_deref()).await?;
+    let (l, restored_for) = (lab.clone(), opts.restored);
+    let consistency = blocking(move || run_restored_and_check(&l, restored_for)).await?;
+    let v = consistency.violations();
+    let line = format!(
+        "{what}: {id} restored (resumed within {:.1} ms of each other), {v} violations",
+        restore.resume_spread_ms
+    );
+    log(&line);
+    if v > 0 {
+        log(consistency.render());
+    }
+    Ok((v, line))
+}
+
+/// Starts the guests talking again, waits, and takes a snapshot under that traffic.
+async fn snapshot_under_traffic(
+    lab: &std::sync::Arc<VmLab>,
+    client: &Client,
+    opts: &VmDemoOptions,
+) -> anyhow::Result<Manifest> {
+    let l = lab.clone();
+    blocking(move || Ok(l.broadcast("talk")?)).await?;
+    tokio::time::sleep(opts.before).await;
+    let started = client.create_snapshot("demo", opts.method).await?;
+    log(format!("snapshot {} under traffic:", started.id));
+    let m = wait_committed(client, &started.id).await?;
+    tokio::time::sleep(opts.after).await;
+    Ok(m)
+}
+
+/// The walk, on a group restored from `older` and quiet again. Returns the violations summed
+/// over both restored runs, and the report's lines.
+pub(crate) async fn older_then_new(
+    lab: &std::sync::Arc<VmLab>,
+    client: &Client,
+    opts: &VmDemoOptions,
+    older: &Manifest,
+) -> anyhow::Result<(u64, String)> {
+    let mut out = String::new();
+    let newer = snapshot_under_traffic(lab, client, opts).await?;
+    let (v1, line) = restore_and_check(
+        lab,
+        client,
+        opts,
+        older.id.as_str(),
+        &format!("the older snapshot again, after {}", newer.id),
+    )
+    .await?;
+    let _ = writeln!(out, "{line}");
+    let third = snapshot_under_traffic(lab, client, opts).await?;
+    let (v2, line) = restore_and_check(
+        lab,
+        client,
+        opts,
+        third.id.as_str(),
+        "a snapshot of the group restored from the older one",
+    )
+    .await?;
+    let _ = writeln!(out, "{line}");
+    Ok((v1 + v2, out))
+}
