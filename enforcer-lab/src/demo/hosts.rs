@@ -32,7 +32,7 @@ use enforcer::{
     datapath::{self, AttachMode, ports::PortSource},
     hold::HoldOptions,
     multihost::HostSpec,
-    snapshot::{CutMethod, SnapshotOutcome as Outcome},
+    snapshot::SnapshotOutcome as Outcome,
 };
 
 /// The bearer token between the coordinator and the agents (they listen on loopback here, but
@@ -228,11 +228,9 @@ async fn scenario(
         }
     }
 
-    // An agent killed and restarted in the middle of a group snapshot (a pre-copy one, whose
-    // VMs run while it copies: an agent killed while it holds a VM stopped leaves it paused, a
-    // fault the journal does not recover yet).
+    // An agent killed and restarted in the middle of a group snapshot.
     let victim = agents.len() - 1;
-    let started = client.create_snapshot("hosts", CutMethod::PreCopy).await?;
+    let started = client.create_snapshot("hosts", opts.method).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let m = client.snapshot(&started.id).await?;

@@ -44,6 +44,9 @@ pub(crate) enum VmState {
     Snapshotting,
     /// Stopped at its snapshot point, waiting for `complete`.
     HeldAtSnapshot,
+    /// Suspended by an instant cut, waiting for `capture`. Only the process that stopped it
+    /// knows why it is paused.
+    Stopped,
     /// Image complete, still paused.
     Paused,
 }
@@ -154,7 +157,7 @@ impl Hypervisor for FakeHypervisor {
         if w.failures.get(&vm.name) == Some(&Failure::NeverPauses) {
             return Err(hv_err(vm, "it does not stop"));
         }
-        w.states.insert(vm.name.clone(), VmState::HeldAtSnapshot);
+        w.states.insert(vm.name.clone(), VmState::Stopped);
         Ok(Paused {
             hypervisor_unix_us: None,
             seen_unix_us: unix_us(),
@@ -173,7 +176,7 @@ impl Hypervisor for FakeHypervisor {
 
     fn capture(&self, vm: &VmSpec) -> Result<u64, HvError> {
         let mut w = self.step(vm, "capture");
-        if w.states.get(&vm.name) != Some(&VmState::HeldAtSnapshot) {
+        if w.states.get(&vm.name) != Some(&VmState::Stopped) {
             return Err(hv_err(vm, "not stopped"));
         }
         if w.failures.get(&vm.name) == Some(&Failure::CaptureFails) {
@@ -245,6 +248,14 @@ impl Hypervisor for FakeHypervisor {
             None => Err(gone(&vm.name)),
             Some(VmState::Snapshotting) | Some(VmState::HeldAtSnapshot) | Some(VmState::Paused) => {
                 w.states.insert(vm.name.clone(), VmState::Running);
+                Ok(())
+            }
+            // Paused by a cut this process began, or by someone (or a dead process) it does
+            // not know of: then it stays paused.
+            Some(VmState::Stopped) => {
+                if w.methods.remove(&vm.name) == Some(CutMethod::Instant) {
+                    w.states.insert(vm.name.clone(), VmState::Running);
+                }
                 Ok(())
             }
             Some(VmState::Running) => Ok(()),
@@ -337,7 +348,10 @@ impl EpochControl for FakeEpochs {
     fn advance(&self, vm: &VmSpec) -> Result<u32, EpochControlError> {
         let mut w = self.world.lock().expect("world");
         w.log.push(("advance".into(), vm.name.clone()));
-        if w.states.get(&vm.name) != Some(&VmState::HeldAtSnapshot) {
+        if !matches!(
+            w.states.get(&vm.name),
+            Some(VmState::HeldAtSnapshot | VmState::Stopped)
+        ) {
             // Advancing a VM that is not held at its snapshot point is a coordinator bug.
             w.ran_unadvanced.push(vm.name.clone());
         }

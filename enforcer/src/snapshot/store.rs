@@ -27,6 +27,9 @@ pub(crate) struct Journal {
     pub(crate) epoch_before: u32,
     #[serde(default = "CutMethod::legacy")]
     pub(crate) method: CutMethod,
+    /// An instant cut began: its VMs may have been stopped by it (see `Coordinator::abort`).
+    #[serde(default)]
+    pub(crate) cut_started: bool,
 }
 
 impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coordinator<H, E> {

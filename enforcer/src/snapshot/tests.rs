@@ -356,6 +356,7 @@ fn a_restarted_coordinator_aborts_the_unfinished_snapshot() {
         group: g.clone(),
         epoch_before: 0,
         method: PRE,
+        cut_started: false,
     };
     write_atomically(&dir.join("journal.json"), &journal).unwrap();
     let hv = FakeHypervisor::new(&g.vms);
@@ -370,6 +371,64 @@ fn a_restarted_coordinator_aborts_the_unfinished_snapshot() {
     let list = c.list().unwrap();
     assert_eq!(list.len(), 1);
     assert_aborted_cleanly(&c, &hv, &list[0], &g, "coordinator stopped");
+    let _ = fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_coordinator_that_died_during_an_instant_cut_leaves_no_vm_paused() {
+    let g = group(3);
+    let dir = store();
+    fs::create_dir_all(&dir).unwrap();
+    // It died after the cut: vm1 stopped, vm2 advanced and captured (running), vm3 stopped
+    // and advanced. The new process knows nothing of why vm1 and vm3 are paused.
+    let journal = Journal {
+        id: id("g-1-e1"),
+        group: g.clone(),
+        epoch_before: 0,
+        method: INSTANT,
+        cut_started: true,
+    };
+    write_atomically(&dir.join("journal.json"), &journal).unwrap();
+    let hv = FakeHypervisor::new(&g.vms);
+    {
+        let mut w = hv.world.lock().unwrap();
+        w.states.insert("vm1".into(), VmState::Stopped);
+        w.states.insert("vm3".into(), VmState::Stopped);
+        *w.epochs.get_mut(&g.vms[1].mac).unwrap() = 1;
+        *w.epochs.get_mut(&g.vms[2].mac).unwrap() = 1;
+    }
+    let c = Coordinator::open(
+        Arc::new(hv.clone()),
+        Arc::new(hv.epochs()),
+        &dir,
+        Timeouts::default(),
+    )
+    .unwrap();
+    assert_aborted_cleanly(&c, &hv, &c.list().unwrap()[0], &g, "coordinator stopped");
+    let _ = fs::remove_dir_all(&dir);
+
+    // Before the cut began (no mark in the journal) a paused VM was paused by someone else:
+    // it stays so.
+    fs::create_dir_all(&dir).unwrap();
+    let journal = Journal {
+        cut_started: false,
+        ..journal
+    };
+    write_atomically(&dir.join("journal.json"), &journal).unwrap();
+    let hv = FakeHypervisor::new(&g.vms);
+    hv.world
+        .lock()
+        .unwrap()
+        .states
+        .insert("vm1".into(), VmState::Stopped);
+    let _c = Coordinator::open(
+        Arc::new(hv.clone()),
+        Arc::new(hv.epochs()),
+        &dir,
+        Timeouts::default(),
+    )
+    .unwrap();
+    assert_eq!(hv.world.lock().unwrap().states["vm1"], VmState::Stopped);
     let _ = fs::remove_dir_all(dir);
 }
 
@@ -574,6 +633,7 @@ fn every_groups_unfinished_snapshot_is_recovered() {
             group: g.clone(),
             epoch_before: 0,
             method: INSTANT,
+            cut_started: false,
         };
         write_atomically(&dir.join("journals").join(format!("{id}.json")), &journal).unwrap();
     }

@@ -129,6 +129,7 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             group: group.clone(),
             epoch_before,
             method,
+            cut_started: false,
         };
         let dir = self.store.join(&id);
         fs::create_dir_all(&dir).map_err(|source| CoordinatorError::Store {
@@ -210,9 +211,22 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
                 })
             })
             .collect();
+        let mut journal = journal;
         if method == CutMethod::Instant {
-            // The cut: once every VM is ready, all stop at once (or none does).
-            gate.open_when_ready(&failed);
+            // The cut: once every VM is ready, all stop at once (or none does). The journal
+            // says so first, durably: a coordinator that dies with VMs stopped leaves them
+            // paused, and the next one must know it was the cut that stopped them.
+            gate.wait_ready();
+            let mut go = !failed.load(Ordering::SeqCst);
+            if go {
+                journal.cut_started = true;
+                if let Err(err) = write_atomically(&self.journal_path(&id), &journal) {
+                    warn!(%id, %err, "recording the cut in the journal; not cutting");
+                    failed.store(true, Ordering::SeqCst);
+                    go = false;
+                }
+            }
+            gate.open(go);
         }
         for t in threads {
             if t.join().is_err() {
@@ -292,6 +306,16 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
                 warn!(vm = vm.name, %err, "cancelling the snapshot");
                 // A VM that is gone has nothing left to clean up.
                 clean &= err.kind == HvErrorKind::NoSuchDomain;
+            }
+            // After an instant cut began every VM was running before it (`begin` checks), so a
+            // VM paused now was stopped by the cut, even if whoever stopped it is gone (a
+            // restarted coordinator or agent has no record of it): run it again.
+            if journal.cut_started
+                && let Err(err) = self.hypervisor.resume(vm)
+                && err.kind != HvErrorKind::NoSuchDomain
+            {
+                warn!(vm = vm.name, %err, "running again a VM the cut stopped");
+                clean = false;
             }
         }
         if let Err(err) = self
@@ -374,13 +398,17 @@ impl Gate {
         }
     }
 
-    /// Waits until every VM arrived, then opens the gate, unless a VM failed.
-    fn open_when_ready(&self, failed: &AtomicBool) {
+    /// Waits until every VM arrived (ready or failed).
+    fn wait_ready(&self) {
         let mut s = self.state.lock().expect("gate lock");
         while s.waiting_for > 0 {
             s = self.changed.wait(s).expect("gate lock");
         }
-        s.open = Some(!failed.load(Ordering::SeqCst));
+    }
+
+    /// Sends every waiting thread on: to stop its VM (`go`), or home.
+    fn open(&self, go: bool) {
+        self.state.lock().expect("gate lock").open = Some(go);
         self.changed.notify_all();
     }
 }
