@@ -105,6 +105,23 @@ enum BenchCommand {
         #[arg(long, default_value = DEFAULT_GUEST_DIR)]
         guest_dir: PathBuf,
     },
+    /// Snapshot → kill → restore cycles of real guests under traffic, by both methods: restore
+    /// time, resume spread, and restored guests that crashed.
+    Restore {
+        #[arg(long, default_value_t = 3)]
+        vms: usize,
+        /// Cycles per method.
+        #[arg(long, default_value_t = 5)]
+        count: usize,
+        /// Each guest's memory (MiB).
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u32,
+        /// Memory each guest rewrites continuously (MiB, every page every 100 ms).
+        #[arg(long, default_value_t = 32)]
+        dirty_mib: u32,
+        #[arg(long, default_value = DEFAULT_GUEST_DIR)]
+        guest_dir: PathBuf,
+    },
     /// TCP through a snapshot with skew: no-progress period, drop vs buffer (GENI-VIOLIN Fig. 6).
     TcpSkew {
         /// Skews to run, in seconds (comma-separated).
@@ -216,6 +233,31 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let report =
                 bench::snapshots::bench_snapshots(o, count, Duration::from_millis(500)).await?;
             println!("{report}");
+        }
+        Command::Bench(BenchCommand::Restore {
+            vms,
+            count,
+            memory_mib,
+            dirty_mib,
+            guest_dir,
+        }) => {
+            anyhow::ensure!((2..=8).contains(&vms), "--vms must be between 2 and 8");
+            anyhow::ensure!((1..=200).contains(&count), "--count must be in 1..=200");
+            anyhow::ensure!(
+                (128..=8192).contains(&memory_mib) && dirty_mib < memory_mib / 2,
+                "--memory-mib must be in 128..=8192 and --dirty-mib under half of it"
+            );
+            let mut o = VmDemoOptions::default();
+            o.lab.vms = vms;
+            o.lab.memory_mib = memory_mib;
+            o.lab.dirty_mib = dirty_mib;
+            o.lab.guest_dir = guest_dir;
+            o.lab.prefix = "enfr".into();
+            o.lab.subnet = 6;
+            o.pin_root = "/sys/fs/bpf/enforcer-bench-restore".into();
+            o.store = "/var/lib/enforcer/bench-restores".into();
+            o.hold_device = "enfrhold".into();
+            println!("{}", bench::restores::bench_restores(o, count).await?);
         }
         Command::Bench(BenchCommand::Hold { seconds }) => {
             anyhow::ensure!(seconds > 0.0, "--seconds must be positive");

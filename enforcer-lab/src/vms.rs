@@ -298,6 +298,33 @@ impl VmLab {
             .map_err(|e| VmLabError::Libvirt(format!("starting {}: {e}", vm.name)))
     }
 
+    /// Boots a guest afresh (a new disk), destroying what runs under its name.
+    pub fn reboot(&self, vm: &GuestVm) -> Result<(), VmLabError> {
+        if let Ok(dom) = self.conn.lookup_domain_by_name(&vm.name)
+            && dom.is_active().unwrap_or(false)
+        {
+            let _ = dom.destroy();
+        }
+        self.boot(vm)
+    }
+
+    /// What the guest's console says of a crashed kernel (its first such line), if it does.
+    pub fn crash(&self, vm: &GuestVm) -> Option<String> {
+        const SIGNS: [&str; 6] = [
+            "Kernel panic",
+            "kernel BUG",
+            "BUG:",
+            "double fault",
+            "general protection fault",
+            "corruption",
+        ];
+        std::fs::read_to_string(self.console(vm))
+            .ok()?
+            .lines()
+            .find(|l| SIGNS.iter().any(|s| l.contains(s)))
+            .map(str::to_owned)
+    }
+
     /// Moves the host's address (its way to the guests' control ports) to `bridge`, for guests
     /// restored there.
     pub fn move_host_to(&self, bridge: &str) -> Result<(), VmLabError> {

@@ -1,10 +1,12 @@
 //! Benchmarks, each printing ratios measured side by side in one run (`cargo xtask bench …`):
 //! the datapath with and without the programs ([`datapath`]), held frames and re-injection
-//! ([`hold`]), TCP through a skewed snapshot ([`tcp_skew`]), group snapshots of real guests
-//! ([`snapshots`]) and the epoch protocol across two emulated hosts ([`hosts`]).
+//! ([`hold`]), TCP through a skewed snapshot ([`tcp_skew`]), group snapshots and restores of
+//! real guests ([`snapshots`], [`restores`]) and the epoch protocol across two emulated hosts
+//! ([`hosts`]).
 
 pub mod datapath;
 pub mod hold;
 pub mod hosts;
+pub mod restores;
 pub mod snapshots;
 pub mod tcp_skew;

@@ -108,6 +108,9 @@ impl DiskCheck {
 pub struct Consistency {
     pub pairs: Vec<PairCheck>,
     pub disks: Vec<DiskCheck>,
+    /// Restored guests whose kernel crashed (VM, the console's line): a restored image that
+    /// does not even run is the worst inconsistency; each counts as one violation.
+    pub crashed: Vec<(String, String)>,
 }
 
 impl Consistency {
@@ -118,6 +121,23 @@ impl Consistency {
                 .iter()
                 .map(|d| d.mismatches.max(u64::from(!d.ok())))
                 .sum::<u64>()
+            + self.crashed.len() as u64
+    }
+
+    /// The guests that crashed after the restore, when one did (stats unreadable).
+    fn crashed(lab: &VmLab) -> Option<Self> {
+        // The console is written as the kernel dies; give it a moment.
+        std::thread::sleep(Duration::from_secs(1));
+        let crashed: Vec<(String, String)> = lab
+            .vms
+            .iter()
+            .filter_map(|vm| Some((vm.name.clone(), lab.crash(vm)?)))
+            .collect();
+        (!crashed.is_empty()).then_some(Self {
+            pairs: Vec::new(),
+            disks: Vec::new(),
+            crashed,
+        })
     }
 
     pub fn render(&self) -> String {
@@ -151,6 +171,9 @@ impl Consistency {
                 if p.tcp_resumed { "yes" } else { "NO" },
                 p.violations
             );
+        }
+        for (vm, line) in &self.crashed {
+            let _ = writeln!(out, "  {vm:<10} CRASHED after the restore: {line}");
         }
         for d in &self.disks {
             let _ = writeln!(
@@ -230,7 +253,11 @@ pub fn check(lab: &VmLab, early: &[GuestStats], last: &[GuestStats]) -> Consiste
             mismatches: last[i].disk_mismatches,
         })
         .collect();
-    Consistency { pairs, disks }
+    Consistency {
+        pairs,
+        disks,
+        crashed: Vec::new(),
+    }
 }
 
 /// Runs the restored group for a while, then stops the senders, lets the streams drain and
@@ -240,15 +267,30 @@ pub(crate) fn run_restored_and_check(
     restored_for: Duration,
 ) -> anyhow::Result<Consistency> {
     std::thread::sleep(Duration::from_millis(300));
-    let early = lab.all_stats().context("guest stats after the restore")?;
+    let early = match lab.all_stats() {
+        Ok(stats) => stats,
+        Err(e) => {
+            return Consistency::crashed(lab)
+                .ok_or(e)
+                .context("guest stats after the restore");
+        }
+    };
     std::thread::sleep(restored_for);
-    lab.broadcast("quiet")?;
+    if let Err(e) = lab.broadcast("quiet") {
+        return Consistency::crashed(lab)
+            .ok_or(e)
+            .context("stopping the senders");
+    }
     // Drained when every stream is back in step (TCP retransmits can take a while after a
     // loss), or at the deadline: then what is left is reported.
     let deadline = Instant::now() + Duration::from_secs(8);
     loop {
         std::thread::sleep(Duration::from_millis(500));
-        let consistency = check(lab, &early, &lab.all_stats()?);
+        let last = match lab.all_stats() {
+            Ok(stats) => stats,
+            Err(e) => return Consistency::crashed(lab).ok_or(e).context("guest stats"),
+        };
+        let consistency = check(lab, &early, &last);
         if consistency.pairs.iter().all(|p| p.tcp_resumed) || Instant::now() > deadline {
             return Ok(consistency);
         }

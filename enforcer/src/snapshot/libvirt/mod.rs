@@ -62,7 +62,7 @@ use super::{
     backends::{HvError, HvErrorKind},
     manifest::CutMethod,
 };
-use crate::sched::make_this_thread_realtime;
+use crate::sched::{Boost, make_this_thread_realtime};
 
 pub const DEFAULT_URI: &str = "qemu:///system";
 /// The name QEMU knows our image fd by.
@@ -185,6 +185,8 @@ struct Job {
     dir: PathBuf,
     /// Instant: stopped by `stop`, so `cancel` runs it again.
     stopped: bool,
+    /// Instant: its QEMU boosted from the stop to the resume.
+    boost: Option<Boost>,
 }
 
 pub struct Libvirt {
@@ -422,6 +424,15 @@ impl Libvirt {
             .restore_domain_flags(path, Some(&xml), sys::VIR_DOMAIN_SAVE_PAUSED)
             .map_err(|e| hv_err(vm, format!("restoring {path}: {e}")))?;
         first_nic(&self.live_xml(vm)?).map_err(|e| hv_err(vm, e))
+    }
+
+    /// The pid of a running domain's QEMU, from the pid file libvirt's system driver keeps.
+    fn qemu_pid(&self, vm: &str) -> Option<u32> {
+        std::fs::read_to_string(format!("/run/libvirt/qemu/{vm}.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Starts QEMU's migration into the image's fd.
