@@ -140,6 +140,9 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
                 by: id.to_string(),
             });
         }
+        // Not beside a snapshot or restore of the group: deleting merges disk chains the
+        // group's VMs run on.
+        let _claim = self.claim(&m.group.name, &format!("deleting {id}"))?;
         let dir = self.store.join(id);
         for vm in &m.group.vms {
             self.hypervisor.discard(vm, &dir)?;

@@ -110,6 +110,38 @@ pub(super) fn remove_unused(captures: &[DiskCapture], in_use: &[PathBuf]) {
     );
 }
 
+/// What `qemu-img info` says of a file in use (its locks left alone).
+fn info(file: &Path) -> Result<serde_json::Value, String> {
+    let text = qemu_img(&["info", "-U", "--output=json", path_str(file)?])?;
+    serde_json::from_str(&text).map_err(|e| format!("qemu-img info {}: {e}", file.display()))
+}
+
+/// The file a qcow2 file is backed by (absolute), if any.
+pub(super) fn backing_of(file: &Path) -> Result<Option<PathBuf>, String> {
+    let info = info(file)?;
+    let name = info
+        .get("full-backing-filename")
+        .or_else(|| info.get("backing-filename"))
+        .and_then(|v| v.as_str());
+    Ok(name.map(|n| {
+        let n = Path::new(n);
+        if n.is_absolute() {
+            n.to_owned()
+        } else {
+            file.parent().unwrap_or(Path::new("/")).join(n)
+        }
+    }))
+}
+
+/// A file's format as QEMU probes it (raw or qcow2).
+pub(super) fn format_of(file: &Path) -> Result<DiskFormat, String> {
+    match info(file)?.get("format").and_then(|v| v.as_str()) {
+        Some("qcow2") => Ok(DiskFormat::Qcow2),
+        Some("raw") => Ok(DiskFormat::Raw),
+        other => Err(format!("{} is {other:?}, not raw or qcow2", file.display())),
+    }
+}
+
 /// A disk's size as the guest sees it (bytes).
 fn virtual_size(file: &Path, format: DiskFormat) -> Result<u64, String> {
     let info = qemu_img(&[
@@ -163,7 +195,7 @@ pub(super) fn read_list<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn qemu_img(args: &[&str]) -> Result<String, String> {
+pub(super) fn qemu_img(args: &[&str]) -> Result<String, String> {
     let out = Command::new("qemu-img")
         .args(args)
         .output()

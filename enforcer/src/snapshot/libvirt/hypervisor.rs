@@ -420,7 +420,13 @@ impl Hypervisor for Libvirt {
     }
 
     fn discard(&self, vm: &VmSpec, image_dir: &Path) -> Result<(), HvError> {
-        discard_local(&vm.name, image_dir).map_err(|e| hv_err(&vm.name, e.to_string()))
+        discard_local(&vm.name, image_dir).map_err(|e| hv_err(&vm.name, e.to_string()))?;
+        // Its frozen disks are needed no more unless something else sits on them: merged
+        // away or deleted (see `chain`).
+        if let Some(store) = image_dir.parent() {
+            self.shorten_chains(&vm.name, store);
+        }
+        Ok(())
     }
 
     fn cancel(&self, vm: &VmSpec) -> Result<(), HvError> {

@@ -1,8 +1,8 @@
 //! The real [`Hypervisor`]: libvirt through the `virt` crate, driving QEMU's own migration
 //! through libvirt's QMP passthrough (measured race-free; see docs/design.md, "Facts of the
 //! platform"). Owns the connection, QEMU's events and the snapshots in progress per VM; the
-//! domain XML ([`xml`]), the memory image's format ([`image`]) and the disks ([`disks`]) are
-//! its children.
+//! domain XML ([`xml`]), the memory image's format ([`image`]), the disks ([`disks`]) and
+//! their chains ([`chain`]) are its children.
 //!
 //! Why not libvirt's live snapshot: it pauses the VM at its final stop-and-copy and resumes it by
 //! itself 35–170 ms later, with no hook, so an epoch advance that reacts to the pause races the
@@ -35,6 +35,7 @@
 //! instant snapshots' disks on new overlays of the frozen files (never written over), pre-copy
 //! snapshots' copies put back first; optionally onto another bridge.
 
+mod chain;
 mod disks;
 mod hypervisor;
 mod image;
