@@ -36,6 +36,8 @@ pub(crate) enum Failure {
     ImageFails,
     /// Its image cannot be restored.
     RestoreFails,
+    /// The code driving it panics as its snapshot begins.
+    Panics,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,6 +144,10 @@ impl Hypervisor for FakeHypervisor {
         if w.failures.get(&vm.name) == Some(&Failure::Vanish) {
             w.states.remove(&vm.name);
             return Err(gone(&vm.name));
+        }
+        if w.failures.get(&vm.name) == Some(&Failure::Panics) {
+            drop(w);
+            panic!("{}: a bug while beginning its snapshot", vm.name);
         }
         w.states.insert(vm.name.clone(), VmState::Snapshotting);
         w.methods.insert(vm.name.clone(), method);

@@ -80,7 +80,12 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
                 .collect();
             threads
                 .into_iter()
-                .map(|t| t.join().expect("a restore thread panicked"))
+                .zip(&m.vms)
+                .map(|(t, rec)| {
+                    t.join().unwrap_or_else(|_| {
+                        Err(HvError::failed(&rec.name, "its restore thread panicked"))
+                    })
+                })
                 .collect()
         });
         let mut restored: Vec<RestoredVm> = Vec::new();
@@ -121,7 +126,12 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
                 .collect();
             threads
                 .into_iter()
-                .map(|t| t.join().expect("a resume thread panicked"))
+                .zip(&restored)
+                .map(|(t, r)| {
+                    t.join().unwrap_or_else(|_| {
+                        Err(HvError::failed(&r.name, "its resume thread panicked"))
+                    })
+                })
                 .collect()
         });
         for (r, at) in restored.iter_mut().zip(resumed) {

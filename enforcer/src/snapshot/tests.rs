@@ -332,6 +332,23 @@ fn an_image_write_failure_after_the_advance_rolls_the_epoch_back() {
 }
 
 #[test]
+fn a_thread_that_panics_before_the_cut_aborts_instead_of_holding_the_others() {
+    // Run on a thread of its own: a gate that waits for the dead thread would hang the test.
+    let (done, finished) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let log = aborts_when(INSTANT, 3, "vm2", Failure::Panics, "thread failed");
+        let _ = done.send(log);
+    });
+    let log = finished
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the snapshot ended instead of waiting for a thread that panicked");
+    assert!(
+        !log.iter().any(|(w, _)| w == "stop"),
+        "no VM stopped: {log:?}"
+    );
+}
+
+#[test]
 fn a_vm_that_never_pauses_times_out_and_aborts() {
     let log = aborts_when(INSTANT, 3, "vm1", Failure::NeverPauses, "does not stop");
     assert!(

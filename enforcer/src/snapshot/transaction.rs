@@ -398,6 +398,13 @@ impl Gate {
         }
     }
 
+    /// One VM will not arrive (its thread is unwinding): counted as arrived, and failed.
+    fn leave(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.waiting_for = s.waiting_for.saturating_sub(1);
+        self.changed.notify_all();
+    }
+
     /// Waits until every VM arrived (ready or failed).
     fn wait_ready(&self) {
         let mut s = self.state.lock().expect("gate lock");
@@ -410,6 +417,30 @@ impl Gate {
     fn open(&self, go: bool) {
         self.state.lock().expect("gate lock").open = Some(go);
         self.changed.notify_all();
+    }
+}
+
+/// A thread's place at the [`Gate`]: taken by [`Arrival::arrive`], or given up when dropped
+/// unused (a panic), which fails the snapshot instead of leaving the others waiting.
+struct Arrival<'a> {
+    gate: &'a Gate,
+    failed: &'a AtomicBool,
+    arrived: bool,
+}
+
+impl Arrival<'_> {
+    fn arrive(mut self) -> bool {
+        self.arrived = true;
+        self.gate.arrive()
+    }
+}
+
+impl Drop for Arrival<'_> {
+    fn drop(&mut self) {
+        if !self.arrived {
+            self.failed.store(true, Ordering::SeqCst);
+            self.gate.leave();
+        }
     }
 }
 
@@ -490,14 +521,20 @@ impl VmPart {
     /// Instant: ready → (gate) → stop → advance → capture (runs again) → image complete.
     fn instant<H: Hypervisor + ?Sized, E: EpochControl + ?Sized>(&self, hv: &H, ep: &E) {
         let vm = &self.vm;
+        // Arrives at the gate even if this thread panics on the way (the others wait for it).
+        let arrival = Arrival {
+            gate: &self.gate,
+            failed: &self.failed,
+            arrived: false,
+        };
         if self.begin(hv, CutMethod::Instant).is_err() {
-            self.gate.arrive();
+            arrival.arrive();
             return;
         }
         // From the gate to the advance this thread is on the critical path: it must wake and
         // call at once, not behind the busy QEMU threads of the VMs.
         let realtime = Realtime::enter("a snapshot thread");
-        if !self.gate.arrive() {
+        if !arrival.arrive() {
             let _ = hv.cancel(vm);
             return;
         }

@@ -25,7 +25,10 @@ use virt::sys;
 
 use super::{
     Libvirt,
-    disks::{CAPTURES, COPIES, DiskCapture, DiskCopy, backing_of, format_of, qemu_img, read_list},
+    disks::{
+        CAPTURES, COPIES, DiskCapture, DiskCopy, backing_of, format_of, qemu_img, read_list,
+        write_list_at,
+    },
     xml::file_disks,
 };
 
@@ -60,6 +63,9 @@ pub(super) struct Chains {
     /// What must stay readable as it is: snapshots' frozen disks, pre-copy copies' backing
     /// files, the domain's own disk.
     pub(super) roots: HashSet<PathBuf>,
+    /// Roots that must also keep their name (pre-copy copies' backing files, the domain's
+    /// disk when it does not run, its persistent definition's disk): never merged away.
+    pub(super) pinned: HashSet<PathBuf>,
     /// The running domain's chain, active file first (empty when the domain does not run).
     pub(super) live: Vec<PathBuf>,
 }
@@ -100,25 +106,36 @@ pub(super) fn plan(c: &Chains) -> Option<Step> {
         return Some(Step::Delete(f.clone()));
     }
     let active = c.live.first();
+    // A link is merged away only when exactly one file, of any kind, sits on it.
+    let only_child = |f: &Path| -> Option<PathBuf> {
+        let kids: Vec<&PathBuf> = c.children(f).collect();
+        match kids.as_slice() {
+            [one] => Some((*one).clone()),
+            _ => None,
+        }
+    };
     for f in c
         .ours
         .iter()
         .filter(|f| needed.contains(*f) && !c.roots.contains(*f) && Some(*f) != active)
     {
-        let Some(base) = c.backing.get(f) else {
+        let (Some(base), Some(child)) = (c.backing.get(f), only_child(f)) else {
             continue;
         };
-        let kids: Vec<&PathBuf> = c.children(f).filter(|k| needed.contains(*k)).collect();
-        let [child] = kids.as_slice() else {
-            continue;
-        };
-        let child = (*child).clone();
-        return Some(if Some(&child) == active {
+        let step = if Some(&child) == active {
             Step::Pull {
                 base: base.clone(),
                 drop: f.clone(),
             }
         } else if c.live.contains(&child) {
+            // The snapshot that froze `child` gets `f` instead: only when `child` is ours, its
+            // name free to go, and exactly one file (the running one) sits on it.
+            if !c.ours.contains(&child)
+                || c.pinned.contains(&child)
+                || only_child(&child).is_none_or(|above| !c.live.contains(&above))
+            {
+                continue;
+            }
             Step::Commit {
                 top: child,
                 base: f.clone(),
@@ -129,7 +146,8 @@ pub(super) fn plan(c: &Chains) -> Option<Step> {
                 base: base.clone(),
                 drop: f.clone(),
             }
-        });
+        };
+        return Some(step);
     }
     None
 }
@@ -148,16 +166,37 @@ impl Libvirt {
     /// module header), with `store` holding the snapshots that remain. Best effort: a step
     /// that fails is logged and leaves every file in place.
     pub(super) fn shorten_chains(&self, vm: &str, store: &Path) {
+        if self.jobs.lock().expect("jobs lock").contains_key(vm) {
+            // A snapshot of it is in progress: its frozen disks are in no list yet.
+            warn!(vm, "not shortening disk chains during a snapshot");
+            return;
+        }
         let Ok(dom) = self.conn.lookup_domain_by_name(vm) else {
             return;
         };
         let running = dom.is_active().unwrap_or(false);
+        // A persistent domain boots next time from its definition's disks: they stay.
+        let defined: Vec<PathBuf> = if dom.is_persistent().unwrap_or(false) {
+            dom.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+                .ok()
+                .and_then(|x| file_disks(&x).ok())
+                .map(|d| d.into_iter().map(|d| d.file).collect())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let Some(disks) = dom.xml_desc(0).ok().and_then(|x| file_disks(&x).ok()) else {
             return;
         };
         for disk in disks {
             for _ in 0..32 {
-                let chains = match read_chains(vm, &disk.target, &disk.file, running, store) {
+                let chains =
+                    read_chains(vm, &disk.target, &disk.file, running, store).map(|mut c| {
+                        c.roots.extend(defined.iter().cloned());
+                        c.pinned.extend(defined.iter().cloned());
+                        c
+                    });
+                let chains = match chains {
                     Ok(c) => c,
                     Err(e) => {
                         warn!(vm, disk = disk.target, %e, "reading the disk's chain");
@@ -182,14 +221,18 @@ impl Libvirt {
         match step {
             Step::Delete(f) => remove(f),
             Step::Pull { base, drop } => {
+                let active = self.active_file(vm, target)?;
                 self.block_job(vm, target, |dom, disk| {
                     let base = cstring(base)?;
                     // SAFETY: a live domain and NUL-terminated strings that outlive the call.
                     Ok(unsafe { sys::virDomainBlockRebase(dom, disk, base.as_ptr(), 0, 0) })
                 })?;
+                // A job that failed ends like one that succeeded: look before deleting.
+                moved_onto(&active, base, drop)?;
                 remove(drop)
             }
             Step::Commit { top, base } => {
+                let above = self.file_above(vm, target, top)?;
                 self.block_job(vm, target, |dom, disk| {
                     let (base, top) = (cstring(base)?, cstring(top)?);
                     // SAFETY: as above.
@@ -197,6 +240,7 @@ impl Libvirt {
                         sys::virDomainBlockCommit(dom, disk, base.as_ptr(), top.as_ptr(), 0, 0)
                     })
                 })?;
+                moved_onto(&above, base, top)?;
                 reassign_frozen(store, vm, target, top, base)?;
                 remove(top)
             }
@@ -216,6 +260,29 @@ impl Libvirt {
                 remove(drop)
             }
         }
+    }
+
+    /// The file the running domain's disk `target` is on.
+    fn active_file(&self, vm: &str, target: &str) -> Result<PathBuf, String> {
+        let xml = self.live_xml(vm).map_err(|e| e.to_string())?;
+        file_disks(&xml)?
+            .into_iter()
+            .find(|d| d.target == target)
+            .map(|d| d.file)
+            .ok_or_else(|| format!("the domain has no disk {target}"))
+    }
+
+    /// The file of the running chain that sits right on `file`.
+    fn file_above(&self, vm: &str, target: &str, file: &Path) -> Result<PathBuf, String> {
+        let mut at = self.active_file(vm, target)?;
+        for _ in 0..256 {
+            match backing_of(&at)? {
+                Some(b) if b == file => return Ok(at),
+                Some(b) => at = b,
+                None => break,
+            }
+        }
+        Err(format!("{} is not in the running chain", file.display()))
     }
 
     /// Starts a block job on the domain's disk `target` and waits until it is over.
@@ -255,6 +322,18 @@ impl Libvirt {
     }
 }
 
+/// After a block job: `file` must now sit on `base`, `gone` left the chain.
+fn moved_onto(file: &Path, base: &Path, gone: &Path) -> Result<(), String> {
+    match backing_of(file)? {
+        Some(b) if b == base => Ok(()),
+        other => Err(format!(
+            "the block job did not take {} out: {} is on {other:?}",
+            gone.display(),
+            file.display()
+        )),
+    }
+}
+
 fn cstring(p: &Path) -> Result<CString, String> {
     CString::new(path_str(p)?).map_err(|e| e.to_string())
 }
@@ -280,19 +359,29 @@ fn read_chains(
         .map(|e| e.path())
         .filter(|p| ours(p, vm, target))
         .collect();
-    for snapshot in std::fs::read_dir(store).into_iter().flatten().flatten() {
-        let at = snapshot.path();
-        if let Ok(captures) = read_list::<DiskCapture>(&at.join(format!("{vm}.{CAPTURES}"))) {
+    // Fails closed: a list that cannot be read could be protecting a file.
+    let snapshots = std::fs::read_dir(store).map_err(|e| format!("{}: {e}", store.display()))?;
+    for snapshot in snapshots {
+        let at = snapshot.map_err(|e| e.to_string())?.path();
+        let captures = at.join(format!("{vm}.{CAPTURES}"));
+        if captures.exists() {
             c.roots.extend(
-                captures
+                read_list::<DiskCapture>(&captures)?
                     .into_iter()
                     .filter(|d| d.target == target)
                     .map(|d| d.frozen),
             );
         }
-        if let Ok(copies) = read_list::<DiskCopy>(&at.join(format!("{vm}.{COPIES}"))) {
-            for d in copies.into_iter().filter(|d| d.target == target) {
-                c.roots.extend(backing_of(&d.copy)?);
+        let copies = at.join(format!("{vm}.{COPIES}"));
+        if copies.exists() {
+            for d in read_list::<DiskCopy>(&copies)?
+                .into_iter()
+                .filter(|d| d.target == target)
+            {
+                if let Some(b) = backing_of(&d.copy)? {
+                    c.pinned.insert(b.clone());
+                    c.roots.insert(b);
+                }
             }
         }
     }
@@ -315,6 +404,7 @@ fn read_chains(
         }
     } else {
         c.roots.insert(file.to_owned());
+        c.pinned.insert(file.to_owned());
     }
     Ok(c)
 }
@@ -343,12 +433,7 @@ fn reassign_frozen(
             changed = true;
         }
         if changed {
-            let tmp = list.with_extension("tmp");
-            let text = serde_json::to_vec_pretty(&captures).expect("disk list serializes");
-            std::fs::write(&tmp, text)
-                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-                .and_then(|()| std::fs::rename(&tmp, &list))
-                .map_err(|e| format!("{}: {e}", list.display()))?;
+            write_list_at(&list, &captures)?;
         }
     }
     Ok(())
@@ -367,6 +452,7 @@ mod tests {
             ours: ours.iter().map(|s| p(s)).collect(),
             backing: links.iter().map(|(f, b)| (p(f), p(b))).collect(),
             roots: roots.iter().map(|s| p(s)).collect(),
+            pinned: HashSet::new(),
             live: live.iter().map(|s| p(s)).collect(),
         }
     }
@@ -391,6 +477,7 @@ mod tests {
                 }
                 Step::Commit { top, base } => {
                     let above: Vec<PathBuf> = c.children(top).cloned().collect();
+                    assert_eq!(above.len(), 1, "committed {top:?} under several files");
                     for a in above {
                         c.backing.insert(a, base.clone());
                     }
@@ -493,6 +580,37 @@ mod tests {
             &["o", "a", "b", "f"],
             &["a", "b"],
             &["o", "u"],
+        );
+        assert_eq!(plan(&c), None);
+    }
+
+    #[test]
+    fn a_frozen_disk_with_another_file_on_it_is_not_committed_away() {
+        // a (deleted snapshot's) ← b (kept snapshot's) ← r (running, a restore of b's
+        // snapshot), and c (a third snapshot's frozen disk) also on b: committing b into a
+        // would leave c on a deleted file.
+        let c = chains(
+            &[("a", "base"), ("b", "a"), ("r", "b"), ("c", "b")],
+            &["a", "b", "r", "c"],
+            &["b", "c"],
+            &["r", "b", "a", "base"],
+        );
+        assert_eq!(plan(&c), None);
+        // Nor when b is a pre-copy copy's backing file (its name must stay).
+        let mut c = chains(
+            &[("a", "base"), ("b", "a"), ("o", "b")],
+            &["a", "b", "o"],
+            &["b"],
+            &["o", "b", "a", "base"],
+        );
+        c.pinned.insert(p("b"));
+        assert_eq!(plan(&c), None);
+        // Nor when b is not ours.
+        let c = chains(
+            &[("a", "base"), ("b", "a"), ("o", "b")],
+            &["a", "o"],
+            &["b"],
+            &["o", "b", "a", "base"],
         );
         assert_eq!(plan(&c), None);
     }

@@ -181,11 +181,20 @@ pub(super) fn write_list<T: Serialize>(
     list: &[T],
 ) -> Result<PathBuf, String> {
     let path = dir.join(format!("{vm}.{name}"));
-    let text = serde_json::to_vec_pretty(list).expect("disk list serializes");
-    std::fs::write(&path, text)
-        .and_then(|()| File::open(&path)?.sync_all())
-        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    write_list_at(&path, list)?;
     Ok(path)
+}
+
+/// Writes a list of disks to `path` atomically (temporary file, fsync, rename, fsync of the
+/// directory): a crash leaves the old list or the new one.
+pub(super) fn write_list_at<T: Serialize>(path: &Path, list: &[T]) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    let text = serde_json::to_vec_pretty(list).expect("disk list serializes");
+    std::fs::write(&tmp, text)
+        .and_then(|()| File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .and_then(|()| File::open(path.parent().unwrap_or(Path::new("/")))?.sync_all())
+        .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 pub(super) fn read_list<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, String> {
@@ -226,17 +235,20 @@ pub(super) fn check_chain(capture: &DiskCapture) -> Result<(), String> {
     .map_err(|e| format!("disk {} of the snapshot: {e}", capture.target))
 }
 
+/// A disk a restored VM boots on: (target, file, format).
+pub(super) type RestoredDisk = (String, PathBuf, DiskFormat);
+
 /// Creates a new qcow2 overlay of each frozen disk for a restored VM (after checking every
-/// chain); returns (target, overlay). Nothing is left behind when one fails.
+/// chain); returns the disks to boot on. Nothing is left behind when one fails.
 pub(super) fn restore_overlays(
     vm: &str,
     captures: &[DiskCapture],
     tag: &str,
-) -> Result<Vec<(String, PathBuf)>, String> {
+) -> Result<Vec<RestoredDisk>, String> {
     for c in captures {
         check_chain(c)?;
     }
-    let mut made: Vec<(String, PathBuf)> = Vec::new();
+    let mut made: Vec<RestoredDisk> = Vec::new();
     for c in captures {
         let overlay = overlay_path(&c.frozen, vm, &c.target, tag);
         let created = path_str(&c.frozen).and_then(|frozen| {
@@ -253,19 +265,30 @@ pub(super) fn restore_overlays(
             ])
         });
         if let Err(e) = created {
-            for (_, file) in &made {
-                let _ = std::fs::remove_file(file);
-            }
+            remove_made(&made);
             return Err(format!("disk {}: {e}", c.target));
         }
-        made.push((c.target.clone(), overlay));
+        made.push((c.target.clone(), overlay, DiskFormat::Qcow2));
     }
     Ok(made)
 }
 
-/// Puts a pre-copy snapshot's disk copies back over the domain's disks, after checking that
-/// every copy is there (so a missing copy changes nothing).
-pub(super) fn restore_copies(copies: &[DiskCopy]) -> Result<(), String> {
+/// Removes the files a restore made for its disks.
+pub(super) fn remove_made(made: &[RestoredDisk]) {
+    for (_, file, _) in made {
+        let _ = std::fs::remove_file(file);
+    }
+}
+
+/// Copies a pre-copy snapshot's disk copies into new files beside the domain's disks, for the
+/// restored VM to boot on, after checking that every copy is there. Never writes over a disk:
+/// the file a copy was taken of may be another snapshot's frozen disk by now. Nothing is left
+/// behind when one fails.
+pub(super) fn restore_copies(
+    vm: &str,
+    copies: &[DiskCopy],
+    tag: &str,
+) -> Result<Vec<RestoredDisk>, String> {
     if let Some(missing) = copies.iter().find(|d| !d.copy.is_file()) {
         return Err(format!(
             "disk {}: the copy {} is missing",
@@ -273,11 +296,29 @@ pub(super) fn restore_copies(copies: &[DiskCopy]) -> Result<(), String> {
             missing.copy.display()
         ));
     }
+    let mut made: Vec<RestoredDisk> = Vec::new();
     for d in copies {
-        std::fs::copy(&d.copy, &d.source)
-            .map_err(|e| format!("restoring disk {} to {}: {e}", d.target, d.source.display()))?;
+        let copied = format_of(&d.copy).and_then(|format| {
+            let dir = d.source.parent().unwrap_or(Path::new("/"));
+            let ext = match format {
+                DiskFormat::Qcow2 => "qcow2",
+                DiskFormat::Raw => "img",
+            };
+            let file = dir.join(format!("{vm}.{}.{tag}.{ext}", d.target));
+            std::fs::copy(&d.copy, &file)
+                .and_then(|_| File::open(&file)?.sync_all())
+                .map_err(|e| format!("copying {} to {}: {e}", d.copy.display(), file.display()))?;
+            Ok((d.target.clone(), file, format))
+        });
+        match copied {
+            Ok(disk) => made.push(disk),
+            Err(e) => {
+                remove_made(&made);
+                return Err(format!("disk {}: {e}", d.target));
+            }
+        }
     }
-    Ok(())
+    Ok(made)
 }
 
 fn path_str(path: &Path) -> Result<&str, String> {

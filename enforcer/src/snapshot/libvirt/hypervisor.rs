@@ -16,7 +16,7 @@ use super::{
     FD_NAME, Job, Libvirt, RESUME, STOP,
     disks::{
         CAPTURES, COPIES, DiskCapture, DiskCopy, plan_captures, prepare_overlays, read_list,
-        remove_unused, restore_copies, restore_overlays, snapshot_xml, write_list,
+        remove_made, remove_unused, restore_copies, restore_overlays, snapshot_xml, write_list,
     },
     events, hv_err,
     image::SaveImage,
@@ -42,6 +42,27 @@ const UNDER_WAY: [&str; 5] = [
 ];
 
 impl Libvirt {
+    /// The instant method needs QEMU's background snapshot to run the VM again by itself after
+    /// saving its device state, as QEMU 6.0–8.2 do even for a VM stopped before the `migrate`.
+    /// From 9.0 QEMU leaves such a VM stopped, and nothing says when its device state is saved
+    /// (running it earlier would capture memory after the disks): refused, clearly.
+    fn check_instant_capable(&self, vm: &str) -> Result<(), HvError> {
+        let version = self.qmp(vm, json!({"execute": "query-version"}), None)?;
+        let number = |k: &str| version["qemu"][k].as_u64().unwrap_or(0);
+        let (major, minor) = (number("major"), number("minor"));
+        if !(6..9).contains(&major) {
+            return Err(HvError::new(
+                vm,
+                HvErrorKind::Failed,
+                format!(
+                    "QEMU {major}.{minor}: the instant method needs QEMU 6.0 to 8.2 (its \
+                     background snapshot must run the stopped VM again); use --method pre-copy"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn job_field<T>(&self, vm: &str, f: impl FnOnce(&mut Job) -> T) -> Result<T, HvError> {
         let mut jobs = self.jobs.lock().expect("jobs lock");
         let job = jobs
@@ -79,6 +100,9 @@ impl Hypervisor for Libvirt {
         let status = self.migration_status(name)?;
         if UNDER_WAY.contains(&status.as_str()) {
             return Err(hv_err(name, format!("a migration is already `{status}`")));
+        }
+        if method == CutMethod::Instant {
+            self.check_instant_capable(name)?;
         }
         if method == CutMethod::PreCopy && xml.starts_with("<domain type='qemu'") {
             // Measured here (docs/design.md, "Facts of the platform"): QEMU's dirty-page
@@ -152,6 +176,7 @@ impl Hypervisor for Libvirt {
                 captures,
                 dir: image_dir.to_owned(),
                 stopped: false,
+                migrated: method == CutMethod::PreCopy,
                 boost: None,
             },
         );
@@ -201,6 +226,7 @@ impl Hypervisor for Libvirt {
         let before = unix_us();
         self.migrate(name)?;
         let migrated = unix_us();
+        self.job_field(name, |j| j.migrated = true)?;
         // QEMU saves the device state, write-protects memory and runs the VM again by itself
         // (QEMU 7.2's background snapshot); its RESUME event says when.
         let resumed = match self.event_at(name, RESUME, before, Duration::from_secs(5)) {
@@ -375,25 +401,24 @@ impl Hypervisor for Libvirt {
                 .unwrap_or_default()
                 .as_millis()
         );
-        // Instant snapshots: a new overlay on each frozen disk (the frozen files are never
-        // written). Pre-copy: the copies go back over the domain's disks.
-        let overlays = restore_overlays(name, &captures, &tag).map_err(|e| hv_err(name, e))?;
-        let undo = || {
-            for (_, file) in &overlays {
-                let _ = std::fs::remove_file(file);
+        // Instant snapshots: a new overlay on each frozen disk. Pre-copy: the copies copied
+        // into new files. No disk is ever written over.
+        let mut disks = restore_overlays(name, &captures, &tag).map_err(|e| hv_err(name, e))?;
+        match restore_copies(name, &copies, &tag) {
+            Ok(copied) => disks.extend(copied),
+            Err(e) => {
+                remove_made(&disks);
+                return Err(hv_err(name, e));
             }
-        };
-        let xml = match super::for_restore(&saved_xml, bridge.map(IfName::as_str), &overlays) {
+        }
+        let undo = || remove_made(&disks);
+        let xml = match super::for_restore(&saved_xml, bridge.map(IfName::as_str), &disks) {
             Ok(xml) => xml,
             Err(e) => {
                 undo();
                 return Err(hv_err(name, e));
             }
         };
-        if let Err(e) = restore_copies(&copies) {
-            undo();
-            return Err(hv_err(name, e));
-        }
         let nic = match self.restore_image_paused(name, image, xml) {
             Ok(nic) => nic,
             Err(e) => {
@@ -444,7 +469,7 @@ impl Hypervisor for Libvirt {
             {
                 thread::sleep(Duration::from_millis(5));
             }
-        } else if job.is_some() && status != "completed" {
+        } else if job.as_ref().is_some_and(|j| !j.migrated) {
             // Begun but never migrated (an instant snapshot stopped before its capture): QEMU
             // still holds the image's fd.
             let _ = self.qmp(

@@ -186,6 +186,8 @@ struct Job {
     dir: PathBuf,
     /// Instant: stopped by `stop`, so `cancel` runs it again.
     stopped: bool,
+    /// `migrate` was issued (QEMU took the image's fd; before, `cancel` hands it back).
+    migrated: bool,
     /// Instant: its QEMU boosted from the stop to the resume.
     boost: Option<Boost>,
 }

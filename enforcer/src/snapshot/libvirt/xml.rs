@@ -79,18 +79,25 @@ pub fn first_nic(xml: &str) -> Result<DomainNic, String> {
 
 /// The domain's disks. Only file-backed raw or qcow2 disks can be captured; any other disk is
 /// refused rather than left out (memory restored with a disk that moved on would be
-/// inconsistent). CD-ROMs and floppies are read-only media and are not captured.
+/// inconsistent), and so is a disk several domains share (one VM's capture of it would not be
+/// the others'). CD-ROMs, floppies and read-only disks do not change and are not captured.
 pub fn file_disks(xml: &str) -> Result<Vec<FileDisk>, String> {
     let doc = Document::parse(xml).map_err(|e| format!("domain XML: {e}"))?;
     let mut out = Vec::new();
     for disk in devices(&doc)?
         .children()
         .filter(|n| n.has_tag_name("disk") && n.attribute("device").unwrap_or("disk") == "disk")
+        .filter(|n| child(*n, "readonly").is_none())
     {
         let target = child(disk, "target")
             .and_then(|t| t.attribute("dev"))
             .unwrap_or("?")
             .to_owned();
+        if child(disk, "shareable").is_some() {
+            return Err(format!(
+                "disk {target} is shared with other domains: it cannot be captured per VM"
+            ));
+        }
         let kind = disk.attribute("type").unwrap_or("file");
         let source = child(disk, "source").and_then(|s| s.attribute("file"));
         let Some(file) = source.filter(|_| kind == "file") else {
@@ -116,13 +123,13 @@ pub fn file_disks(xml: &str) -> Result<Vec<FileDisk>, String> {
     Ok(out)
 }
 
-/// The XML a restore boots from: every file disk named in `disks` (target → new file) on that
-/// file as a qcow2 overlay, and every NIC that has a bridge or a libvirt network as its source
+/// The XML a restore boots from: every file disk named in `disks` (target, new file, its
+/// format) on that file, and every NIC that has a bridge or a libvirt network as its source
 /// on `bridge` instead. Fails when a disk named is not in the XML (nothing is left half-moved).
 pub fn for_restore(
     xml: &str,
     bridge: Option<&str>,
-    disks: &[(String, PathBuf)],
+    disks: &[(String, PathBuf, DiskFormat)],
 ) -> Result<String, String> {
     let doc = Document::parse(xml).map_err(|e| format!("domain XML: {e}"))?;
     let devices = devices(&doc)?;
@@ -133,7 +140,7 @@ pub fn for_restore(
             .map(|a| a.range_value())
             .ok_or_else(|| format!("<{}> has no {name}", node.tag_name().name()))
     };
-    for (target, file) in disks {
+    for (target, file, format) in disks {
         let disk = devices
             .children()
             .filter(|n| n.has_tag_name("disk"))
@@ -145,7 +152,7 @@ pub fn for_restore(
             .to_str()
             .ok_or_else(|| format!("{} is not UTF-8", file.display()))?;
         edits.push((value(source, "file")?, escape(file)));
-        edits.push((value(driver, "type")?, DiskFormat::Qcow2.name().into()));
+        edits.push((value(driver, "type")?, format.name().into()));
         // The chain below the new file is read from its qcow2 header, not from this XML.
         if let Some(backing) = child(disk, "backingStore") {
             edits.push((backing.range(), String::new()));
@@ -245,6 +252,15 @@ mod tests {
             refused.contains("vdb") && refused.contains("block"),
             "{refused}"
         );
+        let shared = file_disks(
+            "<domain><devices><disk type='file' device='disk'><source file='/d/s.img'/>\
+             <target dev='vdb'/><shareable/></disk></devices></domain>",
+        )
+        .unwrap_err();
+        assert!(shared.contains("shared"), "{shared}");
+        let readonly = "<domain><devices><disk type='file' device='disk'><source file='/d/r.img'/>\
+             <target dev='vdc'/><readonly/></disk></devices></domain>";
+        assert_eq!(file_disks(readonly).unwrap(), vec![]);
         let vmdk = file_disks(
             "<domain><devices><disk type='file' device='disk'><driver type='vmdk'/>\
              <source file='/d/c.vmdk'/><target dev='vdc'/></disk></devices></domain>",
@@ -262,7 +278,12 @@ mod tests {
             <source bridge='enfbr0'/></interface>\
             <interface type='network'><mac address='52:54:00:77:00:12'/>\
             <source network='default' portid='x'/></interface></devices></domain>";
-        let out = for_restore(xml, Some("br9"), &[("vda".into(), "/d/a.r1.qcow2".into())]).unwrap();
+        let out = for_restore(
+            xml,
+            Some("br9"),
+            &[("vda".into(), "/d/a.r1.qcow2".into(), DiskFormat::Qcow2)],
+        )
+        .unwrap();
         assert_eq!(
             file_disks(&out).unwrap(),
             vec![FileDisk {
@@ -281,7 +302,8 @@ mod tests {
         );
         // Without a bridge and disks nothing changes.
         assert_eq!(for_restore(xml, None, &[]).unwrap(), xml);
-        let missing = for_restore(xml, None, &[("vdz".into(), "/x".into())]).unwrap_err();
+        let missing =
+            for_restore(xml, None, &[("vdz".into(), "/x".into(), DiskFormat::Raw)]).unwrap_err();
         assert!(missing.contains("vdz"), "{missing}");
     }
 }
