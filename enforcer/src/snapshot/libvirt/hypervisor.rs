@@ -63,6 +63,19 @@ impl Libvirt {
         Ok(())
     }
 
+    /// Puts QEMU's migration capabilities back as libvirt expects them: left on, a later
+    /// `virsh migrate` would wait in `pre-switchover` forever, or a `virsh save` would run
+    /// the VM again by itself (background snapshot).
+    fn reset_capabilities(&self, vm: &str) {
+        let caps = json!({"execute": "migrate-set-capabilities", "arguments": {"capabilities": [
+            {"capability": "pause-before-switchover", "state": false},
+            {"capability": "background-snapshot", "state": false},
+        ]}});
+        if let Err(e) = self.qmp(vm, caps, None) {
+            warn!(vm, %e, "putting QEMU's migration capabilities back");
+        }
+    }
+
     fn job_field<T>(&self, vm: &str, f: impl FnOnce(&mut Job) -> T) -> Result<T, HvError> {
         let mut jobs = self.jobs.lock().expect("jobs lock");
         let job = jobs
@@ -315,6 +328,7 @@ impl Hypervisor for Libvirt {
         job.image
             .finish()
             .map_err(|e| hv_err(name, format!("finishing {}: {e}", job.image.path.display())))?;
+        self.reset_capabilities(name);
         Ok(images)
     }
 
@@ -494,10 +508,12 @@ impl Hypervisor for Libvirt {
         // after completing, or completed but not resumed): run it again. A cancelled pre-copy
         // migration restarts the vCPUs by itself; a VM paused by someone else is left so.
         let run_state = self.qmp(name, json!({"execute": "query-status"}), None)?;
-        match run_state.get("status").and_then(Value::as_str) {
+        let ran = match run_state.get("status").and_then(Value::as_str) {
             Some("postmigrate") | Some("finish-migrate") => self.resume(vm),
             Some("paused") if stopped_by_us => self.resume(vm),
             _ => Ok(()),
-        }
+        };
+        self.reset_capabilities(name);
+        ran
     }
 }
