@@ -506,7 +506,8 @@ pub(crate) async fn enforced(
     })
 }
 
-/// Boots the lab and the daemon, runs `body`, and cleans everything up whatever happens.
+/// Boots the lab and the daemon, runs `body`, and cleans everything up whatever happens
+/// (domains, bridges, pins and the snapshot store).
 pub(crate) async fn with_lab<T>(
     opts: &VmDemoOptions,
     body: impl AsyncFnOnce(&std::sync::Arc<VmLab>, &Client) -> anyhow::Result<T>,
@@ -547,6 +548,8 @@ pub(crate) async fn with_lab<T>(
     })
     .await;
     let _ = datapath::teardown(&opts.pin_root);
+    // The snapshots' images go too, also when the body failed (they are large).
+    let _ = std::fs::remove_dir_all(&opts.store);
     result
 }
 
