@@ -22,8 +22,12 @@ missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
-if [ ${#missing[@]} -gt 0 ]; then
-  log "installing apt packages: ${missing[*]}"
+# qemu-img (snapshot overlays, restores, chain merges) comes with qemu-utils, installed below
+# pinned to qemu-system-x86's version: its absence alone must trigger the install too.
+qemu_utils=present
+dpkg-query -W -f='${Status}' qemu-utils 2>/dev/null | grep -q 'install ok installed' || qemu_utils=missing
+if [ ${#missing[@]} -gt 0 ] || [ "$qemu_utils" = missing ]; then
+  log "installing apt packages: ${missing[*]} qemu-utils"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   # A newer qemu-utils (backports) conflicts with Debian 12's qemu-system-x86: take the one that
