@@ -80,47 +80,70 @@ impl DemoArgs {
     }
 }
 
+/// The guests of the real-VM benchmarks.
+#[derive(Args, Debug)]
+struct BenchGuests {
+    #[arg(long, default_value_t = 3)]
+    vms: usize,
+    /// Each guest's memory (MiB).
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u32,
+    /// Memory each guest rewrites continuously (MiB, every page every 100 ms).
+    #[arg(long, default_value_t = 32)]
+    dirty_mib: u32,
+    #[arg(long, default_value = DEFAULT_GUEST_DIR)]
+    guest_dir: PathBuf,
+}
+
+impl BenchGuests {
+    /// The demo's options with these guests, checked, under the benchmark's own names
+    /// (`prefix`, subnet, pins, store, hold device), apart from the demo's and the tests'.
+    fn vm_options(&self, prefix: &str, subnet: u8, name: &str) -> anyhow::Result<VmDemoOptions> {
+        anyhow::ensure!((2..=8).contains(&self.vms), "--vms must be between 2 and 8");
+        anyhow::ensure!(
+            (128..=8192).contains(&self.memory_mib) && self.dirty_mib < self.memory_mib / 2,
+            "--memory-mib must be in 128..=8192 and --dirty-mib under half of it"
+        );
+        let mut o = VmDemoOptions::default();
+        o.lab.vms = self.vms;
+        o.lab.memory_mib = self.memory_mib;
+        o.lab.dirty_mib = self.dirty_mib;
+        o.lab.guest_dir = self.guest_dir.clone();
+        o.lab.prefix = prefix.into();
+        o.lab.subnet = subnet;
+        o.pin_root = format!("/sys/fs/bpf/enforcer-{name}").into();
+        o.store = format!("/var/lib/enforcer/{name}s").into();
+        o.hold_device = format!("{prefix}hold");
+        Ok(o)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
-    /// Group snapshots of real guests under traffic: pause→advance latency, downtime,
-    /// disruption (percentiles).
+    /// Group snapshots of real guests under traffic by both methods, then by libvirt's live
+    /// snapshot loop and pause-all/save/resume: downtime, stop spread, stop→advance latency,
+    /// disruption, bytes written (percentiles).
     Snapshot {
-        #[arg(long, default_value_t = 3)]
-        vms: usize,
-        /// Snapshots per method (the methods alternate on the same guests).
+        #[command(flatten)]
+        guests: BenchGuests,
+        /// Snapshots per method (pre-copy first, then instant, then the baselines).
         #[arg(long, default_value_t = 10)]
         count: usize,
-        /// Each guest's memory (MiB).
-        #[arg(long, default_value_t = 256)]
-        memory_mib: u32,
         /// Each guest's qcow2 disk (GiB).
         #[arg(long, default_value_t = 1)]
         disk_gib: u32,
         /// Write every block of the disks before boot (a disk full of data), not sparse.
         #[arg(long)]
         disk_full: bool,
-        /// Memory each guest rewrites continuously (MiB, every page every 100 ms).
-        #[arg(long, default_value_t = 32)]
-        dirty_mib: u32,
-        #[arg(long, default_value = DEFAULT_GUEST_DIR)]
-        guest_dir: PathBuf,
     },
     /// Snapshot → kill → restore cycles of real guests under traffic, by both methods: restore
     /// time, resume spread, and restored guests that crashed.
     Restore {
-        #[arg(long, default_value_t = 3)]
-        vms: usize,
+        #[command(flatten)]
+        guests: BenchGuests,
         /// Cycles per method.
         #[arg(long, default_value_t = 5)]
         count: usize,
-        /// Each guest's memory (MiB).
-        #[arg(long, default_value_t = 256)]
-        memory_mib: u32,
-        /// Memory each guest rewrites continuously (MiB, every page every 100 ms).
-        #[arg(long, default_value_t = 32)]
-        dirty_mib: u32,
-        #[arg(long, default_value = DEFAULT_GUEST_DIR)]
-        guest_dir: PathBuf,
     },
     /// TCP through a snapshot with skew: no-progress period, drop vs buffer (GENI-VIOLIN Fig. 6).
     TcpSkew {
@@ -197,66 +220,25 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", bench::tcp_skew::tcp_skew(&skews, &figure).await?);
         }
         Command::Bench(BenchCommand::Snapshot {
-            vms,
+            guests,
             count,
-            memory_mib,
             disk_gib,
             disk_full,
-            dirty_mib,
-            guest_dir,
         }) => {
             anyhow::ensure!(
-                (128..=8192).contains(&memory_mib) && (1..=64).contains(&disk_gib),
-                "--memory-mib must be in 128..=8192 and --disk-gib in 1..=64"
+                (1..=1000).contains(&count) && (1..=64).contains(&disk_gib),
+                "--count must be in 1..=1000 and --disk-gib in 1..=64"
             );
-            anyhow::ensure!((2..=8).contains(&vms), "--vms must be between 2 and 8");
-            anyhow::ensure!(
-                (1..=1000).contains(&count),
-                "--count must be between 1 and 1000"
-            );
-            let mut o = VmDemoOptions::default();
-            o.lab.vms = vms;
-            o.lab.memory_mib = memory_mib;
+            let mut o = guests.vm_options("enfb", 4, "bench-snapshot")?;
             o.lab.disk_gib = disk_gib;
             o.lab.disk_full = disk_full;
-            anyhow::ensure!(
-                dirty_mib < memory_mib / 2,
-                "--dirty-mib must be under half of --memory-mib"
-            );
-            o.lab.dirty_mib = dirty_mib;
-            o.lab.prefix = "enfb".into();
-            o.lab.subnet = 4;
-            o.lab.guest_dir = guest_dir;
-            o.pin_root = "/sys/fs/bpf/enforcer-bench".into();
-            o.store = "/var/lib/enforcer/bench-snapshots".into();
-            o.hold_device = "enfbhold".into();
             let report =
                 bench::snapshots::bench_snapshots(o, count, Duration::from_millis(500)).await?;
             println!("{report}");
         }
-        Command::Bench(BenchCommand::Restore {
-            vms,
-            count,
-            memory_mib,
-            dirty_mib,
-            guest_dir,
-        }) => {
-            anyhow::ensure!((2..=8).contains(&vms), "--vms must be between 2 and 8");
+        Command::Bench(BenchCommand::Restore { guests, count }) => {
             anyhow::ensure!((1..=200).contains(&count), "--count must be in 1..=200");
-            anyhow::ensure!(
-                (128..=8192).contains(&memory_mib) && dirty_mib < memory_mib / 2,
-                "--memory-mib must be in 128..=8192 and --dirty-mib under half of it"
-            );
-            let mut o = VmDemoOptions::default();
-            o.lab.vms = vms;
-            o.lab.memory_mib = memory_mib;
-            o.lab.dirty_mib = dirty_mib;
-            o.lab.guest_dir = guest_dir;
-            o.lab.prefix = "enfr".into();
-            o.lab.subnet = 6;
-            o.pin_root = "/sys/fs/bpf/enforcer-bench-restore".into();
-            o.store = "/var/lib/enforcer/bench-restores".into();
-            o.hold_device = "enfrhold".into();
+            let o = guests.vm_options("enfr", 6, "bench-restore")?;
             println!("{}", bench::restores::bench_restores(o, count).await?);
         }
         Command::Bench(BenchCommand::Hold { seconds }) => {

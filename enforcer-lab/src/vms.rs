@@ -249,7 +249,7 @@ impl VmLab {
     }
 
     /// Every disk file of a guest: as booted, and the overlays snapshots and restores put it on.
-    fn disk_files(&self, vm: &GuestVm) -> Vec<PathBuf> {
+    pub fn disk_files(&self, vm: &GuestVm) -> Vec<PathBuf> {
         let prefix = format!("{}.", vm.name);
         std::fs::read_dir(&self.console_dir)
             .map(|d| {

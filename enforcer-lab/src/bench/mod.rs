@@ -11,3 +11,25 @@ pub mod hosts;
 pub mod restores;
 pub mod snapshots;
 pub mod tcp_skew;
+
+use enforcer::{
+    api::client::Client,
+    snapshot::{CutMethod, Manifest, SnapshotOutcome},
+};
+
+/// A snapshot of the benchmarks' group `bench` by `method`, waited for; an abort is an error
+/// (a benchmark of aborted snapshots would measure nothing).
+pub(crate) async fn committed_snapshot(
+    client: &Client,
+    method: CutMethod,
+) -> anyhow::Result<Manifest> {
+    let started = client.create_snapshot("bench", method).await?;
+    let m = client.wait_snapshot(&started.id, |_| {}).await?;
+    anyhow::ensure!(
+        m.outcome == SnapshotOutcome::Committed,
+        "snapshot {} ({method}) aborted: {:?}",
+        m.id,
+        m.reason
+    );
+    Ok(m)
+}

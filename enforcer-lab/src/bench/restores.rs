@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
-use enforcer::snapshot::{CutMethod, SnapshotOutcome as Outcome};
+use enforcer::snapshot::CutMethod;
 
 use crate::{
     demo::vms::{VmDemoOptions, blocking, kill_all, log, with_lab},
@@ -30,13 +30,7 @@ pub async fn bench_restores(opts: VmDemoOptions, count: usize) -> anyhow::Result
         for method in [CutMethod::PreCopy, CutMethod::Instant] {
             for k in 0..count {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                let started = client.create_snapshot("bench", method).await?;
-                let m = client.wait_snapshot(&started.id, |_| {}).await?;
-                anyhow::ensure!(
-                    m.outcome == Outcome::Committed,
-                    "snapshot {k} ({method}) aborted: {:?}",
-                    m.reason
-                );
+                let m = super::committed_snapshot(client, method).await?;
                 kill_all(lab).await?;
                 let r = client.restore(&m.id, None).await?;
                 let s = samples.entry(method.name()).or_default();
@@ -88,7 +82,6 @@ pub async fn bench_restores(opts: VmDemoOptions, count: usize) -> anyhow::Result
         Ok(samples)
     })
     .await?;
-    let _ = std::fs::remove_dir_all(&opts.store);
     let mut out = String::new();
     let _ = writeln!(
         out,

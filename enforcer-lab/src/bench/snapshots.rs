@@ -7,7 +7,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
-use enforcer::snapshot::{CutMethod, Manifest, SnapshotOutcome as Outcome};
+use enforcer::snapshot::{CutMethod, Manifest};
 
 use super::baselines;
 use crate::{
@@ -83,13 +83,7 @@ pub async fn bench_snapshots(
         for k in 0..count * order.len() {
             let method = order[k / count];
             tokio::time::sleep(gap).await;
-            let started = client.create_snapshot("bench", method).await?;
-            let m = client.wait_snapshot(&started.id, |_| {}).await?;
-            anyhow::ensure!(
-                m.outcome == Outcome::Committed,
-                "snapshot {k} ({method}) aborted: {:?}",
-                m.reason
-            );
+            let m = super::committed_snapshot(client, method).await?;
             log(format!(
                 "snapshot {}/{}: {} ({method}, stop spread {:.1} ms)",
                 k + 1,
@@ -143,7 +137,6 @@ pub async fn bench_snapshots(
     })
     .await?;
     let (samples, baselines) = samples;
-    let _ = std::fs::remove_dir_all(&opts.store);
     let mut out = String::new();
     let _ = writeln!(
         out,

@@ -134,19 +134,7 @@ async fn delete_along(
     let files = blocking(move || {
         Ok(l.vms
             .iter()
-            .map(|vm| {
-                let prefix = format!("{}.", vm.name);
-                std::fs::read_dir(&l.console_dir)
-                    .map(|d| {
-                        d.flatten()
-                            .filter(|e| {
-                                let n = e.file_name().to_string_lossy().into_owned();
-                                n.starts_with(&prefix) && n.ends_with(".qcow2")
-                            })
-                            .count()
-                    })
-                    .unwrap_or(0)
-            })
+            .map(|vm| l.disk_files(vm).len())
             .collect::<Vec<usize>>())
     })
     .await?;

@@ -192,7 +192,6 @@ pub async fn e2e(mut opts: VmDemoOptions) -> anyhow::Result<String> {
         Ok((run, chain, crash, without))
     })
     .await?;
-    let _ = std::fs::remove_dir_all(&opts.store);
     let mut out = run.render();
     out.push_str(&chain.1);
     let _ = writeln!(out, "{crash}");

@@ -567,7 +567,6 @@ pub async fn demo(opts: VmDemoOptions) -> anyhow::Result<String> {
         "consistency: {} violations={v}",
         if v == 0 { "OK" } else { "BROKEN" }
     );
-    let _ = std::fs::remove_dir_all(&opts.store);
     anyhow::ensure!(v == 0, "{out}\nthe restored group is inconsistent");
     Ok(out)
 }

@@ -47,6 +47,7 @@ use tracing::{info, warn};
 
 use super::agent_epochs::{AgentEpochs, remote};
 use crate::{
+    agent::PausedAdvanced,
     api::{
         ErrorCode,
         client::{Client, ClientError},
@@ -633,6 +634,17 @@ impl Drop for InFlight<'_> {
     }
 }
 
+impl Hosts {
+    /// The VM's own agent advanced it at its stop: the other agents' views follow (rule 2).
+    fn owner_advanced(&self, vm: &VmSpec, d: PausedAdvanced) -> Result<(Paused, u64), HvError> {
+        let (owner, _) = self
+            .owner(vm)
+            .map_err(|e| HvError::failed(&vm.name, e.to_string()))?;
+        self.propagate(owner, vm.mac, d.epoch);
+        Ok((d.paused, d.advanced_unix_us))
+    }
+}
+
 impl Hypervisor for Hosts {
     fn begin(&self, vm: &VmSpec, image_dir: &Path, method: CutMethod) -> Result<(), HvError> {
         let id = snapshot_id(vm, image_dir)?;
@@ -651,13 +663,7 @@ impl Hypervisor for Hosts {
         let done = self.call(vm, false, async |c, local| {
             c.domain_stop_and_advance(local).await
         });
-        Some(done.and_then(|d| {
-            let (owner, _) = self
-                .owner(vm)
-                .map_err(|e| HvError::failed(&vm.name, e.to_string()))?;
-            self.propagate(owner, vm.mac, d.epoch);
-            Ok((d.paused, d.advanced_unix_us))
-        }))
+        Some(done.and_then(|d| self.owner_advanced(vm, d)))
     }
 
     fn capture(&self, vm: &VmSpec) -> Result<u64, HvError> {
@@ -681,13 +687,7 @@ impl Hypervisor for Hosts {
         let done = self.call(vm, false, async |c, local| {
             c.domain_advance_at_pause(local, timeout).await
         });
-        Some(done.and_then(|d| {
-            let (owner, _) = self
-                .owner(vm)
-                .map_err(|e| HvError::failed(&vm.name, e.to_string()))?;
-            self.propagate(owner, vm.mac, d.epoch);
-            Ok((d.paused, d.advanced_unix_us))
-        }))
+        Some(done.and_then(|d| self.owner_advanced(vm, d)))
     }
 
     fn complete(&self, vm: &VmSpec, timeout: Duration) -> Result<Vec<PathBuf>, HvError> {

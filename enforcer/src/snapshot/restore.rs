@@ -57,37 +57,24 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             }
         };
         // Every VM brought back paused, in parallel: the slowest image sets the time.
-        let results: Vec<Result<RestoredVm, HvError>> = thread::scope(|scope| {
-            let threads: Vec<_> = m
-                .vms
-                .iter()
-                .map(|rec| {
-                    scope.spawn(move || {
-                        let vm = VmSpec {
-                            name: rec.name.clone(),
-                            mac: rec.mac,
-                        };
-                        let port = self.hypervisor.restore_paused(&vm, &rec.images, bridge)?;
-                        Ok(RestoredVm {
-                            name: vm.name,
-                            mac: vm.mac,
-                            port,
-                            restored_ms: ms(),
-                            resumed_ms: 0.0,
-                        })
-                    })
+        let results = each_in_parallel(
+            &m.vms,
+            |rec| &rec.name,
+            |rec| {
+                let vm = VmSpec {
+                    name: rec.name.clone(),
+                    mac: rec.mac,
+                };
+                let port = self.hypervisor.restore_paused(&vm, &rec.images, bridge)?;
+                Ok(RestoredVm {
+                    name: vm.name,
+                    mac: vm.mac,
+                    port,
+                    restored_ms: ms(),
+                    resumed_ms: 0.0,
                 })
-                .collect();
-            threads
-                .into_iter()
-                .zip(&m.vms)
-                .map(|(t, rec)| {
-                    t.join().unwrap_or_else(|_| {
-                        Err(HvError::failed(&rec.name, "its restore thread panicked"))
-                    })
-                })
-                .collect()
-        });
+            },
+        );
         let mut restored: Vec<RestoredVm> = Vec::new();
         let mut failed = None;
         for r in results {
@@ -112,28 +99,15 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
         }
         // All resumed at once: each VM's thread waits for the others, then calls.
         let start = Barrier::new(restored.len());
-        let resumed: Vec<Result<f64, HvError>> = thread::scope(|scope| {
-            let threads: Vec<_> = restored
-                .iter()
-                .map(|r| {
-                    let start = &start;
-                    scope.spawn(move || {
-                        let _realtime = Realtime::enter("a restore thread");
-                        start.wait();
-                        self.hypervisor.resume(&spec(r)).map(|()| ms())
-                    })
-                })
-                .collect();
-            threads
-                .into_iter()
-                .zip(&restored)
-                .map(|(t, r)| {
-                    t.join().unwrap_or_else(|_| {
-                        Err(HvError::failed(&r.name, "its resume thread panicked"))
-                    })
-                })
-                .collect()
-        });
+        let resumed = each_in_parallel(
+            &restored,
+            |r| &r.name,
+            |r| {
+                let _realtime = Realtime::enter("a restore thread");
+                start.wait();
+                self.hypervisor.resume(&spec(r)).map(|()| ms())
+            },
+        );
         for (r, at) in restored.iter_mut().zip(resumed) {
             match at {
                 Ok(at) => r.resumed_ms = at,
@@ -157,4 +131,25 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             resume_spread_ms: last - first,
         })
     }
+}
+
+/// `step` for every VM of `vms` at once, a thread each; a thread that panics is that VM's
+/// failure. Results in the order of `vms`.
+fn each_in_parallel<V: Sync, R: Send>(
+    vms: &[V],
+    name: impl Fn(&V) -> &str,
+    step: impl Fn(&V) -> Result<R, HvError> + Sync,
+) -> Vec<Result<R, HvError>> {
+    thread::scope(|scope| {
+        let step = &step;
+        let threads: Vec<_> = vms.iter().map(|v| scope.spawn(move || step(v))).collect();
+        threads
+            .into_iter()
+            .zip(vms)
+            .map(|(t, v)| {
+                t.join()
+                    .unwrap_or_else(|_| Err(HvError::failed(name(v), "its thread panicked")))
+            })
+            .collect()
+    })
 }

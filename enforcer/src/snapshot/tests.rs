@@ -78,6 +78,25 @@ fn store() -> PathBuf {
 const PRE: CutMethod = CutMethod::PreCopy;
 const INSTANT: CutMethod = CutMethod::Instant;
 
+/// A coordinator opened on `dir` after one died there leaving `journal` (at `path` under
+/// `dir`), over a fake of `vms` in the state `died` leaves it.
+fn reopened_after(
+    dir: &Path,
+    path: &str,
+    journal: &Journal,
+    vms: &[VmSpec],
+    died: impl FnOnce(&mut fake::World),
+) -> (
+    Coordinator<FakeHypervisor, fake::FakeEpochs>,
+    FakeHypervisor,
+) {
+    fs::create_dir_all(dir.join(path).parent().unwrap()).unwrap();
+    write_atomically(&dir.join(path), journal).unwrap();
+    let hv = FakeHypervisor::new(vms);
+    died(&mut hv.world.lock().unwrap());
+    open_on(hv, dir)
+}
+
 /// Index of a step in the log.
 fn at(log: &[(String, String)], what: &str, vm: &str) -> Option<usize> {
     log.iter().position(|(w, v)| w == what && v == vm)
@@ -366,7 +385,6 @@ fn a_vm_that_never_pauses_times_out_and_aborts() {
 fn a_restarted_coordinator_aborts_the_unfinished_snapshot() {
     let g = group(2);
     let dir = store();
-    fs::create_dir_all(&dir).unwrap();
     // A coordinator died mid-snapshot: its journal is there, one VM held, one advanced.
     let journal = Journal {
         id: id("g-1-e1"),
@@ -375,16 +393,11 @@ fn a_restarted_coordinator_aborts_the_unfinished_snapshot() {
         method: PRE,
         cut_started: false,
     };
-    write_atomically(&dir.join("journal.json"), &journal).unwrap();
-    let hv = FakeHypervisor::new(&g.vms);
-    {
-        let mut w = hv.world.lock().unwrap();
+    let (c, hv) = reopened_after(&dir, "journal.json", &journal, &g.vms, |w| {
         w.states.insert("vm1".into(), VmState::HeldAtSnapshot);
         w.states.insert("vm2".into(), VmState::Paused);
         *w.epochs.get_mut(&g.vms[1].mac).unwrap() = 1;
-    }
-    let timeouts = Timeouts::default();
-    let c = Coordinator::open(Arc::new(hv.clone()), Arc::new(hv.epochs()), &dir, timeouts).unwrap();
+    });
     let list = c.list().unwrap();
     assert_eq!(list.len(), 1);
     assert_aborted_cleanly(&c, &hv, &list[0], &g, "coordinator stopped");
@@ -395,7 +408,6 @@ fn a_restarted_coordinator_aborts_the_unfinished_snapshot() {
 fn a_coordinator_that_died_during_an_instant_cut_leaves_no_vm_paused() {
     let g = group(3);
     let dir = store();
-    fs::create_dir_all(&dir).unwrap();
     // It died after the cut: vm1 stopped, vm2 advanced and captured (running), vm3 stopped
     // and advanced. The new process knows nothing of why vm1 and vm3 are paused.
     let journal = Journal {
@@ -405,46 +417,24 @@ fn a_coordinator_that_died_during_an_instant_cut_leaves_no_vm_paused() {
         method: INSTANT,
         cut_started: true,
     };
-    write_atomically(&dir.join("journal.json"), &journal).unwrap();
-    let hv = FakeHypervisor::new(&g.vms);
-    {
-        let mut w = hv.world.lock().unwrap();
+    let (c, hv) = reopened_after(&dir, "journal.json", &journal, &g.vms, |w| {
         w.states.insert("vm1".into(), VmState::Stopped);
         w.states.insert("vm3".into(), VmState::Stopped);
         *w.epochs.get_mut(&g.vms[1].mac).unwrap() = 1;
         *w.epochs.get_mut(&g.vms[2].mac).unwrap() = 1;
-    }
-    let c = Coordinator::open(
-        Arc::new(hv.clone()),
-        Arc::new(hv.epochs()),
-        &dir,
-        Timeouts::default(),
-    )
-    .unwrap();
+    });
     assert_aborted_cleanly(&c, &hv, &c.list().unwrap()[0], &g, "coordinator stopped");
     let _ = fs::remove_dir_all(&dir);
 
     // Before the cut began (no mark in the journal) a paused VM was paused by someone else:
     // it stays so.
-    fs::create_dir_all(&dir).unwrap();
     let journal = Journal {
         cut_started: false,
         ..journal
     };
-    write_atomically(&dir.join("journal.json"), &journal).unwrap();
-    let hv = FakeHypervisor::new(&g.vms);
-    hv.world
-        .lock()
-        .unwrap()
-        .states
-        .insert("vm1".into(), VmState::Stopped);
-    let _c = Coordinator::open(
-        Arc::new(hv.clone()),
-        Arc::new(hv.epochs()),
-        &dir,
-        Timeouts::default(),
-    )
-    .unwrap();
+    let (_c, hv) = reopened_after(&dir, "journal.json", &journal, &g.vms, |w| {
+        w.states.insert("vm1".into(), VmState::Stopped);
+    });
     assert_eq!(hv.world.lock().unwrap().states["vm1"], VmState::Stopped);
     let _ = fs::remove_dir_all(dir);
 }

@@ -35,7 +35,9 @@ use std::{
 use tracing::{info, warn};
 
 use super::{
-    backends::{EpochControl, HvError, HvErrorKind, Hypervisor, Paused, unix_us},
+    backends::{
+        EpochControl, EpochControlError, HvError, HvErrorKind, Hypervisor, Paused, unix_us,
+    },
     coordinator::{Coordinator, CoordinatorError, Timeouts},
     manifest::{CutMethod, Live, Manifest, SnapshotOutcome, SnapshotVm, Step},
     store::{Journal, write_atomically},
@@ -489,11 +491,34 @@ impl VmPart {
         });
     }
 
-    fn record_advanced(&self, advanced_ms: f64) {
-        self.update(|r| {
-            r.timeline.advanced_ms = Some(advanced_ms);
-            r.step = Step::Advanced;
-        });
+    /// Records the stop and the advance made at it; a failed advance abandons the VM's
+    /// snapshot.
+    fn record_stop<H: Hypervisor + ?Sized>(
+        &self,
+        hv: &H,
+        paused: &Paused,
+        advanced_ms: Result<f64, EpochControlError>,
+    ) -> Result<(), ()> {
+        self.record_paused(paused);
+        match advanced_ms {
+            Ok(ms) => {
+                self.update(|r| {
+                    r.timeline.advanced_ms = Some(ms);
+                    r.step = Step::Advanced;
+                });
+                Ok(())
+            }
+            Err(e) => {
+                self.abandon(hv, format!("advancing the epoch: {e}"));
+                Err(())
+            }
+        }
+    }
+
+    /// Gives up this VM's snapshot (leaving the VM as it was) and fails the transaction.
+    fn abandon<H: Hypervisor + ?Sized>(&self, hv: &H, detail: String) {
+        let _ = hv.cancel(&self.vm);
+        self.fail(detail);
     }
 
     fn record_resumed(&self, ms: f64) {
@@ -540,33 +565,19 @@ impl VmPart {
         }
         let (paused, advanced) = match hv.stop_and_advance(vm) {
             Some(Ok((paused, at))) => (paused, Ok(self.clock.unix_ms(at))),
-            Some(Err(e)) => {
-                let _ = hv.cancel(vm);
-                return self.fail(format!("stopping it: {e}"));
-            }
+            Some(Err(e)) => return self.abandon(hv, format!("stopping it: {e}")),
             None => match hv.stop(vm) {
                 // Stopped: advance before it can run again (invariant 3).
                 Ok(paused) => (paused, ep.advance(vm).map(|_| self.clock.now_ms())),
-                Err(e) => {
-                    let _ = hv.cancel(vm);
-                    return self.fail(format!("stopping it: {e}"));
-                }
+                Err(e) => return self.abandon(hv, format!("stopping it: {e}")),
             },
         };
-        self.record_paused(&paused);
-        match advanced {
-            Ok(ms) => self.record_advanced(ms),
-            Err(e) => {
-                let _ = hv.cancel(vm);
-                return self.fail(format!("advancing the epoch: {e}"));
-            }
+        if self.record_stop(hv, &paused, advanced).is_err() {
+            return;
         }
         match hv.capture(vm) {
             Ok(at) => self.record_resumed(self.clock.unix_ms(at)),
-            Err(e) => {
-                let _ = hv.cancel(vm);
-                return self.fail(format!("capturing it: {e}"));
-            }
+            Err(e) => return self.abandon(hv, format!("capturing it: {e}")),
         }
         drop(realtime);
         let _ = self.complete(hv);
@@ -605,13 +616,8 @@ impl VmPart {
         // The critical part is over; copying images and disks must not hog a CPU at
         // real-time priority.
         drop(realtime);
-        self.record_paused(&paused);
-        match advanced {
-            Ok(ms) => self.record_advanced(ms),
-            Err(e) => {
-                let _ = hv.cancel(vm);
-                return self.fail(format!("advancing the epoch: {e}"));
-            }
+        if self.record_stop(hv, &paused, advanced).is_err() {
+            return;
         }
         if self.complete(hv).is_err() {
             return;

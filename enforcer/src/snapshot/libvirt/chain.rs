@@ -26,8 +26,8 @@ use virt::sys;
 use super::{
     Libvirt,
     disks::{
-        CAPTURES, COPIES, DiskCapture, DiskCopy, backing_of, format_of, qemu_img, read_list,
-        write_list_at,
+        CAPTURES, COPIES, DiskCapture, DiskCopy, backing_of, format_of, path_str, qemu_img,
+        read_list, write_list_at,
     },
     xml::file_disks,
 };
@@ -336,11 +336,6 @@ fn moved_onto(file: &Path, base: &Path, gone: &Path) -> Result<(), String> {
 
 fn cstring(p: &Path) -> Result<CString, String> {
     CString::new(path_str(p)?).map_err(|e| e.to_string())
-}
-
-fn path_str(p: &Path) -> Result<&str, String> {
-    p.to_str()
-        .ok_or_else(|| format!("{} is not UTF-8", p.display()))
 }
 
 /// The chains of `vm`'s disk `target` whose file the domain uses is `file`.

@@ -321,7 +321,7 @@ pub(super) fn restore_copies(
     Ok(made)
 }
 
-fn path_str(path: &Path) -> Result<&str, String> {
+pub(super) fn path_str(path: &Path) -> Result<&str, String> {
     path.to_str()
         .ok_or_else(|| format!("{} is not UTF-8", path.display()))
 }

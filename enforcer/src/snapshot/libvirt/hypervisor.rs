@@ -190,6 +190,7 @@ impl Hypervisor for Libvirt {
                 dir: image_dir.to_owned(),
                 stopped: false,
                 migrated: method == CutMethod::PreCopy,
+                qemu_pid: self.qemu_pid(name),
                 boost: None,
             },
         );
@@ -198,12 +199,13 @@ impl Hypervisor for Libvirt {
 
     fn stop(&self, vm: &VmSpec) -> Result<Paused, HvError> {
         let name = vm.name.as_str();
-        let dom = self.job_field(name, |j| {
-            (j.method == CutMethod::Instant).then(|| j.dom.clone())
-        })?;
-        let dom = dom.ok_or_else(|| hv_err(name, "its snapshot is not an instant one"))?;
+        let (dom, pid) = self
+            .job_field(name, |j| {
+                (j.method == CutMethod::Instant).then(|| (j.dom.clone(), j.qemu_pid))
+            })?
+            .ok_or_else(|| hv_err(name, "its snapshot is not an instant one"))?;
         // Its QEMU gets the CPU first until it runs again (see `Boost`).
-        let boost = self.qemu_pid(name).and_then(Boost::process);
+        let boost = pid.and_then(Boost::process);
         if boost.is_none() {
             debug!(vm = name, "its QEMU could not be boosted for the stop");
         }

@@ -188,6 +188,8 @@ struct Job {
     stopped: bool,
     /// `migrate` was issued (QEMU took the image's fd; before, `cancel` hands it back).
     migrated: bool,
+    /// Its QEMU's pid, read at `begin` (off the cut's path), for the boost.
+    qemu_pid: Option<u32>,
     /// Instant: its QEMU boosted from the stop to the resume.
     boost: Option<Boost>,
 }
