@@ -16,7 +16,7 @@ APT_PACKAGES=(
   llvm-22-dev libpolly-22-dev clang-22 lld-22   # bpf-linker's LLVM
   bpftool iproute2 iperf3 ethtool pkg-config    # inspection, netns/veth/bridge, offloads, benchmark
   qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev  # real VMs (TCG)
-  busybox-static                                # the guest's initramfs
+  busybox-static redis-tools                    # the guest's initramfs (redis: a real application's check)
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

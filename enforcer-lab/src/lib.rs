@@ -4,7 +4,8 @@
 //!
 //! - Fixtures: [`netns`] (network-namespace "VMs" on a bridge), [`traffic`] (numbered messages
 //!   between them), [`vms`] (real guests under libvirt/QEMU, running `enforcer-guest`),
-//!   [`overlay`] (two emulated hosts joined by VXLAN-GBP).
+//!   [`overlay`] (two emulated hosts joined by VXLAN-GBP), [`redis`] (Redis replication on the
+//!   guests: a real application's own check of a restore).
 //! - Scenarios: [`demo`] — the README's main job on real VMs (and its netns variant), tier 3 on
 //!   one host and across two emulated hosts, each ending with the consistency check.
 //! - [`bench`]: the benchmarks behind `cargo xtask bench …` and BENCHMARKS.md.
@@ -12,6 +13,7 @@ pub mod bench;
 pub mod demo;
 pub mod netns;
 pub mod overlay;
+pub mod redis;
 pub mod stats;
 pub mod traffic;
 pub mod vms;

@@ -65,6 +65,8 @@ pub struct VmLabOptions {
     /// This many guests (the last ones) run on the second bridge: a second emulated host,
     /// joined to the first by an overlay (`crate::overlay`).
     pub on_second_bridge: usize,
+    /// Redis on every guest: the first one primary, the others its replicas (`crate::redis`).
+    pub redis: bool,
 }
 
 impl Default for VmLabOptions {
@@ -81,6 +83,7 @@ impl Default for VmLabOptions {
             interval_ms: 10,
             uri: enforcer::snapshot::libvirt::DEFAULT_URI.into(),
             on_second_bridge: 0,
+            redis: false,
         }
     }
 }
@@ -186,7 +189,7 @@ impl VmLab {
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{dir}/vmlinuz</kernel>
     <initrd>{dir}/initramfs.gz</initrd>
-    <cmdline>console=ttyS0 quiet enforcer.ip={ip} enforcer.peers={peers} enforcer.interval_ms={interval} enforcer.dirty_mib={dirty}</cmdline>
+    <cmdline>console=ttyS0 quiet enforcer.ip={ip} enforcer.peers={peers} enforcer.interval_ms={interval} enforcer.dirty_mib={dirty}{redis}</cmdline>
   </os>
   <on_poweroff>destroy</on_poweroff>
   <on_crash>destroy</on_crash>
@@ -215,6 +218,11 @@ impl VmLab {
             peers = peers.join(","),
             interval = o.interval_ms,
             dirty = o.dirty_mib,
+            redis = match (o.redis, self.vms.first()) {
+                (true, Some(primary)) if primary.name == vm.name => " enforcer.redis=primary".into(),
+                (true, Some(primary)) => format!(" enforcer.redis=replica:{}", primary.ip),
+                _ => String::new(),
+            },
             bridge = vm.bridge,
             mac = vm.mac,
             console = self.console(vm).display(),
@@ -454,6 +462,11 @@ impl VmLab {
 
     pub fn guest_dir(&self) -> &Path {
         &self.opts.guest_dir
+    }
+
+    /// The Redis primary and its replicas, when the guests run Redis.
+    pub fn redis(&self) -> Option<(&GuestVm, &[GuestVm])> {
+        self.opts.redis.then(|| self.vms.split_first()).flatten()
     }
 }
 

@@ -3,7 +3,10 @@
 //! - the kernel: Debian's `linux-image-amd64` dependency, unpacked with `dpkg-deb -x`;
 //! - an initramfs (newc cpio made by busybox's applet, gzip-compressed) holding busybox, the
 //!   virtio modules (Debian builds them as modules), an `/init` that brings up `eth0` from the
-//!   kernel command line, and our static test application `enforcer-guest`.
+//!   kernel command line, our static test application `enforcer-guest`, and Redis (Debian's
+//!   `redis-tools` build with the shared libraries it links, as the host has them): a program
+//!   not written here whose replication protocol checks a restore (`enforcer.redis=` on the
+//!   kernel command line starts it as primary or replica).
 //!
 //! Writes `vmlinuz` and `initramfs.gz` into the output directory (default
 //! `/var/lib/enforcer/guest`, where `enforcer-lab demo` looks).
@@ -37,19 +40,31 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in @MODULES@; do insmod /lib/modules/$m.ko || echo "init: insmod $m failed"; done
-ip=""; peers=""; interval=10; dirty=0
+ip=""; peers=""; interval=10; dirty=0; redis=""
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     enforcer.ip=*) ip="${arg#*=}" ;;
     enforcer.peers=*) peers="${arg#*=}" ;;
     enforcer.interval_ms=*) interval="${arg#*=}" ;;
     enforcer.dirty_mib=*) dirty="${arg#*=}" ;;
+    enforcer.redis=*) redis="${arg#*=}" ;;
   esac
 done
 ip link set lo up
 ip link set eth0 up
 ip addr add "$ip/24" dev eth0
 echo "init: eth0 $ip up, peers $peers"
+# Redis in memory only (no RDB, no AOF): its state is the VM's memory, as the snapshot takes it.
+# Replicas sync without the diskless delay, so a full resync starts at once.
+case "$redis" in
+  primary) /bin/redis-server --port 6379 --protected-mode no --save '' --appendonly no \
+      --dir /tmp --logfile /tmp/redis.log --daemonize yes ;;
+  replica:*) /bin/redis-server --port 6379 --protected-mode no --save '' --appendonly no \
+      --dir /tmp --logfile /tmp/redis.log --daemonize yes --repl-diskless-sync-delay 0 \
+      --replicaof "${redis#replica:}" 6379 ;;
+  "") ;;
+  *) echo "init: unknown enforcer.redis=$redis" ;;
+esac
 disk=""
 [ -b /dev/vda ] && disk="--disk /dev/vda"
 while true; do
@@ -202,6 +217,7 @@ pub(crate) fn build(root: &Path, out: &Path) -> anyhow::Result<()> {
         fs::copy(ko, staging.join(format!("lib/modules/{m}.ko")))?;
     }
     fs::copy(&app, staging.join("enforcer-guest"))?;
+    add_redis(&staging)?;
     fs::write(
         staging.join("init"),
         INIT.replace("@MODULES@", &MODULES.join(" ")),
@@ -232,10 +248,61 @@ pub(crate) fn build(root: &Path, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Debian's Redis server (one binary, `redis-check-rdb`, that serves as `redis-server` by its
+/// name) and every shared library `ldd` says it loads, at the same paths, with the loader.
+fn add_redis(staging: &Path) -> anyhow::Result<()> {
+    const REDIS: &str = "/usr/bin/redis-check-rdb";
+    if !Path::new(REDIS).is_file() {
+        bail!("{REDIS} not found: apt-get install redis-tools (scripts/setup.sh does)");
+    }
+    fs::copy(REDIS, staging.join("bin/redis-server"))?;
+    let libs = output(Command::new("ldd").arg(REDIS))?;
+    for lib in shared_libraries(&libs) {
+        let to = staging.join(lib.strip_prefix("/").unwrap_or(&lib));
+        if let Some(dir) = to.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        // Through symlinks: the file itself, under the name the binary asks for.
+        fs::copy(&lib, &to).with_context(|| format!("copying {}", lib.display()))?;
+    }
+    Ok(())
+}
+
+/// The absolute paths in `ldd`'s output (`name => /path (addr)` and the loader's `/path (addr)`).
+fn shared_libraries(ldd: &str) -> Vec<PathBuf> {
+    ldd.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = l.split_once("=> ").map_or(l, |(_, p)| p);
+            let path = path.split_whitespace().next()?;
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
 fn which_busybox() -> anyhow::Result<PathBuf> {
     ["/bin/busybox", "/usr/bin/busybox"]
         .iter()
         .map(PathBuf::from)
         .find(|p| p.exists())
         .context("busybox not found: apt-get install busybox-static (scripts/setup.sh does)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_libraries_reads_ldd() {
+        let ldd = "\tlinux-vdso.so.1 (0x00007ff06469c000)\n\
+                   \tlibm.so.6 => /lib/x86_64-linux-gnu/libm.so.6 (0x00007ff064320000)\n\
+                   \t/lib64/ld-linux-x86-64.so.2 (0x00007ff06469e000)\n";
+        assert_eq!(
+            shared_libraries(ldd),
+            [
+                PathBuf::from("/lib/x86_64-linux-gnu/libm.so.6"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2")
+            ]
+        );
+    }
 }

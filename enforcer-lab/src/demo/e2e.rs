@@ -1,16 +1,15 @@
 //! Tier 3 on real guests (`enforcer-lab e2e`, `cargo xtask e2e`): the enforced run of the
 //! main job, a walk along a snapshot chain ([`super::chains`]), a coordinator that dies
 //! mid-snapshot and the next one recovering, then the same guests snapshotted one after another
-//! without enforcement, where the same check must find violations.
+//! without enforcement, where the same check must find violations. The guests also run Redis
+//! replication ([`crate::redis`]), whose own protocol checks both restores.
 
 use std::{fmt::Write as _, time::Duration};
 
 use anyhow::Context as _;
 
-use super::vms::{
-    Consistency, VmDemoOptions, blocking, enforced, log, run_restored_and_check, with_lab,
-};
-use crate::vms::VmLab;
+use super::vms::{Consistency, VmDemoOptions, blocking, check_restored, enforced, log, with_lab};
+use crate::{redis, vms::VmLab};
 use enforcer::{
     api::client::Client,
     model::{GroupSpec, VmSpec},
@@ -104,6 +103,13 @@ fn unenforced(lab: &VmLab, dir: &std::path::Path, gap: Duration) -> anyhow::Resu
     let libvirt = Libvirt::open(&lab.uri()).context("opening libvirt")?;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
+    let redis = match lab.redis() {
+        Some(_) => {
+            let before = redis::wait_replicating(lab, Duration::from_secs(60))?;
+            Some((before, redis::Writer::start(lab)?))
+        }
+        None => None,
+    };
     let mut images = Vec::new();
     for vm in &lab.vms {
         let spec = VmSpec {
@@ -117,6 +123,7 @@ fn unenforced(lab: &VmLab, dir: &std::path::Path, gap: Duration) -> anyhow::Resu
         images.push((spec, files));
         std::thread::sleep(gap);
     }
+    let redis = redis.map(|(before, writer)| (before, writer.stop()));
     std::thread::sleep(gap);
     // And each disk taken later than its memory, as a snapshot that copied disks after letting
     // the VM run would: the guests' disk checks must notice.
@@ -139,13 +146,16 @@ fn unenforced(lab: &VmLab, dir: &std::path::Path, gap: Duration) -> anyhow::Resu
         libvirt.resume(spec)?;
     }
     let _ = std::fs::remove_dir_all(dir);
-    run_restored_and_check(lab, Duration::from_secs(3))
+    check_restored(lab, redis, Duration::from_secs(3))
 }
 
 /// Tier 3: the enforced run, then the unenforced one on the same guests.
 pub async fn e2e(mut opts: VmDemoOptions) -> anyhow::Result<String> {
     // Restored onto the other bridge: "same or another bridge" shown on real VMs.
     opts.restore_elsewhere = true;
+    // Redis replication between the guests: a real application's own check, with and without
+    // enforcement.
+    opts.lab.redis = true;
     let o = opts.clone();
     let (run, chain, crash, without) = with_lab(&opts, async move |lab, client| {
         let run = enforced(lab, client, &o).await?;
@@ -197,6 +207,31 @@ pub async fn e2e(mut opts: VmDemoOptions) -> anyhow::Result<String> {
     let _ = writeln!(out, "{crash}");
     out.push_str("without enforcement, restored state:\n");
     out.push_str(&without.render());
+    let (with_redis, without_redis) = (
+        run.consistency
+            .redis
+            .as_ref()
+            .context("Redis's check did not run with enforcement")?,
+        without
+            .redis
+            .as_ref()
+            .context("Redis's check did not run without enforcement")?,
+    );
+    let _ = writeln!(
+        out,
+        "Redis replication's own check: {} violations with the enforcer ({} partial resyncs \
+         accepted), {} without ({} of {} replicas ahead of the primary, {} partial resyncs refused)",
+        with_redis.violations(),
+        with_redis.resyncs.partial_ok,
+        without_redis.violations(),
+        without_redis.replicas.iter().filter(|r| r.ahead).count(),
+        without_redis.replicas.len(),
+        without_redis.resyncs.partial_err
+    );
+    anyhow::ensure!(
+        without_redis.violations() > 0,
+        "{out}\nwithout enforcement Redis noticed nothing: its check proves nothing this run"
+    );
     let (v, n) = (run.consistency.violations() + chain.0, without.violations());
     let _ = writeln!(
         out,

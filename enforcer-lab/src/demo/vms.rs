@@ -27,7 +27,10 @@ use anyhow::Context as _;
 use enforcer_guest::GuestStats;
 use serde::Serialize;
 
-use crate::vms::{VmLab, VmLabOptions};
+use crate::{
+    redis::{self, RedisCheck},
+    vms::{VmLab, VmLabOptions},
+};
 use enforcer::{
     agent::SnapshotOptions,
     api::client::Client,
@@ -111,6 +114,8 @@ pub struct Consistency {
     /// Restored guests whose kernel crashed (VM, the console's line): a restored image that
     /// does not even run is the worst inconsistency; each counts as one violation.
     pub crashed: Vec<(String, String)>,
+    /// Redis replication's own verdict, when the guests run it.
+    pub redis: Option<RedisCheck>,
 }
 
 impl Consistency {
@@ -122,6 +127,7 @@ impl Consistency {
                 .map(|d| d.mismatches.max(u64::from(!d.ok())))
                 .sum::<u64>()
             + self.crashed.len() as u64
+            + self.redis.as_ref().map_or(0, RedisCheck::violations)
     }
 
     /// The guests that crashed after the restore, when one did (stats unreadable).
@@ -137,6 +143,7 @@ impl Consistency {
             pairs: Vec::new(),
             disks: Vec::new(),
             crashed,
+            redis: None,
         })
     }
 
@@ -185,6 +192,9 @@ impl Consistency {
                 d.mismatches,
                 if d.ok() { "" } else { "  NOT OK" }
             );
+        }
+        if let Some(redis) = &self.redis {
+            out.push_str(&redis.render());
         }
         out
     }
@@ -257,6 +267,7 @@ pub fn check(lab: &VmLab, early: &[GuestStats], last: &[GuestStats]) -> Consiste
         pairs,
         disks,
         crashed: Vec::new(),
+        redis: None,
     }
 }
 
@@ -295,6 +306,33 @@ pub(crate) fn run_restored_and_check(
             return Ok(consistency);
         }
     }
+}
+
+/// Redis's check first when the guests run it (`redis`: the primary's counters before the
+/// snapshot and the writes made), then the guests' own; a guest that crashed after the restore
+/// is reported as such whichever check met it.
+pub(crate) fn check_restored(
+    lab: &VmLab,
+    redis: Option<(redis::SyncCounts, u64)>,
+    restored_for: Duration,
+) -> anyhow::Result<Consistency> {
+    let redis = match redis
+        .map(|(before, writes)| {
+            log("Redis's check: replication offsets, then every replica reconnected");
+            redis::check_after_restore(lab, before, writes)
+        })
+        .transpose()
+    {
+        Ok(redis) => redis,
+        Err(e) => {
+            return Consistency::crashed(lab)
+                .ok_or(e)
+                .context("Redis's check after the restore");
+        }
+    };
+    let mut consistency = run_restored_and_check(lab, restored_for)?;
+    consistency.redis = redis;
+    Ok(consistency)
 }
 
 pub(crate) fn log(msg: impl AsRef<str>) {
@@ -451,6 +489,16 @@ pub(crate) async fn enforced(
         last.name,
         aborted.reason.clone().unwrap_or_default()
     ));
+    // Redis's replication, when the guests run it, carries the host's writes through the cut.
+    let l = lab.clone();
+    let redis = blocking(move || {
+        if l.redis().is_none() {
+            return Ok(None);
+        }
+        let before = redis::wait_replicating(&l, Duration::from_secs(60))?;
+        Ok(Some((before, redis::Writer::start(&l)?)))
+    })
+    .await?;
     tokio::time::sleep(opts.before).await;
     let started = client.create_snapshot("demo", opts.method).await?;
     log(format!(
@@ -464,6 +512,7 @@ pub(crate) async fn enforced(
     );
     let manifest = wait_committed(client, &started.id).await?;
     tokio::time::sleep(opts.after).await;
+    let redis = redis.map(|(before, writer)| (before, writer.stop()));
     kill_all(lab).await?;
     let bridge = if opts.restore_elsewhere {
         let (l, b) = (lab.clone(), lab.other_bridge.clone());
@@ -498,7 +547,7 @@ pub(crate) async fn enforced(
         opts.restored
     ));
     let (l, restored_for) = (lab.clone(), opts.restored);
-    let consistency = blocking(move || run_restored_and_check(&l, restored_for)).await?;
+    let consistency = blocking(move || check_restored(&l, redis, restored_for)).await?;
     Ok(EnforcedRun {
         manifest,
         restore,
