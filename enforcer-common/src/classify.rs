@@ -3,7 +3,7 @@
 //! with map lookups; the unit tests implement it with plain tables.
 
 use crate::{
-    maps::{MAX_HELD_FRAME, MacKey, Type3Mode, VmEpoch},
+    maps::{HoldHeader, MAX_HELD_FRAME, MacKey, Type3Mode, VmEpoch},
     outcome::{Outcome, Verdict},
     wire,
 };
@@ -85,17 +85,24 @@ impl Decision {
     /// A frame too big for the hold path cannot be held: Type-3 is dropped (and counted) instead,
     /// a frame held only for ordering is delivered.
     #[inline(always)]
-    pub fn fit_hold(mut self, frame_len: u64) -> Self {
-        if frame_len > MAX_HELD_FRAME {
-            self.outcome = match self.outcome {
-                Outcome::Type3Held => Outcome::Type3Unbuffered,
-                Outcome::HeldForOrder => Outcome::Type1,
-                other => other,
-            };
+    pub fn fit_hold(self, frame_len: u64) -> Self {
+        if frame_len + HoldHeader::LEN as u64 > MAX_HELD_FRAME {
+            self.unheld()
+        } else {
+            self
         }
-        if self.outcome.verdict() != Verdict::Hold {
-            self.hold = HoldKey::None;
-        }
+    }
+
+    /// The frame cannot be held after all (too big, or no room for its hold header): Type-3 is
+    /// dropped (and counted), a frame held only for ordering is delivered.
+    #[inline(always)]
+    pub fn unheld(mut self) -> Self {
+        self.outcome = match self.outcome {
+            Outcome::Type3Held => Outcome::Type3Unbuffered,
+            Outcome::HeldForOrder => Outcome::Type1,
+            other => other,
+        };
+        self.hold = HoldKey::None;
         self
     }
 }
@@ -481,8 +488,10 @@ mod tests {
             (d.outcome, d.hold),
             (Outcome::Type3Held, HoldKey::Receiver(2))
         );
-        assert_eq!(d.fit_hold(MAX_HELD_FRAME), d);
-        let big = d.fit_hold(MAX_HELD_FRAME + 1);
+        // The hold header rides in front of the frame.
+        let largest = MAX_HELD_FRAME - HoldHeader::LEN as u64;
+        assert_eq!(d.fit_hold(largest), d);
+        let big = d.fit_hold(largest + 1);
         assert_eq!(
             (big.outcome, big.hold),
             (Outcome::Type3Unbuffered, HoldKey::None)

@@ -13,12 +13,19 @@ pub enum HoldKernel {
     /// Redirected to the hold device, but no buffer socket was bound to take it.
     NoSocket = 0,
     /// A learned epoch could not be reported: the `learned` ring was full (the view is then
-    /// raised by the coordinator's message instead, later).
+    /// raised by the coordinator's message instead, later; a held frame keeps its own color).
     LearnLost = 1,
+    /// A frame to hold got no room for its hold header in front (the kernel refused to grow
+    /// it): not held (Type-3 dropped as `type3_unbuffered`, a frame held for order delivered).
+    NoHeadroom = 2,
 }
 
 impl HoldKernel {
-    pub const ALL: [HoldKernel; 2] = [HoldKernel::NoSocket, HoldKernel::LearnLost];
+    pub const ALL: [HoldKernel; 3] = [
+        HoldKernel::NoSocket,
+        HoldKernel::LearnLost,
+        HoldKernel::NoHeadroom,
+    ];
     /// Entries of the `hold_kernel` array.
     pub const LEN: u32 = Self::ALL.len() as u32;
 
@@ -31,6 +38,7 @@ impl HoldKernel {
         match self {
             HoldKernel::NoSocket => "no_socket",
             HoldKernel::LearnLost => "learn_lost",
+            HoldKernel::NoHeadroom => "no_headroom",
         }
     }
 }

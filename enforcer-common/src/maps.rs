@@ -43,10 +43,45 @@ pub const MAX_GROUPS: u32 = 1024;
 pub const MAX_PORTS: u32 = 1024;
 /// The counter slot of frames seen on a port without a slot of its own.
 pub const UNATTRIBUTED_SLOT: u32 = 0;
-/// Largest frame the hold path takes: XDP without multi-buffer on a veth gets one page, less
-/// the XDP headroom (256) and the skb_shared_info tail (320). Bigger Type-3 frames are dropped
-/// and counted as `type3_unbuffered`.
+/// Largest frame the hold path takes, [`HoldHeader`] included: XDP without multi-buffer on a
+/// veth gets one page, less the XDP headroom (256) and the skb_shared_info tail (320). Bigger
+/// Type-3 frames are dropped and counted as `type3_unbuffered`.
 pub const MAX_HELD_FRAME: u64 = 4096 - 256 - 320;
+
+/// What the port programs put in front of every frame they hand to the hold path: the color
+/// they classified it with. The buffer releases the frame by that color, never by its own view
+/// of the sender, which may lag (the sender may have advanced after the frame left, before the
+/// buffer heard of it: case P1 of the datapath review). Stripped before re-injection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HoldHeader {
+    /// The sender's epoch as the program saw it (native byte order: it never leaves the host).
+    pub color: u32,
+    pub _reserved: u32,
+}
+const _: () = assert!(size_of::<HoldHeader>() == 8);
+
+impl HoldHeader {
+    pub const LEN: usize = size_of::<HoldHeader>();
+
+    pub const fn to_bytes(self) -> [u8; 8] {
+        let c = self.color.to_ne_bytes();
+        [c[0], c[1], c[2], c[3], 0, 0, 0, 0]
+    }
+
+    /// The header and the frame behind it; `None` when too short to hold a header.
+    pub fn split(bytes: &[u8]) -> Option<(HoldHeader, &[u8])> {
+        let (head, frame) = bytes.split_at_checked(Self::LEN)?;
+        let color = u32::from_ne_bytes(head[..4].try_into().ok()?);
+        Some((
+            HoldHeader {
+                color,
+                _reserved: 0,
+            },
+            frame,
+        ))
+    }
+}
 
 /// `VmEpoch::flags` / `GroupState::flags`: the buffer daemon is still re-injecting frames held
 /// for this receiver (group), so newer frames to it are held too and cannot overtake them.

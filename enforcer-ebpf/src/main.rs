@@ -7,23 +7,24 @@
 //! ports where XDP is wanted; XDP on a veth costs TCP its GRO/GSO (see BENCHMARKS.md).
 //!
 //! Frames to be held (Type-3 in `buffer` mode, and newer frames queued behind them while they
-//! are re-injected) are redirected to the hold device; `enforcer_hold`, the XDP program on the
-//! far end of that veth pair, hands them to the buffer daemon's AF_XDP socket.
+//! are re-injected) get a [`HoldHeader`] in front, carrying the color they were classified
+//! with, and are redirected to the hold device; `enforcer_hold`, the XDP program on the far end
+//! of that veth pair, hands them to the buffer daemon's AF_XDP socket.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf, XskMap},
-    helpers::generated::bpf_redirect,
+    helpers::generated::{bpf_redirect, bpf_skb_change_head, bpf_xdp_adjust_head},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use enforcer_common::{
     CACHE_OCCUPIED, CACHE_OVERFLOW, CachedVm, DatapathConfig, DatapathView, EPOCH_CACHE_SIZE,
-    GroupState, HoldKernel, HoldKey, HoldTotal, LEARNED_RING_BYTES, LearnedEpoch, MAX_GROUPS,
-    MAX_PORTS, MAX_VMS, MacKey, Outcome, PortCounters, PortVm, Type3Mode, UNATTRIBUTED_SLOT,
-    Verdict, VmEpoch, cache_index, decide_wire,
+    GroupState, HoldHeader, HoldKernel, HoldKey, HoldTotal, LEARNED_RING_BYTES, LearnedEpoch,
+    MAX_GROUPS, MAX_PORTS, MAX_VMS, MacKey, Outcome, PortCounters, PortVm, Type3Mode,
+    UNATTRIBUTED_SLOT, Verdict, VmEpoch, cache_index, decide_wire,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -150,7 +151,20 @@ pub fn enforcer_xdp(ctx: XdpContext) -> u32 {
     let ifindex = ctx.ingress_ifindex() as u32;
     // XDP sees no skb mark: frames from other hosts are classified with this host's view of
     // their sender, and delivered frames carry no color to other hosts.
-    let (verdict, _mark) = try_enforce(ctx.data(), ctx.data_end(), ifindex, bytes, 0);
+    let hold_header = |color| {
+        // SAFETY: a helper call on this program's context; it moves `data` back by the header.
+        if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(HoldHeader::LEN as i32)) } != 0 {
+            return false;
+        }
+        let (data, data_end) = (ctx.data(), ctx.data_end());
+        if data + HoldHeader::LEN > data_end {
+            return false;
+        }
+        // SAFETY: within [data, data_end), checked above; the header is plain bytes.
+        unsafe { *(data as *mut [u8; HoldHeader::LEN]) = hold_bytes(color) };
+        true
+    };
+    let (verdict, _mark) = try_enforce(ctx.data(), ctx.data_end(), ifindex, bytes, 0, hold_header);
     match verdict {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
@@ -170,7 +184,22 @@ pub fn enforcer_tc(ctx: TcContext) -> i32 {
     if ctx.data_end() - ctx.data() < wanted as usize && len > (ctx.data_end() - ctx.data()) as u32 {
         let _ = ctx.pull_data(if len < wanted { len } else { wanted });
     }
-    let (verdict, color_mark) = try_enforce(ctx.data(), ctx.data_end(), ifindex, len as u64, mark);
+    let skb = ctx.skb.skb;
+    let hold_header = |color| {
+        // SAFETY: a helper call on this program's skb; it adds room in front of the frame.
+        if unsafe { bpf_skb_change_head(skb, HoldHeader::LEN as u32, 0) } != 0 {
+            return false;
+        }
+        ctx.store(0, &hold_bytes(color), 0).is_ok()
+    };
+    let (verdict, color_mark) = try_enforce(
+        ctx.data(),
+        ctx.data_end(),
+        ifindex,
+        len as u64,
+        mark,
+        hold_header,
+    );
     match verdict {
         Verdict::Pass => {
             if color_mark != 0 {
@@ -198,8 +227,20 @@ pub fn enforcer_hold(_ctx: XdpContext) -> u32 {
     }
 }
 
+/// The hold header's bytes for a frame of `color`.
+#[inline(always)]
+fn hold_bytes(color: u32) -> [u8; HoldHeader::LEN] {
+    HoldHeader {
+        color,
+        _reserved: 0,
+    }
+    .to_bytes()
+}
+
 /// Classifies one frame and counts it; returns what to do with it, and the mark that carries
-/// its color to other hosts (0: none).
+/// its color to other hosts (0: none). A frame to hold first gets its [`HoldHeader`] from
+/// `hold_header` (the program's own way of adding room in front); if that fails it is not
+/// held: Type-3 is dropped (`type3_unbuffered`), a frame held only for order is delivered.
 #[inline(always)]
 fn try_enforce(
     data: usize,
@@ -207,20 +248,19 @@ fn try_enforce(
     ifindex: u32,
     bytes: u64,
     mark: u32,
+    hold_header: impl FnOnce(u32) -> bool,
 ) -> (Verdict, u32) {
     let (outcome, sender_slot, color_mark) = match ethernet_addresses(data, data_end) {
         Some((src, dst)) => {
             let mut decision = decide_wire(&Maps, ifindex, &src, &dst, mark).fit_hold(bytes);
-            // Reported before the frame is redirected: the buffer daemon, which reads the ring
-            // before the frames it takes, then knows the color of a held frame from another
-            // host. Unreported, the buffer would queue it with the lagging view as its color
-            // and could release it too early: such a frame is dropped (counted) instead.
-            if decision.learn
-                && !learn(src, decision.color)
-                && decision.outcome == Outcome::Type3Held
-            {
-                decision.outcome = Outcome::Type3Unbuffered;
-                decision.hold = HoldKey::None;
+            if decision.learn {
+                // This host's view of a remote sender is raised from it (see `wire`); a held
+                // frame needs none of it: its color rides in its hold header.
+                learn(src, decision.color);
+            }
+            if decision.outcome.verdict() == Verdict::Hold && !hold_header(decision.color) {
+                bump(HOLD_KERNEL.get_ptr_mut(HoldKernel::NoHeadroom.index()));
+                decision = decision.unheld();
             }
             match decision.hold {
                 HoldKey::None => {}

@@ -20,7 +20,7 @@ use enforcer::{
     api::client::Client,
     daemon::{self, DaemonConfig, Running},
     datapath::{AttachMode, ports::PortSource},
-    hold::{HoldOptions, KernelLoss, QueueKey},
+    hold::{HoldOptions, KernelLoss, LoopHook, LoopPoint, QueueKey},
 };
 use enforcer_common::{HoldTotal, Outcome, Type3Mode};
 use enforcer_lab::{netns::Lab, traffic::Message};
@@ -49,6 +49,17 @@ async fn start_daemon_with(
     mode: Type3Mode,
     attach: AttachMode,
 ) -> (Running, Client) {
+    start_daemon_hooked(lab, pins, max_bytes, mode, attach, LoopHook::default()).await
+}
+
+async fn start_daemon_hooked(
+    lab: &Lab,
+    pins: &PinRoot,
+    max_bytes: usize,
+    mode: Type3Mode,
+    attach: AttachMode,
+    at_point: LoopHook,
+) -> (Running, Client) {
     let running = daemon::start(DaemonConfig {
         ports: PortSource::Bridge(lab.bridge.clone()),
         pin_root: pins.path().to_owned(),
@@ -59,6 +70,7 @@ async fn start_daemon_with(
         hold: Some(HoldOptions {
             device: format!("{}h", lab.prefix),
             max_bytes,
+            at_point,
         }),
         snapshots: None,
     })
@@ -79,10 +91,22 @@ async fn setup_with(
     mode: Type3Mode,
     attach: AttachMode,
 ) -> Setup {
+    setup_hooked(tag, vms, max_bytes, mode, attach, LoopHook::default()).await
+}
+
+async fn setup_hooked(
+    tag: char,
+    vms: usize,
+    max_bytes: usize,
+    mode: Type3Mode,
+    attach: AttachMode,
+    at_point: LoopHook,
+) -> Setup {
     require_root();
     let lab = Lab::create(&lab_prefix(tag), vms).unwrap();
     let pins = PinRoot::new("hold");
-    let (running, client) = start_daemon_with(&lab, &pins, max_bytes, mode, attach).await;
+    let (running, client) =
+        start_daemon_hooked(&lab, &pins, max_bytes, mode, attach, at_point).await;
     for vm in &lab.vms {
         client
             .register_vm(vm.mac, 1, &vm.port, Some(0))
@@ -313,6 +337,115 @@ async fn udp_held_over_skew(attach: AttachMode, tag: char) {
     assert!(
         report.hold_time_sum_seconds / report.hold_time_count as f64 > 0.05,
         "{report:?}"
+    );
+    s.stop().await;
+}
+
+/// Stops the buffer thread at one point of its loop until released.
+#[derive(Default)]
+struct Pause {
+    /// The point to stop at, and whether the thread is stopped there now.
+    state: std::sync::Mutex<(Option<LoopPoint>, bool)>,
+    changed: std::sync::Condvar,
+}
+
+impl Pause {
+    fn hook(self: &Arc<Self>) -> LoopHook {
+        let me = self.clone();
+        LoopHook::new(move |point| {
+            let mut state = me.state.lock().unwrap();
+            if state.0 != Some(point) {
+                return;
+            }
+            state.1 = true;
+            me.changed.notify_all();
+            while state.0 == Some(point) {
+                state = me.changed.wait(state).unwrap();
+            }
+            state.1 = false;
+        })
+    }
+
+    /// Returns once the thread is stopped at `point`.
+    fn stop_at(&self, point: LoopPoint) {
+        let mut state = self.state.lock().unwrap();
+        state.0 = Some(point);
+        let (state, timeout) = self
+            .changed
+            .wait_timeout_while(state, Duration::from_secs(5), |s| !s.1)
+            .unwrap();
+        assert!(
+            !timeout.timed_out(),
+            "the buffer thread never reached {point:?}: {state:?}"
+        );
+    }
+
+    fn release(&self) {
+        self.state.lock().unwrap().0 = None;
+        self.changed.notify_all();
+    }
+}
+
+/// Case P1 of the datapath review: the sender advances while the buffer thread is stopped at a
+/// point of its loop, then sends to a receiver still behind. The frame waits for the receiver's
+/// advance whatever the thread had or had not read when it stopped: its color rides with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_released_early_wherever_the_buffer_thread_stops() {
+    stopped_buffer_thread(AttachMode::Tc, 'p').await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_released_early_wherever_the_buffer_thread_stops_xdp() {
+    stopped_buffer_thread(AttachMode::Xdp, 'q').await;
+}
+
+async fn stopped_buffer_thread(attach: AttachMode, tag: char) {
+    let pause = Arc::new(Pause::default());
+    let s = setup_hooked(tag, 2, 64 << 20, Type3Mode::Buffer, attach, pause.hook()).await;
+    let lab = &s.lab;
+    let tx = lab.udp_socket(0, 47_300).unwrap();
+    let inbox = Inbox::new(lab.udp_socket(1, 47_300).unwrap());
+    let to = [(1u16, addr(lab, 1))];
+    for (round, point) in LoopPoint::ALL.into_iter().enumerate() {
+        let (seq, color) = (round as u32, round as u32 + 1);
+        let p = pause.clone();
+        tokio::task::spawn_blocking(move || p.stop_at(point))
+            .await
+            .unwrap();
+        s.client.advance(lab.vms[0].mac).await.unwrap();
+        send_stream(&tx, 0, &to, seq, 1, color, Duration::ZERO);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        pause.release();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            inbox.from(0).iter().all(|(m, _)| m.seq != seq),
+            "stopped at {point:?}: the frame of color {color} reached the receiver at epoch {}",
+            color - 1
+        );
+        s.client.advance(lab.vms[1].mac).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while inbox.from(0).len() <= round && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let n = LoopPoint::ALL.len() as u32;
+    assert_in_order(
+        &inbox.finish(),
+        0,
+        n,
+        "one frame per stop, after its receiver advanced",
+    );
+    let report = s.client.holds().await.unwrap();
+    assert_eq!(report.held_frames, 0, "{report:?}");
+    assert_eq!(
+        report.total(HoldTotal::Reinjected),
+        u64::from(n),
+        "{report:?}"
+    );
+    assert_eq!(
+        s.port_stats(0).await.frames(Outcome::Type3Held),
+        u64::from(n),
+        "each held at the sender's port"
     );
     s.stop().await;
 }

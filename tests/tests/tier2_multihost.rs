@@ -52,6 +52,7 @@ async fn start_agent(
         hold: Some(HoldOptions {
             device: hold_device.to_owned(),
             max_bytes: 16 << 20,
+            ..Default::default()
         }),
         snapshots: None,
     })

@@ -115,6 +115,7 @@ impl BufferedLab {
             hold: Some(HoldOptions {
                 device: hold_device.into(),
                 max_bytes: 1 << 30,
+                ..Default::default()
             }),
             snapshots: None,
         })

@@ -52,6 +52,7 @@ async fn agent(bridge: &str, name: &str) -> anyhow::Result<(Running, Client)> {
         hold: Some(HoldOptions {
             device: format!("enfmh{name}"),
             max_bytes: 1 << 30,
+            ..Default::default()
         }),
         snapshots: None,
     })

@@ -42,6 +42,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 hold: (!args.no_buffer).then_some(HoldOptions {
                     device: args.hold_device,
                     max_bytes: args.hold_max_mib << 20,
+                    ..Default::default()
                 }),
                 snapshots: (!args.no_libvirt).then(|| SnapshotOptions {
                     uri: args.libvirt_uri,

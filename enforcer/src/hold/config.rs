@@ -1,5 +1,7 @@
 //! The buffer's settings and its errors.
 
+use std::sync::Arc;
+
 use crate::datapath::{DatapathError, epochs::EpochError};
 
 /// Buffer settings.
@@ -11,6 +13,10 @@ pub struct HoldOptions {
     /// Memory bound for held frames, all receivers together (bytes). When reached, the newest
     /// frame is dropped and counted (`dropped_bound`).
     pub max_bytes: usize,
+    /// Called by the buffer thread at each point of its loop (none by default). A test stops
+    /// the thread at a chosen point by blocking in it: the buffer's promises must hold under
+    /// every scheduling of its thread.
+    pub at_point: LoopHook,
 }
 
 impl Default for HoldOptions {
@@ -18,7 +24,60 @@ impl Default for HoldOptions {
         Self {
             device: "enfhold".into(),
             max_bytes: 64 << 20,
+            at_point: LoopHook::default(),
         }
+    }
+}
+
+/// The points of the buffer thread's loop, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LoopPoint {
+    /// Before it takes the epoch notices and requests waiting in its channel.
+    TakeNotices,
+    /// Before it raises views from colors learned from other hosts' frames.
+    ApplyLearned,
+    /// Before it reads the ring of frames handed to the hold path.
+    ReadRing,
+    /// Before it moves drains on (clearing draining flags).
+    ProgressDrains,
+    /// Before it waits for frames, when a turn found nothing to do.
+    Wait,
+}
+
+impl LoopPoint {
+    pub const ALL: [LoopPoint; 5] = [
+        LoopPoint::TakeNotices,
+        LoopPoint::ApplyLearned,
+        LoopPoint::ReadRing,
+        LoopPoint::ProgressDrains,
+        LoopPoint::Wait,
+    ];
+}
+
+/// A function the buffer thread calls at each [`LoopPoint`] ([`HoldOptions::at_point`]).
+#[derive(Clone, Default)]
+pub struct LoopHook(Option<Arc<dyn Fn(LoopPoint) + Send + Sync>>);
+
+impl LoopHook {
+    pub fn new(f: impl Fn(LoopPoint) + Send + Sync + 'static) -> Self {
+        Self(Some(Arc::new(f)))
+    }
+
+    #[inline]
+    pub(crate) fn at(&self, point: LoopPoint) {
+        if let Some(f) = &self.0 {
+            f(point);
+        }
+    }
+}
+
+impl std::fmt::Debug for LoopHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "LoopHook(set)"
+        } else {
+            "LoopHook(none)"
+        })
     }
 }
 

@@ -7,7 +7,8 @@
 //! What this code promises, and what its tests check over random event sequences:
 //! - **nothing released early** (invariant 1 in docs/design.md): a frame of color `c` leaves
 //!   its receiver's queue only once that receiver was announced at `c` or above (or its group
-//!   was released by an abort);
+//!   was released by an abort). `c` is the color the program classified the frame with, carried
+//!   in its hold header, whatever notices this core has or has not read yet;
 //! - **order kept** per sender→receiver pair (invariant 4): a queue is a FIFO, flushed from the
 //!   front, and a frame that finds its queue non-empty waits behind it;
 //! - **nothing lost silently** (invariant 4): every frame read is, at any moment, either held
@@ -28,7 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_common::{HoldTotal, MAX_GROUPS, MAX_PORTS, MacKey, VmEpoch, wire};
+use enforcer_common::{HoldHeader, HoldTotal, MAX_GROUPS, MAX_PORTS, MacKey, VmEpoch, wire};
 
 use super::{
     checksum::complete_l4_checksum,
@@ -230,10 +231,17 @@ impl Core {
         self.totals_dirty = true;
     }
 
-    /// A frame read from the hold path: re-injected at once if nothing waits before it and its
-    /// receiver may have it, otherwise queued (or dropped at the memory bound, counted).
+    /// A frame read from the hold path ([`HoldHeader`] first, then the frame): re-injected at
+    /// once if nothing waits before it and its receiver may have it, otherwise queued (or
+    /// dropped at the memory bound, counted). Its color is the one the datapath classified it
+    /// with, from its header: this core's copy of the sender's epoch may lag behind the map.
     pub(crate) fn on_frame(&mut self, wire: &mut impl Wire, mut data: Vec<u8>, now: Instant) {
         self.bump(HoldTotal::Received, 1);
+        let Some((HoldHeader { color, .. }, _)) = HoldHeader::split(&data) else {
+            self.bump(HoldTotal::DroppedUnknown, 1);
+            return;
+        };
+        data.drain(..HoldHeader::LEN);
         // The L4 checksum may still be left to offload: finish it, or the receiver drops it.
         complete_l4_checksum(&mut data);
         if data.len() < 14 {
@@ -243,8 +251,6 @@ impl Core {
         let dst = MacKey::new(data[0..6].try_into().expect("6 bytes"));
         let sender = MacKey::new(data[6..12].try_into().expect("6 bytes"));
         let sender_vm = self.vms.get(&sender).copied();
-        // No longer registered: its frames are ordinary, color 0.
-        let color = sender_vm.map_or(0, |vm| vm.epoch);
         let key = if dst.is_multicast() {
             match sender_vm {
                 Some(vm) => {

@@ -47,6 +47,19 @@ fn frame(from: usize, to: Option<usize>, seq: u32, color: u32) -> Vec<u8> {
     f
 }
 
+/// A frame as the programs hand it to the hold path: its hold header (the color they
+/// classified it with) in front.
+fn held(f: Vec<u8>, color: u32) -> Vec<u8> {
+    let mut h = HoldHeader {
+        color,
+        _reserved: 0,
+    }
+    .to_bytes()
+    .to_vec();
+    h.extend_from_slice(&f);
+    h
+}
+
 fn parse(f: &[u8]) -> (usize, u32, u32) {
     let from = f[14] as usize;
     let seq = u32::from_be_bytes(f[15..19].try_into().unwrap());
@@ -122,6 +135,22 @@ impl Kernel for Datapath {
     }
 }
 
+/// The daemon's link to the buffer thread: notices wait in its channel until the thread's
+/// next turn ([`Ev::Tick`]); meanwhile it may read the ring ([`Ev::Read`]).
+struct Channel<'a> {
+    pending: &'a mut Vec<Notice>,
+}
+
+impl BufferLink for Channel<'_> {
+    fn running(&self) -> bool {
+        true
+    }
+    fn tell(&mut self, notice: Notice) -> bool {
+        self.pending.push(notice);
+        true
+    }
+}
+
 /// The buffer thread's own link: notices applied at once.
 struct Link<'a> {
     core: &'a mut Core,
@@ -156,8 +185,12 @@ enum Ev {
     /// The ring overflows: the next frame handed over is lost.
     LoseOne,
     Advance(usize),
-    /// Time passes (ms), in which the thread reads everything the ring has (it polls it every
-    /// millisecond or so); then drains progress, as at the end of each turn of its loop.
+    /// An advance made by the daemon: the map changes at once, the buffer hears of it at its
+    /// next turn (case P1 of the datapath review: frames of the new color may be read first).
+    AdvanceUnheard(usize),
+    /// Time passes (ms), in which the thread takes the notices waiting for it and reads
+    /// everything the ring has (it polls it every millisecond or so); then drains progress, as
+    /// at the end of each turn of its loop.
     Tick(u64),
 }
 
@@ -176,6 +209,8 @@ struct Sim {
     breaks: Vec<String>,
     last_seq: HashMap<(usize, usize, bool), u32>,
     checked: usize,
+    /// Notices in the daemon's channel, not yet taken by the buffer thread.
+    pending: Vec<Notice>,
 }
 
 impl Sim {
@@ -217,6 +252,7 @@ impl Sim {
             breaks: Vec::new(),
             last_seq: HashMap::new(),
             checked: 0,
+            pending: Vec::new(),
         }
     }
 
@@ -236,7 +272,7 @@ impl Sim {
         // for this sender ends before its next frame's begins.
         let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.dp.in_flight)
             .into_iter()
-            .partition(|(f, _)| parse(f).0 == from);
+            .partition(|(f, _)| parse(&f[HoldHeader::LEN..]).0 == from);
         self.dp.in_flight = others;
         for (f, counted) in mine {
             *self.dp.handed.entry(counted).or_default() += 1;
@@ -266,6 +302,7 @@ impl Sim {
                     HoldKey::Group(g) => Counted::Group(g),
                     HoldKey::None => unreachable!("held without a queue"),
                 };
+                let f = held(f, d.color);
                 if in_flight {
                     self.dp.in_flight.push((f, counted));
                 } else {
@@ -294,22 +331,33 @@ impl Sim {
                 }
             }
             Ev::LoseOne => self.dp.lose_next += 1,
-            Ev::Advance(i) => {
+            Ev::Advance(i) | Ev::AdvanceUnheard(i) => {
                 // Members stay within two epochs of each other, as snapshots keep them.
                 let min = (0..self.n).map(|j| self.epoch(j)).min().unwrap();
                 if self.epoch(i) > min + 1 {
                     return;
                 }
-                let mut link = Link {
-                    core: &mut self.core,
-                    ports: &mut self.ports,
-                    now: self.now,
-                };
-                advance::change_epoch(&mut self.dp.map, &mut link, mac(i).into(), None, false)
-                    .unwrap();
+                if matches!(ev, Ev::AdvanceUnheard(_)) {
+                    let mut link = Channel {
+                        pending: &mut self.pending,
+                    };
+                    advance::change_epoch(&mut self.dp.map, &mut link, mac(i).into(), None, false)
+                        .unwrap();
+                } else {
+                    // Heard at once, so after what the channel holds.
+                    self.hear();
+                    let mut link = Link {
+                        core: &mut self.core,
+                        ports: &mut self.ports,
+                        now: self.now,
+                    };
+                    advance::change_epoch(&mut self.dp.map, &mut link, mac(i).into(), None, false)
+                        .unwrap();
+                }
             }
             Ev::Tick(ms) => {
                 self.now += Duration::from_millis(ms);
+                self.hear();
                 while let Some(f) = self.dp.ring.pop_front() {
                     self.core.on_frame(&mut self.ports, f, self.now);
                 }
@@ -317,6 +365,13 @@ impl Sim {
             }
         }
         self.check(ev);
+    }
+
+    /// The buffer thread takes the notices waiting in its channel, in order.
+    fn hear(&mut self) {
+        for notice in std::mem::take(&mut self.pending) {
+            self.core.on_notice(&mut self.ports, notice, self.now);
+        }
     }
 
     /// After every event: what reached a VM since the last check was no Type-3 to it, pairs
@@ -378,6 +433,7 @@ fn event(n: usize) -> impl Strategy<Value = Ev> {
         1 => (0..n, 0..=n).prop_map(|(from, to)| Ev::SendInFlight { from, to }),
         4 => (1..16usize).prop_map(Ev::Read),
         1 => (0..n).prop_map(Ev::Advance),
+        1 => (0..n).prop_map(Ev::AdvanceUnheard),
         2 => (0..8u64).prop_map(Ev::Tick),
         1 => (400..700u64).prop_map(Ev::Tick),
     ]
@@ -399,6 +455,7 @@ proptest! {
                 Ev::Send { from, to } => Ev::Send { from: from % n, to: to.min(n) },
                 Ev::SendInFlight { from, to } => Ev::SendInFlight { from: from % n, to: to.min(n) },
                 Ev::Advance(i) => Ev::Advance(i % n),
+                Ev::AdvanceUnheard(i) => Ev::AdvanceUnheard(i % n),
                 ref other => other.clone(),
             };
             sim.apply(&ev);

@@ -4,6 +4,8 @@
 
 use std::process::Command as Process;
 
+use enforcer_common::MAX_HELD_FRAME;
+
 use super::config::HoldError;
 use crate::datapath::ifindex_of;
 
@@ -40,11 +42,16 @@ impl HoldDevice {
         let socket_side = format!("{name}p");
         // A device left by a daemon that died is stale: replace it.
         let _ = Process::new("ip").args(["link", "del", name]).output();
-        // One queue each way: the AF_XDP socket serves queue 0.
+        // One queue each way: the AF_XDP socket serves queue 0. The largest MTU XDP allows on
+        // a veth: a held frame, its hold header in front, may be as long as MAX_HELD_FRAME (at
+        // 1500 a full-sized frame with its header would not pass the veth).
+        let mtu = (MAX_HELD_FRAME - 14).to_string();
         ip(&[
             "link",
             "add",
             name,
+            "mtu",
+            &mtu,
             "numtxqueues",
             "1",
             "numrxqueues",
@@ -54,6 +61,8 @@ impl HoldDevice {
             "peer",
             "name",
             &socket_side,
+            "mtu",
+            &mtu,
             "numtxqueues",
             "1",
             "numrxqueues",

@@ -6,9 +6,9 @@
 //! redirects the frame. The view can then rise at once instead of waiting for the
 //! coordinator's message; it never leads, because the color is the sender's epoch when it sent.
 //!
-//! One consumer reads the ring: the buffer thread when a buffer runs, because it must know a
-//! held frame's color before it queues it (the report is in the ring before the frame reaches
-//! the socket); otherwise a small thread of the agent (`agent::learn`).
+//! One consumer reads the ring: the buffer thread when a buffer runs (a held frame's own color
+//! rides in its hold header; the ring only raises views), otherwise a small thread of the agent
+//! (`agent::learn`).
 
 use std::{
     collections::BTreeMap,

@@ -36,6 +36,6 @@ mod thread;
 mod xsk;
 
 pub use buffer::{Buffer, Reporter};
-pub use config::{HoldError, HoldOptions};
+pub use config::{HoldError, HoldOptions, LoopHook, LoopPoint};
 pub use protocol::{Command, Notice};
 pub use report::{HoldReport, KernelLoss, QueueKey, QueueReport};

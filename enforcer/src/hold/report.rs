@@ -66,6 +66,9 @@ pub enum KernelLoss {
     RingFull,
     /// The fill ring was found empty.
     FillRingEmpty,
+    /// Frames to hold that got no room for their hold header, so were not held
+    /// ([`HoldKernel::NoHeadroom`]).
+    NoHeadroom,
 }
 
 impl KernelLoss {
@@ -76,6 +79,7 @@ impl KernelLoss {
             KernelLoss::SocketDropped => "socket_dropped",
             KernelLoss::RingFull => "ring_full",
             KernelLoss::FillRingEmpty => "fill_ring_empty",
+            KernelLoss::NoHeadroom => HoldKernel::NoHeadroom.name(),
         }
     }
 }

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::{
     advance::{self, BufferLink},
-    config::{HoldError, HoldOptions},
+    config::{HoldError, HoldOptions, LoopPoint},
     core::{BATCH, Core, Counted, Kernel, Key, Wire, account_restart},
     inject::Injector,
     learn::LearnedRing,
@@ -150,6 +150,7 @@ impl Thread {
         let mut last_flush = Instant::now();
         loop {
             let mut busy = false;
+            self.opts.at_point.at(LoopPoint::TakeNotices);
             loop {
                 match commands.try_recv() {
                     Ok(Command::Stop { graceful, done }) => {
@@ -176,8 +177,11 @@ impl Thread {
                     Err(mpsc::TryRecvError::Disconnected) => return,
                 }
             }
+            self.opts.at_point.at(LoopPoint::ApplyLearned);
             busy |= self.apply_learned();
+            self.opts.at_point.at(LoopPoint::ReadRing);
             busy |= self.receive();
+            self.opts.at_point.at(LoopPoint::ProgressDrains);
             self.core
                 .progress_drains(&mut Maps(&self.dp), Instant::now());
             if last_flush.elapsed() > Duration::from_millis(20) {
@@ -185,6 +189,7 @@ impl Thread {
                 last_flush = Instant::now();
             }
             if !busy {
+                self.opts.at_point.at(LoopPoint::Wait);
                 self.wait_for_frames(Duration::from_millis(1));
             }
         }
@@ -274,9 +279,8 @@ impl Thread {
         if frames.is_empty() {
             return false;
         }
-        // A held frame from another host may carry a color above our view of its sender; it
-        // was reported to the ring before the frame reached the socket, so it is there now.
-        self.apply_learned();
+        // Each frame's color rides in its hold header: whatever epoch notices are still unread,
+        // none of these is released before its receiver reached that color.
         let now = Instant::now();
         for data in frames {
             self.core.on_frame(&mut self.inject, data, now);
@@ -294,6 +298,14 @@ impl Thread {
             .hold_kernel(HoldKernel::NoSocket)
         {
             kernel.insert(KernelLoss::NoSocket, n);
+        }
+        if let Ok(n) = self
+            .dp
+            .lock()
+            .expect("datapath lock")
+            .hold_kernel(HoldKernel::NoHeadroom)
+        {
+            kernel.insert(KernelLoss::NoHeadroom, n);
         }
         let (dropped, ring_full, fill_empty) = self.socket.kernel_drops();
         kernel.insert(KernelLoss::SocketDropped, dropped);
