@@ -7,10 +7,12 @@
 //!
 //! No enforcement either way. A VM's downtime is how long libvirt reports it paused (its state
 //! read every millisecond from a thread of its own); the group's stop spread runs from the
-//! first VM's pause to the last one's.
+//! first VM's pause to the last one's. Each run's images can be restored ([`restore`]) for the
+//! same consistency check as the product's snapshots: libvirt's memory file is a save image,
+//! and each disk as of the snapshot is the file its new overlay sits on.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -26,35 +28,102 @@ use virt::{
 };
 
 use crate::vms::VmLab;
+use enforcer::{
+    model::VmSpec,
+    snapshot::{
+        Hypervisor as _,
+        libvirt::{DiskCapture, Libvirt, file_disks},
+    },
+};
 
-/// One group snapshot by a baseline: per-VM downtime, and the spread of the pauses (ms).
+/// One group snapshot by a baseline.
 pub(crate) struct BaselineRun {
+    /// Each VM's pause and resume (ms since the run began), in the lab's order.
+    pub(crate) paused_ms: Vec<(f64, f64)>,
     pub(crate) downtime_ms: Vec<f64>,
     pub(crate) stop_spread_ms: f64,
+    /// The memory images' bytes (the disks' new overlays start empty).
+    pub(crate) written: u64,
+    /// Per VM, in the lab's order: its memory image and the list of its disks as of the
+    /// snapshot, as [`enforcer::snapshot::libvirt::Libvirt`] restores them.
+    pub(crate) images: Vec<Vec<PathBuf>>,
 }
 
 /// libvirt's external snapshot of memory and every file disk (new overlays named
-/// `<vm>.libvirt-<tag>.<target>.qcow2` beside the disks, which the lab removes).
-fn snapshot_xml(dom: &Domain, vm: &str, dir: &Path, tag: &str) -> anyhow::Result<String> {
-    let disks = enforcer::snapshot::libvirt::file_disks(&dom.xml_desc(0)?)
-        .map_err(|e| anyhow::anyhow!("{vm}: {e}"))?;
-    let disks: String = disks
-        .iter()
-        .map(|d| {
-            let overlay = d
+/// `<vm>.libvirt-<tag>.<target>.qcow2` beside the disks, which the lab removes), and the files
+/// that restore it: the memory image and a list of the frozen disks under those overlays.
+fn snapshot_xml(
+    dom: &Domain,
+    vm: &str,
+    dir: &Path,
+    tag: &str,
+) -> anyhow::Result<(String, Vec<PathBuf>)> {
+    let disks = file_disks(&dom.xml_desc(0)?).map_err(|e| anyhow::anyhow!("{vm}: {e}"))?;
+    let captures: Vec<DiskCapture> = disks
+        .into_iter()
+        .map(|d| DiskCapture {
+            overlay: d
                 .file
-                .with_file_name(format!("{vm}.libvirt-{tag}.{}.qcow2", d.target));
+                .with_file_name(format!("{vm}.libvirt-{tag}.{}.qcow2", d.target)),
+            target: d.target,
+            frozen: d.file,
+            format: d.format,
+        })
+        .collect();
+    let xml: String = captures
+        .iter()
+        .map(|c| {
             format!(
                 "<disk name='{}' snapshot='external'><driver type='qcow2'/><source file='{}'/></disk>",
-                d.target,
-                overlay.display()
+                c.target,
+                c.overlay.display()
             )
         })
         .collect();
-    Ok(format!(
-        "<domainsnapshot><memory snapshot='external' file='{}'/><disks>{disks}</disks></domainsnapshot>",
-        dir.join(format!("{vm}.{tag}.mem")).display()
+    let (memory, list) = (
+        dir.join(format!("{vm}.{tag}.save")),
+        dir.join(format!("{vm}.{tag}.overlays.json")),
+    );
+    std::fs::write(&list, serde_json::to_vec(&captures)?)?;
+    Ok((
+        format!(
+            "<domainsnapshot><memory snapshot='external' file='{}'/><disks>{xml}</disks></domainsnapshot>",
+            memory.display()
+        ),
+        vec![memory, list],
     ))
+}
+
+fn memory_bytes(images: &[Vec<PathBuf>]) -> u64 {
+    images
+        .iter()
+        .flatten()
+        .filter(|p| p.extension().is_some_and(|e| e == "save"))
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Kills the group and restores it from a baseline's images (paused, then every VM resumed),
+/// onto the bridges it ran on.
+pub(crate) fn restore(lab: &VmLab, run: &BaselineRun) -> anyhow::Result<()> {
+    let libvirt = Libvirt::open(&lab.uri())?;
+    lab.destroy_all();
+    let specs: Vec<VmSpec> = lab
+        .vms
+        .iter()
+        .map(|v| VmSpec {
+            name: v.name.clone(),
+            mac: v.mac,
+        })
+        .collect();
+    for (spec, files) in specs.iter().zip(&run.images) {
+        libvirt.restore_paused(spec, files, None)?;
+    }
+    for spec in &specs {
+        libvirt.resume(spec)?;
+    }
+    Ok(())
 }
 
 /// Reads a domain's state every millisecond until stopped; returns when it was first and last
@@ -98,9 +167,11 @@ pub(crate) fn per_vm_live_loop(lab: &VmLab, dir: &Path, tag: &str) -> anyhow::Re
     let conn = Connect::open(Some(&lab.uri()))?;
     let origin = Instant::now();
     let mut pauses = Vec::new();
+    let mut images = Vec::new();
     for vm in &lab.vms {
         let dom = conn.lookup_domain_by_name(&vm.name)?;
-        let xml = snapshot_xml(&dom, &vm.name, dir, tag)?;
+        let (xml, files) = snapshot_xml(&dom, &vm.name, dir, tag)?;
+        images.push(files);
         let watch = PauseWatch::start(&lab.uri(), &vm.name, origin)?;
         let made = dom.create_snapshot_xml(
             &xml,
@@ -117,6 +188,9 @@ pub(crate) fn per_vm_live_loop(lab: &VmLab, dir: &Path, tag: &str) -> anyhow::Re
     Ok(BaselineRun {
         downtime_ms: pauses.iter().map(|(a, b)| b - a + 1.0).collect(),
         stop_spread_ms: spread(pauses.iter().map(|p| p.0)),
+        paused_ms: pauses.iter().map(|(a, b)| (*a, b + 1.0)).collect(),
+        written: memory_bytes(&images),
+        images,
     })
 }
 
@@ -139,23 +213,32 @@ pub(crate) fn pause_all_save_resume(
         dom.suspend()?;
         paused_at.push(ms());
     }
+    let mut images = Vec::new();
     let saved: anyhow::Result<()> = lab.vms.iter().zip(&doms).try_for_each(|(vm, dom)| {
-        let xml = snapshot_xml(dom, &vm.name, dir, tag)?;
+        let (xml, files) = snapshot_xml(dom, &vm.name, dir, tag)?;
+        images.push(files);
         dom.create_snapshot_xml(&xml, sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
             .map_err(|e| anyhow::anyhow!("{}: saving it: {e}", vm.name))?;
         Ok(())
     });
-    let mut downtime_ms = Vec::new();
-    for (dom, at) in doms.iter().zip(&paused_at) {
+    let mut resumed_at = Vec::new();
+    for dom in &doms {
         // Every VM runs again, also when a save failed.
         let resumed = dom.resume();
-        downtime_ms.push(ms() - at);
+        resumed_at.push(ms());
         resumed?;
     }
     saved?;
     Ok(BaselineRun {
-        downtime_ms,
+        downtime_ms: paused_at
+            .iter()
+            .zip(&resumed_at)
+            .map(|(p, r)| r - p)
+            .collect(),
         stop_spread_ms: spread(paused_at.iter().copied()),
+        paused_ms: paused_at.into_iter().zip(resumed_at).collect(),
+        written: memory_bytes(&images),
+        images,
     })
 }
 
