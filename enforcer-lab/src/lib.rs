@@ -17,3 +17,9 @@ pub mod redis;
 pub mod stats;
 pub mod traffic;
 pub mod vms;
+
+/// A unix socket for a lab daemon's API (`/run/enforcer/lab-<name>.sock`): the daemons serve
+/// TCP only with a token, and the lab's single-host daemons need none.
+pub fn api_socket(name: &str) -> enforcer::api::Endpoint {
+    enforcer::api::Endpoint::Unix(format!("/run/enforcer/lab-{name}.sock").into())
+}

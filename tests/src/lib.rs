@@ -37,11 +37,22 @@ impl PinRoot {
     pub fn path(&self) -> &Path {
         &self.0
     }
+
+    /// A unix socket for this test's daemon API, named after the pin root (removed with it).
+    pub fn api_socket(&self) -> enforcer::api::Endpoint {
+        let name = self.0.file_name().expect("a pin root has a name");
+        enforcer::api::Endpoint::Unix(
+            Path::new("/run/enforcer").join(format!("{}.sock", name.to_string_lossy())),
+        )
+    }
 }
 
 impl Drop for PinRoot {
     fn drop(&mut self) {
         let _ = enforcer::datapath::teardown(&self.0);
+        if let enforcer::api::Endpoint::Unix(socket) = self.api_socket() {
+            let _ = std::fs::remove_file(socket);
+        }
     }
 }
 

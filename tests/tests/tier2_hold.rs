@@ -64,8 +64,9 @@ async fn start_daemon_hooked(
         ports: PortSource::Bridge(lab.bridge.clone()),
         pin_root: pins.path().to_owned(),
         attach,
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listen: pins.api_socket(),
         token: None,
+        api_group: None,
         type3_mode: Some(mode),
         hold: Some(HoldOptions {
             device: format!("{}h", lab.prefix),
@@ -76,7 +77,7 @@ async fn start_daemon_hooked(
     })
     .await
     .expect("starting the daemon with its buffer");
-    let client = Client::new(format!("http://{}", running.addr), None);
+    let client = Client::new(running.addr.to_string(), None);
     (running, client)
 }
 

@@ -3,13 +3,10 @@
 //! of network-namespace VMs spanning them. The coordinator's side is `enforcer::hosts::Hosts`,
 //! the same code `enforcer coordinator` runs. Checked at the receivers.
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use enforcer::{
-    api::client::Client,
+    api::{Endpoint, client::Client},
     daemon::{self, DaemonConfig, Running},
     datapath::{AttachMode, ports::PortSource},
     hold::HoldOptions,
@@ -31,23 +28,19 @@ struct Host {
     pins: PinRoot,
     bridge: String,
     hold_device: String,
-    addr: SocketAddr,
+    addr: Endpoint,
     running: Option<Running>,
     client: Client,
 }
 
-async fn start_agent(
-    bridge: &str,
-    pins: &PinRoot,
-    hold_device: &str,
-    listen: SocketAddr,
-) -> Running {
+async fn start_agent(bridge: &str, pins: &PinRoot, hold_device: &str) -> Running {
     daemon::start(DaemonConfig {
         ports: PortSource::Bridge(bridge.to_owned()),
         pin_root: pins.path().to_owned(),
         attach: AttachMode::Tc,
-        listen,
+        listen: pins.api_socket(),
         token: None,
+        api_group: None,
         type3_mode: Some(Type3Mode::Buffer),
         hold: Some(HoldOptions {
             device: hold_device.to_owned(),
@@ -63,16 +56,15 @@ async fn start_agent(
 impl Host {
     async fn start(bridge: &str, hold_device: String, tag: &str) -> Self {
         let pins = PinRoot::new(tag);
-        let running =
-            start_agent(bridge, &pins, &hold_device, "127.0.0.1:0".parse().unwrap()).await;
-        let addr = running.addr;
+        let running = start_agent(bridge, &pins, &hold_device).await;
+        let addr = running.addr.clone();
         Self {
             pins,
             bridge: bridge.to_owned(),
             hold_device,
+            client: Client::new(addr.to_string(), None),
             addr,
             running: Some(running),
-            client: Client::new(format!("http://{addr}"), None),
         }
     }
 
@@ -86,8 +78,7 @@ impl Host {
         let _ = std::process::Command::new("ip")
             .args(["link", "del", &self.hold_device])
             .output();
-        self.running =
-            Some(start_agent(&self.bridge, &self.pins, &self.hold_device, self.addr).await);
+        self.running = Some(start_agent(&self.bridge, &self.pins, &self.hold_device).await);
     }
 
     async fn stop(mut self) {
@@ -192,7 +183,7 @@ async fn views_lag_never_lead_and_frames_carry_their_color_across_hosts() {
     let a = Host::start(&lab.bridges[0], format!("{}h0", lab.prefix), "mh-a").await;
     let mut b = Host::start(&lab.bridges[1], format!("{}h1", lab.prefix), "mh-b").await;
     let hosts = Hosts::new(
-        overlay.host_specs([format!("http://{}", a.addr), format!("http://{}", b.addr)]),
+        overlay.host_specs([a.addr.to_string(), b.addr.to_string()]),
         None,
         tokio::runtime::Handle::current(),
     );
@@ -427,7 +418,7 @@ async fn an_abort_across_hosts_moves_forward_and_releases_held_frames() {
     let a = Host::start(&lab.bridges[0], format!("{}h0", lab.prefix), "ab-a").await;
     let b = Host::start(&lab.bridges[1], format!("{}h1", lab.prefix), "ab-b").await;
     let hosts = Hosts::new(
-        overlay.host_specs([format!("http://{}", a.addr), format!("http://{}", b.addr)]),
+        overlay.host_specs([a.addr.to_string(), b.addr.to_string()]),
         None,
         tokio::runtime::Handle::current(),
     );

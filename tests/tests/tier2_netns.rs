@@ -13,7 +13,7 @@ use std::{
 
 use enforcer::{
     agent::PortStats,
-    api::client::Client,
+    api::{Endpoint, client::Client},
     daemon::{self, DaemonConfig, Running},
     datapath::{AttachMode, ports::PortSource},
 };
@@ -29,8 +29,9 @@ async fn start(lab: &Lab, pins: &PinRoot, attach: AttachMode) -> (Running, Clien
         ports: PortSource::Bridge(lab.bridge.clone()),
         pin_root: pins.path().to_owned(),
         attach,
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listen: pins.api_socket(),
         token: None,
+        api_group: None,
         type3_mode: None,
         // These tests run `drop` mode with exact counters: no buffer (see tier2_hold.rs).
         hold: None,
@@ -38,7 +39,7 @@ async fn start(lab: &Lab, pins: &PinRoot, attach: AttachMode) -> (Running, Clien
     })
     .await
     .expect("starting the daemon");
-    let client = Client::new(format!("http://{}", running.addr), None);
+    let client = Client::new(running.addr.to_string(), None);
     (running, client)
 }
 
@@ -538,21 +539,24 @@ async fn api_rejects_bad_input() {
     );
     running.stop().await.unwrap();
 
-    // Anywhere but loopback needs a token.
-    let err = daemon::start(DaemonConfig {
-        ports: PortSource::Bridge(lab.bridge.clone()),
-        pin_root: pins.path().to_owned(),
-        attach: AttachMode::Tc,
-        listen: "0.0.0.0:0".parse().unwrap(),
-        token: None,
-        type3_mode: None,
-        hold: None,
-        snapshots: None,
-    })
-    .await
-    .err()
-    .expect("non-loopback without a token is refused");
-    assert!(err.to_string().contains("token"), "{err}");
+    // TCP needs a token, on loopback too: any local account can reach a loopback port.
+    for listen in ["0.0.0.0:0", "127.0.0.1:0"] {
+        let err = daemon::start(DaemonConfig {
+            ports: PortSource::Bridge(lab.bridge.clone()),
+            pin_root: pins.path().to_owned(),
+            attach: AttachMode::Tc,
+            listen: listen.parse().unwrap(),
+            token: None,
+            api_group: None,
+            type3_mode: None,
+            hold: None,
+            snapshots: None,
+        })
+        .await
+        .err()
+        .expect("TCP without a token is refused");
+        assert!(err.to_string().contains("token"), "{err}");
+    }
 
     // With a token, requests without it are refused.
     let running = daemon::start(DaemonConfig {
@@ -561,13 +565,14 @@ async fn api_rejects_bad_input() {
         attach: AttachMode::Tc,
         listen: "127.0.0.1:0".parse().unwrap(),
         token: Some("s3cret".into()),
+        api_group: None,
         type3_mode: None,
         hold: None,
         snapshots: None,
     })
     .await
     .unwrap();
-    let base = format!("http://{}", running.addr);
+    let base = running.addr.to_string();
     assert_eq!(status(Client::new(&base, None).vms().await), Some(401));
     assert_eq!(
         status(Client::new(&base, Some("wrong".into())).vms().await),
@@ -588,10 +593,134 @@ fn status<T>(r: Result<T, enforcer::api::client::ClientError>) -> Option<u16> {
     r.err().and_then(|e| e.status()).map(|s| s.as_u16())
 }
 
+/// One HTTP request over a unix socket from a thread that has become `uid`/`gid` (with no
+/// supplementary groups): credentials are per thread at the system-call level, and this thread
+/// ends with them. `Err`: the connection was refused (the errno's kind).
+fn request_as(
+    uid: u32,
+    gid: u32,
+    socket: &std::path::Path,
+    request: String,
+) -> Result<u16, std::io::ErrorKind> {
+    let socket = socket.to_owned();
+    std::thread::spawn(move || {
+        // SAFETY: raw system calls on this thread's own credentials (glibc's wrappers would
+        // change every thread's); groups first, the uid last (it takes the right to change).
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()),
+                0
+            );
+            assert_eq!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+        }
+        use std::io::{Read as _, Write as _};
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).map_err(|e| e.kind())?;
+        s.write_all(request.as_bytes()).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        Ok(text.split_whitespace().nth(1).unwrap().parse().unwrap())
+    })
+    .join()
+    .unwrap()
+}
+
+const NOBODY: u32 = 65534;
+
+/// Case S1 of the security review: any local account controlled the daemon (`PUT /v1/config`
+/// answered 200 to `nobody` and turned enforcement off). Now the API is a unix socket owned by
+/// root, mode 0660: `nobody` cannot connect; were the socket opened to everyone, the daemon
+/// still refuses a peer that is not root, its own user or in its API group; a member of that
+/// group may use it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_apis_owners_can_use_it() {
+    require_root();
+    let lab = Lab::create(&lab_prefix('o'), 1).unwrap();
+    let pins = PinRoot::new("owners");
+    let socket = match pins.api_socket() {
+        Endpoint::Unix(path) => path,
+        other => panic!("{other}"),
+    };
+    let body = r#"{"type3_mode":"monitor"}"#;
+    let put = format!(
+        "PUT /v1/config HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    for group in [None, Some("nogroup")] {
+        let running = daemon::start(DaemonConfig {
+            ports: PortSource::Bridge(lab.bridge.clone()),
+            pin_root: pins.path().to_owned(),
+            attach: AttachMode::Tc,
+            listen: pins.api_socket(),
+            token: None,
+            api_group: group.map(Into::into),
+            type3_mode: Some(Type3Mode::Drop),
+            hold: None,
+            snapshots: None,
+        })
+        .await
+        .unwrap();
+        let client = Client::new(running.addr.to_string(), None);
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let meta = std::fs::metadata(&socket).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o660, "socket mode");
+        assert_eq!(meta.uid(), 0);
+        let as_nobody = request_as(NOBODY, NOBODY, &socket, put.clone());
+        match group {
+            None => {
+                assert_eq!(
+                    as_nobody,
+                    Err(std::io::ErrorKind::PermissionDenied),
+                    "nobody may not even connect"
+                );
+                // The file's mode is the first gate, not the only one.
+                std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+                assert_eq!(
+                    request_as(NOBODY, NOBODY, &socket, put.clone()),
+                    Ok(403),
+                    "a peer that is not root, the daemon's user or in its group is refused"
+                );
+                assert_eq!(client.config().await.unwrap().type3_mode, Type3Mode::Drop);
+            }
+            Some(_) => {
+                assert_eq!(meta.gid(), NOBODY, "owned by the API group");
+                assert_eq!(as_nobody, Ok(200), "a member of the API group may use it");
+                assert_eq!(
+                    client.config().await.unwrap().type3_mode,
+                    Type3Mode::Monitor
+                );
+            }
+        }
+        // A second daemon on a live socket is refused; the first one keeps serving.
+        let second = daemon::start(DaemonConfig {
+            ports: PortSource::Bridge(lab.bridge.clone()),
+            pin_root: pins.path().to_owned(),
+            attach: AttachMode::Tc,
+            listen: pins.api_socket(),
+            token: None,
+            api_group: None,
+            type3_mode: None,
+            hold: None,
+            snapshots: None,
+        })
+        .await
+        .err()
+        .expect("a second daemon on the same socket is refused");
+        assert!(second.to_string().contains("another daemon"), "{second}");
+        assert!(client.config().await.is_ok(), "the first still serves");
+        running.stop().await.unwrap();
+        assert!(!socket.exists(), "the socket goes with the daemon");
+    }
+}
+
 /// A raw GET, for paths the typed client cannot express.
 async fn reqwest_like_get(running: &Running, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(running.addr).await.unwrap();
+    let Endpoint::Unix(socket) = &running.addr else {
+        panic!("the tests' daemons serve a unix socket");
+    };
+    let mut s = tokio::net::UnixStream::connect(socket).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();

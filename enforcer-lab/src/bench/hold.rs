@@ -109,8 +109,9 @@ impl BufferedLab {
             ports: PortSource::Bridge(lab.bridge.clone()),
             pin_root: pin_root.clone(),
             attach: AttachMode::Tc,
-            listen: "127.0.0.1:0".parse()?,
+            listen: crate::api_socket("bench-hold"),
             token: None,
+            api_group: None,
             type3_mode: None,
             hold: Some(HoldOptions {
                 device: hold_device.into(),
@@ -120,7 +121,7 @@ impl BufferedLab {
             snapshots: None,
         })
         .await?;
-        let client = enforcer::api::client::Client::new(format!("http://{}", running.addr), None);
+        let client = enforcer::api::client::Client::new(running.addr.to_string(), None);
         for vm in &lab.vms {
             client.register_vm(vm.mac, 1, &vm.port, Some(0)).await?;
         }

@@ -46,8 +46,9 @@ async fn agent(bridge: &str, name: &str) -> anyhow::Result<(Running, Client)> {
         ports: PortSource::Bridge(bridge.to_owned()),
         pin_root,
         attach: AttachMode::Tc,
-        listen: "127.0.0.1:0".parse()?,
+        listen: crate::api_socket(&format!("bench-hosts-{name}")),
         token: None,
+        api_group: None,
         type3_mode: None,
         hold: Some(HoldOptions {
             device: format!("enfmh{name}"),
@@ -58,7 +59,7 @@ async fn agent(bridge: &str, name: &str) -> anyhow::Result<(Running, Client)> {
     })
     .await
     .with_context(|| format!("starting agent {name}"))?;
-    let client = Client::new(format!("http://{}", running.addr), None);
+    let client = Client::new(running.addr.to_string(), None);
     Ok((running, client))
 }
 
@@ -94,7 +95,7 @@ async fn measure(
     seconds: f64,
 ) -> anyhow::Result<String> {
     let hosts = Hosts::new(
-        overlay.host_specs([a.base().into(), b.base().into()]),
+        overlay.host_specs([a.address().into(), b.address().into()]),
         None,
         tokio::runtime::Handle::current(),
     );

@@ -181,7 +181,7 @@ pub async fn e2e(mut opts: VmDemoOptions) -> anyhow::Result<String> {
         };
         let (l, api, store, rt) = (
             lab.clone(),
-            client.base().to_owned(),
+            client.address().to_owned(),
             o.store.join("crash"),
             tokio::runtime::Handle::current(),
         );

@@ -10,7 +10,6 @@
 
 use std::{
     fmt::Write as _,
-    net::SocketAddr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -26,7 +25,7 @@ use crate::{
 };
 use enforcer::{
     agent::SnapshotOptions,
-    api::client::Client,
+    api::{Endpoint, client::Client},
     cli::render_manifest,
     daemon::{self, CoordinatorConfig, DaemonConfig, Running, RunningCoordinator},
     datapath::{self, AttachMode, ports::PortSource},
@@ -35,8 +34,8 @@ use enforcer::{
     snapshot::SnapshotOutcome as Outcome,
 };
 
-/// The bearer token between the coordinator and the agents (they listen on loopback here, but
-/// the path is the one real hosts take).
+/// The bearer token between the coordinator and the agents (they listen on loopback TCP here,
+/// the path real hosts take; TCP is served only with a token).
 const TOKEN: &str = "enforcer-emulated-hosts";
 
 struct Agent {
@@ -47,14 +46,16 @@ struct Agent {
     hold_device: String,
     store: PathBuf,
     uri: String,
-    addr: Option<SocketAddr>,
+    addr: Option<Endpoint>,
     running: Option<Running>,
 }
 
 impl Agent {
     async fn start(&mut self) -> anyhow::Result<()> {
+        // Over TCP with a token, as agents on other hosts are reached.
         let listen = self
             .addr
+            .clone()
             .unwrap_or_else(|| "127.0.0.1:0".parse().expect("an address"));
         let running = daemon::start(DaemonConfig {
             ports: PortSource::Bridges(vec![self.bridge.clone()]),
@@ -62,6 +63,7 @@ impl Agent {
             attach: AttachMode::Tc,
             listen,
             token: Some(TOKEN.into()),
+            api_group: None,
             type3_mode: None,
             hold: Some(HoldOptions {
                 device: self.hold_device.clone(),
@@ -75,14 +77,14 @@ impl Agent {
         })
         .await
         .with_context(|| format!("starting agent {}", self.name))?;
-        self.addr = Some(running.addr);
+        self.addr = Some(running.addr.clone());
         self.running = Some(running);
         Ok(())
     }
 
     fn client(&self) -> Client {
         Client::new(
-            format!("http://{}", self.addr.expect("started")),
+            self.addr.as_ref().expect("started").to_string(),
             Some(TOKEN.into()),
         )
     }
@@ -90,7 +92,7 @@ impl Agent {
     fn spec(&self) -> HostSpec {
         HostSpec {
             name: self.name.into(),
-            agent: format!("http://{}", self.addr.expect("started")),
+            agent: self.addr.as_ref().expect("started").to_string(),
             overlay: self.overlay.clone(),
         }
     }
@@ -145,12 +147,13 @@ pub async fn run(mut opts: VmDemoOptions, snapshots: usize) -> anyhow::Result<Ho
             hosts: agents.iter().map(Agent::spec).collect(),
             listen: "127.0.0.1:0".parse()?,
             token: Some(TOKEN.into()),
+            api_group: None,
             store: opts.store.join("coordinator"),
             timeouts: Default::default(),
         })
         .await
         .context("starting the coordinator")?;
-        let client = Client::new(format!("http://{}", coordinator.addr), Some(TOKEN.into()));
+        let client = Client::new(coordinator.addr.to_string(), Some(TOKEN.into()));
         let l = lab.clone();
         let boot = Instant::now();
         blocking(move || Ok(l.wait_talking(Duration::from_secs(120))?)).await?;

@@ -65,8 +65,9 @@ async fn run_in(lab: &Lab, opts: &DemoOptions, out: &mut String) -> anyhow::Resu
         ports: PortSource::Bridge(lab.bridge.clone()),
         pin_root: opts.pin_root.clone(),
         attach: opts.attach,
-        listen: "127.0.0.1:0".parse()?,
+        listen: crate::api_socket("netns-demo"),
         token: None,
+        api_group: None,
         type3_mode: None,
         hold: Some(enforcer::hold::HoldOptions {
             device: "enfdhold".into(),
@@ -75,7 +76,7 @@ async fn run_in(lab: &Lab, opts: &DemoOptions, out: &mut String) -> anyhow::Resu
         snapshots: None,
     })
     .await?;
-    let client = Client::new(format!("http://{}", running.addr), None);
+    let client = Client::new(running.addr.to_string(), None);
     let result = drive(lab, opts, &client, out).await;
     running.stop().await?;
     result

@@ -376,8 +376,9 @@ async fn start_daemon(lab: &VmLab, opts: &VmDemoOptions) -> anyhow::Result<Runni
         ports: PortSource::Bridges(vec![lab.bridge.clone(), lab.other_bridge.clone()]),
         pin_root: opts.pin_root.clone(),
         attach: AttachMode::Tc,
-        listen: "127.0.0.1:0".parse()?,
+        listen: crate::api_socket(&opts.lab.prefix),
         token: None,
+        api_group: None,
         type3_mode: None,
         hold: Some(HoldOptions {
             device: opts.hold_device.clone(),
@@ -571,7 +572,7 @@ pub(crate) async fn with_lab<T>(
         let running = start_daemon(&lab, opts)
             .await
             .context("starting the daemon")?;
-        let client = Client::new(format!("http://{}", running.addr), None);
+        let client = Client::new(running.addr.to_string(), None);
         let l = lab.clone();
         let boot = Instant::now();
         let ready = blocking(move || Ok(l.wait_talking(Duration::from_secs(90))?)).await;

@@ -7,7 +7,10 @@ use enforcer_common::Type3Mode;
 use reqwest::{Method, StatusCode};
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::types::{DefineGroup, ErrorBody, ErrorCode, SnapshotBody};
+use super::{
+    endpoint::unix_path,
+    types::{DefineGroup, ErrorBody, ErrorCode, SnapshotBody},
+};
 use crate::{
     agent::{
         Abort, Config, DomainCall, DomainNic, DomainOp, GroupView, Health, PausedAdvanced,
@@ -19,7 +22,8 @@ use crate::{
     snapshot::{CutMethod, Manifest, Paused, RestoreReport},
 };
 
-pub const DEFAULT_API: &str = "http://127.0.0.1:7878";
+/// The agent's unix socket ([`super::endpoint::DEFAULT_SOCKET`]).
+pub const DEFAULT_API: &str = "unix:/run/enforcer/enforcer.sock";
 
 /// How long one API call may take, unless it says otherwise (restores and image writes of
 /// large VMs are the slow ones).
@@ -37,8 +41,14 @@ fn decode<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ClientErro
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the enforcer API at {url}: {source} (is `enforcer run` running?)")]
-    Connect { url: String, source: reqwest::Error },
+    #[error("cannot reach the enforcer API at {address} ({path}): {detail}")]
+    Connect {
+        /// The API's address as given (its socket, or its URL).
+        address: String,
+        path: String,
+        /// What failed, with a hint when the cause is a common one.
+        detail: String,
+    },
     #[error("{status}: {message}")]
     Api {
         status: StatusCode,
@@ -82,27 +92,69 @@ impl ClientError {
 
 #[derive(Clone, Debug)]
 pub struct Client {
+    /// The address as given (a socket or a URL), for [`Client::base`].
+    given: String,
+    /// What request URLs start with (`http://localhost` over a unix socket).
     base: String,
     token: Option<String>,
     http: reqwest::Client,
 }
 
 impl Client {
-    pub fn new(base: impl Into<String>, token: Option<String>) -> Self {
-        let base = base.into().trim_end_matches('/').to_owned();
+    /// A client of the API at `address`: a unix socket (`unix:/path` or `/path`) or a base URL
+    /// (`http://host:port`).
+    pub fn new(address: impl Into<String>, token: Option<String>) -> Self {
+        let given = address.into().trim_end_matches('/').to_owned();
         // Bounded waits: a peer that stops answering (a partition without a reset) fails the
         // call instead of blocking its caller for ever. Long steps set their own bound.
-        let http = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .timeout(DEFAULT_TIMEOUT)
-            .build()
-            .expect("an HTTP client with timeouts");
-        Self { base, token, http }
+            .timeout(DEFAULT_TIMEOUT);
+        let (builder, base) = match unix_path(&given) {
+            Some(path) => (
+                builder.unix_socket(PathBuf::from(path)),
+                "http://localhost".to_owned(),
+            ),
+            None => (builder, given.clone()),
+        };
+        let http = builder.build().expect("an HTTP client with timeouts");
+        Self {
+            given,
+            base,
+            token,
+            http,
+        }
     }
 
-    /// The API's base URL.
-    pub fn base(&self) -> &str {
-        &self.base
+    /// A request that reached no server: the system's own reason (the innermost cause), and
+    /// what usually explains it.
+    fn unreachable(&self, path: &str, error: &reqwest::Error) -> ClientError {
+        let mut cause: &dyn std::error::Error = error;
+        while let Some(inner) = cause.source() {
+            cause = inner;
+        }
+        let kind = std::iter::successors(Some(error as &dyn std::error::Error), |e| e.source())
+            .find_map(|e| e.downcast_ref::<std::io::Error>())
+            .map(std::io::Error::kind);
+        let hint = match kind {
+            Some(std::io::ErrorKind::PermissionDenied) => {
+                " (only root and members of the daemon's --api-group may use its socket)"
+            }
+            Some(std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+                " (is the daemon running? `enforcer run` serves /run/enforcer/enforcer.sock)"
+            }
+            _ => "",
+        };
+        ClientError::Connect {
+            address: self.given.clone(),
+            path: path.to_owned(),
+            detail: format!("{cause}{hint}"),
+        }
+    }
+
+    /// The API's address, as given to [`Client::new`].
+    pub fn address(&self) -> &str {
+        &self.given
     }
 
     async fn call<B: Serialize, T: DeserializeOwned>(
@@ -129,10 +181,10 @@ impl Client {
         if let Some(body) = body {
             req = req.json(body);
         }
-        let resp = req.send().await.map_err(|source| ClientError::Connect {
-            url: url.clone(),
-            source,
-        })?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| self.unreachable(path, &source))?;
         let status = resp.status();
         if !status.is_success() {
             let (code, message) = match resp.json::<ErrorBody>().await {
@@ -532,10 +584,10 @@ impl Client {
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
         }
-        let resp = req.send().await.map_err(|source| ClientError::Connect {
-            url: url.clone(),
-            source,
-        })?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| self.unreachable("/metrics", &source))?;
         if !resp.status().is_success() {
             return Err(ClientError::Api {
                 status: resp.status(),

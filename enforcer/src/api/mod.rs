@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod domains;
+pub mod endpoint;
 pub mod error;
 pub mod host;
 pub mod metrics;
@@ -20,7 +21,8 @@ mod tests;
 pub mod types;
 pub mod vms;
 
+pub use endpoint::{BadEndpoint, DEFAULT_COORDINATOR_SOCKET, DEFAULT_SOCKET, Endpoint};
 pub use error::{ApiError, ApiResult, blocking};
-pub use router::{finish, is_local, router};
+pub use router::{finish, router};
 pub use snapshots::SnapshotService;
 pub use types::{ErrorBody, ErrorCode};

@@ -2,7 +2,7 @@
 //! the bearer-token check. The coordinator of several hosts builds its own from the same
 //! pieces (`multihost::api`).
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use axum::{
     Router,
@@ -93,9 +93,4 @@ async fn require_token(
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Whether an address may serve the API without a token.
-pub fn is_local(addr: &SocketAddr) -> bool {
-    addr.ip().is_loopback()
 }

@@ -14,6 +14,8 @@ pub enum ErrorCode {
     /// Malformed input: JSON, a MAC, a name, an id.
     BadRequest,
     Unauthorized,
+    /// A unix socket's peer that is not root, the daemon's user or a member of its API group.
+    Forbidden,
     NoSuchEndpoint,
     /// The path exists, not with this method.
     MethodNotAllowed,
@@ -73,6 +75,7 @@ impl ErrorCode {
             ErrorCode::NoBuffer | ErrorCode::PortNotAttached => S::CONFLICT,
             ErrorCode::UnknownInterface => S::BAD_REQUEST,
             ErrorCode::Unauthorized => S::UNAUTHORIZED,
+            ErrorCode::Forbidden => S::FORBIDDEN,
             _ => return None,
         })
     }

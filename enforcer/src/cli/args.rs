@@ -1,12 +1,12 @@
 //! The command line's arguments (clap derive): the commands, their options and defaults.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use enforcer_common::Type3Mode;
 
 use crate::{
-    api::client::DEFAULT_API,
+    api::{DEFAULT_COORDINATOR_SOCKET, DEFAULT_SOCKET, Endpoint, client::DEFAULT_API},
     datapath::{AttachMode, DEFAULT_PIN_ROOT},
     model::{GroupName, IfName, MacAddr, SnapshotId},
     snapshot::{CutMethod, libvirt::DEFAULT_URI},
@@ -19,7 +19,7 @@ use crate::{
     about = "Causally consistent live snapshots of VM groups, enforced in the kernel datapath"
 )]
 pub struct Cli {
-    /// The daemon's API (for the client commands).
+    /// The daemon's API, for the client commands: its unix socket (`unix:/path`) or URL.
     #[arg(long, global = true, env = "ENFORCER_API", default_value = DEFAULT_API)]
     pub api: String,
     /// Bearer token for the API.
@@ -98,9 +98,13 @@ pub struct RunArgs {
     /// Where programs' links and maps are pinned (bpffs).
     #[arg(long, default_value = DEFAULT_PIN_ROOT)]
     pub pin_root: PathBuf,
-    /// API address. Anything but loopback requires --token.
-    #[arg(long, default_value = "127.0.0.1:7878")]
-    pub listen: SocketAddr,
+    /// Where to serve the API: a unix socket (`unix:/path`), owned by root and --api-group,
+    /// mode 0660; or `ip:port` (TCP), which requires --token.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub listen: Endpoint,
+    /// Group whose members may use the API socket besides root (default: root only).
+    #[arg(long)]
+    pub api_group: Option<String>,
     /// Hook that classifies frames on the VM ports.
     #[arg(long, value_enum, default_value = "tc")]
     pub attach: AttachMode,
@@ -133,9 +137,13 @@ pub struct CoordinatorArgs {
     /// agent's VXLAN-GBP port on its bridge)}.
     #[arg(long)]
     pub hosts: PathBuf,
-    /// API address. Anything but loopback requires --token (which the agents also require).
-    #[arg(long, default_value = "127.0.0.1:7878")]
-    pub listen: SocketAddr,
+    /// Where to serve the API: a unix socket (`unix:/path`), owned by root and --api-group,
+    /// mode 0660; or `ip:port` (TCP), which requires --token (the agents require it too).
+    #[arg(long, default_value = DEFAULT_COORDINATOR_SOCKET)]
+    pub listen: Endpoint,
+    /// Group whose members may use the API socket besides root (default: root only).
+    #[arg(long)]
+    pub api_group: Option<String>,
     /// Manifests, journals and groups (images stay on the hosts that run the VMs).
     #[arg(long, default_value = "/var/lib/enforcer/coordinator")]
     pub store: PathBuf,

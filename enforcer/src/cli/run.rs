@@ -38,6 +38,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 attach: args.attach,
                 listen: args.listen,
                 token: cli.token,
+                api_group: args.api_group,
                 type3_mode: args.mode,
                 hold: (!args.no_buffer).then_some(HoldOptions {
                     device: args.hold_device,
@@ -59,6 +60,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 hosts,
                 listen: args.listen,
                 token: cli.token,
+                api_group: args.api_group,
                 store: args.store,
                 timeouts: Timeouts::default(),
             })

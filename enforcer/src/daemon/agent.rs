@@ -4,7 +4,6 @@
 //! the maps pinned: enforcement goes on without it (invariant 6 in docs/design.md).
 
 use std::{
-    net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex, atomic::AtomicU64},
 };
@@ -28,8 +27,13 @@ pub struct DaemonConfig {
     pub ports: PortSource,
     pub pin_root: PathBuf,
     pub attach: AttachMode,
-    pub listen: SocketAddr,
+    /// Where the API is served: a unix socket ([`api::DEFAULT_SOCKET`] by default), or TCP,
+    /// which needs `token`.
+    pub listen: api::Endpoint,
     pub token: Option<String>,
+    /// The group whose members may use the API's unix socket besides root and the daemon's
+    /// own user (`None`: only those two).
+    pub api_group: Option<String>,
     /// Set the Type-3 mode at start; `None` keeps what the pinned config says.
     pub type3_mode: Option<Type3Mode>,
     /// Run the buffer daemon (hold Type-3 frames and re-inject them); `None`: no buffer, so
@@ -55,7 +59,8 @@ pub enum DaemonError {
 
 /// A started daemon: the API's address and a handle to stop it.
 pub struct Running {
-    pub addr: SocketAddr,
+    /// Where the API listens (what [`api::client::Client::new`] takes, as `addr.to_string()`).
+    pub addr: api::Endpoint,
     pub agent: Arc<Agent>,
     shutdown: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), ServeError>>,
@@ -95,7 +100,12 @@ impl Running {
 
 /// Starts the daemon on the current tokio runtime.
 pub async fn start(config: DaemonConfig) -> Result<Running, DaemonError> {
-    let (listener, addr) = serve::listen(config.listen, config.token.as_deref()).await?;
+    let (listener, addr) = serve::listen(
+        &config.listen,
+        config.token.as_deref(),
+        config.api_group.as_deref(),
+    )
+    .await?;
     let mut datapath = Datapath::open(&config.pin_root, config.attach)?;
     if let Some(mode) = config.type3_mode {
         datapath.set_type3_mode(mode)?;

@@ -1,11 +1,12 @@
 //! `enforcer coordinator`: group snapshots across several hosts, over their agents.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc};
 
 use tracing::info;
 
 use super::serve::{self, ServeError};
 use crate::{
+    api::Endpoint,
     multihost::{CoordinatorState, HostSpec, Hosts, api},
     snapshot::{Coordinator, CoordinatorError, EpochControl, Hypervisor, Timeouts},
 };
@@ -13,9 +14,14 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
     pub hosts: Vec<HostSpec>,
-    pub listen: SocketAddr,
+    /// Where the API is served: a unix socket (by default
+    /// [`crate::api::DEFAULT_COORDINATOR_SOCKET`]), or TCP, which needs `token`.
+    pub listen: Endpoint,
     /// For this API and for the agents'.
     pub token: Option<String>,
+    /// The group whose members may use the API's unix socket besides root and the
+    /// coordinator's own user.
+    pub api_group: Option<String>,
     /// Manifests, journals and groups (the images stay on the hosts that run the VMs).
     pub store: PathBuf,
     pub timeouts: Timeouts,
@@ -30,7 +36,7 @@ pub enum CoordinatorRoleError {
 }
 
 pub struct RunningCoordinator {
-    pub addr: SocketAddr,
+    pub addr: Endpoint,
     pub state: Arc<CoordinatorState>,
     shutdown: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), ServeError>>,
@@ -53,7 +59,12 @@ impl RunningCoordinator {
 pub async fn start_coordinator(
     config: CoordinatorConfig,
 ) -> Result<RunningCoordinator, CoordinatorRoleError> {
-    let (listener, addr) = serve::listen(config.listen, config.token.as_deref()).await?;
+    let (listener, addr) = serve::listen(
+        &config.listen,
+        config.token.as_deref(),
+        config.api_group.as_deref(),
+    )
+    .await?;
     let hosts = Hosts::new(
         config.hosts.clone(),
         config.token.clone(),

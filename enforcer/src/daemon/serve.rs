@@ -1,56 +1,276 @@
-//! What both daemon roles do the same way: refuse a non-loopback address without a token,
-//! listen, serve a router until told to stop, and wait for SIGINT/SIGTERM.
+//! What both daemon roles do the same way: listen where they are told ([`Endpoint`]) — a unix
+//! socket that only root, the daemon's own user and one chosen group may use, or TCP only with
+//! a token — serve a router until told to stop, and wait for SIGINT/SIGTERM.
 
-use std::net::SocketAddr;
+use std::{
+    io,
+    net::SocketAddr,
+    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
-use axum::Router;
-use tokio::{net::TcpListener, sync::watch};
-use tracing::info;
+use axum::{
+    Router,
+    extract::{ConnectInfo, Request, State, connect_info::Connected},
+    http::StatusCode,
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    serve::IncomingStream,
+};
+use tokio::{
+    net::{TcpListener, UnixListener},
+    sync::watch,
+};
+use tracing::{info, warn};
 
-use crate::api::is_local;
+use crate::api::{ApiError, Endpoint, types::ErrorCode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(
-        "refusing to serve the API on non-loopback {0} without a token (--token or ENFORCER_TOKEN)"
+        "refusing to serve the API over TCP ({0}) without a token: any local account could use \
+         it. Serve it on a unix socket (the default) or give --token (or ENFORCER_TOKEN)"
     )]
     TokenRequired(SocketAddr),
     #[error("listening on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: SocketAddr, source: io::Error },
+    #[error("another daemon serves the API at {0} (stop it first)")]
+    InUse(PathBuf),
+    #[error("the API socket {path}: {source}")]
+    Socket { path: PathBuf, source: io::Error },
+    #[error("no such group {0:?} for the API socket (--api-group)")]
+    NoSuchGroup(String),
     #[error("serving the API: {0}")]
-    Serve(std::io::Error),
+    Serve(io::Error),
 }
 
-/// Checks the address against the token, then binds it.
+/// Who may use a unix socket's API besides root and the daemon's own user: the members of
+/// this group (owner of the socket, mode 0660).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Access {
+    uid: u32,
+    gid: Option<u32>,
+}
+
+/// A bound listener, ready for [`serve`].
+pub(crate) enum Listener {
+    Tcp(TcpListener),
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+        access: Access,
+    },
+}
+
+/// Binds `endpoint`: TCP only with a token; a unix socket made afresh (a stale one left by a
+/// daemon that died is replaced; a live one is refused), owned by root and `group`, mode 0660.
+/// Returns the listener and where it listens (a TCP port 0 resolved).
 pub(crate) async fn listen(
-    addr: SocketAddr,
+    endpoint: &Endpoint,
     token: Option<&str>,
-) -> Result<(TcpListener, SocketAddr), ServeError> {
-    if !is_local(&addr) && token.is_none() {
-        return Err(ServeError::TokenRequired(addr));
+    group: Option<&str>,
+) -> Result<(Listener, Endpoint), ServeError> {
+    match endpoint {
+        Endpoint::Tcp(addr) => {
+            if token.is_none() {
+                return Err(ServeError::TokenRequired(*addr));
+            }
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Listen {
+                    addr: *addr,
+                    source,
+                })?;
+            let bound = listener.local_addr().map_err(ServeError::Serve)?;
+            Ok((Listener::Tcp(listener), Endpoint::Tcp(bound)))
+        }
+        Endpoint::Unix(path) => {
+            let gid = group
+                .map(|name| {
+                    nix::unistd::Group::from_name(name)
+                        .ok()
+                        .flatten()
+                        .map(|g| g.gid.as_raw())
+                        .ok_or_else(|| ServeError::NoSuchGroup(name.to_owned()))
+                })
+                .transpose()?;
+            let listener = bind_socket(path, gid).await?;
+            let access = Access {
+                uid: nix::unistd::geteuid().as_raw(),
+                gid,
+            };
+            Ok((
+                Listener::Unix {
+                    listener,
+                    path: path.clone(),
+                    access,
+                },
+                endpoint.clone(),
+            ))
+        }
     }
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Listen { addr, source })?;
-    let bound = listener.local_addr().map_err(ServeError::Serve)?;
-    Ok((listener, bound))
 }
 
-/// Serves `app` until `stopped` turns true.
+async fn bind_socket(path: &Path, gid: Option<u32>) -> Result<UnixListener, ServeError> {
+    let err = |source| ServeError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                return Err(ServeError::InUse(path.to_owned()));
+            }
+            std::fs::remove_file(path).map_err(err)?;
+        }
+        Ok(_) => {
+            return Err(err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a socket",
+            )));
+        }
+        Err(_) => {}
+    }
+    // Made with no access for anyone, then opened to its owner and group: no instant where
+    // another account could connect.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(err)?;
+    if let Some(gid) = gid {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|e| err(e.into()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    Ok(listener)
+}
+
+/// The credentials of a unix socket's peer (`SO_PEERCRED`), taken when it connects.
+#[derive(Clone, Copy, Debug)]
+struct Peer {
+    uid: u32,
+    gid: u32,
+    pid: Option<i32>,
+}
+
+impl Connected<IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        match stream.io().peer_cred() {
+            Ok(cred) => Peer {
+                uid: cred.uid(),
+                gid: cred.gid(),
+                pid: cred.pid(),
+            },
+            // Unknown: nobody (refused below).
+            Err(_) => Peer {
+                uid: u32::MAX,
+                gid: u32::MAX,
+                pid: None,
+            },
+        }
+    }
+}
+
+impl Access {
+    /// Root, the daemon's own user, or a member of the socket's group (primary or
+    /// supplementary, as `/proc/<pid>/status` lists them).
+    fn allows(&self, peer: &Peer) -> bool {
+        if peer.uid == 0 || peer.uid == self.uid {
+            return true;
+        }
+        let Some(gid) = self.gid else {
+            return false;
+        };
+        peer.gid == gid
+            || peer
+                .pid
+                .is_some_and(|pid| supplementary_groups(pid).contains(&gid))
+    }
+}
+
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map(|status| groups_in_status(&status))
+        .unwrap_or_default()
+}
+
+/// The `Groups:` line of a `/proc/<pid>/status`.
+fn groups_in_status(status: &str) -> Vec<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn require_peer(
+    State(access): State<Arc<Access>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if !access.allows(&peer) {
+        warn!(uid = peer.uid, gid = peer.gid, pid = ?peer.pid, "API call refused: not root, the daemon's user or its group");
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            "only root, the daemon's user and its API group may use this socket",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Serves `app` until `stopped` turns true; a unix socket is removed afterwards.
 pub(crate) async fn serve(
-    listener: TcpListener,
+    listener: Listener,
     app: Router,
     mut stopped: watch::Receiver<bool>,
 ) -> Result<(), ServeError> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        })
-        .await
-        .map_err(ServeError::Serve)
+    let shutdown = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    match listener {
+        Listener::Tcp(listener) => axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(ServeError::Serve),
+        Listener::Unix {
+            listener,
+            path,
+            access,
+        } => {
+            // Removed however serving ends, also when this future is dropped unfinished.
+            let _socket = RemoveOnDrop(path);
+            let app = app.layer(middleware::from_fn_with_state(
+                Arc::new(access),
+                require_peer,
+            ));
+            axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+                .with_graceful_shutdown(shutdown)
+                .await
+                .map_err(ServeError::Serve)
+        }
+    }
 }
 
 /// Returns when SIGINT or SIGTERM arrives.
@@ -62,4 +282,34 @@ pub(crate) async fn signal(what: &str) -> Result<(), ServeError> {
         _ = term.recv() => info!("SIGTERM: stopping{what}"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_root_the_daemons_user_and_its_group_are_allowed() {
+        let access = Access {
+            uid: 1000,
+            gid: Some(50),
+        };
+        let peer = |uid, gid| Peer {
+            uid,
+            gid,
+            pid: None,
+        };
+        assert!(access.allows(&peer(0, 0)));
+        assert!(access.allows(&peer(1000, 1000)));
+        assert!(access.allows(&peer(2000, 50)));
+        assert!(!access.allows(&peer(65534, 65534)));
+        assert!(!access.allows(&peer(u32::MAX, u32::MAX)));
+        let no_group = Access { uid: 0, gid: None };
+        assert!(!no_group.allows(&peer(2000, 50)));
+        assert_eq!(
+            groups_in_status("Name:\tx\nUid:\t1\t1\t1\t1\nGroups:\t4 24 50 \nNgid:\t0\n"),
+            [4, 24, 50]
+        );
+        assert!(groups_in_status("Groups:\n").is_empty());
+    }
 }

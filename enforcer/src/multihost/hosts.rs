@@ -65,7 +65,7 @@ use crate::{
 pub struct HostSpec {
     /// The name VMs are qualified with (`domain@name`).
     pub name: String,
-    /// The agent's API, e.g. `http://192.168.56.11:7878`.
+    /// The agent's API, e.g. `http://192.168.56.11:7878` (or `unix:/path` on this host).
     pub agent: String,
     /// The agent's overlay port (the VXLAN-GBP device on its bridge), where frames of VMs on
     /// other hosts arrive.
@@ -108,9 +108,12 @@ pub fn load(path: &Path) -> Result<Vec<HostSpec>, HostsError> {
                 h.name
             )));
         }
-        if !h.agent.starts_with("http://") && !h.agent.starts_with("https://") {
+        if !h.agent.starts_with("http://")
+            && !h.agent.starts_with("https://")
+            && !h.agent.starts_with("unix:/")
+        {
             return Err(invalid(format!(
-                "{}: agent {:?} is not a URL",
+                "{}: agent {:?} is neither a URL nor unix:/path (an agent on this host)",
                 h.name, h.agent
             )));
         }
