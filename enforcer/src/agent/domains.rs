@@ -198,7 +198,7 @@ impl<D: AgentDatapath> Agent<D> {
         Ok(match op {
             DomainOp::Begin => {
                 let dir = image_dir(op)?;
-                std::fs::create_dir_all(&dir).map_err(|source| DomainError::Io {
+                crate::snapshot::private::private_dir(&dir).map_err(|source| DomainError::Io {
                     path: dir.clone(),
                     source,
                 })?;

@@ -124,7 +124,7 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
         store: &Path,
         timeouts: Timeouts,
     ) -> Result<Self, CoordinatorError> {
-        fs::create_dir_all(store).map_err(|source| CoordinatorError::Store {
+        super::private::private_dir(store).map_err(|source| CoordinatorError::Store {
             path: store.into(),
             source,
         })?;

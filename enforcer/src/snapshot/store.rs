@@ -2,6 +2,8 @@
 //! images), `groups.json`, and a journal per snapshot in progress (`journals/<id>.json`), from
 //! which a restarted coordinator aborts what the last one left unfinished. Every file is
 //! written atomically (temporary file, fsync, rename, fsync of the directory).
+//!
+//! The store is private (see [`super::private`]).
 
 use std::{
     fs, io,
@@ -15,6 +17,7 @@ use super::{
     backends::{EpochControl, Hypervisor},
     coordinator::{Coordinator, CoordinatorError},
     manifest::{CutMethod, Manifest, SnapshotOutcome, SnapshotVm},
+    private::{private_dir, write_private},
 };
 use crate::model::{GroupSpec, SnapshotId};
 
@@ -89,7 +92,7 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
 
     pub(crate) fn write_manifest(&self, manifest: &Manifest) -> Result<(), CoordinatorError> {
         let dir = self.store.join(&manifest.id);
-        fs::create_dir_all(&dir).map_err(|source| CoordinatorError::Store {
+        private_dir(&dir).map_err(|source| CoordinatorError::Store {
             path: dir.clone(),
             source,
         })?;
@@ -177,17 +180,6 @@ pub(crate) fn write_atomically<T: Serialize>(
         path: path.into(),
         source,
     };
-    let tmp = path.with_extension("tmp");
     let text = serde_json::to_vec_pretty(value).map_err(|e| err(io::Error::other(e)))?;
-    fs::write(&tmp, text).map_err(err)?;
-    let file = fs::File::open(&tmp).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)?;
-    // The rename itself is durable once the directory is synced.
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err)?;
-    }
-    Ok(())
+    write_private(path, &text).map_err(err)
 }

@@ -670,3 +670,46 @@ fn every_groups_unfinished_snapshot_is_recovered() {
     assert_eq!(fs::read_dir(dir.join("journals")).unwrap().count(), 0);
     let _ = fs::remove_dir_all(dir);
 }
+
+/// Every directory and file under `dir`, with its mode bits.
+fn modes(dir: &Path) -> Vec<(PathBuf, bool, u32)> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut out = vec![(
+        dir.to_owned(),
+        true,
+        fs::metadata(dir).unwrap().permissions().mode() & 0o777,
+    )];
+    for entry in fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(modes(&path));
+        } else {
+            let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+            out.push((path, false, mode));
+        }
+    }
+    out
+}
+
+/// Case of the security review: images were written 0644 in 0755 directories, readable by any
+/// local account (a memory image holds everything the VM had in memory). Every directory of
+/// the store is 0700 and every file 0600, a store made looser before included.
+#[test]
+fn the_store_is_its_owners_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let g = group(2);
+    let dir = store();
+    fs::create_dir_all(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let (c, _hv) = coordinator(&g, &dir);
+    for method in [PRE, INSTANT] {
+        assert_eq!(c.snapshot(&g, method).unwrap().outcome, Outcome::Committed);
+    }
+    let all = modes(&dir);
+    assert!(all.iter().filter(|(_, d, _)| !*d).count() >= 2, "{all:?}");
+    for (path, is_dir, mode) in all {
+        let want = if is_dir { 0o700 } else { 0o600 };
+        assert_eq!(mode, want, "{} is {mode:o}", path.display());
+    }
+    let _ = fs::remove_dir_all(dir);
+}

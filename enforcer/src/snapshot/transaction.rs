@@ -40,6 +40,7 @@ use super::{
     },
     coordinator::{Coordinator, CoordinatorError, Timeouts},
     manifest::{CutMethod, Live, Manifest, SnapshotOutcome, SnapshotVm, Step},
+    private::private_dir,
     store::{Journal, write_atomically},
 };
 use crate::{
@@ -134,12 +135,12 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             cut_started: false,
         };
         let dir = self.store.join(&id);
-        fs::create_dir_all(&dir).map_err(|source| CoordinatorError::Store {
+        private_dir(&dir).map_err(|source| CoordinatorError::Store {
             path: dir.clone(),
             source,
         })?;
         let journals = self.store.join("journals");
-        fs::create_dir_all(&journals).map_err(|source| CoordinatorError::Store {
+        private_dir(&journals).map_err(|source| CoordinatorError::Store {
             path: journals,
             source,
         })?;

@@ -15,6 +15,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::xml::{DiskFormat, FileDisk};
+use crate::snapshot::private::write_private;
 
 /// A pre-copy snapshot's copy of a disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,13 +189,8 @@ pub(super) fn write_list<T: Serialize>(
 /// Writes a list of disks to `path` atomically (temporary file, fsync, rename, fsync of the
 /// directory): a crash leaves the old list or the new one.
 pub(super) fn write_list_at<T: Serialize>(path: &Path, list: &[T]) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
     let text = serde_json::to_vec_pretty(list).expect("disk list serializes");
-    std::fs::write(&tmp, text)
-        .and_then(|()| File::open(&tmp)?.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .and_then(|()| File::open(path.parent().unwrap_or(Path::new("/")))?.sync_all())
-        .map_err(|e| format!("writing {}: {e}", path.display()))
+    write_private(path, &text).map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 pub(super) fn read_list<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, String> {
@@ -306,7 +302,12 @@ pub(super) fn restore_copies(
             };
             let file = dir.join(format!("{vm}.{}.{tag}.{ext}", d.target));
             std::fs::copy(&d.copy, &file)
-                .and_then(|_| File::open(&file)?.sync_all())
+                // The store's copy is private; the VM's new disk gets its old disk's mode.
+                .and_then(|_| match std::fs::metadata(&d.source) {
+                    Ok(meta) => std::fs::set_permissions(&file, meta.permissions()),
+                    Err(_) => Ok(()),
+                })
+                .and_then(|()| File::open(&file)?.sync_all())
                 .map_err(|e| format!("copying {} to {}: {e}", d.copy.display(), file.display()))?;
             Ok((d.target.clone(), file, format))
         });
@@ -329,6 +330,28 @@ pub(super) fn path_str(path: &Path) -> Result<&str, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lists and disk copies in the store are its owner's only, like its images.
+    #[test]
+    fn lists_and_copies_are_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("enforcer-private-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("disk.img");
+        std::fs::write(&disk, b"data").unwrap();
+        std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let list = dir.join("vm.disks.json");
+        write_list_at(&list, &[1, 2]).unwrap();
+        let copy = dir.join("vm.vda.disk");
+        crate::snapshot::private::copy_private(&disk, &copy).unwrap();
+        assert_eq!(std::fs::read(&copy).unwrap(), b"data");
+        for file in [&list, &copy] {
+            let mode = std::fs::metadata(file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", file.display());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn overlays_go_beside_their_disk() {

@@ -28,6 +28,7 @@ use crate::{
     snapshot::{
         backends::{HvError, HvErrorKind, Hypervisor, Paused, unix_us},
         manifest::CutMethod,
+        private::copy_private,
         store::discard_local,
     },
 };
@@ -304,14 +305,12 @@ impl Hypervisor for Libvirt {
                 let mut copies = Vec::new();
                 for d in &job.disks {
                     let copy = job.dir.join(format!("{name}.{}.disk", d.target));
-                    std::fs::copy(&d.file, &copy)
-                        .and_then(|_| std::fs::File::open(&copy)?.sync_all())
-                        .map_err(|e| {
-                            hv_err(
-                                name,
-                                format!("copying disk {} ({}): {e}", d.target, d.file.display()),
-                            )
-                        })?;
+                    copy_private(&d.file, &copy).map_err(|e| {
+                        hv_err(
+                            name,
+                            format!("copying disk {} ({}): {e}", d.target, d.file.display()),
+                        )
+                    })?;
                     copies.push(DiskCopy {
                         target: d.target.clone(),
                         source: d.file.clone(),

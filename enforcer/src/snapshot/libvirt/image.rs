@@ -3,10 +3,12 @@
 //! QEMU writes into the same file through the fd it is given. Calls nothing else of the product.
 
 use std::{
-    fs::{File, OpenOptions},
+    fs::File,
     io::{Seek, SeekFrom, Write},
     path::{Path, PathBuf},
 };
+
+use crate::snapshot::private::private_file;
 
 /// libvirt's save-image header (`virQEMUSaveHeader`, version 2): 16-byte magic, then 19 native
 /// u32s (version, data_len, was_running, compressed, cookieOffset, 14 unused). The domain XML
@@ -42,11 +44,7 @@ pub(super) struct SaveImage {
 impl SaveImage {
     /// Creates `path` (never over an existing file), writes the partial header and `xml`.
     pub(super) fn create(path: &Path, xml: &str) -> std::io::Result<Self> {
-        let mut file = OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .read(true)
-            .open(path)?;
+        let mut file = private_file(path)?;
         let mut data = xml.as_bytes().to_vec();
         data.push(0);
         let data_len = data.len() as u32;
@@ -89,6 +87,12 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("vm.save");
         let mut image = SaveImage::create(&path, "<domain/>").unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "a memory image is its owner's only"
+        );
         assert!(
             SaveImage::create(&path, "<domain/>").is_err(),
             "never over a file"
