@@ -451,6 +451,48 @@ async fn stopped_buffer_thread(attach: AttachMode, tag: char) {
     s.stop().await;
 }
 
+/// Case P3 of the datapath review: a second daemon on the same pins (another API socket, its
+/// own buffer) used to reset the first one's hold device and links. It is refused before it
+/// touches anything, and the first goes on holding and re-injecting as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_pins_is_refused_and_the_first_keeps_enforcing() {
+    let s = setup('2', 2, 64 << 20, Type3Mode::Buffer).await;
+    let other = format!("/run/enforcer/second-{}.sock", std::process::id());
+    let second = daemon::start(DaemonConfig {
+        ports: PortSource::Bridge(s.lab.bridge.clone()),
+        pin_root: s.pins.path().to_owned(),
+        attach: AttachMode::Tc,
+        listen: other.parse().unwrap(),
+        token: None,
+        api_group: None,
+        type3_mode: Some(Type3Mode::Drop),
+        hold: Some(HoldOptions {
+            device: format!("{}s", s.lab.prefix),
+            ..Default::default()
+        }),
+        snapshots: None,
+    })
+    .await
+    .err()
+    .expect("a second daemon on the same pin root is refused");
+    assert!(second.to_string().contains("another daemon"), "{second}");
+    assert!(
+        !std::path::Path::new(&other).exists(),
+        "refused before it made its socket"
+    );
+    assert_eq!(
+        s.client.config().await.unwrap().type3_mode,
+        Type3Mode::Buffer
+    );
+    let (got, advanced_at, total) = skew(&s).await;
+    assert!(
+        got.iter().all(|(_, at)| *at >= advanced_at),
+        "the first daemon still holds Type-3 frames"
+    );
+    assert_in_order(&got, 0, total, "vm1 -> vm2 across the skew");
+    s.stop().await;
+}
+
 /// Mode `drop` on the same scenario: the frames sent during the skew are gone (TCP would have
 /// to retransmit them), the rest arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

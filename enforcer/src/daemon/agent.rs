@@ -11,7 +11,10 @@ use std::{
 use enforcer_common::Type3Mode;
 use tracing::{info, warn};
 
-use super::serve::{self, ServeError};
+use super::{
+    lock::{LockError, PinRootLock},
+    serve::{self, ServeError},
+};
 use crate::{
     agent::{self, Agent, SnapshotOptions, SnapshotsError},
     api,
@@ -55,6 +58,8 @@ pub enum DaemonError {
     Snapshots(#[from] SnapshotsError),
     #[error("buffer daemon: {0}")]
     Hold(#[from] HoldError),
+    #[error(transparent)]
+    Locked(#[from] LockError),
 }
 
 /// A started daemon: the API's address and a handle to stop it.
@@ -62,6 +67,8 @@ pub struct Running {
     /// Where the API listens (what [`api::client::Client::new`] takes, as `addr.to_string()`).
     pub addr: api::Endpoint,
     pub agent: Arc<Agent>,
+    /// Held until the daemon is gone (see [`super::lock`]).
+    _pin_root: PinRootLock,
     shutdown: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), ServeError>>,
 }
@@ -100,6 +107,8 @@ impl Running {
 
 /// Starts the daemon on the current tokio runtime.
 pub async fn start(config: DaemonConfig) -> Result<Running, DaemonError> {
+    // Before anything is touched: the pins may belong to a daemon that runs.
+    let pin_root = PinRootLock::acquire(&config.pin_root)?;
     let (listener, addr) = serve::listen(
         &config.listen,
         config.token.as_deref(),
@@ -182,6 +191,7 @@ pub async fn start(config: DaemonConfig) -> Result<Running, DaemonError> {
     Ok(Running {
         addr,
         agent,
+        _pin_root: pin_root,
         shutdown,
         task,
     })

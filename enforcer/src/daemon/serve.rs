@@ -30,7 +30,7 @@ use crate::api::{ApiError, Endpoint, types::ErrorCode};
 pub enum ServeError {
     #[error(
         "refusing to serve the API over TCP ({0}) without a token: any local account could use \
-         it. Serve it on a unix socket (the default) or give --token (or ENFORCER_TOKEN)"
+         it. Serve it on a unix socket (the default) or give a token (--token-file or ENFORCER_TOKEN)"
     )]
     TokenRequired(SocketAddr),
     #[error("listening on {addr}: {source}")]
