@@ -65,7 +65,8 @@ const HEALTH_WAIT_S: u32 = 30;
 pub(crate) struct Options {
     pub ssh_config: Option<PathBuf>,
     pub binary: Option<PathBuf>,
-    pub token: Option<String>,
+    /// Where the token is (made there when missing).
+    pub token_file: PathBuf,
     pub dry_run: bool,
     pub net: String,
     pub host_ips: Vec<String>,
@@ -307,19 +308,8 @@ pub(crate) fn run(root: &Path, opts: Options) -> anyhow::Result<()> {
             .join(", ")
     );
 
-    // 2. The token.
-    let token = match opts.token {
-        Some(t) => {
-            ensure!(
-                !t.is_empty()
-                    && t.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-._~+/=".contains(c)),
-                "--token: use letters, digits and -._~+/= only (it goes into an HTTP header and an environment file)"
-            );
-            t
-        }
-        None => random_token()?,
-    };
+    // 2. The token, from its file (made when missing): never printed, never on a command line.
+    let token = token_from(&opts.token_file)?;
 
     // 3. The binary.
     let binary = match &opts.binary {
@@ -427,7 +417,7 @@ pub(crate) fn run(root: &Path, opts: Options) -> anyhow::Result<()> {
     } else {
         format!("ssh -F {}", shell_quote(&ssh_config.to_string_lossy()))
     };
-    print_usage(coord, &hvs, &token, &ssh, from_vagrant);
+    print_usage(coord, &hvs, &opts.token_file, &ssh, from_vagrant);
     Ok(())
 }
 
@@ -778,6 +768,47 @@ fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
 }
 
 /// 32 random bytes from the kernel, as hex.
+/// The token in `path`, checked (private to its owner; letters, digits and -._~+/= only: it
+/// goes into an HTTP header and an environment file), or a new random one written there 0600.
+fn token_from(path: &Path) -> anyhow::Result<String> {
+    if !path.exists() {
+        let token = random_token()?;
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(path)
+            .and_then(|mut f| writeln!(f, "{token}"))
+            .with_context(|| format!("writing the token to {}", path.display()))?;
+        println!("[local] a new token in {} (mode 0600)", path.display());
+        return Ok(token);
+    }
+    let mode = fs::metadata(path)?.permissions().mode();
+    ensure!(
+        mode & 0o077 == 0,
+        "token file {} is readable by other accounts (mode {:o}): chmod 600 it",
+        path.display(),
+        mode & 0o777
+    );
+    let token = fs::read_to_string(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .trim()
+        .to_owned();
+    ensure!(
+        !token.is_empty()
+            && token
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._~+/=".contains(c)),
+        "token file {}: use letters, digits and -._~+/= only (it goes into an HTTP header and an environment file)",
+        path.display()
+    );
+    Ok(token)
+}
+
 fn random_token() -> anyhow::Result<String> {
     let mut bytes = [0u8; 32];
     fs::File::open("/dev/urandom")
@@ -824,7 +855,8 @@ fn kernel_at_least(release: &str, major: u32, minor: u32) -> bool {
     (ma, mi) >= (major, minor)
 }
 
-fn print_usage(coord: &Host, hvs: &[&Host], token: &str, ssh: &str, from_vagrant: bool) {
+fn print_usage(coord: &Host, hvs: &[&Host], token_file: &Path, ssh: &str, from_vagrant: bool) {
+    let token = shell_quote(&token_file.to_string_lossy());
     let api = coord.url();
     let domains: Vec<String> = hvs
         .iter()
@@ -840,7 +872,7 @@ fn print_usage(coord: &Host, hvs: &[&Host], token: &str, ssh: &str, from_vagrant
         .join(",");
     let cli_domains = domains.join(" ");
     println!(
-        "\ncoordinator: {api}\nagents:      {}\ntoken:       {token}\n             (also in /etc/enforcer/enforcer.env on every host, mode 0600)",
+        "\ncoordinator: {api}\nagents:      {}\ntoken:       in {token} (mode 0600; also in /etc/enforcer/enforcer.env on every host)",
         hvs.iter()
             .map(|h| format!("{} {}", h.name, h.url()))
             .collect::<Vec<_>>()
@@ -849,14 +881,14 @@ fn print_usage(coord: &Host, hvs: &[&Host], token: &str, ssh: &str, from_vagrant
     println!(
         "\nDefine a group of libvirt domains running on the hypervisors (NAME@HOST), take a snapshot, \
          and look at it:\n\
-         \n  export ENFORCER_TOKEN={token}\
-         \n  curl -sS -H \"Authorization: Bearer $ENFORCER_TOKEN\" -H 'Content-Type: application/json' \\\
+         \n  auth() {{ printf 'Authorization: Bearer %s\\n' \"$(cat {token})\"; }}   # the header on stdin, not in argv\
+         \n  auth | curl -sS -H @- -H 'Content-Type: application/json' \\\
          \n       -d '{{\"name\":\"web\",\"domains\":[{json_domains}]}}' {api}/v1/groups\
-         \n  curl -sS -X POST -H \"Authorization: Bearer $ENFORCER_TOKEN\" {api}/v1/groups/web/snapshots\
-         \n  curl -sS -H \"Authorization: Bearer $ENFORCER_TOKEN\" {api}/v1/snapshots/ID    # ID from the 202 answer\
+         \n  auth | curl -sS -X POST -H @- {api}/v1/groups/web/snapshots\
+         \n  auth | curl -sS -H @- {api}/v1/snapshots/ID    # ID from the 202 answer\
          \n\nor with the CLI:\
-         \n\n  ENFORCER_API={api} ENFORCER_TOKEN={token} enforcer group define web {cli_domains}\
-         \n  ENFORCER_API={api} ENFORCER_TOKEN={token} enforcer snapshot create --group web --wait"
+         \n\n  ENFORCER_API={api} enforcer --token-file {token} group define web {cli_domains}\
+         \n  ENFORCER_API={api} enforcer --token-file {token} snapshot create --group web --wait"
     );
     println!("\nEpoch maps on each hypervisor host:\n");
     for hv in hvs {

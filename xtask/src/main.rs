@@ -82,9 +82,10 @@ enum Task {
         /// The enforcer binary to install (default: `cargo build --release -p enforcer`).
         #[arg(long)]
         binary: Option<std::path::PathBuf>,
-        /// API bearer token for the agents and the coordinator (default: 32 random bytes, hex).
-        #[arg(long)]
-        token: Option<String>,
+        /// File with the API bearer token for the agents and the coordinator; made (32 random
+        /// bytes, hex, mode 0600) when missing. Never printed, never on a command line.
+        #[arg(long, default_value = "target/deploy/enforcer.token")]
+        token_file: std::path::PathBuf,
         /// Print the commands instead of running them.
         #[arg(long)]
         dry_run: bool,
@@ -119,7 +120,7 @@ fn main() -> anyhow::Result<()> {
         Task::Deploy {
             ssh_config,
             binary,
-            token,
+            token_file,
             dry_run,
             net,
             host_ip,
@@ -129,7 +130,7 @@ fn main() -> anyhow::Result<()> {
                 deploy::Options {
                     ssh_config,
                     binary,
-                    token,
+                    token_file: root.join(token_file),
                     dry_run,
                     net,
                     host_ips: host_ip,

@@ -22,9 +22,11 @@ pub struct Cli {
     /// The daemon's API, for the client commands: its unix socket (`unix:/path`) or URL.
     #[arg(long, global = true, env = "ENFORCER_API", default_value = DEFAULT_API)]
     pub api: String,
-    /// Bearer token for the API.
-    #[arg(long, global = true, env = "ENFORCER_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    /// File holding the bearer token for a TCP API (never the token itself on the command
+    /// line, where `ps` shows it to every account); mode 0600 or stricter. Without it the
+    /// token comes from ENFORCER_TOKEN, if set.
+    #[arg(long, global = true, env = "ENFORCER_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -99,7 +101,7 @@ pub struct RunArgs {
     #[arg(long, default_value = DEFAULT_PIN_ROOT)]
     pub pin_root: PathBuf,
     /// Where to serve the API: a unix socket (`unix:/path`), owned by root and --api-group,
-    /// mode 0660; or `ip:port` (TCP), which requires --token.
+    /// mode 0660; or `ip:port` (TCP), which requires a token (--token-file).
     #[arg(long, default_value = DEFAULT_SOCKET)]
     pub listen: Endpoint,
     /// Group whose members may use the API socket besides root (default: root only).
@@ -138,7 +140,7 @@ pub struct CoordinatorArgs {
     #[arg(long)]
     pub hosts: PathBuf,
     /// Where to serve the API: a unix socket (`unix:/path`), owned by root and --api-group,
-    /// mode 0660; or `ip:port` (TCP), which requires --token (the agents require it too).
+    /// mode 0660; or `ip:port` (TCP), which requires a token (--token-file).(the agents require it too).
     #[arg(long, default_value = DEFAULT_COORDINATOR_SOCKET)]
     pub listen: Endpoint,
     /// Group whose members may use the API socket besides root (default: root only).

@@ -23,8 +23,35 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     runtime.block_on(run_async(cli))
 }
 
+/// The bearer token: from `--token-file` (which must be private to its owner), or from
+/// `ENFORCER_TOKEN`.
+fn token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some(file) = file else {
+        return Ok(std::env::var("ENFORCER_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()));
+    };
+    let mode = std::fs::metadata(file)
+        .with_context(|| format!("token file {}", file.display()))?
+        .permissions()
+        .mode();
+    anyhow::ensure!(
+        mode & 0o077 == 0,
+        "token file {} is readable by other accounts (mode {:o}): chmod 600 {0}",
+        file.display(),
+        mode & 0o777
+    );
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the token file {}", file.display()))?;
+    let token = text.trim();
+    anyhow::ensure!(!token.is_empty(), "token file {} is empty", file.display());
+    Ok(Some(token.to_owned()))
+}
+
 async fn run_async(cli: Cli) -> anyhow::Result<()> {
-    let client = Client::new(&cli.api, cli.token.clone());
+    let token = token(cli.token_file.as_deref())?;
+    let client = Client::new(&cli.api, token.clone());
     match cli.command {
         Command::Run(args) => {
             let ports = if args.bridge.is_empty() {
@@ -37,7 +64,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 pin_root: args.pin_root,
                 attach: args.attach,
                 listen: args.listen,
-                token: cli.token,
+                token: token.clone(),
                 api_group: args.api_group,
                 type3_mode: args.mode,
                 hold: (!args.no_buffer).then_some(HoldOptions {
@@ -59,7 +86,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             let running = daemon::start_coordinator(CoordinatorConfig {
                 hosts,
                 listen: args.listen,
-                token: cli.token,
+                token,
                 api_group: args.api_group,
                 store: args.store,
                 timeouts: Timeouts::default(),
@@ -207,4 +234,30 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::token;
+
+    /// Secrets come from files private to their owner, never from the command line.
+    #[test]
+    fn a_token_file_must_be_private() {
+        let dir = std::env::temp_dir().join(format!("enforcer-token-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = token(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(token(Some(&file)).unwrap().as_deref(), Some("s3cret"));
+        std::fs::write(&file, "  \n").unwrap();
+        assert!(token(Some(&file)).is_err(), "an empty token is refused");
+        assert!(token(Some(&dir.join("missing"))).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
