@@ -16,5 +16,7 @@ pub mod stats;
 pub use datapath::AgentDatapath;
 pub use domains::{DomainCall, DomainError, DomainNic, DomainOp, PausedAdvanced};
 pub use local_epochs::{LocalEpochs, SnapshotOptions, SnapshotsError};
-pub use service::{Abort, Agent, AgentError, Config, GroupView, Health, RegisterVm, SetEpoch};
+pub use service::{
+    Abort, Agent, AgentError, Config, GroupView, Health, RawTarget, RegisterVm, SetEpoch,
+};
 pub use stats::{CounterJson, PortStats};

@@ -45,6 +45,17 @@ pub enum AgentError {
     BufferSilent,
     #[error("snapshots are off: this daemon runs without libvirt (--no-libvirt)")]
     SnapshotsOff,
+    #[error("group {group} is busy with {by}: only that work may change its VMs and epochs now")]
+    GroupBusy { group: String, by: String },
+}
+
+/// What a raw change (`/v1/vms…`, `/v1/groups/{id}/abort`) touches, for
+/// [`Agent::refuse_if_claimed`].
+#[derive(Clone, Copy, Debug)]
+pub enum RawTarget {
+    Vm(MacAddr),
+    /// A datapath group id.
+    Group(u32),
 }
 
 /// `GET /v1/health`.
@@ -233,6 +244,29 @@ impl<D: AgentDatapath> Agent<D> {
     pub fn port_attached(&self, port: &str) -> bool {
         let dp = self.datapath();
         dp.ifindex(port).is_ok_and(|i| dp.is_attached(i))
+    }
+
+    /// Refuses a raw change — an epoch moved, a VM registered or removed, an abort — to a VM or
+    /// datapath group of a named group that a snapshot, restore or definition holds now: in
+    /// the middle of a snapshot it would make the committed images inconsistent (case S10 of
+    /// the security review). Only that work changes them meanwhile; it does not come here.
+    pub fn refuse_if_claimed(&self, targets: &[RawTarget]) -> Result<(), AgentError> {
+        let Some(snapshots) = self.snapshots.get() else {
+            return Ok(());
+        };
+        for g in snapshots.groups() {
+            let touched = targets.iter().any(|t| match *t {
+                RawTarget::Vm(mac) => g.vms.iter().any(|v| v.mac == mac),
+                RawTarget::Group(id) => g.id == id,
+            });
+            if touched && let Some(by) = snapshots.busy_with(&g.name) {
+                return Err(AgentError::GroupBusy {
+                    group: g.name.to_string(),
+                    by,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Registers a VM (on one of this host's ports), or this host's view of a VM on another

@@ -117,6 +117,7 @@ fn agent_kind(err: &AgentError) -> (StatusCode, ErrorCode) {
         AgentError::NoBuffer => (S::CONFLICT, C::NoBuffer),
         AgentError::BufferSilent => (S::SERVICE_UNAVAILABLE, C::Unavailable),
         AgentError::SnapshotsOff => (S::SERVICE_UNAVAILABLE, C::SnapshotsOff),
+        AgentError::GroupBusy { .. } => (S::CONFLICT, C::Busy),
     }
 }
 

@@ -417,6 +417,43 @@ async fn snapshot_routes_run_a_group_snapshot_and_restore_it() {
     let _ = std::fs::remove_dir_all(store);
 }
 
+/// Case S10 of the security review: during a snapshot of group 1, `enforcer abort --group 1
+/// --epoch 0` (or an epoch set, a VM removed or registered) changed the group under the
+/// coordinator, which then committed an inconsistent snapshot. While a named group is held,
+/// those raw changes are refused with 409 `busy`, and allowed again once it is free.
+#[tokio::test]
+async fn raw_changes_to_a_group_held_by_a_snapshot_are_refused() {
+    let s = serve(None).await;
+    let (snapshots, store) = fake_snapshots(&[("vm1", VM1), ("vm2", VM2)]);
+    s.agent.set_snapshots(snapshots.clone());
+    let c = &s.client;
+    let g = c
+        .define_group("web", None, &["vm1".to_owned(), "vm2".to_owned()])
+        .await
+        .unwrap();
+    c.register_vm(VM1, g.id, "vnet0", Some(0)).await.unwrap();
+    let web: crate::model::GroupName = "web".parse().unwrap();
+    let claim = snapshots.claim(&web, "snapshot web-1-e1").unwrap();
+    let busy = (409, ErrorCode::Busy);
+    assert_eq!(code(c.advance(VM1).await), busy);
+    assert_eq!(code(c.set_epoch(VM1, 5).await), busy);
+    assert_eq!(code(c.unregister_vm(VM1).await), busy);
+    assert_eq!(code(c.register_vm(VM2, g.id, "vnet1", Some(0)).await), busy);
+    assert_eq!(code(c.abort(g.id, 0).await), busy);
+    let err = c.advance(VM1).await.unwrap_err().to_string();
+    assert!(err.contains("snapshot web-1-e1"), "{err}");
+    assert_eq!(c.vm(VM1).await.unwrap().epoch, 0, "nothing changed");
+    // A VM of no held group is not held.
+    let other = MacAddr([2, 0, 0x5e, 0x10, 0, 3]);
+    c.register_vm(other, g.id + 1, "vnet1", Some(0))
+        .await
+        .unwrap();
+    assert_eq!(c.advance(other).await.unwrap().epoch, 1);
+    drop(claim);
+    assert_eq!(c.advance(VM1).await.unwrap().epoch, 1, "free again");
+    let _ = std::fs::remove_dir_all(store);
+}
+
 #[tokio::test]
 async fn domain_steps_are_typed() {
     let s = serve(None).await;

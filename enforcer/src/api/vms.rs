@@ -1,5 +1,6 @@
 //! `/v1/vms…` and the agent's `/v1/groups…`: registering VMs, reading and moving epochs,
-//! listing groups, aborting a group's snapshot on this host.
+//! listing groups, aborting a group's snapshot on this host. Changes to a named group that a
+//! snapshot, restore or definition holds are refused (409).
 
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use axum::{
 
 use super::error::{ApiError, ApiResult};
 use crate::{
-    agent::{Abort, Agent, AgentDatapath, GroupView, RegisterVm, SetEpoch},
+    agent::{Abort, Agent, AgentDatapath, GroupView, RawTarget, RegisterVm, SetEpoch},
     datapath::epochs::VmRecord,
     model::MacAddr,
 };
@@ -40,6 +41,7 @@ pub(crate) async fn register<D: AgentDatapath>(
     body: Result<Json<RegisterVm>, JsonRejection>,
 ) -> Result<(StatusCode, Json<VmRecord>), ApiError> {
     let Json(req) = body?;
+    a.refuse_if_claimed(&[RawTarget::Vm(req.mac), RawTarget::Group(req.group)])?;
     Ok((StatusCode::CREATED, Json(a.register(&req)?)))
 }
 
@@ -47,7 +49,9 @@ pub(crate) async fn unregister<D: AgentDatapath>(
     State(a): State<Arc<Agent<D>>>,
     Path(mac): Path<String>,
 ) -> ApiResult<VmRecord> {
-    Ok(Json(a.unregister(parse_mac(&mac)?)?))
+    let mac = parse_mac(&mac)?;
+    a.refuse_if_claimed(&[RawTarget::Vm(mac)])?;
+    Ok(Json(a.unregister(mac)?))
 }
 
 pub(crate) async fn set_epoch<D: AgentDatapath>(
@@ -57,6 +61,7 @@ pub(crate) async fn set_epoch<D: AgentDatapath>(
 ) -> ApiResult<VmRecord> {
     let mac = parse_mac(&mac)?;
     let Json(req) = body?;
+    a.refuse_if_claimed(&[RawTarget::Vm(mac)])?;
     Ok(Json(a.change_epoch(
         mac,
         Some(req.epoch),
@@ -68,7 +73,9 @@ pub(crate) async fn advance<D: AgentDatapath>(
     State(a): State<Arc<Agent<D>>>,
     Path(mac): Path<String>,
 ) -> ApiResult<VmRecord> {
-    Ok(Json(a.change_epoch(parse_mac(&mac)?, None, false)?))
+    let mac = parse_mac(&mac)?;
+    a.refuse_if_claimed(&[RawTarget::Vm(mac)])?;
+    Ok(Json(a.change_epoch(mac, None, false)?))
 }
 
 pub(crate) async fn groups<D: AgentDatapath>(
@@ -90,5 +97,6 @@ pub(crate) async fn abort<D: AgentDatapath>(
         )
     })?;
     let Json(req) = body?;
+    a.refuse_if_claimed(&[RawTarget::Group(group)])?;
     Ok(Json(a.abort(group, req.epoch)?))
 }

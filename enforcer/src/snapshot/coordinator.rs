@@ -179,6 +179,11 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
         Ok(Claim(self, group.clone()))
     }
 
+    /// What holds `group` now (a snapshot, a restore, its definition), if anything.
+    pub fn busy_with(&self, group: &GroupName) -> Option<String> {
+        self.busy.lock().expect("busy lock").get(group).cloned()
+    }
+
     /// Says what a claimed group is busy with now.
     pub(crate) fn relabel_claim(&self, group: &GroupName, what: &str) {
         if let Some(by) = self.busy.lock().expect("busy lock").get_mut(group) {
