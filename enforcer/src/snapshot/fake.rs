@@ -38,6 +38,9 @@ pub(crate) enum Failure {
     RestoreFails,
     /// The code driving it panics as its snapshot begins.
     Panics,
+    /// Something outside the snapshot moves its epoch back while its image is written (a raw
+    /// abort, `bpftool`): the snapshot must not commit.
+    EpochMovedBack,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -229,6 +232,11 @@ impl Hypervisor for FakeHypervisor {
         let mut w = self.step(vm, "complete");
         if w.failures.get(&vm.name) == Some(&Failure::ImageFails) {
             return Err(hv_err(vm, "writing the image: no space left on device"));
+        }
+        if w.failures.get(&vm.name) == Some(&Failure::EpochMovedBack)
+            && let Some(epoch) = w.epochs.get_mut(&vm.mac)
+        {
+            *epoch = epoch.saturating_sub(1);
         }
         if w.methods.remove(&vm.name) == Some(CutMethod::PreCopy) {
             w.states.insert(vm.name.clone(), VmState::Paused);

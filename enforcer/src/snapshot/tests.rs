@@ -713,3 +713,39 @@ fn the_store_is_its_owners_only() {
     }
     let _ = fs::remove_dir_all(dir);
 }
+
+/// Case S10 of the security review, the second half: an epoch moved by something else during
+/// the snapshot (a raw abort, `bpftool`) left a member off the new epoch, and the snapshot
+/// committed anyway. The coordinator reads every member's epoch back before it commits.
+#[test]
+fn a_member_off_the_new_epoch_at_commit_aborts_the_snapshot() {
+    for method in [PRE, INSTANT] {
+        let g = group(3);
+        let dir = store();
+        let (c, hv) = coordinator(&g, &dir);
+        hv.world
+            .lock()
+            .unwrap()
+            .failures
+            .insert("vm2".into(), Failure::EpochMovedBack);
+        let m = c.snapshot(&g, method).unwrap();
+        assert_eq!(m.outcome, Outcome::Aborted, "{method}: {m:?}");
+        let reason = m.reason.clone().unwrap_or_default();
+        assert!(
+            reason.contains("vm2") && reason.contains("epoch"),
+            "{reason}"
+        );
+        let w = hv.world.lock().unwrap();
+        for vm in &g.vms {
+            assert_eq!(w.epochs[&vm.mac], 0, "{method}: {} back at 0", vm.name);
+            assert_eq!(
+                w.states[&vm.name],
+                VmState::Running,
+                "{method}: {}",
+                vm.name
+            );
+        }
+        drop(w);
+        let _ = fs::remove_dir_all(dir);
+    }
+}

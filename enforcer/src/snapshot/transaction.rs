@@ -254,6 +254,24 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             vms,
         };
         if !failed.load(Ordering::SeqCst) {
+            // Every member must be at the new epoch now: anything else moved one during the
+            // snapshot (a raw change, a tool on the maps), and its image may not match its peers'.
+            let target = journal.epoch_before + 1;
+            for (vm, record) in group.vms.iter().zip(&mut manifest.vms) {
+                let off = match self.epochs.epoch(vm) {
+                    Ok(epoch) if epoch == target => None,
+                    Ok(epoch) => Some(format!(
+                        "its epoch is {epoch}, not {target}: something else changed it during the snapshot"
+                    )),
+                    Err(err) => Some(format!("reading its epoch back: {err}")),
+                };
+                if let Some(off) = off {
+                    record.error = Some(format!("{}: {off}", vm.name));
+                    failed.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        if !failed.load(Ordering::SeqCst) {
             // REINJECT: every member advanced; the buffer delivers what it held for them. The
             // images are consistent either way, so a slow release is recorded, not aborted.
             match self.epochs.wait_released(&group, self.timeouts.complete) {
