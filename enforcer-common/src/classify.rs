@@ -3,7 +3,7 @@
 //! with map lookups; the unit tests implement it with plain tables.
 
 use crate::{
-    maps::{HoldHeader, MAX_HELD_FRAME, MacKey, Type3Mode, VmEpoch},
+    maps::{GroupState, HoldHeader, MAX_HELD_FRAME, MacKey, Type3Mode, VmEpoch},
     outcome::{Outcome, Verdict},
     wire,
 };
@@ -38,8 +38,9 @@ pub trait DatapathView {
     fn vm(&self, mac: &MacKey) -> Option<VmEpoch>;
     /// Whether a VM is registered on the port with this ifindex.
     fn port_has_vm(&self, ifindex: u32) -> bool;
-    /// Smallest epoch of any member of the group (may lag, never leads), and the group's flags.
-    fn group(&self, group: u32) -> Option<(u32, u32)>;
+    /// The group's state: the smallest epoch of any member (may lag, never leads), its flags
+    /// and its abort count.
+    fn group(&self, group: u32) -> Option<GroupState>;
     /// The configured Type-3 policy.
     fn type3_mode(&self) -> Type3Mode;
     /// Whether a buffer (AF_XDP socket) is ready to take held frames from this port.
@@ -72,6 +73,9 @@ pub struct Decision {
     pub hold: HoldKey,
     /// The color the frame was classified with (0 when the sender is not identified).
     pub color: u32,
+    /// A frame to hold: its sender's group's abort count, read after the sender's epoch
+    /// ([`GroupState::aborts`]; 0 otherwise).
+    pub aborts: u32,
     /// The frame came from a VM on another host and carried a color above this host's view of
     /// it: the view may be raised to `color` (it never leads: the color is the sender's epoch
     /// when it sent the frame).
@@ -136,6 +140,7 @@ pub fn decide_wire<V: DatapathView>(
         sender_slot: None,
         hold: HoldKey::None,
         color: 0,
+        aborts: 0,
         learn: false,
         mark: 0,
     };
@@ -161,6 +166,7 @@ pub fn decide_wire<V: DatapathView>(
         sender_slot: Some(sender.slot),
         hold,
         color,
+        aborts: 0,
         learn,
         // Only frames to group members carry the color; other traffic keeps its mark.
         mark: if remote || outcome == Outcome::OutsideGroup {
@@ -174,9 +180,9 @@ pub fn decide_wire<V: DatapathView>(
         // Broadcast/multicast reaches every member: it is Type-3 if any member is still
         // pre-snapshot relative to the sender, so compare with the group's minimum epoch.
         match view.group(sender.group) {
-            Some((min_epoch, flags)) => (
-                classify(color, min_epoch),
-                flags,
+            Some(g) => (
+                classify(color, g.min_epoch),
+                g.flags,
                 HoldKey::Group(sender.group),
             ),
             None => return decided(Outcome::OutsideGroup, HoldKey::None),
@@ -214,12 +220,17 @@ pub fn decide_wire<V: DatapathView>(
             Type3Mode::Monitor => Outcome::Type3Monitored,
         },
     };
-    let hold = if outcome.verdict() == Verdict::Hold {
-        hold
-    } else {
-        HoldKey::None
-    };
-    decided(outcome, hold)
+    if outcome.verdict() != Verdict::Hold {
+        return decided(outcome, HoldKey::None);
+    }
+    // Read after the epochs, which an abort rolls back before it counts itself: a frame under
+    // the new count was classified with rolled-back epochs (never early); one that read an
+    // epoch from before the abort with the new count waits for its color (late, not early).
+    let aborts = view.group(sender.group).map_or(0, |g| g.aborts);
+    Decision {
+        aborts,
+        ..decided(outcome, hold)
+    }
 }
 
 #[cfg(test)]
@@ -234,6 +245,7 @@ mod tests {
         mode: Type3Mode,
         hold_ready: bool,
         group_flags: u32,
+        aborts: u32,
     }
 
     impl Tables {
@@ -242,6 +254,7 @@ mod tests {
                 vms: BTreeMap::new(),
                 mode,
                 hold_ready: false,
+                aborts: 0,
                 group_flags: 0,
             }
         }
@@ -267,14 +280,15 @@ mod tests {
         fn port_has_vm(&self, ifindex: u32) -> bool {
             self.vms.values().any(|vm| vm.ifindex == ifindex)
         }
-        fn group(&self, group: u32) -> Option<(u32, u32)> {
-            let min = self
-                .vms
-                .values()
-                .filter(|vm| vm.group == group)
-                .map(|vm| vm.epoch)
-                .min()?;
-            Some((min, self.group_flags))
+        fn group(&self, group: u32) -> Option<GroupState> {
+            let members = self.vms.values().filter(|vm| vm.group == group);
+            let min = members.clone().map(|vm| vm.epoch).min()?;
+            Some(GroupState {
+                min_epoch: min,
+                members: members.count() as u32,
+                flags: self.group_flags,
+                aborts: self.aborts,
+            })
         }
         fn type3_mode(&self) -> Type3Mode {
             self.mode

@@ -57,7 +57,8 @@ pub const MAX_HELD_FRAME: u64 = 4096 - 256 - 320;
 pub struct HoldHeader {
     /// The sender's epoch as the program saw it (native byte order: it never leaves the host).
     pub color: u32,
-    pub _reserved: u32,
+    /// The sender's group's [`GroupState::aborts`] as the program saw it.
+    pub aborts: u32,
 }
 const _: () = assert!(size_of::<HoldHeader>() == 8);
 
@@ -65,21 +66,16 @@ impl HoldHeader {
     pub const LEN: usize = size_of::<HoldHeader>();
 
     pub const fn to_bytes(self) -> [u8; 8] {
-        let c = self.color.to_ne_bytes();
-        [c[0], c[1], c[2], c[3], 0, 0, 0, 0]
+        let (c, a) = (self.color.to_ne_bytes(), self.aborts.to_ne_bytes());
+        [c[0], c[1], c[2], c[3], a[0], a[1], a[2], a[3]]
     }
 
     /// The header and the frame behind it; `None` when too short to hold a header.
     pub fn split(bytes: &[u8]) -> Option<(HoldHeader, &[u8])> {
         let (head, frame) = bytes.split_at_checked(Self::LEN)?;
         let color = u32::from_ne_bytes(head[..4].try_into().ok()?);
-        Some((
-            HoldHeader {
-                color,
-                _reserved: 0,
-            },
-            frame,
-        ))
+        let aborts = u32::from_ne_bytes(head[4..].try_into().ok()?);
+        Some((HoldHeader { color, aborts }, frame))
     }
 }
 
@@ -209,7 +205,11 @@ pub struct GroupState {
     pub members: u32,
     /// [`FLAG_DRAINING`] while held broadcast/multicast frames of the group are re-injected.
     pub flags: u32,
-    pub _pad: u32,
+    /// How many times this host rolled the group back (aborted a snapshot), written after the
+    /// members' epochs. A held frame carries the count it was classified under
+    /// ([`HoldHeader::aborts`]): one from before the last abort is an ordinary frame, whatever
+    /// its color.
+    pub aborts: u32,
 }
 const _: () = assert!(size_of::<GroupState>() == 16);
 

@@ -125,9 +125,9 @@ impl DatapathView for Maps {
     }
 
     #[inline(always)]
-    fn group(&self, group: u32) -> Option<(u32, u32)> {
-        // SAFETY: the fields are copied out at once.
-        unsafe { GROUPS.get(group).map(|g| (g.min_epoch, g.flags)) }
+    fn group(&self, group: u32) -> Option<GroupState> {
+        // SAFETY: the value is copied out at once.
+        unsafe { GROUPS.get(group).copied() }
     }
 
     #[inline(always)]
@@ -151,7 +151,7 @@ pub fn enforcer_xdp(ctx: XdpContext) -> u32 {
     let ifindex = ctx.ingress_ifindex() as u32;
     // XDP sees no skb mark: frames from other hosts are classified with this host's view of
     // their sender, and delivered frames carry no color to other hosts.
-    let hold_header = |color| {
+    let hold_header = |header: HoldHeader| {
         // SAFETY: a helper call on this program's context; it moves `data` back by the header.
         if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(HoldHeader::LEN as i32)) } != 0 {
             return false;
@@ -161,7 +161,7 @@ pub fn enforcer_xdp(ctx: XdpContext) -> u32 {
             return false;
         }
         // SAFETY: within [data, data_end), checked above; the header is plain bytes.
-        unsafe { *(data as *mut [u8; HoldHeader::LEN]) = hold_bytes(color) };
+        unsafe { *(data as *mut [u8; HoldHeader::LEN]) = header.to_bytes() };
         true
     };
     let (verdict, _mark) = try_enforce(ctx.data(), ctx.data_end(), ifindex, bytes, 0, hold_header);
@@ -185,12 +185,12 @@ pub fn enforcer_tc(ctx: TcContext) -> i32 {
         let _ = ctx.pull_data(if len < wanted { len } else { wanted });
     }
     let skb = ctx.skb.skb;
-    let hold_header = |color| {
+    let hold_header = |header: HoldHeader| {
         // SAFETY: a helper call on this program's skb; it adds room in front of the frame.
         if unsafe { bpf_skb_change_head(skb, HoldHeader::LEN as u32, 0) } != 0 {
             return false;
         }
-        ctx.store(0, &hold_bytes(color), 0).is_ok()
+        ctx.store(0, &header.to_bytes(), 0).is_ok()
     };
     let (verdict, color_mark) = try_enforce(
         ctx.data(),
@@ -227,16 +227,6 @@ pub fn enforcer_hold(_ctx: XdpContext) -> u32 {
     }
 }
 
-/// The hold header's bytes for a frame of `color`.
-#[inline(always)]
-fn hold_bytes(color: u32) -> [u8; HoldHeader::LEN] {
-    HoldHeader {
-        color,
-        _reserved: 0,
-    }
-    .to_bytes()
-}
-
 /// Classifies one frame and counts it; returns what to do with it, and the mark that carries
 /// its color to other hosts (0: none). A frame to hold first gets its [`HoldHeader`] from
 /// `hold_header` (the program's own way of adding room in front); if that fails it is not
@@ -248,7 +238,7 @@ fn try_enforce(
     ifindex: u32,
     bytes: u64,
     mark: u32,
-    hold_header: impl FnOnce(u32) -> bool,
+    hold_header: impl FnOnce(HoldHeader) -> bool,
 ) -> (Verdict, u32) {
     let (outcome, sender_slot, color_mark) = match ethernet_addresses(data, data_end) {
         Some((src, dst)) => {
@@ -258,7 +248,11 @@ fn try_enforce(
                 // frame needs none of it: its color rides in its hold header.
                 learn(src, decision.color);
             }
-            if decision.outcome.verdict() == Verdict::Hold && !hold_header(decision.color) {
+            let header = HoldHeader {
+                color: decision.color,
+                aborts: decision.aborts,
+            };
+            if decision.outcome.verdict() == Verdict::Hold && !hold_header(header) {
                 bump(HOLD_KERNEL.get_ptr_mut(HoldKernel::NoHeadroom.index()));
                 decision = decision.unheld();
             }

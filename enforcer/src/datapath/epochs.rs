@@ -349,8 +349,13 @@ pub fn roll_back<S: EpochStore>(
         }
     }
     refresh_group(store, group, false)?;
-    if drain && let Some(mut g) = store.group(group).map_err(EpochError::Store)? {
-        g.flags |= FLAG_DRAINING;
+    // Counted after the epochs went back (see `GroupState::aborts`): held frames classified
+    // before carry the older count and are ordinary now.
+    if let Some(mut g) = store.group(group).map_err(EpochError::Store)? {
+        if drain {
+            g.flags |= FLAG_DRAINING;
+        }
+        g.aborts = g.aborts.wrapping_add(1);
         store.put_group(group, g).map_err(EpochError::Store)?;
     }
     Ok(changed)
@@ -402,7 +407,7 @@ fn refresh_group<S: EpochStore>(
                 min_epoch: g.min_epoch,
                 members: g.members,
                 flags,
-                _pad: 0,
+                aborts: old.map_or(0, |o| o.aborts),
             };
             store.put_group(group, state).map_err(EpochError::Store)?;
             Ok(g.min_epoch)
@@ -469,7 +474,7 @@ mod tests {
                 min_epoch: 0,
                 members: 3,
                 flags: 0,
-                _pad: 0
+                aborts: 0
             }
         );
         advance(&mut s, mac(1), false).unwrap();

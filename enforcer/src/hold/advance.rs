@@ -130,7 +130,11 @@ pub fn roll_back<S: EpochStore>(
         }
     }
     let changed = epochs::roll_back(store, group, epoch, drain)?;
-    buffer.tell(Notice::Release { group });
+    let aborts = store
+        .group(group)
+        .map_err(EpochError::Store)?
+        .map_or(0, |g| g.aborts);
+    buffer.tell(Notice::Release { group, aborts });
     info!(
         group,
         epoch,
@@ -252,7 +256,13 @@ mod tests {
         let back = roll_back(&mut s, &mut b, 7, 0).unwrap();
         assert_eq!(back.len(), 1);
         assert_eq!(s.vms[&mac(1).key()].epoch, 0);
-        assert_eq!(b.told.last(), Some(&Notice::Release { group: 7 }));
+        assert_eq!(
+            b.told.last(),
+            Some(&Notice::Release {
+                group: 7,
+                aborts: 1
+            })
+        );
         assert!(matches!(
             roll_back(&mut s, &mut b, 8, 0),
             Err(EpochError::UnknownGroup(8))

@@ -94,6 +94,8 @@ pub(crate) trait Kernel {
 struct Held {
     data: Vec<u8>,
     color: u32,
+    /// The abort count of its sender's group when it was classified (its hold header's).
+    aborts: u32,
     sender: MacKey,
     arrived: Instant,
 }
@@ -131,6 +133,9 @@ pub(crate) struct Core {
     /// Epoch the map has for each VM / minimum per group: what may be released.
     released_vm: HashMap<MacKey, u32>,
     released_group: HashMap<u32, u32>,
+    /// Each group's abort count, as the last abort's notice gave it: a held frame classified
+    /// under a lower one is ordinary (its snapshot was aborted), whatever its color.
+    aborts: HashMap<u32, u32>,
     queues: HashMap<Key, Queue>,
     drains: HashMap<Key, Drain>,
     /// Frames read per receiver slot / group, in the units of the programs' hand-over counts.
@@ -181,18 +186,20 @@ impl Core {
     pub(crate) fn new(
         max_bytes: usize,
         vms: impl IntoIterator<Item = (MacKey, VmEpoch)>,
-        groups: impl IntoIterator<Item = (u32, u32)>,
+        groups: impl IntoIterator<Item = (u32, u32, u32)>,
         read_port: Vec<u64>,
         read_group: Vec<u64>,
         totals: HoldTotals,
     ) -> Self {
         let vms: HashMap<MacKey, VmEpoch> = vms.into_iter().collect();
         let released_vm = vms.iter().map(|(mac, vm)| (*mac, vm.epoch)).collect();
+        let groups: Vec<(u32, u32, u32)> = groups.into_iter().collect();
         Self {
             max_bytes,
             vms,
             released_vm,
-            released_group: groups.into_iter().collect(),
+            released_group: groups.iter().map(|(g, min, _)| (*g, *min)).collect(),
+            aborts: groups.iter().map(|(g, _, a)| (*g, *a)).collect(),
             queues: HashMap::new(),
             drains: HashMap::new(),
             read_port,
@@ -237,7 +244,7 @@ impl Core {
     /// with, from its header: this core's copy of the sender's epoch may lag behind the map.
     pub(crate) fn on_frame(&mut self, wire: &mut impl Wire, mut data: Vec<u8>, now: Instant) {
         self.bump(HoldTotal::Received, 1);
-        let Some((HoldHeader { color, .. }, _)) = HoldHeader::split(&data) else {
+        let Some((HoldHeader { color, aborts }, _)) = HoldHeader::split(&data) else {
             self.bump(HoldTotal::DroppedUnknown, 1);
             return;
         };
@@ -274,10 +281,10 @@ impl Core {
                 }
             }
         };
-        let released = self.released(key);
+        let releasable = releasable(color, aborts, self.released(key), self.known_aborts(key));
         let queue = self.queues.entry(key).or_default();
         queue.last_arrival = Some(now);
-        if queue.frames.is_empty() && color <= released {
+        if queue.frames.is_empty() && releasable {
             self.inject(wire, key, sender, color, &data, now, now);
             return;
         }
@@ -291,9 +298,20 @@ impl Core {
         queue.frames.push_back(Held {
             data,
             color,
+            aborts,
             sender,
             arrived: now,
         });
+    }
+
+    /// The abort count this core heard last for the group of a queue's frames (a receiver's
+    /// queue: the receiver's group).
+    fn known_aborts(&self, key: Key) -> u32 {
+        let group = match key {
+            Key::Group(g) => g,
+            Key::Vm(mac) => self.vms.get(&mac).map_or(0, |vm| vm.group),
+        };
+        self.aborts.get(&group).copied().unwrap_or(0)
     }
 
     fn released(&self, key: Key) -> u32 {
@@ -333,18 +351,22 @@ impl Core {
                 // Advances only raise (a queued older one must not lower a learned one).
                 let released = self.released_vm.entry(mac).or_insert(epoch);
                 *released = (*released).max(epoch);
-                let n = self.flush(wire, Key::Vm(mac), false, now);
+                let n = self.flush(wire, Key::Vm(mac), now);
                 self.released_at_advance.insert(mac, n);
                 self.drains
                     .insert(Key::Vm(mac), Drain::Pending { since: now });
             }
             Notice::GroupAdvanced { group, min_epoch } => {
                 self.released_group.insert(group, min_epoch);
-                let _ = self.flush(wire, Key::Group(group), false, now);
+                let _ = self.flush(wire, Key::Group(group), now);
                 self.drains
                     .insert(Key::Group(group), Drain::Pending { since: now });
             }
-            Notice::Release { group } => {
+            Notice::Release { group, aborts } => {
+                let known = self.aborts.entry(group).or_insert(aborts);
+                if older(*known, aborts) {
+                    *known = aborts;
+                }
                 let members: Vec<(MacKey, u32)> = self
                     .vms
                     .iter()
@@ -353,23 +375,26 @@ impl Core {
                     .collect();
                 let min = members.iter().map(|(_, e)| *e).min().unwrap_or(0);
                 self.released_group.insert(group, min);
+                // Everything held from the aborted snapshot goes (an older count); a frame a
+                // new snapshot classified meanwhile (this count) waits for its color.
                 for (mac, epoch) in &members {
                     self.released_vm.insert(*mac, *epoch);
-                    let _ = self.flush(wire, Key::Vm(*mac), true, now);
+                    let _ = self.flush(wire, Key::Vm(*mac), now);
                     self.drains
                         .insert(Key::Vm(*mac), Drain::Pending { since: now });
                 }
-                let _ = self.flush(wire, Key::Group(group), true, now);
+                let _ = self.flush(wire, Key::Group(group), now);
                 self.drains
                     .insert(Key::Group(group), Drain::Pending { since: now });
             }
         }
     }
 
-    /// Sends what may be released from a queue (everything with `force`), in order and in
-    /// batches; returns how many frames left it.
-    fn flush(&mut self, wire: &mut impl Wire, key: Key, force: bool, now: Instant) -> u64 {
+    /// Sends what may be released from a queue, in order and in batches; returns how many
+    /// frames left it.
+    fn flush(&mut self, wire: &mut impl Wire, key: Key, now: Instant) -> u64 {
         let released = self.released(key);
+        let known = self.known_aborts(key);
         let mut released_frames = 0;
         loop {
             let Some(q) = self.queues.get_mut(&key) else {
@@ -378,7 +403,7 @@ impl Core {
             let mut batch = Vec::new();
             while batch.len() < BATCH {
                 match q.frames.front() {
-                    Some(front) if force || front.color <= released => {
+                    Some(front) if releasable(front.color, front.aborts, released, known) => {
                         let held = q.frames.pop_front().expect("front exists");
                         q.bytes -= held.data.len();
                         batch.push(held);
@@ -624,7 +649,7 @@ impl Core {
     pub(crate) fn shutdown(&mut self, wire: &mut impl Wire, now: Instant) {
         let keys: Vec<Key> = self.queues.keys().copied().collect();
         for key in keys {
-            let _ = self.flush(wire, key, false, now);
+            let _ = self.flush(wire, key, now);
             if let Some(q) = self.queues.get_mut(&key) {
                 let n = q.frames.len() as u64;
                 q.frames.clear();
@@ -689,6 +714,26 @@ impl Core {
     pub(crate) fn draining(&self) -> Vec<Key> {
         self.drains.keys().copied().collect()
     }
+}
+
+/// Whether abort count `a` comes before `b` (wrapping counters, as TCP compares sequence
+/// numbers).
+fn older(a: u32, b: u32) -> bool {
+    (b.wrapping_sub(a) as i32) > 0
+}
+
+/// Whether a held frame (of `color`, classified under abort count `aborts`) may leave a queue
+/// whose receiver (or group) was announced at `released`, with `known` the last abort count
+/// heard for its group:
+/// - classified before an abort heard since: an ordinary frame, whatever its color;
+/// - classified after an abort not heard yet: not until it is (`released` is from before that
+///   abort, when the receiver may have been further on);
+/// - otherwise by its color.
+fn releasable(color: u32, aborts: u32, released: u32, known: u32) -> bool {
+    if older(aborts, known) {
+        return true;
+    }
+    !older(known, aborts) && color <= released
 }
 
 /// The mark a frame of `color` goes out with towards `receiver`: its wire color when the

@@ -49,13 +49,8 @@ fn frame(from: usize, to: Option<usize>, seq: u32, color: u32) -> Vec<u8> {
 
 /// A frame as the programs hand it to the hold path: its hold header (the color they
 /// classified it with) in front.
-fn held(f: Vec<u8>, color: u32) -> Vec<u8> {
-    let mut h = HoldHeader {
-        color,
-        _reserved: 0,
-    }
-    .to_bytes()
-    .to_vec();
+fn held(f: Vec<u8>, color: u32, aborts: u32) -> Vec<u8> {
+    let mut h = HoldHeader { color, aborts }.to_bytes().to_vec();
     h.extend_from_slice(&f);
     h
 }
@@ -104,8 +99,8 @@ impl DatapathView for MemoryStore {
     fn port_has_vm(&self, ifindex: u32) -> bool {
         self.ports.contains_key(&ifindex)
     }
-    fn group(&self, group: u32) -> Option<(u32, u32)> {
-        self.groups.get(&group).map(|g| (g.min_epoch, g.flags))
+    fn group(&self, group: u32) -> Option<enforcer_common::GroupState> {
+        self.groups.get(&group).copied()
     }
     fn type3_mode(&self) -> Type3Mode {
         Type3Mode::Buffer
@@ -188,6 +183,9 @@ enum Ev {
     /// An advance made by the daemon: the map changes at once, the buffer hears of it at its
     /// next turn (case P1 of the datapath review: frames of the new color may be read first).
     AdvanceUnheard(usize),
+    /// The group's snapshot is aborted by the daemon: every member back to the lowest epoch,
+    /// heard by the buffer at its next turn.
+    Abort,
     /// Time passes (ms), in which the thread takes the notices waiting for it and reads
     /// everything the ring has (it polls it every millisecond or so); then drains progress, as
     /// at the end of each turn of its loop.
@@ -211,6 +209,8 @@ struct Sim {
     checked: usize,
     /// Notices in the daemon's channel, not yet taken by the buffer thread.
     pending: Vec<Notice>,
+    /// Per sender, the first sequence number sent after the last abort.
+    aborted_before: Vec<u32>,
 }
 
 impl Sim {
@@ -224,7 +224,7 @@ impl Sim {
         let groups = epochs::list_groups(&mut map)
             .unwrap()
             .into_iter()
-            .map(|g| (g.group, g.min_epoch));
+            .map(|g| (g.group, g.min_epoch, 0));
         let core = Core::new(
             max_bytes,
             vms,
@@ -253,6 +253,7 @@ impl Sim {
             last_seq: HashMap::new(),
             checked: 0,
             pending: Vec::new(),
+            aborted_before: vec![0; n],
         }
     }
 
@@ -302,7 +303,7 @@ impl Sim {
                     HoldKey::Group(g) => Counted::Group(g),
                     HoldKey::None => unreachable!("held without a queue"),
                 };
-                let f = held(f, d.color);
+                let f = held(f, d.color, d.aborts);
                 if in_flight {
                     self.dp.in_flight.push((f, counted));
                 } else {
@@ -355,6 +356,15 @@ impl Sim {
                         .unwrap();
                 }
             }
+            Ev::Abort => {
+                let min = (0..self.n).map(|j| self.epoch(j)).min().unwrap();
+                // Frames sent before it belong to the aborted epoch: ordinary from now on.
+                self.aborted_before = self.seq.clone();
+                let mut link = Channel {
+                    pending: &mut self.pending,
+                };
+                advance::roll_back(&mut self.dp.map, &mut link, GROUP, min).unwrap();
+            }
             Ev::Tick(ms) => {
                 self.now += Duration::from_millis(ms);
                 self.hear();
@@ -381,7 +391,8 @@ impl Sim {
             let (port, f) = &self.ports.log[k];
             let to = self.vm_of(*port);
             let (from, seq, color) = parse(f);
-            if color > self.epoch(to) {
+            // A frame of an aborted epoch is an ordinary frame once the abort is made.
+            if color > self.epoch(to) && seq >= self.aborted_before[from] {
                 self.early.push(format!(
                     "{ev:?}: frame {from}#{seq} of color {color} reached vm {to} at epoch {}",
                     self.epoch(to)
@@ -434,6 +445,7 @@ fn event(n: usize) -> impl Strategy<Value = Ev> {
         4 => (1..16usize).prop_map(Ev::Read),
         1 => (0..n).prop_map(Ev::Advance),
         1 => (0..n).prop_map(Ev::AdvanceUnheard),
+        1 => Just(Ev::Abort),
         2 => (0..8u64).prop_map(Ev::Tick),
         1 => (400..700u64).prop_map(Ev::Tick),
     ]
@@ -839,4 +851,38 @@ fn a_view_of_a_remote_vm_never_goes_down_in_the_copy() {
         now,
     );
     assert_eq!(sim.core.vms[&m].epoch, 5);
+}
+
+/// An abort while Type-3 frames are still on their way to the buffer (in the ring, colored
+/// with the aborted epoch): once the group is rolled back they are ordinary frames, delivered —
+/// not queued behind a color nobody will reach, which would hold every later frame to their
+/// receiver until the next snapshot (found in review: a regression of carrying the color).
+#[test]
+fn frames_on_their_way_at_an_abort_are_delivered_and_nothing_sticks() {
+    let mut sim = Sim::new(2, usize::MAX);
+    sim.apply(&Ev::Advance(0));
+    sim.apply(&Ev::Tick(10));
+    for _ in 0..3 {
+        sim.apply(&Ev::Send { from: 0, to: 1 });
+    }
+    assert_eq!(sim.dp.ring.len(), 3, "held, not yet read");
+    sim.apply(&Ev::Abort);
+    sim.apply(&Ev::Tick(10));
+    sim.apply(&Ev::Send { from: 0, to: 1 });
+    sim.apply(&Ev::Send { from: 1, to: 0 });
+    for _ in 0..4 {
+        sim.apply(&Ev::Tick(600));
+    }
+    assert_eq!(sim.core.held_frames(), 0, "nothing stuck");
+    assert!(sim.core.draining().is_empty(), "{:?}", sim.core.draining());
+    let to_1 = sim
+        .ports
+        .log
+        .iter()
+        .filter(|(port, _)| *port == ifindex(1))
+        .count();
+    assert_eq!(
+        to_1, 4,
+        "the three from the aborted epoch, then the new one"
+    );
 }

@@ -18,8 +18,9 @@ pub enum Notice {
     Advanced { mac: MacKey, epoch: u32 },
     /// The group's minimum epoch in the map rose to `min_epoch`, the group flagged draining.
     GroupAdvanced { group: u32, min_epoch: u32 },
-    /// The group's snapshot was aborted: deliver everything held for it, whatever the colors.
-    Release { group: u32 },
+    /// The group's snapshot was aborted and the map now counts `aborts` for it: every held
+    /// frame classified under a lower count is ordinary, delivered whatever its color.
+    Release { group: u32, aborts: u32 },
 }
 
 /// Messages to the buffer thread.

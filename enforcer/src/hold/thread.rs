@@ -130,7 +130,8 @@ impl Thread {
         }
         let mut groups = Vec::new();
         for g in epochs::list_groups(dp)? {
-            groups.push((g.group, g.min_epoch));
+            let aborts = dp.group(g.group)?.map_or(0, |s| s.aborts);
+            groups.push((g.group, g.min_epoch, aborts));
             epochs::clear_group_draining(dp, g.group)?;
         }
         Ok(Self {
