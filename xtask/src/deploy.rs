@@ -309,7 +309,7 @@ pub(crate) fn run(root: &Path, opts: Options) -> anyhow::Result<()> {
     );
 
     // 2. The token, from its file (made when missing): never printed, never on a command line.
-    let token = token_from(&opts.token_file)?;
+    let token = token_from(&opts.token_file, opts.dry_run)?;
 
     // 3. The binary.
     let binary = match &opts.binary {
@@ -769,10 +769,15 @@ fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
 
 /// 32 random bytes from the kernel, as hex.
 /// The token in `path`, checked (private to its owner; letters, digits and -._~+/= only: it
-/// goes into an HTTP header and an environment file), or a new random one written there 0600.
-fn token_from(path: &Path) -> anyhow::Result<String> {
+/// goes into an HTTP header and an environment file), or a new random one written there 0600
+/// (a dry run writes nothing).
+fn token_from(path: &Path, dry_run: bool) -> anyhow::Result<String> {
     if !path.exists() {
         let token = random_token()?;
+        if dry_run {
+            println!("[local] a new token would be written to {}", path.display());
+            return Ok(token);
+        }
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }

@@ -33,10 +33,31 @@ pub struct PinRootLock {
     _lock: Flock<File>,
 }
 
-/// The lock file of a pin root: its path with `%` and `/` escaped, so distinct roots never
-/// share one.
+/// A pin root as one name however it is written: absolute, with `//`, `.` and a trailing `/`
+/// gone and symlinks followed where it (or its parent) exists.
+fn canonical(pin_root: &Path) -> PathBuf {
+    let abs = if pin_root.is_absolute() {
+        pin_root.to_owned()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(pin_root)
+    };
+    if let Ok(path) = abs.canonicalize() {
+        return path;
+    }
+    let lexical: PathBuf = abs.components().collect();
+    match (
+        lexical.parent().and_then(|p| p.canonicalize().ok()),
+        lexical.file_name(),
+    ) {
+        (Some(parent), Some(name)) => parent.join(name),
+        _ => lexical,
+    }
+}
+
+/// The lock file of a pin root: its canonical path with `%` and `/` escaped, so one root
+/// however written has one lock, and distinct roots never share one.
 fn lock_path(pin_root: &Path) -> PathBuf {
-    let escaped: String = pin_root
+    let escaped: String = canonical(pin_root)
         .to_string_lossy()
         .chars()
         .map(|c| match c {
@@ -78,11 +99,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn distinct_pin_roots_have_distinct_locks() {
-        assert_eq!(
-            lock_path(Path::new("/sys/fs/bpf/enforcer")),
-            Path::new("/run/enforcer/pins/%2fsys%2ffs%2fbpf%2fenforcer.lock")
-        );
+    fn one_pin_root_has_one_lock_and_distinct_ones_distinct_locks() {
+        let lock = Path::new("/run/enforcer/pins/%2fsys%2ffs%2fbpf%2fenforcer.lock");
+        for written in [
+            "/sys/fs/bpf/enforcer",
+            "/sys/fs/bpf/enforcer/",
+            "//sys/fs/bpf/./enforcer",
+        ] {
+            assert_eq!(lock_path(Path::new(written)), lock, "{written}");
+        }
         assert_ne!(lock_path(Path::new("/a/b")), lock_path(Path::new("/a%2fb")));
     }
 }

@@ -5,7 +5,7 @@
 use std::{
     io,
     net::SocketAddr,
-    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
+    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -117,18 +117,24 @@ async fn bind_socket(path: &Path, gid: Option<u32>) -> Result<UnixListener, Serv
         path: path.to_owned(),
         source,
     };
-    if let Some(dir) = path.parent()
-        && !dir.exists()
-    {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    if !dir.exists() {
         std::fs::create_dir_all(dir).map_err(err)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
-            if tokio::net::UnixStream::connect(path).await.is_ok() {
-                return Err(ServeError::InUse(path.to_owned()));
+            match tokio::net::UnixStream::connect(path).await {
+                Ok(_) => return Err(ServeError::InUse(path.to_owned())),
+                // Nobody listens: a daemon that died left it (replaced below).
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                Err(e) => {
+                    return Err(err(io::Error::new(
+                        e.kind(),
+                        format!("cannot tell whether another daemon serves it ({e})"),
+                    )));
+                }
             }
-            std::fs::remove_file(path).map_err(err)?;
         }
         Ok(_) => {
             return Err(err(io::Error::new(
@@ -138,26 +144,42 @@ async fn bind_socket(path: &Path, gid: Option<u32>) -> Result<UnixListener, Serv
         }
         Err(_) => {}
     }
-    // Made with no access for anyone, then opened to its owner and group: no instant where
-    // another account could connect.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let bound = UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let listener = bound.map_err(err)?;
-    if let Some(gid) = gid {
-        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
-            .map_err(|e| err(e.into()))?;
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
-    Ok(listener)
+    // Made, owned and given its mode in a directory of this process's own (0700), then moved
+    // into place: nobody can connect to it or swap it before it is ready, and no process-wide
+    // umask is touched (other threads create files meanwhile).
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let private = dir.join(format!(
+        ".enf{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(err)?;
+    let staged = private.join("s");
+    let made = (|| {
+        let listener = UnixListener::bind(&staged)?;
+        if let Some(gid) = gid {
+            nix::unistd::chown(&staged, None, Some(nix::unistd::Gid::from_raw(gid)))?;
+        }
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))?;
+        std::fs::rename(&staged, path)?;
+        Ok::<_, io::Error>(listener)
+    })();
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&private);
+    made.map_err(err)
 }
 
-/// The credentials of a unix socket's peer (`SO_PEERCRED`), taken when it connects.
-#[derive(Clone, Copy, Debug)]
+/// The credentials of a unix socket's peer (`SO_PEERCRED`) and its supplementary groups,
+/// taken when it connects (not per request: its pid may be another process's by then).
+#[derive(Clone, Debug)]
 struct Peer {
     uid: u32,
     gid: u32,
     pid: Option<i32>,
+    groups: Vec<u32>,
 }
 
 impl Connected<IncomingStream<'_, UnixListener>> for Peer {
@@ -167,12 +189,14 @@ impl Connected<IncomingStream<'_, UnixListener>> for Peer {
                 uid: cred.uid(),
                 gid: cred.gid(),
                 pid: cred.pid(),
+                groups: cred.pid().map(supplementary_groups).unwrap_or_default(),
             },
             // Unknown: nobody (refused below).
             Err(_) => Peer {
                 uid: u32::MAX,
                 gid: u32::MAX,
                 pid: None,
+                groups: Vec::new(),
             },
         }
     }
@@ -188,10 +212,7 @@ impl Access {
         let Some(gid) = self.gid else {
             return false;
         };
-        peer.gid == gid
-            || peer
-                .pid
-                .is_some_and(|pid| supplementary_groups(pid).contains(&gid))
+        peer.gid == gid || peer.groups.contains(&gid)
     }
 }
 
@@ -298,6 +319,7 @@ mod tests {
             uid,
             gid,
             pid: None,
+            groups: vec![4, 24],
         };
         assert!(access.allows(&peer(0, 0)));
         assert!(access.allows(&peer(1000, 1000)));
@@ -306,6 +328,11 @@ mod tests {
         assert!(!access.allows(&peer(u32::MAX, u32::MAX)));
         let no_group = Access { uid: 0, gid: None };
         assert!(!no_group.allows(&peer(2000, 50)));
+        let supplementary = Access {
+            uid: 0,
+            gid: Some(24),
+        };
+        assert!(supplementary.allows(&peer(2000, 2000)));
         assert_eq!(
             groups_in_status("Name:\tx\nUid:\t1\t1\t1\t1\nGroups:\t4 24 50 \nNgid:\t0\n"),
             [4, 24, 50]
