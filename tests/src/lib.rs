@@ -53,6 +53,8 @@ impl Drop for PinRoot {
         if let enforcer::api::Endpoint::Unix(socket) = self.api_socket() {
             let _ = std::fs::remove_file(socket);
         }
+        // The daemons on it are gone: its lock file goes too (a test's pin root is its own).
+        let _ = std::fs::remove_file(enforcer::daemon::lock::lock_path(&self.0));
     }
 }
 

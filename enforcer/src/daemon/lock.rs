@@ -56,7 +56,7 @@ fn canonical(pin_root: &Path) -> PathBuf {
 
 /// The lock file of a pin root: its canonical path with `%` and `/` escaped, so one root
 /// however written has one lock, and distinct roots never share one.
-fn lock_path(pin_root: &Path) -> PathBuf {
+pub fn lock_path(pin_root: &Path) -> PathBuf {
     let escaped: String = canonical(pin_root)
         .to_string_lossy()
         .chars()
