@@ -23,3 +23,10 @@ pub mod vms;
 pub fn api_socket(name: &str) -> enforcer::api::Endpoint {
     enforcer::api::Endpoint::Unix(format!("/run/enforcer/lab-{name}.sock").into())
 }
+
+/// At the end of a lab run, its daemons stopped: the pin root detached and freed, and its
+/// lock file removed (a lab's pin root is its own; tier-3 runs name theirs per process).
+pub fn forget_pin_root(pin_root: &std::path::Path) {
+    let _ = enforcer::datapath::teardown(pin_root);
+    let _ = std::fs::remove_file(enforcer::daemon::lock::lock_path(pin_root));
+}

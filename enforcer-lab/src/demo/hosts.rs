@@ -179,7 +179,7 @@ pub async fn run(mut opts: VmDemoOptions, snapshots: usize) -> anyhow::Result<Ho
         if let Some(running) = agent.running.take() {
             let _ = running.stop().await;
         }
-        let _ = datapath::teardown(&agent.pin_root);
+        crate::forget_pin_root(&agent.pin_root);
     }
     drop(overlay);
     let _ = blocking(move || {

@@ -51,7 +51,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<String> {
     let lab = Lab::create("enfd", opts.vms).context("creating the demo lab")?;
     let _ = datapath::teardown(&opts.pin_root);
     let result = run_in(&lab, &opts, &mut out).await;
-    let _ = datapath::teardown(&opts.pin_root);
+    crate::forget_pin_root(&opts.pin_root);
     drop(lab);
     result.map(|()| out)
 }

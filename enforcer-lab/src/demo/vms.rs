@@ -597,7 +597,7 @@ pub(crate) async fn with_lab<T>(
         Ok(())
     })
     .await;
-    let _ = datapath::teardown(&opts.pin_root);
+    crate::forget_pin_root(&opts.pin_root);
     // The snapshots' images go too, also when the body failed (they are large).
     let _ = std::fs::remove_dir_all(&opts.store);
     result
