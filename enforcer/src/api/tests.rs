@@ -494,14 +494,23 @@ async fn domain_steps_are_typed() {
         (400, Some("bad_request")),
         "no snapshot id"
     );
-    let (status, _) = raw(
-        reqwest::Method::POST,
-        format!("{}/v1/domains/vm1/begin", s.base),
-        Some(r#"{"mac":"02:00:5e:10:00:01","snapshot":"../etc"}"#),
-        None,
-    )
-    .await;
-    assert_eq!(status, 400, "a snapshot id is never a path");
+    // A snapshot id is never a path, nor one of the store's own entries (case S9).
+    for id in ["../etc", "groups.json", "journals", "a.b"] {
+        let (status, _) = raw(
+            reqwest::Method::POST,
+            format!("{}/v1/domains/vm1/begin", s.base),
+            Some(&format!(
+                r#"{{"mac":"02:00:5e:10:00:01","snapshot":"{id}"}}"#
+            )),
+            None,
+        )
+        .await;
+        assert_eq!(status, 400, "{id}");
+    }
+    assert!(
+        !store.join("groups.json").is_dir(),
+        "nothing made in the store"
+    );
     assert_eq!(
         code(s.client.domain_nic("ghost").await),
         (404, ErrorCode::NoSuchDomain)

@@ -117,14 +117,26 @@ name_type!(
 );
 
 name_type!(
-    /// A snapshot's id (`<group>-<unix ms>-e<epoch>`), which names its directory in a store:
-    /// 1–128 of `[A-Za-z0-9_.-]`, not starting with `.` (so never `..` or a hidden entry, and
-    /// never a path).
+    /// A snapshot's id, which names its directory in a store: exactly the form the
+    /// coordinator makes, `<group>-<unix ms>-e<epoch>` (a group name, then digits), so never a
+    /// path and never one of the store's own entries (`journals`, `groups.json`: case S9 of
+    /// the security review).
     SnapshotId,
     "snapshot id",
-    "1-128 of [A-Za-z0-9_.-], not starting with .",
-    |s| !s.is_empty() && s.len() <= 128 && !s.starts_with('.') && chars_in(s, "_.-")
+    "<group>-<unix ms>-e<epoch>: a group name (1-64 of [A-Za-z0-9_-]), then digits",
+    snapshot_id_ok
 );
+
+fn snapshot_id_ok(s: &str) -> bool {
+    let digits = |d: &str| !d.is_empty() && d.len() <= 20 && d.bytes().all(|b| b.is_ascii_digit());
+    let Some((rest, epoch)) = s.rsplit_once("-e") else {
+        return false;
+    };
+    let Some((group, unix_ms)) = rest.rsplit_once('-') else {
+        return false;
+    };
+    digits(epoch) && digits(unix_ms) && group.parse::<GroupName>().is_ok()
+}
 
 name_type!(
     /// A network interface's name (a bridge, a port): 1–15 of `[A-Za-z0-9_.-]` (IFNAMSIZ less
@@ -160,7 +172,7 @@ mod tests {
 
     #[test]
     fn snapshot_ids_are_never_paths() {
-        for ok in ["g-1-e1", "web-1764547200000-e12", "a.b"] {
+        for ok in ["g-1-e1", "web-1764547200000-e12", "web-east-17-e3"] {
             ok.parse::<SnapshotId>().unwrap();
         }
         for bad in [
@@ -171,7 +183,16 @@ mod tests {
             "a/b",
             "../x",
             "a b",
-            &"x".repeat(129),
+            "a.b",
+            "journals",
+            "groups.json",
+            "manifest.json",
+            "web-1-e",
+            "web--e1",
+            "-1-e1",
+            "web-x-e1",
+            "../web-1-e1",
+            &format!("{}-1-e1", "x".repeat(65)),
         ] {
             assert!(bad.parse::<SnapshotId>().is_err(), "{bad:?}");
         }

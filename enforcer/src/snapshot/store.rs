@@ -155,14 +155,30 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
     }
 }
 
-/// Deletes the files of one VM (`<name>.*`) in a snapshot directory on this host.
+/// Whether `file` is one a snapshot writes for VM `vm`: its memory image `<vm>.save`, its disk
+/// lists `<vm>.disks.json` and `<vm>.overlays.json` (and their temporary `.tmp`), and its disk
+/// copies `<vm>.<target>.disk` (a target has no dot). Exact names, not a prefix: another VM's
+/// name may start with this one's and a dot (`a` and `a.b`), and the store's own files are
+/// never a VM's (case S9 of the security review).
+pub fn is_vm_file(vm: &str, file: &str) -> bool {
+    let Some(rest) = file.strip_prefix(vm).and_then(|r| r.strip_prefix('.')) else {
+        return false;
+    };
+    matches!(
+        rest,
+        "save" | "disks.json" | "overlays.json" | "disks.tmp" | "overlays.tmp"
+    ) || rest.strip_suffix(".disk").is_some_and(|target| {
+        !target.is_empty() && target.bytes().all(|b| b.is_ascii_alphanumeric())
+    })
+}
+
+/// Deletes the files of one VM ([`is_vm_file`]) in a snapshot directory on this host.
 pub fn discard_local(vm: &str, image_dir: &Path) -> io::Result<()> {
-    let prefix = format!("{vm}.");
     let Ok(entries) = fs::read_dir(image_dir) else {
         return Ok(());
     };
     for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+        if is_vm_file(vm, &entry.file_name().to_string_lossy()) {
             fs::remove_file(entry.path()).map_err(|e| {
                 io::Error::new(e.kind(), format!("{}: {e}", entry.path().display()))
             })?;

@@ -519,7 +519,7 @@ fn a_failed_restore_destroys_what_it_restored_and_runs_nothing() {
     drop(w);
     // An unknown snapshot is not found.
     assert!(matches!(
-        c.restore(&id("nope"), None),
+        c.restore(&id("nope-1-e1"), None),
         Err(CoordinatorError::UnknownSnapshot(_))
     ));
     let _ = fs::remove_dir_all(dir);
@@ -748,4 +748,44 @@ fn a_member_off_the_new_epoch_at_commit_aborts_the_snapshot() {
         drop(w);
         let _ = fs::remove_dir_all(dir);
     }
+}
+
+/// Case S9 of the security review: discarding VM `vm1.disks` deleted `vm1`'s disk list (files
+/// were matched by the prefix `<name>.`), and VM `a` took `a.b`'s files with it. Only a VM's
+/// own files go.
+#[test]
+fn discarding_a_vm_deletes_its_own_files_only() {
+    let dir = store();
+    fs::create_dir_all(&dir).unwrap();
+    let files = [
+        "a.save",
+        "a.disks.json",
+        "a.overlays.json",
+        "a.vda.disk",
+        "a.b.save",
+        "a.b.vda.disk",
+        "vm1.disks.json",
+        "manifest.json",
+    ];
+    for f in files {
+        fs::write(dir.join(f), b"x").unwrap();
+    }
+    super::store::discard_local("vm1.disks", &dir).unwrap();
+    super::store::discard_local("a", &dir).unwrap();
+    let mut left: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "a.b.save",
+            "a.b.vda.disk",
+            "manifest.json",
+            "vm1.disks.json"
+        ]
+    );
+    let _ = fs::remove_dir_all(dir);
 }
