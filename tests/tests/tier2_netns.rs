@@ -24,18 +24,26 @@ use enforcer_lab::{
 };
 use enforcer_tests::{PinRoot, bpftool_dump, lab_prefix, require_root};
 
-async fn start(lab: &Lab, pins: &PinRoot, attach: AttachMode) -> (Running, Client) {
-    let running = daemon::start(DaemonConfig {
+/// A daemon on the lab's bridge and `pins`, serving `pins`' API socket; no buffer (these tests
+/// run `drop` mode with exact counters, see tier2_hold.rs) and no snapshots.
+fn config(lab: &Lab, pins: &PinRoot) -> DaemonConfig {
+    DaemonConfig {
         ports: PortSource::Bridge(lab.bridge.clone()),
         pin_root: pins.path().to_owned(),
-        attach,
+        attach: AttachMode::Tc,
         listen: pins.api_socket(),
         token: None,
         api_group: None,
         type3_mode: None,
-        // These tests run `drop` mode with exact counters: no buffer (see tier2_hold.rs).
         hold: None,
         snapshots: None,
+    }
+}
+
+async fn start(lab: &Lab, pins: &PinRoot, attach: AttachMode) -> (Running, Client) {
+    let running = daemon::start(DaemonConfig {
+        attach,
+        ..config(lab, pins)
     })
     .await
     .expect("starting the daemon");
@@ -542,15 +550,8 @@ async fn api_rejects_bad_input() {
     // TCP needs a token, on loopback too: any local account can reach a loopback port.
     for listen in ["0.0.0.0:0", "127.0.0.1:0"] {
         let err = daemon::start(DaemonConfig {
-            ports: PortSource::Bridge(lab.bridge.clone()),
-            pin_root: pins.path().to_owned(),
-            attach: AttachMode::Tc,
             listen: listen.parse().unwrap(),
-            token: None,
-            api_group: None,
-            type3_mode: None,
-            hold: None,
-            snapshots: None,
+            ..config(&lab, &pins)
         })
         .await
         .err()
@@ -560,15 +561,9 @@ async fn api_rejects_bad_input() {
 
     // With a token, requests without it are refused.
     let running = daemon::start(DaemonConfig {
-        ports: PortSource::Bridge(lab.bridge.clone()),
-        pin_root: pins.path().to_owned(),
-        attach: AttachMode::Tc,
         listen: "127.0.0.1:0".parse().unwrap(),
         token: Some("s3cret".into()),
-        api_group: None,
-        type3_mode: None,
-        hold: None,
-        snapshots: None,
+        ..config(&lab, &pins)
     })
     .await
     .unwrap();
@@ -637,6 +632,7 @@ async fn only_the_apis_owners_can_use_it() {
     require_root();
     let lab = Lab::create(&lab_prefix('o'), 1).unwrap();
     let pins = PinRoot::new("owners");
+    let other_pins = PinRoot::new("owners2");
     let socket = match pins.api_socket() {
         Endpoint::Unix(path) => path,
         other => panic!("{other}"),
@@ -649,15 +645,9 @@ async fn only_the_apis_owners_can_use_it() {
     );
     for group in [None, Some("nogroup")] {
         let running = daemon::start(DaemonConfig {
-            ports: PortSource::Bridge(lab.bridge.clone()),
-            pin_root: pins.path().to_owned(),
-            attach: AttachMode::Tc,
-            listen: pins.api_socket(),
-            token: None,
             api_group: group.map(Into::into),
             type3_mode: Some(Type3Mode::Drop),
-            hold: None,
-            snapshots: None,
+            ..config(&lab, &pins)
         })
         .await
         .unwrap();
@@ -692,22 +682,20 @@ async fn only_the_apis_owners_can_use_it() {
                 );
             }
         }
-        // A second daemon on a live socket is refused; the first one keeps serving.
+        // A second daemon on a live socket is refused, by the socket (its own pins, so the
+        // pin root's lock does not refuse it first); the first one keeps serving.
         let second = daemon::start(DaemonConfig {
-            ports: PortSource::Bridge(lab.bridge.clone()),
-            pin_root: pins.path().to_owned(),
-            attach: AttachMode::Tc,
+            pin_root: other_pins.path().to_owned(),
             listen: pins.api_socket(),
-            token: None,
-            api_group: None,
-            type3_mode: None,
-            hold: None,
-            snapshots: None,
+            ..config(&lab, &pins)
         })
         .await
         .err()
         .expect("a second daemon on the same socket is refused");
-        assert!(second.to_string().contains("another daemon"), "{second}");
+        assert!(
+            second.to_string().contains("another daemon serves the API"),
+            "{second}"
+        );
         assert!(client.config().await.is_ok(), "the first still serves");
         running.stop().await.unwrap();
         assert!(!socket.exists(), "the socket goes with the daemon");

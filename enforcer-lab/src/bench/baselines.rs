@@ -32,7 +32,7 @@ use enforcer::{
     model::VmSpec,
     snapshot::{
         Hypervisor as _,
-        libvirt::{DiskCapture, Libvirt, file_disks},
+        libvirt::{DiskCapture, Libvirt, file_disks, snapshot_disks_xml},
     },
 };
 
@@ -70,16 +70,7 @@ fn snapshot_xml(
             format: d.format,
         })
         .collect();
-    let xml: String = captures
-        .iter()
-        .map(|c| {
-            format!(
-                "<disk name='{}' snapshot='external'><driver type='qcow2'/><source file='{}'/></disk>",
-                c.target,
-                c.overlay.display()
-            )
-        })
-        .collect();
+    let disks = snapshot_disks_xml(&captures);
     let (memory, list) = (
         dir.join(format!("{vm}.{tag}.save")),
         dir.join(format!("{vm}.{tag}.overlays.json")),
@@ -87,7 +78,7 @@ fn snapshot_xml(
     std::fs::write(&list, serde_json::to_vec(&captures)?)?;
     Ok((
         format!(
-            "<domainsnapshot><memory snapshot='external' file='{}'/><disks>{xml}</disks></domainsnapshot>",
+            "<domainsnapshot><memory snapshot='external' file='{}'/>{disks}</domainsnapshot>",
             memory.display()
         ),
         vec![memory, list],

@@ -292,21 +292,16 @@ impl Thread {
     fn report(&self) -> HoldReport {
         let core = self.core.report(Instant::now());
         let mut kernel = std::collections::BTreeMap::new();
-        if let Ok(n) = self
-            .dp
-            .lock()
-            .expect("datapath lock")
-            .hold_kernel(HoldKernel::NoSocket)
         {
-            kernel.insert(KernelLoss::NoSocket, n);
-        }
-        if let Ok(n) = self
-            .dp
-            .lock()
-            .expect("datapath lock")
-            .hold_kernel(HoldKernel::NoHeadroom)
-        {
-            kernel.insert(KernelLoss::NoHeadroom, n);
+            let mut dp = self.dp.lock().expect("datapath lock");
+            for (counter, loss) in [
+                (HoldKernel::NoSocket, KernelLoss::NoSocket),
+                (HoldKernel::NoHeadroom, KernelLoss::NoHeadroom),
+            ] {
+                if let Ok(n) = dp.hold_kernel(counter) {
+                    kernel.insert(loss, n);
+                }
+            }
         }
         let (dropped, ring_full, fill_empty) = self.socket.kernel_drops();
         kernel.insert(KernelLoss::SocketDropped, dropped);

@@ -161,6 +161,15 @@ fn virtual_size(file: &Path, format: DiskFormat) -> Result<u64, String> {
 
 /// libvirt's disk-only snapshot XML for `captures`: every disk external, on its new overlay.
 pub(super) fn snapshot_xml(captures: &[DiskCapture]) -> String {
+    format!(
+        "<domainsnapshot>{}</domainsnapshot>",
+        snapshot_disks_xml(captures)
+    )
+}
+
+/// The `<disks>` element of a libvirt snapshot moving each of `captures` onto its overlay
+/// (qcow2, external).
+pub fn snapshot_disks_xml(captures: &[DiskCapture]) -> String {
     let disks: String = captures
         .iter()
         .map(|c| {
@@ -171,7 +180,7 @@ pub(super) fn snapshot_xml(captures: &[DiskCapture]) -> String {
             )
         })
         .collect();
-    format!("<domainsnapshot><disks>{disks}</disks></domainsnapshot>")
+    format!("<disks>{disks}</disks>")
 }
 
 /// Writes a list of disks beside the memory image, durably; returns its path.

@@ -43,7 +43,7 @@ mod xml;
 
 use image::SaveImage;
 
-pub use disks::{DiskCapture, DiskCopy};
+pub use disks::{DiskCapture, DiskCopy, snapshot_disks_xml};
 pub use xml::{DiskFormat, DomainNic, FileDisk, file_disks, first_nic, for_restore};
 
 use std::{
