@@ -31,8 +31,8 @@ case "$role" in
     ;;
   hypervisor)
     # libvirt + QEMU for the VMs (software emulation is enough: nested virtualisation is not
-    # assumed), bpftool to inspect the pinned maps.
-    packages+=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils bpftool)
+    # assumed), bpftool to inspect the pinned maps, nftables for the overlay's source filter.
+    packages+=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils bpftool nftables)
     units=(enforcer-net.service enforcer-agent.service)
     ;;
   *) usage ;;

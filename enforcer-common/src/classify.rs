@@ -154,6 +154,16 @@ pub fn decide_wire<V: DatapathView>(
     let remote = sender.is_remote();
     let color = if remote {
         match wire::decode(mark, sender.epoch) {
+            // Above what the coordinator announced the VM may reach: not the VM's frame
+            // (anyone who can reach the overlay's UDP port can write a color), so it is
+            // dropped and teaches nothing; a view never leads its owner on such input.
+            Some(color) if !sender.may_carry(color) => {
+                return Decision {
+                    sender_slot: Some(sender.slot),
+                    color,
+                    ..unidentified(Outcome::ForgedColor)
+                };
+            }
             Some(color) => color,
             None => sender.epoch,
         }
@@ -266,7 +276,7 @@ mod tests {
                 ifindex: 100 + n as u32,
                 slot: n as u32,
                 flags: 0,
-                _pad: 0,
+                ceiling: 0,
             };
             self.vms.insert(mac, vm);
             mac
@@ -317,8 +327,10 @@ mod tests {
         let mut t = Tables::new(Type3Mode::Buffer);
         t.hold_ready = true;
         let local = t.add(1, 7, 0);
-        // This host's view of the remote sender lags: 0, while it already sent at 1.
+        // This host's view of the remote sender lags: 0, while it already sent at 1 (the
+        // snapshot to 1 the coordinator announced).
         let remote = add_remote(&mut t, 2, 7, 0);
+        t.vms.get_mut(&remote).expect("added").ceiling = 1;
         let d = decide_wire(&t, 900, &remote, &local, wire::encode(1));
         assert_eq!(d.outcome, Outcome::Type3Held);
         assert_eq!((d.color, d.learn, d.mark), (1, true, 0));
@@ -341,6 +353,41 @@ mod tests {
         let other = add_remote(&mut t, 3, 7, 0);
         let d = decide_wire(&t, 900, &remote, &other, wire::encode(1));
         assert_eq!((d.outcome, d.hold), (Outcome::OutsideGroup, HoldKey::None));
+    }
+
+    #[test]
+    fn a_wire_color_above_what_the_coordinator_announced_is_forged_and_teaches_nothing() {
+        let mut t = Tables::new(Type3Mode::Buffer);
+        t.hold_ready = true;
+        let local = t.add(1, 7, 0);
+        let remote = add_remote(&mut t, 2, 7, 0);
+        // Nothing announced: the view (0) is all the VM may carry.
+        for forged in [1, 2, 0x3fff] {
+            let d = decide_wire(&t, 900, &remote, &local, wire::encode(forged));
+            assert_eq!(
+                (d.outcome, d.learn, d.hold, d.sender_slot),
+                (Outcome::ForgedColor, false, HoldKey::None, Some(2)),
+                "color {forged}"
+            );
+            assert_eq!(d.outcome.verdict(), Verdict::Drop);
+        }
+        // Also to VMs outside the group, and to broadcast: a forged color is never learned.
+        for dst in [mac(77), BROADCAST] {
+            let d = decide_wire(&t, 900, &remote, &dst, wire::encode(5));
+            assert_eq!((d.outcome, d.learn), (Outcome::ForgedColor, false));
+        }
+        // Announced 1: color 1 is the VM's own (learned), 2 is still forged.
+        t.vms.get_mut(&remote).expect("added").ceiling = 1;
+        let d = decide_wire(&t, 900, &remote, &local, wire::encode(1));
+        assert_eq!((d.outcome, d.learn), (Outcome::Type3Held, true));
+        let d = decide_wire(&t, 900, &remote, &local, wire::encode(2));
+        assert_eq!((d.outcome, d.learn), (Outcome::ForgedColor, false));
+        // A view raised past an old ceiling bounds by itself; this host's own VMs carry no
+        // wire color at all.
+        t.vms.get_mut(&remote).expect("added").epoch = 3;
+        let d = decide_wire(&t, 900, &remote, &local, wire::encode(3));
+        assert_ne!(d.outcome, Outcome::ForgedColor);
+        assert!(t.vms[&local].may_carry(u32::MAX));
     }
 
     #[test]
@@ -547,7 +594,7 @@ mod tests {
             c.counter_mut(*o).frames += 1 << i;
         }
         let slots: Vec<u64> = Outcome::ALL.iter().map(|o| c.counter(*o).frames).collect();
-        assert_eq!(slots, (0..11).map(|i| 1u64 << i).collect::<Vec<_>>());
-        assert_eq!(c.total_frames(), (1 << 11) - 1);
+        assert_eq!(slots, (0..12).map(|i| 1u64 << i).collect::<Vec<_>>());
+        assert_eq!(c.total_frames(), (1 << 12) - 1);
     }
 }

@@ -138,7 +138,11 @@ pub struct VmEpoch {
     pub slot: u32,
     /// [`FLAG_DRAINING`] while held frames to this VM are being re-injected.
     pub flags: u32,
-    pub _pad: u32,
+    /// For a view of a VM on another host ([`FLAG_REMOTE`]): the highest epoch the coordinator
+    /// has announced the VM may reach (the snapshot it is taking, or the VM's epoch when none
+    /// is). A frame whose wire color is above it cannot come from the VM: it is forged, and
+    /// teaches nothing ([`VmEpoch::may_carry`]). Unused (0) for this host's own VMs.
+    pub ceiling: u32,
 }
 const _: () = assert!(size_of::<VmEpoch>() == 24);
 
@@ -151,6 +155,13 @@ impl VmEpoch {
     /// Held frames to this VM are being re-injected ([`FLAG_DRAINING`]).
     pub const fn is_draining(&self) -> bool {
         self.flags & FLAG_DRAINING != 0
+    }
+
+    /// Whether a frame of this VM may carry `color`: never above what the coordinator has
+    /// announced ([`VmEpoch::ceiling`]), nor above the view itself (a view rose only to values
+    /// the VM had). Any color of this host's own VMs (it is their epoch, not a wire value).
+    pub const fn may_carry(&self, color: u32) -> bool {
+        !self.is_remote() || color <= self.epoch || color <= self.ceiling
     }
 }
 
@@ -322,8 +333,11 @@ pub struct PortCounters {
     /// Type-1/2 to a receiver whose held frames are still being re-injected: held behind
     /// them so it cannot overtake them, then delivered.
     pub held_for_order: Counter,
+    /// From a VM on another host with a wire color above what the coordinator announced it
+    /// may reach ([`VmEpoch::may_carry`]): forged, dropped, nothing learned from it.
+    pub forged_color: Counter,
 }
-const _: () = assert!(size_of::<PortCounters>() == 11 * size_of::<Counter>());
+const _: () = assert!(size_of::<PortCounters>() == 12 * size_of::<Counter>());
 
 impl PortCounters {
     pub fn counter_mut(&mut self, outcome: Outcome) -> &mut Counter {
@@ -339,6 +353,7 @@ impl PortCounters {
             Outcome::ForeignSource => &mut self.foreign_source,
             Outcome::Malformed => &mut self.malformed,
             Outcome::HeldForOrder => &mut self.held_for_order,
+            Outcome::ForgedColor => &mut self.forged_color,
         }
     }
 
@@ -355,6 +370,7 @@ impl PortCounters {
             Outcome::ForeignSource => &self.foreign_source,
             Outcome::Malformed => &self.malformed,
             Outcome::HeldForOrder => &self.held_for_order,
+            Outcome::ForgedColor => &self.forged_color,
         }
     }
 

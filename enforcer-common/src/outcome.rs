@@ -16,6 +16,9 @@ pub enum Outcome {
     ForeignSource,
     Malformed,
     HeldForOrder,
+    /// A VM on another host's frame with a wire color above what it may carry
+    /// ([`crate::VmEpoch::may_carry`]): forged, dropped.
+    ForgedColor,
 }
 
 /// The action the program takes.
@@ -28,7 +31,7 @@ pub enum Verdict {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 11] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Type1,
         Outcome::Type2,
         Outcome::Type3Held,
@@ -40,6 +43,7 @@ impl Outcome {
         Outcome::ForeignSource,
         Outcome::Malformed,
         Outcome::HeldForOrder,
+        Outcome::ForgedColor,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -53,7 +57,8 @@ impl Outcome {
             Outcome::Type3Dropped
             | Outcome::Type3Unbuffered
             | Outcome::ForeignSource
-            | Outcome::Malformed => Verdict::Drop,
+            | Outcome::Malformed
+            | Outcome::ForgedColor => Verdict::Drop,
         }
     }
 
@@ -71,6 +76,7 @@ impl Outcome {
             Outcome::ForeignSource => "foreign_source",
             Outcome::Malformed => "malformed",
             Outcome::HeldForOrder => "held_for_order",
+            Outcome::ForgedColor => "forged_color",
         }
     }
 }

@@ -12,7 +12,7 @@
 use std::process::Command;
 
 use crate::netns::{LabError, run};
-use enforcer::multihost::HostSpec;
+use enforcer::{model::MacAddr, multihost::HostSpec};
 
 /// The two emulated hosts' names, as the VMs on them are qualified (`domain@a`).
 pub const HOST_NAMES: [&str; 2] = ["a", "b"];
@@ -78,6 +78,45 @@ impl Overlay {
     pub fn recreate(&self, i: usize, bridge: &str) -> Result<(), LabError> {
         run(&["link", "del", &self.devices[i]])?;
         self.add_device(i, bridge)
+    }
+
+    /// Sends one VXLAN-GBP packet to host `to`'s overlay endpoint from the other host's
+    /// underlay (any sender on the underlay could): an inner Ethernet frame from `src` to `dst`
+    /// whose Group Policy ID says `color` (`enforcer_common::wire`), whatever `src` really
+    /// sent. What a forger does (case S5 of the security review).
+    pub fn forge(&self, to: usize, src: MacAddr, dst: MacAddr, color: u32) -> Result<(), LabError> {
+        let from = 1 - to;
+        let vni: u32 = VNI.parse().expect("a number");
+        let gpid = enforcer_common::wire::encode(color) as u16;
+        let mut packet = vec![0x88, 0x00];
+        packet.extend_from_slice(&gpid.to_be_bytes());
+        packet.extend_from_slice(&(vni << 8).to_be_bytes());
+        packet.extend_from_slice(&dst.0);
+        packet.extend_from_slice(&src.0);
+        // A local experimental ethertype and a minimum-size payload: the datapath looks at
+        // the addresses only.
+        packet.extend_from_slice(&[0x88, 0xb5]);
+        packet.extend_from_slice(&[0u8; 46]);
+        let ns = self.underlays[from].clone();
+        let err = |detail: String| LabError::Netns {
+            netns: ns.clone(),
+            detail,
+        };
+        let file =
+            std::fs::File::open(format!("/run/netns/{ns}")).map_err(|e| err(e.to_string()))?;
+        let target = format!("10.214.0.{}:{VXLAN_PORT}", to + 1);
+        std::thread::spawn(move || -> Result<(), String> {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| e.to_string())?;
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+            socket
+                .send_to(&packet, &target)
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        })
+        .join()
+        .map_err(|_| err("thread panicked".into()))?
+        .map_err(err)
     }
 
     /// The coordinator's hosts for the two emulated hosts, given their agents' API URLs.

@@ -221,6 +221,11 @@ async fn views_lag_never_lead_and_frames_carry_their_color_across_hosts() {
         "vm3 -> vm1 at epoch 0",
     );
 
+    // The coordinator announces the snapshot to epoch 1 everywhere before any owner moves:
+    // from now on views accept colors up to 1 (and no higher).
+    for host in [&a, &b] {
+        host.client.announce(GROUP, 1).await.unwrap();
+    }
     // 1. vm1 advances on A only.
     a.client.advance(vm1).await.unwrap();
     assert_eq!(b.epoch_of(vm1).await, 0, "B was not told");
@@ -437,18 +442,21 @@ async fn an_abort_across_hosts_moves_forward_and_releases_held_frames() {
             .unwrap();
     }
     let mesh = Mesh::new(&lab).unwrap();
-    // vm1 (A) advanced in the snapshot that is about to fail; vm2 (B) did not.
+    let group = GroupSpec {
+        name: "g".parse().unwrap(),
+        id: GROUP,
+        vms: specs.clone(),
+    };
+    // The snapshot to 4 is announced; vm1 (A) advanced in it, and it is about to fail; vm2
+    // (B) did not advance.
+    let (h, g) = (hosts.clone(), group.clone());
+    blocking(move || h.announce(&g, 4)).await.unwrap();
     let (h, vm) = (hosts.clone(), specs[0].clone());
     blocking(move || h.advance(&vm)).await.unwrap();
     send(&mesh, 0, 1, 0..50, 4);
     assert!(received(&mesh, 1, 0, Duration::from_millis(300)).is_empty());
 
     let h = hosts.clone();
-    let group = GroupSpec {
-        name: "g".parse().unwrap(),
-        id: GROUP,
-        vms: specs.clone(),
-    };
     blocking(move || h.abort_epochs(&group, 3)).await.unwrap();
     assert_in_order(
         &received(&mesh, 1, 0, Duration::from_millis(300)),
@@ -473,6 +481,102 @@ async fn an_abort_across_hosts_moves_forward_and_releases_held_frames() {
         report.total(HoldTotal::Reinjected),
         on_a + on_b,
         "the merged report of both agents"
+    );
+    a.stop().await;
+    b.stop().await;
+    drop(overlay);
+}
+
+/// Case S5 of the security review: one VXLAN-GBP packet from the underlay, claiming to come
+/// from vm1 with a color of the forger's choice, must not raise host B's view of vm1 above
+/// what the coordinator announced (invariant 2 across hosts: a view lags, never leads). It is
+/// dropped and counted `forged_color`; a color up to the announced epoch is vm1's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forged_color_never_raises_a_view_above_the_announced_epoch() {
+    require_root();
+    let lab = Lab::create_hosts(&lab_prefix('f'), &[1, 1]).unwrap();
+    let overlay = Overlay::create(
+        &format!("{}o", &lab.prefix[..5]),
+        [&lab.bridges[0], &lab.bridges[1]],
+    )
+    .expect("the VXLAN-GBP overlay");
+    let a = Host::start(&lab.bridges[0], format!("{}h0", lab.prefix), "fg-a").await;
+    let b = Host::start(&lab.bridges[1], format!("{}h1", lab.prefix), "fg-b").await;
+    let hosts = Hosts::new(
+        overlay.host_specs([a.addr.to_string(), b.addr.to_string()]),
+        None,
+        tokio::runtime::Handle::current(),
+    );
+    for (i, v) in lab.vms.iter().enumerate() {
+        let vm = VmSpec {
+            name: format!("{}@{}", v.name, HOST_NAMES[v.host]),
+            mac: v.mac,
+        };
+        let (h, port) = (hosts.clone(), lab.vms[i].port.clone());
+        blocking(move || h.register(&vm, GROUP, &port, Some(0)))
+            .await
+            .unwrap();
+    }
+    let (vm1, vm2) = (lab.vms[0].mac, lab.vms[1].mac);
+    let forged_at_b = async || {
+        b.client
+            .stats()
+            .await
+            .unwrap()
+            .iter()
+            .find(|s| s.vm == Some(vm1) && s.remote)
+            .expect("B's counters of frames from vm1")
+            .frames(Outcome::ForgedColor)
+    };
+    let forge = |color: u32| {
+        overlay
+            .forge(1, vm1, vm2, color)
+            .expect("sending a forged packet")
+    };
+
+    // Nothing announced: every color above the view is forged, up to the largest the wire
+    // can say. None raises the view.
+    for color in [1, 2, 0x3fff] {
+        forge(color);
+    }
+    wait_for("B to count three forged colors", async || {
+        forged_at_b().await == 3
+    })
+    .await;
+    assert_eq!(
+        b.epoch_of(vm1).await,
+        0,
+        "a forged color raised B's view of vm1"
+    );
+    let health = b.client.health().await.unwrap();
+    assert_eq!(health.learned_epochs, 0, "{health:?}");
+
+    // The coordinator announces the snapshot to 1: a frame of vm1 may now carry 1 (it is
+    // learned: vm1 may be there already), never 2.
+    for host in [&a, &b] {
+        host.client.announce(GROUP, 1).await.unwrap();
+    }
+    forge(2);
+    wait_for("B to count the fourth forged color", async || {
+        forged_at_b().await == 4
+    })
+    .await;
+    assert_eq!(b.epoch_of(vm1).await, 0);
+    forge(1);
+    wait_for("B to learn the announced color", async || {
+        b.epoch_of(vm1).await == 1
+    })
+    .await;
+    assert_eq!(forged_at_b().await, 4);
+
+    // B's view of vm1 may now lead vm1 (still at 0) by the announced step, no more; vm1's
+    // genuine frames carry their exact color 0 and are Type-1 to vm2 at 0: delivered.
+    let mesh = Mesh::new(&lab).unwrap();
+    send(&mesh, 0, 1, 0..20, 0);
+    assert_in_order(
+        &received(&mesh, 1, 0, Duration::from_millis(300)),
+        0..20,
+        "vm1 -> vm2 after the forgeries",
     );
     a.stop().await;
     b.stop().await;

@@ -67,4 +67,29 @@ done
 ip link set dev "$vxlan" master "$bridge"
 ip link set dev "$vxlan" up
 
-echo "enforcer-net: $bridge up (mtu $mtu), $vxlan vni $vni local $NET_LOCAL_IP gbp, peers: ${peers:-none}"
+# Source filtering (case S5 of the security review): the VXLAN socket takes packets from any
+# address on any local interface, and a packet's Group Policy ID is a frame's color. Only the
+# peers may send to the overlay's port; anything else is dropped before the VXLAN device sees
+# it. (The agents also drop colors above what the coordinator announced: docs/security.md.)
+peer_set=""
+for peer in $peers; do
+  [ "$peer" = "$NET_LOCAL_IP" ] && continue
+  peer_set+="${peer_set:+, }$peer"
+done
+if [ -n "$peer_set" ]; then
+  overlay_rule="udp dport $dstport ip saddr != { $peer_set } counter drop"
+else
+  overlay_rule="udp dport $dstport counter drop"
+fi
+nft -f - <<NFT
+table inet enforcer_overlay
+delete table inet enforcer_overlay
+table inet enforcer_overlay {
+  chain input {
+    type filter hook input priority -10; policy accept;
+    $overlay_rule
+  }
+}
+NFT
+
+echo "enforcer-net: $bridge up (mtu $mtu), $vxlan vni $vni local $NET_LOCAL_IP gbp, peers: ${peers:-none}; udp $dstport from peers only"

@@ -378,8 +378,9 @@ pub(crate) fn run(root: &Path, opts: Options) -> anyhow::Result<()> {
         .iter()
         .find(|h| h.role == Role::Coordinator)
         .expect("plan_hosts requires a coordinator");
+    // Agents listen on their underlay address only (not every network of the host).
     for hv in hosts.iter().filter(|h| h.role == Role::Hypervisor) {
-        check_health(&runner, hv, hv, &format!("http://127.0.0.1:{API_PORT}"))?;
+        check_health(&runner, hv, hv, &hv.url())?;
     }
     for hv in hosts.iter().filter(|h| h.role == Role::Hypervisor) {
         check_health(&runner, coord, hv, &hv.url())?;

@@ -17,6 +17,7 @@ pub use datapath::AgentDatapath;
 pub use domains::{DomainCall, DomainError, DomainNic, DomainOp, PausedAdvanced};
 pub use local_epochs::{LocalEpochs, SnapshotOptions, SnapshotsError};
 pub use service::{
-    Abort, Agent, AgentError, Config, GroupView, Health, RawTarget, RegisterVm, SetEpoch,
+    Abort, Agent, AgentError, Announce, Announced, Config, GroupView, Health, RawTarget,
+    RegisterVm, SetEpoch,
 };
 pub use stats::{CounterJson, PortStats};

@@ -106,6 +106,20 @@ pub struct Abort {
     pub epoch: u32,
 }
 
+/// `POST /v1/groups/{g}/announce`: the group's members may now reach `epoch` (the
+/// coordinator is taking the snapshot to it); answered with [`Announced`].
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Announce {
+    pub epoch: u32,
+}
+
+/// What an announcement changed: the views of the group's VMs on other hosts that may now
+/// carry the announced epoch.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+pub struct Announced {
+    pub views: usize,
+}
+
 /// `GET`/`PUT /v1/config`.
 #[derive(Serialize, Deserialize, Debug)]
 pub struct Config {
@@ -310,17 +324,6 @@ impl<D: AgentDatapath> Agent<D> {
         target: Option<u32>,
         raise_only: bool,
     ) -> Result<VmRecord, AgentError> {
-        self.change_epoch_reporting(mac, target, raise_only)
-            .map(|c| c.vm)
-    }
-
-    /// [`Agent::change_epoch`], saying whether anything changed.
-    pub(crate) fn change_epoch_reporting(
-        &self,
-        mac: MacAddr,
-        target: Option<u32>,
-        raise_only: bool,
-    ) -> Result<advance::Changed, AgentError> {
         let mut dp = self.datapath();
         Ok(advance::change_epoch(
             &mut *dp,
@@ -328,7 +331,37 @@ impl<D: AgentDatapath> Agent<D> {
             mac,
             target,
             raise_only,
+        )?
+        .vm)
+    }
+
+    /// Raises the view of a VM on another host to a color its frame carried
+    /// ([`advance::learn_view`]: never above the announced ceiling).
+    pub(crate) fn learn_view(
+        &self,
+        mac: MacAddr,
+        color: u32,
+    ) -> Result<advance::Changed, AgentError> {
+        let mut dp = self.datapath();
+        Ok(advance::learn_view(
+            &mut *dp,
+            &mut ToBuffer(&self.buffer),
+            mac,
+            color,
         )?)
+    }
+
+    /// The coordinator announces that `group`'s members may reach `epoch` (see
+    /// [`epochs::announce`]); returns how many views on this host may now carry it.
+    pub fn announce(&self, group: u32, epoch: u32) -> Result<usize, AgentError> {
+        let raised = epochs::announce(&mut *self.datapath(), group, epoch)?;
+        info!(
+            group,
+            epoch,
+            views = raised,
+            "coordinator announced an epoch"
+        );
+        Ok(raised)
     }
 
     /// Aborts a snapshot on this host: members above `epoch` go back to it, and everything

@@ -13,8 +13,8 @@ use super::{
 };
 use crate::{
     agent::{
-        Abort, Config, DomainCall, DomainNic, DomainOp, GroupView, Health, PausedAdvanced,
-        PortStats, SetEpoch,
+        Abort, Announce, Announced, Config, DomainCall, DomainNic, DomainOp, GroupView, Health,
+        PausedAdvanced, PortStats, SetEpoch,
     },
     datapath::{AttachedPort, epochs::VmRecord},
     hold::HoldReport,
@@ -109,7 +109,10 @@ impl Client {
         // call instead of blocking its caller for ever. Long steps set their own bound.
         let builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .timeout(DEFAULT_TIMEOUT);
+            .timeout(DEFAULT_TIMEOUT)
+            // Below the server's idle cut-off (`api::serve::HEADER_READ_TIMEOUT`), so a
+            // pooled connection is not reused just as the server closes it.
+            .pool_idle_timeout(Duration::from_secs(5));
         let (builder, base) = match unix_path(&given) {
             Some(path) => (
                 builder.unix_socket(PathBuf::from(path)),
@@ -397,6 +400,16 @@ impl Client {
             Method::POST,
             &format!("/v1/groups/{group}/abort"),
             Some(&Abort { epoch }),
+        )
+        .await
+    }
+
+    /// `POST /v1/groups/{group}/announce`: the group's members may reach `epoch`.
+    pub async fn announce(&self, group: u32, epoch: u32) -> Result<Announced, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/groups/{group}/announce"),
+            Some(&Announce { epoch }),
         )
         .await
     }

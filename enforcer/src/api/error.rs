@@ -102,6 +102,7 @@ fn epoch_kind(err: &EpochError<DatapathError>) -> (StatusCode, ErrorCode) {
         EpochError::PortTaken { .. } => (S::CONFLICT, C::PortTaken),
         EpochError::Backwards { .. } => (S::CONFLICT, C::EpochBackwards),
         EpochError::Overflow { .. } => (S::CONFLICT, C::EpochOverflow),
+        EpochError::AboveCeiling { .. } => (S::CONFLICT, C::AboveCeiling),
         EpochError::NoFreeSlot => (S::INSUFFICIENT_STORAGE, C::NoFreeSlot),
         EpochError::Store(e) => datapath_kind(e),
     }

@@ -3,7 +3,8 @@
 //! statuses with machine-readable codes ([`error`], [`types`]). Handlers are grouped by
 //! resource ([`vms`], [`snapshots`], [`domains`], [`host`]); [`metrics`] renders Prometheus
 //! text; [`client`] is the other end, used by the CLI, the coordinator of several hosts and
-//! the lab. Nothing here decides anything.
+//! the lab; [`serve`] listens (a unix socket checked by peer credentials, or TCP with a token)
+//! and serves a router within its limits. Nothing here decides anything.
 //!
 //! May call the agent, the snapshot coordinator, the buffer's report, the datapath's records and
 //! errors, and the model.
@@ -15,6 +16,7 @@ pub mod error;
 pub mod host;
 pub mod metrics;
 pub mod router;
+pub mod serve;
 pub mod snapshots;
 #[cfg(test)]
 mod tests;

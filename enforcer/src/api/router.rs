@@ -30,6 +30,7 @@ pub fn router<D: AgentDatapath>(agent: Arc<Agent<D>>, token: Option<String>) -> 
         .route("/v1/vms/{mac}/advance", post(vms::advance::<D>))
         .route("/v1/groups", get(vms::groups::<D>))
         .route("/v1/groups/{group}/abort", post(vms::abort::<D>))
+        .route("/v1/groups/{group}/announce", post(vms::announce::<D>))
         .route("/v1/domains/{name}/nic", get(domains::nic::<D>))
         .route("/v1/domains/{name}/{op}", post(domains::op::<D>))
         .route("/v1/holds", get(host::holds::<D>))

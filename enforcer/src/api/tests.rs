@@ -29,7 +29,7 @@ struct Served {
     agent: Arc<Agent<MemoryDatapath>>,
     client: Client,
     base: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _stop: tokio::sync::watch::Sender<bool>,
 }
 
 async fn serve(token: Option<&str>) -> Served {
@@ -42,12 +42,10 @@ async fn serve(token: Option<&str>) -> Served {
     let app = super::router::router(agent.clone(), token.map(str::to_owned));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    // The daemons' own server (limits included), not a stand-in.
     tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            })
+        super::serve::serve(super::serve::Listener::Tcp(listener), app, stopped)
             .await
             .unwrap();
     });
@@ -518,4 +516,66 @@ async fn domain_steps_are_typed() {
     let (mac, port) = s.client.domain_nic("vm1").await.unwrap();
     assert_eq!((mac, port.as_str()), (VM1, "tap-vm1"));
     let _ = std::fs::remove_dir_all(store);
+}
+
+/// Case S7 of the security review: a client that sends part of a request head and then
+/// nothing (or a kept-alive connection left idle) is cut off after the header timeout, so it
+/// cannot keep a descriptor of the daemon's for ever (before: axum served without a timer, and
+/// hyper's timeout was ignored).
+#[tokio::test]
+async fn a_trickled_request_head_is_cut_off() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let s = serve(None).await;
+    let addr = s.base.trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let limit = super::serve::HEADER_READ_TIMEOUT + Duration::from_secs(3);
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(limit, slow.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(_))),
+        "the connection was still open after {limit:?}: {read:?}"
+    );
+    // The daemon still serves everyone else.
+    assert_eq!(s.client.health().await.unwrap().status, "ok");
+}
+
+/// Case S7: connections beyond the cap wait in the listen backlog instead of taking one
+/// descriptor each; the daemon never holds more than `MAX_CONNECTIONS`, and a waiting client
+/// is served once idle ones time out.
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_and_are_served_later() {
+    use super::serve::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS};
+    use tokio::io::AsyncWriteExt as _;
+    let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let s = serve(None).await;
+    let addr = s.base.trim_start_matches("http://").to_owned();
+    let before = fds();
+    let extra = 40;
+    let mut idle = Vec::new();
+    for _ in 0..MAX_CONNECTIONS + extra {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        c.write_all(b"GET /v1/health HTTP/1.1\r\n").await.unwrap();
+        idle.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Our own client ends are in this process too: one each; the server's ends at most the cap.
+    let server_side = fds() - before - idle.len();
+    assert!(
+        server_side <= MAX_CONNECTIONS + 4,
+        "the server holds {server_side} descriptors for {} connections (cap {MAX_CONNECTIONS})",
+        idle.len()
+    );
+    // A real client gets its answer once the idle ones are cut off.
+    let answered = tokio::time::timeout(
+        HEADER_READ_TIMEOUT * 2 + Duration::from_secs(5),
+        s.client.health(),
+    )
+    .await;
+    assert!(
+        matches!(answered, Ok(Ok(_))),
+        "no answer with the cap full of idle connections: {answered:?}"
+    );
 }

@@ -30,6 +30,8 @@ pub enum ErrorCode {
     NoFreeSlot,
     EpochBackwards,
     EpochOverflow,
+    /// A color above what the coordinator announced a VM may reach (forged).
+    AboveCeiling,
     BadGroup,
     UnknownGroup,
     GroupExists,

@@ -12,7 +12,10 @@ use axum::{
 
 use super::error::{ApiError, ApiResult};
 use crate::{
-    agent::{Abort, Agent, AgentDatapath, GroupView, RawTarget, RegisterVm, SetEpoch},
+    agent::{
+        Abort, Agent, AgentDatapath, Announce, Announced, GroupView, RawTarget, RegisterVm,
+        SetEpoch,
+    },
     datapath::epochs::VmRecord,
     model::MacAddr,
 };
@@ -84,19 +87,38 @@ pub(crate) async fn groups<D: AgentDatapath>(
     Ok(Json(a.groups()?))
 }
 
-pub(crate) async fn abort<D: AgentDatapath>(
-    State(a): State<Arc<Agent<D>>>,
-    Path(group): Path<String>,
-    body: Result<Json<Abort>, JsonRejection>,
-) -> ApiResult<Vec<VmRecord>> {
-    let group: u32 = group.parse().map_err(|_| {
+fn parse_group(group: &str) -> Result<u32, ApiError> {
+    group.parse().map_err(|_| {
         ApiError::new(
             axum::http::StatusCode::BAD_REQUEST,
             super::types::ErrorCode::BadGroup,
             format!("group {group:?}: a group id (0-1023)"),
         )
-    })?;
+    })
+}
+
+pub(crate) async fn abort<D: AgentDatapath>(
+    State(a): State<Arc<Agent<D>>>,
+    Path(group): Path<String>,
+    body: Result<Json<Abort>, JsonRejection>,
+) -> ApiResult<Vec<VmRecord>> {
+    let group = parse_group(&group)?;
     let Json(req) = body?;
     a.refuse_if_claimed(&[RawTarget::Group(group)])?;
     Ok(Json(a.abort(group, req.epoch)?))
+}
+
+/// The coordinator's announcement before a snapshot across hosts: it only widens what this
+/// host's views accept, so it is not refused while a snapshot holds the group (it is that
+/// snapshot's own step).
+pub(crate) async fn announce<D: AgentDatapath>(
+    State(a): State<Arc<Agent<D>>>,
+    Path(group): Path<String>,
+    body: Result<Json<Announce>, JsonRejection>,
+) -> ApiResult<Announced> {
+    let group = parse_group(&group)?;
+    let Json(req) = body?;
+    Ok(Json(Announced {
+        views: a.announce(group, req.epoch)?,
+    }))
 }

@@ -11,13 +11,13 @@ use std::{
 use enforcer_common::Type3Mode;
 use tracing::{info, warn};
 
-use super::{
-    lock::{LockError, PinRootLock},
-    serve::{self, ServeError},
-};
+use super::lock::{LockError, PinRootLock};
 use crate::{
     agent::{self, Agent, SnapshotOptions, SnapshotsError},
-    api,
+    api::{
+        self,
+        serve::{self, ServeError},
+    },
     datapath::{
         AttachMode, Datapath, DatapathError,
         ports::{PortError, PortEvent, PortSource, PortWatcher},

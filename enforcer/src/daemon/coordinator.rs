@@ -4,7 +4,7 @@ use std::{path::PathBuf, sync::Arc};
 
 use tracing::info;
 
-use super::serve::{self, ServeError};
+use crate::api::serve::{self, ServeError};
 use crate::{
     api::Endpoint,
     multihost::{CoordinatorState, HostSpec, Hosts, api},

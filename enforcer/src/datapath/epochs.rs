@@ -40,6 +40,14 @@ pub enum EpochError<E: std::error::Error + 'static> {
     Overflow { mac: MacAddr },
     #[error("no group {0}")]
     UnknownGroup(u32),
+    #[error(
+        "a frame of {mac} carried color {color}, above what the coordinator announced it may reach ({ceiling}): forged, not learned"
+    )]
+    AboveCeiling {
+        mac: MacAddr,
+        color: u32,
+        ceiling: u32,
+    },
     #[error(transparent)]
     Store(E),
 }
@@ -174,7 +182,7 @@ pub fn register<S: EpochStore>(
         ifindex,
         slot,
         flags: 0,
-        _pad: 0,
+        ceiling: 0,
     };
     // Port first: from the moment the VM's MAC is known, its port already claims it.
     store
@@ -220,11 +228,35 @@ pub fn register_remote<S: EpochStore>(
         ifindex,
         slot,
         flags: FLAG_REMOTE,
-        _pad: 0,
+        ceiling: epoch,
     };
     store.put_vm(mac.key(), vm).map_err(EpochError::Store)?;
     refresh_group(store, group, false)?;
     Ok(VmRecord::new(mac.key(), vm))
+}
+
+/// The coordinator announces that `group`'s members may now reach `epoch` (it is taking the
+/// snapshot to it): every view of a member on another host may carry colors up to it
+/// ([`VmEpoch::ceiling`], raised only). Frames of those VMs with a higher wire color are
+/// forged and dropped by the datapath. Returns how many views were raised.
+pub fn announce<S: EpochStore>(
+    store: &mut S,
+    group: u32,
+    epoch: u32,
+) -> Result<usize, EpochError<S::Error>> {
+    if group >= MAX_GROUPS {
+        return Err(EpochError::BadGroup(group));
+    }
+    let mut raised = 0;
+    for (mac, mut vm) in store.vms().map_err(EpochError::Store)? {
+        if vm.group != group || !vm.is_remote() || vm.ceiling >= epoch {
+            continue;
+        }
+        vm.ceiling = epoch;
+        store.put_vm(mac, vm).map_err(EpochError::Store)?;
+        raised += 1;
+    }
+    Ok(raised)
 }
 
 pub fn unregister<S: EpochStore>(

@@ -40,6 +40,30 @@ pub struct Changed {
     pub changed: bool,
 }
 
+/// Raises this host's view of a VM on another host to `color`, a color one of its frames
+/// carried (invariant 2 across hosts): never above what the coordinator announced the VM may
+/// reach ([`VmEpoch::may_carry`]; the datapath drops such frames already, this keeps a ring
+/// entry from elsewhere from teaching it either), refused as [`EpochError::AboveCeiling`].
+pub fn learn_view<S: EpochStore>(
+    store: &mut S,
+    buffer: &mut impl BufferLink,
+    mac: MacAddr,
+    color: u32,
+) -> Result<Changed, EpochError<S::Error>> {
+    let current: VmEpoch = store
+        .vm(&mac.key())
+        .map_err(EpochError::Store)?
+        .ok_or(EpochError::UnknownVm(mac))?;
+    if !current.may_carry(color) {
+        return Err(EpochError::AboveCeiling {
+            mac,
+            color,
+            ceiling: current.ceiling,
+        });
+    }
+    change_epoch(store, buffer, mac, Some(color), true)
+}
+
 /// Moves a VM's epoch to `target`, or to the next one (`None`). Lower than the current epoch is
 /// refused ([`EpochError::Backwards`]), unless `raise_only`, which leaves it as it is (how views
 /// of VMs on other hosts are raised: they may have learned the epoch already).

@@ -830,7 +830,7 @@ fn a_view_of_a_remote_vm_never_goes_down_in_the_copy() {
         ifindex: 900,
         slot: 9,
         flags: enforcer_common::FLAG_REMOTE,
-        _pad: 0,
+        ceiling: 5,
     };
     let m = MacKey::new([2, 9, 9, 9, 9, 9]);
     let now = sim.now;

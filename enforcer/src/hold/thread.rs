@@ -244,8 +244,7 @@ impl Thread {
                 });
                 continue;
             }
-            let changed =
-                advance::change_epoch(&mut *dp, &mut link, MacAddr::from(mac), Some(color), true);
+            let changed = advance::learn_view(&mut *dp, &mut link, MacAddr::from(mac), color);
             drop(dp);
             match changed {
                 Ok(c) if c.changed => {

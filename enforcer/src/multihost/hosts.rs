@@ -372,10 +372,10 @@ impl Hosts {
 
     /// `call` on the agent of each of `hosts`, each retried while it cannot be reached; an
     /// agent that does not have the VM (404) is no failure. Failures are collected per host.
-    fn on_agents<'a>(
+    fn on_agents<'a, T>(
         &self,
         hosts: impl Iterator<Item = &'a Host>,
-        call: impl AsyncFn(&Client) -> Result<VmRecord, ClientError>,
+        call: impl AsyncFn(&Client) -> Result<T, ClientError>,
     ) -> Result<(), EpochControlError> {
         let mut failed = Vec::new();
         for host in hosts {
@@ -584,6 +584,14 @@ impl EpochControl for Hosts {
             }
         }
         Ok(again)
+    }
+
+    /// On every agent, before any owner advances (rule 3's bound): a frame's color is at most
+    /// the epoch the coordinator announced, so a forged one cannot raise a view further.
+    fn announce(&self, group: &GroupSpec, epoch: u32) -> Result<(), EpochControlError> {
+        self.on_agents(self.0.hosts.iter(), async |c| {
+            c.announce(group.id, epoch).await
+        })
     }
 
     /// Forward, never back (rule 4 above): every member still at `epoch` is advanced on its

@@ -252,6 +252,13 @@ pub trait EpochControl: Send + Sync {
     ) -> Result<Vec<String>, EpochControlError> {
         Ok(Vec::new())
     }
+    /// Before a snapshot moves `group` to `epoch`: every datapath that keeps views of its
+    /// members learns that they may now carry it, so their frames' wire colors up to it are
+    /// accepted and higher ones dropped as forged (`VmEpoch::ceiling`). Only views need it:
+    /// nothing to do on one host.
+    fn announce(&self, _group: &GroupSpec, _epoch: u32) -> Result<(), EpochControlError> {
+        Ok(())
+    }
     /// Aborting a snapshot that started with the group at `epoch`: held frames are released
     /// and the group's members end at one epoch again. On one host they go back to `epoch`;
     /// across hosts they go forward to `epoch + 1` instead, because a view raised from a

@@ -192,11 +192,22 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
         let t0_unix_us = unix_us();
         let failed = Arc::new(AtomicBool::new(false));
         let method = journal.method;
+        // Views of the members on other hosts accept colors up to the new epoch from now on.
+        // After the journal: a failure from here on aborts, and an abort across hosts moves
+        // the members forward to that epoch, so the announcement never outlives the truth.
+        let announced = self
+            .epochs
+            .announce(&group, journal.epoch_before + 1)
+            .map_err(|e| format!("announcing epoch {}: {e}", journal.epoch_before + 1));
+        if announced.is_err() {
+            failed.store(true, Ordering::SeqCst);
+        }
         let gate = Arc::new(Gate::new(group.vms.len()));
         let threads: Vec<_> = group
             .vms
             .iter()
             .zip(&records)
+            .filter(|_| announced.is_ok())
             .map(|(vm, record)| {
                 let part = VmPart {
                     vm: vm.clone(),
@@ -215,7 +226,7 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             })
             .collect();
         let mut journal = journal;
-        if method == CutMethod::Instant {
+        if method == CutMethod::Instant && announced.is_ok() {
             // The cut: once every VM is ready, all stop at once (or none does). The journal
             // says so first, durably: a coordinator that dies with VMs stopped leaves them
             // paused, and the next one must know it was the cut that stopped them.
@@ -291,7 +302,9 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
                 .filter_map(|v| v.error.clone())
                 .collect();
             manifest.outcome = SnapshotOutcome::Aborted;
-            manifest.reason = Some(if reasons.is_empty() {
+            manifest.reason = Some(if let Err(e) = &announced {
+                e.clone()
+            } else if reasons.is_empty() {
                 "a VM's snapshot thread failed".into()
             } else {
                 reasons.join("; ")

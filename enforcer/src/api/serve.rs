@@ -1,6 +1,7 @@
-//! What both daemon roles do the same way: listen where they are told ([`Endpoint`]) — a unix
+//! Serving the API, for both daemon roles: listen where they are told ([`Endpoint`]) — a unix
 //! socket that only root, the daemon's own user and one chosen group may use, or TCP only with
-//! a token — serve a router until told to stop, and wait for SIGINT/SIGTERM.
+//! a token — serve a router within limits (a header timeout, a connection cap) until told to
+//! stop, and wait for SIGINT/SIGTERM.
 
 use std::{
     io,
@@ -8,21 +9,28 @@ use std::{
     os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use axum::{
     Router,
-    extract::{ConnectInfo, Request, State, connect_info::Connected},
+    body::Body,
+    extract::{ConnectInfo, Request, State},
     http::StatusCode,
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    serve::IncomingStream,
+};
+use hyper::{body::Incoming, server::conn::http1};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
 };
 use tokio::{
-    net::{TcpListener, UnixListener},
-    sync::watch,
+    net::{TcpListener, UnixListener, UnixStream},
+    sync::{Semaphore, watch},
 };
-use tracing::{info, warn};
+use tower::ServiceExt as _;
+use tracing::{debug, info, warn};
 
 use crate::api::{ApiError, Endpoint, types::ErrorCode};
 
@@ -182,9 +190,9 @@ struct Peer {
     groups: Vec<u32>,
 }
 
-impl Connected<IncomingStream<'_, UnixListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        match stream.io().peer_cred() {
+impl Peer {
+    fn of(stream: &UnixStream) -> Self {
+        match stream.peer_cred() {
             Ok(cred) => Peer {
                 uid: cred.uid(),
                 gid: cred.gid(),
@@ -261,20 +269,24 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Serves `app` until `stopped` turns true; a unix socket is removed afterwards.
+/// How long a client may take to send a request's head (its line and headers), and how long
+/// a kept-alive connection may sit idle before its next one: a connection that trickles its
+/// head or sits idle does not keep a descriptor for ever (case S7 of the security review).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; further clients wait in the listen backlog until one closes,
+/// so descriptors stay for what the daemon itself needs (images, re-injection sockets).
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// Serves `app` until `stopped` turns true, then lets open requests finish; a unix socket is
+/// removed afterwards. Each connection is HTTP/1.1 with [`HEADER_READ_TIMEOUT`], at most
+/// [`MAX_CONNECTIONS`] at once.
 pub(crate) async fn serve(
     listener: Listener,
     app: Router,
-    mut stopped: watch::Receiver<bool>,
+    stopped: watch::Receiver<bool>,
 ) -> Result<(), ServeError> {
-    let shutdown = async move {
-        let _ = stopped.wait_for(|s| *s).await;
-    };
     match listener {
-        Listener::Tcp(listener) => axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(ServeError::Serve),
+        Listener::Tcp(listener) => serve_connections(listener, app, stopped).await,
         Listener::Unix {
             listener,
             path,
@@ -286,12 +298,84 @@ pub(crate) async fn serve(
                 Arc::new(access),
                 require_peer,
             ));
-            axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-                .with_graceful_shutdown(shutdown)
-                .await
-                .map_err(ServeError::Serve)
+            serve_connections(listener, app, stopped).await
         }
     }
+}
+
+/// A listener's next connection, with its peer's credentials where the socket has them.
+trait Accept: Send + Sync {
+    type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn next_connection(&self) -> impl Future<Output = io::Result<(Self::Io, Option<Peer>)>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn next_connection(&self) -> io::Result<(Self::Io, Option<Peer>)> {
+        Ok((self.accept().await?.0, None))
+    }
+}
+
+impl Accept for UnixListener {
+    type Io = UnixStream;
+    async fn next_connection(&self) -> io::Result<(Self::Io, Option<Peer>)> {
+        let (stream, _) = self.accept().await?;
+        let peer = Peer::of(&stream);
+        Ok((stream, Some(peer)))
+    }
+}
+
+/// The accept loop: a connection slot first (the cap), then a connection, served on its own
+/// task with the peer's credentials (unix sockets) in each request's extensions.
+async fn serve_connections(
+    listener: impl Accept,
+    app: Router,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<(), ServeError> {
+    let shutdown = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    tokio::pin!(shutdown);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let graceful = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    loop {
+        let slot = tokio::select! {
+            _ = &mut shutdown => break,
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.next_connection() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of descriptors or a connection reset before it was taken: the
+                    // listener itself is fine; try again shortly rather than spin.
+                    warn!(%err, "accepting an API connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            if let Some(peer) = &peer {
+                request.extensions_mut().insert(ConnectInfo(peer.clone()));
+            }
+            app.clone().oneshot(request.map(Body::new))
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(err) = connection.await {
+                debug!(%err, "API connection ended");
+            }
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// Returns when SIGINT or SIGTERM arrives.
