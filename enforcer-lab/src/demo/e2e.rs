@@ -15,7 +15,8 @@ use enforcer::{
     model::{GroupSpec, VmSpec},
     multihost::AgentEpochs,
     snapshot::{
-        Coordinator, CutMethod, EpochControl, Hypervisor, SnapshotOutcome as Outcome, Timeouts,
+        Coordinator, CutMethod, EpochControl, HvErrorKind, Hypervisor, SnapshotOutcome as Outcome,
+        Timeouts,
         libvirt::{DiskCopy, Libvirt},
     },
 };
@@ -139,6 +140,24 @@ fn unenforced(lab: &VmLab, dir: &std::path::Path, gap: Duration) -> anyhow::Resu
         }
     }
     lab.destroy_all();
+    // Another VM's image is refused before anything changes (case S4): libvirt would bring up
+    // whichever domain an image names.
+    if let [(first, files), (second, _), ..] = images.as_slice() {
+        match libvirt.restore_paused(second, files, None) {
+            Err(e) if e.kind == HvErrorKind::NotItsImage => {
+                log(&format!(
+                    "restoring {}'s image as {}: refused ({e})",
+                    first.name, second.name
+                ));
+            }
+            other => anyhow::bail!(
+                "restoring {}'s image as {} was not refused as another VM's: {other:?}",
+                first.name,
+                second.name
+            ),
+        }
+    }
+    // (The first VM's own restore below fails if that attempt started it.)
     for (spec, files) in &images {
         libvirt.restore_paused(spec, files, None)?;
     }

@@ -5,7 +5,12 @@
 //! so no network hop separates its stop from its advance (invariant 3 in docs/design.md).
 //! Blocking: callers run it off the async workers.
 
-use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -17,7 +22,7 @@ use super::{
 use crate::{
     model::{IfName, MacAddr, SnapshotId, VmSpec},
     sched::Realtime,
-    snapshot::{CutMethod, EpochControlError, HvError, Paused, unix_us},
+    snapshot::{CutMethod, EpochControlError, HvError, HvErrorKind, Paused, unix_us},
 };
 
 /// The steps a coordinator of several hosts drives on each VM's own agent.
@@ -257,12 +262,29 @@ impl<D: AgentDatapath> Agent<D> {
                     .store()
                     .canonicalize()
                     .unwrap_or_else(|_| c.store().into());
-                if let Some(outside) = call
-                    .images
-                    .iter()
-                    .find(|p| !p.canonicalize().is_ok_and(|p| p.starts_with(&store)))
-                {
-                    return Err(DomainError::NotInStore(outside.clone()));
+                let mut dirs = Vec::new();
+                for image in &call.images {
+                    let real = image
+                        .canonicalize()
+                        .ok()
+                        .filter(|p| p.starts_with(&store))
+                        .ok_or_else(|| DomainError::NotInStore(image.clone()))?;
+                    let dir = real.parent().map(Path::to_path_buf);
+                    if !dirs.contains(&dir) {
+                        dirs.push(dir);
+                    }
+                }
+                // One snapshot's files only: a memory image of one with the disks of another
+                // would restore a VM whose disks never matched its memory.
+                if dirs.len() > 1 {
+                    return Err(DomainError::Hypervisor(HvError::new(
+                        &vm.name,
+                        HvErrorKind::NotItsImage,
+                        format!(
+                            "the images come from {} directories; a restore takes one snapshot's",
+                            dirs.len()
+                        ),
+                    )));
                 }
                 let port = hv.restore_paused(&vm, &call.images, call.bridge.as_ref())?;
                 json!(DomainNic { mac: vm.mac, port })

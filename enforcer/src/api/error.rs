@@ -128,6 +128,7 @@ fn hypervisor(kind: HvErrorKind) -> (StatusCode, ErrorCode) {
         HvErrorKind::NoSuchDomain => (StatusCode::NOT_FOUND, ErrorCode::NoSuchDomain),
         HvErrorKind::NotRunning => (StatusCode::CONFLICT, ErrorCode::DomainNotRunning),
         HvErrorKind::Running => (StatusCode::CONFLICT, ErrorCode::DomainRunning),
+        HvErrorKind::NotItsImage => (StatusCode::BAD_REQUEST, ErrorCode::NotItsImage),
         HvErrorKind::Failed => (StatusCode::CONFLICT, ErrorCode::Hypervisor),
     }
 }

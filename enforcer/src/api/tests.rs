@@ -515,6 +515,30 @@ async fn domain_steps_are_typed() {
     );
     let (mac, port) = s.client.domain_nic("vm1").await.unwrap();
     assert_eq!((mac, port.as_str()), (VM1, "tap-vm1"));
+    // A restore takes one snapshot's files (case S4): a memory image of one snapshot with the
+    // disk list of another is refused before anything is touched.
+    let (one, other) = (store.join("g-1-e1"), store.join("g-2-e2"));
+    for dir in [&one, &other] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::write(one.join("vm1.save"), b"image").unwrap();
+    std::fs::write(other.join("vm1.captures.json"), b"[]").unwrap();
+    let (status, body) = raw(
+        reqwest::Method::POST,
+        format!("{}/v1/domains/vm1/restore", s.base),
+        Some(&format!(
+            r#"{{"mac":"02:00:5e:10:00:01","images":["{}","{}"]}}"#,
+            one.join("vm1.save").display(),
+            other.join("vm1.captures.json").display()
+        )),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("not_its_image")),
+        "{body}"
+    );
     let _ = std::fs::remove_dir_all(store);
 }
 

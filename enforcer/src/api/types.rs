@@ -39,6 +39,8 @@ pub enum ErrorCode {
     InconsistentEpochs,
     UnknownSnapshot,
     NotRestorable,
+    /// Restore images that are not the named VM's (see `HvErrorKind::NotItsImage`).
+    NotItsImage,
     NoSuchDomain,
     DomainNotRunning,
     DomainRunning,

@@ -176,6 +176,7 @@ fn hv_kind(code: ErrorCode) -> HvErrorKind {
         ErrorCode::NoSuchDomain => HvErrorKind::NoSuchDomain,
         ErrorCode::DomainNotRunning => HvErrorKind::NotRunning,
         ErrorCode::DomainRunning => HvErrorKind::Running,
+        ErrorCode::NotItsImage => HvErrorKind::NotItsImage,
         _ => HvErrorKind::Failed,
     }
 }

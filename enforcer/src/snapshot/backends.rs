@@ -30,6 +30,9 @@ pub enum HvErrorKind {
     NotRunning,
     /// A domain of that name runs where it must not (restoring over it).
     Running,
+    /// The images given for a restore are not this VM's (another domain's name or MAC, or
+    /// files of several snapshots): refused before anything changed.
+    NotItsImage,
     /// Anything else: QEMU, libvirt, the images.
     Failed,
 }

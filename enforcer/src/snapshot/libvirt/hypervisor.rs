@@ -399,6 +399,24 @@ impl Hypervisor for Libvirt {
             .conn
             .save_image_xml_desc(path, sys::VIR_DOMAIN_XML_SECURE)
             .map_err(|e| hv_err(name, format!("reading {path}: {e}")))?;
+        // The image must be this VM's: libvirt restores whatever domain an image names, so
+        // another VM's image would bring that VM up (or fail against it) instead.
+        let not_its = |detail: String| HvError::new(name, HvErrorKind::NotItsImage, detail);
+        let saved_name = super::domain_name(&saved_xml).map_err(|e| hv_err(name, e))?;
+        if saved_name != name {
+            return Err(not_its(format!(
+                "{path} is an image of domain {saved_name}, not {name}"
+            )));
+        }
+        let saved_mac = super::first_nic(&saved_xml)
+            .map_err(|e| hv_err(name, e))?
+            .mac;
+        if saved_mac != vm.mac {
+            return Err(not_its(format!(
+                "{path} has a NIC with MAC {saved_mac}, the snapshot says {}",
+                vm.mac
+            )));
+        }
         let captures: Vec<DiskCapture> = list(CAPTURES)
             .map(|p| read_list(p))
             .transpose()

@@ -44,7 +44,7 @@ mod xml;
 use image::SaveImage;
 
 pub use disks::{DiskCapture, DiskCopy, snapshot_disks_xml};
-pub use xml::{DiskFormat, DomainNic, FileDisk, file_disks, first_nic, for_restore};
+pub use xml::{DiskFormat, DomainNic, FileDisk, domain_name, file_disks, first_nic, for_restore};
 
 use std::{
     collections::HashMap,

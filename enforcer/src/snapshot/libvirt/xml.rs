@@ -57,6 +57,15 @@ fn child<'a>(node: Node<'a, 'a>, tag: &str) -> Option<Node<'a, 'a>> {
     node.children().find(|c| c.has_tag_name(tag))
 }
 
+/// The domain's name (`<domain><name>`).
+pub fn domain_name(xml: &str) -> Result<String, String> {
+    let doc = Document::parse(xml).map_err(|e| format!("domain XML: {e}"))?;
+    child(doc.root_element(), "name")
+        .and_then(|n| n.text())
+        .map(|n| n.trim().to_owned())
+        .ok_or_else(|| "the domain XML has no <name>".to_owned())
+}
+
 /// The first NIC of a domain XML.
 pub fn first_nic(xml: &str) -> Result<DomainNic, String> {
     let doc = Document::parse(xml).map_err(|e| format!("domain XML: {e}"))?;
@@ -216,6 +225,13 @@ mod tests {
         let meta = "<domain><metadata><interface><mac address='52:54:00:00:00:01'/></interface>\
             </metadata><devices/></domain>";
         assert!(first_nic(meta).is_err());
+    }
+
+    #[test]
+    fn reads_the_domains_own_name() {
+        let xml = "<domain><name> vm1 </name><metadata><name>other</name></metadata></domain>";
+        assert_eq!(domain_name(xml).unwrap(), "vm1");
+        assert!(domain_name("<domain><metadata><name>x</name></metadata></domain>").is_err());
     }
 
     #[test]
