@@ -67,6 +67,7 @@ async fn start_daemon_hooked(
         listen: pins.api_socket(),
         token: None,
         api_group: None,
+        tls: None,
         type3_mode: Some(mode),
         hold: Some(HoldOptions {
             device: format!("{}h", lab.prefix),
@@ -465,6 +466,7 @@ async fn a_second_daemon_on_the_same_pins_is_refused_and_the_first_keeps_enforci
         listen: other.parse().unwrap(),
         token: None,
         api_group: None,
+        tls: None,
         type3_mode: Some(Type3Mode::Drop),
         hold: Some(HoldOptions {
             device: format!("{}s", s.lab.prefix),

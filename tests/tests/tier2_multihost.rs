@@ -6,7 +6,12 @@
 use std::time::{Duration, Instant};
 
 use enforcer::{
-    api::{Endpoint, client::Client},
+    api::{
+        Endpoint,
+        client::Client,
+        pki::{self, Role},
+        tls::{ClientTls, TlsFiles},
+    },
     daemon::{self, DaemonConfig, Running},
     datapath::{AttachMode, ports::PortSource},
     hold::HoldOptions,
@@ -33,14 +38,25 @@ struct Host {
     client: Client,
 }
 
-async fn start_agent(bridge: &str, pins: &PinRoot, hold_device: &str) -> Running {
+/// An agent on its unix socket, or with `tls` on a loopback TCP port (as agents serve the
+/// coordinator between hosts).
+async fn start_agent(
+    bridge: &str,
+    pins: &PinRoot,
+    hold_device: &str,
+    tls: Option<&TlsFiles>,
+) -> Running {
     daemon::start(DaemonConfig {
         ports: PortSource::Bridge(bridge.to_owned()),
         pin_root: pins.path().to_owned(),
         attach: AttachMode::Tc,
-        listen: pins.api_socket(),
+        listen: match tls {
+            Some(_) => "127.0.0.1:0".parse().unwrap(),
+            None => pins.api_socket(),
+        },
         token: None,
         api_group: None,
+        tls: tls.cloned(),
         type3_mode: Some(Type3Mode::Buffer),
         hold: Some(HoldOptions {
             device: hold_device.to_owned(),
@@ -56,13 +72,41 @@ async fn start_agent(bridge: &str, pins: &PinRoot, hold_device: &str) -> Running
 impl Host {
     async fn start(bridge: &str, hold_device: String, tag: &str) -> Self {
         let pins = PinRoot::new(tag);
-        let running = start_agent(bridge, &pins, &hold_device).await;
+        let running = start_agent(bridge, &pins, &hold_device, None).await;
         let addr = running.addr.clone();
         Self {
             pins,
             bridge: bridge.to_owned(),
             hold_device,
             client: Client::new(addr.to_string(), None),
+            addr,
+            running: Some(running),
+        }
+    }
+
+    /// An agent serving TLS with a certificate of the CA in `pki` (made for it here); its
+    /// client (the test's, as an operator) presents `operator`.
+    async fn start_tls(
+        bridge: &str,
+        hold_device: String,
+        tag: &str,
+        pki: &std::path::Path,
+        operator: &ClientTls,
+    ) -> Self {
+        let pins = PinRoot::new(tag);
+        let (cert, key) = pki::issue(pki, tag, Role::Agent, &["127.0.0.1".into()]).unwrap();
+        let files = TlsFiles {
+            cert,
+            key,
+            ca: pki.join("ca.crt"),
+        };
+        let running = start_agent(bridge, &pins, &hold_device, Some(&files)).await;
+        let addr = running.addr.clone();
+        Self {
+            pins,
+            bridge: bridge.to_owned(),
+            hold_device,
+            client: Client::with_tls(https(&addr), None, Some(operator)),
             addr,
             running: Some(running),
         }
@@ -78,7 +122,7 @@ impl Host {
         let _ = std::process::Command::new("ip")
             .args(["link", "del", &self.hold_device])
             .output();
-        self.running = Some(start_agent(&self.bridge, &self.pins, &self.hold_device).await);
+        self.running = Some(start_agent(&self.bridge, &self.pins, &self.hold_device, None).await);
     }
 
     async fn stop(mut self) {
@@ -97,6 +141,10 @@ impl Drop for Host {
             .args(["link", "del", &self.hold_device])
             .output();
     }
+}
+
+fn https(addr: &Endpoint) -> String {
+    addr.to_string().replace("http://", "https://")
 }
 
 /// The coordinator's check before a snapshot: registers again what an agent forgot, with
@@ -410,7 +458,8 @@ async fn views_lag_never_lead_and_frames_carry_their_color_across_hosts() {
 
 /// An aborted snapshot across hosts moves the members forward, never back: the VM that had
 /// advanced keeps its epoch, the others join it, held frames are released, and every view
-/// ends level with its owner.
+/// ends level with its owner. The agents serve TLS with client certificates, as deployed
+/// between hosts (`enforcer tls`), and the coordinator reaches them with its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_abort_across_hosts_moves_forward_and_releases_held_frames() {
     require_root();
@@ -420,11 +469,34 @@ async fn an_abort_across_hosts_moves_forward_and_releases_held_frames() {
         [&lab.bridges[0], &lab.bridges[1]],
     )
     .expect("the VXLAN-GBP overlay");
-    let a = Host::start(&lab.bridges[0], format!("{}h0", lab.prefix), "ab-a").await;
-    let b = Host::start(&lab.bridges[1], format!("{}h1", lab.prefix), "ab-b").await;
-    let hosts = Hosts::new(
-        overlay.host_specs([a.addr.to_string(), b.addr.to_string()]),
+    let pki_dir = std::env::temp_dir().join(format!("enforcer-mh-pki-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pki_dir);
+    let ca = pki::new_ca(&pki_dir).unwrap();
+    let (op_crt, op_key) = pki::issue(&pki_dir, "op", Role::Operator, &[]).unwrap();
+    let operator = ClientTls::new(&ca, Some((&op_crt, &op_key))).unwrap();
+    let (co_crt, co_key) = pki::issue(&pki_dir, "co", Role::Coordinator, &[]).unwrap();
+    let coordinator = ClientTls::new(&ca, Some((&co_crt, &co_key))).unwrap();
+    let a = Host::start_tls(
+        &lab.bridges[0],
+        format!("{}h0", lab.prefix),
+        "ab-a",
+        &pki_dir,
+        &operator,
+    )
+    .await;
+    let b = Host::start_tls(
+        &lab.bridges[1],
+        format!("{}h1", lab.prefix),
+        "ab-b",
+        &pki_dir,
+        &operator,
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&pki_dir);
+    let hosts = Hosts::with_tls(
+        overlay.host_specs([https(&a.addr), https(&b.addr)]),
         None,
+        Some(&coordinator),
         tokio::runtime::Handle::current(),
     );
     let specs: Vec<VmSpec> = lab

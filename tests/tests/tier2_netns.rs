@@ -34,6 +34,7 @@ fn config(lab: &Lab, pins: &PinRoot) -> DaemonConfig {
         listen: pins.api_socket(),
         token: None,
         api_group: None,
+        tls: None,
         type3_mode: None,
         hold: None,
         snapshots: None,
@@ -646,6 +647,7 @@ async fn only_the_apis_owners_can_use_it() {
     for group in [None, Some("nogroup")] {
         let running = daemon::start(DaemonConfig {
             api_group: group.map(Into::into),
+            tls: None,
             type3_mode: Some(Type3Mode::Drop),
             ..config(&lab, &pins)
         })

@@ -10,11 +10,14 @@
 //!    Vagrantfile and deploy install the same units) and the host's configuration into a
 //!    private directory on the host;
 //! 3. provision: runs `provision.sh <role>` (missing packages, bpffs, directories, units);
-//! 4. install: the binary to /usr/local/bin/enforcer, /etc/enforcer/enforcer.env (the token,
-//!    mode 0600), /etc/enforcer/net.env (hypervisors) or /etc/enforcer/hosts.json (coordinator);
+//! 4. install: the binary to /usr/local/bin/enforcer, /etc/enforcer/enforcer.env (the token
+//!    and where the TLS files are, mode 0600), /etc/enforcer/tls/ (the CA's certificate, the
+//!    host's certificate and key: agents serve only, the coordinator serves and is the agents'
+//!    client; see `enforcer tls`), /etc/enforcer/net.env (hypervisors) or
+//!    /etc/enforcer/hosts.json (coordinator, `https://` agents);
 //! 5. start: enables and (re)starts the units;
-//! 6. health: `GET /v1/health` with the token, on the host itself, then from the coordinator to
-//!    every agent over the underlay (the path the coordinator uses).
+//! 6. health: `GET /v1/health` over mutual TLS with the token, from the coordinator to every
+//!    agent over the underlay (the path the coordinator uses), then the coordinator's own.
 //!
 //! Addresses on the underlay follow the Vagrantfile: coord = .10 and hvN = .(10+N) of `--net`,
 //! unless `--host-ip NAME=IP` says otherwise.
@@ -53,6 +56,8 @@ const FILES: &[(&str, &str)] = &[
 /// Where each host's files are staged; removed again at the end (it holds the token).
 const REMOTE_DIR: &str = "/tmp/enforcer-deploy";
 const API_PORT: u16 = 7878;
+/// Each host's TLS files (the CA's certificate, its own certificate and key).
+const TLS_DIR: &str = "/etc/enforcer/tls";
 const BRIDGE: &str = "enfbr0";
 const OVERLAY: &str = "enfvx0";
 const VNI: u32 = 4242;
@@ -67,6 +72,8 @@ pub(crate) struct Options {
     pub binary: Option<PathBuf>,
     /// Where the token is (made there when missing).
     pub token_file: PathBuf,
+    /// The deployment's CA (made there when missing) and the certificates issued with it.
+    pub tls_dir: PathBuf,
     pub dry_run: bool,
     pub net: String,
     pub host_ips: Vec<String>,
@@ -115,7 +122,7 @@ struct Host {
 
 impl Host {
     fn url(&self) -> String {
-        format!("http://{}:{API_PORT}", self.ip)
+        format!("https://{}:{API_PORT}", self.ip)
     }
 }
 
@@ -324,11 +331,25 @@ pub(crate) fn run(root: &Path, opts: Options) -> anyhow::Result<()> {
         None => build_release(root, opts.dry_run)?,
     };
 
-    // 4. What each host gets, staged locally.
+    // 4. What each host gets, staged locally: TLS first (the CA once, every host's
+    // certificate afresh, an operator's for the person deploying).
+    issue_certificates(&binary, &opts.tls_dir, &hosts, opts.dry_run)?;
     let hosts_json = hosts_json(&hypervisors);
     for host in &hosts {
         let dir = staging.dir.join(&host.name);
         fs::create_dir_all(dir.join("files"))?;
+        fs::create_dir_all(dir.join("tls"))?;
+        for (from, to) in [
+            (opts.tls_dir.join("ca.crt"), "ca.crt"),
+            (opts.tls_dir.join(format!("{}.crt", host.name)), "host.crt"),
+            (opts.tls_dir.join(format!("{}.key", host.name)), "host.key"),
+        ] {
+            if opts.dry_run {
+                continue;
+            }
+            fs::copy(&from, dir.join("tls").join(to))
+                .with_context(|| format!("staging {}", from.display()))?;
+        }
         write_file(&dir.join("provision.sh"), PROVISION, 0o755)?;
         for (name, text) in FILES {
             let mode = if name.ends_with(".sh") { 0o755 } else { 0o644 };
@@ -336,7 +357,11 @@ pub(crate) fn run(root: &Path, opts: Options) -> anyhow::Result<()> {
         }
         write_file(
             &dir.join("enforcer.env"),
-            &format!("# written by cargo xtask deploy\nENFORCER_TOKEN={token}\n"),
+            &format!(
+                "# written by cargo xtask deploy\nENFORCER_TOKEN={token}\n\
+                 ENFORCER_TLS_CERT={TLS_DIR}/host.crt\nENFORCER_TLS_KEY={TLS_DIR}/host.key\n\
+                 ENFORCER_TLS_CA={TLS_DIR}/ca.crt\n"
+            ),
             0o600,
         )?;
         match host.role {
@@ -378,10 +403,8 @@ pub(crate) fn run(root: &Path, opts: Options) -> anyhow::Result<()> {
         .iter()
         .find(|h| h.role == Role::Coordinator)
         .expect("plan_hosts requires a coordinator");
-    // Agents listen on their underlay address only (not every network of the host).
-    for hv in hosts.iter().filter(|h| h.role == Role::Hypervisor) {
-        check_health(&runner, hv, hv, &hv.url())?;
-    }
+    // Agents answer only the coordinator's certificate (an agent's own cannot authenticate
+    // as a client), so each is checked from the coordinator, over the underlay.
     for hv in hosts.iter().filter(|h| h.role == Role::Hypervisor) {
         check_health(&runner, coord, hv, &hv.url())?;
     }
@@ -389,7 +412,7 @@ pub(crate) fn run(root: &Path, opts: Options) -> anyhow::Result<()> {
         &runner,
         coord,
         coord,
-        &format!("http://127.0.0.1:{API_PORT}"),
+        &format!("https://127.0.0.1:{API_PORT}"),
     )?;
 
     // 7. Clean the staged copies (they hold the token).
@@ -418,7 +441,14 @@ pub(crate) fn run(root: &Path, opts: Options) -> anyhow::Result<()> {
     } else {
         format!("ssh -F {}", shell_quote(&ssh_config.to_string_lossy()))
     };
-    print_usage(coord, &hvs, &opts.token_file, &ssh, from_vagrant);
+    print_usage(
+        coord,
+        &hvs,
+        &opts.token_file,
+        &opts.tls_dir,
+        &ssh,
+        from_vagrant,
+    );
     Ok(())
 }
 
@@ -471,6 +501,7 @@ fn deploy_host(runner: &Runner, host: &mut Host, staged: &Path) -> anyhow::Resul
         config_file,
         "provision.sh",
         "files",
+        "tls",
     ]
     .iter()
     .map(|f| staged.join(f))
@@ -510,6 +541,9 @@ fn deploy_host(runner: &Runner, host: &mut Host, staged: &Path) -> anyhow::Resul
          install -m 0755 {REMOTE_DIR}/enforcer /usr/local/bin/enforcer.new\n\
          mv -f /usr/local/bin/enforcer.new /usr/local/bin/enforcer\n\
          install -m 0600 -o root -g root {REMOTE_DIR}/enforcer.env /etc/enforcer/enforcer.env\n\
+         install -d -m 0755 {TLS_DIR}\n\
+         install -m 0644 {REMOTE_DIR}/tls/ca.crt {REMOTE_DIR}/tls/host.crt {TLS_DIR}/\n\
+         install -m 0600 -o root -g root {REMOTE_DIR}/tls/host.key {TLS_DIR}/host.key\n\
          {config}\n\
          # Fails here, not in the unit, if the host lacks a shared library the binary needs.\n\
          /usr/local/bin/enforcer --help >/dev/null\n"
@@ -556,7 +590,7 @@ fn check_health(runner: &Runner, on: &Host, about: &Host, url: &str) -> anyhow::
         ". /etc/enforcer/enforcer.env\n\
          i=0\n\
          while :; do\n\
-           if out=$(printf \"Authorization: Bearer %s\\n\" \"$ENFORCER_TOKEN\" | curl -sS -f -m 5 -H @- {url}/v1/health 2>&1); then\n\
+           if out=$(printf \"Authorization: Bearer %s\\n\" \"$ENFORCER_TOKEN\" | curl -sS -f -m 5 --cacert \"$ENFORCER_TLS_CA\" --cert \"$ENFORCER_TLS_CERT\" --key \"$ENFORCER_TLS_KEY\" -H @- {url}/v1/health 2>&1); then\n\
              echo \"$out\"; exit 0\n\
            fi\n\
            {give_up}\
@@ -826,6 +860,64 @@ fn random_token() -> anyhow::Result<String> {
     }))
 }
 
+/// The deployment's certificates in `dir`, made with the enforcer binary (`enforcer tls`): the
+/// CA when there is none yet, each host's certificate (agents serve; the coordinator serves and
+/// is the agents' client) for its underlay address, and an operator's (a client) for the person
+/// deploying. Keys are 0600.
+fn issue_certificates(
+    binary: &Path,
+    dir: &Path,
+    hosts: &[Host],
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let mut cmd = Command::new(binary);
+        cmd.args(args);
+        if dry_run {
+            println!("[local] would run\n    $ {}", display(&cmd));
+            return Ok(());
+        }
+        let out = cmd.output().with_context(|| {
+            format!(
+                "running {} (is it built for this machine?)",
+                binary.display()
+            )
+        })?;
+        ensure!(
+            out.status.success(),
+            "{}: {}",
+            display(&cmd),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    };
+    let dir_arg = dir.to_string_lossy().into_owned();
+    if !dir.join("ca.crt").exists() {
+        run(&["tls", "ca", "--dir", &dir_arg])?;
+        if !dry_run {
+            println!("[local] a new CA in {dir_arg} (its key stays here, never on the hosts)");
+        }
+    }
+    for host in hosts {
+        let ip = host.ip.to_string();
+        let (role, mut addresses) = match host.role {
+            Role::Hypervisor => ("agent", vec![ip]),
+            // Its own health check and CLI reach it on loopback too.
+            Role::Coordinator => ("coordinator", vec![ip, "127.0.0.1".into()]),
+        };
+        let mut args = vec![
+            "tls", "cert", "--dir", &dir_arg, "--name", &host.name, "--role", role,
+        ];
+        for a in &mut addresses {
+            args.extend(["--address", a.as_str()]);
+        }
+        run(&args)?;
+    }
+    run(&[
+        "tls", "cert", "--dir", &dir_arg, "--name", "operator", "--role", "operator",
+    ])
+}
+
 fn build_release(root: &Path, dry_run: bool) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(&cargo);
@@ -861,8 +953,17 @@ fn kernel_at_least(release: &str, major: u32, minor: u32) -> bool {
     (ma, mi) >= (major, minor)
 }
 
-fn print_usage(coord: &Host, hvs: &[&Host], token_file: &Path, ssh: &str, from_vagrant: bool) {
+fn print_usage(
+    coord: &Host,
+    hvs: &[&Host],
+    token_file: &Path,
+    tls_dir: &Path,
+    ssh: &str,
+    from_vagrant: bool,
+) {
     let token = shell_quote(&token_file.to_string_lossy());
+    let tls = |f: &str| shell_quote(&tls_dir.join(f).to_string_lossy());
+    let (ca, op_crt, op_key) = (tls("ca.crt"), tls("operator.crt"), tls("operator.key"));
     let api = coord.url();
     let domains: Vec<String> = hvs
         .iter()
@@ -878,7 +979,8 @@ fn print_usage(coord: &Host, hvs: &[&Host], token_file: &Path, ssh: &str, from_v
         .join(",");
     let cli_domains = domains.join(" ");
     println!(
-        "\ncoordinator: {api}\nagents:      {}\ntoken:       in {token} (mode 0600; also in /etc/enforcer/enforcer.env on every host)",
+        "\ncoordinator: {api}\nagents:      {}\ntoken:       in {token} (mode 0600; also in /etc/enforcer/enforcer.env on every host)\n\
+         TLS:         every API requires a client certificate of the CA {ca}; yours is {op_crt}",
         hvs.iter()
             .map(|h| format!("{} {}", h.name, h.url()))
             .collect::<Vec<_>>()
@@ -888,13 +990,15 @@ fn print_usage(coord: &Host, hvs: &[&Host], token_file: &Path, ssh: &str, from_v
         "\nDefine a group of libvirt domains running on the hypervisors (NAME@HOST), take a snapshot, \
          and look at it:\n\
          \n  auth() {{ printf 'Authorization: Bearer %s\\n' \"$(cat {token})\"; }}   # the header on stdin, not in argv\
-         \n  auth | curl -sS -H @- -H 'Content-Type: application/json' \\\
+         \n  tls=(--cacert {ca} --cert {op_crt} --key {op_key})\
+         \n  auth | curl -sS \"${{tls[@]}}\" -H @- -H 'Content-Type: application/json' \\\
          \n       -d '{{\"name\":\"web\",\"domains\":[{json_domains}]}}' {api}/v1/groups\
-         \n  auth | curl -sS -X POST -H @- {api}/v1/groups/web/snapshots\
-         \n  auth | curl -sS -H @- {api}/v1/snapshots/ID    # ID from the 202 answer\
+         \n  auth | curl -sS \"${{tls[@]}}\" -X POST -H @- {api}/v1/groups/web/snapshots\
+         \n  auth | curl -sS \"${{tls[@]}}\" -H @- {api}/v1/snapshots/ID    # ID from the 202 answer\
          \n\nor with the CLI:\
-         \n\n  ENFORCER_API={api} enforcer --token-file {token} group define web {cli_domains}\
-         \n  ENFORCER_API={api} enforcer --token-file {token} snapshot create --group web --wait"
+         \n\n  export ENFORCER_API={api} ENFORCER_TOKEN_FILE={token} ENFORCER_TLS_CA={ca} ENFORCER_TLS_CERT={op_crt} ENFORCER_TLS_KEY={op_key}\
+         \n  enforcer group define web {cli_domains}\
+         \n  enforcer snapshot create --group web --wait"
     );
     println!("\nEpoch maps on each hypervisor host:\n");
     for hv in hvs {

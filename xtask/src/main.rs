@@ -86,6 +86,11 @@ enum Task {
         /// bytes, hex, mode 0600) when missing. Never printed, never on a command line.
         #[arg(long, default_value = "target/deploy/enforcer.token")]
         token_file: std::path::PathBuf,
+        /// The deployment's CA and certificates (TLS between the hosts, made with `enforcer
+        /// tls`): the CA is made once and kept here; each host's certificate is issued again
+        /// at every deploy, and `operator.crt`/`.key` are yours for the coordinator's API.
+        #[arg(long, default_value = "target/deploy/tls")]
+        tls_dir: std::path::PathBuf,
         /// Print the commands instead of running them.
         #[arg(long)]
         dry_run: bool,
@@ -121,6 +126,7 @@ fn main() -> anyhow::Result<()> {
             ssh_config,
             binary,
             token_file,
+            tls_dir,
             dry_run,
             net,
             host_ip,
@@ -131,6 +137,7 @@ fn main() -> anyhow::Result<()> {
                     ssh_config,
                     binary,
                     token_file: root.join(token_file),
+                    tls_dir: root.join(tls_dir),
                     dry_run,
                     net,
                     host_ips: host_ip,

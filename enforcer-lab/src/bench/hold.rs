@@ -112,6 +112,7 @@ impl BufferedLab {
             listen: crate::api_socket("bench-hold"),
             token: None,
             api_group: None,
+            tls: None,
             type3_mode: None,
             hold: Some(HoldOptions {
                 device: hold_device.into(),

@@ -49,6 +49,7 @@ async fn agent(bridge: &str, name: &str) -> anyhow::Result<(Running, Client)> {
         listen: crate::api_socket(&format!("bench-hosts-{name}")),
         token: None,
         api_group: None,
+        tls: None,
         type3_mode: None,
         hold: Some(HoldOptions {
             device: format!("enfmh{name}"),

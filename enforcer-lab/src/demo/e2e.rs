@@ -145,7 +145,7 @@ fn unenforced(lab: &VmLab, dir: &std::path::Path, gap: Duration) -> anyhow::Resu
     if let [(first, files), (second, _), ..] = images.as_slice() {
         match libvirt.restore_paused(second, files, None) {
             Err(e) if e.kind == HvErrorKind::NotItsImage => {
-                log(&format!(
+                log(format!(
                     "restoring {}'s image as {}: refused ({e})",
                     first.name, second.name
                 ));

@@ -1,7 +1,9 @@
 //! Tier 3 across hosts: real guests on two emulated hosts. Each host has its own bridge and
 //! its own agent (an `enforcer run` daemon with its own pins, buffer, store and libvirt
 //! connection); the bridges are joined by a VXLAN-GBP overlay; a coordinator (the code of
-//! `enforcer coordinator`) drives both agents over HTTP with a token. A group spans the hosts.
+//! `enforcer coordinator`) drives both agents over HTTPS with client certificates of a CA made
+//! for the run (`enforcer tls`, as `cargo xtask deploy` makes them) and a token. A group spans
+//! the hosts.
 //!
 //! The run: an agent killed and restarted in the middle of a group snapshot (the snapshot
 //! aborts, all or nothing, every VM runs on and the epochs stay level across the hosts), then
@@ -25,7 +27,12 @@ use crate::{
 };
 use enforcer::{
     agent::SnapshotOptions,
-    api::{Endpoint, client::Client},
+    api::{
+        Endpoint,
+        client::Client,
+        pki::{self, Role},
+        tls::{ClientTls, TlsFiles},
+    },
     cli::render_manifest,
     daemon::{self, CoordinatorConfig, DaemonConfig, Running, RunningCoordinator},
     datapath::{self, AttachMode, ports::PortSource},
@@ -35,7 +42,7 @@ use enforcer::{
 };
 
 /// The bearer token between the coordinator and the agents (they listen on loopback TCP here,
-/// the path real hosts take; TCP is served only with a token).
+/// the path real hosts take, with TLS and client certificates as well).
 const TOKEN: &str = "enforcer-emulated-hosts";
 
 struct Agent {
@@ -48,6 +55,10 @@ struct Agent {
     uri: String,
     addr: Option<Endpoint>,
     running: Option<Running>,
+    /// Its certificate (serving only), and the CA whose clients it admits.
+    tls: TlsFiles,
+    /// The lab's own client certificate (an operator's), for looking at the agent.
+    operator: ClientTls,
 }
 
 impl Agent {
@@ -64,6 +75,7 @@ impl Agent {
             listen,
             token: Some(TOKEN.into()),
             api_group: None,
+            tls: Some(self.tls.clone()),
             type3_mode: None,
             hold: Some(HoldOptions {
                 device: self.hold_device.clone(),
@@ -82,20 +94,58 @@ impl Agent {
         Ok(())
     }
 
+    fn url(&self) -> String {
+        https(self.addr.as_ref().expect("started"))
+    }
+
     fn client(&self) -> Client {
-        Client::new(
-            self.addr.as_ref().expect("started").to_string(),
-            Some(TOKEN.into()),
-        )
+        Client::with_tls(self.url(), Some(TOKEN.into()), Some(&self.operator))
     }
 
     fn spec(&self) -> HostSpec {
         HostSpec {
             name: self.name.into(),
-            agent: self.addr.as_ref().expect("started").to_string(),
+            agent: self.url(),
             overlay: self.overlay.clone(),
         }
     }
+}
+
+fn https(addr: &Endpoint) -> String {
+    addr.to_string().replace("http://", "https://")
+}
+
+/// The run's CA and certificates, in `dir`: each agent's (serving only), the coordinator's
+/// (serving and the agents' client), and the lab's own (an operator's).
+struct Pki {
+    agents: Vec<TlsFiles>,
+    coordinator: TlsFiles,
+    operator: ClientTls,
+}
+
+fn make_pki(dir: &std::path::Path) -> anyhow::Result<Pki> {
+    let _ = std::fs::remove_dir_all(dir);
+    let ca = pki::new_ca(dir)?;
+    let local = ["127.0.0.1".to_owned()];
+    let files = |name: &str, role| -> anyhow::Result<TlsFiles> {
+        let (cert, key) = pki::issue(dir, name, role, &local)?;
+        Ok(TlsFiles {
+            cert,
+            key,
+            ca: ca.clone(),
+        })
+    };
+    let agents = HOST_NAMES
+        .iter()
+        .map(|name| files(&format!("agent-{name}"), Role::Agent))
+        .collect::<anyhow::Result<_>>()?;
+    let coordinator = files("coordinator", Role::Coordinator)?;
+    let op = files("operator", Role::Operator)?;
+    Ok(Pki {
+        agents,
+        coordinator,
+        operator: ClientTls::from_files(&op)?,
+    })
 }
 
 /// What a run across hosts measured.
@@ -123,6 +173,7 @@ pub async fn run(mut opts: VmDemoOptions, snapshots: usize) -> anyhow::Result<Ho
     let lab = Arc::new(blocking(move || Ok(VmLab::start(lab_opts)?)).await?);
     let overlay = Overlay::create(&format!("{p}o"), [&lab.bridge, &lab.other_bridge])
         .context("the VXLAN-GBP overlay between the hosts")?;
+    let pki = make_pki(&opts.store.join("pki")).context("the run's certificates")?;
     let mut agents: Vec<Agent> = HOST_NAMES
         .into_iter()
         .enumerate()
@@ -136,6 +187,8 @@ pub async fn run(mut opts: VmDemoOptions, snapshots: usize) -> anyhow::Result<Ho
             uri: opts.lab.uri.clone(),
             addr: None,
             running: None,
+            tls: pki.agents[i].clone(),
+            operator: pki.operator.clone(),
         })
         .collect();
     let result = async {
@@ -148,12 +201,17 @@ pub async fn run(mut opts: VmDemoOptions, snapshots: usize) -> anyhow::Result<Ho
             listen: "127.0.0.1:0".parse()?,
             token: Some(TOKEN.into()),
             api_group: None,
+            tls: Some(pki.coordinator.clone()),
             store: opts.store.join("coordinator"),
             timeouts: Default::default(),
         })
         .await
         .context("starting the coordinator")?;
-        let client = Client::new(coordinator.addr.to_string(), Some(TOKEN.into()));
+        let client = Client::with_tls(
+            https(&coordinator.addr),
+            Some(TOKEN.into()),
+            Some(&pki.operator),
+        );
         let l = lab.clone();
         let boot = Instant::now();
         blocking(move || Ok(l.wait_talking(Duration::from_secs(120))?)).await?;

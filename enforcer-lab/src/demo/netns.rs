@@ -68,6 +68,7 @@ async fn run_in(lab: &Lab, opts: &DemoOptions, out: &mut String) -> anyhow::Resu
         listen: crate::api_socket("netns-demo"),
         token: None,
         api_group: None,
+        tls: None,
         type3_mode: None,
         hold: Some(enforcer::hold::HoldOptions {
             device: "enfdhold".into(),

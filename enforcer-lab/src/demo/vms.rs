@@ -379,6 +379,7 @@ async fn start_daemon(lab: &VmLab, opts: &VmDemoOptions) -> anyhow::Result<Runni
         listen: crate::api_socket(&opts.lab.prefix),
         token: None,
         api_group: None,
+        tls: None,
         type3_mode: None,
         hold: Some(HoldOptions {
             device: opts.hold_device.clone(),

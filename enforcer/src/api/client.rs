@@ -104,6 +104,17 @@ impl Client {
     /// A client of the API at `address`: a unix socket (`unix:/path` or `/path`) or a base URL
     /// (`http://host:port`).
     pub fn new(address: impl Into<String>, token: Option<String>) -> Self {
+        Self::with_tls(address, token, None)
+    }
+
+    /// [`Client::new`] over TLS where the address is `https://…`: the server's certificate
+    /// must be signed by the CA of `tls`, and `tls`'s certificate is presented (mutual TLS,
+    /// see [`super::tls`]). Without `tls`, an `https://` address trusts no certificate at all.
+    pub fn with_tls(
+        address: impl Into<String>,
+        token: Option<String>,
+        tls: Option<&super::tls::ClientTls>,
+    ) -> Self {
         let given = address.into().trim_end_matches('/').to_owned();
         // Bounded waits: a peer that stops answering (a partition without a reset) fails the
         // call instead of blocking its caller for ever. Long steps set their own bound.
@@ -113,6 +124,11 @@ impl Client {
             // Below the server's idle cut-off (`api::serve::HEADER_READ_TIMEOUT`), so a
             // pooled connection is not reused just as the server closes it.
             .pool_idle_timeout(Duration::from_secs(5));
+        let builder = match tls {
+            Some(tls) => builder.use_preconfigured_tls((*tls.0).clone()),
+            // No CA of ours: nothing is trusted (no built-in roots are compiled in).
+            None => builder,
+        };
         let (builder, base) = match unix_path(&given) {
             Some(path) => (
                 builder.unix_socket(PathBuf::from(path)),

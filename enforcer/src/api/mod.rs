@@ -15,11 +15,13 @@ pub mod endpoint;
 pub mod error;
 pub mod host;
 pub mod metrics;
+pub mod pki;
 pub mod router;
 pub mod serve;
 pub mod snapshots;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 pub mod types;
 pub mod vms;
 

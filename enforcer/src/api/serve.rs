@@ -29,18 +29,25 @@ use tokio::{
     net::{TcpListener, UnixListener, UnixStream},
     sync::{Semaphore, watch},
 };
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 use tracing::{debug, info, warn};
 
+use super::tls::{TlsFiles, server_config};
 use crate::api::{ApiError, Endpoint, types::ErrorCode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(
-        "refusing to serve the API over TCP ({0}) without a token: any local account could use \
-         it. Serve it on a unix socket (the default) or give a token (--token-file or ENFORCER_TOKEN)"
+        "refusing to serve the API over TCP ({0}) without authentication: any account that reaches \
+         it could use it. Serve it on a unix socket (the default), or require client certificates \
+         (--tls-cert, --tls-key, --tls-ca) or a token (--token-file or ENFORCER_TOKEN)"
     )]
     TokenRequired(SocketAddr),
+    #[error("TLS is for an API served over TCP, not on the unix socket {0}")]
+    TlsOnUnixSocket(PathBuf),
+    #[error("the API's TLS: {0}")]
+    Tls(#[from] super::tls::TlsError),
     #[error("listening on {addr}: {source}")]
     Listen { addr: SocketAddr, source: io::Error },
     #[error("another daemon serves the API at {0} (stop it first)")]
@@ -63,7 +70,11 @@ pub(crate) struct Access {
 
 /// A bound listener, ready for [`serve`].
 pub(crate) enum Listener {
-    Tcp(TcpListener),
+    /// With TLS, every client presents a certificate of the configured CA.
+    Tcp {
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+    },
     Unix {
         listener: UnixListener,
         path: PathBuf,
@@ -71,18 +82,29 @@ pub(crate) enum Listener {
     },
 }
 
-/// Binds `endpoint`: TCP only with a token; a unix socket made afresh (a stale one left by a
+/// Binds `endpoint`: TCP only with a token or TLS with client certificates (`tls`); a unix socket made afresh (a stale one left by a
 /// daemon that died is replaced; a live one is refused), owned by root and `group`, mode 0660.
 /// Returns the listener and where it listens (a TCP port 0 resolved).
 pub(crate) async fn listen(
     endpoint: &Endpoint,
     token: Option<&str>,
     group: Option<&str>,
+    tls: Option<&TlsFiles>,
 ) -> Result<(Listener, Endpoint), ServeError> {
     match endpoint {
         Endpoint::Tcp(addr) => {
-            if token.is_none() {
+            if token.is_none() && tls.is_none() {
                 return Err(ServeError::TokenRequired(*addr));
+            }
+            let tls = tls
+                .map(|files| Ok::<_, ServeError>(TlsAcceptor::from(server_config(files)?)))
+                .transpose()?;
+            if tls.is_none() && !addr.ip().is_loopback() {
+                warn!(
+                    %addr,
+                    "serving the API over plain HTTP beyond this host: the token crosses the network \
+                     in clear (give --tls-cert, --tls-key and --tls-ca)"
+                );
             }
             let listener = TcpListener::bind(addr)
                 .await
@@ -91,9 +113,12 @@ pub(crate) async fn listen(
                     source,
                 })?;
             let bound = listener.local_addr().map_err(ServeError::Serve)?;
-            Ok((Listener::Tcp(listener), Endpoint::Tcp(bound)))
+            Ok((Listener::Tcp { listener, tls }, Endpoint::Tcp(bound)))
         }
         Endpoint::Unix(path) => {
+            if tls.is_some() {
+                return Err(ServeError::TlsOnUnixSocket(path.clone()));
+            }
             let gid = group
                 .map(|name| {
                     nix::unistd::Group::from_name(name)
@@ -286,7 +311,7 @@ pub(crate) async fn serve(
     stopped: watch::Receiver<bool>,
 ) -> Result<(), ServeError> {
     match listener {
-        Listener::Tcp(listener) => serve_connections(listener, app, stopped).await,
+        Listener::Tcp { listener, tls } => serve_connections(listener, tls, app, stopped).await,
         Listener::Unix {
             listener,
             path,
@@ -298,7 +323,7 @@ pub(crate) async fn serve(
                 Arc::new(access),
                 require_peer,
             ));
-            serve_connections(listener, app, stopped).await
+            serve_connections(listener, None, app, stopped).await
         }
     }
 }
@@ -329,6 +354,7 @@ impl Accept for UnixListener {
 /// task with the peer's credentials (unix sockets) in each request's extensions.
 async fn serve_connections(
     listener: impl Accept,
+    tls: Option<TlsAcceptor>,
     app: Router,
     mut stopped: watch::Receiver<bool>,
 ) -> Result<(), ServeError> {
@@ -366,10 +392,35 @@ async fn serve_connections(
             }
             app.clone().oneshot(request.map(Body::new))
         });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let (watcher, http, tls) = (graceful.watcher(), http.clone(), tls.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(err) = connection.await {
+            let ended = match tls {
+                // The handshake on the connection's own task, bounded like a request head.
+                Some(tls) => {
+                    match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            watcher
+                                .watch(http.serve_connection(TokioIo::new(stream), service))
+                                .await
+                        }
+                        Ok(Err(err)) => {
+                            debug!(%err, "API connection refused: TLS handshake");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!("API connection refused: no TLS handshake in time");
+                            return;
+                        }
+                    }
+                }
+                None => {
+                    watcher
+                        .watch(http.serve_connection(TokioIo::new(stream), service))
+                        .await
+                }
+            };
+            if let Err(err) = ended {
                 debug!(%err, "API connection ended");
             }
         });

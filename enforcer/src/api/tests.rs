@@ -45,9 +45,16 @@ async fn serve(token: Option<&str>) -> Served {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     // The daemons' own server (limits included), not a stand-in.
     tokio::spawn(async move {
-        super::serve::serve(super::serve::Listener::Tcp(listener), app, stopped)
-            .await
-            .unwrap();
+        super::serve::serve(
+            super::serve::Listener::Tcp {
+                listener,
+                tls: None,
+            },
+            app,
+            stopped,
+        )
+        .await
+        .unwrap();
     });
     let base = format!("http://{addr}");
     Served {
@@ -602,4 +609,93 @@ async fn connections_beyond_the_cap_wait_and_are_served_later() {
         matches!(answered, Ok(Ok(_))),
         "no answer with the cap full of idle connections: {answered:?}"
     );
+}
+
+/// Case S6 of the security review: between hosts the API is TLS with client certificates of
+/// the deployment's CA, made by `enforcer tls` (`api::pki`). The coordinator's and an
+/// operator's certificates get in; no certificate, an agent's (serving only: a host taken over
+/// cannot drive its peers with it), another CA's, or plain HTTP do not; a client that trusts
+/// another CA refuses the server.
+#[tokio::test]
+async fn tls_between_hosts_admits_only_client_certificates_of_the_ca() {
+    use super::{
+        Endpoint,
+        pki::{self, Role},
+        tls::{ClientTls, TlsFiles},
+    };
+    let dir = std::env::temp_dir().join(format!("enforcer-tls-{}", std::process::id()));
+    let other = dir.join("other");
+    let _ = std::fs::remove_dir_all(&dir);
+    let ca = pki::new_ca(&dir).unwrap();
+    assert!(matches!(pki::new_ca(&dir), Err(pki::PkiError::CaExists(_))));
+    let local = ["127.0.0.1".to_owned()];
+    let issue =
+        |dir: &std::path::Path, name: &str, role| pki::issue(dir, name, role, &local).unwrap();
+    let (agent_crt, agent_key) = issue(&dir, "agent", Role::Agent);
+    let (coord_crt, coord_key) = issue(&dir, "coord", Role::Coordinator);
+    let (op_crt, op_key) = issue(&dir, "op", Role::Operator);
+    let (peer_crt, peer_key) = issue(&dir, "peer", Role::Agent);
+    let other_ca = pki::new_ca(&other).unwrap();
+    let (stranger_crt, stranger_key) = issue(&other, "coord", Role::Coordinator);
+
+    let files = TlsFiles {
+        cert: agent_crt,
+        key: agent_key.clone(),
+        ca: ca.clone(),
+    };
+    let endpoint: Endpoint = "127.0.0.1:0".parse().unwrap();
+    let (listener, addr) = super::serve::listen(&endpoint, None, None, Some(&files))
+        .await
+        .expect("TCP with client certificates needs no token");
+    let dp = MemoryDatapath::with_ports(&["vnet0"]);
+    let agent = Arc::new(Agent::new(
+        Arc::new(Mutex::new(dp)),
+        None,
+        Arc::new(AtomicU64::new(0)),
+    ));
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(super::serve::serve(
+        listener,
+        super::router::router(agent, None),
+        stopped,
+    ));
+    let https = addr.to_string().replace("http://", "https://");
+    let health = async |tls: ClientTls| Client::with_tls(&https, None, Some(&tls)).health().await;
+    let with = |crt: &std::path::Path, key: &std::path::Path, ca: &std::path::Path| {
+        ClientTls::new(ca, Some((crt, key))).unwrap()
+    };
+    assert!(
+        health(with(&coord_crt, &coord_key, &ca)).await.is_ok(),
+        "the coordinator"
+    );
+    assert!(
+        health(with(&op_crt, &op_key, &ca)).await.is_ok(),
+        "an operator"
+    );
+    for (what, tls) in [
+        ("no certificate", ClientTls::new(&ca, None).unwrap()),
+        (
+            "another agent's (serving only)",
+            with(&peer_crt, &peer_key, &ca),
+        ),
+        ("another CA's", with(&stranger_crt, &stranger_key, &ca)),
+        (
+            "trusting another CA",
+            with(&coord_crt, &coord_key, &other_ca),
+        ),
+    ] {
+        assert!(health(tls).await.is_err(), "{what} got in");
+    }
+    assert!(
+        Client::new(addr.to_string(), None).health().await.is_err(),
+        "plain HTTP got in"
+    );
+    // Keys must be private.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&agent_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(matches!(
+        super::tls::server_config(&files),
+        Err(super::tls::TlsError::KeyNotPrivate { .. })
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -27,6 +27,23 @@ pub struct Cli {
     /// token comes from ENFORCER_TOKEN, if set.
     #[arg(long, global = true, env = "ENFORCER_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// TLS (between hosts): this process's certificate (PEM). A daemon serving TCP presents
+    /// it and requires clients' certificates of --tls-ca (mutual TLS); the coordinator and the
+    /// client commands present it to `https://` APIs.
+    #[arg(
+        long,
+        global = true,
+        env = "ENFORCER_TLS_CERT",
+        requires_all = ["tls_key", "tls_ca"]
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: the private key of --tls-cert (PEM, mode 0600 or stricter).
+    #[arg(long, global = true, env = "ENFORCER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// TLS: the CA (PEM) whose certificates are trusted: the clients' of a daemon, the
+    /// servers' for the coordinator and the client commands. Nothing else is trusted.
+    #[arg(long, global = true, env = "ENFORCER_TLS_CA", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -54,6 +71,10 @@ pub enum Command {
     Snapshot(SnapshotCommand),
     /// List the ports the datapath is attached to.
     Ports,
+    /// A deployment's TLS certificates: a CA, and the certificates it signs for agents, the
+    /// coordinator and operators (what --tls-cert/--tls-key/--tls-ca take).
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// What the buffer daemon holds now, and what it did with held frames.
     Holds {
         /// Print JSON instead of a summary.
@@ -101,7 +122,8 @@ pub struct RunArgs {
     #[arg(long, default_value = DEFAULT_PIN_ROOT)]
     pub pin_root: PathBuf,
     /// Where to serve the API: a unix socket (`unix:/path`), owned by root and --api-group,
-    /// mode 0660; or `ip:port` (TCP), which requires a token (--token-file).
+    /// mode 0660; or `ip:port` (TCP), which requires client certificates (--tls-cert,
+    /// --tls-key, --tls-ca) or a token (--token-file), or both.
     #[arg(long, default_value = DEFAULT_SOCKET)]
     pub listen: Endpoint,
     /// Group whose members may use the API socket besides root (default: root only).
@@ -140,7 +162,9 @@ pub struct CoordinatorArgs {
     #[arg(long)]
     pub hosts: PathBuf,
     /// Where to serve the API: a unix socket (`unix:/path`), owned by root and --api-group,
-    /// mode 0660; or `ip:port` (TCP), which requires a token (--token-file).(the agents require it too).
+    /// mode 0660; or `ip:port` (TCP), which requires client certificates (--tls-cert,
+    /// --tls-key, --tls-ca) or a token (--token-file), or both. The same credentials reach
+    /// the agents.
     #[arg(long, default_value = DEFAULT_COORDINATOR_SOCKET)]
     pub listen: Endpoint,
     /// Group whose members may use the API socket besides root (default: root only).
@@ -169,6 +193,31 @@ pub enum GroupCommand {
     Rm {
         /// The group's name.
         name: GroupName,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TlsCommand {
+    /// Make the deployment's CA in a directory (ca.crt, ca.key; refused if one is there).
+    Ca {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Sign a certificate with the CA in --dir: <name>.crt and <name>.key (0600) there.
+    Cert {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The file name and the certificate's common name (e.g. the host's name).
+        #[arg(long)]
+        name: String,
+        /// agent: serves only; coordinator: serves and is the agents' client; operator:
+        /// client only.
+        #[arg(long, value_enum)]
+        role: crate::api::pki::Role,
+        /// An address the holder is reached at (IP or DNS name; repeatable). Clients check
+        /// a server's certificate against the address they dialled.
+        #[arg(long = "address")]
+        addresses: Vec<String>,
     },
 }
 

@@ -10,7 +10,8 @@ pub mod render;
 mod run;
 
 pub use args::{
-    Cli, Command, CoordinatorArgs, EpochCommand, GroupCommand, RunArgs, SnapshotCommand, VmCommand,
+    Cli, Command, CoordinatorArgs, EpochCommand, GroupCommand, RunArgs, SnapshotCommand,
+    TlsCommand, VmCommand,
 };
 pub use render::{manifest as render_manifest, progress as render_progress};
 pub use run::run;

@@ -3,10 +3,16 @@
 
 use anyhow::Context as _;
 
-use super::{Cli, Command, EpochCommand, GroupCommand, SnapshotCommand, VmCommand, render};
+use super::{
+    Cli, Command, EpochCommand, GroupCommand, SnapshotCommand, TlsCommand, VmCommand, render,
+};
 use crate::{
     agent::SnapshotOptions,
-    api::client::Client,
+    api::{
+        client::Client,
+        pki,
+        tls::{ClientTls, TlsFiles},
+    },
     daemon::{self, CoordinatorConfig, DaemonConfig},
     datapath::{self, ports::PortSource},
     hold::HoldOptions,
@@ -51,7 +57,20 @@ fn token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
 
 async fn run_async(cli: Cli) -> anyhow::Result<()> {
     let token = token(cli.token_file.as_deref())?;
-    let client = Client::new(&cli.api, token.clone());
+    let tls = match (&cli.tls_cert, &cli.tls_key, &cli.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+        }),
+        _ => None,
+    };
+    let client_tls = tls
+        .as_ref()
+        .map(ClientTls::from_files)
+        .transpose()
+        .context("the TLS files")?;
+    let client = Client::with_tls(&cli.api, token.clone(), client_tls.as_ref());
     match cli.command {
         Command::Run(args) => {
             let ports = if args.bridge.is_empty() {
@@ -66,6 +85,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 listen: args.listen,
                 token: token.clone(),
                 api_group: args.api_group,
+                tls: tls.clone(),
                 type3_mode: args.mode,
                 hold: (!args.no_buffer).then_some(HoldOptions {
                     device: args.hold_device,
@@ -88,6 +108,7 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 listen: args.listen,
                 token,
                 api_group: args.api_group,
+                tls: tls.clone(),
                 store: args.store,
                 timeouts: Timeouts::default(),
             })
@@ -191,6 +212,22 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
             println!("deleted {}", m.id);
         }
         Command::Ports => print!("{}", render::ports(&client.ports().await?)),
+        Command::Tls(TlsCommand::Ca { dir }) => {
+            let crt = pki::new_ca(&dir)?;
+            println!(
+                "CA {} (its key beside it, mode 0600: keep it off the hosts)",
+                crt.display()
+            );
+        }
+        Command::Tls(TlsCommand::Cert {
+            dir,
+            name,
+            role,
+            addresses,
+        }) => {
+            let (crt, key) = pki::issue(&dir, &name, role, &addresses)?;
+            println!("{} and {} ({role:?})", crt.display(), key.display());
+        }
         Command::Stats { json } => {
             let stats = client.stats().await?;
             if json {

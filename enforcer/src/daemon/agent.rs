@@ -37,6 +37,9 @@ pub struct DaemonConfig {
     /// The group whose members may use the API's unix socket besides root and the daemon's
     /// own user (`None`: only those two).
     pub api_group: Option<String>,
+    /// TLS for an API served over TCP: this certificate presented, clients' certificates
+    /// of this CA required (see [`api::tls`]).
+    pub tls: Option<api::tls::TlsFiles>,
     /// Set the Type-3 mode at start; `None` keeps what the pinned config says.
     pub type3_mode: Option<Type3Mode>,
     /// Run the buffer daemon (hold Type-3 frames and re-inject them); `None`: no buffer, so
@@ -113,6 +116,7 @@ pub async fn start(config: DaemonConfig) -> Result<Running, DaemonError> {
         &config.listen,
         config.token.as_deref(),
         config.api_group.as_deref(),
+        config.tls.as_ref(),
     )
     .await?;
     let mut datapath = Datapath::open(&config.pin_root, config.attach)?;

@@ -6,7 +6,10 @@ use tracing::info;
 
 use crate::api::serve::{self, ServeError};
 use crate::{
-    api::Endpoint,
+    api::{
+        Endpoint,
+        tls::{ClientTls, TlsFiles},
+    },
     multihost::{CoordinatorState, HostSpec, Hosts, api},
     snapshot::{Coordinator, CoordinatorError, EpochControl, Hypervisor, Timeouts},
 };
@@ -22,6 +25,10 @@ pub struct CoordinatorConfig {
     /// The group whose members may use the API's unix socket besides root and the
     /// coordinator's own user.
     pub api_group: Option<String>,
+    /// TLS: for this API when served over TCP (clients' certificates of the CA required), and
+    /// towards the agents (`https://` ones: their certificates must be of the CA; this one is
+    /// presented to them).
+    pub tls: Option<TlsFiles>,
     /// Manifests, journals and groups (the images stay on the hosts that run the VMs).
     pub store: PathBuf,
     pub timeouts: Timeouts,
@@ -33,6 +40,11 @@ pub enum CoordinatorRoleError {
     Serve(#[from] ServeError),
     #[error(transparent)]
     Coordinator(#[from] CoordinatorError),
+    #[error(
+        "host {0}'s agent is https://, and no TLS is configured to check it or to present to it \
+         (--tls-cert, --tls-key, --tls-ca)"
+    )]
+    AgentNeedsTls(String),
 }
 
 pub struct RunningCoordinator {
@@ -63,11 +75,27 @@ pub async fn start_coordinator(
         &config.listen,
         config.token.as_deref(),
         config.api_group.as_deref(),
+        config.tls.as_ref(),
     )
     .await?;
-    let hosts = Hosts::new(
+    if config.tls.is_none()
+        && let Some(h) = config
+            .hosts
+            .iter()
+            .find(|h| h.agent.starts_with("https://"))
+    {
+        return Err(CoordinatorRoleError::AgentNeedsTls(h.name.clone()));
+    }
+    let client_tls = config
+        .tls
+        .as_ref()
+        .map(ClientTls::from_files)
+        .transpose()
+        .map_err(ServeError::from)?;
+    let hosts = Hosts::with_tls(
         config.hosts.clone(),
         config.token.clone(),
+        client_tls.as_ref(),
         tokio::runtime::Handle::current(),
     );
     let (for_open, store, timeouts) = (hosts.clone(), config.store.clone(), config.timeouts);

@@ -51,6 +51,7 @@ use crate::{
     api::{
         ErrorCode,
         client::{Client, ClientError},
+        tls::ClientTls,
     },
     datapath::epochs::VmRecord,
     hold::HoldReport,
@@ -201,11 +202,21 @@ async fn retry_unreachable<T>(
 
 impl Hosts {
     pub fn new(specs: Vec<HostSpec>, token: Option<String>, rt: Handle) -> Self {
+        Self::with_tls(specs, token, None, rt)
+    }
+
+    /// [`Hosts::new`], reaching `https://` agents with `tls` (see `api::tls`).
+    pub fn with_tls(
+        specs: Vec<HostSpec>,
+        token: Option<String>,
+        tls: Option<&ClientTls>,
+        rt: Handle,
+    ) -> Self {
         let hosts = specs
             .into_iter()
             .map(|spec| Host {
                 agent: AgentEpochs {
-                    client: Client::new(spec.agent.clone(), token.clone()),
+                    client: Client::with_tls(spec.agent.clone(), token.clone(), tls),
                     rt: rt.clone(),
                 },
                 spec,
