@@ -73,6 +73,67 @@ pub(crate) struct World {
     pub methods: HashMap<String, CutMethod>,
     /// VMs advanced since their snapshot began.
     pub advanced: std::collections::HashSet<String>,
+    /// Fault injection: the process "killed" (SIGKILL) just before a given step.
+    pub kill: Option<Kill>,
+}
+
+/// What survives a coordinator killed just before step `at` (counting every step from 1): the
+/// hypervisor's and the datapath's state as it was (QEMU and the pinned maps outlive the
+/// process; what only the process knew — which snapshot it began, which VMs it advanced — does
+/// not), and a copy of its store at that moment. The live run goes on; the copy is what a
+/// restarted coordinator finds.
+pub(crate) struct Kill {
+    pub at: usize,
+    pub store: PathBuf,
+    pub frozen: Option<(Box<World>, PathBuf)>,
+}
+
+impl World {
+    /// What outlives the coordinator's process: the VMs and the pinned epochs and
+    /// registrations, not what only the process knew (its snapshots begun, VMs advanced).
+    pub(crate) fn survivors(&self) -> World {
+        World {
+            states: self.states.clone(),
+            epochs: self.epochs.clone(),
+            macs: self.macs.clone(),
+            registered: self.registered.clone(),
+            ..World::default()
+        }
+    }
+
+    /// Records a step, killing the process there if it is the chosen one.
+    fn record(&mut self, what: &str, vm: &str) {
+        self.log.push((what.into(), vm.into()));
+        let step = self.log.len();
+        let Some(kill) = self.kill.as_ref() else {
+            return;
+        };
+        if kill.at != step || kill.frozen.is_some() {
+            return;
+        }
+        let survivors = self.survivors();
+        let copy = kill.store.with_extension("killed");
+        let _ = fs::remove_dir_all(&copy);
+        copy_tree(&kill.store, &copy).expect("copying the store at the kill");
+        if let Some(kill) = self.kill.as_mut() {
+            kill.frozen = Some((Box::new(survivors), copy));
+        }
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            // A file being replaced right now may be gone: as a crash would find it.
+            let _ = fs::copy(entry.path(), &target);
+        }
+    }
+    Ok(())
 }
 
 #[derive(Clone, Default)]
@@ -107,8 +168,39 @@ impl FakeHypervisor {
 
     fn step(&self, vm: &VmSpec, what: &str) -> std::sync::MutexGuard<'_, World> {
         let mut w = self.world.lock().expect("world");
-        w.log.push((what.into(), vm.name.clone()));
+        w.record(what, &vm.name);
         w
+    }
+
+    /// A fake that finds `world` as a killed coordinator left it.
+    pub(crate) fn from_world(world: World) -> Self {
+        Self {
+            world: Arc::new(Mutex::new(world)),
+            advances_at_pause: false,
+        }
+    }
+
+    /// Kills the coordinator using this fake just before step `at` (see [`Kill`]), copying
+    /// `store` as it is then.
+    pub(crate) fn kill_at(&self, at: usize, store: &Path) {
+        self.world.lock().expect("world").kill = Some(Kill {
+            at,
+            store: store.to_owned(),
+            frozen: None,
+        });
+    }
+
+    /// What the kill left, once the live run is over; `None` when the run had fewer steps.
+    pub(crate) fn killed(&self) -> Option<(World, PathBuf)> {
+        let (world, store) = self
+            .world
+            .lock()
+            .expect("world")
+            .kill
+            .as_mut()?
+            .frozen
+            .take()?;
+        Some((*world, store))
     }
 
     /// An agent's advance where the VM runs.
@@ -351,17 +443,13 @@ impl EpochControl for FakeEpochs {
         _group: &GroupSpec,
         _timeout: Duration,
     ) -> Result<(), EpochControlError> {
-        self.world
-            .lock()
-            .expect("world")
-            .log
-            .push(("released".into(), String::new()));
+        self.world.lock().expect("world").record("released", "");
         Ok(())
     }
 
     fn advance(&self, vm: &VmSpec) -> Result<u32, EpochControlError> {
         let mut w = self.world.lock().expect("world");
-        w.log.push(("advance".into(), vm.name.clone()));
+        w.record("advance", &vm.name);
         if !matches!(
             w.states.get(&vm.name),
             Some(VmState::HeldAtSnapshot | VmState::Stopped)
@@ -390,7 +478,7 @@ impl EpochControl for FakeEpochs {
         epoch: Option<u32>,
     ) -> Result<u32, EpochControlError> {
         let mut w = self.world.lock().expect("world");
-        w.log.push(("register".into(), vm.name.clone()));
+        w.record("register", &vm.name);
         let epoch = epoch.unwrap_or(0);
         w.epochs.insert(vm.mac, epoch);
         w.registered.insert(vm.mac, (group, port.into()));
@@ -405,7 +493,7 @@ impl EpochControl for FakeEpochs {
 
     fn abort_epochs(&self, _group: &GroupSpec, epoch: u32) -> Result<(), EpochControlError> {
         let mut w = self.world.lock().expect("world");
-        w.log.push(("rollback".into(), String::new()));
+        w.record("rollback", "");
         for e in w.epochs.values_mut() {
             *e = (*e).min(epoch);
         }

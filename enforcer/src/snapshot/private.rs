@@ -25,6 +25,8 @@ pub(crate) fn private_dir(dir: &Path) -> io::Result<()> {
 /// one).
 pub(crate) fn private_file(path: &Path) -> io::Result<fs::File> {
     use std::os::unix::fs::OpenOptionsExt as _;
+    #[cfg(test)]
+    full::check(path)?;
     fs::OpenOptions::new()
         .create_new(true)
         .write(true)
@@ -51,6 +53,21 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Removes `path` durably: the unlink, then an fsync of its directory, so a power loss after
+/// this returns cannot bring the file back (a journal that reappears would abort a snapshot
+/// that committed). Missing is no error.
+pub(crate) fn remove_durably(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Copies `from` into the store at `to` (0600, synced): a disk at the snapshot point.
 pub(crate) fn copy_private(from: &Path, to: &Path) -> io::Result<()> {
     let mut src = fs::File::open(from)?;
@@ -58,4 +75,40 @@ pub(crate) fn copy_private(from: &Path, to: &Path) -> io::Result<()> {
     // std's copy uses copy_file_range (and reflinks where the filesystem shares extents).
     io::copy(&mut src, &mut dst)?;
     dst.sync_all()
+}
+
+/// Fault injection for tests: the store under a directory is full from its `n`th new file on
+/// (ENOSPC), as a disk that fills up would be; other stores are not affected.
+#[cfg(test)]
+pub(crate) mod full {
+    use std::{
+        io,
+        path::{Path, PathBuf},
+        sync::Mutex,
+    };
+
+    static FULL: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
+
+    /// From the `n`th file made under `dir` on (1: the first), every one fails.
+    pub(crate) fn from_nth_file(dir: &Path, n: usize) {
+        let mut full = FULL.lock().expect("full lock");
+        full.retain(|(d, _)| d != dir);
+        full.push((dir.to_owned(), n));
+    }
+
+    /// Space again under `dir`.
+    pub(crate) fn freed(dir: &Path) {
+        FULL.lock().expect("full lock").retain(|(d, _)| d != dir);
+    }
+
+    pub(super) fn check(path: &Path) -> io::Result<()> {
+        let mut full = FULL.lock().expect("full lock");
+        if let Some((_, n)) = full.iter_mut().find(|(d, _)| path.starts_with(d)) {
+            if *n <= 1 {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            *n -= 1;
+        }
+        Ok(())
+    }
 }

@@ -17,7 +17,7 @@ use super::{
     backends::{EpochControl, Hypervisor},
     coordinator::{Coordinator, CoordinatorError},
     manifest::{CutMethod, Manifest, SnapshotOutcome, SnapshotVm},
-    private::{private_dir, write_private},
+    private::{private_dir, remove_durably, write_private},
 };
 use crate::model::{GroupSpec, SnapshotId};
 
@@ -61,6 +61,15 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
                     continue;
                 }
             };
+            // Committed, and only the journal's removal was lost (a crash right after the
+            // manifest, or a power loss before the unlink reached the disk): it stands.
+            if self.committed(&journal.id) {
+                warn!(id = %journal.id, "a committed snapshot's journal was left; removing it");
+                if let Err(err) = remove_durably(&path) {
+                    warn!(%err, path = %path.display(), "removing a committed snapshot's journal");
+                }
+                continue;
+            }
             warn!(
                 id = %journal.id,
                 group = %journal.group.name,
@@ -82,12 +91,31 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
                 vms,
             };
             let clean = self.abort(&journal, &mut manifest);
-            self.write_manifest(&manifest)?;
-            if clean {
-                let _ = fs::remove_file(&path);
+            // A manifest that cannot be written (a full disk) must not keep the coordinator
+            // from starting: the journal stays, and the next start tries again.
+            match self.write_manifest(&manifest) {
+                Ok(()) if clean => {
+                    if let Err(err) = remove_durably(&path) {
+                        warn!(%err, path = %path.display(), "removing an aborted snapshot's journal");
+                    }
+                }
+                Ok(()) => {}
+                Err(err) => warn!(
+                    id = %journal.id,
+                    %err,
+                    "writing the aborted snapshot's manifest; its journal stays for the next start"
+                ),
             }
         }
         Ok(())
+    }
+
+    /// Whether the store holds a committed manifest for `id`.
+    fn committed(&self, id: &SnapshotId) -> bool {
+        fs::read_to_string(self.store.join(id).join("manifest.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Manifest>(&t).ok())
+            .is_some_and(|m| m.outcome == SnapshotOutcome::Committed)
     }
 
     pub(crate) fn write_manifest(&self, manifest: &Manifest) -> Result<(), CoordinatorError> {

@@ -789,3 +789,5 @@ fn discarding_a_vm_deletes_its_own_files_only() {
     );
     let _ = fs::remove_dir_all(dir);
 }
+
+mod crash;

@@ -40,7 +40,7 @@ use super::{
     },
     coordinator::{Coordinator, CoordinatorError, Timeouts},
     manifest::{CutMethod, Live, Manifest, SnapshotOutcome, SnapshotVm, Step},
-    private::private_dir,
+    private::{private_dir, remove_durably},
     store::{Journal, write_atomically},
 };
 use crate::{
@@ -315,13 +315,23 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             manifest.held_frames = Some(after.saturating_sub(before));
         }
         let written = self.write_manifest(&manifest);
-        if clean {
-            let _ = fs::remove_file(self.journal_path(&id));
-        } else {
-            warn!(
+        match (&written, clean) {
+            // Only once the outcome is on disk: without a manifest the journal is all the
+            // next start has to go by (it aborts and discards what is left).
+            (Ok(()), true) => {
+                if let Err(err) = remove_durably(&self.journal_path(&id)) {
+                    warn!(%id, %err, "removing the snapshot's journal");
+                }
+            }
+            (Err(err), _) => warn!(
+                %id,
+                %err,
+                "the manifest could not be written; the journal stays and the next start aborts the snapshot"
+            ),
+            (Ok(()), false) => warn!(
                 %id,
                 "the abort did not fully go through; its journal stays for the next start"
-            );
+            ),
         }
         self.live.lock().expect("live lock").remove(&id);
         written?;

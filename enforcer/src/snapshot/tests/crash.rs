@@ -1,0 +1,177 @@
+//! Tier 0 of the transaction's crash safety (case S8 of the security review), by fault
+//! injection over the fake hypervisor: the coordinator killed before each step, and the store
+//! full at each file it writes.
+
+use super::*;
+
+/// Case S8 of the security review, by fault injection: the coordinator killed (as SIGKILL
+/// would: no clean-up) just before each step of a snapshot, by both methods; a new one opened
+/// on the store as the kill left it, over the VMs and epochs as they were. After it: every VM
+/// runs, no journal is left, the members share one epoch, and each snapshot in the store is
+/// whole — committed with every image, or aborted with none.
+#[test]
+fn a_coordinator_killed_at_any_step_leaves_every_vm_running_and_the_store_whole() {
+    let g = group(2);
+    for method in [PRE, INSTANT] {
+        let mut killed_at = 0;
+        for at in 1.. {
+            let dir = store();
+            let (c, hv) = coordinator(&g, &dir);
+            hv.kill_at(at, &dir);
+            let _ = c.snapshot(&g, method);
+            drop(c);
+            let Some((world, copy)) = hv.killed() else {
+                let _ = fs::remove_dir_all(&dir);
+                break;
+            };
+            killed_at = at;
+            let what = format!("{method:?} killed before step {at}");
+            let (c, hv) = open_on(FakeHypervisor::from_world(world), &copy);
+            let w = hv.world.lock().unwrap();
+            for vm in &g.vms {
+                assert_eq!(w.states[&vm.name], VmState::Running, "{what}: {}", vm.name);
+            }
+            assert_eq!(
+                fs::read_dir(copy.join("journals")).map_or(0, |d| d.count()),
+                0,
+                "{what}: a journal left"
+            );
+            let epochs: Vec<u32> = g.vms.iter().map(|vm| w.epochs[&vm.mac]).collect();
+            let manifests = c.list().unwrap();
+            let committed = manifests.iter().any(|m| m.outcome == Outcome::Committed);
+            assert_eq!(
+                epochs,
+                vec![u32::from(committed); g.vms.len()],
+                "{what}: epochs {epochs:?}, committed {committed}"
+            );
+            for m in &manifests {
+                let files: Vec<String> = fs::read_dir(copy.join(&m.id))
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect();
+                match m.outcome {
+                    Outcome::Committed => assert!(
+                        m.vms.iter().all(|v| !v.images.is_empty()),
+                        "{what}: a committed snapshot without every image: {m:?}"
+                    ),
+                    _ => assert_eq!(files, vec!["manifest.json".to_owned()], "{what}"),
+                }
+            }
+            // Every snapshot directory has its manifest: nothing half-kept.
+            for entry in fs::read_dir(&copy).unwrap().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if entry.path().is_dir() && name != "journals" {
+                    assert!(
+                        entry.path().join("manifest.json").exists(),
+                        "{what}: {name} has no manifest"
+                    );
+                }
+            }
+            drop(w);
+            let _ = fs::remove_dir_all(&dir);
+            let _ = fs::remove_dir_all(&copy);
+        }
+        assert!(killed_at > 8, "{method:?}: only {killed_at} steps");
+    }
+}
+
+/// Case S8: a crash after a commit's manifest, before its journal was removed (or a power loss
+/// before the unlink reached the disk), leaves both. The next start keeps the snapshot
+/// committed and only drops the journal (it aborted and discarded it before).
+#[test]
+fn a_committed_snapshot_whose_journal_was_left_stays_committed() {
+    let g = group(2);
+    let dir = store();
+    let (c, hv) = coordinator(&g, &dir);
+    let m = c.snapshot(&g, INSTANT).unwrap();
+    assert_eq!(m.outcome, Outcome::Committed);
+    let journal = Journal {
+        id: m.id.clone(),
+        group: g.clone(),
+        epoch_before: 0,
+        method: INSTANT,
+        cut_started: true,
+    };
+    write_atomically(&c.journal_path(&m.id), &journal).unwrap();
+    drop(c);
+    let survivors = hv.world.lock().unwrap().survivors();
+    let (c, hv) = open_on(FakeHypervisor::from_world(survivors), &dir);
+    let listed = c.list().unwrap();
+    assert_eq!(
+        (listed.len(), listed[0].outcome),
+        (1, Outcome::Committed),
+        "{listed:?}"
+    );
+    assert!(dir.join(&m.id).join("manifest.json").exists());
+    assert_eq!(fs::read_dir(dir.join("journals")).unwrap().count(), 0);
+    let w = hv.world.lock().unwrap();
+    for vm in &g.vms {
+        assert_eq!(w.epochs[&vm.mac], 1, "{}: not rolled back", vm.name);
+    }
+    assert!(
+        !w.log.iter().any(|(s, _)| s == "rollback" || s == "discard"),
+        "{:?}",
+        w.log
+    );
+    drop(w);
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// Case S8: the store full (ENOSPC) at each file a snapshot writes — its journal, the mark of
+/// its cut, its manifest — by both methods. Whatever the snapshot answered, once there is
+/// space again and the coordinator starts afresh: every VM runs, no journal is left, the
+/// members share one epoch, and a snapshot is committed with its images or not kept.
+#[test]
+fn a_full_store_at_any_write_leaves_every_vm_running_and_the_store_whole() {
+    use crate::snapshot::private::full;
+    let g = group(2);
+    for method in [PRE, INSTANT] {
+        let mut writes = 0;
+        for n in 1.. {
+            let dir = store();
+            let (c, hv) = coordinator(&g, &dir);
+            full::from_nth_file(&dir, n);
+            let answer = c.snapshot(&g, method);
+            full::freed(&dir);
+            let what = format!("{method:?}, full from write {n}: {answer:?}");
+            drop(c);
+            let (c, _) = open_on(hv.clone(), &dir);
+            let w = hv.world.lock().unwrap();
+            for vm in &g.vms {
+                assert_eq!(w.states[&vm.name], VmState::Running, "{what}: {}", vm.name);
+            }
+            assert_eq!(
+                fs::read_dir(dir.join("journals")).map_or(0, |d| d.count()),
+                0,
+                "{what}: a journal left"
+            );
+            let manifests = c.list().unwrap();
+            let committed: Vec<&Manifest> = manifests
+                .iter()
+                .filter(|m| m.outcome == Outcome::Committed)
+                .collect();
+            let epochs: Vec<u32> = g.vms.iter().map(|vm| w.epochs[&vm.mac]).collect();
+            assert_eq!(
+                epochs,
+                vec![u32::from(!committed.is_empty()); g.vms.len()],
+                "{what}"
+            );
+            assert!(
+                committed
+                    .iter()
+                    .all(|m| m.vms.iter().all(|v| !v.images.is_empty())),
+                "{what}"
+            );
+            drop(w);
+            let _ = fs::remove_dir_all(&dir);
+            if matches!(&answer, Ok(m) if m.outcome == Outcome::Committed) {
+                // The first write that is not needed any more: every one was tried.
+                writes = n - 1;
+                break;
+            }
+        }
+        // The journal, the cut's mark (instant only), the manifest.
+        let expected = if method == INSTANT { 3 } else { 2 };
+        assert_eq!(writes, expected, "{method:?}: {writes} writes tried");
+    }
+}
