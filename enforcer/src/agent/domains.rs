@@ -22,8 +22,14 @@ use super::{
 use crate::{
     model::{IfName, MacAddr, SnapshotId, VmSpec},
     sched::Realtime,
-    snapshot::{CutMethod, EpochControlError, HvError, HvErrorKind, Paused, unix_us},
+    snapshot::{CutMethod, DomainState, EpochControlError, HvError, HvErrorKind, Paused, unix_us},
 };
+
+/// `GET /v1/domains/{name}/state`.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DomainStateView {
+    pub state: DomainState,
+}
 
 /// The steps a coordinator of several hosts drives on each VM's own agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,6 +184,13 @@ impl<D: AgentDatapath> Agent<D> {
     pub fn domain_nic(&self, name: &str) -> Result<DomainNic, DomainError> {
         let (mac, port) = self.snapshots()?.hypervisor().nic(name)?;
         Ok(DomainNic { mac, port })
+    }
+
+    /// Whether the domain `name` exists here, and whether it runs.
+    pub fn domain_state(&self, name: &str) -> Result<DomainStateView, DomainError> {
+        Ok(DomainStateView {
+            state: self.snapshots()?.hypervisor().state(name)?,
+        })
     }
 
     /// Runs one step on the domain `name`; returns what the step returns, as JSON.

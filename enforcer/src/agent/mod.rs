@@ -14,7 +14,7 @@ pub mod service;
 pub mod stats;
 
 pub use datapath::AgentDatapath;
-pub use domains::{DomainCall, DomainError, DomainNic, DomainOp, PausedAdvanced};
+pub use domains::{DomainCall, DomainError, DomainNic, DomainOp, DomainStateView, PausedAdvanced};
 pub use local_epochs::{LocalEpochs, SnapshotOptions, SnapshotsError};
 pub use service::{
     Abort, Agent, AgentError, Announce, Announced, Config, GroupView, Health, RawTarget,

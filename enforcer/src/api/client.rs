@@ -11,6 +11,7 @@ use super::{
     endpoint::unix_path,
     types::{DefineGroup, ErrorBody, ErrorCode, SnapshotBody},
 };
+use crate::{agent::DomainStateView, snapshot::DomainState};
 use crate::{
     agent::{
         Abort, Announce, Announced, Config, DomainCall, DomainNic, DomainOp, GroupView, Health,
@@ -474,6 +475,12 @@ impl Client {
             timeout,
         )
         .await
+    }
+
+    /// `GET /v1/domains/{name}/state`.
+    pub async fn domain_state(&self, name: &str) -> Result<DomainState, ClientError> {
+        let view: DomainStateView = self.get(&format!("/v1/domains/{name}/state")).await?;
+        Ok(view.state)
     }
 
     pub async fn domain_nic(&self, name: &str) -> Result<(MacAddr, String), ClientError> {

@@ -10,13 +10,20 @@ use axum::{
 use serde_json::Value;
 
 use super::error::{ApiResult, blocking};
-use crate::agent::{Agent, AgentDatapath, DomainCall, DomainNic, DomainOp};
+use crate::agent::{Agent, AgentDatapath, DomainCall, DomainNic, DomainOp, DomainStateView};
 
 pub(crate) async fn nic<D: AgentDatapath>(
     State(a): State<Arc<Agent<D>>>,
     Path(name): Path<String>,
 ) -> ApiResult<DomainNic> {
     Ok(Json(blocking(move || a.domain_nic(&name)).await?))
+}
+
+pub(crate) async fn state<D: AgentDatapath>(
+    State(a): State<Arc<Agent<D>>>,
+    Path(name): Path<String>,
+) -> ApiResult<DomainStateView> {
+    Ok(Json(blocking(move || a.domain_state(&name)).await?))
 }
 
 pub(crate) async fn op<D: AgentDatapath>(

@@ -32,6 +32,7 @@ pub fn router<D: AgentDatapath>(agent: Arc<Agent<D>>, token: Option<String>) -> 
         .route("/v1/groups/{group}/abort", post(vms::abort::<D>))
         .route("/v1/groups/{group}/announce", post(vms::announce::<D>))
         .route("/v1/domains/{name}/nic", get(domains::nic::<D>))
+        .route("/v1/domains/{name}/state", get(domains::state::<D>))
         .route("/v1/domains/{name}/{op}", post(domains::op::<D>))
         .route("/v1/holds", get(host::holds::<D>))
         .route("/v1/ports", get(host::ports::<D>))

@@ -407,6 +407,26 @@ async fn snapshot_routes_run_a_group_snapshot_and_restore_it() {
         code(c.snapshot("web-1-e9").await),
         (404, ErrorCode::UnknownSnapshot)
     );
+    // Not over running VMs: they go first (as a user destroys them), then the restore.
+    assert_eq!(
+        code(c.restore(m.id.as_str(), None).await),
+        (409, ErrorCode::DomainRunning)
+    );
+    assert_eq!(
+        c.domain_state("vm1").await.unwrap(),
+        crate::snapshot::DomainState::Running
+    );
+    for (name, mac) in [("vm1", VM1), ("vm2", VM2)] {
+        let vm = VmSpec {
+            name: name.into(),
+            mac,
+        };
+        c.domain_destroy(&vm).await.unwrap();
+    }
+    assert_eq!(
+        c.domain_state("vm1").await.unwrap(),
+        crate::snapshot::DomainState::Absent
+    );
     let r = c.restore(m.id.as_str(), None).await.unwrap();
     assert_eq!((r.epoch, r.vms.len()), (2, 2));
     c.delete_snapshot(m.id.as_str()).await.unwrap();

@@ -46,6 +46,7 @@ use tokio::runtime::Handle;
 use tracing::{info, warn};
 
 use super::agent_epochs::{AgentEpochs, remote};
+use crate::snapshot::DomainState;
 use crate::{
     agent::PausedAdvanced,
     api::{
@@ -734,6 +735,16 @@ impl Hypervisor for Hosts {
         };
         self.call(&spec, true, async |c, local| {
             c.domain_nic(&local.name).await
+        })
+    }
+
+    fn state(&self, vm: &str) -> Result<DomainState, HvError> {
+        let spec = VmSpec {
+            name: vm.to_owned(),
+            mac: MacAddr([0; 6]),
+        };
+        self.call(&spec, true, async |c, local| {
+            c.domain_state(&local.name).await
         })
     }
 

@@ -37,6 +37,20 @@ pub enum HvErrorKind {
     Failed,
 }
 
+/// A domain as the hypervisor has it (`GET /v1/domains/{name}/state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DomainState {
+    /// No domain of that name.
+    Absent,
+    /// Defined, not running (shut off, crashed).
+    ShutOff,
+    /// Its vCPUs run.
+    Running,
+    /// Paused (or suspended): restored and not resumed yet, or held by a snapshot.
+    Paused,
+}
+
 /// A hypervisor step that failed for one VM.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 #[error("{vm}: {detail}")]
@@ -116,6 +130,9 @@ pub trait Hypervisor: Send + Sync {
     fn cancel(&self, vm: &VmSpec) -> Result<(), HvError>;
     /// A running VM's MAC and host-side port.
     fn nic(&self, vm: &str) -> Result<(MacAddr, String), HvError>;
+    /// Whether a domain of that name exists, and whether it runs: what a restore checks before
+    /// it changes anything, and what recovering an unfinished restore goes by.
+    fn state(&self, vm: &str) -> Result<DomainState, HvError>;
     /// Brings a VM back from its images, paused; optionally onto another bridge. Returns its
     /// host-side port.
     fn restore_paused(

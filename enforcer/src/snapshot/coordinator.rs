@@ -145,6 +145,7 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             groups: Mutex::new(groups),
         };
         c.recover()?;
+        c.recover_restores();
         Ok(c)
     }
 

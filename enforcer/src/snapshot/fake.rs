@@ -13,7 +13,8 @@ use std::{
 
 use super::{
     backends::{
-        EpochControl, EpochControlError, HvError, HvErrorKind, Hypervisor, Paused, unix_us,
+        DomainState, EpochControl, EpochControlError, HvError, HvErrorKind, Hypervisor, Paused,
+        unix_us,
     },
     manifest::CutMethod,
     store::discard_local,
@@ -381,6 +382,15 @@ impl Hypervisor for FakeHypervisor {
         Ok((mac, format!("tap-{vm}")))
     }
 
+    fn state(&self, vm: &str) -> Result<DomainState, HvError> {
+        let w = self.world.lock().expect("world");
+        Ok(match w.states.get(vm) {
+            None => DomainState::Absent,
+            Some(VmState::Running | VmState::Snapshotting) => DomainState::Running,
+            Some(_) => DomainState::Paused,
+        })
+    }
+
     fn restore_paused(
         &self,
         vm: &VmSpec,
@@ -388,6 +398,13 @@ impl Hypervisor for FakeHypervisor {
         _bridge: Option<&IfName>,
     ) -> Result<String, HvError> {
         let mut w = self.step(vm, "restore");
+        if w.states.contains_key(&vm.name) {
+            return Err(HvError::new(
+                &vm.name,
+                HvErrorKind::Running,
+                "a domain of that name is running",
+            ));
+        }
         if images.is_empty() {
             return Err(hv_err(vm, "no image"));
         }

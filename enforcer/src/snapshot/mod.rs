@@ -22,7 +22,7 @@ mod tests;
 pub mod transaction;
 
 pub use backends::{
-    EpochControl, EpochControlError, HvError, HvErrorKind, Hypervisor, Paused, unix_us,
+    DomainState, EpochControl, EpochControlError, HvError, HvErrorKind, Hypervisor, Paused, unix_us,
 };
 pub use coordinator::{Coordinator, CoordinatorError, GroupError, Timeouts};
 pub use manifest::{

@@ -2,16 +2,35 @@
 //! registered in the datapath at the snapshot's epoch, and only then every VM resumed at once
 //! (one thread each, released together). All or nothing: if one VM cannot be restored, the
 //! ones restored are destroyed.
+//!
+//! Nothing changes before every VM is checked absent or shut off. A journal
+//! (`<store>/restores/<id>.json`) lives from then until the restore ended, saying whether the
+//! resumes began: a coordinator that died meanwhile left VMs restored and paused, and the next
+//! one finishes what it can — before the resumes, the restored VMs are destroyed (all or
+//! nothing: back to none running, as before the restore); once they began, every VM still
+//! paused is resumed (all were registered at the snapshot's epoch first).
 
-use std::{sync::Barrier, thread, time::Instant};
+use std::{fs, path::PathBuf, sync::Barrier, thread, time::Instant};
 
-use tracing::info;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
 
 use super::{
-    backends::{EpochControl, HvError, Hypervisor},
+    backends::{DomainState, EpochControl, HvError, HvErrorKind, Hypervisor},
     coordinator::{Coordinator, CoordinatorError, GroupError},
     manifest::{RestoreReport, RestoredVm, SnapshotOutcome},
+    private::{private_dir, remove_durably},
+    store::write_atomically,
 };
+
+/// A restore in progress (`<store>/restores/<id>.json`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub(crate) struct RestoreJournal {
+    pub(crate) id: SnapshotId,
+    pub(crate) vms: Vec<VmSpec>,
+    /// Every VM was restored and registered, and the resumes began.
+    pub(crate) resuming: bool,
+}
 use crate::{
     model::{IfName, SnapshotId, VmSpec},
     sched::Realtime,
@@ -43,6 +62,58 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             }
             .into());
         }
+        // Before anything changes: no VM of the group may be there (running, or paused).
+        for rec in &m.vms {
+            let state = self.hypervisor.state(&rec.name)?;
+            if !matches!(state, DomainState::Absent | DomainState::ShutOff) {
+                return Err(HvError::new(
+                    &rec.name,
+                    HvErrorKind::Running,
+                    format!(
+                        "a domain of that name is there ({state:?}): destroy it before restoring"
+                    ),
+                )
+                .into());
+            }
+        }
+        let mut journal = RestoreJournal {
+            id: id.clone(),
+            vms: m
+                .vms
+                .iter()
+                .map(|r| VmSpec {
+                    name: r.name.clone(),
+                    mac: r.mac,
+                })
+                .collect(),
+            resuming: false,
+        };
+        let journal_path = self.restore_journal_path(id)?;
+        write_atomically(&journal_path, &journal)?;
+        let result = self.restore_journaled(&m, bridge, &mut journal, &journal_path);
+        if let Err(err) = remove_durably(&journal_path) {
+            warn!(%id, %err, "removing the restore's journal");
+        }
+        result
+    }
+
+    fn restore_journal_path(&self, id: &SnapshotId) -> Result<PathBuf, CoordinatorError> {
+        let dir = self.store.join("restores");
+        private_dir(&dir).map_err(|source| CoordinatorError::Store {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(dir.join(format!("{id}.json")))
+    }
+
+    fn restore_journaled(
+        &self,
+        m: &super::manifest::Manifest,
+        bridge: Option<&IfName>,
+        journal: &mut RestoreJournal,
+        journal_path: &std::path::Path,
+    ) -> Result<RestoreReport, CoordinatorError> {
+        let id = &m.id;
         let t0 = Instant::now();
         let ms = || t0.elapsed().as_secs_f64() * 1000.0;
         let spec = |r: &RestoredVm| VmSpec {
@@ -97,6 +168,12 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
                 return Err(CoordinatorError::epochs(&r.name, e));
             }
         }
+        // From here on a VM may run: a coordinator that dies now leaves the rest to resume.
+        journal.resuming = true;
+        if let Err(e) = write_atomically(journal_path, &*journal) {
+            undo(&restored);
+            return Err(e);
+        }
         // All resumed at once: each VM's thread waits for the others, then calls.
         let start = Barrier::new(restored.len());
         let resumed = each_in_parallel(
@@ -130,6 +207,54 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             vms: restored,
             resume_spread_ms: last - first,
         })
+    }
+}
+
+impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coordinator<H, E> {
+    /// Finishes the restores a previous coordinator left (see the module's header). A journal
+    /// stays while a VM of it cannot be looked at or handled, for the next start.
+    pub(crate) fn recover_restores(&self) {
+        let Ok(entries) = fs::read_dir(self.store.join("restores")) else {
+            return;
+        };
+        for path in entries.flatten().map(|e| e.path()) {
+            let journal: RestoreJournal = match fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+            {
+                Some(j) => j,
+                None => {
+                    warn!(path = %path.display(), "unreadable restore journal; removing it");
+                    let _ = remove_durably(&path);
+                    continue;
+                }
+            };
+            warn!(
+                id = %journal.id,
+                resuming = journal.resuming,
+                "finishing a restore left unfinished by a previous coordinator"
+            );
+            let mut clean = true;
+            for vm in &journal.vms {
+                let done = match self.hypervisor.state(&vm.name) {
+                    Ok(DomainState::Paused) if journal.resuming => self.hypervisor.resume(vm),
+                    Ok(DomainState::Paused) => self.hypervisor.destroy(vm).and_then(|()| {
+                        self.epochs
+                            .unregister(vm)
+                            .map_err(|e| HvError::failed(&vm.name, e.to_string()))
+                    }),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                if let Err(err) = done {
+                    warn!(vm = vm.name, %err, "finishing an unfinished restore");
+                    clean = false;
+                }
+            }
+            if clean && let Err(err) = remove_durably(&path) {
+                warn!(%err, path = %path.display(), "removing a finished restore's journal");
+            }
+        }
     }
 }
 

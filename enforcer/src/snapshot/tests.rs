@@ -468,6 +468,8 @@ fn restore_registers_every_vm_at_the_snapshot_epoch_before_any_resumes() {
     let dir = store();
     let (c, hv) = coordinator(&g, &dir);
     let m = c.snapshot(&g, INSTANT).unwrap();
+    // The VMs gone (a restore never goes over a VM that is there).
+    hv.world.lock().unwrap().states.clear();
     hv.world.lock().unwrap().log.clear();
     let r = c.restore(&m.id, None).unwrap();
     assert_eq!((r.epoch, r.vms.len()), (1, 3));
@@ -500,6 +502,7 @@ fn a_failed_restore_destroys_what_it_restored_and_runs_nothing() {
     let (c, hv) = coordinator(&g, &dir);
     let m = c.snapshot(&g, INSTANT).unwrap();
     hv.fail("vm3", Failure::RestoreFails);
+    hv.world.lock().unwrap().states.clear();
     hv.world.lock().unwrap().log.clear();
     let err = c.restore(&m.id, None).unwrap_err();
     assert!(err.to_string().contains("unreadable"), "{err}");

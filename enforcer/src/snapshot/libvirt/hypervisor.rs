@@ -22,6 +22,7 @@ use super::{
     image::SaveImage,
     xml::{file_disks, first_nic},
 };
+use crate::snapshot::DomainState;
 use crate::{
     model::{IfName, MacAddr, VmSpec},
     sched::Boost,
@@ -364,6 +365,10 @@ impl Hypervisor for Libvirt {
             .tap
             .ok_or_else(|| hv_err(vm, "its interface has no host-side device"))?;
         Ok((nic.mac, tap))
+    }
+
+    fn state(&self, vm: &str) -> Result<DomainState, HvError> {
+        self.domain_state(vm)
     }
 
     fn restore_paused(

@@ -64,6 +64,7 @@ use super::{
     manifest::CutMethod,
 };
 use crate::sched::{Boost, make_this_thread_realtime};
+use crate::snapshot::DomainState;
 
 pub const DEFAULT_URI: &str = "qemu:///system";
 /// The name QEMU knows our image fd by.
@@ -463,6 +464,28 @@ impl Libvirt {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Whether the domain exists and runs (see [`DomainState`]).
+    pub fn domain_state(&self, vm: &str) -> Result<DomainState, HvError> {
+        use virt::domain::DomainState as S;
+        let dom = match self.domain(vm) {
+            Ok(dom) => dom,
+            Err(e) if e.kind == HvErrorKind::NoSuchDomain => return Ok(DomainState::Absent),
+            Err(e) => return Err(e),
+        };
+        let (state, _) = dom.state().map_err(|e| hv_err(vm, e.to_string()))?;
+        Ok(match Result::<_, _>::from(state) {
+            Ok(S::Running | S::Blocked) => DomainState::Running,
+            Ok(S::Paused | S::PMSuspended) => DomainState::Paused,
+            Ok(S::Shutoff | S::Shutdown | S::Crashed) => DomainState::ShutOff,
+            Ok(S::NoState) | Err(_) => {
+                return Err(hv_err(
+                    vm,
+                    format!("libvirt reports no known state ({state:?})"),
+                ));
+            }
+        })
     }
 
     fn running(&self, vm: &str) -> Result<bool, HvError> {

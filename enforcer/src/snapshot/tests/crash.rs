@@ -60,7 +60,7 @@ fn a_coordinator_killed_at_any_step_leaves_every_vm_running_and_the_store_whole(
             // Every snapshot directory has its manifest: nothing half-kept.
             for entry in fs::read_dir(&copy).unwrap().flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if entry.path().is_dir() && name != "journals" {
+                if entry.path().is_dir() && name != "journals" && name != "restores" {
                     assert!(
                         entry.path().join("manifest.json").exists(),
                         "{what}: {name} has no manifest"
@@ -174,4 +174,79 @@ fn a_full_store_at_any_write_leaves_every_vm_running_and_the_store_whole() {
         let expected = if method == INSTANT { 3 } else { 2 };
         assert_eq!(writes, expected, "{method:?}: {writes} writes tried");
     }
+}
+
+/// The same for a restore: the coordinator killed before each of its steps, over a committed
+/// snapshot whose VMs are gone. After a fresh start nothing is paused, no restore journal is
+/// left, and it was all or nothing: every VM running at the snapshot's epoch (the resumes had
+/// begun), or none there (they had not).
+#[test]
+fn a_coordinator_killed_at_any_step_of_a_restore_leaves_all_or_none_running() {
+    let g = group(3);
+    let mut last = 0;
+    for at in 1.. {
+        let dir = store();
+        let (c, hv) = coordinator(&g, &dir);
+        let m = c.snapshot(&g, INSTANT).unwrap();
+        assert_eq!(m.outcome, Outcome::Committed);
+        let start = {
+            let mut w = hv.world.lock().unwrap();
+            w.states.clear();
+            w.log.len()
+        };
+        hv.kill_at(start + at, &dir);
+        let answer = c.restore(&m.id, None);
+        drop(c);
+        let Some((world, copy)) = hv.killed() else {
+            assert!(answer.is_ok(), "{answer:?}");
+            let _ = fs::remove_dir_all(&dir);
+            break;
+        };
+        last = at;
+        let what = format!("killed before restore step {at}");
+        let (_c, hv) = open_on(FakeHypervisor::from_world(world), &copy);
+        let w = hv.world.lock().unwrap();
+        let states: Vec<Option<VmState>> = g
+            .vms
+            .iter()
+            .map(|vm| w.states.get(&vm.name).copied())
+            .collect();
+        let all_running = states.iter().all(|s| *s == Some(VmState::Running));
+        let none_there = states.iter().all(Option::is_none);
+        assert!(all_running || none_there, "{what}: {states:?}");
+        if all_running {
+            for vm in &g.vms {
+                assert_eq!(w.epochs[&vm.mac], 1, "{what}: {}", vm.name);
+                assert!(w.registered.contains_key(&vm.mac), "{what}: {}", vm.name);
+            }
+        }
+        assert_eq!(
+            fs::read_dir(copy.join("restores")).map_or(0, |d| d.count()),
+            0,
+            "{what}: a restore journal left"
+        );
+        drop(w);
+        let _ = fs::remove_dir_all(&dir);
+        let _ = fs::remove_dir_all(&copy);
+    }
+    // Three restores, three registrations and three resumes at least.
+    assert!(last >= 9, "only {last} steps");
+}
+
+/// A restore changes nothing while a VM of the group is there (case S4): refused before any
+/// image is touched.
+#[test]
+fn a_restore_refuses_while_a_vm_of_the_group_is_there() {
+    let g = group(2);
+    let dir = store();
+    let (c, hv) = coordinator(&g, &dir);
+    let m = c.snapshot(&g, INSTANT).unwrap();
+    hv.world.lock().unwrap().states.remove("vm1");
+    let err = c.restore(&m.id, None).unwrap_err();
+    assert!(err.to_string().contains("vm2"), "{err}");
+    let w = hv.world.lock().unwrap();
+    assert!(!w.log.iter().any(|(s, _)| s == "restore"), "{:?}", w.log);
+    assert!(!w.states.contains_key("vm1"), "vm1 stays gone");
+    drop(w);
+    let _ = fs::remove_dir_all(dir);
 }
