@@ -82,4 +82,23 @@ mod tests {
         // GBP's "don't learn" and "policy applied" flags live in bits 22 and 19.
         assert_eq!(decode(encode(9) | 1 << 22 | 1 << 19, 8), Some(9));
     }
+
+    /// Any mark and any view (fuzzing the overlay's color decoding, issue 11 item 6): never a
+    /// panic; a color, when there is one, within 2^14 of the view; and every color within
+    /// 2^14 of the view comes back exactly.
+    #[test]
+    fn decoding_any_mark_next_to_any_view_stays_near_the_view() {
+        use proptest::prelude::*;
+        proptest!(ProptestConfig::with_cases(2000), |(mark: u32, view: u32, delta in -0x3fffi64..0x4000)| {
+            if let Some(color) = decode(mark, view) {
+                prop_assert!((i64::from(color) - i64::from(view)).abs() <= i64::from(HALF));
+                prop_assert!(mark & WIRE_PRESENT != 0);
+                prop_assert_eq!(color & WIRE_COLOR, mark & WIRE_COLOR);
+            }
+            let color = i64::from(view) + delta;
+            if (0..=i64::from(u32::MAX)).contains(&color) {
+                prop_assert_eq!(decode(encode(color as u32), view), Some(color as u32));
+            }
+        });
+    }
 }

@@ -5,7 +5,10 @@ use enforcer::{
     datapath::{AttachMode, Datapath, epochs},
     model::MacAddr,
 };
-use enforcer_common::{Outcome, PortCounters, Type3Mode};
+use enforcer_common::{
+    GroupState, MacKey, Outcome, PortCounters, Type3Mode, VmEpoch,
+    classify::{DatapathView, decide},
+};
 use enforcer_tests::{PinRoot, frame, require_root, test_run};
 
 /// Without a context, BPF_PROG_TEST_RUN runs the program as if on the loopback device.
@@ -334,4 +337,151 @@ fn pinned_maps_of_another_layout_are_refused() {
     std::fs::remove_file(pins.path().join("epochs")).unwrap();
     enforcer_tests::pin_hash_map(&pins.path().join("epochs"), 8, 24, 4096).unwrap();
     Datapath::open(pins.path(), AttachMode::Tc).expect("a fitting pin is adopted");
+}
+
+/// The pure classification's view of what `Harness` registers, for the differential test.
+struct Model {
+    /// (MAC, group, port, epoch) of ALICE, BOB and CAROL.
+    vms: [([u8; 6], u32, u32, u32); 3],
+    mode: Type3Mode,
+}
+
+impl DatapathView for Model {
+    fn vm(&self, mac: &MacKey) -> Option<VmEpoch> {
+        self.vms
+            .iter()
+            .find(|(m, ..)| *m == mac.addr)
+            .map(|&(_, group, ifindex, epoch)| VmEpoch {
+                epoch,
+                group,
+                ifindex,
+                ..VmEpoch::default()
+            })
+    }
+    fn port_has_vm(&self, ifindex: u32) -> bool {
+        self.vms.iter().any(|v| v.2 == ifindex)
+    }
+    fn group(&self, group: u32) -> Option<GroupState> {
+        let epochs = self.vms.iter().filter(|v| v.1 == group).map(|v| v.3);
+        Some(GroupState {
+            min_epoch: epochs.clone().min()?,
+            members: epochs.count() as u32,
+            ..GroupState::default()
+        })
+    }
+    fn type3_mode(&self) -> Type3Mode {
+        self.mode
+    }
+    fn hold_ready(&self, _ifindex: u32) -> bool {
+        false
+    }
+}
+
+impl Model {
+    /// What the programs must do with `frame` arriving on lo: the frame's own checks, then
+    /// `decide`.
+    fn outcome(&self, frame: &[u8]) -> Outcome {
+        let ether_type = u16::from_be_bytes([frame[12], frame[13]]);
+        if matches!(ether_type, 0x8100 | 0x88a8) && frame.len() < 18 {
+            return Outcome::Malformed;
+        }
+        let mac = |at: usize| MacKey::new(frame[at..at + 6].try_into().expect("6 bytes"));
+        decide(self, LO_IFINDEX, &mac(6), &mac(0))
+    }
+}
+
+/// Issue 11, item 6 (fuzzing the classifier): both real programs against the pure
+/// classification (`enforcer_common::classify::decide`) on arbitrary frames — any of the
+/// registered, unknown, broadcast or random addresses on either side, any ethertype (VLAN and
+/// QinQ tags whole or cut short), any bytes after the header — under any epochs and Type-3
+/// mode. Each gives `decide`'s verdict and moves exactly that outcome's counter. Failures are
+/// kept as seeds in `tests/proptest-regressions/` and run first.
+#[test]
+fn arbitrary_frames_get_the_pure_classifications_verdict() {
+    use proptest::prelude::*;
+    use std::cell::RefCell;
+    let h = RefCell::new(Harness::new("t1fuzz"));
+    let mac = prop_oneof![
+        Just(ALICE),
+        Just(BOB),
+        Just(CAROL),
+        Just(STRANGER),
+        Just(BROADCAST),
+        any::<[u8; 6]>(),
+    ];
+    // The kernel's test runner parses an IP header itself (and refuses a frame without one),
+    // so IPv4 and IPv6 frames carry at least 40 bytes after the Ethernet header; every other
+    // ethertype may end anywhere, a VLAN tag included.
+    let ether_type_and_tail = prop_oneof![
+        Just(IPV4),
+        Just(0x86dd),
+        Just(0x8100u16),
+        Just(0x88a8),
+        any::<u16>()
+    ]
+    .prop_flat_map(|t| {
+        let len = if matches!(t, IPV4 | 0x86dd) {
+            40..80
+        } else {
+            0..40
+        };
+        (Just(t), proptest::collection::vec(any::<u8>(), len))
+    });
+    let strategy = (
+        mac.clone(),
+        mac,
+        ether_type_and_tail,
+        (0u32..3, 0u32..3, 0u32..3),
+        prop_oneof![
+            Just(Type3Mode::Buffer),
+            Just(Type3Mode::Drop),
+            Just(Type3Mode::Monitor)
+        ],
+    );
+    let config = ProptestConfig {
+        cases: 400,
+        source_file: Some(file!()),
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
+        )),
+        ..ProptestConfig::default()
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    // Which outcomes the cases reached: a fuzzer that only ever makes malformed frames tests
+    // nothing.
+    let seen = RefCell::new(std::collections::BTreeSet::new());
+    let result = runner.run(
+        &strategy,
+        |(dst, src, (ether_type, tail), (a, b, c), mode)| {
+            let model = Model {
+                vms: [
+                    (ALICE, 1, LO_IFINDEX, a),
+                    (BOB, 1, 900_001, b),
+                    (CAROL, 2, 900_002, c),
+                ],
+                mode,
+            };
+            let mut h = h.borrow_mut();
+            for (mac, group, port, epoch) in model.vms {
+                epochs::unregister(&mut h.dp, MacAddr(mac)).unwrap();
+                epochs::register(&mut h.dp, MacAddr(mac), group, port, Some(epoch)).unwrap();
+            }
+            h.dp.set_type3_mode(mode).unwrap();
+            let mut f = frame(dst, src, ether_type, 0);
+            f.extend_from_slice(&tail);
+            let want = model.outcome(&f);
+            seen.borrow_mut().insert(want.name());
+            h.expect(
+                &f,
+                want,
+                &format!("{f:02x?} at epochs {a}/{b}/{c}, {mode:?}"),
+            );
+            Ok(())
+        },
+    );
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    let seen = seen.into_inner();
+    assert!(seen.len() >= 8, "outcomes reached: {seen:?}");
 }

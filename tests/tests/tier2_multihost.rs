@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use enforcer::{
     api::{
-        Endpoint,
-        client::Client,
+        Endpoint, ErrorCode,
+        client::{Client, ClientError},
         pki::{self, Role},
         tls::{ClientTls, TlsFiles},
     },
@@ -640,6 +640,12 @@ async fn a_forged_color_never_raises_a_view_above_the_announced_epoch() {
     })
     .await;
     assert_eq!(forged_at_b().await, 4);
+    // Nor can a raw change through the API take a view past the announcement.
+    match b.client.raise_epoch(vm1, 2).await {
+        Err(ClientError::Api { code, .. }) => assert_eq!(code, ErrorCode::AboveCeiling),
+        other => panic!("raising B's view of vm1 past the announced epoch: {other:?}"),
+    }
+    assert_eq!(b.epoch_of(vm1).await, 1);
 
     // B's view of vm1 may now lead vm1 (still at 0) by the announced step, no more; vm1's
     // genuine frames carry their exact color 0 and are Type-1 to vm2 at 0: delivered.

@@ -32,7 +32,7 @@ use enforcer::{
     daemon::{self, DaemonConfig, Running},
     datapath::{self, AttachMode, ports::PortSource},
     hold::HoldOptions,
-    model::VmSpec,
+    model::{GroupSpec, VmSpec},
     multihost::Hosts,
     snapshot::EpochControl,
 };
@@ -111,6 +111,19 @@ async fn measure(
             .map_err(anyhow::Error::msg)?;
     }
     let (vm1, vm2) = (lab.vms[0].mac, lab.vms[1].mac);
+    // Views accept colors only up to what the coordinator announced (the forged-color bound);
+    // this bench advances the VMs many times outside snapshots, so it announces every epoch it
+    // will reach, once, up front (a snapshot announces its own, one at a time).
+    let group = GroupSpec {
+        name: "bench".parse()?,
+        id: 1,
+        vms: (0..2).map(vm).collect(),
+    };
+    let (h, g) = (hosts.clone(), group.clone());
+    let ceiling = u32::try_from(rounds * 3 + 10)?;
+    tokio::task::spawn_blocking(move || h.announce(&g, ceiling))
+        .await?
+        .map_err(anyhow::Error::msg)?;
 
     // 1. Propagation: owner first, then the other agent, through the coordinator.
     let mut owner_ack = Vec::new();

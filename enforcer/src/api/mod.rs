@@ -13,6 +13,7 @@ pub mod client;
 pub mod domains;
 pub mod endpoint;
 pub mod error;
+mod extract;
 pub mod host;
 pub mod metrics;
 pub mod pki;

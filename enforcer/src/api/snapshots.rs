@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    extract::{Path, Query, State, rejection::JsonRejection},
+    extract::{State, rejection::JsonRejection},
     http::StatusCode,
     routing::{delete, get, post},
 };
 
+use super::extract::{ApiPath, ApiQuery};
 use super::{
     error::{ApiError, ApiResult, blocking},
     types::{DefineGroup, RestoreBody, SnapshotBody, SnapshotFilter},
@@ -67,7 +68,7 @@ async fn define_group<S: SnapshotService>(
 
 async fn remove_group<S: SnapshotService>(
     State(s): State<Arc<S>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> ApiResult<GroupSpec> {
     let name = group_name(&name)?;
     let c = s.snapshots()?;
@@ -79,7 +80,7 @@ async fn remove_group<S: SnapshotService>(
 /// task, so a client that goes away cannot leave a prepared snapshot (and a busy group) behind.
 async fn create<S: SnapshotService>(
     State(s): State<Arc<S>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     body: Result<Option<Json<SnapshotBody>>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Manifest>), ApiError> {
     let method = body?.map(|Json(b)| b).unwrap_or_default().method;
@@ -108,7 +109,7 @@ async fn create<S: SnapshotService>(
 
 async fn list<S: SnapshotService>(
     State(s): State<Arc<S>>,
-    Query(filter): Query<SnapshotFilter>,
+    ApiQuery(filter): ApiQuery<SnapshotFilter>,
 ) -> ApiResult<Vec<Manifest>> {
     let c = s.snapshots()?;
     let mut all = blocking(move || c.list()).await?;
@@ -120,7 +121,7 @@ async fn list<S: SnapshotService>(
 
 async fn show<S: SnapshotService>(
     State(s): State<Arc<S>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Manifest> {
     let id = snapshot_id(&id)?;
     let c = s.snapshots()?;
@@ -129,7 +130,7 @@ async fn show<S: SnapshotService>(
 
 async fn remove<S: SnapshotService>(
     State(s): State<Arc<S>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Manifest> {
     let id = snapshot_id(&id)?;
     let c = s.snapshots()?;
@@ -138,7 +139,7 @@ async fn remove<S: SnapshotService>(
 
 async fn restore<S: SnapshotService>(
     State(s): State<Arc<S>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     body: Result<Option<Json<RestoreBody>>, JsonRejection>,
 ) -> ApiResult<RestoreReport> {
     let req = body?.map(|Json(r)| r).unwrap_or_default();

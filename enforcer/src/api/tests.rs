@@ -719,3 +719,5 @@ async fn tls_between_hosts_admits_only_client_certificates_of_the_ca() {
     ));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+mod fuzz;

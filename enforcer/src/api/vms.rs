@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use axum::{
     Json,
-    extract::{Path, State, rejection::JsonRejection},
+    extract::{State, rejection::JsonRejection},
     http::StatusCode,
 };
 
 use super::error::{ApiError, ApiResult};
+use super::extract::ApiPath;
 use crate::{
     agent::{
         Abort, Agent, AgentDatapath, Announce, Announced, GroupView, RawTarget, RegisterVm,
@@ -34,7 +35,7 @@ pub(crate) async fn list<D: AgentDatapath>(
 
 pub(crate) async fn get_one<D: AgentDatapath>(
     State(a): State<Arc<Agent<D>>>,
-    Path(mac): Path<String>,
+    ApiPath(mac): ApiPath<String>,
 ) -> ApiResult<VmRecord> {
     Ok(Json(a.vm(parse_mac(&mac)?)?))
 }
@@ -50,7 +51,7 @@ pub(crate) async fn register<D: AgentDatapath>(
 
 pub(crate) async fn unregister<D: AgentDatapath>(
     State(a): State<Arc<Agent<D>>>,
-    Path(mac): Path<String>,
+    ApiPath(mac): ApiPath<String>,
 ) -> ApiResult<VmRecord> {
     let mac = parse_mac(&mac)?;
     a.refuse_if_claimed(&[RawTarget::Vm(mac)])?;
@@ -59,7 +60,7 @@ pub(crate) async fn unregister<D: AgentDatapath>(
 
 pub(crate) async fn set_epoch<D: AgentDatapath>(
     State(a): State<Arc<Agent<D>>>,
-    Path(mac): Path<String>,
+    ApiPath(mac): ApiPath<String>,
     body: Result<Json<SetEpoch>, JsonRejection>,
 ) -> ApiResult<VmRecord> {
     let mac = parse_mac(&mac)?;
@@ -74,7 +75,7 @@ pub(crate) async fn set_epoch<D: AgentDatapath>(
 
 pub(crate) async fn advance<D: AgentDatapath>(
     State(a): State<Arc<Agent<D>>>,
-    Path(mac): Path<String>,
+    ApiPath(mac): ApiPath<String>,
 ) -> ApiResult<VmRecord> {
     let mac = parse_mac(&mac)?;
     a.refuse_if_claimed(&[RawTarget::Vm(mac)])?;
@@ -99,7 +100,7 @@ fn parse_group(group: &str) -> Result<u32, ApiError> {
 
 pub(crate) async fn abort<D: AgentDatapath>(
     State(a): State<Arc<Agent<D>>>,
-    Path(group): Path<String>,
+    ApiPath(group): ApiPath<String>,
     body: Result<Json<Abort>, JsonRejection>,
 ) -> ApiResult<Vec<VmRecord>> {
     let group = parse_group(&group)?;
@@ -113,7 +114,7 @@ pub(crate) async fn abort<D: AgentDatapath>(
 /// snapshot's own step).
 pub(crate) async fn announce<D: AgentDatapath>(
     State(a): State<Arc<Agent<D>>>,
-    Path(group): Path<String>,
+    ApiPath(group): ApiPath<String>,
     body: Result<Json<Announce>, JsonRejection>,
 ) -> ApiResult<Announced> {
     let group = parse_group(&group)?;

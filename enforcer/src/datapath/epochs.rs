@@ -41,7 +41,7 @@ pub enum EpochError<E: std::error::Error + 'static> {
     #[error("no group {0}")]
     UnknownGroup(u32),
     #[error(
-        "a frame of {mac} carried color {color}, above what the coordinator announced it may reach ({ceiling}): forged, not learned"
+        "the view of {mac} cannot rise to {color}: above what the coordinator announced it may reach ({ceiling})"
     )]
     AboveCeiling {
         mac: MacAddr,

@@ -41,26 +41,15 @@ pub struct Changed {
 }
 
 /// Raises this host's view of a VM on another host to `color`, a color one of its frames
-/// carried (invariant 2 across hosts): never above what the coordinator announced the VM may
-/// reach ([`VmEpoch::may_carry`]; the datapath drops such frames already, this keeps a ring
-/// entry from elsewhere from teaching it either), refused as [`EpochError::AboveCeiling`].
+/// carried (invariant 2 across hosts), through [`change_epoch`]: never above what the
+/// coordinator announced the VM may reach (the datapath drops such frames already; this keeps
+/// a ring entry from elsewhere from teaching it either).
 pub fn learn_view<S: EpochStore>(
     store: &mut S,
     buffer: &mut impl BufferLink,
     mac: MacAddr,
     color: u32,
 ) -> Result<Changed, EpochError<S::Error>> {
-    let current: VmEpoch = store
-        .vm(&mac.key())
-        .map_err(EpochError::Store)?
-        .ok_or(EpochError::UnknownVm(mac))?;
-    if !current.may_carry(color) {
-        return Err(EpochError::AboveCeiling {
-            mac,
-            color,
-            ceiling: current.ceiling,
-        });
-    }
     change_epoch(store, buffer, mac, Some(color), true)
 }
 
@@ -97,6 +86,15 @@ pub fn change_epoch<S: EpochStore>(
             mac,
             current: current.epoch,
             requested: epoch,
+        });
+    }
+    // A view never goes past what the coordinator announced its VM may reach, whoever asks:
+    // a frame's color, or a raw change through the API.
+    if !current.may_carry(epoch) {
+        return Err(EpochError::AboveCeiling {
+            mac,
+            color: epoch,
+            ceiling: current.ceiling,
         });
     }
     let drain = buffer.tell(Notice::Vm {

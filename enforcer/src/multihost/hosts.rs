@@ -612,6 +612,9 @@ impl EpochControl for Hosts {
     /// what was held for it, as an abort must.
     fn abort_epochs(&self, group: &GroupSpec, epoch: u32) -> Result<(), EpochControlError> {
         let target = epoch + 1;
+        // The views may carry the target before they are raised to it (an agent may have
+        // missed the snapshot's own announcement, or the snapshot may have failed before it).
+        self.announce(group, target)?;
         let mut failed = Vec::new();
         for vm in &group.vms {
             let (owner, _) = self.owner(vm)?;
