@@ -105,7 +105,8 @@ pub struct VmLab {
     pub host_ip: Ipv4Addr,
     pub vms: Vec<GuestVm>,
     pub console_dir: PathBuf,
-    conn: Connect,
+    /// The lab's own connection to libvirtd, opened again after libvirtd restarted.
+    conn: std::sync::Mutex<Connect>,
     opts: VmLabOptions,
 }
 
@@ -157,7 +158,7 @@ impl VmLab {
             host_ip,
             vms,
             console_dir,
-            conn,
+            conn: std::sync::Mutex::new(conn),
             opts,
         };
         // Leftovers of a run that was killed.
@@ -244,7 +245,7 @@ impl VmLab {
     /// The file a running guest's `vda` is on now.
     pub fn active_disk(&self, vm: &GuestVm) -> Result<PathBuf, VmLabError> {
         let xml = self
-            .conn
+            .conn()
             .lookup_domain_by_name(&vm.name)
             .and_then(|d| d.xml_desc(0))
             .map_err(|e| VmLabError::Libvirt(format!("{}: {e}", vm.name)))?;
@@ -300,7 +301,7 @@ impl VmLab {
                 stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
             });
         }
-        self.conn
+        self.conn()
             .create_domain_xml(&self.domain_xml(vm), 0)
             .map(|_| ())
             .map_err(|e| VmLabError::Libvirt(format!("starting {}: {e}", vm.name)))
@@ -308,7 +309,7 @@ impl VmLab {
 
     /// Boots a guest afresh (a new disk), destroying what runs under its name.
     pub fn reboot(&self, vm: &GuestVm) -> Result<(), VmLabError> {
-        if let Ok(dom) = self.conn.lookup_domain_by_name(&vm.name)
+        if let Ok(dom) = self.conn().lookup_domain_by_name(&vm.name)
             && dom.is_active().unwrap_or(false)
         {
             let _ = dom.destroy();
@@ -346,7 +347,7 @@ impl VmLab {
     /// Destroys every guest of the lab (they are transient: destroyed is gone).
     pub fn destroy_all(&self) {
         for vm in &self.vms {
-            if let Ok(dom) = self.conn.lookup_domain_by_name(&vm.name)
+            if let Ok(dom) = self.conn().lookup_domain_by_name(&vm.name)
                 && dom.is_active().unwrap_or(false)
             {
                 let _ = dom.destroy();
@@ -357,7 +358,7 @@ impl VmLab {
     /// Pauses (`true`) or resumes a guest through libvirt.
     pub fn set_paused(&self, vm: &GuestVm, paused: bool) -> Result<(), VmLabError> {
         let dom = self
-            .conn
+            .conn()
             .lookup_domain_by_name(&vm.name)
             .map_err(|e| VmLabError::Libvirt(format!("{}: {e}", vm.name)))?;
         if paused { dom.suspend() } else { dom.resume() }
@@ -366,7 +367,7 @@ impl VmLab {
 
     /// Whether a guest is running (not paused, not gone).
     pub fn running(&self, vm: &GuestVm) -> bool {
-        self.conn
+        self.conn()
             .lookup_domain_by_name(&vm.name)
             .and_then(|d| d.state())
             .is_ok_and(|(state, _)| {
@@ -460,6 +461,19 @@ impl VmLab {
         self.opts.uri.clone()
     }
 
+    /// The connection, opened again if libvirtd closed it (restarted): the lab outlives a
+    /// libvirtd restart as the daemon does.
+    fn conn(&self) -> Connect {
+        let mut conn = self.conn.lock().expect("lab connection lock");
+        // The lab runs no event loop of its own, so a closed connection shows only when a
+        // call fails: ask libvirtd something cheap.
+        let alive = conn.is_alive().unwrap_or(false) && conn.lib_version().is_ok();
+        if !alive && let Ok(fresh) = Connect::open(Some(&self.opts.uri)) {
+            *conn = fresh;
+        }
+        conn.clone()
+    }
+
     pub fn guest_dir(&self) -> &Path {
         &self.opts.guest_dir
     }
@@ -468,6 +482,60 @@ impl VmLab {
     pub fn redis(&self) -> Option<(&GuestVm, &[GuestVm])> {
         self.opts.redis.then(|| self.vms.split_first()).flatten()
     }
+}
+
+/// Where `scripts/setup.sh` keeps the pid of the libvirtd it started (no systemd).
+const LIBVIRTD_PID: &str = "/run/enforcer-libvirtd.pid";
+
+/// Restarts libvirtd as an upgrade would: the guests run on (QEMU does not depend on it), and
+/// every client connection is closed. The libvirtd `scripts/setup.sh` started is stopped and
+/// started again the same way; one systemd runs is restarted by systemd.
+pub fn restart_libvirtd(uri: &str) -> Result<(), LabError> {
+    let fail = |detail: String| LabError::Netns {
+        netns: "libvirtd".into(),
+        detail,
+    };
+    let ours = std::fs::read_to_string(LIBVIRTD_PID)
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+        .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+    if let Some(pid) = ours {
+        let pid = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+            .map_err(|e| fail(format!("stopping libvirtd ({pid}): {e}")))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            if std::time::Instant::now() > deadline {
+                return Err(fail(format!("libvirtd ({pid}) did not stop in 30 s")));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let started = std::process::Command::new("libvirtd")
+            .args(["-d", "--pid-file", LIBVIRTD_PID])
+            .status()
+            .map_err(|e| fail(format!("starting libvirtd: {e}")))?;
+        if !started.success() {
+            return Err(fail(format!("libvirtd -d: {started}")));
+        }
+    } else {
+        let restarted = std::process::Command::new("systemctl")
+            .args(["restart", "libvirtd"])
+            .status()
+            .map_err(|e| fail(format!("systemctl restart libvirtd: {e}")))?;
+        if !restarted.success() {
+            return Err(fail(format!("systemctl restart libvirtd: {restarted}")));
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while Connect::open(Some(uri)).is_err() {
+        if std::time::Instant::now() > deadline {
+            return Err(fail(
+                "libvirtd does not answer 30 s after its restart".into(),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 impl Drop for VmLab {

@@ -178,6 +178,11 @@ pub async fn e2e(mut opts: VmDemoOptions) -> anyhow::Result<String> {
     let o = opts.clone();
     let (run, chain, crash, without) = with_lab(&opts, async move |lab, client| {
         let run = enforced(lab, client, &o).await?;
+        // A routine upgrade of libvirtd closes the daemon's connection: the snapshots and
+        // restores below go through only if the daemon connects again by itself.
+        log("restarting libvirtd (as an upgrade would); the daemon keeps running");
+        let uri = lab.uri();
+        blocking(move || Ok(crate::vms::restart_libvirtd(&uri)?)).await?;
         log("along the chain: a newer snapshot, the older one restored again, a new snapshot");
         let chain = super::chains::older_then_new(lab, client, &o, &run.manifest).await?;
         let group = GroupSpec {

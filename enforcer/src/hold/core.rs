@@ -336,7 +336,20 @@ impl Core {
                     vm.epoch = vm.epoch.max(copy.epoch);
                 }
                 self.released_vm.entry(mac).or_insert(vm.epoch);
+                let group = vm.group;
                 self.vms.insert(mac, vm);
+                // A member registered lower (a restore) lowers what the group's broadcasts may
+                // be released at too: never above its members' epochs (late, not early).
+                if let Some(min) = self
+                    .vms
+                    .values()
+                    .filter(|v| v.group == group)
+                    .map(|v| v.epoch)
+                    .min()
+                    && let Some(released) = self.released_group.get_mut(&group)
+                {
+                    *released = (*released).min(min);
+                }
             }
             Notice::Vm { mac, vm: None } => {
                 self.vms.remove(&mac);

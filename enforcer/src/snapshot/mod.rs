@@ -1,7 +1,7 @@
 //! Group snapshots as transactions: the coordinator ([`coordinator`]) runs each snapshot
 //! ([`transaction`]) and restore ([`restore`]) over a [`Hypervisor`] and an [`EpochControl`]
 //! ([`backends`]), keeps named groups ([`groups`]) and the store ([`store`], [`manifest`],
-//! its files private: [`private`]).
+//! its files private: [`private`]; room for a snapshot's images: [`room`]).
 //! [`libvirt`] is the real hypervisor of one host; the agents of several hosts implement the
 //! same traits over HTTP (`multihost`). Synchronous: every VM's part runs on its own thread.
 //!
@@ -16,6 +16,7 @@ pub mod libvirt;
 pub mod manifest;
 pub(crate) mod private;
 pub mod restore;
+pub mod room;
 pub mod store;
 #[cfg(test)]
 mod tests;

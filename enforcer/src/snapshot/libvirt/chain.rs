@@ -171,7 +171,7 @@ impl Libvirt {
             warn!(vm, "not shortening disk chains during a snapshot");
             return;
         }
-        let Ok(dom) = self.conn.lookup_domain_by_name(vm) else {
+        let Ok(dom) = self.domain(vm) else {
             return;
         };
         let running = dom.is_active().unwrap_or(false);
@@ -292,10 +292,7 @@ impl Libvirt {
         target: &str,
         start: impl FnOnce(sys::virDomainPtr, *const std::ffi::c_char) -> Result<i32, String>,
     ) -> Result<(), String> {
-        let dom = self
-            .conn
-            .lookup_domain_by_name(vm)
-            .map_err(|e| e.to_string())?;
+        let dom = self.domain(vm).map_err(|e| e.to_string())?;
         let disk = CString::new(target).map_err(|e| e.to_string())?;
         // SAFETY: `dom` outlives every use of its pointer in this function.
         let ptr = unsafe { dom.as_ptr() };

@@ -2,7 +2,7 @@
 //! its restore, and the clean-up of an unfinished snapshot.
 
 use std::{
-    os::fd::AsRawFd,
+    os::{fd::AsRawFd, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -22,14 +22,15 @@ use super::{
     image::SaveImage,
     xml::{file_disks, first_nic},
 };
-use crate::snapshot::DomainState;
 use crate::{
     model::{IfName, MacAddr, VmSpec},
     sched::Boost,
     snapshot::{
+        DomainState,
         backends::{HvError, HvErrorKind, Hypervisor, Paused, unix_us},
         manifest::CutMethod,
         private::copy_private,
+        room,
         store::discard_local,
     },
 };
@@ -128,6 +129,25 @@ impl Hypervisor for Libvirt {
                  on this platform; the instant method does not rely on dirty-page tracking"
             );
         }
+        // Room in the store before anything is written there.
+        let memory_kib = dom.max_memory().map_err(|e| hv_err(name, e.to_string()))?;
+        let copied: u64 = match method {
+            CutMethod::PreCopy => disks
+                .iter()
+                .map(|d| std::fs::metadata(&d.file).map_or(0, |m| m.blocks() * 512))
+                .sum(),
+            CutMethod::Instant => 0,
+        };
+        let what = format!(
+            "memory {} MiB{}",
+            memory_kib / 1024,
+            if copied > 0 {
+                format!(", disk copies {} MiB", copied >> 20)
+            } else {
+                String::new()
+            }
+        );
+        let promise = self.promise(name, image_dir, room::estimate(memory_kib, copied), &what)?;
         let path = image_dir.join(format!("{name}.save"));
         let image = SaveImage::create(&path, &xml)
             .map_err(|e| hv_err(name, format!("creating {}: {e}", path.display())))?;
@@ -196,6 +216,7 @@ impl Hypervisor for Libvirt {
                 boost: None,
             },
         );
+        promise.keep();
         Ok(())
     }
 
@@ -295,6 +316,8 @@ impl Hypervisor for Libvirt {
             .expect("jobs lock")
             .remove(name)
             .ok_or_else(|| hv_err(name, "no snapshot in progress"))?;
+        // The image is written: it takes its space now, no promise needed.
+        self.release(name);
         let mut images = vec![job.image.path.clone()];
         let list = match method {
             CutMethod::Instant if !job.captures.is_empty() => {
@@ -387,7 +410,7 @@ impl Hypervisor for Libvirt {
                 .iter()
                 .find(|p| p.to_string_lossy().ends_with(&format!(".{suffix}")))
         };
-        if let Ok(dom) = self.conn.lookup_domain_by_name(name)
+        if let Ok(dom) = self.domain(name)
             && dom.is_active().unwrap_or(false)
         {
             return Err(HvError::new(
@@ -401,7 +424,7 @@ impl Hypervisor for Libvirt {
             .to_str()
             .ok_or_else(|| hv_err(name, "image path is not UTF-8"))?;
         let saved_xml = self
-            .conn
+            .conn(name)?
             .save_image_xml_desc(path, sys::VIR_DOMAIN_XML_SECURE)
             .map_err(|e| hv_err(name, format!("reading {path}: {e}")))?;
         // The image must be this VM's: libvirt restores whatever domain an image names, so
@@ -495,6 +518,7 @@ impl Hypervisor for Libvirt {
     fn cancel(&self, vm: &VmSpec) -> Result<(), HvError> {
         let name = vm.name.as_str();
         let job = self.jobs.lock().expect("jobs lock").remove(name);
+        self.release(name);
         let status = self.migration_status(name)?;
         if UNDER_WAY[..4].contains(&status.as_str()) {
             self.qmp(name, json!({"execute": "migrate_cancel"}), None)?;

@@ -56,15 +56,17 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use virt::{connect::Connect, domain::Domain, sys};
 
 use super::{
     backends::{HvError, HvErrorKind},
     manifest::CutMethod,
 };
-use crate::sched::{Boost, make_this_thread_realtime};
-use crate::snapshot::DomainState;
+use crate::{
+    sched::{Boost, make_this_thread_realtime},
+    snapshot::DomainState,
+};
 
 pub const DEFAULT_URI: &str = "qemu:///system";
 /// The name QEMU knows our image fd by.
@@ -196,11 +198,38 @@ struct Job {
 }
 
 pub struct Libvirt {
-    conn: Connect,
-    callback_id: c_int,
+    uri: String,
+    /// The connection to libvirtd, opened again when libvirtd went away (see
+    /// [`Libvirt::conn`]).
+    link: Mutex<Link>,
     jobs: Mutex<HashMap<String, Job>>,
     /// When each VM's current migration was started (µs since the Unix epoch).
     started: Mutex<HashMap<String, u64>>,
+    /// Bytes of store promised to each VM's snapshot in progress, from `begin` to its end
+    /// (see [`crate::snapshot::room`]).
+    promised: Mutex<HashMap<String, u64>>,
+}
+
+/// Releases a VM's promise of store space when `begin` fails after making it.
+pub(crate) struct Promise<'a> {
+    libvirt: &'a Libvirt,
+    vm: String,
+    kept: bool,
+}
+
+impl Promise<'_> {
+    /// `begin` went through: the promise lasts until the snapshot's end.
+    pub(crate) fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Promise<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.libvirt.release(&self.vm);
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -219,12 +248,14 @@ fn hv_err(vm: &str, detail: impl Into<String>) -> HvError {
     HvError::failed(vm, detail)
 }
 
-impl Libvirt {
-    pub fn open(uri: &str) -> Result<Self, LibvirtError> {
-        // libvirt's default handler prints every error (a lookup that misses included) to
-        // stderr; errors reach callers through results instead.
-        virt::error::clear_error_callback();
-        start_event_loop().map_err(LibvirtError::Events)?;
+/// One connection to libvirtd and its registration for QEMU's events.
+struct Link {
+    conn: Connect,
+    callback_id: c_int,
+}
+
+impl Link {
+    fn open(uri: &str) -> Result<Self, LibvirtError> {
         let conn = Connect::open(Some(uri)).map_err(|e| LibvirtError::Connect {
             uri: uri.into(),
             detail: e.to_string(),
@@ -249,20 +280,51 @@ impl Libvirt {
                 virt::error::Error::last_error()
             )));
         }
+        Ok(Self { conn, callback_id })
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // SAFETY: the id came from registering on this connection, which is still referenced
+        // (a connection libvirtd closed only fails the call).
+        unsafe {
+            sys::virConnectDomainQemuMonitorEventDeregister(self.conn.as_ptr(), self.callback_id);
+        }
+    }
+}
+
+impl Libvirt {
+    pub fn open(uri: &str) -> Result<Self, LibvirtError> {
+        // libvirt's default handler prints every error (a lookup that misses included) to
+        // stderr; errors reach callers through results instead.
+        virt::error::clear_error_callback();
+        start_event_loop().map_err(LibvirtError::Events)?;
         Ok(Self {
-            conn,
-            callback_id,
+            uri: uri.to_owned(),
+            link: Mutex::new(Link::open(uri)?),
             jobs: Mutex::new(HashMap::new()),
             started: Mutex::new(HashMap::new()),
+            promised: Mutex::new(HashMap::new()),
         })
     }
 
-    pub fn connection(&self) -> &Connect {
-        &self.conn
+    /// The connection to libvirtd. One that libvirtd closed (restarted, upgraded: case S13 of
+    /// the security review) is opened again, with QEMU's events registered again, so the
+    /// daemon goes on without a restart of its own; until libvirtd answers, the step fails
+    /// (`vm`'s, for the error) and the snapshot aborts as for any failed step.
+    pub fn conn(&self, vm: &str) -> Result<Connect, HvError> {
+        let mut link = self.link.lock().expect("libvirt link lock");
+        if !link.conn.is_alive().unwrap_or(false) {
+            let fresh = Link::open(&self.uri).map_err(|e| hv_err(vm, e.to_string()))?;
+            warn!(uri = self.uri, "libvirtd went away: connected again");
+            *link = fresh;
+        }
+        Ok(link.conn.clone())
     }
 
     pub fn domain(&self, name: &str) -> Result<Domain, HvError> {
-        self.conn.lookup_domain_by_name(name).map_err(|e| {
+        self.conn(name)?.lookup_domain_by_name(name).map_err(|e| {
             HvError::new(
                 name,
                 HvErrorKind::NoSuchDomain,
@@ -426,7 +488,7 @@ impl Libvirt {
         let path = image
             .to_str()
             .ok_or_else(|| hv_err(vm, "image path is not UTF-8"))?;
-        self.conn
+        self.conn(vm)?
             .restore_domain_flags(path, Some(&xml), sys::VIR_DOMAIN_SAVE_PAUSED)
             .map_err(|e| hv_err(vm, format!("restoring {path}: {e}")))?;
         first_nic(&self.live_xml(vm)?).map_err(|e| hv_err(vm, e))
@@ -458,12 +520,54 @@ impl Libvirt {
     }
 
     pub fn destroy_domain(&self, vm: &str) -> Result<(), HvError> {
-        match self.conn.lookup_domain_by_name(vm) {
+        match self.conn(vm)?.lookup_domain_by_name(vm) {
             Ok(dom) if dom.is_active().unwrap_or(false) => {
                 dom.destroy().map_err(|e| hv_err(vm, e.to_string()))
             }
             _ => Ok(()),
         }
+    }
+
+    /// Promises `need` bytes of the store at `dir` to `vm`'s snapshot if they fit beside what
+    /// is promised to the others in progress ([`crate::snapshot::room::check`]); refused
+    /// with the numbers otherwise.
+    pub(crate) fn promise(
+        &self,
+        vm: &str,
+        dir: &Path,
+        need: u64,
+        what: &str,
+    ) -> Result<Promise<'_>, HvError> {
+        let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| {
+            hv_err(
+                vm,
+                format!("the store's free space ({}): {e}", dir.display()),
+            )
+        })?;
+        let free = stat.blocks_available().saturating_mul(stat.fragment_size());
+        let mut promised = self.promised.lock().expect("promised lock");
+        let others: u64 = promised
+            .iter()
+            .filter(|(name, _)| name.as_str() != vm)
+            .map(|(_, n)| n)
+            .sum();
+        crate::snapshot::room::check(free, others, need, what)
+            .map_err(|e| hv_err(vm, e.to_string()))?;
+        promised.insert(vm.to_owned(), need);
+        info!(
+            vm,
+            need, free, others, "store space promised to the snapshot ({what})"
+        );
+        Ok(Promise {
+            libvirt: self,
+            vm: vm.to_owned(),
+            kept: false,
+        })
+    }
+
+    /// The end of `vm`'s snapshot: its image is written (or gone), its promise too.
+    pub(crate) fn release(&self, vm: &str) {
+        self.promised.lock().expect("promised lock").remove(vm);
     }
 
     /// Whether the domain exists and runs (see [`DomainState`]).
@@ -497,14 +601,5 @@ impl Libvirt {
             Result::<_, _>::from(state),
             Ok(virt::domain::DomainState::Running)
         ))
-    }
-}
-
-impl Drop for Libvirt {
-    fn drop(&mut self) {
-        // SAFETY: the id came from registering on this connection, which is still open.
-        unsafe {
-            sys::virConnectDomainQemuMonitorEventDeregister(self.conn.as_ptr(), self.callback_id);
-        }
     }
 }
