@@ -287,6 +287,25 @@ impl<D: AgentDatapath> Agent<D> {
                         dirs.push(dir);
                     }
                 }
+                // A snapshot's own directory: right under the store, named as snapshots are.
+                let snapshot_dir = |d: &Option<PathBuf>| {
+                    d.as_deref().is_some_and(|d| {
+                        d.parent() == Some(store.as_path())
+                            && d.file_name()
+                                .and_then(|n| n.to_str())
+                                .is_some_and(|n| n.parse::<SnapshotId>().is_ok())
+                    })
+                };
+                if let Some(other) = dirs.iter().find(|d| !snapshot_dir(d)) {
+                    return Err(DomainError::Hypervisor(HvError::new(
+                        &vm.name,
+                        HvErrorKind::NotItsImage,
+                        format!(
+                            "{} is no snapshot's directory of the store",
+                            other.as_deref().unwrap_or(Path::new("/")).display()
+                        ),
+                    )));
+                }
                 // One snapshot's files only: a memory image of one with the disks of another
                 // would restore a VM whose disks never matched its memory.
                 if dirs.len() > 1 {

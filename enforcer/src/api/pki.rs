@@ -40,7 +40,7 @@ pub enum PkiError {
     CaExists(PathBuf),
     #[error("no CA in {0} (make one with `enforcer tls ca`)")]
     NoCa(PathBuf),
-    #[error("certificate name {0:?}: 1-64 of [A-Za-z0-9_.-], not starting with '.'")]
+    #[error("certificate name {0:?}: 1-64 of [A-Za-z0-9_.-], not starting with '.', not `ca`")]
     BadName(String),
     #[error("making the certificate: {0}")]
     Rcgen(#[from] rcgen::Error),
@@ -104,8 +104,10 @@ pub fn issue(
     role: Role,
     addresses: &[String],
 ) -> Result<(PathBuf, PathBuf), PkiError> {
+    // `ca` is the CA's own file name: a certificate of that name would overwrite it.
     let valid = !name.is_empty()
         && name.len() <= 64
+        && name != "ca"
         && !name.starts_with('.')
         && name
             .chars()

@@ -45,6 +45,11 @@ pub enum CoordinatorRoleError {
          (--tls-cert, --tls-key, --tls-ca)"
     )]
     AgentNeedsTls(String),
+    #[error(
+        "host {0}'s agent is http://, and TLS is configured: name it https:// (the token would \
+         cross the network in clear)"
+    )]
+    AgentInClear(String),
 }
 
 pub struct RunningCoordinator {
@@ -85,6 +90,12 @@ pub async fn start_coordinator(
             .find(|h| h.agent.starts_with("https://"))
     {
         return Err(CoordinatorRoleError::AgentNeedsTls(h.name.clone()));
+    }
+    // With TLS configured, nothing goes to an agent in clear (the token included).
+    if config.tls.is_some()
+        && let Some(h) = config.hosts.iter().find(|h| h.agent.starts_with("http://"))
+    {
+        return Err(CoordinatorRoleError::AgentInClear(h.name.clone()));
     }
     let client_tls = config
         .tls

@@ -614,8 +614,12 @@ impl EpochControl for Hosts {
         let target = epoch + 1;
         // The views may carry the target before they are raised to it (an agent may have
         // missed the snapshot's own announcement, or the snapshot may have failed before it).
-        self.announce(group, target)?;
+        // An agent that does not answer fails the abort (its journal stays), but the others
+        // still move forward now.
         let mut failed = Vec::new();
+        if let Err(EpochControlError::Hosts(hosts)) = self.announce(group, target) {
+            failed.extend(hosts);
+        }
         for vm in &group.vms {
             let (owner, _) = self.owner(vm)?;
             let client = &owner.agent.client;

@@ -90,8 +90,12 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
         };
         let journal_path = self.restore_journal_path(id)?;
         write_atomically(&journal_path, &journal)?;
-        let result = self.restore_journaled(&m, bridge, &mut journal, &journal_path);
-        if let Err(err) = remove_durably(&journal_path) {
+        let undo_failed = std::cell::Cell::new(false);
+        let result = self.restore_journaled(&m, bridge, &mut journal, &journal_path, &undo_failed);
+        if result.is_err() && undo_failed.get() {
+            // Something restored could not be destroyed: the next start tries again.
+            warn!(%id, "undoing the failed restore did not go through; its journal stays");
+        } else if let Err(err) = remove_durably(&journal_path) {
             warn!(%id, %err, "removing the restore's journal");
         }
         result
@@ -112,6 +116,7 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
         bridge: Option<&IfName>,
         journal: &mut RestoreJournal,
         journal_path: &std::path::Path,
+        undo_failed: &std::cell::Cell<bool>,
     ) -> Result<RestoreReport, CoordinatorError> {
         let id = &m.id;
         let t0 = Instant::now();
@@ -123,7 +128,12 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
         // Nothing restored stays: no domain, and no registration pointing at its dead port.
         let undo = |restored: &[RestoredVm]| {
             for r in restored {
-                let _ = self.hypervisor.destroy(&spec(r));
+                if let Err(e) = self.hypervisor.destroy(&spec(r))
+                    && e.kind != HvErrorKind::NoSuchDomain
+                {
+                    warn!(vm = r.name, %e, "destroying a VM of a failed restore");
+                    undo_failed.set(true);
+                }
                 let _ = self.epochs.unregister(&spec(r));
             }
         };
@@ -189,6 +199,11 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             match at {
                 Ok(at) => r.resumed_ms = at,
                 Err(e) => {
+                    // Back to undoing: a coordinator that dies from here destroys, not resumes.
+                    journal.resuming = false;
+                    if write_atomically(journal_path, &*journal).is_err() {
+                        undo_failed.set(true);
+                    }
                     undo(&restored);
                     return Err(e.into());
                 }
@@ -238,11 +253,15 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             for vm in &journal.vms {
                 let done = match self.hypervisor.state(&vm.name) {
                     Ok(DomainState::Paused) if journal.resuming => self.hypervisor.resume(vm),
-                    Ok(DomainState::Paused) => self.hypervisor.destroy(vm).and_then(|()| {
-                        self.epochs
-                            .unregister(vm)
-                            .map_err(|e| HvError::failed(&vm.name, e.to_string()))
-                    }),
+                    // Before the resumes (or undoing them): whatever of the group is there was
+                    // restored by it (the restore began with none there).
+                    Ok(DomainState::Paused | DomainState::Running) if !journal.resuming => {
+                        self.hypervisor.destroy(vm).and_then(|()| {
+                            self.epochs
+                                .unregister(vm)
+                                .map_err(|e| HvError::failed(&vm.name, e.to_string()))
+                        })
+                    }
                     Ok(_) => Ok(()),
                     Err(e) => Err(e),
                 };

@@ -42,72 +42,124 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
     }
 
     /// Aborts every snapshot a previous coordinator left unfinished. A journal stays until its
-    /// abort went through, so a failed clean-up is tried again at the next start.
+    /// abort went through, so a failed clean-up is tried again at the next start (and before
+    /// the group's next snapshot: [`Coordinator::finish_leftovers`]).
     pub(crate) fn recover(&self) -> Result<(), CoordinatorError> {
+        for path in self.journal_paths() {
+            self.finish_journal(&path);
+        }
+        Ok(())
+    }
+
+    fn journal_paths(&self) -> Vec<PathBuf> {
         let mut paths: Vec<PathBuf> = fs::read_dir(self.store.join("journals"))
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
         // The single journal of earlier versions.
         paths.push(self.store.join("journal.json"));
-        for path in paths {
-            let Ok(text) = fs::read_to_string(&path) else {
+        paths.retain(|p| p.is_file());
+        paths
+    }
+
+    /// Before a snapshot of `group`: a journal of an earlier one of the same group that is not
+    /// running here (its abort did not go through, or its manifest could not be written) is
+    /// finished first; if it still cannot be, the new snapshot is refused (`Busy`) — aborting
+    /// it later would roll the group back under newer snapshots.
+    pub(crate) fn finish_leftovers(&self, group: &GroupSpec) -> Result<(), CoordinatorError> {
+        for path in self.journal_paths() {
+            let Some(journal) = fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Journal>(&t).ok())
+            else {
                 continue;
             };
-            let journal: Journal = match serde_json::from_str(&text) {
-                Ok(j) => j,
-                Err(err) => {
-                    warn!(%err, path = %path.display(), "unreadable snapshot journal; removing it");
-                    let _ = fs::remove_file(&path);
-                    continue;
-                }
-            };
-            // Committed, and only the journal's removal was lost (a crash right after the
-            // manifest, or a power loss before the unlink reached the disk): it stands.
-            if self.committed(&journal.id) {
-                warn!(id = %journal.id, "a committed snapshot's journal was left; removing it");
-                if let Err(err) = remove_durably(&path) {
-                    warn!(%err, path = %path.display(), "removing a committed snapshot's journal");
-                }
+            let running = self
+                .live
+                .lock()
+                .expect("live lock")
+                .contains_key(&journal.id);
+            if journal.group.name != group.name || running {
                 continue;
             }
-            warn!(
-                id = %journal.id,
-                group = %journal.group.name,
-                "aborting a snapshot left unfinished by a previous coordinator"
-            );
-            let reason = "the coordinator stopped during the snapshot".to_owned();
-            let vms = journal.group.vms.iter().map(SnapshotVm::pending).collect();
-            let mut manifest = Manifest {
-                id: journal.id.clone(),
-                group: journal.group.clone(),
-                epoch: journal.epoch_before + 1,
-                outcome: SnapshotOutcome::Aborted,
-                reason: Some(reason),
-                method: journal.method,
-                started_unix_ms: 0,
-                stop_spread_ms: None,
-                held_frames: None,
-                released_ms: None,
-                vms,
-            };
-            let clean = self.abort(&journal, &mut manifest);
-            // A manifest that cannot be written (a full disk) must not keep the coordinator
-            // from starting: the journal stays, and the next start tries again.
-            match self.write_manifest(&manifest) {
-                Ok(()) if clean => {
-                    if let Err(err) = remove_durably(&path) {
-                        warn!(%err, path = %path.display(), "removing an aborted snapshot's journal");
-                    }
-                }
-                Ok(()) => {}
-                Err(err) => warn!(
-                    id = %journal.id,
-                    %err,
-                    "writing the aborted snapshot's manifest; its journal stays for the next start"
-                ),
+            if !self.finish_journal(&path) {
+                return Err(CoordinatorError::Busy {
+                    group: group.name.clone(),
+                    by: format!(
+                        "the unfinished abort of {} (tried again, not through yet)",
+                        journal.id
+                    ),
+                });
             }
         }
         Ok(())
+    }
+
+    /// Finishes one journal: a committed snapshot's is dropped, anything else aborted.
+    /// Returns whether the journal is gone.
+    fn finish_journal(&self, path: &Path) -> bool {
+        let Ok(text) = fs::read_to_string(path) else {
+            return true;
+        };
+        let journal: Journal = match serde_json::from_str(&text) {
+            Ok(j) => j,
+            Err(err) => {
+                warn!(%err, path = %path.display(), "unreadable snapshot journal; removing it");
+                return remove_durably(path).is_ok();
+            }
+        };
+        // Committed, and only the journal's removal was lost (a crash right after the
+        // manifest, or a power loss before the unlink reached the disk): it stands.
+        if self.committed(&journal.id) {
+            warn!(id = %journal.id, "a committed snapshot's journal was left; removing it");
+            return match remove_durably(path) {
+                Ok(()) => true,
+                Err(err) => {
+                    warn!(%err, path = %path.display(), "removing a committed snapshot's journal");
+                    false
+                }
+            };
+        }
+        warn!(
+            id = %journal.id,
+            group = %journal.group.name,
+            "aborting a snapshot left unfinished by a previous coordinator"
+        );
+        let reason = "the coordinator stopped during the snapshot".to_owned();
+        let vms = journal.group.vms.iter().map(SnapshotVm::pending).collect();
+        let mut manifest = Manifest {
+            id: journal.id.clone(),
+            group: journal.group.clone(),
+            epoch: journal.epoch_before + 1,
+            outcome: SnapshotOutcome::Aborted,
+            reason: Some(reason),
+            method: journal.method,
+            started_unix_ms: 0,
+            stop_spread_ms: None,
+            held_frames: None,
+            released_ms: None,
+            vms,
+        };
+        let clean = self.abort(&journal, &mut manifest);
+        // A manifest that cannot be written (a full disk) must not keep the coordinator
+        // from starting: the journal stays, and the next start tries again.
+        match self.write_manifest(&manifest) {
+            Ok(()) if clean => match remove_durably(path) {
+                Ok(()) => true,
+                Err(err) => {
+                    warn!(%err, path = %path.display(), "removing an aborted snapshot's journal");
+                    false
+                }
+            },
+            Ok(()) => false,
+            Err(err) => {
+                warn!(
+                    id = %journal.id,
+                    %err,
+                    "writing the aborted snapshot's manifest; its journal stays for the next start"
+                );
+                false
+            }
+        }
     }
 
     /// Whether the store holds a committed manifest for `id`.

@@ -100,6 +100,7 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             }
             Ok(port)
         };
+        self.finish_leftovers(group)?;
         let again = self.epochs.restore_registrations(group, &port_of)?;
         if !again.is_empty() {
             warn!(

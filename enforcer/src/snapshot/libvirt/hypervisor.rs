@@ -316,8 +316,8 @@ impl Hypervisor for Libvirt {
             .expect("jobs lock")
             .remove(name)
             .ok_or_else(|| hv_err(name, "no snapshot in progress"))?;
-        // The image is written: it takes its space now, no promise needed.
-        self.release(name);
+        // The promise ends with this step, once the disk copies are written too.
+        let _promise = self.promise_until_dropped(name);
         let mut images = vec![job.image.path.clone()];
         let list = match method {
             CutMethod::Instant if !job.captures.is_empty() => {

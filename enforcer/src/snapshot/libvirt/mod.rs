@@ -314,9 +314,16 @@ impl Libvirt {
     /// daemon goes on without a restart of its own; until libvirtd answers, the step fails
     /// (`vm`'s, for the error) and the snapshot aborts as for any failed step.
     pub fn conn(&self, vm: &str) -> Result<Connect, HvError> {
+        {
+            let link = self.link.lock().expect("libvirt link lock");
+            if link.conn.is_alive().unwrap_or(false) {
+                return Ok(link.conn.clone());
+            }
+        }
+        // Opened without the lock: other calls need not wait for a libvirtd that starts.
+        let fresh = Link::open(&self.uri).map_err(|e| hv_err(vm, e.to_string()))?;
         let mut link = self.link.lock().expect("libvirt link lock");
         if !link.conn.is_alive().unwrap_or(false) {
-            let fresh = Link::open(&self.uri).map_err(|e| hv_err(vm, e.to_string()))?;
             warn!(uri = self.uri, "libvirtd went away: connected again");
             *link = fresh;
         }
@@ -325,11 +332,21 @@ impl Libvirt {
 
     pub fn domain(&self, name: &str) -> Result<Domain, HvError> {
         self.conn(name)?.lookup_domain_by_name(name).map_err(|e| {
-            HvError::new(
-                name,
-                HvErrorKind::NoSuchDomain,
-                format!("no such domain ({})", e.message()),
-            )
+            // Only libvirt's own "no such domain" says it is gone; any other failure (an RPC
+            // cut by a libvirtd restart) says nothing about the domain.
+            let gone = matches!(
+                Result::<_, _>::from(e.code()),
+                Ok(virt::error::ErrorNumber::NoDomain)
+            );
+            if gone {
+                HvError::new(
+                    name,
+                    HvErrorKind::NoSuchDomain,
+                    format!("no such domain ({})", e.message()),
+                )
+            } else {
+                hv_err(name, format!("looking the domain up: {}", e.message()))
+            }
         })
     }
 
@@ -563,6 +580,15 @@ impl Libvirt {
             vm: vm.to_owned(),
             kept: false,
         })
+    }
+
+    /// `vm`'s promise, ended when the returned guard is dropped.
+    pub(crate) fn promise_until_dropped(&self, vm: &str) -> Promise<'_> {
+        Promise {
+            libvirt: self,
+            vm: vm.to_owned(),
+            kept: false,
+        }
     }
 
     /// The end of `vm`'s snapshot: its image is written (or gone), its promise too.

@@ -250,3 +250,41 @@ fn a_restore_refuses_while_a_vm_of_the_group_is_there() {
     drop(w);
     let _ = fs::remove_dir_all(dir);
 }
+
+/// A journal left by a snapshot whose manifest could not be written is finished before the
+/// group's next snapshot, not at some later start (where its abort would roll the group back
+/// under the newer snapshots).
+#[test]
+fn a_leftover_journal_is_finished_before_the_groups_next_snapshot() {
+    use crate::snapshot::private::full;
+    let g = group(2);
+    let dir = store();
+    let (c, hv) = coordinator(&g, &dir);
+    // The manifest is the second file a pre-copy snapshot writes.
+    full::from_nth_file(&dir, 2);
+    assert!(c.snapshot(&g, PRE).is_err());
+    full::freed(&dir);
+    assert_eq!(fs::read_dir(dir.join("journals")).unwrap().count(), 1);
+    let m = c.snapshot(&g, PRE).unwrap();
+    assert_eq!((m.outcome, m.epoch), (Outcome::Committed, 1), "{m:?}");
+    assert_eq!(fs::read_dir(dir.join("journals")).unwrap().count(), 0);
+    // A later start finds nothing to roll back: the committed snapshot and its epochs stand.
+    drop(c);
+    let survivors = hv.world.lock().unwrap().survivors();
+    let (c, hv) = open_on(FakeHypervisor::from_world(survivors), &dir);
+    let w = hv.world.lock().unwrap();
+    assert!(
+        g.vms.iter().all(|vm| w.epochs[&vm.mac] == 1),
+        "{:?}",
+        w.epochs
+    );
+    let committed: Vec<Manifest> = c
+        .list()
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.outcome == Outcome::Committed)
+        .collect();
+    assert_eq!(committed.len(), 1);
+    drop(w);
+    let _ = fs::remove_dir_all(dir);
+}
