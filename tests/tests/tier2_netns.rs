@@ -719,3 +719,62 @@ async fn reqwest_like_get(running: &Running, path: &str) -> (u16, String) {
     let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
     (code, text)
 }
+
+/// Case S13 of the security review: libvirtd not there when the daemon starts (starting, being
+/// restarted) is no reason to leave the VMs unenforced. The daemon starts, its datapath and API
+/// run, the snapshot routes answer 503 with the reason, and snapshots come on by themselves
+/// once libvirt answers (here: its socket appears where the URI points).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_runs_without_libvirt_and_takes_snapshots_once_it_answers() {
+    require_root();
+    let lab = Lab::create(&lab_prefix('l'), 1).unwrap();
+    let pins = PinRoot::new("nolibvirt");
+    let socket =
+        std::env::temp_dir().join(format!("enforcer-t2-libvirt-{}.sock", std::process::id()));
+    let store = std::env::temp_dir().join(format!("enforcer-t2-store-{}", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let running = daemon::start(DaemonConfig {
+        snapshots: Some(enforcer::agent::SnapshotOptions {
+            uri: format!("qemu+unix:///system?socket={}", socket.display()),
+            store: store.clone(),
+            ..Default::default()
+        }),
+        ..config(&lab, &pins)
+    })
+    .await
+    .expect("the daemon starts without libvirt");
+    let client = Client::new(running.addr.to_string(), None);
+    assert_eq!(client.health().await.unwrap().status, "ok");
+    match client.snapshots(None).await {
+        Err(enforcer::api::client::ClientError::Api {
+            status,
+            code,
+            message,
+        }) => {
+            assert_eq!(
+                (status.as_u16(), code),
+                (503, enforcer::api::ErrorCode::Unavailable),
+                "{message}"
+            );
+            assert!(message.contains("retrying"), "{message}");
+        }
+        other => panic!("snapshots before libvirt answers: {other:?}"),
+    }
+    // libvirtd "comes up" where the URI points.
+    std::os::unix::fs::symlink("/run/libvirt/libvirt-sock", &socket).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let listed = loop {
+        match client.snapshots(None).await {
+            Ok(list) => break list,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("snapshots never came on: {e}"),
+        }
+    };
+    assert!(listed.is_empty());
+    running.stop().await.unwrap();
+    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_dir_all(&store);
+}

@@ -69,6 +69,33 @@ pub fn open<D: AgentDatapath>(
     )?)
 }
 
+/// Opens the service once libvirt answers, retrying every 2 s from a thread of its own; gives
+/// up when the agent is gone. Meanwhile the snapshot routes answer 503 with the reason.
+pub fn open_when_ready<D: AgentDatapath + 'static>(opts: SnapshotOptions, agent: Weak<Agent<D>>) {
+    thread::Builder::new()
+        .name("snapshots-open".into())
+        .spawn(move || {
+            loop {
+                thread::sleep(Duration::from_secs(2));
+                let Some(agent) = agent.upgrade() else {
+                    return;
+                };
+                match open(&opts, &agent) {
+                    Ok(c) => {
+                        agent.set_snapshots(Arc::new(c));
+                        agent.set_snapshots_pending(None);
+                        tracing::info!(uri = opts.uri, "libvirt answers: snapshots are on");
+                        return;
+                    }
+                    Err(err) => {
+                        agent.set_snapshots_pending(Some(format!("{err}; retrying every 2 s")));
+                    }
+                }
+            }
+        })
+        .expect("spawning the snapshots-open thread");
+}
+
 /// [`EpochControl`] on the agent's own datapath and buffer.
 pub struct LocalEpochs<D: AgentDatapath> {
     // Weak: the agent owns the coordinator, which owns this.

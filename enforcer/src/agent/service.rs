@@ -45,6 +45,8 @@ pub enum AgentError {
     BufferSilent,
     #[error("snapshots are off: this daemon runs without libvirt (--no-libvirt)")]
     SnapshotsOff,
+    #[error("snapshots are not ready yet: {0}")]
+    SnapshotsNotReady(String),
     #[error("group {group} is busy with {by}: only that work may change its VMs and epochs now")]
     GroupBusy { group: String, by: String },
 }
@@ -144,6 +146,9 @@ pub struct Agent<D: AgentDatapath = Datapath> {
     buffer: Mutex<Option<Buffer>>,
     /// Group snapshots over libvirt, when enabled.
     snapshots: OnceLock<Arc<Snapshots>>,
+    /// Why snapshots are not ready yet, while the daemon retries opening them (libvirt
+    /// unreachable at start).
+    snapshots_pending: Mutex<Option<String>>,
     /// Views of VMs on other hosts raised from their frames' colors (see `hold::learn`).
     learned_applied: Arc<AtomicU64>,
     /// Domains whose snapshot a coordinator began through this agent, with their epoch then.
@@ -179,6 +184,7 @@ impl<D: AgentDatapath> Agent<D> {
             datapath,
             buffer: Mutex::new(buffer),
             snapshots: OnceLock::new(),
+            snapshots_pending: Mutex::new(None),
             learned_applied,
             begun: Mutex::new(HashMap::new()),
         }
@@ -194,12 +200,21 @@ impl<D: AgentDatapath> Agent<D> {
         let _ = self.snapshots.set(snapshots);
     }
 
-    /// The snapshot coordinator, or [`AgentError::SnapshotsOff`].
+    /// The snapshot coordinator, or [`AgentError::SnapshotsOff`] (or `SnapshotsNotReady`
+    /// while the daemon still tries to open it).
     pub fn snapshots(&self) -> Result<Arc<Snapshots>, AgentError> {
-        self.snapshots
-            .get()
-            .cloned()
-            .ok_or(AgentError::SnapshotsOff)
+        if let Some(s) = self.snapshots.get() {
+            return Ok(s.clone());
+        }
+        match self.snapshots_pending.lock().expect("pending lock").clone() {
+            Some(why) => Err(AgentError::SnapshotsNotReady(why)),
+            None => Err(AgentError::SnapshotsOff),
+        }
+    }
+
+    /// Snapshots are not ready yet, for this reason (the daemon retries).
+    pub fn set_snapshots_pending(&self, why: Option<String>) {
+        *self.snapshots_pending.lock().expect("pending lock") = why;
     }
 
     /// Takes the buffer out (to stop it).

@@ -118,6 +118,7 @@ fn agent_kind(err: &AgentError) -> (StatusCode, ErrorCode) {
         AgentError::NoBuffer => (S::CONFLICT, C::NoBuffer),
         AgentError::BufferSilent => (S::SERVICE_UNAVAILABLE, C::Unavailable),
         AgentError::SnapshotsOff => (S::SERVICE_UNAVAILABLE, C::SnapshotsOff),
+        AgentError::SnapshotsNotReady(_) => (S::SERVICE_UNAVAILABLE, C::Unavailable),
         AgentError::GroupBusy { .. } => (S::CONFLICT, C::Busy),
     }
 }

@@ -156,6 +156,7 @@ pub async fn start(config: DaemonConfig) -> Result<Running, DaemonError> {
         agent::learn::spawn_without_buffer(ring, Arc::downgrade(&agent));
     }
     if let Some(opts) = &config.snapshots {
+        let opts_for_retry = opts.clone();
         let (for_open, opts) = (agent.clone(), opts.clone());
         // Opening may abort a snapshot a previous daemon left unfinished: blocking work.
         let service =
@@ -164,6 +165,13 @@ pub async fn start(config: DaemonConfig) -> Result<Running, DaemonError> {
                 .expect("snapshot service task");
         match service {
             Ok(c) => agent.set_snapshots(Arc::new(c)),
+            // libvirtd not there yet (starting, restarting): the datapath, the buffer and the
+            // API run now, snapshots once libvirt answers (case S13 of the security review).
+            Err(agent::SnapshotsError::Libvirt(err)) => {
+                warn!(%err, "snapshots wait for libvirt; retrying every 2 s");
+                agent.set_snapshots_pending(Some(format!("{err}; retrying every 2 s")));
+                agent::local_epochs::open_when_ready(opts_for_retry, Arc::downgrade(&agent));
+            }
             Err(err) => {
                 if let Some(buffer) = agent.take_buffer() {
                     buffer.stop(true);
