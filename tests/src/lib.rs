@@ -47,6 +47,23 @@ impl PinRoot {
     }
 }
 
+/// A daemon on `bridge` and `pins`, serving `pins`' API socket, tc-attached; no buffer, no
+/// snapshots, no TLS: what each test changes starts from here.
+pub fn daemon_config(bridge: &str, pins: &PinRoot) -> enforcer::daemon::DaemonConfig {
+    enforcer::daemon::DaemonConfig {
+        ports: enforcer::datapath::ports::PortSource::Bridge(bridge.to_owned()),
+        pin_root: pins.path().to_owned(),
+        attach: enforcer::datapath::AttachMode::Tc,
+        listen: pins.api_socket(),
+        token: None,
+        api_group: None,
+        tls: None,
+        type3_mode: None,
+        hold: None,
+        snapshots: None,
+    }
+}
+
 impl Drop for PinRoot {
     fn drop(&mut self) {
         let _ = enforcer::datapath::teardown(&self.0);

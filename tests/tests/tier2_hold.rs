@@ -836,3 +836,32 @@ async fn graceful_stop_counts_what_it_drops() {
     );
     s.stop().await;
 }
+
+/// Case S19 of the security review: a hold device name that is another link's (here the VM
+/// bridge's) is refused; the link is not touched (before: `ip link del` took the bridge, and
+/// every VM's port with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_device_named_after_another_link_is_refused_and_the_link_kept() {
+    require_root();
+    let lab = Lab::create(&lab_prefix('w'), 1).unwrap();
+    let pins = PinRoot::new("holdname");
+    let err = daemon::start(DaemonConfig {
+        type3_mode: Some(Type3Mode::Buffer),
+        hold: Some(HoldOptions {
+            device: lab.bridge.clone(),
+            ..Default::default()
+        }),
+        ..enforcer_tests::daemon_config(&lab.bridge, &pins)
+    })
+    .await
+    .err()
+    .expect("a hold device named after the bridge");
+    assert!(
+        err.to_string().contains("not an enforcer hold device"),
+        "{err}"
+    );
+    assert!(
+        std::path::Path::new(&format!("/sys/class/net/{}", lab.bridge)).exists(),
+        "the bridge is still there"
+    );
+}

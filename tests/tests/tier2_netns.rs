@@ -15,7 +15,7 @@ use enforcer::{
     agent::PortStats,
     api::{Endpoint, client::Client},
     daemon::{self, DaemonConfig, Running},
-    datapath::{AttachMode, ports::PortSource},
+    datapath::AttachMode,
 };
 use enforcer_common::{Outcome, Type3Mode};
 use enforcer_lab::{
@@ -27,18 +27,7 @@ use enforcer_tests::{PinRoot, bpftool_dump, lab_prefix, require_root};
 /// A daemon on the lab's bridge and `pins`, serving `pins`' API socket; no buffer (these tests
 /// run `drop` mode with exact counters, see tier2_hold.rs) and no snapshots.
 fn config(lab: &Lab, pins: &PinRoot) -> DaemonConfig {
-    DaemonConfig {
-        ports: PortSource::Bridge(lab.bridge.clone()),
-        pin_root: pins.path().to_owned(),
-        attach: AttachMode::Tc,
-        listen: pins.api_socket(),
-        token: None,
-        api_group: None,
-        tls: None,
-        type3_mode: None,
-        hold: None,
-        snapshots: None,
-    }
+    enforcer_tests::daemon_config(&lab.bridge, pins)
 }
 
 async fn start(lab: &Lab, pins: &PinRoot, attach: AttachMode) -> (Running, Client) {

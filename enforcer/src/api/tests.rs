@@ -542,6 +542,15 @@ async fn domain_steps_are_typed() {
     );
     let (mac, port) = s.client.domain_nic("vm1").await.unwrap();
     assert_eq!((mac, port.as_str()), (VM1, "tap-vm1"));
+    // Names as libvirt allows them reach their route as themselves (case S22): before, `#`
+    // began a fragment and `/` another segment.
+    for odd in ["a b", "x#y", "q?r=1", "p/q", "100%"] {
+        assert_eq!(
+            s.client.domain_state(odd).await.unwrap(),
+            crate::snapshot::DomainState::Absent,
+            "{odd}"
+        );
+    }
     // A restore takes one snapshot's files (case S4): a memory image of one snapshot with the
     // disk list of another is refused before anything is touched.
     let (one, other) = (store.join("g-1-e1"), store.join("g-2-e2"));

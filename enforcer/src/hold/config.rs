@@ -81,10 +81,18 @@ impl std::fmt::Debug for LoopHook {
     }
 }
 
+/// The alias (`ifalias`) every hold device carries: the only links a daemon deletes by name.
+pub(crate) const HOLD_ALIAS: &str = "enforcer-hold-device";
+
 #[derive(Debug, thiserror::Error)]
 pub enum HoldError {
     #[error("hold device name {0:?} must be 1-14 characters")]
     BadName(String),
+    #[error(
+        "a link named {0} exists and is not an enforcer hold device (neither the `{HOLD_ALIAS}` \
+         alias nor a veth paired with {0}p): choose another --hold-device"
+    )]
+    NotOurs(String),
     #[error("`ip {args}` failed: {stderr}")]
     Ip { args: String, stderr: String },
     #[error("AF_XDP socket on {device}: {detail}")]

@@ -6,7 +6,7 @@ use std::process::Command as Process;
 
 use enforcer_common::MAX_HELD_FRAME;
 
-use super::config::HoldError;
+use super::config::{HOLD_ALIAS, HoldError};
 use crate::datapath::ifindex_of;
 
 /// The veth pair held frames are redirected into; removed on drop.
@@ -40,8 +40,23 @@ impl HoldDevice {
             return Err(HoldError::BadName(name.into()));
         }
         let socket_side = format!("{name}p");
-        // A device left by a daemon that died is stale: replace it.
-        let _ = Process::new("ip").args(["link", "del", name]).output();
+        // A device left by a daemon that died is stale: replace it. Only ours, though (case
+        // S19 of the security review: `--hold-device br0` deleted the VM bridge).
+        let sys = |dev: &str, what: &str| {
+            std::fs::read_to_string(format!("/sys/class/net/{dev}/{what}"))
+                .map(|s| s.trim().to_owned())
+        };
+        if let Ok(alias) = sys(name, "ifalias") {
+            // Ours: the alias, or (a daemon of an older version) a veth paired with `<name>p`.
+            let paired = matches!(
+                (sys(name, "iflink"), sys(&socket_side, "ifindex")),
+                (Ok(peer), Ok(index)) if peer == index
+            );
+            if alias != HOLD_ALIAS && !paired {
+                return Err(HoldError::NotOurs(name.into()));
+            }
+            let _ = Process::new("ip").args(["link", "del", name]).output();
+        }
         // One queue each way: the AF_XDP socket serves queue 0. The largest MTU XDP allows on
         // a veth: a held frame, its hold header in front, may be as long as MAX_HELD_FRAME (at
         // 1500 a full-sized frame with its header would not pass the veth).
@@ -68,6 +83,7 @@ impl HoldDevice {
             "numrxqueues",
             "1",
         ])?;
+        ip(&["link", "set", name, "alias", HOLD_ALIAS])?;
         for dev in [name, socket_side.as_str()] {
             let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1");
             ip(&["link", "set", dev, "up"])?;
