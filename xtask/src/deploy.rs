@@ -1041,6 +1041,26 @@ mod tests {
         assert!(plan_hosts(&["hv1".into()], "192.168.56.0/24", &[]).is_err());
     }
 
+    /// The coordinator reaches the agents over TLS on their underlay addresses (it refuses
+    /// `http://` agents once TLS is configured, which deploy always does).
+    #[test]
+    fn the_agents_are_named_https_on_the_underlay() {
+        let names: Vec<String> = ["coord", "hv1", "hv2"].map(String::from).into();
+        let hosts = plan_hosts(&names, "192.168.56.0/24", &[]).unwrap();
+        let hvs: Vec<&Host> = hosts
+            .iter()
+            .filter(|h| h.role == Role::Hypervisor)
+            .collect();
+        let json = hosts_json(&hvs);
+        for ip in ["192.168.56.11", "192.168.56.12"] {
+            assert!(
+                json.contains(&format!("\"agent\": \"https://{ip}:7878\"")),
+                "{json}"
+            );
+        }
+        assert!(!json.contains("http://"), "{json}");
+    }
+
     #[test]
     fn kernel_versions() {
         assert!(kernel_at_least("6.12.38+deb12-amd64", 6, 6));
