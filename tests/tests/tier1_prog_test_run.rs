@@ -401,13 +401,15 @@ fn arbitrary_frames_get_the_pure_classifications_verdict() {
     use proptest::prelude::*;
     use std::cell::RefCell;
     let h = RefCell::new(Harness::new("t1fuzz"));
+    // Weighted towards the registered VMs, so every outcome is reached in every run (the
+    // check at the end), the rest still any address at all.
     let mac = prop_oneof![
-        Just(ALICE),
-        Just(BOB),
-        Just(CAROL),
-        Just(STRANGER),
-        Just(BROADCAST),
-        any::<[u8; 6]>(),
+        4 => Just(ALICE),
+        2 => Just(BOB),
+        1 => Just(CAROL),
+        1 => Just(STRANGER),
+        2 => Just(BROADCAST),
+        1 => any::<[u8; 6]>(),
     ];
     // The kernel's test runner parses an IP header itself (and refuses a frame without one),
     // so IPv4 and IPv6 frames carry at least 40 bytes after the Ethernet header; every other
@@ -439,7 +441,7 @@ fn arbitrary_frames_get_the_pure_classifications_verdict() {
         ],
     );
     let config = ProptestConfig {
-        cases: 400,
+        cases: 1000,
         source_file: Some(file!()),
         failure_persistence: Some(Box::new(
             proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
@@ -449,7 +451,7 @@ fn arbitrary_frames_get_the_pure_classifications_verdict() {
     let mut runner = proptest::test_runner::TestRunner::new(config);
     // Which outcomes the cases reached: a fuzzer that only ever makes malformed frames tests
     // nothing.
-    let seen = RefCell::new(std::collections::BTreeSet::new());
+    let seen = RefCell::new(std::collections::BTreeMap::<&str, usize>::new());
     let result = runner.run(
         &strategy,
         |(dst, src, (ether_type, tail), (a, b, c), mode)| {
@@ -470,7 +472,7 @@ fn arbitrary_frames_get_the_pure_classifications_verdict() {
             let mut f = frame(dst, src, ether_type, 0);
             f.extend_from_slice(&tail);
             let want = model.outcome(&f);
-            seen.borrow_mut().insert(want.name());
+            *seen.borrow_mut().entry(want.name()).or_default() += 1;
             h.expect(
                 &f,
                 want,
@@ -483,5 +485,6 @@ fn arbitrary_frames_get_the_pure_classifications_verdict() {
         panic!("{e}");
     }
     let seen = seen.into_inner();
+    eprintln!("fuzzing the programs reached: {seen:?}");
     assert!(seen.len() >= 8, "outcomes reached: {seen:?}");
 }
