@@ -92,8 +92,27 @@ pub fn first_nic(xml: &str) -> Result<DomainNic, String> {
 /// the others'). CD-ROMs, floppies and read-only disks do not change and are not captured.
 pub fn file_disks(xml: &str) -> Result<Vec<FileDisk>, String> {
     let doc = Document::parse(xml).map_err(|e| format!("domain XML: {e}"))?;
+    let devices = devices(&doc)?;
+    // Storage the guest writes that no snapshot can capture: refused, never left out (case
+    // S17 of the security review: `lun` disks were skipped).
+    for node in devices.children().filter(|n| n.is_element()) {
+        let writable = child(node, "readonly").is_none();
+        let what = match node.tag_name().name() {
+            "disk" if node.attribute("device") == Some("lun") && writable => {
+                Some("a `lun` disk (SCSI passthrough)")
+            }
+            "filesystem" if writable => Some("a writable `<filesystem>` share of the host"),
+            "hostdev" if node.attribute("type") == Some("scsi") => Some("a SCSI `<hostdev>`"),
+            _ => None,
+        };
+        if let Some(what) = what {
+            return Err(format!(
+                "the domain has {what}: its contents cannot be captured with the VM"
+            ));
+        }
+    }
     let mut out = Vec::new();
-    for disk in devices(&doc)?
+    for disk in devices
         .children()
         .filter(|n| n.has_tag_name("disk") && n.attribute("device").unwrap_or("disk") == "disk")
         .filter(|n| child(*n, "readonly").is_none())
@@ -225,6 +244,35 @@ mod tests {
         let meta = "<domain><metadata><interface><mac address='52:54:00:00:00:01'/></interface>\
             </metadata><devices/></domain>";
         assert!(first_nic(meta).is_err());
+    }
+
+    #[test]
+    fn storage_no_snapshot_captures_is_refused() {
+        for (device, refused) in [
+            (
+                "<disk type='block' device='lun'><source dev='/dev/sdb'/><target dev='sda'/></disk>",
+                true,
+            ),
+            (
+                "<filesystem type='mount'><source dir='/srv'/><target dir='srv'/></filesystem>",
+                true,
+            ),
+            (
+                "<filesystem type='mount'><source dir='/srv'/><target dir='srv'/><readonly/></filesystem>",
+                false,
+            ),
+            (
+                "<hostdev mode='subsystem' type='scsi'><source/></hostdev>",
+                true,
+            ),
+            (
+                "<disk type='file' device='cdrom'><source file='/i.iso'/><target dev='hdc'/></disk>",
+                false,
+            ),
+        ] {
+            let xml = format!("<domain><devices>{device}</devices></domain>");
+            assert_eq!(file_disks(&xml).is_err(), refused, "{device}");
+        }
     }
 
     #[test]
