@@ -135,17 +135,21 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             method,
             cut_started: false,
         };
-        let dir = self.store.join(&id);
-        private_dir(&dir).map_err(|source| CoordinatorError::Store {
-            path: dir.clone(),
-            source,
-        })?;
         let journals = self.store.join("journals");
         private_dir(&journals).map_err(|source| CoordinatorError::Store {
             path: journals,
             source,
         })?;
-        write_atomically(&self.journal_path(&id), &journal)?;
+        let dir = self.store.join(&id);
+        private_dir(&dir).map_err(|source| CoordinatorError::Store {
+            path: dir.clone(),
+            source,
+        })?;
+        if let Err(err) = write_atomically(&self.journal_path(&id), &journal) {
+            // Nothing started: no empty snapshot directory left behind either.
+            let _ = fs::remove_dir(&dir);
+            return Err(err);
+        }
         let records = group
             .vms
             .iter()

@@ -4,6 +4,59 @@
 
 use super::*;
 
+/// What every fault must leave, once a coordinator `c` over `hv` started afresh on `dir`:
+/// every VM of `g` running, no journal, the members at one epoch (the new one if a snapshot
+/// committed), and each snapshot whole — committed with every image, aborted with its
+/// manifest only — and no directory without its manifest.
+fn assert_recovered(
+    c: &Coordinator<FakeHypervisor, fake::FakeEpochs>,
+    hv: &FakeHypervisor,
+    g: &GroupSpec,
+    dir: &Path,
+    what: &str,
+) {
+    let w = hv.world.lock().unwrap();
+    for vm in &g.vms {
+        assert_eq!(w.states[&vm.name], VmState::Running, "{what}: {}", vm.name);
+    }
+    assert_eq!(
+        fs::read_dir(dir.join("journals")).map_or(0, |d| d.count()),
+        0,
+        "{what}: a journal left"
+    );
+    let epochs: Vec<u32> = g.vms.iter().map(|vm| w.epochs[&vm.mac]).collect();
+    let manifests = c.list().unwrap();
+    let committed = manifests.iter().any(|m| m.outcome == Outcome::Committed);
+    assert_eq!(
+        epochs,
+        vec![u32::from(committed); g.vms.len()],
+        "{what}: epochs {epochs:?}, committed {committed}"
+    );
+    for m in &manifests {
+        let files: Vec<String> = fs::read_dir(dir.join(&m.id))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        match m.outcome {
+            Outcome::Committed => assert!(
+                m.vms.iter().all(|v| !v.images.is_empty()),
+                "{what}: a committed snapshot without every image: {m:?}"
+            ),
+            _ => assert_eq!(files, vec!["manifest.json".to_owned()], "{what}"),
+        }
+    }
+    // Every snapshot directory has its manifest: nothing half-kept.
+    for entry in fs::read_dir(dir).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.path().is_dir() && name != "journals" && name != "restores" {
+            assert!(
+                entry.path().join("manifest.json").exists(),
+                "{what}: {name} has no manifest"
+            );
+        }
+    }
+}
+
 /// Case S8 of the security review, by fault injection: the coordinator killed (as SIGKILL
 /// would: no clean-up) just before each step of a snapshot, by both methods; a new one opened
 /// on the store as the kill left it, over the VMs and epochs as they were. After it: every VM
@@ -27,47 +80,7 @@ fn a_coordinator_killed_at_any_step_leaves_every_vm_running_and_the_store_whole(
             killed_at = at;
             let what = format!("{method:?} killed before step {at}");
             let (c, hv) = open_on(FakeHypervisor::from_world(world), &copy);
-            let w = hv.world.lock().unwrap();
-            for vm in &g.vms {
-                assert_eq!(w.states[&vm.name], VmState::Running, "{what}: {}", vm.name);
-            }
-            assert_eq!(
-                fs::read_dir(copy.join("journals")).map_or(0, |d| d.count()),
-                0,
-                "{what}: a journal left"
-            );
-            let epochs: Vec<u32> = g.vms.iter().map(|vm| w.epochs[&vm.mac]).collect();
-            let manifests = c.list().unwrap();
-            let committed = manifests.iter().any(|m| m.outcome == Outcome::Committed);
-            assert_eq!(
-                epochs,
-                vec![u32::from(committed); g.vms.len()],
-                "{what}: epochs {epochs:?}, committed {committed}"
-            );
-            for m in &manifests {
-                let files: Vec<String> = fs::read_dir(copy.join(&m.id))
-                    .unwrap()
-                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                    .collect();
-                match m.outcome {
-                    Outcome::Committed => assert!(
-                        m.vms.iter().all(|v| !v.images.is_empty()),
-                        "{what}: a committed snapshot without every image: {m:?}"
-                    ),
-                    _ => assert_eq!(files, vec!["manifest.json".to_owned()], "{what}"),
-                }
-            }
-            // Every snapshot directory has its manifest: nothing half-kept.
-            for entry in fs::read_dir(&copy).unwrap().flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if entry.path().is_dir() && name != "journals" && name != "restores" {
-                    assert!(
-                        entry.path().join("manifest.json").exists(),
-                        "{what}: {name} has no manifest"
-                    );
-                }
-            }
-            drop(w);
+            assert_recovered(&c, &hv, &g, &copy, &what);
             let _ = fs::remove_dir_all(&dir);
             let _ = fs::remove_dir_all(&copy);
         }
@@ -136,33 +149,7 @@ fn a_full_store_at_any_write_leaves_every_vm_running_and_the_store_whole() {
             let what = format!("{method:?}, full from write {n}: {answer:?}");
             drop(c);
             let (c, _) = open_on(hv.clone(), &dir);
-            let w = hv.world.lock().unwrap();
-            for vm in &g.vms {
-                assert_eq!(w.states[&vm.name], VmState::Running, "{what}: {}", vm.name);
-            }
-            assert_eq!(
-                fs::read_dir(dir.join("journals")).map_or(0, |d| d.count()),
-                0,
-                "{what}: a journal left"
-            );
-            let manifests = c.list().unwrap();
-            let committed: Vec<&Manifest> = manifests
-                .iter()
-                .filter(|m| m.outcome == Outcome::Committed)
-                .collect();
-            let epochs: Vec<u32> = g.vms.iter().map(|vm| w.epochs[&vm.mac]).collect();
-            assert_eq!(
-                epochs,
-                vec![u32::from(!committed.is_empty()); g.vms.len()],
-                "{what}"
-            );
-            assert!(
-                committed
-                    .iter()
-                    .all(|m| m.vms.iter().all(|v| !v.images.is_empty())),
-                "{what}"
-            );
-            drop(w);
+            assert_recovered(&c, &hv, &g, &dir, &what);
             let _ = fs::remove_dir_all(&dir);
             if matches!(&answer, Ok(m) if m.outcome == Outcome::Committed) {
                 // The first write that is not needed any more: every one was tried.
