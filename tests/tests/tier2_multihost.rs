@@ -143,6 +143,39 @@ impl Drop for Host {
     }
 }
 
+/// Two emulated hosts with `per_host` VMs each, joined by a VXLAN-GBP overlay.
+fn two_hosts(tag: char, per_host: &[usize]) -> (Lab, Overlay) {
+    let lab = Lab::create_hosts(&lab_prefix(tag), per_host).unwrap();
+    let overlay = Overlay::create(
+        &format!("{}o", &lab.prefix[..5]),
+        [&lab.bridges[0], &lab.bridges[1]],
+    )
+    .expect("the VXLAN-GBP overlay");
+    (lab, overlay)
+}
+
+/// The lab's VMs as the coordinator names them (`domain@host`).
+fn specs(lab: &Lab) -> Vec<VmSpec> {
+    lab.vms
+        .iter()
+        .map(|v| VmSpec {
+            name: format!("{}@{}", v.name, HOST_NAMES[v.host]),
+            mac: v.mac,
+        })
+        .collect()
+}
+
+/// Every VM of the lab registered at `epoch` on its owner and as a view everywhere else.
+async fn register_all(hosts: &Hosts, lab: &Lab, epoch: u32) {
+    for (vm, v) in specs(lab).into_iter().zip(&lab.vms) {
+        let (h, port) = (hosts.clone(), v.port.clone());
+        let got = blocking(move || h.register(&vm, GROUP, &port, Some(epoch)))
+            .await
+            .expect("registering on the owner and as a view everywhere else");
+        assert_eq!(got, epoch);
+    }
+}
+
 fn https(addr: &Endpoint) -> String {
     addr.to_string().replace("http://", "https://")
 }
@@ -222,12 +255,7 @@ async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn views_lag_never_lead_and_frames_carry_their_color_across_hosts() {
     require_root();
-    let lab = Lab::create_hosts(&lab_prefix('m'), &[2, 1]).unwrap();
-    let overlay = Overlay::create(
-        &format!("{}o", &lab.prefix[..5]),
-        [&lab.bridges[0], &lab.bridges[1]],
-    )
-    .expect("the VXLAN-GBP overlay");
+    let (lab, overlay) = two_hosts('m', &[2, 1]);
     let a = Host::start(&lab.bridges[0], format!("{}h0", lab.prefix), "mh-a").await;
     let mut b = Host::start(&lab.bridges[1], format!("{}h1", lab.prefix), "mh-b").await;
     let hosts = Hosts::new(
@@ -235,17 +263,9 @@ async fn views_lag_never_lead_and_frames_carry_their_color_across_hosts() {
         None,
         tokio::runtime::Handle::current(),
     );
-    let spec = |i: usize| VmSpec {
-        name: format!("{}@{}", lab.vms[i].name, HOST_NAMES[lab.vms[i].host]),
-        mac: lab.vms[i].mac,
-    };
-    for i in 0..3 {
-        let (hosts, vm, port) = (hosts.clone(), spec(i), lab.vms[i].port.clone());
-        let epoch = blocking(move || hosts.register(&vm, GROUP, &port, Some(0)))
-            .await
-            .expect("registering on the owner and as a view everywhere else");
-        assert_eq!(epoch, 0);
-    }
+    let all = specs(&lab);
+    let spec = |i: usize| all[i].clone();
+    register_all(&hosts, &lab, 0).await;
     let (vm1, vm2, vm3) = (lab.vms[0].mac, lab.vms[1].mac, lab.vms[2].mac);
     let views = b.client.vms().await.unwrap();
     assert!(
@@ -463,12 +483,7 @@ async fn views_lag_never_lead_and_frames_carry_their_color_across_hosts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_abort_across_hosts_moves_forward_and_releases_held_frames() {
     require_root();
-    let lab = Lab::create_hosts(&lab_prefix('n'), &[1, 1]).unwrap();
-    let overlay = Overlay::create(
-        &format!("{}o", &lab.prefix[..5]),
-        [&lab.bridges[0], &lab.bridges[1]],
-    )
-    .expect("the VXLAN-GBP overlay");
+    let (lab, overlay) = two_hosts('n', &[1, 1]);
     let pki_dir = std::env::temp_dir().join(format!("enforcer-mh-pki-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&pki_dir);
     let ca = pki::new_ca(&pki_dir).unwrap();
@@ -499,20 +514,8 @@ async fn an_abort_across_hosts_moves_forward_and_releases_held_frames() {
         Some(&coordinator),
         tokio::runtime::Handle::current(),
     );
-    let specs: Vec<VmSpec> = lab
-        .vms
-        .iter()
-        .map(|v| VmSpec {
-            name: format!("{}@{}", v.name, HOST_NAMES[v.host]),
-            mac: v.mac,
-        })
-        .collect();
-    for (i, vm) in specs.iter().enumerate() {
-        let (h, vm, port) = (hosts.clone(), vm.clone(), lab.vms[i].port.clone());
-        blocking(move || h.register(&vm, GROUP, &port, Some(3)))
-            .await
-            .unwrap();
-    }
+    let specs = specs(&lab);
+    register_all(&hosts, &lab, 3).await;
     let mesh = Mesh::new(&lab).unwrap();
     let group = GroupSpec {
         name: "g".parse().unwrap(),
@@ -566,12 +569,7 @@ async fn an_abort_across_hosts_moves_forward_and_releases_held_frames() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forged_color_never_raises_a_view_above_the_announced_epoch() {
     require_root();
-    let lab = Lab::create_hosts(&lab_prefix('f'), &[1, 1]).unwrap();
-    let overlay = Overlay::create(
-        &format!("{}o", &lab.prefix[..5]),
-        [&lab.bridges[0], &lab.bridges[1]],
-    )
-    .expect("the VXLAN-GBP overlay");
+    let (lab, overlay) = two_hosts('f', &[1, 1]);
     let a = Host::start(&lab.bridges[0], format!("{}h0", lab.prefix), "fg-a").await;
     let b = Host::start(&lab.bridges[1], format!("{}h1", lab.prefix), "fg-b").await;
     let hosts = Hosts::new(
@@ -579,16 +577,7 @@ async fn a_forged_color_never_raises_a_view_above_the_announced_epoch() {
         None,
         tokio::runtime::Handle::current(),
     );
-    for (i, v) in lab.vms.iter().enumerate() {
-        let vm = VmSpec {
-            name: format!("{}@{}", v.name, HOST_NAMES[v.host]),
-            mac: v.mac,
-        };
-        let (h, port) = (hosts.clone(), lab.vms[i].port.clone());
-        blocking(move || h.register(&vm, GROUP, &port, Some(0)))
-            .await
-            .unwrap();
-    }
+    register_all(&hosts, &lab, 0).await;
     let (vm1, vm2) = (lab.vms[0].mac, lab.vms[1].mac);
     let forged_at_b = async || {
         b.client

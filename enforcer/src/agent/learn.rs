@@ -31,7 +31,7 @@ pub fn spawn_without_buffer<D: AgentDatapath>(mut ring: LearnedRing, agent: Weak
                     return;
                 };
                 for (mac, epoch) in ring.drain() {
-                    match agent.learn_view(mac.into(), epoch) {
+                    match agent.change_epoch_reporting(mac.into(), Some(epoch), true) {
                         Ok(c) if c.changed => {
                             ring.applied.fetch_add(1, Ordering::Relaxed);
                             debug!(mac = %c.vm.mac, epoch, "view raised from a frame's color");

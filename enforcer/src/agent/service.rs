@@ -339,6 +339,17 @@ impl<D: AgentDatapath> Agent<D> {
         target: Option<u32>,
         raise_only: bool,
     ) -> Result<VmRecord, AgentError> {
+        self.change_epoch_reporting(mac, target, raise_only)
+            .map(|c| c.vm)
+    }
+
+    /// [`Agent::change_epoch`], saying whether anything changed.
+    pub(crate) fn change_epoch_reporting(
+        &self,
+        mac: MacAddr,
+        target: Option<u32>,
+        raise_only: bool,
+    ) -> Result<advance::Changed, AgentError> {
         let mut dp = self.datapath();
         Ok(advance::change_epoch(
             &mut *dp,
@@ -346,23 +357,6 @@ impl<D: AgentDatapath> Agent<D> {
             mac,
             target,
             raise_only,
-        )?
-        .vm)
-    }
-
-    /// Raises the view of a VM on another host to a color its frame carried
-    /// ([`advance::learn_view`]: never above the announced ceiling).
-    pub(crate) fn learn_view(
-        &self,
-        mac: MacAddr,
-        color: u32,
-    ) -> Result<advance::Changed, AgentError> {
-        let mut dp = self.datapath();
-        Ok(advance::learn_view(
-            &mut *dp,
-            &mut ToBuffer(&self.buffer),
-            mac,
-            color,
         )?)
     }
 

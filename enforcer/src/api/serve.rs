@@ -1,7 +1,7 @@
 //! Serving the API, for both daemon roles: listen where they are told ([`Endpoint`]) — a unix
 //! socket that only root, the daemon's own user and one chosen group may use, or TCP only with
-//! a token — serve a router within limits (a header timeout, a connection cap) until told to
-//! stop, and wait for SIGINT/SIGTERM.
+//! client certificates (mutual TLS, [`super::tls`]) or a token — serve a router within limits
+//! (a header timeout, a connection cap) until told to stop, and wait for SIGINT/SIGTERM.
 
 use std::{
     io,
@@ -82,8 +82,9 @@ pub(crate) enum Listener {
     },
 }
 
-/// Binds `endpoint`: TCP only with a token or TLS with client certificates (`tls`); a unix socket made afresh (a stale one left by a
-/// daemon that died is replaced; a live one is refused), owned by root and `group`, mode 0660.
+/// Binds `endpoint`: TCP only with a token or client certificates (`tls`); a unix socket made
+/// afresh (a stale one left by a daemon that died is replaced; a live one is refused), owned by
+/// root and `group`, mode 0660.
 /// Returns the listener and where it listens (a TCP port 0 resolved).
 pub(crate) async fn listen(
     endpoint: &Endpoint,

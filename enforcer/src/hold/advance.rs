@@ -40,20 +40,9 @@ pub struct Changed {
     pub changed: bool,
 }
 
-/// Raises this host's view of a VM on another host to `color`, a color one of its frames
-/// carried (invariant 2 across hosts), through [`change_epoch`]: never above what the
-/// coordinator announced the VM may reach (the datapath drops such frames already; this keeps
-/// a ring entry from elsewhere from teaching it either).
-pub fn learn_view<S: EpochStore>(
-    store: &mut S,
-    buffer: &mut impl BufferLink,
-    mac: MacAddr,
-    color: u32,
-) -> Result<Changed, EpochError<S::Error>> {
-    change_epoch(store, buffer, mac, Some(color), true)
-}
-
-/// Moves a VM's epoch to `target`, or to the next one (`None`). Lower than the current epoch is
+/// Moves a VM's epoch to `target`, or to the next one (`None`). A view of a VM on another host
+/// never rises above what the coordinator announced that VM may reach
+/// ([`EpochError::AboveCeiling`]), whoever asks: a frame's color or a raw change. Lower than the current epoch is
 /// refused ([`EpochError::Backwards`]), unless `raise_only`, which leaves it as it is (how views
 /// of VMs on other hosts are raised: they may have learned the epoch already).
 pub fn change_epoch<S: EpochStore>(

@@ -244,7 +244,8 @@ impl Thread {
                 });
                 continue;
             }
-            let changed = advance::learn_view(&mut *dp, &mut link, MacAddr::from(mac), color);
+            let changed =
+                advance::change_epoch(&mut *dp, &mut link, MacAddr::from(mac), Some(color), true);
             drop(dp);
             match changed {
                 Ok(c) if c.changed => {
