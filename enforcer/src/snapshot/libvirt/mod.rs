@@ -575,11 +575,7 @@ impl Libvirt {
             vm,
             need, free, others, "store space promised to the snapshot ({what})"
         );
-        Ok(Promise {
-            libvirt: self,
-            vm: vm.to_owned(),
-            kept: false,
-        })
+        Ok(self.promise_until_dropped(vm))
     }
 
     /// `vm`'s promise, ended when the returned guard is dropped.
