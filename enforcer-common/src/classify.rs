@@ -3,7 +3,7 @@
 //! with map lookups; the unit tests implement it with plain tables.
 
 use crate::{
-    maps::{GroupState, HoldHeader, MAX_HELD_FRAME, MacKey, Type3Mode, VmEpoch},
+    maps::{GroupState, MacKey, Type3Mode, VmEpoch, group_queue, receiver_queue},
     outcome::{Outcome, Verdict},
     wire,
 };
@@ -43,8 +43,11 @@ pub trait DatapathView {
     fn group(&self, group: u32) -> Option<GroupState>;
     /// The configured Type-3 policy.
     fn type3_mode(&self) -> Type3Mode;
-    /// Whether a buffer (AF_XDP socket) is ready to take held frames from this port.
+    /// Whether a buffer is ready to take held frames from this port.
     fn hold_ready(&self, ifindex: u32) -> bool;
+    /// Whether frames held for order in hold queue `queue` ([`HoldKey::queue`]) are still on
+    /// their way through the buffer (`hold_order_issued[queue]` > `hold_order_done[queue]`).
+    fn order_pending(&self, queue: u32) -> bool;
 }
 
 /// Decides the fate of a well-formed frame from `src` to `dst` that entered the host on the
@@ -62,6 +65,18 @@ pub enum HoldKey {
     Receiver(u32),
     /// A broadcast/multicast frame: the sender's group.
     Group(u32),
+}
+
+impl HoldKey {
+    /// The index of the frame's hold queue in the `hold_seq` family of maps.
+    #[inline(always)]
+    pub const fn queue(self) -> Option<u32> {
+        match self {
+            HoldKey::None => None,
+            HoldKey::Receiver(slot) => Some(receiver_queue(slot)),
+            HoldKey::Group(group) => Some(group_queue(group)),
+        }
+    }
 }
 
 /// The outcome, the counter slot of the port when the sender was identified on it, and where
@@ -86,19 +101,8 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// A frame too big for the hold path cannot be held: Type-3 is dropped (and counted) instead,
-    /// a frame held only for ordering is delivered.
-    #[inline(always)]
-    pub fn fit_hold(self, frame_len: u64) -> Self {
-        if frame_len + HoldHeader::LEN as u64 > MAX_HELD_FRAME {
-            self.unheld()
-        } else {
-            self
-        }
-    }
-
-    /// The frame cannot be held after all (too big, or no room for its hold header): Type-3 is
-    /// dropped (and counted), a frame held only for ordering is delivered.
+    /// The frame cannot be held after all (no room for its hold header): Type-3 is dropped (and
+    /// counted), a frame held only for ordering is delivered.
     #[inline(always)]
     pub fn unheld(mut self) -> Self {
         self.outcome = match self.outcome {
@@ -214,11 +218,15 @@ pub fn decide_wire<V: DatapathView>(
         }
     };
 
+    // Frames the buffer is still re-injecting to this receiver must not be overtaken: those
+    // held while it drains (the flag), and those held for order after the flag cleared (a
+    // frame held in the instant of the clear keeps every later one behind it).
+    let behind_held = |flags: u32| {
+        flags & crate::maps::FLAG_DRAINING != 0
+            || hold.queue().is_some_and(|q| view.order_pending(q))
+    };
     let outcome = match frame_type {
-        // Frames the buffer is still re-injecting to this receiver must not be overtaken.
-        FrameType::Type1 | FrameType::Type2
-            if flags & crate::maps::FLAG_DRAINING != 0 && view.hold_ready(ifindex) =>
-        {
+        FrameType::Type1 | FrameType::Type2 if view.hold_ready(ifindex) && behind_held(flags) => {
             Outcome::HeldForOrder
         }
         FrameType::Type1 => Outcome::Type1,
@@ -256,6 +264,7 @@ mod tests {
         hold_ready: bool,
         group_flags: u32,
         aborts: u32,
+        order_pending: Vec<u32>,
     }
 
     impl Tables {
@@ -266,6 +275,7 @@ mod tests {
                 hold_ready: false,
                 aborts: 0,
                 group_flags: 0,
+                order_pending: Vec::new(),
             }
         }
         fn add(&mut self, n: u8, group: u32, epoch: u32) -> MacKey {
@@ -305,6 +315,9 @@ mod tests {
         }
         fn hold_ready(&self, _ifindex: u32) -> bool {
             self.hold_ready
+        }
+        fn order_pending(&self, queue: u32) -> bool {
+            self.order_pending.contains(&queue)
         }
     }
 
@@ -539,7 +552,36 @@ mod tests {
     }
 
     #[test]
-    fn held_frames_carry_their_queue_and_oversized_ones_are_not_held() {
+    fn frames_held_for_order_keep_later_ones_behind_them_after_the_flag_clears() {
+        let mut t = Tables::new(Type3Mode::Buffer);
+        t.hold_ready = true;
+        let a = t.add(1, 7, 1);
+        let b = t.add(2, 7, 1);
+        assert_eq!(decide(&t, 101, &a, &b), Outcome::Type1);
+        // No flag, but frames held for order to b are still in the buffer.
+        t.order_pending = Vec::from([receiver_queue(2)]);
+        let d = decide_frame(&t, 101, &a, &b);
+        assert_eq!(
+            (d.outcome, d.hold),
+            (Outcome::HeldForOrder, HoldKey::Receiver(2))
+        );
+        // Other queues are not affected; broadcasts follow their group's queue.
+        let c = t.add(3, 7, 1);
+        assert_eq!(decide(&t, 101, &a, &c), Outcome::Type1);
+        assert_eq!(decide(&t, 101, &a, &BROADCAST), Outcome::Type1);
+        t.order_pending = Vec::from([group_queue(7)]);
+        assert_eq!(decide(&t, 101, &a, &BROADCAST), Outcome::HeldForOrder);
+        // Type-3 is Type-3 whatever is pending; without a buffer nothing is held.
+        t.vms.get_mut(&a).unwrap().epoch = 2;
+        t.order_pending = Vec::from([receiver_queue(2)]);
+        assert_eq!(decide(&t, 101, &a, &b), Outcome::Type3Held);
+        t.vms.get_mut(&a).unwrap().epoch = 1;
+        t.hold_ready = false;
+        assert_eq!(decide(&t, 101, &a, &b), Outcome::Type1);
+    }
+
+    #[test]
+    fn held_frames_carry_their_queue_and_frames_without_room_are_not_held() {
         let mut t = Tables::new(Type3Mode::Buffer);
         t.hold_ready = true;
         let a = t.add(1, 7, 1);
@@ -549,12 +591,10 @@ mod tests {
             (d.outcome, d.hold),
             (Outcome::Type3Held, HoldKey::Receiver(2))
         );
-        // The hold header rides in front of the frame.
-        let largest = MAX_HELD_FRAME - HoldHeader::LEN as u64;
-        assert_eq!(d.fit_hold(largest), d);
-        let big = d.fit_hold(largest + 1);
+        // No room for the hold header: Type-3 is dropped, never delivered.
+        let unheld = d.unheld();
         assert_eq!(
-            (big.outcome, big.hold),
+            (unheld.outcome, unheld.hold),
             (Outcome::Type3Unbuffered, HoldKey::None)
         );
         let d = decide_frame(&t, 101, &a, &BROADCAST);

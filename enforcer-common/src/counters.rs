@@ -10,24 +10,19 @@
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum HoldKernel {
-    /// Redirected to the hold device, but no buffer socket was bound to take it.
-    NoSocket = 0,
     /// A learned epoch could not be reported: the `learned` ring was full (the view is then
     /// raised by the coordinator's message instead, later; a held frame keeps its own color).
-    LearnLost = 1,
+    LearnLost = 0,
     /// A frame to hold got no room for its hold header in front (the kernel refused to grow
     /// it): not held (Type-3 dropped as `type3_unbuffered`, a frame held for order delivered).
-    NoHeadroom = 2,
+    NoHeadroom = 1,
 }
 
 impl HoldKernel {
-    pub const ALL: [HoldKernel; 3] = [
-        HoldKernel::NoSocket,
-        HoldKernel::LearnLost,
-        HoldKernel::NoHeadroom,
-    ];
-    /// Entries of the `hold_kernel` array.
-    pub const LEN: u32 = Self::ALL.len() as u32;
+    pub const ALL: [HoldKernel; 2] = [HoldKernel::LearnLost, HoldKernel::NoHeadroom];
+    /// Entries of the pinned `hold_kernel` array: one spare beyond [`HoldKernel::ALL`], the
+    /// layout earlier versions pinned (index 2 counted frames no AF_XDP socket took).
+    pub const ENTRIES: u32 = 3;
 
     pub const fn index(self) -> u32 {
         self as u32
@@ -36,7 +31,6 @@ impl HoldKernel {
     /// Stable snake_case name.
     pub const fn name(self) -> &'static str {
         match self {
-            HoldKernel::NoSocket => "no_socket",
             HoldKernel::LearnLost => "learn_lost",
             HoldKernel::NoHeadroom => "no_headroom",
         }
@@ -51,7 +45,8 @@ impl HoldKernel {
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum HoldTotal {
-    /// Frames read from the AF_XDP socket.
+    /// Frames read from the hold device's socket (or, for the ones lost on the way, counted
+    /// when they were found missing).
     Received = 0,
     /// Re-injected after their receiver advanced (or the snapshot was aborted).
     Reinjected = 1,
@@ -61,20 +56,17 @@ pub enum HoldTotal {
     DroppedShutdown = 3,
     /// Lost to a daemon that died without a graceful shutdown (found by the next daemon).
     LostRestart = 4,
-    /// Redirected but never read within the drain deadline (kernel ring overflow).
+    /// Handed to the hold path (given a ticket) but never read within the ring deadline of being
+    /// found missing: lost on the way (the socket's ring was full).
     LostRing = 5,
     /// Destination no longer registered when the frame was read: dropped.
     DroppedUnknown = 6,
     /// The re-injection send failed (the receiver's port vanished): dropped.
     InjectFailed = 7,
-    /// A frame was handed to the hold path in the instant the draining flag was being cleared,
-    /// so a newer frame may have overtaken it (detected, not prevented). Not a fate: the frame
-    /// is also counted under one of the others.
-    OrderRaces = 8,
 }
 
 impl HoldTotal {
-    pub const ALL: [HoldTotal; 9] = [
+    pub const ALL: [HoldTotal; 8] = [
         HoldTotal::Received,
         HoldTotal::Reinjected,
         HoldTotal::DroppedBound,
@@ -83,10 +75,10 @@ impl HoldTotal {
         HoldTotal::LostRing,
         HoldTotal::DroppedUnknown,
         HoldTotal::InjectFailed,
-        HoldTotal::OrderRaces,
     ];
-    /// Entries of the pinned `hold_totals` array: one spare beyond [`HoldTotal::ALL`], the
-    /// layout every earlier version pinned (a restarted daemon adopts it, so it stays).
+    /// Entries of the pinned `hold_totals` array: spares beyond [`HoldTotal::ALL`], the layout
+    /// every earlier version pinned (a restarted daemon adopts it, so it stays). Index 8 counted
+    /// `order_races` until order was kept by construction: it is never written again.
     pub const ENTRIES: u32 = 10;
 
     /// What became of a received frame: every frame read ends in exactly one of these.
@@ -115,7 +107,6 @@ impl HoldTotal {
             HoldTotal::LostRing => "lost_ring",
             HoldTotal::DroppedUnknown => "dropped_unknown",
             HoldTotal::InjectFailed => "inject_failed",
-            HoldTotal::OrderRaces => "order_races",
         }
     }
 }
@@ -135,9 +126,8 @@ mod tests {
         for (i, k) in HoldKernel::ALL.iter().enumerate() {
             assert_eq!(k.index() as usize, i, "{k:?}");
         }
-        // Every fate is a total, and neither the intake nor the race counter is a fate.
+        // Every total but the intake is a fate.
         assert!(!HoldTotal::FATES.contains(&HoldTotal::Received));
-        assert!(!HoldTotal::FATES.contains(&HoldTotal::OrderRaces));
-        assert_eq!(HoldTotal::FATES.len(), HoldTotal::ALL.len() - 2);
+        assert_eq!(HoldTotal::FATES.len(), HoldTotal::ALL.len() - 1);
     }
 }

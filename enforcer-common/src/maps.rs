@@ -11,9 +11,9 @@ pub mod names {
     pub const CONFIG: &str = "config";
     pub const PORT_SLOTS: &str = "port_slots";
     pub const PORT_STATS: &str = "port_stats";
-    pub const HOLD_IN_PORT: &str = "hold_in_port";
-    pub const HOLD_IN_GROUP: &str = "hold_in_group";
-    pub const HOLD_SOCKS: &str = "hold_socks";
+    pub const HOLD_SEQ: &str = "hold_seq";
+    pub const HOLD_ORDER_ISSUED: &str = "hold_order_issued";
+    pub const HOLD_ORDER_DONE: &str = "hold_order_done";
     pub const HOLD_KERNEL: &str = "hold_kernel";
     pub const HOLD_TOTALS: &str = "hold_totals";
     pub const LEARNED: &str = "learned";
@@ -26,9 +26,9 @@ pub mod names {
         CONFIG,
         PORT_SLOTS,
         PORT_STATS,
-        HOLD_IN_PORT,
-        HOLD_IN_GROUP,
-        HOLD_SOCKS,
+        HOLD_SEQ,
+        HOLD_ORDER_ISSUED,
+        HOLD_ORDER_DONE,
         HOLD_KERNEL,
         HOLD_TOTALS,
         LEARNED,
@@ -43,39 +43,163 @@ pub const MAX_GROUPS: u32 = 1024;
 pub const MAX_PORTS: u32 = 1024;
 /// The counter slot of frames seen on a port without a slot of its own.
 pub const UNATTRIBUTED_SLOT: u32 = 0;
-/// Largest frame the hold path takes, [`HoldHeader`] included: XDP without multi-buffer on a
-/// veth gets one page, less the XDP headroom (256) and the skb_shared_info tail (320). Bigger
-/// Type-3 frames are dropped and counted as `type3_unbuffered`.
-pub const MAX_HELD_FRAME: u64 = 4096 - 256 - 320;
+/// Hold queues: one per receiver port slot (unicast), then one per group (broadcast and
+/// multicast). The index of `hold_seq`, `hold_order_issued` and `hold_order_done`.
+pub const HOLD_QUEUES: u32 = MAX_PORTS + MAX_GROUPS;
 
-/// What the port programs put in front of every frame they hand to the hold path: the color
-/// they classified it with. The buffer releases the frame by that color, never by its own view
-/// of the sender, which may lag (the sender may have advanced after the frame left, before the
-/// buffer heard of it: case P1 of the datapath review). Stripped before re-injection.
+/// The hold queue of unicast frames to the receiver with this port slot.
+pub const fn receiver_queue(slot: u32) -> u32 {
+    slot
+}
+
+/// The hold queue of a group's broadcast and multicast frames.
+pub const fn group_queue(group: u32) -> u32 {
+    MAX_PORTS + group
+}
+
+/// `BPF_F_MMAPABLE`: the buffer writes `hold_order_done` through shared memory, with atomic
+/// stores, while the programs read it.
+pub const MAP_MMAPABLE: usize = 1 << 10;
+
+/// Value of the per-CPU `hold_seq` array, by hold queue: how many frames this CPU's program
+/// runs have handed to the hold path for the queue. A held frame's tickets are the values
+/// before its own increments. One CPU's hand-over reaches the buffer's socket in order (its
+/// backlog and the socket's ring are FIFOs), so a gap in a CPU's tickets is a frame lost on the
+/// way, known at once and exactly, order frames among them included.
 #[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HoldSeq {
+    /// Every frame held for the queue (Type-3 and for order).
+    pub all: u64,
+    /// Frames held only for order ([`HOLD_FOR_ORDER`]), also counted, all CPUs together, in
+    /// the shared `hold_order_issued`. While the buffer has not finished with all of them
+    /// (`hold_order_done` below `hold_order_issued`), newer Type-1/2 frames to the queue are
+    /// held too: a frame held in the instant its receiver's draining flag cleared keeps every
+    /// later one behind it, so none overtakes it (case P2).
+    pub order: u64,
+}
+const _: () = assert!(size_of::<HoldSeq>() == 16);
+
+/// The EtherType of a [`HoldHeader`]: IEEE 802 "local experimental 1". Frames on the hold
+/// device carry it in front, so the buffer's socket takes exactly them (and `tcpdump -i
+/// <hold device> ether proto 0x88b5` shows them) and nothing on the way parses a held frame's
+/// own headers at the wrong offset.
+pub const HOLD_ETHER_TYPE: u16 = 0x88B5;
+
+/// [`HoldHeader::flags`]: the frame was held only to keep order (`held_for_order`), not as a
+/// Type-3 frame.
+pub const HOLD_FOR_ORDER: u16 = 1;
+/// [`HoldHeader::flags`]: held by the XDP port program. The frame reached the hold path as raw
+/// bytes, its offload state lost: a checksum it left to offload is not finished (the buffer
+/// finishes TCP/UDP checksums of such frames before re-injecting them).
+pub const HOLD_FROM_XDP: u16 = 2;
+
+/// What the port programs put in front of every frame they hand to the hold path: an Ethernet
+/// header of [`HOLD_ETHER_TYPE`] (addresses zero), then what the buffer must know about the
+/// frame and cannot read from it:
+/// - the color it was classified with: the buffer releases the frame by that color, never by
+///   its own view of the sender, which may lag (the sender may have advanced after the frame
+///   left, before the buffer heard of it: case P1 of the datapath review);
+/// - the outer VLAN tag, which at tc ingress the kernel has moved from the frame's bytes into
+///   the skb's metadata (case F3): the buffer puts it back before re-injecting.
+///
+/// Stripped before re-injection. Numbers in native byte order (it never leaves the host),
+/// except the EtherType.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HoldHeader {
-    /// The sender's epoch as the program saw it (native byte order: it never leaves the host).
+    /// The sender's epoch as the program saw it.
     pub color: u32,
     /// The sender's group's [`GroupState::aborts`] as the program saw it.
     pub aborts: u32,
+    /// The CPU whose program run held it.
+    pub cpu: u32,
+    /// Its place among the frames that CPU held for its queue: [`HoldSeq::all`] before the
+    /// program counted it.
+    pub ticket: u64,
+    /// [`HoldSeq::order`] before the program counted it (the order frames before it).
+    pub order_ticket: u64,
+    /// Its hold queue ([`receiver_queue`], [`group_queue`]).
+    pub queue: u32,
+    /// [`HOLD_FOR_ORDER`], [`HOLD_FROM_XDP`].
+    pub flags: u16,
+    /// The outer VLAN tag's TPID (0x8100, 0x88a8) when the kernel had taken it out of the
+    /// frame's bytes; 0: none (any tag is still in the bytes).
+    pub vlan_proto: u16,
+    /// That tag's TCI (priority, DEI, VLAN id).
+    pub vlan_tci: u16,
 }
-const _: () = assert!(size_of::<HoldHeader>() == 8);
 
 impl HoldHeader {
-    pub const LEN: usize = size_of::<HoldHeader>();
+    pub const LEN: usize = 56;
 
-    pub const fn to_bytes(self) -> [u8; 8] {
-        let (c, a) = (self.color.to_ne_bytes(), self.aborts.to_ne_bytes());
-        [c[0], c[1], c[2], c[3], a[0], a[1], a[2], a[3]]
+    pub const fn to_bytes(self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        let et = HOLD_ETHER_TYPE.to_be_bytes();
+        b[12] = et[0];
+        b[13] = et[1];
+        let f = self.flags.to_ne_bytes();
+        b[14] = f[0];
+        b[15] = f[1];
+        let p = self.vlan_proto.to_ne_bytes();
+        b[16] = p[0];
+        b[17] = p[1];
+        let t = self.vlan_tci.to_ne_bytes();
+        b[18] = t[0];
+        b[19] = t[1];
+        let c = self.color.to_ne_bytes();
+        let a = self.aborts.to_ne_bytes();
+        let u = self.cpu.to_ne_bytes();
+        let mut i = 0;
+        while i < 4 {
+            b[20 + i] = c[i];
+            b[24 + i] = a[i];
+            b[28 + i] = u[i];
+            i += 1;
+        }
+        let k = self.ticket.to_ne_bytes();
+        let o = self.order_ticket.to_ne_bytes();
+        let mut i = 0;
+        while i < 8 {
+            b[32 + i] = k[i];
+            b[40 + i] = o[i];
+            i += 1;
+        }
+        let q = self.queue.to_ne_bytes();
+        let mut i = 0;
+        while i < 4 {
+            b[48 + i] = q[i];
+            i += 1;
+        }
+        b
     }
 
-    /// The header and the frame behind it; `None` when too short to hold a header.
+    /// The header and the frame behind it; `None` when too short or not a hold header.
     pub fn split(bytes: &[u8]) -> Option<(HoldHeader, &[u8])> {
-        let (head, frame) = bytes.split_at_checked(Self::LEN)?;
-        let color = u32::from_ne_bytes(head[..4].try_into().ok()?);
-        let aborts = u32::from_ne_bytes(head[4..].try_into().ok()?);
-        Some((HoldHeader { color, aborts }, frame))
+        let (h, frame) = bytes.split_at_checked(Self::LEN)?;
+        if u16::from_be_bytes([h[12], h[13]]) != HOLD_ETHER_TYPE {
+            return None;
+        }
+        let u16_at = |i: usize| u16::from_ne_bytes([h[i], h[i + 1]]);
+        let u32_at = |i: usize| u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&h[i..i + 8]);
+            u64::from_ne_bytes(b)
+        };
+        Some((
+            HoldHeader {
+                color: u32_at(20),
+                aborts: u32_at(24),
+                cpu: u32_at(28),
+                queue: u32_at(48),
+                ticket: u64_at(32),
+                order_ticket: u64_at(40),
+                flags: u16_at(14),
+                vlan_proto: u16_at(16),
+                vlan_tci: u16_at(18),
+            },
+            frame,
+        ))
     }
 }
 
@@ -408,4 +532,38 @@ mod pod {
     unsafe impl aya::Pod for PortCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for LearnedEpoch {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for HoldSeq {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hold_header_reads_back_what_was_written_and_nothing_else() {
+        let header = HoldHeader {
+            color: 7,
+            aborts: 3,
+            ticket: (5 << 32) | 9,
+            order_ticket: 4,
+            cpu: 1,
+            queue: 1030,
+            flags: HOLD_FOR_ORDER,
+            vlan_proto: 0x8100,
+            vlan_tci: 0x2064,
+        };
+        let mut bytes = header.to_bytes().to_vec();
+        assert_eq!(
+            &bytes[12..14],
+            &[0x88, 0xb5],
+            "an Ethernet header of its own type"
+        );
+        bytes.extend_from_slice(b"frame");
+        assert_eq!(HoldHeader::split(&bytes), Some((header, &b"frame"[..])));
+        // Anything else on the hold device is not a held frame.
+        bytes[13] = 0;
+        assert_eq!(HoldHeader::split(&bytes), None);
+        assert_eq!(HoldHeader::split(&[0; HoldHeader::LEN - 1]), None);
+    }
 }

@@ -7,24 +7,35 @@
 //! ports where XDP is wanted; XDP on a veth costs TCP its GRO/GSO (see BENCHMARKS.md).
 //!
 //! Frames to be held (Type-3 in `buffer` mode, and newer frames queued behind them while they
-//! are re-injected) get a [`HoldHeader`] in front, carrying the color they were classified
-//! with, and are redirected to the hold device; `enforcer_hold`, the XDP program on the far end
-//! of that veth pair, hands them to the buffer daemon's AF_XDP socket.
+//! are re-injected) take a ticket in their queue's `hold_seq` entry, get a [`HoldHeader`] in
+//! front carrying it and the color they were classified with, and are redirected to the hold
+//! device, a veth pair whose far end the buffer daemon reads with an AF_PACKET socket. A tc
+//! frame goes as it is, GSO super-frame or jumbo frame, its checksum state and offload
+//! metadata kept (the socket reads them as a virtio-net header).
 #![no_std]
 #![no_main]
+// The BPF target has no compare-and-swap, so `AtomicU64::fetch_add` is not offered; the
+// intrinsic, its result unused, compiles to the BPF atomic add (BPF_XADD, every BPF cpu).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    btf_maps::{Array, HashMap, PerCpuArray, RingBuf, XskMap},
-    helpers::generated::{bpf_redirect, bpf_skb_change_head, bpf_xdp_adjust_head},
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
+    helpers::generated::{
+        bpf_get_smp_processor_id, bpf_redirect, bpf_skb_change_head, bpf_xdp_adjust_head,
+    },
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use enforcer_common::{
     CACHE_OCCUPIED, CACHE_OVERFLOW, CachedVm, DatapathConfig, DatapathView, EPOCH_CACHE_SIZE,
-    GroupState, HoldHeader, HoldKernel, HoldKey, HoldTotal, LEARNED_RING_BYTES, LearnedEpoch,
-    MAX_GROUPS, MAX_PORTS, MAX_VMS, MacKey, Outcome, PortCounters, PortVm, Type3Mode,
-    UNATTRIBUTED_SLOT, Verdict, VmEpoch, cache_index, decide_wire,
+    GroupState, HOLD_FOR_ORDER, HOLD_FROM_XDP, HOLD_QUEUES, HoldHeader, HoldKernel, HoldSeq,
+    HoldTotal, LEARNED_RING_BYTES, LearnedEpoch, MAP_MMAPABLE, MAX_GROUPS, MAX_PORTS, MAX_VMS,
+    MacKey, Outcome, PortCounters, PortVm, Type3Mode, UNATTRIBUTED_SLOT, Verdict, VmEpoch,
+    cache_index, decide_wire,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -60,22 +71,24 @@ static PORT_SLOTS: HashMap<u32, u32, MAX_VMS_USIZE> = HashMap::new();
 #[btf_map(name = "port_stats")]
 static PORT_STATS: PerCpuArray<PortCounters, MAX_PORTS_USIZE> = PerCpuArray::new();
 
-/// Frames handed to the hold path, by receiver slot: the buffer daemon compares them with what
-/// it read to know when every held frame of a receiver has reached it.
-#[btf_map(name = "hold_in_port")]
-static HOLD_IN_PORT: PerCpuArray<u64, MAX_PORTS_USIZE> = PerCpuArray::new();
+/// Frames handed to the hold path, by hold queue, per CPU (see [`HoldSeq`]): each frame's
+/// tickets are the values before its own increments.
+#[btf_map(name = "hold_seq")]
+static HOLD_SEQ: PerCpuArray<HoldSeq, { HOLD_QUEUES as usize }> = PerCpuArray::new();
 
-/// Broadcast/multicast frames handed to the hold path, by group.
-#[btf_map(name = "hold_in_group")]
-static HOLD_IN_GROUP: PerCpuArray<u64, MAX_GROUPS_USIZE> = PerCpuArray::new();
+/// Frames held for order, by hold queue, all CPUs together (added to atomically).
+#[btf_map(name = "hold_order_issued")]
+static HOLD_ORDER_ISSUED: Array<u64, { HOLD_QUEUES as usize }> = Array::new();
 
-/// The buffer daemon's AF_XDP socket, at index 0 (the hold device has one queue).
-#[btf_map(name = "hold_socks")]
-static HOLD_SOCKS: XskMap<1> = XskMap::new();
+/// Frames held for order the buffer has finished with, by hold queue (written by the buffer
+/// only, through shared memory): while below `hold_order_issued`, newer Type-1/2 frames to
+/// the queue are held too.
+#[btf_map(name = "hold_order_done")]
+static HOLD_ORDER_DONE: Array<u64, { HOLD_QUEUES as usize }, MAP_MMAPABLE> = Array::new();
 
 /// Frames the hold path lost in the kernel, by reason (`HoldKernel`).
 #[btf_map(name = "hold_kernel")]
-static HOLD_KERNEL: PerCpuArray<u64, { HoldKernel::LEN as usize }> = PerCpuArray::new();
+static HOLD_KERNEL: PerCpuArray<u64, { HoldKernel::ENTRIES as usize }> = PerCpuArray::new();
 
 /// The buffer daemon's own totals (`HoldTotal`), pinned with the rest so its accounting
 /// survives a restart. Written by userspace only.
@@ -143,6 +156,70 @@ impl DatapathView for Maps {
     fn hold_ready(&self, _ifindex: u32) -> bool {
         hold_ifindex() != 0
     }
+
+    #[inline(always)]
+    fn order_pending(&self, queue: u32) -> bool {
+        let (Some(issued), Some(done)) = (
+            HOLD_ORDER_ISSUED.get_ptr(queue),
+            HOLD_ORDER_DONE.get_ptr(queue),
+        ) else {
+            return false;
+        };
+        // SAFETY: pointers into array entries, valid for the program's run. Both are written
+        // concurrently (the programs add, the buffer stores): volatile aligned 8-byte loads,
+        // which BPF and the hardware make single-copy atomic (the target's cpu has no
+        // load-acquire instruction).
+        unsafe { issued.read_volatile() > done.read_volatile() }
+    }
+}
+
+/// How a program puts a [`HoldHeader`] in front of a frame: first room, then (once the tickets
+/// are taken: a frame that gets no room takes none) the bytes.
+trait HoldRoom {
+    /// [`HoldHeader::flags`] of the frames this program holds.
+    const FLAGS: u16;
+    fn make_room(&mut self) -> bool;
+    fn write(&mut self, header: &[u8; HoldHeader::LEN]) -> bool;
+}
+
+struct XdpRoom<'a>(&'a XdpContext);
+
+impl HoldRoom for XdpRoom<'_> {
+    const FLAGS: u16 = HOLD_FROM_XDP;
+
+    #[inline(always)]
+    fn make_room(&mut self) -> bool {
+        // SAFETY: a helper call on this program's context; it moves `data` back by the header.
+        unsafe { bpf_xdp_adjust_head(self.0.ctx, -(HoldHeader::LEN as i32)) == 0 }
+    }
+
+    #[inline(always)]
+    fn write(&mut self, header: &[u8; HoldHeader::LEN]) -> bool {
+        let (data, data_end) = (self.0.data(), self.0.data_end());
+        if data + HoldHeader::LEN > data_end {
+            return false;
+        }
+        // SAFETY: within [data, data_end), checked above; the header is plain bytes.
+        unsafe { *(data as *mut [u8; HoldHeader::LEN]) = *header };
+        true
+    }
+}
+
+struct TcRoom<'a>(&'a TcContext);
+
+impl HoldRoom for TcRoom<'_> {
+    const FLAGS: u16 = 0;
+
+    #[inline(always)]
+    fn make_room(&mut self) -> bool {
+        // SAFETY: a helper call on this program's skb; it adds room in front of the frame.
+        unsafe { bpf_skb_change_head(self.0.skb.skb, HoldHeader::LEN as u32, 0) == 0 }
+    }
+
+    #[inline(always)]
+    fn write(&mut self, header: &[u8; HoldHeader::LEN]) -> bool {
+        self.0.store(0, header, 0).is_ok()
+    }
 }
 
 #[xdp]
@@ -150,21 +227,17 @@ pub fn enforcer_xdp(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let ifindex = ctx.ingress_ifindex() as u32;
     // XDP sees no skb mark: frames from other hosts are classified with this host's view of
-    // their sender, and delivered frames carry no color to other hosts.
-    let hold_header = |header: HoldHeader| {
-        // SAFETY: a helper call on this program's context; it moves `data` back by the header.
-        if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(HoldHeader::LEN as i32)) } != 0 {
-            return false;
-        }
-        let (data, data_end) = (ctx.data(), ctx.data_end());
-        if data + HoldHeader::LEN > data_end {
-            return false;
-        }
-        // SAFETY: within [data, data_end), checked above; the header is plain bytes.
-        unsafe { *(data as *mut [u8; HoldHeader::LEN]) = header.to_bytes() };
-        true
-    };
-    let (verdict, _mark) = try_enforce(ctx.data(), ctx.data_end(), ifindex, bytes, 0, hold_header);
+    // their sender, and delivered frames carry no color to other hosts. A VLAN tag is still in
+    // the frame's bytes.
+    let (verdict, _mark) = try_enforce(
+        ctx.data(),
+        ctx.data_end(),
+        ifindex,
+        bytes,
+        0,
+        (0, 0),
+        XdpRoom(&ctx),
+    );
     match verdict {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
@@ -184,13 +257,15 @@ pub fn enforcer_tc(ctx: TcContext) -> i32 {
     if ctx.data_end() - ctx.data() < wanted as usize && len > (ctx.data_end() - ctx.data()) as u32 {
         let _ = ctx.pull_data(if len < wanted { len } else { wanted });
     }
-    let skb = ctx.skb.skb;
-    let hold_header = |header: HoldHeader| {
-        // SAFETY: a helper call on this program's skb; it adds room in front of the frame.
-        if unsafe { bpf_skb_change_head(skb, HoldHeader::LEN as u32, 0) } != 0 {
-            return false;
+    // SAFETY: as above. At tc ingress the kernel has moved the outer VLAN tag into the skb's
+    // metadata; a held frame carries it in its hold header, and the buffer puts it back.
+    let vlan = unsafe {
+        let skb = &*ctx.skb.skb;
+        if skb.vlan_present != 0 {
+            (u16::from_be(skb.vlan_proto as u16), skb.vlan_tci as u16)
+        } else {
+            (0, 0)
         }
-        ctx.store(0, &header.to_bytes(), 0).is_ok()
     };
     let (verdict, color_mark) = try_enforce(
         ctx.data(),
@@ -198,7 +273,8 @@ pub fn enforcer_tc(ctx: TcContext) -> i32 {
         ifindex,
         len as u64,
         mark,
-        hold_header,
+        vlan,
+        TcRoom(&ctx),
     );
     match verdict {
         Verdict::Pass => {
@@ -214,52 +290,72 @@ pub fn enforcer_tc(ctx: TcContext) -> i32 {
     }
 }
 
-/// On the hold device: every frame arriving here was redirected by the port programs to be
-/// held; hand it to the buffer daemon's AF_XDP socket.
-#[xdp]
-pub fn enforcer_hold(_ctx: XdpContext) -> u32 {
-    match HOLD_SOCKS.redirect(0, 0) {
-        Ok(action) => action,
-        Err(_) => {
-            bump(HOLD_KERNEL.get_ptr_mut(HoldKernel::NoSocket.index()));
-            xdp_action::XDP_DROP
-        }
-    }
-}
-
 /// Classifies one frame and counts it; returns what to do with it, and the mark that carries
-/// its color to other hosts (0: none). A frame to hold first gets its [`HoldHeader`] from
-/// `hold_header` (the program's own way of adding room in front); if that fails it is not
-/// held: Type-3 is dropped (`type3_unbuffered`), a frame held only for order is delivered.
+/// its color to other hosts (0: none). A frame to hold takes its tickets and gets its
+/// [`HoldHeader`] through `room`; if it gets no room it is not held: Type-3 is dropped
+/// (`type3_unbuffered`), a frame held only for order is delivered.
 #[inline(always)]
-fn try_enforce(
+fn try_enforce<R: HoldRoom>(
     data: usize,
     data_end: usize,
     ifindex: u32,
     bytes: u64,
     mark: u32,
-    hold_header: impl FnOnce(HoldHeader) -> bool,
+    (vlan_proto, vlan_tci): (u16, u16),
+    mut room: R,
 ) -> (Verdict, u32) {
     let (outcome, sender_slot, color_mark) = match ethernet_addresses(data, data_end) {
         Some((src, dst)) => {
-            let mut decision = decide_wire(&Maps, ifindex, &src, &dst, mark).fit_hold(bytes);
+            let mut decision = decide_wire(&Maps, ifindex, &src, &dst, mark);
             if decision.learn {
                 // This host's view of a remote sender is raised from it (see `wire`); a held
                 // frame needs none of it: its color rides in its hold header.
                 learn(src, decision.color);
             }
-            let header = HoldHeader {
-                color: decision.color,
-                aborts: decision.aborts,
-            };
-            if decision.outcome.verdict() == Verdict::Hold && !hold_header(header) {
-                bump(HOLD_KERNEL.get_ptr_mut(HoldKernel::NoHeadroom.index()));
-                decision = decision.unheld();
-            }
-            match decision.hold {
-                HoldKey::None => {}
-                HoldKey::Receiver(slot) => bump(HOLD_IN_PORT.get_ptr_mut(slot)),
-                HoldKey::Group(group) => bump(HOLD_IN_GROUP.get_ptr_mut(group)),
+            if decision.outcome.verdict() == Verdict::Hold {
+                let seq = (decision.hold.queue())
+                    .and_then(|q| HOLD_SEQ.get_ptr_mut(q).map(|seq| (q, seq)));
+                let held = match (room.make_room(), seq) {
+                    (true, Some((queue, seq))) => {
+                        let for_order = decision.outcome == Outcome::HeldForOrder;
+                        // SAFETY: a per-CPU value: only this CPU writes it, and the program is
+                        // not preempted, so the pair is this frame's own place in this CPU's
+                        // hand-over (which reaches the buffer in order).
+                        let (ticket, order_ticket) = unsafe {
+                            let tickets = ((*seq).all, (*seq).order);
+                            (*seq).all += 1;
+                            if for_order {
+                                (*seq).order += 1;
+                            }
+                            tickets
+                        };
+                        if for_order && let Some(issued) = HOLD_ORDER_ISSUED.get_ptr_mut(queue) {
+                            // SAFETY: a pointer into an array entry, valid for the program's
+                            // run; programs on every CPU add to it, hence the atomic add.
+                            unsafe {
+                                atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(issued, 1)
+                            };
+                        }
+                        let header = HoldHeader {
+                            color: decision.color,
+                            aborts: decision.aborts,
+                            // SAFETY: a helper call without arguments.
+                            cpu: unsafe { bpf_get_smp_processor_id() },
+                            ticket,
+                            order_ticket,
+                            queue,
+                            flags: R::FLAGS | if for_order { HOLD_FOR_ORDER } else { 0 },
+                            vlan_proto,
+                            vlan_tci,
+                        };
+                        room.write(&header.to_bytes())
+                    }
+                    _ => false,
+                };
+                if !held {
+                    bump(HOLD_KERNEL.get_ptr_mut(HoldKernel::NoHeadroom.index()));
+                    decision = decision.unheld();
+                }
             }
             (decision.outcome, decision.sender_slot, decision.mark)
         }

@@ -375,6 +375,9 @@ impl DatapathView for Model {
     fn hold_ready(&self, _ifindex: u32) -> bool {
         false
     }
+    fn order_pending(&self, _queue: u32) -> bool {
+        false
+    }
 }
 
 impl Model {

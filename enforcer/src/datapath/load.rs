@@ -34,7 +34,6 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/enforcer";
 pub const TC_PROGRAM: &str = "enforcer_tc";
 pub const XDP_PROGRAM: &str = "enforcer_xdp";
-pub const HOLD_PROGRAM: &str = "enforcer_hold";
 
 /// Which hook classifies frames on the VM ports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -164,14 +163,9 @@ impl Datapath {
             name: XDP_PROGRAM,
             source,
         })?;
-        let hold: &mut Xdp = program(&mut ebpf, HOLD_PROGRAM)?;
-        hold.load().map_err(|source| DatapathError::Program {
-            name: HOLD_PROGRAM,
-            source,
-        })?;
         // Pin the programs too (`bpftool prog show pinned ...`); a restart replaces the pins
         // of the previous daemon's programs, which stay alive while links still use them.
-        for name in [TC_PROGRAM, XDP_PROGRAM, HOLD_PROGRAM] {
+        for name in [TC_PROGRAM, XDP_PROGRAM] {
             let path = pin_root.join(name);
             let _ = fs::remove_file(&path);
             let prog = ebpf
@@ -192,29 +186,6 @@ impl Datapath {
         };
         dp.rebuild_epoch_cache()?;
         Ok(dp)
-    }
-
-    /// Attaches `enforcer_hold` (native XDP) to the socket side of the hold device, pinned at
-    /// `links/hold`: if the daemon dies, frames still redirected there are counted
-    /// (`hold_kernel.no_socket`) instead of vanishing. Returns the pin.
-    pub fn attach_hold_program(&mut self, device: &str) -> Result<PathBuf, DatapathError> {
-        let err = |detail: String| DatapathError::Link {
-            port: device.to_owned(),
-            detail,
-        };
-        let pin = self.pin_root.join("links").join("hold");
-        let _ = fs::remove_file(&pin);
-        let prog: &mut Xdp = program(&mut self.ebpf, HOLD_PROGRAM)?;
-        let id = prog
-            .attach(device, XdpMode::Driver)
-            .map_err(|e| err(e.to_string()))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(|e| err(e.to_string()))?
-            .try_into()
-            .map_err(|e: LinkError| err(e.to_string()))?;
-        link.pin(&pin).map_err(|e| err(e.to_string()))?;
-        Ok(pin)
     }
 
     pub fn pin_root(&self) -> &Path {

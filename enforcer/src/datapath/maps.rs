@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf};
 use enforcer_common::{
     CACHE_OCCUPIED, CACHE_OVERFLOW, CachedVm, DatapathConfig, EPOCH_CACHE_SIZE, GroupState,
-    HoldKernel, HoldTotal, MAX_PORTS, MacKey, PortCounters, PortVm, REMOTE_SLOT_KEY, Type3Mode,
-    UNATTRIBUTED_SLOT, VmEpoch, cache_index, names,
+    HOLD_QUEUES, HoldKernel, HoldSeq, HoldTotal, MAX_PORTS, MacKey, PortCounters, PortVm,
+    REMOTE_SLOT_KEY, Type3Mode, UNATTRIBUTED_SLOT, VmEpoch, cache_index, names,
 };
 use tracing::info;
 
@@ -184,53 +184,63 @@ impl Datapath {
         Ok(self.config_map()?.get(&0, 0)?.hold_ifindex)
     }
 
-    /// Puts the buffer daemon's AF_XDP socket in the `hold_socks` map.
-    pub fn set_hold_socket(&mut self, fd: std::os::fd::RawFd) -> Result<(), DatapathError> {
-        let map = self.map(names::HOLD_SOCKS)?;
-        let mut socks: aya::maps::XskMap<&mut MapData> = aya::maps::XskMap::try_from(map)?;
-        socks.set(0, fd, 0)?;
-        Ok(())
-    }
-
     /// Frames the hold path lost in the kernel for this reason, summed over CPUs.
     pub fn hold_kernel(&mut self, reason: HoldKernel) -> Result<u64, DatapathError> {
         self.per_cpu_sum(names::HOLD_KERNEL, reason.index())
     }
 
-    /// Frames the programs handed to the hold path for the receiver with this port slot.
-    pub fn held_in_port(&mut self, slot: u32) -> Result<u64, DatapathError> {
-        self.per_cpu_sum(names::HOLD_IN_PORT, slot)
+    /// What each CPU's programs handed to the hold path for hold queue `queue` (`hold_seq`),
+    /// indexed by CPU. Read twice until both reads agree, so no pair is torn by a program
+    /// run counting at the same moment.
+    pub fn hold_seq(&mut self, queue: u32) -> Result<Vec<HoldSeq>, DatapathError> {
+        let array: PerCpuArray<&mut MapData, HoldSeq> =
+            PerCpuArray::try_from(self.map(names::HOLD_SEQ)?)?;
+        let mut last = array.get(&queue, 0)?.to_vec();
+        loop {
+            let now = array.get(&queue, 0)?.to_vec();
+            if now == last {
+                return Ok(now);
+            }
+            last = now;
+        }
     }
 
-    /// Frames the programs handed to the hold path for this group (broadcast/multicast).
-    pub fn held_in_group(&mut self, group: u32) -> Result<u64, DatapathError> {
-        self.per_cpu_sum(names::HOLD_IN_GROUP, group)
+    /// [`Datapath::hold_seq`] of every queue with anything handed over: (queue, per CPU).
+    pub fn hold_seqs(&mut self) -> Result<Vec<(u32, Vec<HoldSeq>)>, DatapathError> {
+        let mut out = Vec::new();
+        for queue in 0..HOLD_QUEUES {
+            let seq = self.hold_seq(queue)?;
+            if seq.iter().any(|s| *s != HoldSeq::default()) {
+                out.push((queue, seq));
+            }
+        }
+        Ok(out)
     }
 
-    /// [`Datapath::held_in_port`] of every slot.
-    pub fn held_in_ports(&mut self) -> Result<Vec<u64>, DatapathError> {
-        self.per_cpu_sums(names::HOLD_IN_PORT)
+    /// Frames held for order, all CPUs together, by hold queue (`hold_order_issued`).
+    pub fn hold_order_issued(&mut self) -> Result<Vec<u64>, DatapathError> {
+        let array: Array<&mut MapData, u64> = Array::try_from(self.map(names::HOLD_ORDER_ISSUED)?)?;
+        (0..array.len()).map(|i| Ok(array.get(&i, 0)?)).collect()
     }
 
-    /// [`Datapath::held_in_group`] of every group.
-    pub fn held_in_groups(&mut self) -> Result<Vec<u64>, DatapathError> {
-        self.per_cpu_sums(names::HOLD_IN_GROUP)
+    /// `hold_order_done`, mapped into this process: the buffer writes it with atomic stores
+    /// while the programs read it (see [`OrderDone`]).
+    pub fn hold_order_done(&mut self) -> Result<OrderDone, DatapathError> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let aya::maps::Map::Array(map) = self.map(names::HOLD_ORDER_DONE)? else {
+            return Err(DatapathError::MissingMap(names::HOLD_ORDER_DONE));
+        };
+        let fd = map.fd().as_fd().as_raw_fd();
+        OrderDone::map(fd).map_err(|e| DatapathError::Link {
+            port: names::HOLD_ORDER_DONE.into(),
+            detail: format!("mapping the array: {e}"),
+        })
     }
 
     /// Sum over CPUs of a per-CPU u64 array entry (hold counters).
     fn per_cpu_sum(&mut self, map: &'static str, index: u32) -> Result<u64, DatapathError> {
         let array: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map(map)?)?;
         Ok(array.get(&index, 0)?.iter().sum())
-    }
-
-    /// All entries of a per-CPU u64 array, summed over CPUs.
-    fn per_cpu_sums(&mut self, map: &'static str) -> Result<Vec<u64>, DatapathError> {
-        let array: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map(map)?)?;
-        let mut out = Vec::with_capacity(array.len() as usize);
-        for i in 0..array.len() {
-            out.push(array.get(&i, 0)?.iter().sum());
-        }
-        Ok(out)
     }
 
     /// The buffer daemon's pinned totals, indexed by [`HoldTotal::index`].
@@ -365,5 +375,67 @@ impl EpochStore for Datapath {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// `hold_order_done` mapped into this process (`BPF_F_MMAPABLE`): one `u64` per hold queue,
+/// stored atomically, so a program run never reads a half-written count. The mapping keeps the
+/// map alive; it is unmapped on drop.
+pub struct OrderDone {
+    ptr: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory of atomics; it is used through `&self` only with
+// atomic operations.
+unsafe impl Send for OrderDone {}
+
+impl OrderDone {
+    fn map(fd: std::os::fd::RawFd) -> std::io::Result<Self> {
+        let bytes = HOLD_QUEUES as usize * size_of::<u64>();
+        // SAFETY: a shared mapping of a BPF array map's values, checked for failure; the
+        // kernel lays the values out as one u64 per entry, page-aligned.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            ptr: std::ptr::NonNull::new(ptr.cast()).expect("mmap returned a non-null pointer"),
+            len: HOLD_QUEUES as usize,
+        })
+    }
+
+    fn slot(&self, queue: u32) -> &std::sync::atomic::AtomicU64 {
+        let i = queue as usize;
+        assert!(i < self.len, "hold queue {queue} out of range");
+        // SAFETY: within the mapping (checked), which lives as long as `self`.
+        unsafe { &*self.ptr.as_ptr().add(i) }
+    }
+
+    pub fn get(&self, queue: u32) -> u64 {
+        self.slot(queue).load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Publishes that the buffer has finished with `done` order frames of `queue` (sent them,
+    /// or counted them dropped or lost): only after they left.
+    pub fn set(&self, queue: u32, done: u64) {
+        self.slot(queue)
+            .store(done, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Drop for OrderDone {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len * size_of::<u64>()) };
     }
 }

@@ -1,4 +1,4 @@
-//! The handle to the running buffer: starting it (hold device, AF_XDP socket, accounting for
+//! The handle to the running buffer: starting it (hold device, its socket, accounting for
 //! what a previous daemon left, the thread), telling it epoch notices, asking for reports, and
 //! stopping it gracefully or as a crash would.
 
@@ -16,8 +16,8 @@ use super::{
     learn::LearnedRing,
     protocol::{Command, Notice},
     report::HoldReport,
+    ring::PacketRing,
     thread::Thread,
-    xsk::XskSocket,
 };
 use crate::datapath::Datapath;
 
@@ -40,12 +40,11 @@ pub struct Buffer {
     commands: mpsc::Sender<Command>,
     thread: Option<thread::JoinHandle<()>>,
     device: HoldDevice,
-    link_pin: std::path::PathBuf,
 }
 
 impl Buffer {
-    /// Creates the hold device, binds the AF_XDP socket, accounts for what a previous daemon
-    /// left, and starts the thread. From then on the datapath redirects held frames here.
+    /// Creates the hold device, binds its socket, accounts for what a previous daemon left,
+    /// and starts the thread. From then on the datapath redirects held frames here.
     /// `learned`: the ring of colors learned from other hosts' frames, which this thread then
     /// consumes (see `learn.rs`).
     pub fn start(
@@ -53,12 +52,16 @@ impl Buffer {
         opts: HoldOptions,
         learned: Option<LearnedRing>,
     ) -> Result<Self, HoldError> {
-        let device = HoldDevice::create(&opts.device)?;
         let mut guard = crate::sync::lock(&dp);
-        let link_pin = guard.attach_hold_program(&device.socket_side)?;
-        let socket = XskSocket::bind(&device.socket_side)?;
-        guard.set_hold_socket(socket.rx.as_raw_fd())?;
-        let state = Thread::new(&mut guard, dp.clone(), opts.clone(), socket, learned)?;
+        // Nothing is held while the buffer starts (a daemon that died left the hold device
+        // set): Type-3 is dropped and counted, nothing waits for order. Once program runs that
+        // saw the old device have ended, what was handed over is all the old buffer's.
+        guard.set_hold_ifindex(0)?;
+        super::thread::rcu_barrier();
+        let device = HoldDevice::create(&opts.device)?;
+        let socket_ifindex = crate::datapath::ifindex_of(&device.socket_side)?;
+        let ring = PacketRing::bind(&device.socket_side, socket_ifindex)?;
+        let state = Thread::new(&mut guard, dp.clone(), opts.clone(), ring, learned)?;
         // Only now, with a socket to take them, may the datapath hold frames.
         guard.set_hold_ifindex(device.ifindex)?;
         drop(guard);
@@ -76,7 +79,6 @@ impl Buffer {
             commands,
             thread: Some(thread),
             device,
-            link_pin,
         })
     }
 
@@ -92,9 +94,9 @@ impl Buffer {
         Reporter(self.commands.clone())
     }
 
-    /// Stops the thread (see [`Command::Stop`]). Graceful: removes the hold device and its
-    /// link. Otherwise both stay, as after a crash: frames still redirected to the device are
-    /// counted by its program (`no_socket`) until the next daemon replaces it.
+    /// Stops the thread (see [`Command::Stop`]). Graceful: removes the hold device. Otherwise
+    /// it stays, as after a crash: frames still redirected to it are lost, and the next daemon
+    /// counts them (`lost_restart`) from the programs' tickets.
     pub fn stop(mut self, graceful: bool) -> Option<HoldReport> {
         let (tx, rx) = mpsc::channel();
         let _ = self.commands.send(Command::Stop { graceful, done: tx });
@@ -103,7 +105,6 @@ impl Buffer {
             let _ = thread.join();
         }
         if graceful {
-            let _ = std::fs::remove_file(&self.link_pin);
             drop(self.device);
         } else {
             std::mem::forget(self.device);

@@ -2,8 +2,11 @@
 //!
 //! A frame a VM (or a local socket on a veth) sends usually carries only the pseudo-header
 //! part of its L4 checksum: the rest is left to checksum offload (CHECKSUM_PARTIAL), which the
-//! host would have finished on the way out. A held frame leaves the kernel through XDP as raw
-//! bytes, so the buffer daemon finishes the checksum itself before sending it on.
+//! host would have finished on the way out. A frame held by the XDP port program reaches the
+//! buffer as raw bytes, that state lost ([`enforcer_common::HOLD_FROM_XDP`]), so the buffer
+//! finishes the checksum itself before sending it on. (At tc the state travels with the frame
+//! in its virtio-net header, so nothing is recomputed.) Encapsulated traffic's inner checksum
+//! is not reached: a limit of the `xdp` attach mode.
 
 /// Recomputes the TCP or UDP checksum of an Ethernet frame (optionally VLAN-tagged) carrying
 /// IPv4 or IPv6. Returns whether it wrote one; other frames (ARP, fragments, extension

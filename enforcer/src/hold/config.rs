@@ -93,12 +93,10 @@ pub enum HoldError {
          alias nor a veth paired with {0}p): choose another --hold-device"
     )]
     NotOurs(String),
-    #[error("`ip {args}` failed: {stderr}")]
-    Ip { args: String, stderr: String },
-    #[error("AF_XDP socket on {device}: {detail}")]
-    Xsk { device: String, detail: String },
-    #[error("mapping the UMEM: {0}")]
-    Mmap(std::io::Error),
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("the hold device's socket on {device}: {detail}")]
+    Socket { device: String, detail: String },
     #[error("starting the buffer thread: {0}")]
     Thread(std::io::Error),
     #[error(transparent)]

@@ -14,37 +14,46 @@
 //! - **nothing lost silently** (invariant 4): every frame read is, at any moment, either held
 //!   or counted once under one of [`HoldTotal::FATES`].
 //!
+//! Tickets: each CPU's program runs number the frames they hold per queue ([`HoldSeq`]), and
+//! one CPU's frames reach the socket in order. A gap in a CPU's tickets is therefore a frame
+//! lost on the way (the socket's ring was full), known at once and exactly: counted
+//! `lost_ring` (and `received`, so the totals balance), order frames among them included.
+//!
 //! Drains (the `FLAG_DRAINING` protocol): after an advance the datapath holds newer frames to
-//! the receiver too (`held_for_order`), so none overtakes a held one. The flag is cleared once
-//! the queue is empty, every frame the programs handed over for it has been read, and none
-//! arrived for [`QUIET`]; then an RCU barrier waits out program runs that still saw the flag.
-//! If the hand-over count grew meanwhile, a frame was held in that instant and a newer one may
-//! overtake it: counted as an `order_race` (detected, not prevented). Frames handed over but
-//! not read within [`RING_DEADLINE`] of being missed were lost at a full ring: counted as
-//! `lost_ring` — exactly the ones missing then, and taken back if one turns up after all, so
-//! each frame is counted once.
+//! the receiver too (`held_for_order`), so none overtakes a held one. The core waits out an RCU
+//! grace period from the advance (every program run that classified with the old epoch has
+//! ended), reads what each CPU had handed over by then (the fence), and clears the flag once
+//! every frame before the fence has come (or is known lost) and the queue is empty. No quiet
+//! time is needed, so a drain ends under steady traffic. Frames held for order in the instant
+//! of the clear are safe by construction: the programs count them (`hold_order_issued`), this
+//! core counts those it has finished with (`hold_order_done`, published through [`Wire`] after
+//! they left), and while the two differ every newer Type-1/2 frame to the queue is held behind
+//! them.
 
 use std::{
     collections::HashMap,
     time::{Duration, Instant},
 };
 
-use enforcer_common::{HoldHeader, HoldTotal, MAX_GROUPS, MAX_PORTS, MacKey, VmEpoch, wire};
+use enforcer_common::{
+    HOLD_FOR_ORDER, HOLD_FROM_XDP, HoldHeader, HoldSeq, HoldTotal, MAX_PORTS, MacKey, VmEpoch,
+    group_queue, wire,
+};
 
 use super::{
     checksum::complete_l4_checksum,
     fifo::Fifo,
     protocol::Notice,
     report::{QueueKey, QueueReport},
+    ring::{Received, VnetHeader},
 };
 use crate::{datapath::HoldTotals, model::MacAddr};
 
 /// Frames re-injected per send call.
 pub(crate) const BATCH: usize = 64;
-/// How long a drained queue must see no new held frame (counting from its advance) before its
-/// flag is cleared.
-pub(crate) const QUIET: Duration = Duration::from_millis(5);
-/// How long to wait for frames the kernel counted but the socket has not delivered.
+/// How often the hand-over is audited for frames lost at its end (see [`Core::progress_drains`]):
+/// a frame handed over that has not come one period later, while the socket has nothing more
+/// to read, was lost on the way.
 pub(crate) const RING_DEADLINE: Duration = Duration::from_millis(500);
 /// Upper bounds (s) of the hold-time histogram's buckets.
 pub(crate) const BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0];
@@ -67,32 +76,46 @@ impl From<Key> for QueueKey {
     }
 }
 
-/// The programs' hand-over counter of a queue: the receiver's port slot, or the group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum Counted {
-    Port(u32),
-    Group(u32),
+/// A frame on its way out: its virtio-net header (its offload state) and its bytes.
+pub(crate) struct Outgoing<'a> {
+    pub(crate) vnet: &'a VnetHeader,
+    pub(crate) data: &'a [u8],
 }
 
 /// The frames' way out.
 pub(crate) trait Wire {
     /// Sends `frames` out of port `ifindex`, in order, each with `mark` as its `skb->mark`;
     /// returns how many went (the rest are lost: the port is gone).
-    fn send(&mut self, ifindex: u32, mark: u32, frames: &[&[u8]]) -> usize;
+    fn send(&mut self, ifindex: u32, mark: u32, frames: &[Outgoing<'_>]) -> usize;
+    /// Publishes that the buffer has finished with `done` frames held for order in hold queue
+    /// `queue` (`hold_order_done`): called only once they left.
+    fn order_done(&mut self, queue: u32, done: u64);
 }
+
+/// What the programs have handed over, by hold queue, then by CPU.
+type Handed = Vec<(u32, Vec<HoldSeq>)>;
 
 /// What ending a drain reads and writes in the datapath.
 pub(crate) trait Kernel {
-    /// Frames the programs handed to the hold path for this counter so far (`None`: unreadable).
-    fn handed(&mut self, counted: Counted) -> Option<u64>;
+    /// What each CPU's programs have handed to the hold path for `queue`, by CPU (`None`:
+    /// unreadable).
+    fn handed(&mut self, queue: u32) -> Option<Vec<HoldSeq>>;
     /// Clears the draining flag of the queue's receiver (or group) in the maps.
     fn clear_draining(&mut self, key: Key);
-    /// Returns once every program run that began before the call has ended.
-    fn barrier(&mut self);
+    /// Starts an RCU grace period (or joins one starting); returns its token.
+    fn grace_start(&mut self) -> u64;
+    /// Whether grace period `token` has passed: every program run that began before it
+    /// started has ended.
+    fn grace_passed(&mut self, token: u64) -> bool;
 }
 
 struct Held {
     data: Vec<u8>,
+    vnet: VnetHeader,
+    /// Held only for order: its queue's `hold_order_done` counts it once it leaves.
+    for_order: bool,
+    /// Its hold queue (the programs' index).
+    queue: u32,
     color: u32,
     /// The abort count of its sender's group when it was classified (its hold header's).
     aborts: u32,
@@ -105,24 +128,17 @@ struct Queue {
     frames: Fifo<Held>,
     bytes: usize,
     dropped_bound: u64,
-    last_arrival: Option<Instant>,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum Drain {
-    /// Waiting for the queue to empty and go quiet. Quiet counts from `since` (the advance)
-    /// too: frames the datapath redirected right after it may not have reached us yet.
-    Pending { since: Instant },
-    /// Empty and quiet, but the programs had handed over `expected` frames and fewer were
-    /// read: waiting for exactly those (frames handed over later do not count) until the
-    /// deadline, then counting the rest as lost in the ring; then pending again.
-    Missing {
-        since: Instant,
-        expected: u64,
-        deadline: Instant,
-    },
-    /// Flag cleared; waiting for frames the kernel counted to be read (until the deadline).
-    Waiting { expected: u64, deadline: Instant },
+    /// Just advanced: a grace period is to begin.
+    Start,
+    /// Waiting out the grace period that began after the advance.
+    Grace { token: u64 },
+    /// What each CPU had handed over once the grace period passed: every frame before it must
+    /// come (or be found lost by an audit) and leave before the flag clears.
+    Fenced { fence: Vec<HoldSeq> },
 }
 
 /// The buffer's state: its copy of the VMs, the queues, the drains and the accounting.
@@ -138,14 +154,15 @@ pub(crate) struct Core {
     aborts: HashMap<u32, u32>,
     queues: HashMap<Key, Queue>,
     drains: HashMap<Key, Drain>,
-    /// Frames read per receiver slot / group, in the units of the programs' hand-over counts.
-    read_port: Vec<u64>,
-    read_group: Vec<u64>,
+    /// The next tickets expected from each (hold queue, CPU).
+    streams: HashMap<(u32, u32), HoldSeq>,
+    /// Frames held for order this core has finished with, by hold queue (what it published).
+    order_done: HashMap<u32, u64>,
+    /// The last audit: when, and what the programs had handed over then, by queue and CPU.
+    audit: Option<(Instant, Handed)>,
     held_bytes: usize,
     /// Frames each VM's last advance released (what was held for it).
     released_at_advance: HashMap<MacKey, u64>,
-    /// Frames counted `lost_ring` per queue, in case one turns up after all.
-    lost: HashMap<Key, u64>,
     totals: HoldTotals,
     totals_dirty: bool,
     hold_hist: [u64; BUCKETS.len() + 1],
@@ -166,15 +183,13 @@ pub(crate) struct CoreReport {
 
 /// What a daemon that died left behind, found by the next one from the pinned counters:
 /// frames it held in memory (read but never given a fate) and frames the programs handed over
-/// that it never read. Both count as `lost_restart`; the unread ones as `received` too, so
-/// the totals balance again. Returns (held in memory, unread).
-pub(crate) fn account_restart(totals: &mut HoldTotals, handed: u64, no_socket: u64) -> (u64, u64) {
+/// (`handed`, all queues and CPUs) that it never read. Both count as `lost_restart`; the
+/// unread ones as `received` too, so the totals balance again. Returns (held in memory, unread).
+pub(crate) fn account_restart(totals: &mut HoldTotals, handed: u64) -> (u64, u64) {
     let at = |t: HoldTotal| t.index() as usize;
     let fates: u64 = HoldTotal::FATES.iter().map(|t| totals[at(*t)]).sum();
     let in_memory = totals[at(HoldTotal::Received)].saturating_sub(fates);
-    let unread = handed
-        .saturating_sub(no_socket)
-        .saturating_sub(totals[at(HoldTotal::Received)]);
+    let unread = handed.saturating_sub(totals[at(HoldTotal::Received)]);
     totals[at(HoldTotal::LostRestart)] += in_memory + unread;
     totals[at(HoldTotal::Received)] += unread;
     (in_memory, unread)
@@ -182,13 +197,16 @@ pub(crate) fn account_restart(totals: &mut HoldTotals, handed: u64, no_socket: u
 
 impl Core {
     /// A buffer over the VMs and groups the maps have now (nothing held: a new buffer holds
-    /// nothing), the programs' hand-over counts read so far, and the pinned totals.
+    /// nothing), what the programs had handed over when it started (`handed`: per queue, per
+    /// CPU; everything before is another buffer's), the order frames they had held by then
+    /// (`order_issued`, per queue: all done, as far as this buffer is concerned), and the
+    /// pinned totals.
     pub(crate) fn new(
         max_bytes: usize,
         vms: impl IntoIterator<Item = (MacKey, VmEpoch)>,
         groups: impl IntoIterator<Item = (u32, u32, u32)>,
-        read_port: Vec<u64>,
-        read_group: Vec<u64>,
+        handed: impl IntoIterator<Item = (u32, Vec<HoldSeq>)>,
+        order_issued: impl IntoIterator<Item = (u32, u64)>,
         totals: HoldTotals,
     ) -> Self {
         let vms: HashMap<MacKey, VmEpoch> = vms.into_iter().collect();
@@ -202,11 +220,18 @@ impl Core {
             aborts: groups.iter().map(|(g, _, a)| (*g, *a)).collect(),
             queues: HashMap::new(),
             drains: HashMap::new(),
-            read_port,
-            read_group,
+            streams: handed
+                .into_iter()
+                .flat_map(|(q, cpus)| {
+                    cpus.into_iter()
+                        .enumerate()
+                        .map(move |(cpu, seq)| ((q, cpu as u32), seq))
+                })
+                .collect(),
+            order_done: order_issued.into_iter().collect(),
+            audit: None,
             held_bytes: 0,
             released_at_advance: HashMap::new(),
-            lost: HashMap::new(),
             totals,
             totals_dirty: false,
             hold_hist: [0; BUCKETS.len() + 1],
@@ -242,66 +267,124 @@ impl Core {
     /// once if nothing waits before it and its receiver may have it, otherwise queued (or
     /// dropped at the memory bound, counted). Its color is the one the datapath classified it
     /// with, from its header: this core's copy of the sender's epoch may lag behind the map.
-    pub(crate) fn on_frame(&mut self, wire: &mut impl Wire, mut data: Vec<u8>, now: Instant) {
+    pub(crate) fn on_frame(&mut self, wire: &mut impl Wire, received: Received, now: Instant) {
         self.bump(HoldTotal::Received, 1);
-        let Some((HoldHeader { color, aborts }, _)) = HoldHeader::split(&data) else {
+        let Some((header, frame)) = HoldHeader::split(&received.data) else {
             self.bump(HoldTotal::DroppedUnknown, 1);
             return;
         };
-        data.drain(..HoldHeader::LEN);
-        // The L4 checksum may still be left to offload: finish it, or the receiver drops it.
-        complete_l4_checksum(&mut data);
-        if data.len() < 14 {
-            self.bump(HoldTotal::DroppedUnknown, 1);
+        if !self.take_tickets(wire, &header) {
             return;
+        }
+        let for_order = header.flags & HOLD_FOR_ORDER != 0;
+        let queue_index = header.queue;
+        // The frame as the sender sent it: its outer VLAN tag back in (at tc the kernel had
+        // moved it into metadata), its offload state moved with the bytes.
+        let tag = (header.vlan_proto != 0).then(|| {
+            let mut t = [0u8; 4];
+            t[..2].copy_from_slice(&header.vlan_proto.to_be_bytes());
+            t[2..].copy_from_slice(&header.vlan_tci.to_be_bytes());
+            t
+        });
+        let (color, aborts) = (header.color, header.aborts);
+        if frame.len() < 14 {
+            self.bump(HoldTotal::DroppedUnknown, 1);
+            self.finish_order(wire, queue_index, for_order as u64);
+            return;
+        }
+        let mut data = Vec::with_capacity(frame.len() + 4);
+        data.extend_from_slice(&frame[..12]);
+        data.extend_from_slice(tag.as_ref().map_or(&[][..], |t| &t[..]));
+        data.extend_from_slice(&frame[12..]);
+        let vnet = received
+            .vnet
+            .moved(HoldHeader::LEN, if tag.is_some() { 4 } else { 0 });
+        if header.flags & HOLD_FROM_XDP != 0 {
+            // Its offload state was lost at XDP: a checksum left to offload is finished here,
+            // or the receiver drops the frame.
+            complete_l4_checksum(&mut data);
         }
         let dst = MacKey::new(data[0..6].try_into().expect("6 bytes"));
         let sender = MacKey::new(data[6..12].try_into().expect("6 bytes"));
-        let sender_vm = self.vms.get(&sender).copied();
-        let key = if dst.is_multicast() {
-            match sender_vm {
-                Some(vm) => {
-                    self.read_group[vm.group as usize % MAX_GROUPS as usize] += 1;
-                    Key::Group(vm.group)
-                }
-                None => {
-                    self.bump(HoldTotal::DroppedUnknown, 1);
-                    return;
-                }
-            }
+        let key = if queue_index >= MAX_PORTS {
+            Some(Key::Group(queue_index - MAX_PORTS))
         } else {
-            match self.vms.get(&dst) {
-                Some(vm) => {
-                    self.read_port[vm.slot as usize % MAX_PORTS as usize] += 1;
-                    Key::Vm(dst)
-                }
-                None => {
-                    self.bump(HoldTotal::DroppedUnknown, 1);
-                    return;
-                }
-            }
+            self.vms.contains_key(&dst).then_some(Key::Vm(dst))
+        };
+        let Some(key) = key else {
+            self.bump(HoldTotal::DroppedUnknown, 1);
+            self.finish_order(wire, queue_index, for_order as u64);
+            return;
         };
         let releasable = releasable(color, aborts, self.released(key), self.known_aborts(key));
         let queue = self.queues.entry(key).or_default();
-        queue.last_arrival = Some(now);
-        if queue.frames.is_empty() && releasable {
-            self.inject(wire, key, sender, color, &data, now, now);
-            return;
-        }
-        if self.held_bytes + data.len() > self.max_bytes {
-            queue.dropped_bound += 1;
-            self.bump(HoldTotal::DroppedBound, 1);
-            return;
-        }
-        self.held_bytes += data.len();
-        queue.bytes += data.len();
-        queue.frames.push_back(Held {
+        let held = Held {
             data,
+            vnet,
+            for_order,
+            queue: queue_index,
             color,
             aborts,
             sender,
             arrived: now,
-        });
+        };
+        if queue.frames.is_empty() && releasable {
+            self.inject(wire, key, &held, now);
+            return;
+        }
+        if self.held_bytes + held.data.len() > self.max_bytes {
+            queue.dropped_bound += 1;
+            self.bump(HoldTotal::DroppedBound, 1);
+            self.finish_order(wire, queue_index, for_order as u64);
+            return;
+        }
+        self.held_bytes += held.data.len();
+        queue.bytes += held.data.len();
+        queue.frames.push_back(held);
+    }
+
+    /// Checks a frame's tickets against what its CPU handed over for its queue before it: a gap
+    /// is frames lost on the way, counted exactly. Returns false for a frame that comes after
+    /// it was counted lost (a drain's deadline passed first): it stays counted lost, and is
+    /// dropped rather than delivered behind newer frames.
+    fn take_tickets(&mut self, wire: &mut impl Wire, header: &HoldHeader) -> bool {
+        let for_order = header.flags & HOLD_FOR_ORDER != 0;
+        let next = self.streams.entry((header.queue, header.cpu)).or_default();
+        if header.ticket < next.all {
+            let at = HoldTotal::Received.index() as usize;
+            self.totals[at] -= 1;
+            return false;
+        }
+        let lost = header.ticket - next.all;
+        let lost_order = header.order_ticket.saturating_sub(next.order);
+        *next = HoldSeq {
+            all: header.ticket + 1,
+            order: header.order_ticket + for_order as u64,
+        };
+        self.lost_on_the_way(wire, header.queue, lost, lost_order);
+        true
+    }
+
+    /// `lost` frames handed over for hold queue `queue`, `lost_order` of them held for order,
+    /// never reached the buffer (its socket's ring was full): counted received and lost, so
+    /// the totals balance.
+    fn lost_on_the_way(&mut self, wire: &mut impl Wire, queue: u32, lost: u64, lost_order: u64) {
+        if lost > 0 {
+            self.bump(HoldTotal::LostRing, lost);
+            self.bump(HoldTotal::Received, lost);
+        }
+        self.finish_order(wire, queue, lost_order);
+    }
+
+    /// `n` more frames held for order in `queue` are finished with (sent, dropped or lost):
+    /// published, so once none is left newer frames to the queue pass again.
+    fn finish_order(&mut self, wire: &mut impl Wire, queue: u32, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let done = self.order_done.entry(queue).or_default();
+        *done += n;
+        wire.order_done(queue, *done);
     }
 
     /// The abort count this core heard last for the group of a queue's frames (a receiver's
@@ -354,9 +437,12 @@ impl Core {
             Notice::Vm { mac, vm: None } => {
                 self.vms.remove(&mac);
                 self.released_vm.remove(&mac);
-                if let Some(q) = self.queues.remove(&Key::Vm(mac)) {
+                if let Some(mut q) = self.queues.remove(&Key::Vm(mac)) {
                     self.held_bytes -= q.bytes;
                     self.bump(HoldTotal::DroppedUnknown, q.frames.len() as u64);
+                    while let Some(held) = q.frames.pop_front() {
+                        self.finish_order(wire, held.queue, held.for_order as u64);
+                    }
                 }
                 self.drains.remove(&Key::Vm(mac));
             }
@@ -366,14 +452,12 @@ impl Core {
                 *released = (*released).max(epoch);
                 let n = self.flush(wire, Key::Vm(mac), now);
                 self.released_at_advance.insert(mac, n);
-                self.drains
-                    .insert(Key::Vm(mac), Drain::Pending { since: now });
+                self.drains.insert(Key::Vm(mac), Drain::Start);
             }
             Notice::GroupAdvanced { group, min_epoch } => {
                 self.released_group.insert(group, min_epoch);
                 let _ = self.flush(wire, Key::Group(group), now);
-                self.drains
-                    .insert(Key::Group(group), Drain::Pending { since: now });
+                self.drains.insert(Key::Group(group), Drain::Start);
             }
             Notice::Release { group, aborts } => {
                 let known = self.aborts.entry(group).or_insert(aborts);
@@ -393,12 +477,10 @@ impl Core {
                 for (mac, epoch) in &members {
                     self.released_vm.insert(*mac, *epoch);
                     let _ = self.flush(wire, Key::Vm(*mac), now);
-                    self.drains
-                        .insert(Key::Vm(*mac), Drain::Pending { since: now });
+                    self.drains.insert(Key::Vm(*mac), Drain::Start);
                 }
                 let _ = self.flush(wire, Key::Group(group), now);
-                self.drains
-                    .insert(Key::Group(group), Drain::Pending { since: now });
+                self.drains.insert(Key::Group(group), Drain::Start);
             }
         }
     }
@@ -442,9 +524,12 @@ impl Core {
                             .iter()
                             .take_while(|h| h.color == color)
                             .count();
-                        let frames: Vec<&[u8]> = batch[sent..sent + run]
+                        let frames: Vec<Outgoing<'_>> = batch[sent..sent + run]
                             .iter()
-                            .map(|h| h.data.as_slice())
+                            .map(|h| Outgoing {
+                                vnet: &h.vnet,
+                                data: &h.data,
+                            })
                             .collect();
                         let n = wire.send(receiver.ifindex, remote_mark(&receiver, color), &frames);
                         sent += n;
@@ -456,18 +541,14 @@ impl Core {
                         self.record_reinjected(held.arrived, now);
                     }
                     self.bump(HoldTotal::InjectFailed, (batch.len() - sent) as u64);
+                    // Only now that they left: newer frames may pass them no more.
+                    for held in &batch {
+                        self.finish_order(wire, held.queue, held.for_order as u64);
+                    }
                 }
                 Key::Group(_) => {
                     for held in batch {
-                        self.inject(
-                            wire,
-                            key,
-                            held.sender,
-                            held.color,
-                            &held.data,
-                            held.arrived,
-                            now,
-                        );
+                        self.inject(wire, key, &held, now);
                     }
                 }
             }
@@ -475,17 +556,8 @@ impl Core {
     }
 
     /// Sends one frame to its receiver's port (a broadcast: to every other port of its group).
-    #[allow(clippy::too_many_arguments)]
-    fn inject(
-        &mut self,
-        wire: &mut impl Wire,
-        key: Key,
-        sender: MacKey,
-        color: u32,
-        data: &[u8],
-        arrived: Instant,
-        now: Instant,
-    ) {
+    fn inject(&mut self, wire: &mut impl Wire, key: Key, held: &Held, now: Instant) {
+        let color = held.color;
         let mut ports: Vec<(u32, u32)> = match key {
             Key::Vm(mac) => self
                 .vms
@@ -493,7 +565,7 @@ impl Core {
                 .map(|vm| vec![(vm.ifindex, remote_mark(vm, color))])
                 .unwrap_or_default(),
             Key::Group(g) => {
-                let from = self.vms.get(&sender).map(|vm| vm.ifindex);
+                let from = self.vms.get(&held.sender).map(|vm| vm.ifindex);
                 self.vms
                     .values()
                     .filter(|vm| vm.group == g && Some(vm.ifindex) != from)
@@ -505,14 +577,19 @@ impl Core {
         ports.sort_unstable();
         ports.dedup();
         let mut ok = !ports.is_empty() || matches!(key, Key::Group(_));
+        let out = [Outgoing {
+            vnet: &held.vnet,
+            data: &held.data,
+        }];
         for (port, mark) in ports {
-            ok &= wire.send(port, mark, &[data]) == 1;
+            ok &= wire.send(port, mark, &out) == 1;
         }
         if ok {
-            self.record_reinjected(arrived, now);
+            self.record_reinjected(held.arrived, now);
         } else {
             self.bump(HoldTotal::InjectFailed, 1);
         }
+        self.finish_order(wire, held.queue, held.for_order as u64);
     }
 
     fn record_reinjected(&mut self, arrived: Instant, now: Instant) {
@@ -526,135 +603,112 @@ impl Core {
         self.hold_sum += held;
     }
 
-    fn counted(&self, key: Key) -> Option<Counted> {
+    /// The programs' index of a queue.
+    fn queue_index(&self, key: Key) -> Option<u32> {
         match key {
-            Key::Vm(mac) => Some(Counted::Port(self.vms.get(&mac)?.slot)),
-            Key::Group(g) => Some(Counted::Group(g)),
+            Key::Vm(mac) => Some(self.vms.get(&mac)?.slot),
+            Key::Group(g) => Some(group_queue(g)),
         }
     }
 
-    fn read_count(&mut self, key: Key) -> Option<&mut u64> {
-        match key {
-            Key::Vm(mac) => {
-                let slot = self.vms.get(&mac)?.slot as usize;
-                self.read_port.get_mut(slot)
-            }
-            Key::Group(g) => self.read_group.get_mut(g as usize),
+    /// Moves every drain on as far as it can go (see the module's header), and audits the
+    /// hand-over when due. `ring_idle`: the socket had nothing more to read, so frames not
+    /// come by now are not waiting in it.
+    pub(crate) fn progress_drains(
+        &mut self,
+        wire: &mut impl Wire,
+        kernel: &mut impl Kernel,
+        ring_idle: bool,
+        now: Instant,
+    ) {
+        if ring_idle {
+            self.audit(wire, kernel, now);
         }
-    }
-
-    /// Frames the programs handed over for `key` (`expected` of them by then) that never
-    /// reached the buffer (a full ring): counted as received and lost, so the totals balance.
-    fn lost_on_the_way(&mut self, key: Key, expected: u64, read: u64) {
-        let missing = expected - read;
-        if let Some(r) = self.read_count(key) {
-            *r += missing;
-        }
-        *self.lost.entry(key).or_default() += missing;
-        self.bump(HoldTotal::LostRing, missing);
-        self.bump(HoldTotal::Received, missing);
-    }
-
-    /// More frames read for `key` than the programs handed over: frames counted lost turned
-    /// up after all (a thread stalled past the deadline). They were counted when they came:
-    /// take back the loss, so each frame is counted once.
-    fn found_after_all(&mut self, key: Key, handed: u64, read: u64) -> u64 {
-        let back = (read - handed).min(self.lost.get(&key).copied().unwrap_or(0));
-        if back > 0 {
-            if let Some(r) = self.read_count(key) {
-                *r -= back;
-            }
-            if let Some(l) = self.lost.get_mut(&key) {
-                *l -= back;
-            }
-            self.totals[HoldTotal::LostRing.index() as usize] -= back;
-            self.totals[HoldTotal::Received.index() as usize] -= back;
-            self.totals_dirty = true;
-        }
-        read - back
-    }
-
-    /// Moves every drain on as far as it can go (see the module's header).
-    pub(crate) fn progress_drains(&mut self, kernel: &mut impl Kernel, now: Instant) {
-        if self.drains.is_empty() {
-            return;
-        }
-        let keys: Vec<(Key, Drain)> = self.drains.iter().map(|(k, d)| (*k, *d)).collect();
-        for (key, drain) in keys {
-            let queue_empty = self.queues.get(&key).is_none_or(|q| q.frames.is_empty());
-            let last_arrival = self.queues.get(&key).and_then(|q| q.last_arrival);
-            let (Some(read), Some(counted)) = (self.read_count(key).map(|r| *r), self.counted(key))
-            else {
+        let keys: Vec<Key> = self.drains.keys().copied().collect();
+        for key in keys {
+            let Some(queue) = self.queue_index(key) else {
                 self.drains.remove(&key);
                 continue;
             };
-            match drain {
-                Drain::Pending { since } => {
-                    let latest = last_arrival.map_or(since, |t| t.max(since));
-                    if !queue_empty || now.saturating_duration_since(latest) < QUIET {
-                        continue;
-                    }
-                    let Some(before) = kernel.handed(counted) else {
-                        continue;
-                    };
-                    let read = if read > before {
-                        self.found_after_all(key, before, read)
-                    } else {
-                        read
-                    };
-                    if before > read {
-                        // Counted but not yet read: on their way, or lost at a full ring.
-                        self.drains.insert(
-                            key,
-                            Drain::Missing {
-                                since,
-                                expected: before,
-                                deadline: now + RING_DEADLINE,
-                            },
-                        );
-                        continue;
-                    }
-                    kernel.clear_draining(key);
-                    kernel.barrier();
-                    let after = kernel.handed(counted).unwrap_or(before);
-                    if after <= read {
-                        self.drains.remove(&key);
-                    } else {
-                        self.bump(HoldTotal::OrderRaces, 1);
-                        self.drains.insert(
-                            key,
-                            Drain::Waiting {
-                                expected: after,
-                                deadline: now + RING_DEADLINE,
-                            },
-                        );
-                    }
+            // As far as it can go in this turn: a state may lead to the next at once.
+            while self.progress_drain(kernel, key, queue) {}
+        }
+    }
+
+    /// Moves one drain one step on; returns whether it moved (and may move again).
+    fn progress_drain(&mut self, kernel: &mut impl Kernel, key: Key, queue: u32) -> bool {
+        let Some(drain) = self.drains.get(&key).cloned() else {
+            return false;
+        };
+        match drain {
+            Drain::Start => {
+                let token = kernel.grace_start();
+                self.drains.insert(key, Drain::Grace { token });
+                true
+            }
+            Drain::Grace { token } => {
+                if !kernel.grace_passed(token) {
+                    return false;
                 }
-                Drain::Missing {
-                    since,
-                    expected,
-                    deadline,
-                } => {
-                    if read < expected && now <= deadline {
-                        continue;
-                    }
-                    if read < expected {
-                        // Exactly the frames counted when they went missing: any handed over
-                        // since then are still to come, and are counted when they do.
-                        self.lost_on_the_way(key, expected, read);
-                    }
-                    self.drains.insert(key, Drain::Pending { since });
+                let Some(fence) = kernel.handed(queue) else {
+                    return false;
+                };
+                self.drains.insert(key, Drain::Fenced { fence });
+                true
+            }
+            Drain::Fenced { fence } => {
+                let all_came = fence.iter().enumerate().all(|(cpu, f)| {
+                    let next = self.streams.get(&(queue, cpu as u32));
+                    next.map_or(0, |n| n.all) >= f.all
+                });
+                if !all_came || self.queues.get(&key).is_some_and(|q| !q.frames.is_empty()) {
+                    return false;
                 }
-                Drain::Waiting { expected, deadline } => {
-                    if read >= expected {
-                        self.drains.remove(&key);
-                    } else if now > deadline {
-                        self.lost_on_the_way(key, expected, read);
-                        self.drains.remove(&key);
+                kernel.clear_draining(key);
+                self.drains.remove(&key);
+                false
+            }
+        }
+    }
+
+    /// Finds frames lost at the end of a CPU's hand-over, which no later frame reveals: every
+    /// [`RING_DEADLINE`], while the socket has nothing more to read, what the programs have
+    /// handed over for each queue in use is noted, and whatever of the previous note has still
+    /// not come is counted lost (order frames among them finished with, so nothing waits
+    /// behind them for ever).
+    fn audit(&mut self, wire: &mut impl Wire, kernel: &mut impl Kernel, now: Instant) {
+        if self
+            .audit
+            .as_ref()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) < RING_DEADLINE)
+        {
+            return;
+        }
+        let mut queues: Vec<u32> = self.vms.values().map(|vm| vm.slot).collect();
+        queues.extend(self.released_group.keys().map(|g| group_queue(*g)));
+        queues.sort_unstable();
+        queues.dedup();
+        let current: Handed = queues
+            .into_iter()
+            .filter_map(|q| Some((q, kernel.handed(q)?)))
+            .collect();
+        if let Some((_, noted)) = self.audit.take() {
+            for (queue, cpus) in noted {
+                for (cpu, then) in cpus.into_iter().enumerate() {
+                    let next = self
+                        .streams
+                        .get(&(queue, cpu as u32))
+                        .copied()
+                        .unwrap_or_default();
+                    if next.all < then.all {
+                        self.streams.insert((queue, cpu as u32), then);
+                        let lost_order = then.order.saturating_sub(next.order);
+                        self.lost_on_the_way(wire, queue, then.all - next.all, lost_order);
                     }
                 }
             }
         }
+        self.audit = Some((now, current));
     }
 
     /// A graceful stop: everything that may be delivered is, the rest is dropped and counted
@@ -663,12 +717,13 @@ impl Core {
         let keys: Vec<Key> = self.queues.keys().copied().collect();
         for key in keys {
             let _ = self.flush(wire, key, now);
-            if let Some(q) = self.queues.get_mut(&key) {
+            if let Some(mut q) = self.queues.remove(&key) {
                 let n = q.frames.len() as u64;
-                q.frames.clear();
-                q.bytes = 0;
                 if n > 0 {
                     self.bump(HoldTotal::DroppedShutdown, n);
+                }
+                while let Some(held) = q.frames.pop_front() {
+                    self.finish_order(wire, held.queue, held.for_order as u64);
                 }
             }
         }

@@ -1,10 +1,8 @@
 //! The hold device: a veth pair `<name>` → `<name>p` in no bridge, which the port programs
-//! redirect held frames into and whose far end feeds the AF_XDP socket. Made with `ip`,
-//! removed on drop.
+//! redirect held frames into and whose far end the buffer's socket reads. Made with `ip` and
+//! `ethtool`, removed on drop.
 
 use std::process::Command as Process;
-
-use enforcer_common::MAX_HELD_FRAME;
 
 use super::config::{HOLD_ALIAS, HoldError};
 use crate::datapath::ifindex_of;
@@ -16,23 +14,47 @@ pub(crate) struct HoldDevice {
     pub(crate) ifindex: u32,
 }
 
-fn ip(args: &[&str]) -> Result<(), HoldError> {
-    let out = Process::new("ip")
+fn run(program: &str, args: &[&str]) -> Result<(), HoldError> {
+    let command = || format!("{program} {}", args.join(" "));
+    let out = Process::new(program)
         .args(args)
         .output()
-        .map_err(|e| HoldError::Ip {
-            args: args.join(" "),
+        .map_err(|e| HoldError::Command {
+            command: command(),
             stderr: e.to_string(),
         })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(HoldError::Ip {
-            args: args.join(" "),
+        Err(HoldError::Command {
+            command: command(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().into(),
         })
     }
 }
+
+fn ip(args: &[&str]) -> Result<(), HoldError> {
+    run("ip", args)
+}
+
+/// The largest MTU of a veth: any frame a port can carry, jumbo frames included, passes the
+/// hold device with its hold header (case F2). GSO super-frames pass whatever the MTU.
+const HOLD_MTU: &str = "65535";
+
+/// Segmentation the hold device leaves to the kernel, in software, before a frame enters it:
+/// the GSO types a virtio-net header cannot describe (tunnels, SCTP, fragment lists), so the
+/// buffer's socket gets every held frame with its offload state intact rather than losing the
+/// few it could not describe.
+const SEGMENT_IN_SOFTWARE: [&str; 8] = [
+    "tx-udp_tnl-segmentation",
+    "tx-udp_tnl-csum-segmentation",
+    "tx-gre-segmentation",
+    "tx-gre-csum-segmentation",
+    "tx-ipxip4-segmentation",
+    "tx-ipxip6-segmentation",
+    "tx-sctp-segmentation",
+    "tx-gso-list",
+];
 
 impl HoldDevice {
     pub(crate) fn create(name: &str) -> Result<Self, HoldError> {
@@ -57,35 +79,34 @@ impl HoldDevice {
             }
             let _ = Process::new("ip").args(["link", "del", name]).output();
         }
-        // One queue each way: the AF_XDP socket serves queue 0. The largest MTU XDP allows on
-        // a veth: a held frame, its hold header in front, may be as long as MAX_HELD_FRAME (at
-        // 1500 a full-sized frame with its header would not pass the veth).
-        let mtu = (MAX_HELD_FRAME - 14).to_string();
         ip(&[
             "link",
             "add",
             name,
             "mtu",
-            &mtu,
-            "numtxqueues",
-            "1",
-            "numrxqueues",
-            "1",
+            HOLD_MTU,
             "type",
             "veth",
             "peer",
             "name",
             &socket_side,
             "mtu",
-            &mtu,
-            "numtxqueues",
-            "1",
-            "numrxqueues",
-            "1",
+            HOLD_MTU,
         ])?;
         ip(&["link", "set", name, "alias", HOLD_ALIAS])?;
         for dev in [name, socket_side.as_str()] {
             let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1");
+        }
+        let mut features = vec!["-K", name];
+        for feature in SEGMENT_IN_SOFTWARE {
+            features.extend([feature, "off"]);
+        }
+        run("ethtool", &features)?;
+        // GRO on the socket side turns on the veth's NAPI, without which it refuses frames
+        // redirected to it from XDP (the port program in `xdp` mode). Held frames are of the
+        // hold EtherType, which GRO leaves alone.
+        run("ethtool", &["-K", &socket_side, "gro", "on"])?;
+        for dev in [name, socket_side.as_str()] {
             ip(&["link", "set", dev, "up"])?;
         }
         let ifindex = ifindex_of(name)?;

@@ -56,11 +56,6 @@ impl<T> Fifo<T> {
     pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
     }
-
-    pub(crate) fn clear(&mut self) {
-        self.chunks.clear();
-        self.len = 0;
-    }
 }
 
 #[cfg(test)]
@@ -84,8 +79,5 @@ mod tests {
         let rest: Vec<i32> = std::iter::from_fn(|| f.pop_front()).collect();
         assert_eq!(rest, (3000..6000).collect::<Vec<_>>());
         assert!(f.is_empty() && f.pop_front().is_none() && f.front().is_none());
-        f.push_back(7);
-        f.clear();
-        assert_eq!(f.len(), 0);
     }
 }

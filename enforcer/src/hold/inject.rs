@@ -1,6 +1,9 @@
 //! Re-injection: held frames go out of their receiver's port through an AF_PACKET socket per
-//! port (straight to the VM, past the bridge), in order, batched with `sendmmsg`; a frame to a
-//! VM on another host carries its color in `SO_MARK`, which VXLAN-GBP puts on the wire.
+//! port (straight to the VM, past the bridge), in order, batched with `sendmmsg`, each with the
+//! virtio-net header it was held with (`PACKET_VNET_HDR`): a GSO super-frame leaves as one and
+//! is segmented where the bridge's copy would have been, a checksum left to offload is left to
+//! the same place. A frame to a VM on another host carries its color in `SO_MARK`, which
+//! VXLAN-GBP puts on the wire.
 
 use std::{
     collections::HashMap,
@@ -10,6 +13,8 @@ use std::{
 };
 
 use tracing::warn;
+
+use super::{core::Outgoing, ring::VNET_LEN};
 
 /// One sending socket per port, made on first use, and the mark each has now.
 #[derive(Default)]
@@ -41,7 +46,7 @@ impl Injector {
 
     /// Sends frames out of a port, in order, with as few system calls as it can (`sendmmsg`);
     /// waits out a full queue rather than lose a frame. Returns how many were sent.
-    pub(crate) fn send(&mut self, ifindex: u32, mark: u32, frames: &[&[u8]]) -> usize {
+    pub(crate) fn send(&mut self, ifindex: u32, mark: u32, frames: &[Outgoing<'_>]) -> usize {
         let Some(fd) = self.socket(ifindex) else {
             return 0;
         };
@@ -63,11 +68,19 @@ impl Injector {
             }
             self.marks.insert(ifindex, mark);
         }
-        let mut iovecs: Vec<libc::iovec> = frames
+        let mut iovecs: Vec<[libc::iovec; 2]> = frames
             .iter()
-            .map(|f| libc::iovec {
-                iov_base: f.as_ptr() as *mut libc::c_void,
-                iov_len: f.len(),
+            .map(|f| {
+                [
+                    libc::iovec {
+                        iov_base: f.vnet.0.as_ptr() as *mut libc::c_void,
+                        iov_len: VNET_LEN,
+                    },
+                    libc::iovec {
+                        iov_base: f.data.as_ptr() as *mut libc::c_void,
+                        iov_len: f.data.len(),
+                    },
+                ]
             })
             .collect();
         let mut messages: Vec<libc::mmsghdr> = iovecs
@@ -75,8 +88,8 @@ impl Injector {
             .map(|iov| {
                 // SAFETY: mmsghdr is plain data; all-zero is a valid empty message.
                 let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                m.msg_hdr.msg_iov = iov;
-                m.msg_hdr.msg_iovlen = 1;
+                m.msg_hdr.msg_iov = iov.as_mut_ptr();
+                m.msg_hdr.msg_iovlen = 2;
                 m
             })
             .collect();
@@ -124,6 +137,20 @@ fn packet_socket(ifindex: u32) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: `fd` is a fresh descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and a c_int option value that outlives the call.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_VNET_HDR,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     // SAFETY: sockaddr_ll is plain data; all-zero is a valid starting value.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     addr.sll_family = libc::AF_PACKET as u16;

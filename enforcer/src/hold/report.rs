@@ -54,18 +54,16 @@ impl<'de> Deserialize<'de> for QueueKey {
 }
 
 /// Frames the hold path lost in the kernel, by reason: the programs' own count
-/// ([`HoldKernel::NoSocket`]) and the AF_XDP socket's statistics (`XDP_STATISTICS`).
+/// ([`HoldKernel::NoHeadroom`]) and the socket's statistics (`PACKET_STATISTICS`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KernelLoss {
-    /// Redirected to the hold device while no buffer socket was bound ([`HoldKernel::NoSocket`]).
-    NoSocket,
-    /// Dropped by the socket (its `rx_dropped`).
-    SocketDropped,
-    /// The socket's RX ring was full.
+    /// Dropped by the kernel at the buffer's socket: its ring was full (each such frame is
+    /// also counted `lost_ring`, exactly, from the gap in its tickets).
     RingFull,
-    /// The fill ring was found empty.
-    FillRingEmpty,
+    /// Longer than a block of the ring, so cut short by the kernel: dropped, never delivered
+    /// cut.
+    Truncated,
     /// Frames to hold that got no room for their hold header, so were not held
     /// ([`HoldKernel::NoHeadroom`]).
     NoHeadroom,
@@ -75,10 +73,8 @@ impl KernelLoss {
     /// Stable snake_case name (`/metrics` prefixes it with `kernel_`).
     pub const fn name(self) -> &'static str {
         match self {
-            KernelLoss::NoSocket => HoldKernel::NoSocket.name(),
-            KernelLoss::SocketDropped => "socket_dropped",
             KernelLoss::RingFull => "ring_full",
-            KernelLoss::FillRingEmpty => "fill_ring_empty",
+            KernelLoss::Truncated => "truncated",
             KernelLoss::NoHeadroom => HoldKernel::NoHeadroom.name(),
         }
     }
@@ -188,7 +184,7 @@ mod tests {
         let mac = MacAddr([2, 0, 0, 0, 0, 1]);
         let mut r = HoldReport::default();
         r.totals.insert(HoldTotal::Reinjected, 3);
-        r.kernel.insert(KernelLoss::NoSocket, 2);
+        r.kernel.insert(KernelLoss::RingFull, 2);
         r.released_at_advance.insert(QueueKey::Vm(mac), 3);
         r.queues.push(QueueReport {
             queue: QueueKey::Group(7),
@@ -200,7 +196,7 @@ mod tests {
         });
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["totals"]["reinjected"], 3);
-        assert_eq!(json["kernel"]["no_socket"], 2);
+        assert_eq!(json["kernel"]["ring_full"], 2);
         assert_eq!(json["released_at_advance"]["vm 02:00:00:00:00:01"], 3);
         assert_eq!(json["queues"][0]["queue"], "group 7");
         let back: HoldReport = serde_json::from_value(json).unwrap();

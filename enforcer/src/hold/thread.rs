@@ -1,31 +1,35 @@
-//! The buffer thread: the I/O around the [`Core`]. It reads the AF_XDP ring, takes epoch
+//! The buffer thread: the I/O around the [`Core`]. It reads the hold device's ring, takes epoch
 //! notices and report requests from its channel, raises views from colors learned from other
 //! hosts' frames (through the one epoch-change path, [`advance::change_epoch`]), moves drains
 //! on, and writes the totals to their pinned map. At start it accounts for what a daemon that
 //! died left behind; at a graceful stop it delivers what it may and counts the rest.
 
 use std::{
-    sync::{Arc, Mutex, mpsc},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     thread,
     time::{Duration, Instant},
 };
 
-use enforcer_common::{HoldKernel, HoldTotal, MacKey};
+use enforcer_common::{HoldKernel, HoldSeq, HoldTotal, MacKey};
 use tracing::{info, warn};
 
 use super::{
     advance::{self, BufferLink},
     config::{HoldError, HoldOptions, LoopPoint},
-    core::{BATCH, Core, Counted, Kernel, Key, Wire, account_restart},
+    core::{Core, Kernel, Key, Outgoing, Wire, account_restart},
     inject::Injector,
     learn::LearnedRing,
     protocol::{Command, Notice},
     report::{HoldReport, KernelLoss, QueueKey},
-    xsk::XskSocket,
+    ring::PacketRing,
 };
 use crate::{
     datapath::{
-        Datapath,
+        Datapath, OrderDone,
         epochs::{self, EpochStore as _},
     },
     model::MacAddr,
@@ -33,32 +37,106 @@ use crate::{
     sync::lock,
 };
 
+/// Blocks of the ring read per turn of the loop.
+const BLOCKS_PER_TURN: usize = 4;
+
 pub(crate) struct Thread {
     dp: Arc<Mutex<Datapath>>,
     opts: HoldOptions,
-    socket: XskSocket,
+    ring: PacketRing,
     core: Core,
-    inject: Injector,
+    out: Out,
+    grace: Arc<Grace>,
     learned: Option<LearnedRing>,
+    /// Frames the ring cut short (longer than a block: never expected), dropped and counted.
+    truncated: u64,
 }
 
-impl Wire for Injector {
-    fn send(&mut self, ifindex: u32, mark: u32, frames: &[&[u8]]) -> usize {
-        Injector::send(self, ifindex, mark, frames)
+/// The way out: re-injection, and the order counts the programs read.
+pub(crate) struct Out {
+    inject: Injector,
+    order_done: OrderDone,
+}
+
+impl Wire for Out {
+    fn send(&mut self, ifindex: u32, mark: u32, frames: &[Outgoing<'_>]) -> usize {
+        self.inject.send(ifindex, mark, frames)
+    }
+
+    fn order_done(&mut self, queue: u32, done: u64) {
+        self.order_done.set(queue, done);
+    }
+}
+
+/// RCU grace periods for the drains, waited out on a thread of their own (a grace period
+/// takes milliseconds; the buffer thread must keep reading its ring meanwhile). Tokens count
+/// requests: grace period `t` has passed once `completed >= t`.
+#[derive(Default)]
+pub(crate) struct Grace {
+    state: Mutex<(u64, u64)>,
+    wake: Condvar,
+    stop: AtomicBool,
+}
+
+impl Grace {
+    /// Starts the thread that waits the grace periods out.
+    fn spawn() -> Result<Arc<Self>, HoldError> {
+        let grace = Arc::new(Self::default());
+        let g = grace.clone();
+        thread::Builder::new()
+            .name("enforcer-grace".into())
+            .spawn(move || {
+                loop {
+                    let target = {
+                        let mut st = lock(&g.state);
+                        while st.1 >= st.0 && !g.stop.load(Ordering::Acquire) {
+                            st = g.wake.wait(st).expect("grace lock");
+                        }
+                        if g.stop.load(Ordering::Acquire) {
+                            return;
+                        }
+                        st.0
+                    };
+                    rcu_barrier();
+                    lock(&g.state).1 = target;
+                }
+            })
+            .map_err(HoldError::Thread)?;
+        Ok(grace)
+    }
+
+    fn start(&self) -> u64 {
+        let mut st = lock(&self.state);
+        st.0 += 1;
+        self.wake.notify_one();
+        st.0
+    }
+
+    fn passed(&self, token: u64) -> bool {
+        lock(&self.state).1 >= token
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let _st = lock(&self.state);
+        self.wake.notify_one();
     }
 }
 
 /// The datapath as the core's drains see it.
-struct Maps<'a>(&'a Mutex<Datapath>);
+struct Maps<'a>(&'a Mutex<Datapath>, &'a Grace);
 
 impl Kernel for Maps<'_> {
-    fn handed(&mut self, counted: Counted) -> Option<u64> {
-        let mut dp = lock(self.0);
-        match counted {
-            Counted::Port(slot) => dp.held_in_port(slot),
-            Counted::Group(g) => dp.held_in_group(g),
-        }
-        .ok()
+    fn handed(&mut self, queue: u32) -> Option<Vec<HoldSeq>> {
+        lock(self.0).hold_seq(queue).ok()
+    }
+
+    fn grace_start(&mut self) -> u64 {
+        self.1.start()
+    }
+
+    fn grace_passed(&mut self, token: u64) -> bool {
+        self.1.passed(token)
     }
 
     fn clear_draining(&mut self, key: Key) {
@@ -71,10 +149,6 @@ impl Kernel for Maps<'_> {
             warn!(%err, "clearing a draining flag");
         }
     }
-
-    fn barrier(&mut self) {
-        rcu_barrier();
-    }
 }
 
 /// The thread's own link for colors it learned: the copy is updated at once (before the map
@@ -82,7 +156,7 @@ impl Kernel for Maps<'_> {
 /// re-injection never holds up the API.
 struct SelfLink<'a> {
     core: &'a mut Core,
-    inject: &'a mut Injector,
+    out: &'a mut Out,
     later: Vec<Notice>,
 }
 
@@ -93,7 +167,7 @@ impl BufferLink for SelfLink<'_> {
 
     fn tell(&mut self, notice: Notice) -> bool {
         match notice {
-            Notice::Vm { .. } => self.core.on_notice(self.inject, notice, Instant::now()),
+            Notice::Vm { .. } => self.core.on_notice(self.out, notice, Instant::now()),
             _ => self.later.push(notice),
         }
         true
@@ -103,20 +177,25 @@ impl BufferLink for SelfLink<'_> {
 impl Thread {
     /// The thread's state over the maps as they are: the pinned totals brought up to date
     /// with what a previous daemon left, and every draining flag cleared (nothing is held any
-    /// more; a flag left set would route the VM's traffic through userspace for ever).
+    /// more; a flag left set would route the VM's traffic through userspace for ever). Called
+    /// while the datapath holds nothing (`hold_ifindex` 0, a grace period passed), so what the
+    /// programs handed over until now is all another buffer's.
     pub(crate) fn new(
         dp: &mut Datapath,
         shared: Arc<Mutex<Datapath>>,
         opts: HoldOptions,
-        socket: XskSocket,
+        ring: PacketRing,
         learned: Option<LearnedRing>,
     ) -> Result<Self, HoldError> {
-        let read_port = dp.held_in_ports()?;
-        let read_group = dp.held_in_groups()?;
-        let no_socket = dp.hold_kernel(HoldKernel::NoSocket)?;
+        let handed = dp.hold_seqs()?;
+        let order_issued = dp.hold_order_issued()?;
+        let order_done = dp.hold_order_done()?;
         let mut totals = dp.hold_totals()?;
-        let handed = read_port.iter().chain(&read_group).sum();
-        let (in_memory, unread) = account_restart(&mut totals, handed, no_socket);
+        let total: u64 = handed
+            .iter()
+            .flat_map(|(_, cpus)| cpus.iter().map(|s| s.all))
+            .sum();
+        let (in_memory, unread) = account_restart(&mut totals, total);
         if in_memory + unread > 0 {
             warn!(
                 in_memory,
@@ -124,6 +203,10 @@ impl Thread {
             );
         }
         dp.set_hold_totals(&totals)?;
+        // Every order frame held so far is finished with: no newer frame waits behind them.
+        for (queue, issued) in order_issued.iter().enumerate() {
+            order_done.set(queue as u32, *issued);
+        }
         let vms = dp.vms()?;
         for (mac, _) in &vms {
             epochs::clear_vm_draining(dp, mac)?;
@@ -134,13 +217,23 @@ impl Thread {
             groups.push((g.group, g.min_epoch, aborts));
             epochs::clear_group_draining(dp, g.group)?;
         }
+        let order_issued = order_issued
+            .into_iter()
+            .enumerate()
+            .filter(|(_, n)| *n > 0)
+            .map(|(q, n)| (q as u32, n));
         Ok(Self {
             dp: shared,
-            core: Core::new(opts.max_bytes, vms, groups, read_port, read_group, totals),
+            core: Core::new(opts.max_bytes, vms, groups, handed, order_issued, totals),
             opts,
-            socket,
-            inject: Injector::default(),
+            ring,
+            out: Out {
+                inject: Injector::default(),
+                order_done,
+            },
+            grace: Grace::spawn()?,
             learned,
+            truncated: 0,
         })
     }
 
@@ -165,8 +258,7 @@ impl Thread {
                     }
                     Ok(Command::Notice(notice)) => {
                         busy = true;
-                        self.core
-                            .on_notice(&mut self.inject, notice, Instant::now());
+                        self.core.on_notice(&mut self.out, notice, Instant::now());
                     }
                     Ok(Command::Report(tx)) => {
                         busy = true;
@@ -181,10 +273,15 @@ impl Thread {
             self.opts.at_point.at(LoopPoint::ApplyLearned);
             busy |= self.apply_learned();
             self.opts.at_point.at(LoopPoint::ReadRing);
-            busy |= self.receive();
+            let (read, ring_idle) = self.receive();
+            busy |= read;
             self.opts.at_point.at(LoopPoint::ProgressDrains);
-            self.core
-                .progress_drains(&mut Maps(&self.dp), Instant::now());
+            self.core.progress_drains(
+                &mut self.out,
+                &mut Maps(&self.dp, &self.grace),
+                ring_idle,
+                Instant::now(),
+            );
             if last_flush.elapsed() > Duration::from_millis(20) {
                 self.flush_totals();
                 last_flush = Instant::now();
@@ -202,7 +299,7 @@ impl Thread {
             events: libc::POLLIN,
             revents: 0,
         };
-        let mut fds = vec![pfd(self.socket.rx.as_raw_fd())];
+        let mut fds = vec![pfd(self.ring.raw_fd())];
         if let Some(ring) = &self.learned {
             fds.push(pfd(ring.raw_fd()));
         }
@@ -228,7 +325,7 @@ impl Thread {
         for (mac, color) in learned {
             let mut link = SelfLink {
                 core: &mut self.core,
-                inject: &mut self.inject,
+                out: &mut self.out,
                 later: Vec::new(),
             };
             let mut dp = lock(&self.dp);
@@ -256,7 +353,7 @@ impl Thread {
             }
             let (later, now) = (link.later, Instant::now());
             for notice in later {
-                self.core.on_notice(&mut self.inject, notice, now);
+                self.core.on_notice(&mut self.out, notice, now);
             }
         }
         any
@@ -274,39 +371,32 @@ impl Thread {
         }
     }
 
-    /// Reads what the ring has; returns whether there was anything.
-    fn receive(&mut self) -> bool {
-        let frames = self.socket.receive(4 * BATCH as u32);
-        if frames.is_empty() {
-            return false;
-        }
+    /// Reads what the ring has; returns whether there was anything, and whether the ring was
+    /// left empty.
+    fn receive(&mut self) -> (bool, bool) {
+        let frames = self.ring.receive(BLOCKS_PER_TURN, &mut self.truncated);
+        let idle = frames.is_empty();
         // Each frame's color rides in its hold header: whatever epoch notices are still unread,
         // none of these is released before its receiver reached that color.
         let now = Instant::now();
-        for data in frames {
-            self.core.on_frame(&mut self.inject, data, now);
+        let any = !frames.is_empty();
+        for frame in frames {
+            self.core.on_frame(&mut self.out, frame, now);
         }
-        true
+        (any, idle)
     }
 
-    fn report(&self) -> HoldReport {
+    fn report(&mut self) -> HoldReport {
         let core = self.core.report(Instant::now());
         let mut kernel = std::collections::BTreeMap::new();
         {
             let mut dp = self.dp.lock().expect("datapath lock");
-            for (counter, loss) in [
-                (HoldKernel::NoSocket, KernelLoss::NoSocket),
-                (HoldKernel::NoHeadroom, KernelLoss::NoHeadroom),
-            ] {
-                if let Ok(n) = dp.hold_kernel(counter) {
-                    kernel.insert(loss, n);
-                }
+            if let Ok(n) = dp.hold_kernel(HoldKernel::NoHeadroom) {
+                kernel.insert(KernelLoss::NoHeadroom, n);
             }
         }
-        let (dropped, ring_full, fill_empty) = self.socket.kernel_drops();
-        kernel.insert(KernelLoss::SocketDropped, dropped);
-        kernel.insert(KernelLoss::RingFull, ring_full);
-        kernel.insert(KernelLoss::FillRingEmpty, fill_empty);
+        kernel.insert(KernelLoss::RingFull, self.ring.dropped());
+        kernel.insert(KernelLoss::Truncated, self.truncated);
         HoldReport {
             device: self.opts.device.clone(),
             held_frames: core.held_frames,
@@ -338,11 +428,11 @@ impl Thread {
         rcu_barrier();
         let deadline = Instant::now() + Duration::from_millis(200);
         while Instant::now() < deadline {
-            if !self.receive() {
+            if !self.receive().0 {
                 self.wait_for_frames(Duration::from_millis(5));
             }
         }
-        self.core.shutdown(&mut self.inject, Instant::now());
+        self.core.shutdown(&mut self.out, Instant::now());
         {
             let mut dp = lock(&self.dp);
             let macs: Vec<MacKey> = self.core.vm_macs();
@@ -362,9 +452,15 @@ impl Thread {
     }
 }
 
+impl Drop for Thread {
+    fn drop(&mut self) {
+        self.grace.stop();
+    }
+}
+
 /// Waits until every BPF program run that started before now has finished (an RCU grace
 /// period: membarrier(MEMBARRIER_CMD_GLOBAL) calls synchronize_rcu).
-fn rcu_barrier() {
+pub(crate) fn rcu_barrier() {
     const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
     // SAFETY: membarrier takes no pointers.
     let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
