@@ -5,7 +5,8 @@
 //! - Fixtures: [`netns`] (network-namespace "VMs" on a bridge), [`traffic`] (numbered messages
 //!   between them), [`vms`] (real guests under libvirt/QEMU, running `enforcer-guest`),
 //!   [`overlay`] (two emulated hosts joined by VXLAN-GBP), [`redis`] (Redis replication on the
-//!   guests: a real application's own check of a restore).
+//!   guests: a real application's own check of a restore), [`raw`] (whole Ethernet frames in
+//!   and out of a VM, VLAN tags as on the wire).
 //! - Scenarios: [`demo`] — the README's main job on real VMs (and its netns variant), tier 3 on
 //!   one host and across two emulated hosts, each ending with the consistency check.
 //! - [`bench`]: the benchmarks behind `cargo xtask bench …` and BENCHMARKS.md.
@@ -13,6 +14,7 @@ pub mod bench;
 pub mod demo;
 pub mod netns;
 pub mod overlay;
+pub mod raw;
 pub mod redis;
 pub mod stats;
 pub mod traffic;

@@ -226,6 +226,28 @@ impl Lab {
         cmd
     }
 
+    /// Sets the MTU of every link of the lab: bridges, ports and the VMs' `eth0` (jumbo
+    /// frames: 9000).
+    pub fn set_mtu(&self, mtu: u32) -> Result<(), LabError> {
+        let mtu = mtu.to_string();
+        for vm in &self.vms {
+            run(&["link", "set", &vm.port, "mtu", &mtu])?;
+            run(&["-n", &vm.netns, "link", "set", "eth0", "mtu", &mtu])?;
+        }
+        for bridge in &self.bridges {
+            run(&["link", "set", bridge, "mtu", &mtu])?;
+        }
+        Ok(())
+    }
+
+    /// A raw socket on the VM's `eth0`, inside its namespace: whole Ethernet frames out, and
+    /// every frame in as it was on the wire (see [`crate::raw::RawSocket`]).
+    pub fn raw_socket(&self, vm: usize) -> Result<crate::raw::RawSocket, LabError> {
+        let netns = self.vms[vm].netns.clone();
+        self.in_vm(vm, crate::raw::RawSocket::on_eth0)?
+            .map_err(|source| LabError::Socket { netns, source })
+    }
+
     pub fn ports(&self) -> Vec<String> {
         self.vms.iter().map(|vm| vm.port.clone()).collect()
     }

@@ -37,6 +37,9 @@ impl PortStats {
     pub fn frames(&self, outcome: Outcome) -> u64 {
         self.counters.get(outcome.name()).map_or(0, |c| c.frames)
     }
+    pub fn bytes(&self, outcome: Outcome) -> u64 {
+        self.counters.get(outcome.name()).map_or(0, |c| c.bytes)
+    }
     pub fn total_frames(&self) -> u64 {
         self.counters.values().map(|c| c.frames).sum()
     }
