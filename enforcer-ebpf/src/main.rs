@@ -20,7 +20,7 @@
 #![allow(internal_features)]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{TC_ACT_SHOT, tcx_action_base::TCX_NEXT, xdp_action},
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
     helpers::generated::{
         bpf_get_smp_processor_id, bpf_redirect, bpf_skb_change_head, bpf_xdp_adjust_head,
@@ -282,7 +282,10 @@ pub fn enforcer_tc(ctx: TcContext) -> i32 {
                 // VXLAN-GBP carries it to the receiver's host.
                 ctx.set_mark(color_mark);
             }
-            TC_ACT_OK
+            // Not TC_ACT_OK, which ends tc processing on the port: other tcx programs and tc
+            // filters after this one (libvirt's QoS, an operator's filter) still run (case R1
+            // of the datapath review). With none, the frame passes.
+            TCX_NEXT
         }
         Verdict::Drop => TC_ACT_SHOT,
         // SAFETY: a helper call with plain integer arguments; it returns TC_ACT_REDIRECT.

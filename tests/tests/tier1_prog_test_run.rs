@@ -20,7 +20,9 @@ const STRANGER: [u8; 6] = [0x02, 0, 0, 0, 0x99, 0x99]; // never registered
 const BROADCAST: [u8; 6] = [0xff; 6];
 const IPV4: u16 = 0x0800;
 
-const TC_ACT_OK: u32 = 0;
+/// The tc program passes a frame on to the next program or filter on the port (`TCX_NEXT`,
+/// -1), never ending tc processing there (case R1).
+const TCX_NEXT: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -59,7 +61,7 @@ impl Harness {
     fn expect(&mut self, frame: &[u8], outcome: Outcome, what: &str) {
         let pass = outcome.verdict() == enforcer_common::Verdict::Pass;
         for (mode, want) in [
-            (AttachMode::Tc, if pass { TC_ACT_OK } else { TC_ACT_SHOT }),
+            (AttachMode::Tc, if pass { TCX_NEXT } else { TC_ACT_SHOT }),
             (AttachMode::Xdp, if pass { XDP_PASS } else { XDP_DROP }),
         ] {
             let before = self.lo_counters();

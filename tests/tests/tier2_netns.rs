@@ -408,20 +408,7 @@ async fn ports_follow_bridge_membership() {
 async fn jumbo_frames_on_real_ports() {
     require_root();
     let lab = Lab::create(&lab_prefix('j'), 2).unwrap();
-    for vm in &lab.vms {
-        let ok = Command::new("ip")
-            .args(["link", "set", &vm.port, "mtu", "9000"])
-            .status()
-            .unwrap()
-            .success()
-            && lab.command(0, "true").status().unwrap().success()
-            && Command::new("ip")
-                .args(["-n", &vm.netns, "link", "set", "eth0", "mtu", "9000"])
-                .status()
-                .unwrap()
-                .success();
-        assert!(ok, "setting MTU 9000");
-    }
+    lab.set_mtu(9000).unwrap();
     let pins = PinRoot::new("jumbo");
     let (running, client) = start(&lab, &pins, AttachMode::Tc).await;
     client.set_mode(Type3Mode::Drop).await.unwrap();
@@ -447,6 +434,67 @@ async fn jumbo_frames_on_real_ports() {
     let port = &stats[&lab.vms[0].port];
     assert_eq!(port.counters["type1"].bytes, 8900 + 8 + 20 + 14);
     assert_eq!(port.counters["type3_dropped"].bytes, 8900 + 8 + 20 + 14);
+    running.stop().await.unwrap();
+}
+
+/// Case R1 of the datapath review: the port program does not switch off the other tc filters
+/// on the port (libvirt's `<bandwidth>`, an operator's own). An ingress u32 filter on vm1's
+/// port mirrors every frame to an ifb device; with the daemon attached it still sees each
+/// frame vm1 sends, and the frames still arrive. Before, the program's pass verdict ended tc
+/// processing on the port and the filter saw nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_tc_filters_on_a_port_keep_running() {
+    require_root();
+    let lab = Lab::create(&lab_prefix('f'), 2).unwrap();
+    let ifb = format!("{}ifb", lab.prefix);
+    let sh = |args: &[&str]| {
+        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    struct Ifb(String);
+    impl Drop for Ifb {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+        }
+    }
+    sh(&["ip", "link", "add", &ifb, "type", "ifb"]);
+    let _ifb = Ifb(ifb.clone());
+    sh(&["ip", "link", "set", &ifb, "up"]);
+    let port = lab.vms[0].port.clone();
+    sh(&["tc", "qdisc", "add", "dev", &port, "clsact"]);
+    sh(&[
+        "tc", "filter", "add", "dev", &port, "ingress", "protocol", "all", "u32", "match", "u32",
+        "0", "0", "action", "mirred", "egress", "mirror", "dev", &ifb,
+    ]);
+    let mirrored = || -> u64 {
+        std::fs::read_to_string(format!("/sys/class/net/{ifb}/statistics/rx_packets"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let pins = PinRoot::new("tcfilters");
+    let (running, client) = start(&lab, &pins, AttachMode::Tc).await;
+    register_all(&lab, &client).await;
+    let a = lab.udp_socket(0, 47_150).unwrap();
+    let b = lab.udp_socket(1, 47_150).unwrap();
+    b.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let before = mirrored();
+    for i in 0..20u8 {
+        a.send_to(&[i; 32], (lab.vms[1].ip, 47_150)).unwrap();
+    }
+    let mut buf = [0u8; 64];
+    for _ in 0..20 {
+        b.recv(&mut buf).expect("delivered");
+    }
+    assert_eq!(mirrored() - before, 20, "the filter saw every frame");
+    let stats = by_port(&client.stats().await.unwrap());
+    assert_eq!(stats[&port].counters["type1"].frames, 20, "and so did ours");
     running.stop().await.unwrap();
 }
 
