@@ -2,7 +2,8 @@
 //! the datapath with and without the programs ([`datapath`]), held frames and re-injection
 //! ([`hold`]), TCP through a skewed snapshot ([`tcp_skew`]), group snapshots and restores of
 //! real guests ([`snapshots`], [`restores`]; against what users run today, [`baselines`]) and
-//! the epoch protocol across two emulated hosts ([`hosts`]).
+//! the epoch protocol across two emulated hosts ([`hosts`]). [`xdp_tx`] is the AF_XDP traffic
+//! generator that keeps the sender from being the bottleneck.
 
 mod baselines;
 pub mod datapath;
@@ -11,6 +12,7 @@ pub mod hosts;
 pub mod restores;
 pub mod snapshots;
 pub mod tcp_skew;
+mod xdp_tx;
 
 use enforcer::{
     api::client::Client,
