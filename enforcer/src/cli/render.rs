@@ -47,6 +47,18 @@ pub fn manifest(m: &Manifest) -> String {
     if let Some(reason) = &m.reason {
         let _ = writeln!(out, "  reason: {reason}");
     }
+    if !m.held_lost.is_empty() {
+        let lost: Vec<String> = m
+            .held_lost
+            .iter()
+            .map(|(r, n)| format!("{n} {r}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  held frames lost while it ran (on its hosts' buffers): {}",
+            lost.join(", ")
+        );
+    }
     let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
     let _ = writeln!(
         out,

@@ -140,6 +140,24 @@ impl HoldReport {
 
     /// Another buffer's report added in: queues side by side, counts summed (a coordinator of
     /// several hosts shows its agents' buffers as one).
+    /// What the buffer lost or dropped so far, by reason: every fate but `reinjected`, and the
+    /// frames to hold that got no room for their hold header (`no_headroom`: Type-3 ones
+    /// dropped). Running totals, so the difference of two reports is what was lost between.
+    pub fn losses(&self) -> BTreeMap<String, u64> {
+        let mut out: BTreeMap<String, u64> = HoldTotal::FATES
+            .iter()
+            .filter(|t| **t != HoldTotal::Reinjected)
+            .map(|t| (t.name().to_owned(), self.total(*t)))
+            .collect();
+        let headroom = self
+            .kernel
+            .get(&KernelLoss::NoHeadroom)
+            .copied()
+            .unwrap_or(0);
+        out.insert(KernelLoss::NoHeadroom.name().to_owned(), headroom);
+        out
+    }
+
     pub fn merge(&mut self, other: HoldReport) {
         self.device = if self.device.is_empty() {
             other.device

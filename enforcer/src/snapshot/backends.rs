@@ -5,7 +5,7 @@
 //! (`multihost`); a fake in the tier-0 tests.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -215,6 +215,10 @@ pub trait EpochControl: Send + Sync {
                 .ok()??
                 .total(enforcer_common::HoldTotal::Received),
         )
+    }
+    /// What the buffers lost so far, by reason ([`HoldReport::losses`]), when they answer.
+    fn hold_losses(&self) -> Option<BTreeMap<String, u64>> {
+        Some(self.hold_report().ok()??.losses())
     }
     /// Frames each VM's last advance released (what was held for it), where known.
     fn held_at_advance(&self, group: &GroupSpec) -> HashMap<MacAddr, u64> {

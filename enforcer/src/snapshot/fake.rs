@@ -76,6 +76,10 @@ pub(crate) struct World {
     pub advanced: std::collections::HashSet<String>,
     /// Fault injection: the process "killed" (SIGKILL) just before a given step.
     pub kill: Option<Kill>,
+    /// The buffer's report, when one runs (none by default).
+    pub hold: Option<HoldReport>,
+    /// Fault injection: the buffer loses this many held frames (`lost_ring`) at each advance.
+    pub lose_at_advance: u64,
 }
 
 /// What survives a coordinator killed just before step `at` (counting every step from 1): the
@@ -452,7 +456,7 @@ impl EpochControl for FakeEpochs {
     }
 
     fn hold_report(&self) -> Result<Option<HoldReport>, EpochControlError> {
-        Ok(None)
+        Ok(self.world.lock().expect("world").hold.clone())
     }
 
     fn wait_released(
@@ -475,6 +479,13 @@ impl EpochControl for FakeEpochs {
             w.ran_unadvanced.push(vm.name.clone());
         }
         w.advanced.insert(vm.name.clone());
+        let lose = w.lose_at_advance;
+        if let Some(hold) = w.hold.as_mut() {
+            *hold
+                .totals
+                .entry(enforcer_common::HoldTotal::LostRing)
+                .or_default() += lose;
+        }
         let e = w
             .epochs
             .get_mut(&vm.mac)

@@ -3,6 +3,7 @@
 //! serializable data; the API serves it as it is.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -206,6 +207,13 @@ pub struct Manifest {
     /// When everything held for the group had been re-injected (ms from the start; REINJECT).
     #[serde(default)]
     pub released_ms: Option<f64>,
+    /// Frames the buffers of the group's hosts lost or dropped while the snapshot ran, by
+    /// reason (`lost_ring`, `dropped_bound`, ...; see `HoldTotal`); empty: none. A snapshot is
+    /// never committed as if nothing happened: the images are consistent either way (what a
+    /// buffer holds is after the cut), but frames the live group sent were lost. The totals
+    /// are each buffer's, so another group's losses in the same window are counted too.
+    #[serde(default)]
+    pub held_lost: BTreeMap<String, u64>,
     pub vms: Vec<SnapshotVm>,
 }
 
@@ -246,6 +254,7 @@ impl Live {
             stop_spread_ms: None,
             held_frames: None,
             released_ms: None,
+            held_lost: BTreeMap::new(),
             vms: self
                 .records
                 .iter()

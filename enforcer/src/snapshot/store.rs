@@ -137,6 +137,7 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             stop_spread_ms: None,
             held_frames: None,
             released_ms: None,
+            held_lost: Default::default(),
             vms,
         };
         let clean = self.abort(&journal, &mut manifest);

@@ -2,6 +2,7 @@
 //! datapath (`fake.rs`).
 
 use std::{
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
     sync::Arc,
@@ -15,7 +16,11 @@ use super::{
     manifest::{CutMethod, Manifest, SnapshotOutcome as Outcome},
     store::{Journal, write_atomically},
 };
-use crate::model::{GroupName, GroupSpec, MacAddr, SnapshotId, VmSpec};
+use crate::{
+    hold::HoldReport,
+    model::{GroupName, GroupSpec, MacAddr, SnapshotId, VmSpec},
+};
+use enforcer_common::HoldTotal;
 
 fn name(s: &str) -> GroupName {
     s.parse().unwrap()
@@ -150,6 +155,42 @@ fn commit_advances_each_vm_while_it_is_held_then_resumes_it() {
     );
     assert!(!dir.join("journal.json").exists());
     assert_eq!(fs::read_dir(dir.join("journals")).unwrap().count(), 0);
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// Issue 12, item 3: a snapshot whose hosts' buffers lost held frames while it ran is not
+/// committed as if nothing happened: its manifest says how many and why. One that lost none
+/// says nothing, and neither counts what was lost before it began.
+#[test]
+fn frames_a_buffer_lost_during_the_snapshot_are_in_its_manifest() {
+    let g = group(3);
+    let dir = store();
+    let (c, hv) = coordinator(&g, &dir);
+    let mut before = HoldReport::default();
+    before.totals.insert(HoldTotal::LostRing, 7);
+    before.totals.insert(HoldTotal::DroppedBound, 2);
+    hv.world.lock().unwrap().hold = Some(before);
+    let m = c.snapshot(&g, INSTANT).unwrap();
+    assert_eq!(m.outcome, Outcome::Committed, "{m:?}");
+    assert!(
+        m.held_lost.is_empty(),
+        "nothing lost while it ran: {:?}",
+        m.held_lost
+    );
+    hv.world.lock().unwrap().lose_at_advance = 5;
+    let m = c.snapshot(&g, INSTANT).unwrap();
+    assert_eq!(m.outcome, Outcome::Committed, "{m:?}");
+    assert_eq!(
+        m.held_lost,
+        BTreeMap::from([("lost_ring".to_owned(), 15)]),
+        "5 at each of the 3 advances"
+    );
+    let listed = c.list().unwrap();
+    let on_disk = listed.iter().find(|l| l.id == m.id).expect("listed");
+    assert_eq!(
+        on_disk.held_lost, m.held_lost,
+        "kept in the manifest on disk"
+    );
     let _ = fs::remove_dir_all(dir);
 }
 

@@ -23,6 +23,7 @@
 //! restarted coordinator abort a transaction it was in the middle of.
 
 use std::{
+    collections::BTreeMap,
     fs,
     sync::{
         Arc, Condvar, Mutex,
@@ -193,6 +194,7 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
         info!(%id, vms = group.vms.len(), "group snapshot started");
 
         let held_before = self.epochs.held_total();
+        let lost_before = self.epochs.hold_losses();
         let t0 = Instant::now();
         let t0_unix_us = unix_us();
         let failed = Arc::new(AtomicBool::new(false));
@@ -267,6 +269,7 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             stop_spread_ms: Manifest::stop_spread(&vms),
             held_frames: None,
             released_ms: None,
+            held_lost: BTreeMap::new(),
             vms,
         };
         if !failed.load(Ordering::SeqCst) {
@@ -318,6 +321,19 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
         }
         if let (Some(before), Some(after)) = (held_before, self.epochs.held_total()) {
             manifest.held_frames = Some(after.saturating_sub(before));
+        }
+        if let (Some(before), Some(after)) = (lost_before, self.epochs.hold_losses()) {
+            manifest.held_lost = after
+                .into_iter()
+                .map(|(reason, n)| {
+                    let was = before.get(&reason).copied().unwrap_or(0);
+                    (reason, n.saturating_sub(was))
+                })
+                .filter(|(_, n)| *n > 0)
+                .collect();
+            if !manifest.held_lost.is_empty() {
+                warn!(%id, lost = ?manifest.held_lost, "held frames were lost while the snapshot ran");
+            }
         }
         let written = self.write_manifest(&manifest);
         match (&written, clean) {
