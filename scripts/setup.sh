@@ -15,6 +15,7 @@ fi
 APT_PACKAGES=(
   llvm-22-dev libpolly-22-dev clang-22 lld-22   # bpf-linker's LLVM
   bpftool iproute2 iperf3 ethtool pkg-config    # inspection, netns/veth/bridge, offloads, benchmark
+  nftables                                      # tests: held frames meet the bridge's nft rules
   qemu-system-x86 libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev  # real VMs (TCG)
   busybox-static redis-tools                    # the guest's initramfs (redis: a real application's check)
 )

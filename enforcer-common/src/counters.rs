@@ -16,12 +16,14 @@ pub enum HoldKernel {
     /// A frame to hold got no room for its hold header in front (the kernel refused to grow
     /// it): not held (Type-3 dropped as `type3_unbuffered`, a frame held for order delivered).
     NoHeadroom = 1,
+    /// A frame the buffer re-injected could not be put back at its port: no valid trailer, or
+    /// the kernel refused to trim it. Dropped.
+    InjectRefused = 2,
 }
 
 impl HoldKernel {
     pub const ALL: [HoldKernel; 2] = [HoldKernel::LearnLost, HoldKernel::NoHeadroom];
-    /// Entries of the pinned `hold_kernel` array: one spare beyond [`HoldKernel::ALL`], the
-    /// layout earlier versions pinned (index 2 counted frames no AF_XDP socket took).
+    /// Entries of the pinned `hold_kernel` array (the layout earlier versions pinned).
     pub const ENTRIES: u32 = 3;
 
     pub const fn index(self) -> u32 {
@@ -33,6 +35,7 @@ impl HoldKernel {
         match self {
             HoldKernel::LearnLost => "learn_lost",
             HoldKernel::NoHeadroom => "no_headroom",
+            HoldKernel::InjectRefused => "inject_refused",
         }
     }
 }

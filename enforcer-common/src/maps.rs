@@ -120,6 +120,9 @@ pub struct HoldHeader {
     pub order_ticket: u64,
     /// Its hold queue ([`receiver_queue`], [`group_queue`]).
     pub queue: u32,
+    /// The ifindex of the port it entered the host on (its sender's): it is re-injected there,
+    /// so the bridge forwards it as it would have (see [`InjectTrailer`]).
+    pub port: u32,
     /// [`HOLD_FOR_ORDER`], [`HOLD_FROM_XDP`].
     pub flags: u16,
     /// The outer VLAN tag's TPID (0x8100, 0x88a8) when the kernel had taken it out of the
@@ -165,9 +168,11 @@ impl HoldHeader {
             i += 1;
         }
         let q = self.queue.to_ne_bytes();
+        let p = self.port.to_ne_bytes();
         let mut i = 0;
         while i < 4 {
             b[48 + i] = q[i];
+            b[52 + i] = p[i];
             i += 1;
         }
         b
@@ -192,6 +197,7 @@ impl HoldHeader {
                 aborts: u32_at(24),
                 cpu: u32_at(28),
                 queue: u32_at(48),
+                port: u32_at(52),
                 ticket: u64_at(32),
                 order_ticket: u64_at(40),
                 flags: u16_at(14),
@@ -200,6 +206,55 @@ impl HoldHeader {
             },
             frame,
         ))
+    }
+}
+
+/// `skb->mark` bit of a frame the buffer re-injects into the port it came in on: the port
+/// program passes it on without classifying or counting it again (it was when it was held)
+/// and clears the bit. Only `enforcer_inject` sets it, and a VM cannot: its frames enter with
+/// no mark, and the overlay carries only a mark's low 16 bits ([`crate::wire`]).
+pub const REINJECT_MARK: u32 = 0x4000_0000;
+
+/// What the buffer appends to a frame it re-injects, sending it out of the socket side of the
+/// hold device: `enforcer_inject`, on the hold device's ingress, takes it off and redirects the
+/// frame into the ingress of `port` with `mark` | [`REINJECT_MARK`]. So a held frame meets the
+/// bridge where it would have — its forwarding database, isolated ports, VLAN filtering,
+/// link-local groups, nft bridge rules, the host and the ports outside the group — instead of
+/// being written straight to its receiver's port (cases R2 and R3 of the datapath review).
+/// Numbers in native byte order (it never leaves the host).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InjectTrailer {
+    /// The port (ifindex) whose ingress the frame re-enters: its sender's.
+    pub port: u32,
+    /// The `skb->mark` it gets there (its wire color, for a receiver on another host).
+    pub mark: u32,
+}
+
+impl InjectTrailer {
+    pub const LEN: usize = 12;
+    /// The trailer's last word: not a frame the buffer sent otherwise.
+    pub const MAGIC: u32 = 0x454e_4a31; // "ENJ1"
+
+    pub const fn to_bytes(self) -> [u8; Self::LEN] {
+        let (p, m, g) = (
+            self.port.to_ne_bytes(),
+            self.mark.to_ne_bytes(),
+            Self::MAGIC.to_ne_bytes(),
+        );
+        [
+            p[0], p[1], p[2], p[3], m[0], m[1], m[2], m[3], g[0], g[1], g[2], g[3],
+        ]
+    }
+
+    pub const fn from_bytes(b: [u8; Self::LEN]) -> Option<Self> {
+        let magic = u32::from_ne_bytes([b[8], b[9], b[10], b[11]]);
+        if magic != Self::MAGIC {
+            return None;
+        }
+        Some(Self {
+            port: u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+            mark: u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        })
     }
 }
 
@@ -549,6 +604,7 @@ mod tests {
             order_ticket: 4,
             cpu: 1,
             queue: 1030,
+            port: 77,
             flags: HOLD_FOR_ORDER,
             vlan_proto: 0x8100,
             vlan_tci: 0x2064,
@@ -565,5 +621,18 @@ mod tests {
         bytes[13] = 0;
         assert_eq!(HoldHeader::split(&bytes), None);
         assert_eq!(HoldHeader::split(&[0; HoldHeader::LEN - 1]), None);
+    }
+
+    #[test]
+    fn an_inject_trailer_reads_back_and_nothing_else_does() {
+        let t = InjectTrailer {
+            port: 42,
+            mark: 0x8003,
+        };
+        assert_eq!(InjectTrailer::from_bytes(t.to_bytes()), Some(t));
+        let mut other = t.to_bytes();
+        other[11] ^= 1;
+        assert_eq!(InjectTrailer::from_bytes(other), None);
+        assert_eq!(REINJECT_MARK & 0xffff, 0, "out of the overlay's 16 bits");
     }
 }

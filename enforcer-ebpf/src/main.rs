@@ -20,10 +20,11 @@
 #![allow(internal_features)]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, tcx_action_base::TCX_NEXT, xdp_action},
+    bindings::{BPF_F_INGRESS, TC_ACT_SHOT, tcx_action_base::TCX_NEXT, xdp_action},
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
     helpers::generated::{
-        bpf_get_smp_processor_id, bpf_redirect, bpf_skb_change_head, bpf_xdp_adjust_head,
+        bpf_get_smp_processor_id, bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail,
+        bpf_xdp_adjust_head,
     },
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
@@ -33,9 +34,9 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use enforcer_common::{
     CACHE_OCCUPIED, CACHE_OVERFLOW, CachedVm, DatapathConfig, DatapathView, EPOCH_CACHE_SIZE,
     GroupState, HOLD_FOR_ORDER, HOLD_FROM_XDP, HOLD_QUEUES, HoldHeader, HoldKernel, HoldSeq,
-    HoldTotal, LEARNED_RING_BYTES, LearnedEpoch, MAP_MMAPABLE, MAX_GROUPS, MAX_PORTS, MAX_VMS,
-    MacKey, Outcome, PortCounters, PortVm, Type3Mode, UNATTRIBUTED_SLOT, Verdict, VmEpoch,
-    cache_index, decide_wire,
+    HoldTotal, InjectTrailer, LEARNED_RING_BYTES, LearnedEpoch, MAP_MMAPABLE, MAX_GROUPS,
+    MAX_PORTS, MAX_VMS, MacKey, Outcome, PortCounters, PortVm, REINJECT_MARK, Type3Mode,
+    UNATTRIBUTED_SLOT, Verdict, VmEpoch, cache_index, decide_wire,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -173,6 +174,36 @@ impl DatapathView for Maps {
     }
 }
 
+/// On the hold device's ingress: a frame the buffer re-injects, sent out of the socket side
+/// with an [`InjectTrailer`]. The trailer comes off, and the frame re-enters the host at the
+/// port it first came in on, marked [`REINJECT_MARK`], so the port program passes it on and
+/// the bridge forwards it as it would have (cases R2 and R3 of the datapath review). Anything
+/// else is dropped and counted.
+#[classifier]
+pub fn enforcer_inject(ctx: TcContext) -> i32 {
+    let len = ctx.len() as usize;
+    let mut raw = [0u8; InjectTrailer::LEN];
+    let trailer = if len >= EthHdr::LEN + InjectTrailer::LEN
+        && ctx.load_bytes(len - InjectTrailer::LEN, &mut raw).is_ok()
+    {
+        InjectTrailer::from_bytes(raw)
+    } else {
+        None
+    };
+    let Some(trailer) = trailer else {
+        bump(HOLD_KERNEL.get_ptr_mut(HoldKernel::InjectRefused.index()));
+        return TC_ACT_SHOT;
+    };
+    // SAFETY: a helper call on this program's skb; it trims the trailer off the frame.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (len - InjectTrailer::LEN) as u32, 0) } != 0 {
+        bump(HOLD_KERNEL.get_ptr_mut(HoldKernel::InjectRefused.index()));
+        return TC_ACT_SHOT;
+    }
+    ctx.set_mark(trailer.mark | REINJECT_MARK);
+    // SAFETY: a helper call with plain integer arguments; it returns TC_ACT_REDIRECT.
+    unsafe { bpf_redirect(trailer.port, BPF_F_INGRESS as u64) as i32 }
+}
+
 /// How a program puts a [`HoldHeader`] in front of a frame: first room, then (once the tickets
 /// are taken: a frame that gets no room takes none) the bytes.
 trait HoldRoom {
@@ -250,6 +281,12 @@ pub fn enforcer_xdp(ctx: XdpContext) -> u32 {
 pub fn enforcer_tc(ctx: TcContext) -> i32 {
     // SAFETY: `skb` is the context pointer the kernel passed to this program.
     let (ifindex, mark) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).mark) };
+    if mark & REINJECT_MARK != 0 {
+        // Held, and now put back by the buffer (`enforcer_inject`): classified and counted
+        // when it was held; on to the bridge.
+        ctx.set_mark(mark & !REINJECT_MARK);
+        return TCX_NEXT;
+    }
     let len = ctx.len();
     // Headers of a received skb are normally linear; pull them in if not, so a frame is never
     // called malformed just because of how it is laid out in memory.
@@ -347,6 +384,7 @@ fn try_enforce<R: HoldRoom>(
                             ticket,
                             order_ticket,
                             queue,
+                            port: ifindex,
                             flags: R::FLAGS | if for_order { HOLD_FOR_ORDER } else { 0 },
                             vlan_proto,
                             vlan_tci,

@@ -33,6 +33,11 @@ pub struct RawSocket {
 impl RawSocket {
     /// Bound to `eth0` of the current network namespace, taking every protocol.
     pub fn on_eth0() -> io::Result<Self> {
+        Self::on("eth0")
+    }
+
+    /// Bound to `device` of the current network namespace, taking every protocol.
+    pub fn on(device: &str) -> io::Result<Self> {
         let all = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket(2), checked and owned below.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
@@ -55,7 +60,8 @@ impl RawSocket {
         if r != 0 {
             return Err(io::Error::last_os_error());
         }
-        let name = std::ffi::CString::new("eth0").expect("no NUL");
+        let name = std::ffi::CString::new(device)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         // SAFETY: a NUL-terminated name.
         let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
         if ifindex == 0 {
@@ -80,7 +86,7 @@ impl RawSocket {
         Ok(Self { fd })
     }
 
-    /// Sends one whole frame out of `eth0`.
+    /// Sends one whole frame out of the device.
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {
         // SAFETY: sending from a live buffer of the length we pass.
         let r = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };

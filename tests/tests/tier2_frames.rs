@@ -297,3 +297,203 @@ async fn encapsulated_traffic_keeps_its_inner_checksum_when_held() {
     );
     s.stop().await;
 }
+
+/// Who got a frame: each VM (by index) and the host (the bridge's own interface).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Got {
+    Vm(usize),
+    Host,
+}
+
+/// Cases R2 and R3 of the datapath review: a held frame reaches exactly the ports the bridge
+/// would have delivered it to, under the bridge's rules. `rule` sets a rule up on the lab (and
+/// returns what removes it); `vms` VMs, the first `members` of them in the group; vm1 sends
+/// `frame` (from its own MAC) once at equal epochs — the control — and once across a skew
+/// (vm1 advanced, the other members not). Held, it reaches nobody; once every member has
+/// advanced, it reaches exactly whoever got the control, byte for byte.
+async fn held_frames_go_where_the_bridge_sends_them<G>(
+    tag: char,
+    vms: usize,
+    members: usize,
+    rule: impl FnOnce(&Lab) -> G,
+    frame: impl Fn(&Lab) -> Vec<u8>,
+) -> Vec<Got> {
+    require_root();
+    let lab = Lab::create(&lab_prefix(tag), vms).unwrap();
+    let pins = PinRoot::new("bridgerules");
+    let mut config = daemon_config(&lab.bridge, &pins);
+    config.type3_mode = Some(Type3Mode::Buffer);
+    config.hold = Some(HoldOptions {
+        device: format!("{}h", lab.prefix),
+        ..HoldOptions::default()
+    });
+    let running = daemon::start(config).await.expect("starting the daemon");
+    let client = Client::new(running.addr.to_string(), None);
+    for vm in &lab.vms[..members] {
+        client
+            .register_vm(vm.mac, 1, &vm.port, Some(0))
+            .await
+            .unwrap();
+    }
+    let _rule = rule(&lab);
+    let sockets: Vec<(Got, enforcer_lab::raw::RawSocket)> = (1..vms)
+        .map(|i| (Got::Vm(i), lab.raw_socket(i).unwrap()))
+        .chain([(
+            Got::Host,
+            enforcer_lab::raw::RawSocket::on(&lab.bridge).unwrap(),
+        )])
+        .collect();
+    let tx = lab.raw_socket(0).unwrap();
+    let sent = frame(&lab);
+    let from = lab.vms[0].mac.0;
+    let ours = move |f: &[u8]| f.len() >= 14 && f[6..12] == from && f[12..14] == [0x88, 0xb6];
+    let receive = |window: Duration| {
+        let mut got = Vec::new();
+        for (who, socket) in &sockets {
+            for f in socket.receive(window, ours) {
+                assert_eq!(f, sent, "{who:?} got the frame as sent");
+                got.push(*who);
+            }
+        }
+        got.sort();
+        got
+    };
+    tx.send(&sent).unwrap();
+    let control = receive(Duration::from_millis(200));
+
+    client.advance(lab.vms[0].mac).await.unwrap();
+    tx.send(&sent).unwrap();
+    assert_eq!(
+        receive(Duration::from_millis(200)),
+        vec![],
+        "held: nobody gets it yet"
+    );
+    for vm in &lab.vms[1..members] {
+        client.advance(vm.mac).await.unwrap();
+    }
+    let held = receive(Duration::from_millis(400));
+    assert_eq!(held, control, "the held frame goes where the control went");
+    let report = client.holds().await.unwrap();
+    assert_eq!(
+        (report.held_frames, report.total(HoldTotal::Reinjected)),
+        (0, 1),
+        "held once, put back once: {report:?}"
+    );
+    running.stop().await.unwrap();
+    control
+}
+
+/// A guard that runs a command when dropped (removes a rule a test set up).
+struct Undo(Vec<String>);
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.0[0])
+            .args(&self.0[1..])
+            .output();
+    }
+}
+
+fn run(args: &[&str]) {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A frame from vm1 to `dst`, of EtherType 0x88b6.
+fn from_vm1(lab: &Lab, dst: [u8; 6]) -> Vec<u8> {
+    tagged(dst, lab.vms[0].mac.0, &[], b"held or not")
+}
+
+/// Isolated ports may not talk to each other: nor may their held frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_frame_does_not_cross_isolated_ports() {
+    let got = held_frames_go_where_the_bridge_sends_them(
+        'i',
+        2,
+        2,
+        |lab| {
+            for vm in &lab.vms {
+                run(&["bridge", "link", "set", "dev", &vm.port, "isolated", "on"]);
+            }
+        },
+        |lab| from_vm1(lab, lab.vms[1].mac.0),
+    )
+    .await;
+    assert_eq!(got, vec![], "the control did not cross either");
+}
+
+/// An nft bridge rule dropping vm1's frames drops its held ones too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_frame_meets_the_bridges_nft_rules() {
+    let got = held_frames_go_where_the_bridge_sends_them(
+        'n',
+        2,
+        2,
+        |lab| {
+            let table = format!("{}t", lab.prefix);
+            run(&["nft", "add", "table", "bridge", &table]);
+            let undo = Undo(vec![
+                "nft".into(),
+                "delete".into(),
+                "table".into(),
+                "bridge".into(),
+                table.clone(),
+            ]);
+            run(&[
+                "nft",
+                "add chain bridge",
+                &table,
+                "enf { type filter hook forward priority 0 ; }",
+            ]);
+            run(&[
+                "nft",
+                "add rule bridge",
+                &table,
+                "enf ether saddr",
+                &lab.vms[0].mac.to_string(),
+                "drop",
+            ]);
+            undo
+        },
+        |lab| from_vm1(lab, lab.vms[1].mac.0),
+    )
+    .await;
+    assert_eq!(got, vec![], "the control was dropped too");
+}
+
+/// An LLDP frame (a link-local group address) is not forwarded by the bridge: nor is it when
+/// it was held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_link_local_frame_is_not_forwarded() {
+    let got = held_frames_go_where_the_bridge_sends_them(
+        'l',
+        2,
+        2,
+        |_| (),
+        |lab| from_vm1(lab, [0x01, 0x80, 0xc2, 0x00, 0x00, 0x0e]),
+    )
+    .await;
+    assert!(!got.contains(&Got::Vm(1)), "not forwarded: {got:?}");
+}
+
+/// A held broadcast reaches every port the bridge floods it to once the group has advanced:
+/// the other member, the VM outside the group, and the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_broadcast_reaches_the_host_and_the_vms_outside_the_group() {
+    let got = held_frames_go_where_the_bridge_sends_them(
+        'b',
+        3,
+        2,
+        |_| (),
+        |lab| from_vm1(lab, [0xff; 6]),
+    )
+    .await;
+    assert_eq!(got, vec![Got::Vm(1), Got::Vm(2), Got::Host]);
+}

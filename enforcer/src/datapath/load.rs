@@ -34,6 +34,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/enforcer";
 pub const TC_PROGRAM: &str = "enforcer_tc";
 pub const XDP_PROGRAM: &str = "enforcer_xdp";
+pub const INJECT_PROGRAM: &str = "enforcer_inject";
 
 /// Which hook classifies frames on the VM ports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -163,9 +164,14 @@ impl Datapath {
             name: XDP_PROGRAM,
             source,
         })?;
+        let inject: &mut SchedClassifier = program(&mut ebpf, INJECT_PROGRAM)?;
+        inject.load().map_err(|source| DatapathError::Program {
+            name: INJECT_PROGRAM,
+            source,
+        })?;
         // Pin the programs too (`bpftool prog show pinned ...`); a restart replaces the pins
         // of the previous daemon's programs, which stay alive while links still use them.
-        for name in [TC_PROGRAM, XDP_PROGRAM] {
+        for name in [TC_PROGRAM, XDP_PROGRAM, INJECT_PROGRAM] {
             let path = pin_root.join(name);
             let _ = fs::remove_file(&path);
             let prog = ebpf
@@ -186,6 +192,28 @@ impl Datapath {
         };
         dp.rebuild_epoch_cache()?;
         Ok(dp)
+    }
+
+    /// Attaches `enforcer_inject` (tcx ingress) to the hold device, where the buffer's
+    /// re-injected frames arrive. The link is not pinned: it lives as long as the returned fd
+    /// (the buffer's), and a new buffer makes a new hold device.
+    pub fn attach_inject(&mut self, device: &str) -> Result<FdLink, DatapathError> {
+        let err = |detail: String| DatapathError::Link {
+            port: device.to_owned(),
+            detail,
+        };
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, INJECT_PROGRAM)?;
+        let id = prog
+            .attach_with_options(
+                device,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|e| err(e.to_string()))?;
+        prog.take_link(id)
+            .map_err(|e| err(e.to_string()))?
+            .try_into()
+            .map_err(|e: LinkError| err(e.to_string()))
     }
 
     pub fn pin_root(&self) -> &Path {

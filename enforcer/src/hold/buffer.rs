@@ -40,6 +40,8 @@ pub struct Buffer {
     commands: mpsc::Sender<Command>,
     thread: Option<thread::JoinHandle<()>>,
     device: HoldDevice,
+    /// `enforcer_inject` on the hold device, for as long as this buffer runs.
+    _inject: aya::programs::links::FdLink,
 }
 
 impl Buffer {
@@ -59,9 +61,17 @@ impl Buffer {
         guard.set_hold_ifindex(0)?;
         super::thread::rcu_barrier();
         let device = HoldDevice::create(&opts.device)?;
+        let inject = guard.attach_inject(&device.name)?;
         let socket_ifindex = crate::datapath::ifindex_of(&device.socket_side)?;
         let ring = PacketRing::bind(&device.socket_side, socket_ifindex)?;
-        let state = Thread::new(&mut guard, dp.clone(), opts.clone(), ring, learned)?;
+        let state = Thread::new(
+            &mut guard,
+            dp.clone(),
+            opts.clone(),
+            ring,
+            socket_ifindex,
+            learned,
+        )?;
         // Only now, with a socket to take them, may the datapath hold frames.
         guard.set_hold_ifindex(device.ifindex)?;
         drop(guard);
@@ -79,6 +89,7 @@ impl Buffer {
             commands,
             thread: Some(thread),
             device,
+            _inject: inject,
         })
     }
 

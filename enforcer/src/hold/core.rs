@@ -84,9 +84,9 @@ pub(crate) struct Outgoing<'a> {
 
 /// The frames' way out.
 pub(crate) trait Wire {
-    /// Sends `frames` out of port `ifindex`, in order, each with `mark` as its `skb->mark`;
-    /// returns how many went (the rest are lost: the port is gone).
-    fn send(&mut self, ifindex: u32, mark: u32, frames: &[Outgoing<'_>]) -> usize;
+    /// Re-injects `frames`, in order, into the ingress of `port` (where they first came in),
+    /// each with `mark` as its `skb->mark` (its wire color); returns how many went.
+    fn send(&mut self, port: u32, mark: u32, frames: &[Outgoing<'_>]) -> usize;
     /// Publishes that the buffer has finished with `done` frames held for order in hold queue
     /// `queue` (`hold_order_done`): called only once they left.
     fn order_done(&mut self, queue: u32, done: u64);
@@ -116,10 +116,11 @@ struct Held {
     for_order: bool,
     /// Its hold queue (the programs' index).
     queue: u32,
+    /// The port it came in on (its sender's), where it is re-injected.
+    port: u32,
     color: u32,
     /// The abort count of its sender's group when it was classified (its hold header's).
     aborts: u32,
-    sender: MacKey,
     arrived: Instant,
 }
 
@@ -305,7 +306,6 @@ impl Core {
             complete_l4_checksum(&mut data);
         }
         let dst = MacKey::new(data[0..6].try_into().expect("6 bytes"));
-        let sender = MacKey::new(data[6..12].try_into().expect("6 bytes"));
         let key = if queue_index >= MAX_PORTS {
             Some(Key::Group(queue_index - MAX_PORTS))
         } else {
@@ -323,13 +323,13 @@ impl Core {
             vnet,
             for_order,
             queue: queue_index,
+            port: header.port,
             color,
             aborts,
-            sender,
             arrived: now,
         };
         if queue.frames.is_empty() && releasable {
-            self.inject(wire, key, &held, now);
+            self.send(wire, std::slice::from_ref(&held), now);
             return;
         }
         if self.held_bytes + held.data.len() > self.max_bytes {
@@ -511,85 +511,45 @@ impl Core {
             }
             released_frames += batch.len() as u64;
             self.held_bytes -= batch.iter().map(|h| h.data.len()).sum::<usize>();
-            match key {
-                Key::Vm(mac) => {
-                    let receiver = self.vms.get(&mac).copied();
-                    let mut sent = 0;
-                    // Runs of one color: to another host, each run goes with its color mark.
-                    while let Some(receiver) = receiver
-                        && sent < batch.len()
-                    {
-                        let color = batch[sent].color;
-                        let run = batch[sent..]
-                            .iter()
-                            .take_while(|h| h.color == color)
-                            .count();
-                        let frames: Vec<Outgoing<'_>> = batch[sent..sent + run]
-                            .iter()
-                            .map(|h| Outgoing {
-                                vnet: &h.vnet,
-                                data: &h.data,
-                            })
-                            .collect();
-                        let n = wire.send(receiver.ifindex, remote_mark(&receiver, color), &frames);
-                        sent += n;
-                        if n < run {
-                            break;
-                        }
-                    }
-                    for held in &batch[..sent] {
-                        self.record_reinjected(held.arrived, now);
-                    }
-                    self.bump(HoldTotal::InjectFailed, (batch.len() - sent) as u64);
-                    // Only now that they left: newer frames may pass them no more.
-                    for held in &batch {
-                        self.finish_order(wire, held.queue, held.for_order as u64);
-                    }
-                }
-                Key::Group(_) => {
-                    for held in batch {
-                        self.inject(wire, key, &held, now);
-                    }
-                }
-            }
+            self.send(wire, &batch, now);
         }
     }
 
-    /// Sends one frame to its receiver's port (a broadcast: to every other port of its group).
-    fn inject(&mut self, wire: &mut impl Wire, key: Key, held: &Held, now: Instant) {
-        let color = held.color;
-        let mut ports: Vec<(u32, u32)> = match key {
-            Key::Vm(mac) => self
-                .vms
-                .get(&mac)
-                .map(|vm| vec![(vm.ifindex, remote_mark(vm, color))])
-                .unwrap_or_default(),
-            Key::Group(g) => {
-                let from = self.vms.get(&held.sender).map(|vm| vm.ifindex);
-                self.vms
-                    .values()
-                    .filter(|vm| vm.group == g && Some(vm.ifindex) != from)
-                    .map(|vm| (vm.ifindex, remote_mark(vm, color)))
-                    .collect()
+    /// Re-injects frames, in order, each at the port it came in on (the bridge forwards it
+    /// from there: to its receiver, or a broadcast to every port it floods to), in runs of one
+    /// port and color; counts each reinjected or failed, then finishes the order frames among
+    /// them (only now that they left may newer frames pass them).
+    fn send(&mut self, wire: &mut impl Wire, batch: &[Held], now: Instant) {
+        let mut at = 0;
+        while at < batch.len() {
+            let (port, color) = (batch[at].port, batch[at].color);
+            let run = batch[at..]
+                .iter()
+                .take_while(|h| h.port == port && h.color == color)
+                .count();
+            // A port no registered VM sends from any more is gone: the kernel would drop the
+            // frames there without a word.
+            let sent = if self.vms.values().any(|vm| vm.ifindex == port) {
+                let frames: Vec<Outgoing<'_>> = batch[at..at + run]
+                    .iter()
+                    .map(|h| Outgoing {
+                        vnet: &h.vnet,
+                        data: &h.data,
+                    })
+                    .collect();
+                wire.send(port, wire::encode(color), &frames)
+            } else {
+                0
+            };
+            for held in &batch[at..at + sent] {
+                self.record_reinjected(held.arrived, now);
             }
-        };
-        // VMs on another host share the overlay port: one copy goes out there.
-        ports.sort_unstable();
-        ports.dedup();
-        let mut ok = !ports.is_empty() || matches!(key, Key::Group(_));
-        let out = [Outgoing {
-            vnet: &held.vnet,
-            data: &held.data,
-        }];
-        for (port, mark) in ports {
-            ok &= wire.send(port, mark, &out) == 1;
+            self.bump(HoldTotal::InjectFailed, (run - sent) as u64);
+            at += run;
         }
-        if ok {
-            self.record_reinjected(held.arrived, now);
-        } else {
-            self.bump(HoldTotal::InjectFailed, 1);
+        for held in batch {
+            self.finish_order(wire, held.queue, held.for_order as u64);
         }
-        self.finish_order(wire, held.queue, held.for_order as u64);
     }
 
     fn record_reinjected(&mut self, arrived: Instant, now: Instant) {
@@ -802,16 +762,6 @@ fn releasable(color: u32, aborts: u32, released: u32, known: u32) -> bool {
         return true;
     }
     !older(known, aborts) && color <= released
-}
-
-/// The mark a frame of `color` goes out with towards `receiver`: its wire color when the
-/// receiver is on another host (the overlay carries it), none otherwise.
-fn remote_mark(receiver: &VmEpoch, color: u32) -> u32 {
-    if receiver.is_remote() {
-        wire::encode(color)
-    } else {
-        0
-    }
 }
 
 #[cfg(test)]

@@ -64,22 +64,45 @@ pub(super) fn parse(f: &[u8]) -> (usize, u32, u32) {
     (from, seq, color)
 }
 
-/// The ports: every frame that reaches a VM, in order (straight from the bridge, or
-/// re-injected); and the order counts the buffer published (`hold_order_done`).
+/// The bridge and its ports: every frame that reaches a VM, in order (forwarded straight, or
+/// re-injected at its sender's port and forwarded then); and the order counts the buffer
+/// published (`hold_order_done`).
 #[derive(Default)]
 pub(super) struct Ports {
+    /// VMs on the bridge: VM `i` has MAC `mac(i)` on port `ifindex(i)`.
+    pub(super) n: usize,
     pub(super) log: Vec<(u32, Vec<u8>)>,
+    /// Ports that vanished: the bridge forwards nothing to them.
     pub(super) gone: HashSet<u32>,
     pub(super) order_done: HashMap<u32, u64>,
 }
 
+impl Ports {
+    /// The bridge forwards a frame that came in on `from`: to the VM of its destination, or a
+    /// broadcast to every other port.
+    pub(super) fn forward(&mut self, from: u32, frame: Vec<u8>) {
+        let to: Vec<u32> = if frame[0] & 1 == 1 {
+            (0..self.n).map(ifindex).filter(|p| *p != from).collect()
+        } else {
+            (0..self.n)
+                .filter(|i| mac(*i).addr[..] == frame[..6])
+                .map(ifindex)
+                .collect()
+        };
+        for port in to.into_iter().filter(|p| !self.gone.contains(p)) {
+            self.log.push((port, frame.clone()));
+        }
+    }
+}
+
 impl Wire for Ports {
-    fn send(&mut self, ifindex: u32, _mark: u32, frames: &[Outgoing<'_>]) -> usize {
-        if self.gone.contains(&ifindex) {
+    fn send(&mut self, port: u32, _mark: u32, frames: &[Outgoing<'_>]) -> usize {
+        // The sender's port is where the frame re-enters.
+        if self.gone.contains(&port) {
             return 0;
         }
         for f in frames {
-            self.log.push((ifindex, f.data.to_vec()));
+            self.forward(port, f.data.to_vec());
         }
         frames.len()
     }
@@ -157,6 +180,7 @@ impl Datapath {
             ticket: seq.all,
             order_ticket: seq.order,
             queue,
+            port: ifindex(run.frame[14] as usize),
             flags: if for_order { HOLD_FOR_ORDER } else { 0 },
             vlan_proto: 0,
             vlan_tci: 0,
@@ -334,7 +358,10 @@ impl Sim {
                 graces: 0,
                 turn: 0,
             },
-            ports: Ports::default(),
+            ports: Ports {
+                n,
+                ..Ports::default()
+            },
             now: Instant::now(),
             seq: vec![0; n],
             sent: HashMap::new(),
@@ -384,15 +411,7 @@ impl Sim {
         };
         let d = decide_frame(&view, ifindex(from), &mac(from), &dst_mac);
         match d.outcome.verdict() {
-            Verdict::Pass => match dst {
-                Some(t) => self.ports.log.push((ifindex(t), f)),
-                // The bridge floods it to every other port.
-                None => {
-                    for t in (0..self.n).filter(|t| *t != from) {
-                        self.ports.log.push((ifindex(t), f.clone()));
-                    }
-                }
-            },
+            Verdict::Pass => self.ports.forward(ifindex(from), f),
             Verdict::Hold => {
                 let run = InFlight {
                     cpu,

@@ -1,74 +1,66 @@
-//! Re-injection: held frames go out of their receiver's port through an AF_PACKET socket per
-//! port (straight to the VM, past the bridge), in order, batched with `sendmmsg`, each with the
-//! virtio-net header it was held with (`PACKET_VNET_HDR`): a GSO super-frame leaves as one and
-//! is segmented where the bridge's copy would have been, a checksum left to offload is left to
-//! the same place. A frame to a VM on another host carries its color in `SO_MARK`, which
-//! VXLAN-GBP puts on the wire.
+//! Re-injection: held frames go back into the host at the port they first came in on, so the
+//! bridge forwards them as it would have (its forwarding database, isolated ports, VLAN
+//! filtering, link-local groups, nft bridge rules, the host and the ports outside the group:
+//! cases R2 and R3 of the datapath review). The buffer sends them out of the socket side of
+//! the hold device with an AF_PACKET socket, in order, batched with `sendmmsg`, each with the
+//! virtio-net header it was held with (`PACKET_VNET_HDR`: a GSO super-frame leaves as one, a
+//! checksum left to offload stays to do) and an [`InjectTrailer`] naming the port and the mark;
+//! `enforcer_inject`, on the hold device's ingress, takes the trailer off and redirects the
+//! frame into that port's ingress. A frame to a VM on another host carries its color in the
+//! mark, which VXLAN-GBP puts on the wire.
 
 use std::{
-    collections::HashMap,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     thread,
     time::Duration,
 };
 
+use enforcer_common::InjectTrailer;
 use tracing::warn;
 
 use super::{core::Outgoing, ring::VNET_LEN};
 
-/// One sending socket per port, made on first use, and the mark each has now.
-#[derive(Default)]
+/// The sending socket on the socket side of the hold device, made on first use.
 pub(crate) struct Injector {
-    sockets: HashMap<u32, OwnedFd>,
-    /// The `SO_MARK` each socket has now (frames to other hosts carry their color in it, see
-    /// `enforcer_common::wire`).
-    marks: HashMap<u32, u32>,
+    ifindex: u32,
+    socket: Option<OwnedFd>,
 }
 
 impl Injector {
-    fn socket(&mut self, ifindex: u32) -> Option<libc::c_int> {
-        if let Some(fd) = self.sockets.get(&ifindex) {
+    /// Sending out of `ifindex`: the socket side of the hold device.
+    pub(crate) fn new(ifindex: u32) -> Self {
+        Self {
+            ifindex,
+            socket: None,
+        }
+    }
+
+    fn socket(&mut self) -> Option<libc::c_int> {
+        if let Some(fd) = &self.socket {
             return Some(fd.as_raw_fd());
         }
-        match packet_socket(ifindex) {
+        match packet_socket(self.ifindex) {
             Ok(fd) => {
                 let raw = fd.as_raw_fd();
-                self.sockets.insert(ifindex, fd);
-                self.marks.remove(&ifindex);
+                self.socket = Some(fd);
                 Some(raw)
             }
             Err(err) => {
-                warn!(ifindex, %err, "re-injection socket");
+                warn!(ifindex = self.ifindex, %err, "re-injection socket");
                 None
             }
         }
     }
 
-    /// Sends frames out of a port, in order, with as few system calls as it can (`sendmmsg`);
-    /// waits out a full queue rather than lose a frame. Returns how many were sent.
-    pub(crate) fn send(&mut self, ifindex: u32, mark: u32, frames: &[Outgoing<'_>]) -> usize {
-        let Some(fd) = self.socket(ifindex) else {
+    /// Re-injects frames into the ingress of `port` with `mark`, in order, with as few system
+    /// calls as it can (`sendmmsg`); waits out a full queue rather than lose a frame. Returns
+    /// how many were sent.
+    pub(crate) fn send(&mut self, port: u32, mark: u32, frames: &[Outgoing<'_>]) -> usize {
+        let Some(fd) = self.socket() else {
             return 0;
         };
-        if self.marks.get(&ifindex).copied().unwrap_or(0) != mark {
-            let value = mark as libc::c_int;
-            // SAFETY: a valid socket and a c_int option value that outlives the call.
-            let r = unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_MARK,
-                    (&value as *const libc::c_int).cast(),
-                    size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if r != 0 {
-                warn!(ifindex, err = %std::io::Error::last_os_error(), "setting the color mark");
-                return 0;
-            }
-            self.marks.insert(ifindex, mark);
-        }
-        let mut iovecs: Vec<[libc::iovec; 2]> = frames
+        let trailer = InjectTrailer { port, mark }.to_bytes();
+        let mut iovecs: Vec<[libc::iovec; 3]> = frames
             .iter()
             .map(|f| {
                 [
@@ -80,6 +72,10 @@ impl Injector {
                         iov_base: f.data.as_ptr() as *mut libc::c_void,
                         iov_len: f.data.len(),
                     },
+                    libc::iovec {
+                        iov_base: trailer.as_ptr() as *mut libc::c_void,
+                        iov_len: InjectTrailer::LEN,
+                    },
                 ]
             })
             .collect();
@@ -89,7 +85,7 @@ impl Injector {
                 // SAFETY: mmsghdr is plain data; all-zero is a valid empty message.
                 let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
                 m.msg_hdr.msg_iov = iov.as_mut_ptr();
-                m.msg_hdr.msg_iovlen = 2;
+                m.msg_hdr.msg_iovlen = 3;
                 m
             })
             .collect();
@@ -118,8 +114,8 @@ impl Injector {
                     thread::sleep(Duration::from_micros(20));
                 }
                 _ => {
-                    warn!(ifindex, %err, "re-injecting held frames");
-                    self.sockets.remove(&ifindex);
+                    warn!(port, %err, "re-injecting held frames");
+                    self.socket = None;
                     break;
                 }
             }

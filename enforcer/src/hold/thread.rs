@@ -59,8 +59,8 @@ pub(crate) struct Out {
 }
 
 impl Wire for Out {
-    fn send(&mut self, ifindex: u32, mark: u32, frames: &[Outgoing<'_>]) -> usize {
-        self.inject.send(ifindex, mark, frames)
+    fn send(&mut self, port: u32, mark: u32, frames: &[Outgoing<'_>]) -> usize {
+        self.inject.send(port, mark, frames)
     }
 
     fn order_done(&mut self, queue: u32, done: u64) {
@@ -185,6 +185,7 @@ impl Thread {
         shared: Arc<Mutex<Datapath>>,
         opts: HoldOptions,
         ring: PacketRing,
+        inject_ifindex: u32,
         learned: Option<LearnedRing>,
     ) -> Result<Self, HoldError> {
         let handed = dp.hold_seqs()?;
@@ -228,7 +229,7 @@ impl Thread {
             opts,
             ring,
             out: Out {
-                inject: Injector::default(),
+                inject: Injector::new(inject_ifindex),
                 order_done,
             },
             grace: Grace::spawn()?,
