@@ -16,8 +16,8 @@ pub enum HoldKernel {
     /// A frame to hold got no room for its hold header in front (the kernel refused to grow
     /// it): not held (Type-3 dropped as `type3_unbuffered`, a frame held for order delivered).
     NoHeadroom = 1,
-    /// A frame the buffer re-injected could not be put back at its port: no valid trailer, or
-    /// the kernel refused to trim it. Dropped.
+    /// A frame on the hold device's ingress that names no port to re-enter (no
+    /// `inject_mark`, or a slot with no port any more). Dropped.
     InjectRefused = 2,
 }
 

@@ -14,11 +14,12 @@ pub mod names {
     pub const HOLD_SEQ: &str = "hold_seq";
     pub const HOLD_ORDER_ISSUED: &str = "hold_order_issued";
     pub const HOLD_ORDER_DONE: &str = "hold_order_done";
+    pub const SLOT_PORTS: &str = "slot_ports";
     pub const HOLD_KERNEL: &str = "hold_kernel";
     pub const HOLD_TOTALS: &str = "hold_totals";
     pub const LEARNED: &str = "learned";
     /// Every map the datapath pins.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         EPOCHS,
         EPOCH_CACHE,
         PORTS,
@@ -29,6 +30,7 @@ pub mod names {
         HOLD_SEQ,
         HOLD_ORDER_ISSUED,
         HOLD_ORDER_DONE,
+        SLOT_PORTS,
         HOLD_KERNEL,
         HOLD_TOTALS,
         LEARNED,
@@ -120,8 +122,9 @@ pub struct HoldHeader {
     pub order_ticket: u64,
     /// Its hold queue ([`receiver_queue`], [`group_queue`]).
     pub queue: u32,
-    /// The ifindex of the port it entered the host on (its sender's): it is re-injected there,
-    /// so the bridge forwards it as it would have (see [`InjectTrailer`]).
+    /// The counter slot of the port it entered the host on (its sender's; 0: the port has
+    /// none): it is re-injected there, so the bridge forwards it as it would have (see
+    /// [`REINJECT_MARK`]).
     pub port: u32,
     /// [`HOLD_FOR_ORDER`], [`HOLD_FROM_XDP`].
     pub flags: u16,
@@ -213,49 +216,32 @@ impl HoldHeader {
 /// program passes it on without classifying or counting it again (it was when it was held)
 /// and clears the bit. Only `enforcer_inject` sets it, and a VM cannot: its frames enter with
 /// no mark, and the overlay carries only a mark's low 16 bits ([`crate::wire`]).
+///
+/// How a frame gets there: the buffer sends it out of the socket side of the hold device with
+/// `SO_MARK` = [`inject_mark`] (the counter slot of the port it came in on, and its wire
+/// color); `enforcer_inject`, on the hold device's ingress, looks the port up in `slot_ports`
+/// and redirects the frame into that port's ingress, its mark the wire color | this bit. The
+/// frame itself is not touched (a GSO super-frame stays one; the mark is all that crosses a
+/// veth untouched). So a held frame meets the bridge where it would have — its forwarding
+/// database, isolated ports, VLAN filtering, link-local groups, nft bridge rules, the host and
+/// the ports outside the group — instead of being written straight to its receiver's port
+/// (cases R2 and R3 of the datapath review).
 pub const REINJECT_MARK: u32 = 0x4000_0000;
+/// [`inject_mark`]: a port slot is named (bits 16-25).
+const INJECT_VIA: u32 = 0x0800_0000;
 
-/// What the buffer appends to a frame it re-injects, sending it out of the socket side of the
-/// hold device: `enforcer_inject`, on the hold device's ingress, takes it off and redirects the
-/// frame into the ingress of `port` with `mark` | [`REINJECT_MARK`]. So a held frame meets the
-/// bridge where it would have — its forwarding database, isolated ports, VLAN filtering,
-/// link-local groups, nft bridge rules, the host and the ports outside the group — instead of
-/// being written straight to its receiver's port (cases R2 and R3 of the datapath review).
-/// Numbers in native byte order (it never leaves the host).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct InjectTrailer {
-    /// The port (ifindex) whose ingress the frame re-enters: its sender's.
-    pub port: u32,
-    /// The `skb->mark` it gets there (its wire color, for a receiver on another host).
-    pub mark: u32,
+/// The mark a re-injected frame leaves the buffer with: the counter slot of the port it
+/// re-enters (`< MAX_PORTS`) and the low 16 bits of the mark it gets there.
+pub const fn inject_mark(slot: u32, mark: u32) -> u32 {
+    INJECT_VIA | ((slot & (MAX_PORTS - 1)) << 16) | (mark & 0xffff)
 }
 
-impl InjectTrailer {
-    pub const LEN: usize = 12;
-    /// The trailer's last word: not a frame the buffer sent otherwise.
-    pub const MAGIC: u32 = 0x454e_4a31; // "ENJ1"
-
-    pub const fn to_bytes(self) -> [u8; Self::LEN] {
-        let (p, m, g) = (
-            self.port.to_ne_bytes(),
-            self.mark.to_ne_bytes(),
-            Self::MAGIC.to_ne_bytes(),
-        );
-        [
-            p[0], p[1], p[2], p[3], m[0], m[1], m[2], m[3], g[0], g[1], g[2], g[3],
-        ]
+/// The port slot and the mark [`inject_mark`] put in `mark`; `None` when it names none.
+pub const fn inject_target(mark: u32) -> Option<(u32, u32)> {
+    if mark & INJECT_VIA == 0 {
+        return None;
     }
-
-    pub const fn from_bytes(b: [u8; Self::LEN]) -> Option<Self> {
-        let magic = u32::from_ne_bytes([b[8], b[9], b[10], b[11]]);
-        if magic != Self::MAGIC {
-            return None;
-        }
-        Some(Self {
-            port: u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
-            mark: u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
-        })
-    }
+    Some(((mark >> 16) & (MAX_PORTS - 1), mark & 0xffff))
 }
 
 /// `VmEpoch::flags` / `GroupState::flags`: the buffer daemon is still re-injecting frames held
@@ -624,15 +610,14 @@ mod tests {
     }
 
     #[test]
-    fn an_inject_trailer_reads_back_and_nothing_else_does() {
-        let t = InjectTrailer {
-            port: 42,
-            mark: 0x8003,
-        };
-        assert_eq!(InjectTrailer::from_bytes(t.to_bytes()), Some(t));
-        let mut other = t.to_bytes();
-        other[11] ^= 1;
-        assert_eq!(InjectTrailer::from_bytes(other), None);
+    fn the_reinject_bit_is_out_of_the_overlays_reach() {
         assert_eq!(REINJECT_MARK & 0xffff, 0, "out of the overlay's 16 bits");
+        assert_eq!(MAX_PORTS, 1024, "a slot takes bits 16-25");
+        for (slot, mark) in [(1, 0x8003), (1023, 0xffff), (0, 0)] {
+            let m = inject_mark(slot, mark);
+            assert_eq!(inject_target(m), Some((slot, mark)));
+            assert_eq!(m & REINJECT_MARK, 0);
+        }
+        assert_eq!(inject_target(0x8003), None, "a color alone names no port");
     }
 }

@@ -23,8 +23,7 @@ use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_SHOT, tcx_action_base::TCX_NEXT, xdp_action},
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
     helpers::generated::{
-        bpf_get_smp_processor_id, bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail,
-        bpf_xdp_adjust_head,
+        bpf_get_smp_processor_id, bpf_redirect, bpf_skb_change_head, bpf_xdp_adjust_head,
     },
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
@@ -34,9 +33,9 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use enforcer_common::{
     CACHE_OCCUPIED, CACHE_OVERFLOW, CachedVm, DatapathConfig, DatapathView, EPOCH_CACHE_SIZE,
     GroupState, HOLD_FOR_ORDER, HOLD_FROM_XDP, HOLD_QUEUES, HoldHeader, HoldKernel, HoldSeq,
-    HoldTotal, InjectTrailer, LEARNED_RING_BYTES, LearnedEpoch, MAP_MMAPABLE, MAX_GROUPS,
-    MAX_PORTS, MAX_VMS, MacKey, Outcome, PortCounters, PortVm, REINJECT_MARK, Type3Mode,
-    UNATTRIBUTED_SLOT, Verdict, VmEpoch, cache_index, decide_wire,
+    HoldTotal, LEARNED_RING_BYTES, LearnedEpoch, MAP_MMAPABLE, MAX_GROUPS, MAX_PORTS, MAX_VMS,
+    MacKey, Outcome, PortCounters, PortVm, REINJECT_MARK, Type3Mode, UNATTRIBUTED_SLOT, Verdict,
+    VmEpoch, cache_index, decide_wire, inject_target,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -174,34 +173,30 @@ impl DatapathView for Maps {
     }
 }
 
+/// Port slot → ifindex, the reverse of `port_slots` (written by userspace): where a frame the
+/// buffer re-injects re-enters.
+#[btf_map(name = "slot_ports")]
+static SLOT_PORTS: Array<u32, MAX_PORTS_USIZE> = Array::new();
+
 /// On the hold device's ingress: a frame the buffer re-injects, sent out of the socket side
-/// with an [`InjectTrailer`]. The trailer comes off, and the frame re-enters the host at the
-/// port it first came in on, marked [`REINJECT_MARK`], so the port program passes it on and
-/// the bridge forwards it as it would have (cases R2 and R3 of the datapath review). Anything
-/// else is dropped and counted.
+/// with its mark naming the slot of the port it first came in on ([`inject_mark`]). It
+/// re-enters the host at that port, marked [`REINJECT_MARK`], so the port program passes it
+/// on and the bridge forwards it as it would have (cases R2 and R3 of the datapath review).
+/// The frame is not touched: a GSO super-frame stays one. Anything else is dropped, counted.
 #[classifier]
 pub fn enforcer_inject(ctx: TcContext) -> i32 {
-    let len = ctx.len() as usize;
-    let mut raw = [0u8; InjectTrailer::LEN];
-    let trailer = if len >= EthHdr::LEN + InjectTrailer::LEN
-        && ctx.load_bytes(len - InjectTrailer::LEN, &mut raw).is_ok()
-    {
-        InjectTrailer::from_bytes(raw)
-    } else {
-        None
-    };
-    let Some(trailer) = trailer else {
+    // SAFETY: `skb` is the context pointer the kernel passed to this program.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    let port = inject_target(mark)
+        .and_then(|(slot, mark)| Some((*SLOT_PORTS.get(slot)?, mark)))
+        .filter(|(port, _)| *port != 0);
+    let Some((port, mark)) = port else {
         bump(HOLD_KERNEL.get_ptr_mut(HoldKernel::InjectRefused.index()));
         return TC_ACT_SHOT;
     };
-    // SAFETY: a helper call on this program's skb; it trims the trailer off the frame.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (len - InjectTrailer::LEN) as u32, 0) } != 0 {
-        bump(HOLD_KERNEL.get_ptr_mut(HoldKernel::InjectRefused.index()));
-        return TC_ACT_SHOT;
-    }
-    ctx.set_mark(trailer.mark | REINJECT_MARK);
+    ctx.set_mark(mark | REINJECT_MARK);
     // SAFETY: a helper call with plain integer arguments; it returns TC_ACT_REDIRECT.
-    unsafe { bpf_redirect(trailer.port, BPF_F_INGRESS as u64) as i32 }
+    unsafe { bpf_redirect(port, BPF_F_INGRESS as u64) as i32 }
 }
 
 /// How a program puts a [`HoldHeader`] in front of a frame: first room, then (once the tickets
@@ -384,7 +379,9 @@ fn try_enforce<R: HoldRoom>(
                             ticket,
                             order_ticket,
                             queue,
-                            port: ifindex,
+                            // SAFETY: the value is copied out at once.
+                            port: unsafe { PORT_SLOTS.get(ifindex).copied() }
+                                .unwrap_or(UNATTRIBUTED_SLOT),
                             flags: R::FLAGS | if for_order { HOLD_FOR_ORDER } else { 0 },
                             vlan_proto,
                             vlan_tci,

@@ -191,6 +191,7 @@ impl Datapath {
             ports: BTreeMap::new(),
         };
         dp.rebuild_epoch_cache()?;
+        dp.rebuild_slot_ports()?;
         Ok(dp)
     }
 
@@ -344,9 +345,13 @@ impl Datapath {
         }
         // Free the counter slot unless a VM is still registered on the port (its entry holds it).
         if EpochStore::port(self, ifindex)?.is_none() {
+            let slot = self.port_slots_map()?.get(&ifindex, 0).ok();
             match self.port_slots_map()?.remove(&ifindex) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(e.into()),
+            }
+            if let Some(slot) = slot {
+                self.set_slot_port(slot, 0)?;
             }
         }
         info!(port = port.name, ifindex, "detached");

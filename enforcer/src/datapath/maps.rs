@@ -114,7 +114,33 @@ impl Datapath {
             .map_err(MapError::IoError)?;
         self.port_stats_map()?.set(slot, zero, 0)?;
         self.port_slots_map()?.insert(ifindex, slot, 0)?;
+        self.set_slot_port(slot, ifindex)?;
         Ok(slot)
+    }
+
+    /// `slot_ports[slot]` = `ifindex` (0: the slot is free): where a frame re-injected at
+    /// that port's slot re-enters (see `enforcer_common::REINJECT_MARK`).
+    pub(super) fn set_slot_port(&mut self, slot: u32, ifindex: u32) -> Result<(), DatapathError> {
+        let mut map: Array<&mut MapData, u32> = Array::try_from(self.map(names::SLOT_PORTS)?)?;
+        map.set(slot, ifindex, 0)?;
+        Ok(())
+    }
+
+    /// Rewrites `slot_ports` from `port_slots` (at start: it may predate this daemon).
+    pub(super) fn rebuild_slot_ports(&mut self) -> Result<(), DatapathError> {
+        let slots: Result<Vec<(u32, u32)>, MapError> = self.port_slots_map()?.iter().collect();
+        let mut ports = vec![0u32; MAX_PORTS as usize];
+        for (key, slot) in slots? {
+            if key & REMOTE_SLOT_KEY == 0
+                && let Some(p) = ports.get_mut(slot as usize)
+            {
+                *p = key;
+            }
+        }
+        for (slot, ifindex) in ports.into_iter().enumerate() {
+            self.set_slot_port(slot as u32, ifindex)?;
+        }
+        Ok(())
     }
 
     /// The ring of colors learned from other hosts' frames; its one consumer takes it.

@@ -84,8 +84,8 @@ pub(crate) struct Outgoing<'a> {
 
 /// The frames' way out.
 pub(crate) trait Wire {
-    /// Re-injects `frames`, in order, into the ingress of `port` (where they first came in),
-    /// each with `mark` as its `skb->mark` (its wire color); returns how many went.
+    /// Re-injects `frames`, in order, into the ingress of the port with counter slot `port`
+    /// (where they first came in), each with `mark` (its wire color); returns how many went.
     fn send(&mut self, port: u32, mark: u32, frames: &[Outgoing<'_>]) -> usize;
     /// Publishes that the buffer has finished with `done` frames held for order in hold queue
     /// `queue` (`hold_order_done`): called only once they left.
@@ -116,7 +116,7 @@ struct Held {
     for_order: bool,
     /// Its hold queue (the programs' index).
     queue: u32,
-    /// The port it came in on (its sender's), where it is re-injected.
+    /// The counter slot of the port it came in on (its sender's), where it is re-injected.
     port: u32,
     color: u32,
     /// The abort count of its sender's group when it was classified (its hold header's).
@@ -527,9 +527,8 @@ impl Core {
                 .iter()
                 .take_while(|h| h.port == port && h.color == color)
                 .count();
-            // A port no registered VM sends from any more is gone: the kernel would drop the
-            // frames there without a word.
-            let sent = if self.vms.values().any(|vm| vm.ifindex == port) {
+            // A frame from a port without a slot has nowhere to re-enter.
+            let sent = if port != enforcer_common::UNATTRIBUTED_SLOT {
                 let frames: Vec<Outgoing<'_>> = batch[at..at + run]
                     .iter()
                     .map(|h| Outgoing {

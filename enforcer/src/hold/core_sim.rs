@@ -71,6 +71,8 @@ pub(super) fn parse(f: &[u8]) -> (usize, u32, u32) {
 pub(super) struct Ports {
     /// VMs on the bridge: VM `i` has MAC `mac(i)` on port `ifindex(i)`.
     pub(super) n: usize,
+    /// Port counter slot → ifindex (`slot_ports`).
+    pub(super) slots: HashMap<u32, u32>,
     pub(super) log: Vec<(u32, Vec<u8>)>,
     /// Ports that vanished: the bridge forwards nothing to them.
     pub(super) gone: HashSet<u32>,
@@ -96,8 +98,11 @@ impl Ports {
 }
 
 impl Wire for Ports {
-    fn send(&mut self, port: u32, _mark: u32, frames: &[Outgoing<'_>]) -> usize {
+    fn send(&mut self, slot: u32, _mark: u32, frames: &[Outgoing<'_>]) -> usize {
         // The sender's port is where the frame re-enters.
+        let Some(port) = self.slots.get(&slot).copied() else {
+            return 0;
+        };
         if self.gone.contains(&port) {
             return 0;
         }
@@ -180,7 +185,7 @@ impl Datapath {
             ticket: seq.all,
             order_ticket: seq.order,
             queue,
-            port: ifindex(run.frame[14] as usize),
+            port: self.map.vms[&mac(run.frame[14] as usize)].slot,
             flags: if for_order { HOLD_FOR_ORDER } else { 0 },
             vlan_proto: 0,
             vlan_tci: 0,
@@ -333,6 +338,9 @@ impl Sim {
             epochs::register(&mut map, mac(i).into(), GROUP, ifindex(i), Some(0)).unwrap();
         }
         let vms = map.vms().unwrap();
+        let slots = (0..n)
+            .map(|i| (map.vms[&mac(i)].slot, ifindex(i)))
+            .collect();
         let groups = epochs::list_groups(&mut map)
             .unwrap()
             .into_iter()
@@ -360,6 +368,7 @@ impl Sim {
             },
             ports: Ports {
                 n,
+                slots,
                 ..Ports::default()
             },
             now: Instant::now(),

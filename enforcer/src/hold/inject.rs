@@ -4,10 +4,10 @@
 //! cases R2 and R3 of the datapath review). The buffer sends them out of the socket side of
 //! the hold device with an AF_PACKET socket, in order, batched with `sendmmsg`, each with the
 //! virtio-net header it was held with (`PACKET_VNET_HDR`: a GSO super-frame leaves as one, a
-//! checksum left to offload stays to do) and an [`InjectTrailer`] naming the port and the mark;
-//! `enforcer_inject`, on the hold device's ingress, takes the trailer off and redirects the
-//! frame into that port's ingress. A frame to a VM on another host carries its color in the
-//! mark, which VXLAN-GBP puts on the wire.
+//! checksum left to offload stays to do), and `SO_MARK` naming the port's slot and the color
+//! ([`enforcer_common::inject_mark`]); `enforcer_inject`, on the hold device's ingress,
+//! redirects the frame into that port's ingress ([`enforcer_common::REINJECT_MARK`]). A frame
+//! to a VM on another host carries its color in the mark, which VXLAN-GBP puts on the wire.
 
 use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
@@ -15,15 +15,16 @@ use std::{
     time::Duration,
 };
 
-use enforcer_common::InjectTrailer;
 use tracing::warn;
 
 use super::{core::Outgoing, ring::VNET_LEN};
 
-/// The sending socket on the socket side of the hold device, made on first use.
+/// The sending socket on the socket side of the hold device, made on first use, and the
+/// `SO_MARK` it has now.
 pub(crate) struct Injector {
     ifindex: u32,
     socket: Option<OwnedFd>,
+    set: Option<u32>,
 }
 
 impl Injector {
@@ -32,6 +33,7 @@ impl Injector {
         Self {
             ifindex,
             socket: None,
+            set: None,
         }
     }
 
@@ -43,6 +45,7 @@ impl Injector {
             Ok(fd) => {
                 let raw = fd.as_raw_fd();
                 self.socket = Some(fd);
+                self.set = None;
                 Some(raw)
             }
             Err(err) => {
@@ -52,15 +55,34 @@ impl Injector {
         }
     }
 
-    /// Re-injects frames into the ingress of `port` with `mark`, in order, with as few system
-    /// calls as it can (`sendmmsg`); waits out a full queue rather than lose a frame. Returns
-    /// how many were sent.
-    pub(crate) fn send(&mut self, port: u32, mark: u32, frames: &[Outgoing<'_>]) -> usize {
+    /// Re-injects frames into the ingress of the port with counter slot `slot`, with `mark`
+    /// (its low 16 bits), in order, with as few system calls as it can (`sendmmsg`); waits out
+    /// a full queue rather than lose a frame. Returns how many were sent.
+    pub(crate) fn send(&mut self, slot: u32, mark: u32, frames: &[Outgoing<'_>]) -> usize {
         let Some(fd) = self.socket() else {
             return 0;
         };
-        let trailer = InjectTrailer { port, mark }.to_bytes();
-        let mut iovecs: Vec<[libc::iovec; 3]> = frames
+        let mark = enforcer_common::inject_mark(slot, mark);
+        if self.set != Some(mark) {
+            let value = mark as libc::c_int;
+            // SAFETY: a valid socket and a c_int option value that outlives the call.
+            let r = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_MARK,
+                    (&value as *const libc::c_int).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if r != 0 {
+                warn!(slot, err = %std::io::Error::last_os_error(), "naming the port to re-inject at");
+                self.set = None;
+                return 0;
+            }
+            self.set = Some(mark);
+        }
+        let mut iovecs: Vec<[libc::iovec; 2]> = frames
             .iter()
             .map(|f| {
                 [
@@ -72,10 +94,6 @@ impl Injector {
                         iov_base: f.data.as_ptr() as *mut libc::c_void,
                         iov_len: f.data.len(),
                     },
-                    libc::iovec {
-                        iov_base: trailer.as_ptr() as *mut libc::c_void,
-                        iov_len: InjectTrailer::LEN,
-                    },
                 ]
             })
             .collect();
@@ -85,7 +103,7 @@ impl Injector {
                 // SAFETY: mmsghdr is plain data; all-zero is a valid empty message.
                 let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
                 m.msg_hdr.msg_iov = iov.as_mut_ptr();
-                m.msg_hdr.msg_iovlen = 3;
+                m.msg_hdr.msg_iovlen = 2;
                 m
             })
             .collect();
@@ -114,7 +132,7 @@ impl Injector {
                     thread::sleep(Duration::from_micros(20));
                 }
                 _ => {
-                    warn!(port, %err, "re-injecting held frames");
+                    warn!(slot, %err, "re-injecting held frames");
                     self.socket = None;
                     break;
                 }

@@ -67,6 +67,9 @@ pub enum KernelLoss {
     /// Frames to hold that got no room for their hold header, so were not held
     /// ([`HoldKernel::NoHeadroom`]).
     NoHeadroom,
+    /// Frames on the hold device's way back that named no port to re-enter
+    /// ([`HoldKernel::InjectRefused`]).
+    InjectRefused,
 }
 
 impl KernelLoss {
@@ -76,6 +79,7 @@ impl KernelLoss {
             KernelLoss::RingFull => "ring_full",
             KernelLoss::Truncated => "truncated",
             KernelLoss::NoHeadroom => HoldKernel::NoHeadroom.name(),
+            KernelLoss::InjectRefused => HoldKernel::InjectRefused.name(),
         }
     }
 }
@@ -140,9 +144,9 @@ impl HoldReport {
 
     /// Another buffer's report added in: queues side by side, counts summed (a coordinator of
     /// several hosts shows its agents' buffers as one).
-    /// What the buffer lost or dropped so far, by reason: every fate but `reinjected`, and the
+    /// What the buffer lost or dropped so far, by reason: every fate but `reinjected`, the
     /// frames to hold that got no room for their hold header (`no_headroom`: Type-3 ones
-    /// dropped). Running totals, so the difference of two reports is what was lost between.
+    /// dropped), and frames refused on their way back (`inject_refused`). Running totals, so the difference of two reports is what was lost between.
     pub fn losses(&self) -> BTreeMap<String, u64> {
         let mut out: BTreeMap<String, u64> = HoldTotal::FATES
             .iter()

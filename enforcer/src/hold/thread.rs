@@ -392,8 +392,13 @@ impl Thread {
         let mut kernel = std::collections::BTreeMap::new();
         {
             let mut dp = self.dp.lock().expect("datapath lock");
-            if let Ok(n) = dp.hold_kernel(HoldKernel::NoHeadroom) {
-                kernel.insert(KernelLoss::NoHeadroom, n);
+            for (counter, loss) in [
+                (HoldKernel::NoHeadroom, KernelLoss::NoHeadroom),
+                (HoldKernel::InjectRefused, KernelLoss::InjectRefused),
+            ] {
+                if let Ok(n) = dp.hold_kernel(counter) {
+                    kernel.insert(loss, n);
+                }
             }
         }
         kernel.insert(KernelLoss::RingFull, self.ring.dropped());
