@@ -350,8 +350,10 @@ fn try_enforce<R: HoldRoom>(
             if decision.outcome.verdict() == Verdict::Hold {
                 let seq = (decision.hold.queue())
                     .and_then(|q| HOLD_SEQ.get_ptr_mut(q).map(|seq| (q, seq)));
-                let held = match (room.make_room(), seq) {
-                    (true, Some((queue, seq))) => {
+                // The queue first: room made for a frame that is not held after all would
+                // deliver it with the room in front.
+                let held = match seq.filter(|_| room.make_room()) {
+                    Some((queue, seq)) => {
                         let for_order = decision.outcome == Outcome::HeldForOrder;
                         // SAFETY: a per-CPU value: only this CPU writes it, and the program is
                         // not preempted, so the pair is this frame's own place in this CPU's
@@ -388,7 +390,7 @@ fn try_enforce<R: HoldRoom>(
                         };
                         room.write(&header.to_bytes())
                     }
-                    _ => false,
+                    None => false,
                 };
                 if !held {
                     bump(HOLD_KERNEL.get_ptr_mut(HoldKernel::NoHeadroom.index()));

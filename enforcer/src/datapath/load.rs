@@ -321,9 +321,11 @@ impl Datapath {
                     .map_err(|e: LinkError| link_err(e.to_string()))
             }
             AttachMode::Xdp => {
+                // Native only: generic XDP would also run on frames the buffer re-injects into
+                // the port (it cannot see their mark) and classify them a second time.
                 let prog: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
                 let id = prog
-                    .attach(name, XdpMode::Default)
+                    .attach(name, XdpMode::Driver)
                     .map_err(|e| link_err(e.to_string()))?;
                 prog.take_link(id)
                     .map_err(|e| link_err(e.to_string()))?

@@ -51,6 +51,10 @@ use crate::{datapath::HoldTotals, model::MacAddr};
 
 /// Frames re-injected per send call.
 pub(crate) const BATCH: usize = 64;
+/// Batches a queue releases per turn of the buffer thread: a long queue is released over
+/// several turns, so the thread keeps reading its ring and answering in between (frames that
+/// come meanwhile wait behind the queue, in order).
+pub(crate) const RELEASE_BATCHES: usize = 16;
 /// How often the hand-over is audited for frames lost at its end (see [`Core::progress_drains`]):
 /// a frame handed over that has not come one period later, while the socket has nothing more
 /// to read, was lost on the way.
@@ -164,6 +168,8 @@ pub(crate) struct Core {
     held_bytes: usize,
     /// Frames each VM's last advance released (what was held for it).
     released_at_advance: HashMap<MacKey, u64>,
+    /// Queues releasing over several turns, in the order their releases began.
+    releasing: Vec<Key>,
     totals: HoldTotals,
     totals_dirty: bool,
     hold_hist: [u64; BUCKETS.len() + 1],
@@ -233,6 +239,7 @@ impl Core {
             audit: None,
             held_bytes: 0,
             released_at_advance: HashMap::new(),
+            releasing: Vec::new(),
             totals,
             totals_dirty: false,
             hold_hist: [0; BUCKETS.len() + 1],
@@ -450,13 +457,13 @@ impl Core {
                 // Advances only raise (a queued older one must not lower a learned one).
                 let released = self.released_vm.entry(mac).or_insert(epoch);
                 *released = (*released).max(epoch);
-                let n = self.flush(wire, Key::Vm(mac), now);
-                self.released_at_advance.insert(mac, n);
+                self.released_at_advance.insert(mac, 0);
+                self.release(wire, Key::Vm(mac), now);
                 self.drains.insert(Key::Vm(mac), Drain::Start);
             }
             Notice::GroupAdvanced { group, min_epoch } => {
                 self.released_group.insert(group, min_epoch);
-                let _ = self.flush(wire, Key::Group(group), now);
+                self.release(wire, Key::Group(group), now);
                 self.drains.insert(Key::Group(group), Drain::Start);
             }
             Notice::Release { group, aborts } => {
@@ -476,10 +483,10 @@ impl Core {
                 // new snapshot classified meanwhile (this count) waits for its color.
                 for (mac, epoch) in &members {
                     self.released_vm.insert(*mac, *epoch);
-                    let _ = self.flush(wire, Key::Vm(*mac), now);
+                    self.release(wire, Key::Vm(*mac), now);
                     self.drains.insert(Key::Vm(*mac), Drain::Start);
                 }
-                let _ = self.flush(wire, Key::Group(group), now);
+                self.release(wire, Key::Group(group), now);
                 self.drains.insert(Key::Group(group), Drain::Start);
             }
         }
@@ -487,11 +494,11 @@ impl Core {
 
     /// Sends what may be released from a queue, in order and in batches; returns how many
     /// frames left it.
-    fn flush(&mut self, wire: &mut impl Wire, key: Key, now: Instant) -> u64 {
+    fn flush(&mut self, wire: &mut impl Wire, key: Key, batches: usize, now: Instant) -> u64 {
         let released = self.released(key);
         let known = self.known_aborts(key);
         let mut released_frames = 0;
-        loop {
+        for _ in 0..batches {
             let Some(q) = self.queues.get_mut(&key) else {
                 return released_frames;
             };
@@ -513,6 +520,41 @@ impl Core {
             self.held_bytes -= batch.iter().map(|h| h.data.len()).sum::<usize>();
             self.send(wire, &batch, now);
         }
+        released_frames
+    }
+
+    /// Releases what a queue may release now: [`RELEASE_BATCHES`] at once, the rest over the
+    /// next turns ([`Core::release_more`]).
+    fn release(&mut self, wire: &mut impl Wire, key: Key, now: Instant) {
+        if !self.releasing.contains(&key) {
+            self.releasing.push(key);
+        }
+        self.release_turn(wire, key, now);
+    }
+
+    /// One turn of a queue's release; returns whether it has more to release.
+    fn release_turn(&mut self, wire: &mut impl Wire, key: Key, now: Instant) -> bool {
+        let n = self.flush(wire, key, RELEASE_BATCHES, now);
+        if let Key::Vm(mac) = key
+            && let Some(count) = self.released_at_advance.get_mut(&mac)
+        {
+            *count += n;
+        }
+        let more = n == (RELEASE_BATCHES * BATCH) as u64;
+        if !more {
+            self.releasing.retain(|k| *k != key);
+        }
+        more
+    }
+
+    /// Moves every release in progress on by one turn; returns whether any has more to do.
+    pub(crate) fn release_more(&mut self, wire: &mut impl Wire, now: Instant) -> bool {
+        let keys = self.releasing.clone();
+        let mut more = false;
+        for key in keys {
+            more |= self.release_turn(wire, key, now);
+        }
+        more
     }
 
     /// Re-injects frames, in order, each at the port it came in on (the bridge forwards it
@@ -580,9 +622,7 @@ impl Core {
         ring_idle: bool,
         now: Instant,
     ) {
-        if ring_idle {
-            self.audit(wire, kernel, now);
-        }
+        self.audit(wire, kernel, ring_idle, now);
         let keys: Vec<Key> = self.drains.keys().copied().collect();
         for key in keys {
             let Some(queue) = self.queue_index(key) else {
@@ -631,16 +671,27 @@ impl Core {
     }
 
     /// Finds frames lost at the end of a CPU's hand-over, which no later frame reveals: every
-    /// [`RING_DEADLINE`], while the socket has nothing more to read, what the programs have
-    /// handed over for each queue in use is noted, and whatever of the previous note has still
-    /// not come is counted lost (order frames among them finished with, so nothing waits
+    /// [`RING_DEADLINE`] while the socket has nothing more to read (every four when it stays
+    /// busy), what the programs have handed over for each queue in use is noted, and whatever
+    /// of the previous note has still not come is counted lost (order frames among them finished with, so nothing waits
     /// behind them for ever).
-    fn audit(&mut self, wire: &mut impl Wire, kernel: &mut impl Kernel, now: Instant) {
-        if self
+    fn audit(
+        &mut self,
+        wire: &mut impl Wire,
+        kernel: &mut impl Kernel,
+        ring_idle: bool,
+        now: Instant,
+    ) {
+        let since = self
             .audit
             .as_ref()
-            .is_some_and(|(at, _)| now.saturating_duration_since(*at) < RING_DEADLINE)
-        {
+            .map(|(at, _)| now.saturating_duration_since(*at));
+        // While the socket still has frames to read, a frame noted may just be in it: wait for
+        // the socket to go idle, or for four periods (the ring holds well under that).
+        let due = since.is_none_or(|since| {
+            since >= RING_DEADLINE && (ring_idle || since >= 4 * RING_DEADLINE)
+        });
+        if !due {
             return;
         }
         let mut queues: Vec<u32> = self.vms.values().map(|vm| vm.slot).collect();
@@ -675,7 +726,7 @@ impl Core {
     pub(crate) fn shutdown(&mut self, wire: &mut impl Wire, now: Instant) {
         let keys: Vec<Key> = self.queues.keys().copied().collect();
         for key in keys {
-            let _ = self.flush(wire, key, now);
+            let _ = self.flush(wire, key, usize::MAX, now);
             if let Some(mut q) = self.queues.remove(&key) {
                 let n = q.frames.len() as u64;
                 if n > 0 {

@@ -489,6 +489,7 @@ impl Sim {
                 while let Some(f) = self.dp.read() {
                     self.core.on_frame(&mut self.ports, f, self.now);
                 }
+                while self.core.release_more(&mut self.ports, self.now) {}
                 self.core
                     .progress_drains(&mut self.ports, &mut self.dp, true, self.now);
             }

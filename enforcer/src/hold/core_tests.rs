@@ -534,3 +534,32 @@ fn frames_on_their_way_at_an_abort_are_delivered_and_nothing_sticks() {
         "the three from the aborted epoch, then the new one"
     );
 }
+
+/// A long queue is released over several turns of the buffer thread (which meanwhile reads
+/// its ring and answers), and frames that come in between wait behind it, in order.
+#[test]
+fn a_long_queue_is_released_over_several_turns_in_order() {
+    let mut sim = Sim::new(2, usize::MAX);
+    sim.apply(&Ev::Advance(0));
+    for _ in 0..3000 {
+        sim.apply(&Ev::Send { from: 0, to: 1 });
+    }
+    sim.apply(&Ev::Read(usize::MAX));
+    sim.apply(&Ev::Advance(1));
+    let turn = RELEASE_BATCHES * BATCH;
+    assert_eq!(sim.ports.log.len(), turn, "one turn's worth at the advance");
+    // A frame sent now (held for order) waits behind the rest of the queue.
+    sim.apply(&Ev::Send { from: 0, to: 1 });
+    sim.apply(&Ev::Read(usize::MAX));
+    assert_eq!(sim.ports.log.len(), turn);
+    assert!(
+        sim.core.release_more(&mut sim.ports, sim.now),
+        "more to come"
+    );
+    assert_eq!(sim.ports.log.len(), 2 * turn);
+    while sim.core.release_more(&mut sim.ports, sim.now) {}
+    let seqs: Vec<u32> = sim.ports.log.iter().map(|(_, f)| parse(f).1).collect();
+    assert_eq!(seqs, (0..3001).collect::<Vec<_>>());
+    let report = sim.core.report(sim.now);
+    assert!(report.released_at_advance.contains(&(mac(1), 3001)));
+}

@@ -276,6 +276,7 @@ impl Thread {
             self.opts.at_point.at(LoopPoint::ReadRing);
             let (read, ring_idle) = self.receive();
             busy |= read;
+            busy |= self.core.release_more(&mut self.out, Instant::now());
             self.opts.at_point.at(LoopPoint::ProgressDrains);
             self.core.progress_drains(
                 &mut self.out,
