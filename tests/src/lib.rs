@@ -159,3 +159,13 @@ pub fn pin_hash_map(
         Ok(())
     }
 }
+
+/// Asserts a buffer lost nothing of any kind it knows of: no fate but `reinjected`, no frame
+/// without room for its hold header, none refused on its way back.
+pub fn assert_no_hold_losses(report: &enforcer::hold::HoldReport) {
+    let losses = report.losses();
+    assert!(
+        losses.values().all(|n| *n == 0),
+        "the buffer lost frames: {losses:?}"
+    );
+}

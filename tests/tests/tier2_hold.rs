@@ -24,7 +24,7 @@ use enforcer::{
 };
 use enforcer_common::{HoldTotal, Outcome, Type3Mode};
 use enforcer_lab::{netns::Lab, traffic::Message};
-use enforcer_tests::{PinRoot, lab_prefix, require_root};
+use enforcer_tests::{PinRoot, assert_no_hold_losses, lab_prefix, require_root};
 
 struct Setup {
     lab: Lab,
@@ -594,12 +594,7 @@ async fn tcp_stream_survives_the_skew(tag: char, mtu: Option<u32>) {
         average > 1514,
         "held frames average {average} bytes (wire frames up to {largest_wire_frame})"
     );
-    let report = s.client.holds().await.unwrap();
-    assert!(
-        report.losses().values().all(|n| *n == 0),
-        "no held segment lost, none refused on the way back: {:?}",
-        report.losses()
-    );
+    assert_no_hold_losses(&s.client.holds().await.unwrap());
     s.stop().await;
 }
 
