@@ -37,8 +37,11 @@ fn ip(args: &[&str]) -> Result<(), HoldError> {
     run("ip", args)
 }
 
-/// The largest MTU of a veth: any frame a port can carry, jumbo frames included, passes the
-/// hold device with its hold header (case F2). GSO super-frames pass whatever the MTU.
+/// The largest MTU of a veth: a frame of any MTU a port may have passes the hold device with
+/// its hold header (case F2), and GSO super-frames pass whatever the MTU. (The port program
+/// can give a frame that is not a super-frame room for its header up to about 16 KB, the most
+/// the kernel lets a tc program grow one to: 9000-byte jumbo frames fit; beyond, a Type-3 frame
+/// is dropped and counted `no_headroom`.)
 const HOLD_MTU: &str = "65535";
 
 /// Segmentation the hold device leaves to the kernel, in software, before a frame enters it:
