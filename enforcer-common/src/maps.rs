@@ -126,6 +126,9 @@ pub struct HoldHeader {
     /// none): it is re-injected there, so the bridge forwards it as it would have (see
     /// [`REINJECT_MARK`]).
     pub port: u32,
+    /// That port's ifindex: the buffer re-injects only while the slot still names it (a
+    /// slot freed meanwhile may have been given to another port).
+    pub ifindex: u32,
     /// [`HOLD_FOR_ORDER`], [`HOLD_FROM_XDP`].
     pub flags: u16,
     /// The outer VLAN tag's TPID (0x8100, 0x88a8) when the kernel had taken it out of the
@@ -140,6 +143,12 @@ impl HoldHeader {
 
     pub const fn to_bytes(self) -> [u8; Self::LEN] {
         let mut b = [0u8; Self::LEN];
+        // In the source address of the Ethernet header, which nothing reads.
+        let x = self.ifindex.to_ne_bytes();
+        b[6] = x[0];
+        b[7] = x[1];
+        b[8] = x[2];
+        b[9] = x[3];
         let et = HOLD_ETHER_TYPE.to_be_bytes();
         b[12] = et[0];
         b[13] = et[1];
@@ -201,6 +210,7 @@ impl HoldHeader {
                 cpu: u32_at(28),
                 queue: u32_at(48),
                 port: u32_at(52),
+                ifindex: u32_at(6),
                 ticket: u64_at(32),
                 order_ticket: u64_at(40),
                 flags: u16_at(14),
@@ -215,7 +225,8 @@ impl HoldHeader {
 /// `skb->mark` bit of a frame the buffer re-injects into the port it came in on: the port
 /// program passes it on without classifying or counting it again (it was when it was held)
 /// and clears the bit. Only `enforcer_inject` sets it, and a VM cannot: its frames enter with
-/// no mark, and the overlay carries only a mark's low 16 bits ([`crate::wire`]).
+/// no mark, and VXLAN-GBP decapsulation sets only a mark's low 16 bits ([`crate::wire`]) and
+/// two flag bits (19, 22).
 ///
 /// How a frame gets there: the buffer sends it out of the socket side of the hold device with
 /// `SO_MARK` = [`inject_mark`] (the counter slot of the port it came in on, and its wire
@@ -229,19 +240,28 @@ impl HoldHeader {
 pub const REINJECT_MARK: u32 = 0x4000_0000;
 /// [`inject_mark`]: a port slot is named (bits 16-25).
 const INJECT_VIA: u32 = 0x0800_0000;
+/// [`inject_mark`]: the tc port program runs on the ports and clears [`REINJECT_MARK`] again
+/// (with XDP on the ports nothing would, so the bit is not set).
+const INJECT_TC: u32 = 0x0400_0000;
 
 /// The mark a re-injected frame leaves the buffer with: the counter slot of the port it
-/// re-enters (`< MAX_PORTS`) and the low 16 bits of the mark it gets there.
-pub const fn inject_mark(slot: u32, mark: u32) -> u32 {
-    INJECT_VIA | ((slot & (MAX_PORTS - 1)) << 16) | (mark & 0xffff)
+/// re-enters (`< MAX_PORTS`), the low 16 bits of the mark it gets there, and whether the tc
+/// port program runs there.
+pub const fn inject_mark(slot: u32, mark: u32, tc: bool) -> u32 {
+    INJECT_VIA | if tc { INJECT_TC } else { 0 } | ((slot & (MAX_PORTS - 1)) << 16) | (mark & 0xffff)
 }
 
-/// The port slot and the mark [`inject_mark`] put in `mark`; `None` when it names none.
-pub const fn inject_target(mark: u32) -> Option<(u32, u32)> {
+/// The port slot, the mark and the tc flag [`inject_mark`] put in `mark`; `None` when it
+/// names none.
+pub const fn inject_target(mark: u32) -> Option<(u32, u32, bool)> {
     if mark & INJECT_VIA == 0 {
         return None;
     }
-    Some(((mark >> 16) & (MAX_PORTS - 1), mark & 0xffff))
+    Some((
+        (mark >> 16) & (MAX_PORTS - 1),
+        mark & 0xffff,
+        mark & INJECT_TC != 0,
+    ))
 }
 
 /// `VmEpoch::flags` / `GroupState::flags`: the buffer daemon is still re-injecting frames held
@@ -591,6 +611,7 @@ mod tests {
             cpu: 1,
             queue: 1030,
             port: 77,
+            ifindex: 0x1234_5678,
             flags: HOLD_FOR_ORDER,
             vlan_proto: 0x8100,
             vlan_tci: 0x2064,
@@ -613,9 +634,9 @@ mod tests {
     fn the_reinject_bit_is_out_of_the_overlays_reach() {
         assert_eq!(REINJECT_MARK & 0xffff, 0, "out of the overlay's 16 bits");
         assert_eq!(MAX_PORTS, 1024, "a slot takes bits 16-25");
-        for (slot, mark) in [(1, 0x8003), (1023, 0xffff), (0, 0)] {
-            let m = inject_mark(slot, mark);
-            assert_eq!(inject_target(m), Some((slot, mark)));
+        for (slot, mark, tc) in [(1, 0x8003, true), (1023, 0xffff, false), (0, 0, true)] {
+            let m = inject_mark(slot, mark, tc);
+            assert_eq!(inject_target(m), Some((slot, mark, tc)));
             assert_eq!(m & REINJECT_MARK, 0);
         }
         assert_eq!(inject_target(0x8003), None, "a color alone names no port");

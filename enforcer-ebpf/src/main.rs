@@ -176,7 +176,7 @@ impl DatapathView for Maps {
 /// Port slot → ifindex, the reverse of `port_slots` (written by userspace): where a frame the
 /// buffer re-injects re-enters.
 #[btf_map(name = "slot_ports")]
-static SLOT_PORTS: Array<u32, MAX_PORTS_USIZE> = Array::new();
+static SLOT_PORTS: Array<u32, MAX_PORTS_USIZE, MAP_MMAPABLE> = Array::new();
 
 /// On the hold device's ingress: a frame the buffer re-injects, sent out of the socket side
 /// with its mark naming the slot of the port it first came in on ([`inject_mark`]). It
@@ -188,13 +188,14 @@ pub fn enforcer_inject(ctx: TcContext) -> i32 {
     // SAFETY: `skb` is the context pointer the kernel passed to this program.
     let mark = unsafe { (*ctx.skb.skb).mark };
     let port = inject_target(mark)
-        .and_then(|(slot, mark)| Some((*SLOT_PORTS.get(slot)?, mark)))
-        .filter(|(port, _)| *port != 0);
-    let Some((port, mark)) = port else {
+        .and_then(|(slot, mark, tc)| Some((*SLOT_PORTS.get(slot)?, mark, tc)))
+        .filter(|(port, _, _)| *port != 0);
+    let Some((port, mark, tc)) = port else {
         bump(HOLD_KERNEL.get_ptr_mut(HoldKernel::InjectRefused.index()));
         return TC_ACT_SHOT;
     };
-    ctx.set_mark(mark | REINJECT_MARK);
+    // Only the tc port program clears the bit again: with XDP on the ports nothing would.
+    ctx.set_mark(if tc { mark | REINJECT_MARK } else { mark });
     // SAFETY: a helper call with plain integer arguments; it returns TC_ACT_REDIRECT.
     unsafe { bpf_redirect(port, BPF_F_INGRESS as u64) as i32 }
 }
@@ -384,6 +385,7 @@ fn try_enforce<R: HoldRoom>(
                             // SAFETY: the value is copied out at once.
                             port: unsafe { PORT_SLOTS.get(ifindex).copied() }
                                 .unwrap_or(UNATTRIBUTED_SLOT),
+                            ifindex,
                             flags: R::FLAGS | if for_order { HOLD_FOR_ORDER } else { 0 },
                             vlan_proto,
                             vlan_tci,

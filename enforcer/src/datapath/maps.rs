@@ -114,7 +114,15 @@ impl Datapath {
             .map_err(MapError::IoError)?;
         self.port_stats_map()?.set(slot, zero, 0)?;
         self.port_slots_map()?.insert(ifindex, slot, 0)?;
-        self.set_slot_port(slot, ifindex)?;
+        // A VM on another host's counter slot names no port of this host to re-enter.
+        self.set_slot_port(
+            slot,
+            if ifindex & REMOTE_SLOT_KEY == 0 {
+                ifindex
+            } else {
+                0
+            },
+        )?;
         Ok(slot)
     }
 
@@ -247,6 +255,19 @@ impl Datapath {
     pub fn hold_order_issued(&mut self) -> Result<Vec<u64>, DatapathError> {
         let array: Array<&mut MapData, u64> = Array::try_from(self.map(names::HOLD_ORDER_ISSUED)?)?;
         (0..array.len()).map(|i| Ok(array.get(&i, 0)?)).collect()
+    }
+
+    /// `slot_ports`, mapped into this process for reading (see [`SlotPorts`]).
+    pub fn slot_ports(&mut self) -> Result<SlotPorts, DatapathError> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let aya::maps::Map::Array(map) = self.map(names::SLOT_PORTS)? else {
+            return Err(DatapathError::MissingMap(names::SLOT_PORTS));
+        };
+        let fd = map.fd().as_fd().as_raw_fd();
+        SlotPorts::map(fd).map_err(|e| DatapathError::Link {
+            port: names::SLOT_PORTS.into(),
+            detail: format!("mapping the array: {e}"),
+        })
     }
 
     /// `hold_order_done`, mapped into this process: the buffer writes it with atomic stores
@@ -398,9 +419,10 @@ impl EpochStore for Datapath {
 
     fn free_remote_slot(&mut self, slot: u32) -> Result<(), DatapathError> {
         match self.port_slots_map()?.remove(&(REMOTE_SLOT_KEY | slot)) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e.into()),
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e.into()),
         }
+        self.set_slot_port(slot, 0)
     }
 }
 
@@ -419,23 +441,8 @@ unsafe impl Send for OrderDone {}
 impl OrderDone {
     fn map(fd: std::os::fd::RawFd) -> std::io::Result<Self> {
         let bytes = HOLD_QUEUES as usize * size_of::<u64>();
-        // SAFETY: a shared mapping of a BPF array map's values, checked for failure; the
-        // kernel lays the values out as one u64 per entry, page-aligned.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
         Ok(Self {
-            ptr: std::ptr::NonNull::new(ptr.cast()).expect("mmap returned a non-null pointer"),
+            ptr: map_values(fd, bytes, libc::PROT_READ | libc::PROT_WRITE)?.cast(),
             len: HOLD_QUEUES as usize,
         })
     }
@@ -464,4 +471,61 @@ impl Drop for OrderDone {
         // SAFETY: the mapping made in `map`, unmapped once.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len * size_of::<u64>()) };
     }
+}
+
+/// `slot_ports` mapped into this process (`BPF_F_MMAPABLE`), read with atomic loads: before the
+/// buffer re-injects frames at a port slot, it checks the slot still names the port they came
+/// in on (a freed slot may have been given to another port meanwhile).
+pub struct SlotPorts {
+    ptr: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+}
+
+// SAFETY: the mapping is plain shared memory of atomics, read only with atomic loads.
+unsafe impl Send for SlotPorts {}
+
+impl SlotPorts {
+    /// The kernel lays an array's values out 8 bytes apart (`round_up(value_size, 8)`): each
+    /// u32 sits in the low half of its 8 bytes, the rest zero.
+    const BYTES: usize = MAX_PORTS as usize * size_of::<u64>();
+
+    fn map(fd: std::os::fd::RawFd) -> std::io::Result<Self> {
+        Ok(Self {
+            ptr: map_values(fd, Self::BYTES, libc::PROT_READ)?.cast(),
+        })
+    }
+
+    /// The ifindex at `slot` now (0: none).
+    pub fn get(&self, slot: u32) -> u32 {
+        if slot >= MAX_PORTS {
+            return 0;
+        }
+        // SAFETY: within the mapping (checked), which lives as long as `self`.
+        let entry = unsafe { &*self.ptr.as_ptr().add(slot as usize) }
+            .load(std::sync::atomic::Ordering::Acquire);
+        // The u32 in native byte order at the entry's start.
+        u32::from_ne_bytes(entry.to_ne_bytes()[..4].try_into().expect("4 bytes"))
+    }
+}
+
+impl Drop for SlotPorts {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), Self::BYTES) };
+    }
+}
+
+/// Maps the first `bytes` of a `BPF_F_MMAPABLE` array map's values (shared, `prot`). The
+/// kernel lays the values out from offset 0, each `round_up(value_size, 8)` bytes apart.
+fn map_values(
+    fd: std::os::fd::RawFd,
+    bytes: usize,
+    prot: libc::c_int,
+) -> std::io::Result<std::ptr::NonNull<u8>> {
+    // SAFETY: a shared mapping of a BPF array map's values, checked for failure; the caller
+    // unmaps it once, with the same length.
+    let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, prot, libc::MAP_SHARED, fd, 0) };
+    if ptr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(std::ptr::NonNull::new(ptr.cast()).expect("mmap returned a non-null pointer"))
 }

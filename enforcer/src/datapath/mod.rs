@@ -16,5 +16,5 @@ pub mod test_run;
 pub use load::{
     AttachMode, AttachedPort, DEFAULT_PIN_ROOT, Datapath, DatapathError, ifindex_of, teardown,
 };
-pub use maps::{HoldTotals, OrderDone};
+pub use maps::{HoldTotals, OrderDone, SlotPorts};
 pub use test_run::prog_test_run;

@@ -88,9 +88,11 @@ pub(crate) struct Outgoing<'a> {
 
 /// The frames' way out.
 pub(crate) trait Wire {
-    /// Re-injects `frames`, in order, into the ingress of the port with counter slot `port`
-    /// (where they first came in), each with `mark` (its wire color); returns how many went.
-    fn send(&mut self, port: u32, mark: u32, frames: &[Outgoing<'_>]) -> usize;
+    /// Re-injects `frames`, in order, into the ingress of the port with counter slot `slot`
+    /// (where they first came in), each with `mark` (its wire color); returns how many went:
+    /// none when the slot no longer names port `ifindex` (the port is gone, and the slot may
+    /// have been given to another).
+    fn send(&mut self, slot: u32, ifindex: u32, mark: u32, frames: &[Outgoing<'_>]) -> usize;
     /// Publishes that the buffer has finished with `done` frames held for order in hold queue
     /// `queue` (`hold_order_done`): called only once they left.
     fn order_done(&mut self, queue: u32, done: u64);
@@ -122,6 +124,8 @@ struct Held {
     queue: u32,
     /// The counter slot of the port it came in on (its sender's), where it is re-injected.
     port: u32,
+    /// That port's ifindex when the frame came in.
+    ifindex: u32,
     color: u32,
     /// The abort count of its sender's group when it was classified (its hold header's).
     aborts: u32,
@@ -331,6 +335,7 @@ impl Core {
             for_order,
             queue: queue_index,
             port: header.port,
+            ifindex: header.ifindex,
             color,
             aborts,
             arrived: now,
@@ -559,15 +564,15 @@ impl Core {
 
     /// Re-injects frames, in order, each at the port it came in on (the bridge forwards it
     /// from there: to its receiver, or a broadcast to every port it floods to), in runs of one
-    /// port and color; counts each reinjected or failed, then finishes the order frames among
-    /// them (only now that they left may newer frames pass them).
+    /// port and color; counts each reinjected, or failed when its port is gone; then finishes
+    /// the order frames among them (only now that they left may newer frames pass them).
     fn send(&mut self, wire: &mut impl Wire, batch: &[Held], now: Instant) {
         let mut at = 0;
         while at < batch.len() {
-            let (port, color) = (batch[at].port, batch[at].color);
+            let (port, ifindex, color) = (batch[at].port, batch[at].ifindex, batch[at].color);
             let run = batch[at..]
                 .iter()
-                .take_while(|h| h.port == port && h.color == color)
+                .take_while(|h| h.port == port && h.ifindex == ifindex && h.color == color)
                 .count();
             // A frame from a port without a slot has nowhere to re-enter.
             let sent = if port != enforcer_common::UNATTRIBUTED_SLOT {
@@ -578,7 +583,7 @@ impl Core {
                         data: &h.data,
                     })
                     .collect();
-                wire.send(port, wire::encode(color), &frames)
+                wire.send(port, ifindex, wire::encode(color), &frames)
             } else {
                 0
             };

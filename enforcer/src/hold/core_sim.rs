@@ -98,14 +98,12 @@ impl Ports {
 }
 
 impl Wire for Ports {
-    fn send(&mut self, slot: u32, _mark: u32, frames: &[Outgoing<'_>]) -> usize {
-        // The sender's port is where the frame re-enters.
-        let Some(port) = self.slots.get(&slot).copied() else {
-            return 0;
-        };
-        if self.gone.contains(&port) {
+    fn send(&mut self, slot: u32, ifindex: u32, _mark: u32, frames: &[Outgoing<'_>]) -> usize {
+        // The sender's port is where the frame re-enters, while its slot still names it.
+        if self.slots.get(&slot) != Some(&ifindex) || self.gone.contains(&ifindex) {
             return 0;
         }
+        let port = ifindex;
         for f in frames {
             self.forward(port, f.data.to_vec());
         }
@@ -186,6 +184,7 @@ impl Datapath {
             order_ticket: seq.order,
             queue,
             port: self.map.vms[&mac(run.frame[14] as usize)].slot,
+            ifindex: ifindex(run.frame[14] as usize),
             flags: if for_order { HOLD_FOR_ORDER } else { 0 },
             vlan_proto: 0,
             vlan_tci: 0,

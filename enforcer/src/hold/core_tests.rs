@@ -421,11 +421,12 @@ fn an_abort_delivers_everything_held_for_the_group() {
 }
 
 /// Held frames re-enter at their sender's port: if that port vanished they cannot, and are
-/// counted (`inject_failed`). A receiver's vanished port is the bridge's business, as for any
-/// frame.
+/// counted (`inject_failed`); nor when its slot now names another port (found in review: they
+/// would re-enter there, as if that port's VM had sent them). A receiver's vanished port is the
+/// bridge's business, as for any frame.
 #[test]
 fn frames_whose_sender_port_vanished_are_counted() {
-    let mut sim = Sim::new(2, usize::MAX);
+    let mut sim = Sim::new(3, usize::MAX);
     sim.ports.gone.insert(ifindex(0));
     sim.apply(&Ev::Advance(0));
     sim.apply(&Ev::Send { from: 0, to: 1 });
@@ -433,6 +434,16 @@ fn frames_whose_sender_port_vanished_are_counted() {
     sim.apply(&Ev::Advance(1));
     assert_eq!(sim.core.total(HoldTotal::InjectFailed), 1);
     assert!(sim.ports.log.is_empty());
+    // vm 0's slot given to vm 2's port while its frame waits.
+    sim.ports.gone.clear();
+    sim.apply(&Ev::Advance(0));
+    sim.apply(&Ev::Send { from: 0, to: 1 });
+    sim.apply(&Ev::Read(usize::MAX));
+    let slot = sim.dp.map.vms[&mac(0)].slot;
+    sim.ports.slots.insert(slot, ifindex(2));
+    sim.apply(&Ev::Advance(1));
+    assert_eq!(sim.core.total(HoldTotal::InjectFailed), 2);
+    assert!(sim.ports.log.is_empty(), "not re-injected at vm 2's port");
 }
 
 #[test]

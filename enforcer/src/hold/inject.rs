@@ -56,13 +56,19 @@ impl Injector {
     }
 
     /// Re-injects frames into the ingress of the port with counter slot `slot`, with `mark`
-    /// (its low 16 bits), in order, with as few system calls as it can (`sendmmsg`); waits out
+    /// (its low 16 bits; `tc`: the tc port program runs there), in order, with as few system calls as it can (`sendmmsg`); waits out
     /// a full queue rather than lose a frame. Returns how many were sent.
-    pub(crate) fn send(&mut self, slot: u32, mark: u32, frames: &[Outgoing<'_>]) -> usize {
+    pub(crate) fn send(
+        &mut self,
+        slot: u32,
+        mark: u32,
+        tc: bool,
+        frames: &[Outgoing<'_>],
+    ) -> usize {
         let Some(fd) = self.socket() else {
             return 0;
         };
-        let mark = enforcer_common::inject_mark(slot, mark);
+        let mark = enforcer_common::inject_mark(slot, mark, tc);
         if self.set != Some(mark) {
             let value = mark as libc::c_int;
             // SAFETY: a valid socket and a c_int option value that outlives the call.

@@ -29,7 +29,7 @@ use super::{
 };
 use crate::{
     datapath::{
-        Datapath, OrderDone,
+        AttachMode, Datapath, OrderDone, SlotPorts,
         epochs::{self, EpochStore as _},
     },
     model::MacAddr,
@@ -56,11 +56,24 @@ pub(crate) struct Thread {
 pub(crate) struct Out {
     inject: Injector,
     order_done: OrderDone,
+    /// Which port each counter slot names now.
+    slots: SlotPorts,
+    /// The tc port program runs on the ports (it clears the re-injection bit again).
+    tc: bool,
 }
 
 impl Wire for Out {
-    fn send(&mut self, port: u32, mark: u32, frames: &[Outgoing<'_>]) -> usize {
-        self.inject.send(port, mark, frames)
+    fn send(&mut self, slot: u32, ifindex: u32, mark: u32, frames: &[Outgoing<'_>]) -> usize {
+        // The slot must still name the port the frames came in on, and that port exist: a
+        // freed slot may have gone to another port (whose VM the frames would then seem to
+        // come from), and a deleted port would drop them in the kernel without a word.
+        let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+        // SAFETY: a buffer of IF_NAMESIZE bytes, as if_indextoname requires.
+        let exists = unsafe { !libc::if_indextoname(ifindex, name.as_mut_ptr()).is_null() };
+        if ifindex == 0 || self.slots.get(slot) != ifindex || !exists {
+            return 0;
+        }
+        self.inject.send(slot, mark, self.tc, frames)
     }
 
     fn order_done(&mut self, queue: u32, done: u64) {
@@ -231,6 +244,8 @@ impl Thread {
             out: Out {
                 inject: Injector::new(inject_ifindex),
                 order_done,
+                slots: dp.slot_ports()?,
+                tc: dp.attach_mode() == AttachMode::Tc,
             },
             grace: Grace::spawn()?,
             learned,
