@@ -169,3 +169,36 @@ pub fn assert_no_hold_losses(report: &enforcer::hold::HoldReport) {
         "the buffer lost frames: {losses:?}"
     );
 }
+
+/// Registers every VM of `vms` in group 1 at epoch 0 (what most tests start from).
+pub async fn register_all(
+    client: &enforcer::api::client::Client,
+    vms: &[enforcer_lab::netns::LabVm],
+) {
+    for vm in vms {
+        client
+            .register_vm(vm.mac, 1, &vm.port, Some(0))
+            .await
+            .expect("registering a VM");
+    }
+}
+
+/// Runs a command (`args[0]` and its arguments); fails the test with its stderr if it fails.
+pub fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs a command when dropped, even when the test fails: what removes what a test set up
+/// (an ifb device, an nft table).
+pub struct Undo(pub Vec<String>);
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.0[0]).args(&self.0[1..]).output();
+    }
+}

@@ -19,7 +19,10 @@ use enforcer::{
 };
 use enforcer_common::{HoldTotal, Outcome, Type3Mode};
 use enforcer_lab::netns::Lab;
-use enforcer_tests::{PinRoot, assert_no_hold_losses, daemon_config, lab_prefix, require_root};
+use enforcer_tests::{
+    PinRoot, Undo, assert_no_hold_losses, daemon_config, lab_prefix, register_all, require_root,
+    run,
+};
 
 struct Setup {
     lab: Lab,
@@ -30,8 +33,20 @@ struct Setup {
 
 /// Two VMs in group 1 at epoch 0, a daemon with its buffer on their bridge.
 async fn setup(tag: char, attach: AttachMode, mtu: Option<u32>) -> Setup {
+    setup_lab(tag, 2, 2, attach, mtu).await
+}
+
+/// `vms` VMs, the first `members` of them in group 1 at epoch 0, a daemon with its buffer on
+/// their bridge.
+async fn setup_lab(
+    tag: char,
+    vms: usize,
+    members: usize,
+    attach: AttachMode,
+    mtu: Option<u32>,
+) -> Setup {
     require_root();
-    let lab = Lab::create(&lab_prefix(tag), 2).unwrap();
+    let lab = Lab::create(&lab_prefix(tag), vms).unwrap();
     if let Some(mtu) = mtu {
         lab.set_mtu(mtu).unwrap();
     }
@@ -45,12 +60,7 @@ async fn setup(tag: char, attach: AttachMode, mtu: Option<u32>) -> Setup {
     });
     let running = daemon::start(config).await.expect("starting the daemon");
     let client = Client::new(running.addr.to_string(), None);
-    for vm in &lab.vms {
-        client
-            .register_vm(vm.mac, 1, &vm.port, Some(0))
-            .await
-            .unwrap();
-    }
+    register_all(&client, &lab.vms[..members]).await;
     Setup {
         lab,
         _pins: pins,
@@ -379,24 +389,9 @@ async fn held_frames_go_where_the_bridge_sends_them<G>(
     rule: impl FnOnce(&Lab) -> G,
     frame: impl Fn(&Lab) -> Vec<u8>,
 ) -> Vec<Got> {
-    require_root();
-    let lab = Lab::create(&lab_prefix(tag), vms).unwrap();
-    let pins = PinRoot::new("bridgerules");
-    let mut config = daemon_config(&lab.bridge, &pins);
-    config.type3_mode = Some(Type3Mode::Buffer);
-    config.hold = Some(HoldOptions {
-        device: format!("{}h", lab.prefix),
-        ..HoldOptions::default()
-    });
-    let running = daemon::start(config).await.expect("starting the daemon");
-    let client = Client::new(running.addr.to_string(), None);
-    for vm in &lab.vms[..members] {
-        client
-            .register_vm(vm.mac, 1, &vm.port, Some(0))
-            .await
-            .unwrap();
-    }
-    let _rule = rule(&lab);
+    let s = setup_lab(tag, vms, members, AttachMode::Tc, None).await;
+    let (lab, client) = (&s.lab, &s.client);
+    let _rule = rule(lab);
     let sockets: Vec<(Got, enforcer_lab::raw::RawSocket)> = (1..vms)
         .map(|i| (Got::Vm(i), lab.raw_socket(i).unwrap()))
         .chain([(
@@ -405,7 +400,7 @@ async fn held_frames_go_where_the_bridge_sends_them<G>(
         )])
         .collect();
     let tx = lab.raw_socket(0).unwrap();
-    let sent = frame(&lab);
+    let sent = frame(lab);
     let from = lab.vms[0].mac.0;
     let ours = move |f: &[u8]| f.len() >= 14 && f[6..12] == from && f[12..14] == [0x88, 0xb6];
     let receive = |window: Duration| {
@@ -440,31 +435,8 @@ async fn held_frames_go_where_the_bridge_sends_them<G>(
         (0, 1),
         "held once, put back once: {report:?}"
     );
-    running.stop().await.unwrap();
+    s.stop().await;
     control
-}
-
-/// A guard that runs a command when dropped (removes a rule a test set up).
-struct Undo(Vec<String>);
-
-impl Drop for Undo {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(&self.0[0])
-            .args(&self.0[1..])
-            .output();
-    }
-}
-
-fn run(args: &[&str]) {
-    let out = std::process::Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A frame from vm1 to `dst`, of EtherType 0x88b6.

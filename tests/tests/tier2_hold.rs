@@ -24,7 +24,7 @@ use enforcer::{
 };
 use enforcer_common::{HoldTotal, Outcome, Type3Mode};
 use enforcer_lab::{netns::Lab, traffic::Message};
-use enforcer_tests::{PinRoot, assert_no_hold_losses, lab_prefix, require_root};
+use enforcer_tests::{PinRoot, assert_no_hold_losses, lab_prefix, register_all, require_root};
 
 struct Setup {
     lab: Lab,
@@ -109,12 +109,7 @@ async fn setup_hooked(
     let pins = PinRoot::new("hold");
     let (running, client) =
         start_daemon_hooked(&lab, &pins, max_bytes, mode, attach, at_point).await;
-    for vm in &lab.vms {
-        client
-            .register_vm(vm.mac, 1, &vm.port, Some(0))
-            .await
-            .unwrap();
-    }
+    register_all(&client, &lab.vms).await;
     Setup {
         lab,
         pins,

@@ -22,7 +22,7 @@ use enforcer_lab::{
     netns::Lab,
     traffic::{self, Mesh, Message},
 };
-use enforcer_tests::{PinRoot, bpftool_dump, lab_prefix, require_root};
+use enforcer_tests::{PinRoot, Undo, bpftool_dump, lab_prefix, register_all, require_root, run};
 
 /// A daemon on the lab's bridge and `pins`, serving `pins`' API socket; no buffer (these tests
 /// run `drop` mode with exact counters, see tier2_hold.rs) and no snapshots.
@@ -39,15 +39,6 @@ async fn start(lab: &Lab, pins: &PinRoot, attach: AttachMode) -> (Running, Clien
     .expect("starting the daemon");
     let client = Client::new(running.addr.to_string(), None);
     (running, client)
-}
-
-async fn register_all(lab: &Lab, client: &Client) {
-    for vm in &lab.vms {
-        client
-            .register_vm(vm.mac, 1, &vm.port, Some(0))
-            .await
-            .expect("registering a VM");
-    }
 }
 
 fn by_port(stats: &[PortStats]) -> BTreeMap<String, PortStats> {
@@ -70,7 +61,7 @@ async fn phased_exact(attach: AttachMode, tag: char) {
         "attached to every bridge member"
     );
     client.set_mode(Type3Mode::Drop).await.unwrap();
-    register_all(&lab, &client).await;
+    register_all(&client, &lab.vms).await;
 
     let mesh = Mesh::new(&lab).unwrap();
     let names: Vec<String> = lab.vms.iter().map(|v| v.name.clone()).collect();
@@ -181,7 +172,7 @@ async fn concurrent_advances_never_deliver_type3() {
     let pins = PinRoot::new("concurrent");
     let (running, client) = start(&lab, &pins, AttachMode::Tc).await;
     client.set_mode(Type3Mode::Drop).await.unwrap();
-    register_all(&lab, &client).await;
+    register_all(&client, &lab.vms).await;
 
     let mesh = Arc::new(Mesh::new(&lab).unwrap());
     let sender_epoch: Arc<Vec<AtomicU32>> = Arc::new((0..n).map(|_| AtomicU32::new(0)).collect());
@@ -296,7 +287,7 @@ async fn datapath_outlives_the_daemon_and_is_adopted() {
     let pins = PinRoot::new("restart");
     let (running, client) = start(&lab, &pins, AttachMode::Tc).await;
     client.set_mode(Type3Mode::Drop).await.unwrap();
-    register_all(&lab, &client).await;
+    register_all(&client, &lab.vms).await;
     client.advance(lab.vms[0].mac).await.unwrap();
     running.stop().await.unwrap();
     drop(client);
@@ -412,7 +403,7 @@ async fn jumbo_frames_on_real_ports() {
     let pins = PinRoot::new("jumbo");
     let (running, client) = start(&lab, &pins, AttachMode::Tc).await;
     client.set_mode(Type3Mode::Drop).await.unwrap();
-    register_all(&lab, &client).await;
+    register_all(&client, &lab.vms).await;
     let a = lab.udp_socket(0, 47_100).unwrap();
     let b = lab.udp_socket(1, 47_100).unwrap();
     b.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -447,26 +438,12 @@ async fn other_tc_filters_on_a_port_keep_running() {
     require_root();
     let lab = Lab::create(&lab_prefix('f'), 2).unwrap();
     let ifb = format!("{}ifb", lab.prefix);
-    let sh = |args: &[&str]| {
-        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    struct Ifb(String);
-    impl Drop for Ifb {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["link", "del", &self.0]).output();
-        }
-    }
-    sh(&["ip", "link", "add", &ifb, "type", "ifb"]);
-    let _ifb = Ifb(ifb.clone());
-    sh(&["ip", "link", "set", &ifb, "up"]);
+    run(&["ip", "link", "add", &ifb, "type", "ifb"]);
+    let _ifb = Undo(vec!["ip".into(), "link".into(), "del".into(), ifb.clone()]);
+    run(&["ip", "link", "set", &ifb, "up"]);
     let port = lab.vms[0].port.clone();
-    sh(&["tc", "qdisc", "add", "dev", &port, "clsact"]);
-    sh(&[
+    run(&["tc", "qdisc", "add", "dev", &port, "clsact"]);
+    run(&[
         "tc", "filter", "add", "dev", &port, "ingress", "protocol", "all", "u32", "match", "u32",
         "0", "0", "action", "mirred", "egress", "mirror", "dev", &ifb,
     ]);
@@ -479,7 +456,7 @@ async fn other_tc_filters_on_a_port_keep_running() {
     };
     let pins = PinRoot::new("tcfilters");
     let (running, client) = start(&lab, &pins, AttachMode::Tc).await;
-    register_all(&lab, &client).await;
+    register_all(&client, &lab.vms).await;
     let a = lab.udp_socket(0, 47_150).unwrap();
     let b = lab.udp_socket(1, 47_150).unwrap();
     b.set_read_timeout(Some(Duration::from_millis(500)))

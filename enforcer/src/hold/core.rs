@@ -37,7 +37,7 @@ use std::{
 
 use enforcer_common::{
     HOLD_FOR_ORDER, HOLD_FROM_XDP, HoldHeader, HoldSeq, HoldTotal, MAX_PORTS, MacKey, VmEpoch,
-    group_queue, wire,
+    group_queue, receiver_queue, wire,
 };
 
 use super::{
@@ -612,7 +612,7 @@ impl Core {
     /// The programs' index of a queue.
     fn queue_index(&self, key: Key) -> Option<u32> {
         match key {
-            Key::Vm(mac) => Some(self.vms.get(&mac)?.slot),
+            Key::Vm(mac) => Some(receiver_queue(self.vms.get(&mac)?.slot)),
             Key::Group(g) => Some(group_queue(g)),
         }
     }
@@ -699,7 +699,11 @@ impl Core {
         if !due {
             return;
         }
-        let mut queues: Vec<u32> = self.vms.values().map(|vm| vm.slot).collect();
+        let mut queues: Vec<u32> = self
+            .vms
+            .values()
+            .map(|vm| receiver_queue(vm.slot))
+            .collect();
         queues.extend(self.released_group.keys().map(|g| group_queue(*g)));
         queues.sort_unstable();
         queues.dedup();
