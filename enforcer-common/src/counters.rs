@@ -66,10 +66,13 @@ pub enum HoldTotal {
     DroppedUnknown = 6,
     /// The re-injection send failed (the receiver's port vanished): dropped.
     InjectFailed = 7,
+    /// Recorded as channel state (copies of frames already delivered: see `HOLD_RECORD`),
+    /// kept for the snapshot that runs. Index 8 is the retired `order_races`.
+    Recorded = 9,
 }
 
 impl HoldTotal {
-    pub const ALL: [HoldTotal; 8] = [
+    pub const ALL: [HoldTotal; 9] = [
         HoldTotal::Received,
         HoldTotal::Reinjected,
         HoldTotal::DroppedBound,
@@ -78,6 +81,7 @@ impl HoldTotal {
         HoldTotal::LostRing,
         HoldTotal::DroppedUnknown,
         HoldTotal::InjectFailed,
+        HoldTotal::Recorded,
     ];
     /// Entries of the pinned `hold_totals` array: spares beyond [`HoldTotal::ALL`], the layout
     /// every earlier version pinned (a restarted daemon adopts it, so it stays). Index 8 counted
@@ -85,7 +89,7 @@ impl HoldTotal {
     pub const ENTRIES: u32 = 10;
 
     /// What became of a received frame: every frame read ends in exactly one of these.
-    pub const FATES: [HoldTotal; 7] = [
+    pub const FATES: [HoldTotal; 8] = [
         HoldTotal::Reinjected,
         HoldTotal::DroppedBound,
         HoldTotal::DroppedShutdown,
@@ -93,6 +97,7 @@ impl HoldTotal {
         HoldTotal::LostRing,
         HoldTotal::DroppedUnknown,
         HoldTotal::InjectFailed,
+        HoldTotal::Recorded,
     ];
 
     pub const fn index(self) -> u32 {
@@ -110,6 +115,7 @@ impl HoldTotal {
             HoldTotal::LostRing => "lost_ring",
             HoldTotal::DroppedUnknown => "dropped_unknown",
             HoldTotal::InjectFailed => "inject_failed",
+            HoldTotal::Recorded => "recorded",
         }
     }
 }
@@ -123,7 +129,8 @@ mod tests {
     #[test]
     fn every_counter_has_its_own_index_and_name() {
         for (i, t) in HoldTotal::ALL.iter().enumerate() {
-            assert_eq!(t.index() as usize, i, "{t:?}");
+            // Index 8 is retired (`order_races`): never given again.
+            assert_eq!(t.index() as usize, if i < 8 { i } else { i + 1 }, "{t:?}");
             assert!(HoldTotal::ALL[..i].iter().all(|o| o.name() != t.name()));
         }
         for (i, k) in HoldKernel::ALL.iter().enumerate() {

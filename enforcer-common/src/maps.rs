@@ -95,6 +95,12 @@ pub const HOLD_FOR_ORDER: u16 = 1;
 /// bytes, its offload state lost: a checksum it left to offload is not finished (the buffer
 /// finishes TCP/UDP checksums of such frames before re-injecting them).
 pub const HOLD_FROM_XDP: u16 = 2;
+/// [`HoldHeader::flags`]: not held but recorded: a copy of a frame delivered to a group member
+/// after its cut that its sender sent before its own (its color is below the receiver's
+/// epoch): the channel state of the snapshot (invariant 7 in docs/design.md). The receiver got
+/// the frame already; the buffer keeps this copy for the snapshot, and `queue`, `port` and
+/// `ifindex` name the receiver's port.
+pub const HOLD_RECORD: u16 = 4;
 
 /// What the port programs put in front of every frame they hand to the hold path: an Ethernet
 /// header of [`HOLD_ETHER_TYPE`] (addresses zero), then what the buffer must know about the
@@ -238,6 +244,9 @@ impl HoldHeader {
 /// the ports outside the group — instead of being written straight to its receiver's port
 /// (cases R2 and R3 of the datapath review).
 pub const REINJECT_MARK: u32 = 0x4000_0000;
+/// `skb->mark` bit of the copy `enforcer_record` delivers to a receiver whose frame it records:
+/// the record program, which runs again on the copy, clears it and passes the copy on.
+pub const RECORD_COPY_MARK: u32 = 0x2000_0000;
 /// [`inject_mark`]: a port slot is named (bits 16-25).
 const INJECT_VIA: u32 = 0x0800_0000;
 /// [`inject_mark`]: the tc port program runs on the ports and clears [`REINJECT_MARK`] again

@@ -23,7 +23,8 @@ use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_SHOT, tcx_action_base::TCX_NEXT, xdp_action},
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
     helpers::generated::{
-        bpf_get_smp_processor_id, bpf_redirect, bpf_skb_change_head, bpf_xdp_adjust_head,
+        bpf_clone_redirect, bpf_get_smp_processor_id, bpf_redirect, bpf_skb_change_head,
+        bpf_xdp_adjust_head,
     },
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
@@ -32,10 +33,11 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use enforcer_common::{
     CACHE_OCCUPIED, CACHE_OVERFLOW, CachedVm, DatapathConfig, DatapathView, EPOCH_CACHE_SIZE,
-    GroupState, HOLD_FOR_ORDER, HOLD_FROM_XDP, HOLD_QUEUES, HoldHeader, HoldKernel, HoldSeq,
-    HoldTotal, LEARNED_RING_BYTES, LearnedEpoch, MAP_MMAPABLE, MAX_GROUPS, MAX_PORTS, MAX_VMS,
-    MacKey, Outcome, PortCounters, PortVm, REINJECT_MARK, Type3Mode, UNATTRIBUTED_SLOT, Verdict,
-    VmEpoch, cache_index, decide_wire, inject_target,
+    GroupState, HOLD_FOR_ORDER, HOLD_FROM_XDP, HOLD_QUEUES, HOLD_RECORD, HoldHeader, HoldKernel,
+    HoldSeq, HoldTotal, LEARNED_RING_BYTES, LearnedEpoch, MAP_MMAPABLE, MAX_GROUPS, MAX_PORTS,
+    MAX_VMS, MacKey, Outcome, PortCounters, PortVm, RECORD_COPY_MARK, REINJECT_MARK, Type3Mode,
+    UNATTRIBUTED_SLOT, Verdict, VmEpoch, cache_index, decide_wire, inject_target, receiver_queue,
+    wire,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -200,6 +202,106 @@ pub fn enforcer_inject(ctx: TcContext) -> i32 {
     unsafe { bpf_redirect(port, BPF_F_INGRESS as u64) as i32 }
 }
 
+/// On the egress of a group member's port, attached only while its group's snapshot runs: the
+/// channel state (invariant 7 in docs/design.md). A frame the bridge delivers to the member
+/// from a member of its group, with a color below the member's epoch, was sent before its
+/// sender's cut and reaches the member after its own: it is in neither image. The member gets
+/// it as it would have — an untouched copy, sent on at once (marked [`RECORD_COPY_MARK`], which
+/// this program clears when the copy passes it) — and the frame itself goes to the buffer with
+/// a hold header flagged [`HOLD_RECORD`], which keeps it with the snapshot.
+///
+/// The frame takes a ticket in its receiver's hold queue before anything else, so a copy that
+/// could not be made, or a frame that got no room for its header, leaves a gap the buffer
+/// counts: the recording says how many it misses, never silently.
+#[classifier]
+pub fn enforcer_record(ctx: TcContext) -> i32 {
+    // SAFETY: `skb` is the context pointer the kernel passed to this program.
+    let (ifindex, mark) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).mark) };
+    if mark & RECORD_COPY_MARK != 0 {
+        ctx.set_mark(mark & !RECORD_COPY_MARK);
+        return TCX_NEXT;
+    }
+    let hold = hold_ifindex();
+    // SAFETY: the value is copied out at once.
+    let receiver_mac = unsafe { PORTS.get(ifindex).map(|p| p.mac) };
+    let (Some(receiver_mac), true) = (receiver_mac, hold != 0) else {
+        return TCX_NEXT;
+    };
+    let Some(receiver) = Maps.vm(&receiver_mac) else {
+        return TCX_NEXT;
+    };
+    let Some((src, _)) = ethernet_addresses(ctx.data(), ctx.data_end()) else {
+        return TCX_NEXT;
+    };
+    // Only frames of the receiver's own group: its cut says nothing about anyone else's.
+    let sender = match Maps.vm(&src) {
+        Some(sender) if sender.group == receiver.group => sender,
+        _ => return TCX_NEXT,
+    };
+    // The color the sender's port program gave the frame (or the overlay brought); without one
+    // (an XDP port sets no mark) the sender's epoch now stands in.
+    let color = wire::decode(mark, sender.epoch).unwrap_or(sender.epoch);
+    if color >= receiver.epoch {
+        return TCX_NEXT;
+    }
+    let queue = receiver_queue(receiver.slot);
+    let Some(seq) = HOLD_SEQ.get_ptr_mut(queue) else {
+        return TCX_NEXT;
+    };
+    // SAFETY: a per-CPU value: only this CPU writes it, and the program is not preempted.
+    // `order` is read, not taken: this frame is not held for order, and the buffer checks
+    // the order tickets of this queue's stream too.
+    let (ticket, order_ticket) = unsafe {
+        let t = ((*seq).all, (*seq).order);
+        (*seq).all += 1;
+        t
+    };
+    let (vlan_proto, vlan_tci) = skb_vlan(&ctx);
+    ctx.set_mark(mark | RECORD_COPY_MARK);
+    // SAFETY: a helper call on this program's skb: it sends a copy out of this same port now
+    // (this program passes the copy on, its bit cleared).
+    let copied = unsafe { bpf_clone_redirect(ctx.skb.skb, ifindex, 0) } == 0;
+    ctx.set_mark(mark);
+    if !copied {
+        // Delivered, not recorded: the ticket's gap counts it.
+        return TCX_NEXT;
+    }
+    let header = HoldHeader {
+        color,
+        aborts: 0,
+        // SAFETY: a helper call without arguments.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        ticket,
+        order_ticket,
+        queue,
+        port: receiver.slot,
+        ifindex,
+        flags: HOLD_RECORD,
+        vlan_proto,
+        vlan_tci,
+    };
+    let mut room = TcRoom(&ctx);
+    if !room.make_room() || !room.write(&header.to_bytes()) {
+        // The copy went; this one would reach no one: dropped, and the gap counts it.
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: a helper call with plain integer arguments; it returns TC_ACT_REDIRECT.
+    unsafe { bpf_redirect(hold, 0) as i32 }
+}
+
+/// The outer VLAN tag the kernel keeps in the skb's metadata rather than in the frame's bytes
+/// (TPID, TCI); (0, 0): none there.
+#[inline(always)]
+fn skb_vlan(ctx: &TcContext) -> (u16, u16) {
+    // SAFETY: `skb` is the context pointer the kernel passed to this program.
+    let skb = unsafe { &*ctx.skb.skb };
+    if skb.vlan_present != 0 {
+        (u16::from_be(skb.vlan_proto as u16), skb.vlan_tci as u16)
+    } else {
+        (0, 0)
+    }
+}
+
 /// How a program puts a [`HoldHeader`] in front of a frame: first room, then (once the tickets
 /// are taken: a frame that gets no room takes none) the bytes.
 trait HoldRoom {
@@ -290,16 +392,9 @@ pub fn enforcer_tc(ctx: TcContext) -> i32 {
     if ctx.data_end() - ctx.data() < wanted as usize && len > (ctx.data_end() - ctx.data()) as u32 {
         let _ = ctx.pull_data(if len < wanted { len } else { wanted });
     }
-    // SAFETY: as above. At tc ingress the kernel has moved the outer VLAN tag into the skb's
-    // metadata; a held frame carries it in its hold header, and the buffer puts it back.
-    let vlan = unsafe {
-        let skb = &*ctx.skb.skb;
-        if skb.vlan_present != 0 {
-            (u16::from_be(skb.vlan_proto as u16), skb.vlan_tci as u16)
-        } else {
-            (0, 0)
-        }
-    };
+    // At tc ingress the kernel has moved the outer VLAN tag into the skb's metadata; a held
+    // frame carries it in its hold header, and the buffer puts it back.
+    let vlan = skb_vlan(&ctx);
     let (verdict, color_mark) = try_enforce(
         ctx.data(),
         ctx.data_end(),

@@ -3,11 +3,19 @@
 
 use std::{
     io,
+    net::UdpSocket,
     os::fd::RawFd,
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
 };
+
+use enforcer_lab::traffic::Message;
 
 /// Panics (fails the test) unless running as root.
 pub fn require_root() {
@@ -200,5 +208,58 @@ pub struct Undo(pub Vec<String>);
 impl Drop for Undo {
     fn drop(&mut self) {
         let _ = Command::new(&self.0[0]).args(&self.0[1..]).output();
+    }
+}
+
+/// Messages received at one VM, with the instant each arrived.
+pub struct Inbox {
+    got: Arc<Mutex<Vec<(Message, Instant)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Inbox {
+    pub fn new(socket: UdpSocket) -> Self {
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        // Re-injection is a burst: room for all of it even if this thread is descheduled.
+        enforcer_lab::netns::force_rcvbuf(&socket, 64 << 20).unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (got, stop) = (got.clone(), stop.clone());
+            thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok(n) = socket.recv(&mut buf)
+                        && let Some(m) = Message::decode(&buf[..n])
+                    {
+                        got.lock().unwrap().push((m, Instant::now()));
+                    }
+                }
+            })
+        };
+        Self {
+            got,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn from(&self, sender: u16) -> Vec<(Message, Instant)> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, _)| m.from == sender)
+            .copied()
+            .collect()
+    }
+
+    pub fn finish(mut self) -> Vec<(Message, Instant)> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap();
+        std::mem::take(&mut *self.got.lock().unwrap())
     }
 }

@@ -24,7 +24,9 @@ use enforcer::{
 };
 use enforcer_common::{HoldTotal, Outcome, Type3Mode};
 use enforcer_lab::{netns::Lab, traffic::Message};
-use enforcer_tests::{PinRoot, assert_no_hold_losses, lab_prefix, register_all, require_root};
+use enforcer_tests::{
+    Inbox, PinRoot, assert_no_hold_losses, lab_prefix, register_all, require_root,
+};
 
 struct Setup {
     lab: Lab,
@@ -141,59 +143,6 @@ impl Drop for Setup {
         let _ = std::process::Command::new("ip")
             .args(["link", "del", &format!("{}h", self.lab.prefix)])
             .output();
-    }
-}
-
-/// Messages received at one VM, with the instant each arrived.
-struct Inbox {
-    got: Arc<std::sync::Mutex<Vec<(Message, Instant)>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Inbox {
-    fn new(socket: UdpSocket) -> Self {
-        socket
-            .set_read_timeout(Some(Duration::from_millis(20)))
-            .unwrap();
-        // Re-injection is a burst: room for all of it even if this thread is descheduled.
-        enforcer_lab::netns::force_rcvbuf(&socket, 64 << 20).unwrap();
-        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (got, stop) = (got.clone(), stop.clone());
-            thread::spawn(move || {
-                let mut buf = [0u8; 2048];
-                while !stop.load(Ordering::SeqCst) {
-                    if let Ok(n) = socket.recv(&mut buf)
-                        && let Some(m) = Message::decode(&buf[..n])
-                    {
-                        got.lock().unwrap().push((m, Instant::now()));
-                    }
-                }
-            })
-        };
-        Self {
-            got,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn from(&self, sender: u16) -> Vec<(Message, Instant)> {
-        self.got
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(m, _)| m.from == sender)
-            .copied()
-            .collect()
-    }
-
-    fn finish(mut self) -> Vec<(Message, Instant)> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.take().unwrap().join().unwrap();
-        std::mem::take(&mut *self.got.lock().unwrap())
     }
 }
 

@@ -24,6 +24,9 @@ pub trait AgentDatapath: EpochStore<Error = DatapathError> + Send + 'static {
     fn pin_root(&self) -> &Path;
     /// Learned colors the overlay program could not report (its ring was full).
     fn learn_lost(&mut self) -> Result<u64, DatapathError>;
+    /// Attaches `enforcer_record` to the egress of an attached port (see
+    /// [`Datapath::attach_record`]); it stays attached while the returned link lives.
+    fn attach_record(&mut self, ifindex: u32) -> Result<Box<dyn Send>, DatapathError>;
 }
 
 impl AgentDatapath for Datapath {
@@ -56,6 +59,12 @@ impl AgentDatapath for Datapath {
     }
     fn learn_lost(&mut self) -> Result<u64, DatapathError> {
         self.hold_kernel(HoldKernel::LearnLost)
+    }
+    fn attach_record(&mut self, ifindex: u32) -> Result<Box<dyn Send>, DatapathError> {
+        let name = Datapath::port_name(self, ifindex)
+            .ok_or_else(|| DatapathError::UnknownInterface(format!("ifindex {ifindex}")))?
+            .to_owned();
+        Ok(Box::new(Datapath::attach_record(self, &name)?))
     }
 }
 
@@ -193,6 +202,14 @@ pub(crate) mod memory {
         }
         fn learn_lost(&mut self) -> Result<u64, DatapathError> {
             Ok(0)
+        }
+        fn attach_record(&mut self, ifindex: u32) -> Result<Box<dyn Send>, DatapathError> {
+            match self.ports.values().any(|i| *i == ifindex) {
+                true => Ok(Box::new(())),
+                false => Err(DatapathError::UnknownInterface(format!(
+                    "ifindex {ifindex}"
+                ))),
+            }
         }
     }
 }

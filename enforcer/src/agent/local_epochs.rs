@@ -4,6 +4,7 @@
 //! hop, and no HTTP type, between pause and advance.
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
     sync::{Arc, Weak},
     thread,
@@ -16,8 +17,8 @@ use super::{
 };
 use crate::{
     datapath::epochs::EpochError,
-    hold::HoldReport,
-    model::{GroupSpec, IfName, VmSpec},
+    hold::{HoldReport, RecordedFrame, Recording, Replayed},
+    model::{GroupSpec, IfName, MacAddr, VmSpec},
     snapshot::{
         Coordinator, CoordinatorError, EpochControl, EpochControlError, Hypervisor, Snapshots,
         Timeouts,
@@ -212,5 +213,58 @@ impl<D: AgentDatapath> EpochControl for LocalEpochs<D> {
             .unregister(vm.mac)
             .map(|_| ())
             .map_err(|e| control_error(vm, e))
+    }
+
+    fn record_begin(&self, group: &GroupSpec) -> Result<(), EpochControlError> {
+        let macs: Vec<MacAddr> = group.vms.iter().map(|v| v.mac).collect();
+        self.agent()?
+            .record_begin(&macs)
+            .map_err(|e| group_error(group, e))
+    }
+
+    fn record_end(
+        &self,
+        group: &GroupSpec,
+    ) -> Result<BTreeMap<MacAddr, Recording>, EpochControlError> {
+        let macs: Vec<MacAddr> = group.vms.iter().map(|v| v.mac).collect();
+        self.agent()?
+            .record_end(&macs, RECORD_TAKE_TIMEOUT)
+            .map_err(|e| group_error(group, e))
+    }
+
+    fn replay(
+        &self,
+        vm: &VmSpec,
+        port: &str,
+        frames: &[RecordedFrame],
+    ) -> Result<Replayed, EpochControlError> {
+        self.agent()?
+            .replay(port, frames)
+            .map_err(|e| control_error(vm, e))
+    }
+}
+
+/// How long the buffer may take to hand a recording over: every frame handed to it before
+/// must have come, or been found lost by its audit (every 0.5–2 s).
+const RECORD_TAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A group-wide failure of this agent, by kind (as [`control_error`], without one VM).
+fn group_error(group: &GroupSpec, e: AgentError) -> EpochControlError {
+    match e {
+        AgentError::Epochs(EpochError::UnknownVm(mac)) => EpochControlError::NotRegistered {
+            vm: group
+                .vms
+                .iter()
+                .find(|v| v.mac == mac)
+                .map_or_else(|| mac.to_string(), |v| v.name.clone()),
+            mac,
+        },
+        AgentError::Epochs(EpochError::Store(e)) | AgentError::Datapath(e) => {
+            EpochControlError::Unavailable(Box::new(e))
+        }
+        AgentError::BufferSilent | AgentError::NoBuffer => {
+            EpochControlError::Unavailable(Box::new(e))
+        }
+        other => EpochControlError::Refused(Box::new(other)),
     }
 }

@@ -6,6 +6,7 @@
 //!
 //! May call the snapshot transaction, the buffer, the datapath, the model and `sched`; never the
 //! HTTP layer.
+pub mod channel;
 pub mod datapath;
 pub mod domains;
 pub mod learn;

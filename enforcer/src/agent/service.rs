@@ -153,6 +153,21 @@ pub struct Agent<D: AgentDatapath = Datapath> {
     learned_applied: Arc<AtomicU64>,
     /// Domains whose snapshot a coordinator began through this agent, with their epoch then.
     pub(crate) begun: Mutex<HashMap<String, u32>>,
+    /// The channel-state recordings under way: `enforcer_record` on each VM's port, while
+    /// its link lives (see `channel.rs`).
+    pub(crate) recording: Mutex<HashMap<MacAddr, Box<dyn Send>>>,
+}
+
+impl<D: AgentDatapath> Agent<D> {
+    /// A handle on the buffer thread that does not keep the buffer locked while it answers.
+    pub(crate) fn buffer_handle(&self) -> Result<crate::hold::Reporter, AgentError> {
+        self.buffer
+            .lock()
+            .expect("buffer lock")
+            .as_ref()
+            .map(Buffer::reporter)
+            .ok_or(AgentError::NoBuffer)
+    }
 }
 
 /// Epoch notices to the buffer thread's channel.
@@ -187,6 +202,7 @@ impl<D: AgentDatapath> Agent<D> {
             snapshots_pending: Mutex::new(None),
             learned_applied,
             begun: Mutex::new(HashMap::new()),
+            recording: Mutex::new(HashMap::new()),
         }
     }
 

@@ -141,7 +141,8 @@ pub struct RunArgs {
     /// Name of the hold device (veth pair `<name>`/`<name>p`) the buffer daemon creates.
     #[arg(long, default_value = "enfhold")]
     pub hold_device: String,
-    /// Memory bound for held frames, in MiB; beyond it the newest frame is dropped (counted).
+    /// Memory bound for held frames and recorded channel state, in MiB; beyond it the newest
+    /// frame is dropped (counted).
     #[arg(long, default_value_t = 64)]
     pub hold_max_mib: usize,
     /// libvirt connection for group snapshots.

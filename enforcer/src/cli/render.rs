@@ -9,7 +9,7 @@ use crate::{
     agent::{GroupView, PortStats},
     datapath::{AttachedPort, epochs::VmRecord},
     hold::HoldReport,
-    snapshot::{Manifest, RestoreReport},
+    snapshot::{Manifest, RestoreReport, channel::ChannelState},
 };
 
 /// One line of a snapshot's progress: each VM's last step (`vm1 advanced | vm2 paused`).
@@ -58,6 +58,9 @@ pub fn manifest(m: &Manifest) -> String {
             "  held frames lost while it ran (on its hosts' buffers): {}",
             lost.join(", ")
         );
+    }
+    if let Some(c) = &m.channel_state {
+        out.push_str(&channel_state(c));
     }
     let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
     let _ = writeln!(
@@ -153,6 +156,42 @@ pub(crate) fn snapshots(list: &[Manifest]) -> String {
     out
 }
 
+/// The channel state's lines of a manifest: frames in flight at the cut, per receiver and
+/// sender, and anything missing.
+fn channel_state(c: &ChannelState) -> String {
+    if !c.recorded {
+        return format!(
+            "  channel state: not recorded ({})\n",
+            c.reason.as_deref().unwrap_or("no reason given")
+        );
+    }
+    let mut out = format!(
+        "  channel state: {} frames in flight at the cut, recorded{}\n",
+        c.frames(),
+        if c.complete() { "" } else { " (INCOMPLETE)" }
+    );
+    for (vm, r) in c
+        .receivers
+        .iter()
+        .filter(|(_, r)| r.frames > 0 || r.dropped_bound > 0 || r.lost_at_most > 0)
+    {
+        let from: Vec<String> = r
+            .from
+            .iter()
+            .map(|(s, n)| format!("{n} from {s}"))
+            .collect();
+        let _ = write!(out, "    to {vm}: {} ({} bytes)", from.join(", "), r.bytes);
+        if r.dropped_bound > 0 {
+            let _ = write!(out, ", {} not kept (memory bound)", r.dropped_bound);
+        }
+        if r.lost_at_most > 0 {
+            let _ = write!(out, ", up to {} lost on the way", r.lost_at_most);
+        }
+        out.push('\n');
+    }
+    out
+}
+
 pub(crate) fn restored(r: &RestoreReport) -> String {
     let mut out = format!(
         "restored {} (group {}, epoch {}):\n",
@@ -161,8 +200,20 @@ pub(crate) fn restored(r: &RestoreReport) -> String {
     for vm in &r.vms {
         let _ = writeln!(
             out,
-            "  {:<20} {} on {:<8} restored at {:>8.1} ms, resumed at {:>8.1} ms",
-            vm.name, vm.mac, vm.port, vm.restored_ms, vm.resumed_ms
+            "  {:<20} {} on {:<8} restored at {:>8.1} ms, resumed at {:>8.1} ms{}{}",
+            vm.name,
+            vm.mac,
+            vm.port,
+            vm.restored_ms,
+            vm.resumed_ms,
+            vm.replayed
+                .filter(|n| *n > 0)
+                .map(|n| format!(", {n} in-flight frames replayed"))
+                .unwrap_or_default(),
+            vm.replay_error
+                .as_deref()
+                .map(|e| format!(", channel state NOT replayed: {e}"))
+                .unwrap_or_default()
         );
     }
     let _ = writeln!(out, "  all resumed within {:.1} ms", r.resume_spread_ms);

@@ -35,6 +35,7 @@ pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/enforcer";
 pub const TC_PROGRAM: &str = "enforcer_tc";
 pub const XDP_PROGRAM: &str = "enforcer_xdp";
 pub const INJECT_PROGRAM: &str = "enforcer_inject";
+pub const RECORD_PROGRAM: &str = "enforcer_record";
 
 /// Which hook classifies frames on the VM ports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -164,14 +165,14 @@ impl Datapath {
             name: XDP_PROGRAM,
             source,
         })?;
-        let inject: &mut SchedClassifier = program(&mut ebpf, INJECT_PROGRAM)?;
-        inject.load().map_err(|source| DatapathError::Program {
-            name: INJECT_PROGRAM,
-            source,
-        })?;
+        for name in [INJECT_PROGRAM, RECORD_PROGRAM] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
         // Pin the programs too (`bpftool prog show pinned ...`); a restart replaces the pins
         // of the previous daemon's programs, which stay alive while links still use them.
-        for name in [TC_PROGRAM, XDP_PROGRAM, INJECT_PROGRAM] {
+        for name in [TC_PROGRAM, XDP_PROGRAM, INJECT_PROGRAM, RECORD_PROGRAM] {
             let path = pin_root.join(name);
             let _ = fs::remove_file(&path);
             let prog = ebpf
@@ -199,15 +200,32 @@ impl Datapath {
     /// re-injected frames arrive. The link is not pinned: it lives as long as the returned fd
     /// (the buffer's), and a new buffer makes a new hold device.
     pub fn attach_inject(&mut self, device: &str) -> Result<FdLink, DatapathError> {
+        self.attach_unpinned(INJECT_PROGRAM, device, TcAttachType::Ingress)
+    }
+
+    /// Attaches `enforcer_record` (tcx egress) to a VM port while its group's snapshot runs: it
+    /// records the frames delivered to the VM after its cut that were sent before their
+    /// sender's (the channel state). The link is not pinned: it lives as long as the returned
+    /// fd, and a snapshot whose daemon died is aborted anyway.
+    pub fn attach_record(&mut self, port: &str) -> Result<FdLink, DatapathError> {
+        self.attach_unpinned(RECORD_PROGRAM, port, TcAttachType::Egress)
+    }
+
+    fn attach_unpinned(
+        &mut self,
+        name: &'static str,
+        device: &str,
+        hook: TcAttachType,
+    ) -> Result<FdLink, DatapathError> {
         let err = |detail: String| DatapathError::Link {
             port: device.to_owned(),
             detail,
         };
-        let prog: &mut SchedClassifier = program(&mut self.ebpf, INJECT_PROGRAM)?;
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
         let id = prog
             .attach_with_options(
                 device,
-                TcAttachType::Ingress,
+                hook,
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
             .map_err(|e| err(e.to_string()))?;

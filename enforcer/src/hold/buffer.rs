@@ -15,6 +15,7 @@ use super::{
     device::HoldDevice,
     learn::LearnedRing,
     protocol::{Command, Notice},
+    record::Recording,
     report::HoldReport,
     ring::PacketRing,
     thread::Thread,
@@ -32,6 +33,25 @@ impl Reporter {
         let (tx, rx) = mpsc::channel();
         self.0.send(Command::Report(tx)).ok()?;
         rx.recv_timeout(Duration::from_secs(5)).ok()
+    }
+
+    /// Arms recordings of channel state for these hold queues (see `hold::record`); false when
+    /// the thread is gone.
+    pub fn record_arm(&self, queues: Vec<u32>) -> bool {
+        self.0.send(Command::RecordArm { queues }).is_ok()
+    }
+
+    /// What was recorded for these hold queues, once every frame handed over for them has come
+    /// (call it after `enforcer_record` was detached); `None` when the thread is gone or does
+    /// not answer within `timeout`.
+    pub fn record_take(
+        &self,
+        queues: Vec<u32>,
+        timeout: Duration,
+    ) -> Option<Vec<(u32, Recording)>> {
+        let (reply, rx) = mpsc::channel();
+        self.0.send(Command::RecordTake { queues, reply }).ok()?;
+        rx.recv_timeout(timeout).ok()
     }
 }
 

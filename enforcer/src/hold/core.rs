@@ -36,14 +36,15 @@ use std::{
 };
 
 use enforcer_common::{
-    HOLD_FOR_ORDER, HOLD_FROM_XDP, HoldHeader, HoldSeq, HoldTotal, MAX_PORTS, MacKey, VmEpoch,
-    group_queue, receiver_queue, wire,
+    HOLD_FOR_ORDER, HOLD_FROM_XDP, HOLD_RECORD, HoldHeader, HoldSeq, HoldTotal, MAX_PORTS, MacKey,
+    VmEpoch, group_queue, receiver_queue, wire,
 };
 
 use super::{
     checksum::complete_l4_checksum,
     fifo::Fifo,
     protocol::Notice,
+    record::{Fence, RecordedFrame, Recorder, Recording},
     report::{QueueKey, QueueReport},
     ring::{Received, VnetHeader},
 };
@@ -178,6 +179,8 @@ pub(crate) struct Core {
     totals_dirty: bool,
     hold_hist: [u64; BUCKETS.len() + 1],
     hold_sum: f64,
+    /// The channel state being recorded (see [`super::record`]).
+    recorder: Recorder,
 }
 
 /// The queues and accounting as a report shows them (the thread adds the kernel's part).
@@ -248,6 +251,7 @@ impl Core {
             totals_dirty: false,
             hold_hist: [0; BUCKETS.len() + 1],
             hold_sum: 0.0,
+            recorder: Recorder::default(),
         }
     }
 
@@ -311,6 +315,10 @@ impl Core {
         let vnet = received
             .vnet
             .moved(HoldHeader::LEN, if tag.is_some() { 4 } else { 0 });
+        if header.flags & HOLD_RECORD != 0 {
+            self.record(queue_index, RecordedFrame { vnet: vnet.0, data });
+            return;
+        }
         if header.flags & HOLD_FROM_XDP != 0 {
             // Its offload state was lost at XDP: a checksum left to offload is finished here,
             // or the receiver drops the frame.
@@ -355,6 +363,62 @@ impl Core {
         queue.frames.push_back(held);
     }
 
+    /// Keeps a copy `enforcer_record` handed over (already delivered): recorded, or dropped
+    /// (the memory bound; no recording armed for its receiver), counted.
+    fn record(&mut self, queue: u32, frame: RecordedFrame) {
+        if !self.recorder.is_armed(queue) {
+            self.bump(HoldTotal::DroppedUnknown, 1);
+            return;
+        }
+        if self.held_bytes + self.recorder.bytes() as usize + frame.data.len() > self.max_bytes {
+            self.recorder.dropped_bound(queue);
+            self.bump(HoldTotal::DroppedBound, 1);
+            return;
+        }
+        self.recorder.keep(queue, frame);
+        self.bump(HoldTotal::Recorded, 1);
+    }
+
+    /// Starts recording the channel state of the receivers with these hold queues.
+    pub(crate) fn arm_recording(&mut self, queues: &[u32]) {
+        self.recorder.arm(queues);
+    }
+
+    /// Asks for the recordings of `queues` (see [`Recorder::take`]); [`Core::progress_takes`]
+    /// hands them out.
+    pub(crate) fn take_recordings(&mut self, id: u64, queues: Vec<u32>) {
+        self.recorder.take(id, queues);
+    }
+
+    /// The takes complete by now, with their recordings.
+    pub(crate) fn progress_takes(
+        &mut self,
+        kernel: &mut impl Kernel,
+    ) -> Vec<(u64, Vec<(u32, Recording)>)> {
+        struct Reads<'a, K> {
+            kernel: &'a mut K,
+            streams: &'a HashMap<(u32, u32), HoldSeq>,
+        }
+        impl<K: Kernel> Fence for Reads<'_, K> {
+            fn grace_start(&mut self) -> u64 {
+                self.kernel.grace_start()
+            }
+            fn grace_passed(&mut self, token: u64) -> bool {
+                self.kernel.grace_passed(token)
+            }
+            fn handed(&mut self, queue: u32) -> Option<Vec<HoldSeq>> {
+                self.kernel.handed(queue)
+            }
+            fn next(&self, queue: u32, cpu: u32) -> u64 {
+                self.streams.get(&(queue, cpu)).map_or(0, |s| s.all)
+            }
+        }
+        self.recorder.progress(&mut Reads {
+            kernel,
+            streams: &self.streams,
+        })
+    }
+
     /// Checks a frame's tickets against what its CPU handed over for its queue before it: a gap
     /// is frames lost on the way, counted exactly. Returns false for a frame that comes after
     /// it was counted lost (a drain's deadline passed first): it stays counted lost, and is
@@ -384,6 +448,7 @@ impl Core {
         if lost > 0 {
             self.bump(HoldTotal::LostRing, lost);
             self.bump(HoldTotal::Received, lost);
+            self.recorder.lost(queue, lost);
         }
         self.finish_order(wire, queue, lost_order);
     }

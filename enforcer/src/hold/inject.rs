@@ -88,64 +88,95 @@ impl Injector {
             }
             self.set = Some(mark);
         }
-        let mut iovecs: Vec<[libc::iovec; 2]> = frames
-            .iter()
-            .map(|f| {
-                [
-                    libc::iovec {
-                        iov_base: f.vnet.0.as_ptr() as *mut libc::c_void,
-                        iov_len: VNET_LEN,
-                    },
-                    libc::iovec {
-                        iov_base: f.data.as_ptr() as *mut libc::c_void,
-                        iov_len: f.data.len(),
-                    },
-                ]
-            })
-            .collect();
-        let mut messages: Vec<libc::mmsghdr> = iovecs
-            .iter_mut()
-            .map(|iov| {
-                // SAFETY: mmsghdr is plain data; all-zero is a valid empty message.
-                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                m.msg_hdr.msg_iov = iov.as_mut_ptr();
-                m.msg_hdr.msg_iovlen = 2;
-                m
-            })
-            .collect();
-        let mut sent = 0;
-        let mut waits = 0;
-        while sent < messages.len() {
-            // SAFETY: `messages[sent..]` are valid headers pointing at `iovecs`, which point at
-            // the frames; all outlive the call.
-            let r = unsafe {
-                libc::sendmmsg(
-                    fd,
-                    messages[sent..].as_mut_ptr(),
-                    (messages.len() - sent) as u32,
-                    0,
-                )
-            };
-            if r > 0 {
-                sent += r as usize;
-                continue;
-            }
-            let err = std::io::Error::last_os_error();
-            match err.raw_os_error() {
-                // The port's queue is full: wait for it rather than lose the frame.
-                Some(libc::ENOBUFS) | Some(libc::EAGAIN) if waits < 1000 => {
-                    waits += 1;
-                    thread::sleep(Duration::from_micros(20));
-                }
-                _ => {
-                    warn!(slot, %err, "re-injecting held frames");
-                    self.socket = None;
-                    break;
-                }
+        match send_frames(fd, frames) {
+            Ok(sent) => sent,
+            Err((sent, err)) => {
+                warn!(slot, %err, "re-injecting held frames");
+                self.socket = None;
+                sent
             }
         }
-        sent
     }
+}
+
+/// Sends `frames` out of a bound AF_PACKET socket with `PACKET_VNET_HDR`, in order, with as
+/// few system calls as it can (`sendmmsg`); waits out a full queue rather than lose a frame.
+/// Returns how many were sent, or that many and the error that stopped it.
+fn send_frames(fd: libc::c_int, frames: &[Outgoing<'_>]) -> Result<usize, (usize, std::io::Error)> {
+    let mut iovecs: Vec<[libc::iovec; 2]> = frames
+        .iter()
+        .map(|f| {
+            [
+                libc::iovec {
+                    iov_base: f.vnet.0.as_ptr() as *mut libc::c_void,
+                    iov_len: VNET_LEN,
+                },
+                libc::iovec {
+                    iov_base: f.data.as_ptr() as *mut libc::c_void,
+                    iov_len: f.data.len(),
+                },
+            ]
+        })
+        .collect();
+    let mut messages: Vec<libc::mmsghdr> = iovecs
+        .iter_mut()
+        .map(|iov| {
+            // SAFETY: mmsghdr is plain data; all-zero is a valid empty message.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = iov.as_mut_ptr();
+            m.msg_hdr.msg_iovlen = 2;
+            m
+        })
+        .collect();
+    let mut sent = 0;
+    let mut waits = 0;
+    while sent < messages.len() {
+        // SAFETY: `messages[sent..]` are valid headers pointing at `iovecs`, which point at
+        // the frames; all outlive the call.
+        let r = unsafe {
+            libc::sendmmsg(
+                fd,
+                messages[sent..].as_mut_ptr(),
+                (messages.len() - sent) as u32,
+                0,
+            )
+        };
+        if r > 0 {
+            sent += r as usize;
+            continue;
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            // The port's queue is full: wait for it rather than lose the frame.
+            Some(libc::ENOBUFS) | Some(libc::EAGAIN) if waits < 1000 => {
+                waits += 1;
+                thread::sleep(Duration::from_micros(20));
+            }
+            _ => return Err((sent, err)),
+        }
+    }
+    Ok(sent)
+}
+
+/// Replays recorded channel state ([`super::record`]) into a restored VM: `frames` go out of
+/// its port `ifindex` toward the VM, in order, each with the virtio-net header it was
+/// recorded with, into the queue the VM reads once it runs. Returns how many the port took
+/// (a tap whose queue overflows drops the rest itself: see its `tx_dropped`).
+pub fn replay_into(ifindex: u32, frames: &[super::RecordedFrame]) -> std::io::Result<usize> {
+    let fd = packet_socket(ifindex)?;
+    let vnets: Vec<super::ring::VnetHeader> = frames
+        .iter()
+        .map(|f| super::ring::VnetHeader(f.vnet))
+        .collect();
+    let out: Vec<Outgoing<'_>> = frames
+        .iter()
+        .zip(&vnets)
+        .map(|(f, vnet)| Outgoing {
+            vnet,
+            data: &f.data,
+        })
+        .collect();
+    send_frames(fd.as_raw_fd(), &out).map_err(|(_, err)| err)
 }
 
 /// An AF_PACKET socket that sends whole Ethernet frames out of `ifindex`.

@@ -33,11 +33,14 @@ mod fifo;
 mod inject;
 pub mod learn;
 pub mod protocol;
+mod record;
 pub mod report;
 mod ring;
 mod thread;
 
 pub use buffer::{Buffer, Reporter};
 pub use config::{HoldError, HoldOptions, LoopHook, LoopPoint};
+pub use inject::replay_into;
 pub use protocol::{Command, Notice};
+pub use record::{RecordedFrame, Recording, Replayed};
 pub use report::{HoldReport, KernelLoss, QueueKey, QueueReport};

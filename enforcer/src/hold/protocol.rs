@@ -6,7 +6,7 @@ use std::sync::mpsc;
 
 use enforcer_common::{MacKey, VmEpoch};
 
-use super::report::HoldReport;
+use super::{record::Recording, report::HoldReport};
 
 /// What the buffer must know about an epoch change, in the order the change makes them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +27,17 @@ pub enum Notice {
 pub enum Command {
     Notice(Notice),
     Report(mpsc::Sender<HoldReport>),
+    /// Start recording the channel state of the receivers with these hold queues (their
+    /// `receiver_queue`), before `enforcer_record` is attached to their ports.
+    RecordArm {
+        queues: Vec<u32>,
+    },
+    /// Hand over what was recorded for these hold queues, once every frame the programs had
+    /// handed over for them has come (send it after `enforcer_record` was detached).
+    RecordTake {
+        queues: Vec<u32>,
+        reply: mpsc::Sender<Vec<(u32, Recording)>>,
+    },
     /// Stop. `graceful`: stop redirecting, take in what is in flight, drop (and count) what
     /// cannot be delivered, clear the flags. Otherwise vanish as a crashed daemon would.
     Stop {

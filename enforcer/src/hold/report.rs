@@ -142,15 +142,14 @@ impl HoldReport {
         self.released_at_advance.get(&QueueKey::Vm(mac)).copied()
     }
 
-    /// Another buffer's report added in: queues side by side, counts summed (a coordinator of
-    /// several hosts shows its agents' buffers as one).
-    /// What the buffer lost or dropped so far, by reason: every fate but `reinjected`, the
+    /// What the buffer lost or dropped so far, by reason: every fate but `reinjected` and
+    /// `recorded` (copies of delivered frames kept as channel state), the
     /// frames to hold that got no room for their hold header (`no_headroom`: Type-3 ones
     /// dropped), and frames refused on their way back (`inject_refused`). Running totals, so the difference of two reports is what was lost between.
     pub fn losses(&self) -> BTreeMap<String, u64> {
         let mut out: BTreeMap<String, u64> = HoldTotal::FATES
             .iter()
-            .filter(|t| **t != HoldTotal::Reinjected)
+            .filter(|t| !matches!(t, HoldTotal::Reinjected | HoldTotal::Recorded))
             .map(|t| (t.name().to_owned(), self.total(*t)))
             .collect();
         let headroom = self
@@ -162,6 +161,8 @@ impl HoldReport {
         out
     }
 
+    /// Another buffer's report added in: queues side by side, counts summed (a coordinator of
+    /// several hosts shows its agents' buffers as one).
     pub fn merge(&mut self, other: HoldReport) {
         self.device = if self.device.is_empty() {
             other.device

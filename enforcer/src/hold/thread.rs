@@ -5,6 +5,7 @@
 //! died left behind; at a graceful stop it delivers what it may and counts the rest.
 
 use std::{
+    collections::HashMap,
     sync::{
         Arc, Condvar, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -24,6 +25,7 @@ use super::{
     inject::Injector,
     learn::LearnedRing,
     protocol::{Command, Notice},
+    record::Recording,
     report::{HoldReport, KernelLoss, QueueKey},
     ring::PacketRing,
 };
@@ -50,6 +52,9 @@ pub(crate) struct Thread {
     learned: Option<LearnedRing>,
     /// Frames the ring cut short (longer than a block: never expected), dropped and counted.
     truncated: u64,
+    /// Recordings asked for and not handed over yet, by take.
+    takes: HashMap<u64, mpsc::Sender<Vec<(u32, Recording)>>>,
+    next_take: u64,
 }
 
 /// The way out: re-injection, and the order counts the programs read.
@@ -250,6 +255,8 @@ impl Thread {
             grace: Grace::spawn()?,
             learned,
             truncated: 0,
+            takes: HashMap::new(),
+            next_take: 0,
         })
     }
 
@@ -280,6 +287,12 @@ impl Thread {
                         busy = true;
                         let _ = tx.send(self.report());
                     }
+                    Ok(Command::RecordArm { queues }) => self.core.arm_recording(&queues),
+                    Ok(Command::RecordTake { queues, reply }) => {
+                        self.next_take += 1;
+                        self.core.take_recordings(self.next_take, queues);
+                        self.takes.insert(self.next_take, reply);
+                    }
                     Err(mpsc::TryRecvError::Empty) => break,
                     // Every sender gone: the daemon is gone without a word. Behave as if it
                     // had crashed (the next one accounts for what was held).
@@ -299,6 +312,13 @@ impl Thread {
                 ring_idle,
                 Instant::now(),
             );
+            if !self.takes.is_empty() {
+                for (id, recordings) in self.core.progress_takes(&mut Maps(&self.dp, &self.grace)) {
+                    if let Some(reply) = self.takes.remove(&id) {
+                        let _ = reply.send(recordings);
+                    }
+                }
+            }
             if last_flush.elapsed() > Duration::from_millis(20) {
                 self.flush_totals();
                 last_flush = Instant::now();

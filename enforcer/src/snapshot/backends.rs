@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::manifest::CutMethod;
 use crate::{
-    hold::{HoldReport, QueueKey},
+    hold::{HoldReport, QueueKey, RecordedFrame, Recording, Replayed},
     model::{GroupSpec, IfName, MacAddr, VmSpec},
 };
 
@@ -183,6 +183,9 @@ pub enum EpochControlError {
     /// Several hosts failed, each in its own way.
     #[error("{}", hosts(.0))]
     Hosts(Vec<(String, EpochControlError)>),
+    /// This datapath does not do it (yet).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 fn list(queues: &[QueueKey]) -> String {
@@ -288,6 +291,35 @@ pub trait EpochControl: Send + Sync {
     /// across hosts they go forward to `epoch + 1` instead, because a view raised from a
     /// frame's color would lead a lowered epoch (see `multihost::hosts`).
     fn abort_epochs(&self, group: &GroupSpec, epoch: u32) -> Result<(), EpochControlError>;
+    /// Starts recording the group's channel state (invariant 7): from each member's cut on,
+    /// the frames delivered to it that their sender sent before its own. Called before the
+    /// cut; [`EpochControl::record_end`] must follow, whatever the outcome.
+    fn record_begin(&self, _group: &GroupSpec) -> Result<(), EpochControlError> {
+        Err(EpochControlError::Unsupported(
+            "this datapath does not record channel state".into(),
+        ))
+    }
+    /// Stops recording and hands over what was recorded, by receiver.
+    fn record_end(
+        &self,
+        _group: &GroupSpec,
+    ) -> Result<BTreeMap<MacAddr, Recording>, EpochControlError> {
+        Err(EpochControlError::Unsupported(
+            "this datapath does not record channel state".into(),
+        ))
+    }
+    /// Puts a receiver's recorded channel state in front of it, restored on `port` and not
+    /// running yet, in order.
+    fn replay(
+        &self,
+        _vm: &VmSpec,
+        _port: &str,
+        _frames: &[RecordedFrame],
+    ) -> Result<Replayed, EpochControlError> {
+        Err(EpochControlError::Unsupported(
+            "this datapath does not replay channel state".into(),
+        ))
+    }
 }
 
 /// Now, in µs since the Unix epoch (the clock hypervisors stamp their events with).

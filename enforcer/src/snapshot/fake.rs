@@ -80,6 +80,13 @@ pub(crate) struct World {
     pub hold: Option<HoldReport>,
     /// Fault injection: the buffer loses this many held frames (`lost_ring`) at each advance.
     pub lose_at_advance: u64,
+    /// What the datapath records as channel state while a snapshot runs (`None`: it does not
+    /// record), by receiver.
+    pub in_flight: Option<std::collections::BTreeMap<MacAddr, crate::hold::Recording>>,
+    /// Recordings running (between `record_begin` and `record_end`).
+    pub recording: bool,
+    /// Channel-state frames replayed, by VM.
+    pub replayed: HashMap<String, Vec<crate::hold::RecordedFrame>>,
 }
 
 /// What survives a coordinator killed just before step `at` (counting every step from 1): the
@@ -526,5 +533,41 @@ impl EpochControl for FakeEpochs {
             *e = (*e).min(epoch);
         }
         Ok(())
+    }
+
+    fn record_begin(&self, _group: &GroupSpec) -> Result<(), EpochControlError> {
+        let mut w = self.world.lock().expect("world");
+        if w.in_flight.is_none() {
+            return Err(EpochControlError::Unsupported("no recording here".into()));
+        }
+        w.recording = true;
+        Ok(())
+    }
+
+    fn record_end(
+        &self,
+        _group: &GroupSpec,
+    ) -> Result<std::collections::BTreeMap<MacAddr, crate::hold::Recording>, EpochControlError>
+    {
+        let mut w = self.world.lock().expect("world");
+        w.recording = false;
+        w.in_flight
+            .clone()
+            .ok_or_else(|| EpochControlError::Unsupported("no recording here".into()))
+    }
+
+    fn replay(
+        &self,
+        vm: &VmSpec,
+        _port: &str,
+        frames: &[crate::hold::RecordedFrame],
+    ) -> Result<crate::hold::Replayed, EpochControlError> {
+        let mut w = self.world.lock().expect("world");
+        w.record("replay", &vm.name);
+        w.replayed.insert(vm.name.clone(), frames.to_vec());
+        Ok(crate::hold::Replayed {
+            sent: frames.len() as u64,
+            dropped: 0,
+        })
     }
 }

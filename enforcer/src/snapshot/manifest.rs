@@ -11,6 +11,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use super::channel::ChannelState;
 use crate::model::{GroupName, GroupSpec, MacAddr, SnapshotId, VmSpec};
 
 /// How a group snapshot stops its VMs and captures them.
@@ -214,6 +215,10 @@ pub struct Manifest {
     /// are each buffer's, so another group's losses in the same window are counted too.
     #[serde(default)]
     pub held_lost: BTreeMap<String, u64>,
+    /// The frames in flight at the cut, recorded with the snapshot and replayed on restore
+    /// (invariant 7; see `snapshot::channel`); `None` in live views and older manifests.
+    #[serde(default)]
+    pub channel_state: Option<ChannelState>,
     pub vms: Vec<SnapshotVm>,
 }
 
@@ -255,6 +260,7 @@ impl Live {
             held_frames: None,
             released_ms: None,
             held_lost: BTreeMap::new(),
+            channel_state: None,
             vms: self
                 .records
                 .iter()
@@ -272,6 +278,13 @@ pub struct RestoredVm {
     pub port: String,
     pub restored_ms: f64,
     pub resumed_ms: f64,
+    /// Channel-state frames put in front of it before it ran (its port took them); `None`:
+    /// the snapshot has none recorded.
+    #[serde(default)]
+    pub replayed: Option<u64>,
+    /// Why its channel state was not (all) replayed, when it was not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

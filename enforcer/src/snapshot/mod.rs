@@ -8,6 +8,7 @@
 //! May call the model, `sched` and the buffer's report type; never the API, the agent or the
 //! datapath directly (the datapath is behind [`EpochControl`]).
 pub mod backends;
+pub mod channel;
 pub mod coordinator;
 #[cfg(test)]
 pub(crate) mod fake;

@@ -15,8 +15,11 @@ use std::{fs, path::PathBuf, sync::Barrier, thread, time::Instant};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::hold::Replayed;
+
 use super::{
     backends::{DomainState, EpochControl, HvError, HvErrorKind, Hypervisor},
+    channel,
     coordinator::{Coordinator, CoordinatorError, GroupError},
     manifest::{RestoreReport, RestoredVm, SnapshotOutcome},
     private::{private_dir, remove_durably},
@@ -153,6 +156,8 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
                     port,
                     restored_ms: ms(),
                     resumed_ms: 0.0,
+                    replayed: None,
+                    replay_error: None,
                 })
             },
         );
@@ -176,6 +181,36 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             {
                 undo(&restored);
                 return Err(CoordinatorError::epochs(&r.name, e));
+            }
+        }
+        // The frames in flight at the cut (invariant 7), in front of each receiver before any
+        // VM runs, so no restored sender's new frame can overtake them.
+        if m.channel_state.as_ref().is_some_and(|c| c.recorded) {
+            let dir = self.store.join(id);
+            for r in &mut restored {
+                let replayed = channel::load(&dir, &r.name)
+                    .map_err(|e| format!("reading {}: {e}", channel::path(&dir, &r.name).display()))
+                    .and_then(|frames| {
+                        if frames.is_empty() {
+                            return Ok(Replayed::default());
+                        }
+                        self.epochs
+                            .replay(&spec(r), &r.port, &frames)
+                            .map_err(|e| e.to_string())
+                    });
+                match replayed {
+                    Ok(Replayed { sent, dropped }) => {
+                        r.replayed = Some(sent);
+                        if dropped > 0 {
+                            r.replay_error =
+                                Some(format!("its port dropped {dropped} frames meanwhile"));
+                        }
+                    }
+                    Err(why) => {
+                        warn!(vm = r.name, %why, "channel state not replayed");
+                        r.replay_error = Some(why);
+                    }
+                }
             }
         }
         // From here on a VM may run: a coordinator that dies now leaves the rest to resume.

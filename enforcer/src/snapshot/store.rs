@@ -138,6 +138,7 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             held_frames: None,
             released_ms: None,
             held_lost: Default::default(),
+            channel_state: None,
             vms,
         };
         let clean = self.abort(&journal, &mut manifest);

@@ -39,6 +39,7 @@ use super::{
     backends::{
         EpochControl, EpochControlError, HvError, HvErrorKind, Hypervisor, Paused, unix_us,
     },
+    channel::{self, ChannelState},
     coordinator::{Coordinator, CoordinatorError, Timeouts},
     manifest::{CutMethod, Live, Manifest, SnapshotOutcome, SnapshotVm, Step},
     private::{private_dir, remove_durably},
@@ -209,6 +210,15 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
         if announced.is_err() {
             failed.store(true, Ordering::SeqCst);
         }
+        // The channel state (invariant 7) is recorded from each member's cut on. A datapath
+        // that cannot record does not stop the snapshot: its manifest says so.
+        let recording = match announced {
+            Ok(()) => self.epochs.record_begin(&group).map_err(|e| e.to_string()),
+            Err(_) => Err("the snapshot did not start".to_owned()),
+        };
+        if let Err(why) = &recording {
+            warn!(%id, %why, "the channel state is not recorded");
+        }
         let gate = Arc::new(Gate::new(group.vms.len()));
         let threads: Vec<_> = group
             .vms
@@ -270,6 +280,7 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             held_frames: None,
             released_ms: None,
             held_lost: BTreeMap::new(),
+            channel_state: None,
             vms,
         };
         if !failed.load(Ordering::SeqCst) {
@@ -301,6 +312,23 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
             for vm in &mut manifest.vms {
                 vm.held_frames = held.get(&vm.mac).copied();
             }
+        }
+        // Every member is past its cut (or the snapshot failed): the recording ends, and a
+        // committed snapshot keeps it beside its images.
+        let recorded = recording.and_then(|()| {
+            self.epochs
+                .record_end(&group)
+                .map_err(|e| format!("taking the recording: {e}"))
+        });
+        if !failed.load(Ordering::SeqCst) {
+            let state = recorded.and_then(|recordings| {
+                channel::save(&dir, &group, &recordings)
+                    .map_err(|e| format!("writing it beside the images: {e}"))
+            });
+            manifest.channel_state = Some(state.unwrap_or_else(|why| {
+                warn!(%id, %why, "the channel state is not kept with the snapshot");
+                ChannelState::not_recorded(why)
+            }));
         }
         let mut clean = true;
         if failed.load(Ordering::SeqCst) {

@@ -1,0 +1,123 @@
+//! Tier 2, channel state (invariant 7): while a snapshot runs, `enforcer_record` on the
+//! members' ports records the frames delivered to a member after its cut that were sent before
+//! their sender's (Type-2 at the receiver), and nothing else; the receiver gets them as it
+//! would have, once; a replay puts exactly them, in order, in front of the receiver again (as
+//! into a restored VM). Network-namespace VMs, the programs really attached, the real daemon.
+
+use std::{net::UdpSocket, thread, time::Duration};
+
+use enforcer::{
+    api::client::Client,
+    daemon::{self, DaemonConfig, Running},
+    hold::HoldOptions,
+};
+use enforcer_common::{HoldTotal, Type3Mode};
+use enforcer_lab::{netns::Lab, traffic::Message};
+use enforcer_tests::{
+    Inbox, PinRoot, assert_no_hold_losses, daemon_config, lab_prefix, register_all, require_root,
+};
+
+const PORT: u16 = 47_310;
+
+async fn start(lab: &Lab, pins: &PinRoot) -> (Running, Client) {
+    let running = daemon::start(DaemonConfig {
+        type3_mode: Some(Type3Mode::Buffer),
+        hold: Some(HoldOptions {
+            device: format!("{}h", lab.prefix),
+            max_bytes: 64 << 20,
+            at_point: Default::default(),
+        }),
+        ..daemon_config(&lab.bridge, pins)
+    })
+    .await
+    .expect("starting the daemon with its buffer");
+    let client = Client::new(running.addr.to_string(), None);
+    (running, client)
+}
+
+/// `count` numbered messages from vm1 to vm2, starting at `first`, one every 200 µs.
+fn send(tx: &UdpSocket, lab: &Lab, first: u32, count: u32) {
+    let to = std::net::SocketAddrV4::new(lab.vms[1].ip, PORT);
+    for seq in first..first + count {
+        let m = Message {
+            from: 0,
+            to: 1,
+            seq,
+            color: 0,
+        };
+        tx.send_to(&m.encode(), to).unwrap();
+        thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// The decoded sequence numbers of recorded (or replayed) UDP messages, in order.
+fn recorded_seqs(frames: &[enforcer::hold::RecordedFrame]) -> Vec<u32> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            // Ethernet (14) + IPv4 (20, no options in the lab) + UDP (8).
+            Message::decode(f.data.get(42..)?).map(|m| m.seq)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_crossing_the_cut_are_recorded_once_and_replayed_in_order() {
+    require_root();
+    let lab = Lab::create(&lab_prefix('c'), 2).unwrap();
+    let pins = PinRoot::new("channel");
+    let (running, client) = start(&lab, &pins).await;
+    register_all(&client, &lab.vms).await;
+    let (vm1, vm2) = (lab.vms[0].mac, lab.vms[1].mac);
+    let tx = lab.udp_socket(0, PORT).unwrap();
+    let inbox = Inbox::new(lab.udp_socket(1, PORT).unwrap());
+    let agent = running.agent.clone();
+    agent.record_begin(&[vm1, vm2]).unwrap();
+
+    // Before either cut: Type-1, in vm2's image; not recorded.
+    send(&tx, &lab, 0, 100);
+    // vm2's cut first: what vm1 sends now (color 0) reaches vm2 after its cut (epoch 1).
+    client.advance(vm2).await.unwrap();
+    send(&tx, &lab, 100, 150);
+    // vm1's cut: from now on both are past it; Type-1 again, not recorded.
+    client.advance(vm1).await.unwrap();
+    send(&tx, &lab, 250, 100);
+    thread::sleep(Duration::from_millis(200));
+
+    let recorded = agent
+        .record_end(&[vm1, vm2], Duration::from_secs(5))
+        .unwrap();
+    let at_vm2 = &recorded[&vm2];
+    assert_eq!(
+        recorded_seqs(&at_vm2.frames),
+        (100..250).collect::<Vec<_>>(),
+        "exactly the frames sent before vm1's cut and delivered after vm2's, in order"
+    );
+    assert_eq!((at_vm2.dropped_bound, at_vm2.lost_at_most), (0, 0));
+    assert!(
+        recorded[&vm1].frames.is_empty(),
+        "nothing crossed vm1's cut"
+    );
+    // The receiver got every frame once: recording took copies, it delayed and doubled none.
+    let seqs = |got: Vec<(Message, _)>| got.into_iter().map(|(m, _)| m.seq).collect::<Vec<_>>();
+    assert_eq!(
+        seqs(inbox.from(0)),
+        (0..350).collect::<Vec<_>>(),
+        "vm2 received each frame once, in order"
+    );
+    let report = agent.hold_report().unwrap();
+    assert_eq!(report.total(HoldTotal::Recorded), 150);
+    assert_no_hold_losses(&report);
+
+    // Replay into vm2's port, as into a restored VM: exactly the recorded frames, in order.
+    let replayed = agent.replay(&lab.vms[1].port, &at_vm2.frames).unwrap();
+    assert_eq!((replayed.sent, replayed.dropped), (150, 0));
+    thread::sleep(Duration::from_millis(200));
+    let got = seqs(inbox.finish());
+    assert_eq!(
+        got[350..].to_vec(),
+        (100..250).collect::<Vec<_>>(),
+        "the replay delivered the channel state once more, in order"
+    );
+    running.stop().await.unwrap();
+}
