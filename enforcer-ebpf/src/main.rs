@@ -45,6 +45,8 @@ use network_types::{
 };
 
 const MAX_VMS_USIZE: usize = MAX_VMS as usize;
+/// `dev_queue_xmit`'s "congestion notified": the frame was queued.
+const NET_XMIT_CN: i64 = 2;
 const MAX_GROUPS_USIZE: usize = MAX_GROUPS as usize;
 const MAX_PORTS_USIZE: usize = MAX_PORTS as usize;
 
@@ -260,7 +262,9 @@ pub fn enforcer_record(ctx: TcContext) -> i32 {
     ctx.set_mark(mark | RECORD_COPY_MARK);
     // SAFETY: a helper call on this program's skb: it sends a copy out of this same port now
     // (this program passes the copy on, its bit cleared).
-    let copied = unsafe { bpf_clone_redirect(ctx.skb.skb, ifindex, 0) } == 0;
+    let sent = unsafe { bpf_clone_redirect(ctx.skb.skb, ifindex, 0) };
+    // `NET_XMIT_CN` (a qdisc under pressure) still queued the copy.
+    let copied = sent == 0 || sent == NET_XMIT_CN;
     ctx.set_mark(mark);
     if !copied {
         // Delivered, not recorded: the ticket's gap counts it.

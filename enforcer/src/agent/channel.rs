@@ -47,8 +47,13 @@ impl<D: AgentDatapath> Agent<D> {
         for (mac, _, ifindex) in &targets {
             match self.datapath().attach_record(*ifindex) {
                 Ok(link) => links.push((*mac, link)),
-                // The links made so far are dropped with `links`: detached.
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    // The links made so far are dropped (detached), the recordings taken back.
+                    drop(links);
+                    let queues = targets.iter().map(|(_, q, _)| *q).collect();
+                    let _ = buffer.record_take(queues, Duration::from_secs(10));
+                    return Err(e.into());
+                }
             }
         }
         self.recording.lock().expect("recording lock").extend(links);
@@ -70,9 +75,11 @@ impl<D: AgentDatapath> Agent<D> {
             }
         }
         let buffer = self.buffer_handle()?;
+        // Every member still registered here: one gone meanwhile (its recording is dropped
+        // when a later snapshot arms its slot again) does not keep the others armed.
         let mut queues = BTreeMap::new();
         for mac in macs {
-            if let Some((queue, _)) = self.record_target(*mac)? {
+            if let Ok(Some((queue, _))) = self.record_target(*mac) {
                 queues.insert(queue, *mac);
             }
         }
@@ -98,7 +105,12 @@ impl<D: AgentDatapath> Agent<D> {
         };
         ensure_queue_len(port, frames.len() as u32 + 64).map_err(io)?;
         let dropped_before = tx_dropped(port);
-        let sent = replay_into(ifindex, frames).map_err(io)? as u64;
+        let sent = replay_into(ifindex, frames).map_err(|(sent, e)| {
+            io(std::io::Error::new(
+                e.kind(),
+                format!("{sent} of {} frames sent, then: {e}", frames.len()),
+            ))
+        })? as u64;
         Ok(Replayed {
             sent,
             dropped: tx_dropped(port).saturating_sub(dropped_before),

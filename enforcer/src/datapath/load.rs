@@ -200,15 +200,27 @@ impl Datapath {
     /// re-injected frames arrive. The link is not pinned: it lives as long as the returned fd
     /// (the buffer's), and a new buffer makes a new hold device.
     pub fn attach_inject(&mut self, device: &str) -> Result<FdLink, DatapathError> {
-        self.attach_unpinned(INJECT_PROGRAM, device, TcAttachType::Ingress)
+        self.attach_unpinned(
+            INJECT_PROGRAM,
+            device,
+            TcAttachType::Ingress,
+            LinkOrder::default(),
+        )
     }
 
     /// Attaches `enforcer_record` (tcx egress) to a VM port while its group's snapshot runs: it
     /// records the frames delivered to the VM after its cut that were sent before their
     /// sender's (the channel state). The link is not pinned: it lives as long as the returned
     /// fd, and a snapshot whose daemon died is aborted anyway.
+    /// First in the port's egress chain: the copy it delivers passes it again, and no other
+    /// program may have rewritten the mark that says it is a copy by then.
     pub fn attach_record(&mut self, port: &str) -> Result<FdLink, DatapathError> {
-        self.attach_unpinned(RECORD_PROGRAM, port, TcAttachType::Egress)
+        self.attach_unpinned(
+            RECORD_PROGRAM,
+            port,
+            TcAttachType::Egress,
+            LinkOrder::first(),
+        )
     }
 
     fn attach_unpinned(
@@ -216,6 +228,7 @@ impl Datapath {
         name: &'static str,
         device: &str,
         hook: TcAttachType,
+        order: LinkOrder,
     ) -> Result<FdLink, DatapathError> {
         let err = |detail: String| DatapathError::Link {
             port: device.to_owned(),
@@ -223,11 +236,7 @@ impl Datapath {
         };
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
         let id = prog
-            .attach_with_options(
-                device,
-                hook,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
+            .attach_with_options(device, hook, TcAttachOptions::TcxOrder(order))
             .map_err(|e| err(e.to_string()))?;
         prog.take_link(id)
             .map_err(|e| err(e.to_string()))?

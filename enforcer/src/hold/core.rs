@@ -352,7 +352,8 @@ impl Core {
             self.send(wire, std::slice::from_ref(&held), now);
             return;
         }
-        if self.held_bytes + held.data.len() > self.max_bytes {
+        // Held frames and recordings share the bound.
+        if self.held_bytes + self.recorder.bytes() as usize + held.data.len() > self.max_bytes {
             queue.dropped_bound += 1;
             self.bump(HoldTotal::DroppedBound, 1);
             self.finish_order(wire, queue_index, for_order as u64);

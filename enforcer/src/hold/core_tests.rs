@@ -574,3 +574,62 @@ fn a_long_queue_is_released_over_several_turns_in_order() {
     let report = sim.core.report(sim.now);
     assert!(report.released_at_advance.contains(&(mac(1), 3001)));
 }
+
+/// The channel state a recording keeps (`hold::record`), found in review: recordings count
+/// against the memory bound that held frames are checked against too, and arming a receiver
+/// again starts its recording afresh (a snapshot that failed before it took its recording must
+/// not leave its frames to the next one).
+#[test]
+fn recordings_share_the_memory_bound_and_start_afresh_when_armed_again() {
+    // Room for three 60-byte frames.
+    let mut sim = Sim::new(2, 180);
+    let queue = enforcer_common::receiver_queue(sim.dp.map.vms[&mac(1)].slot);
+    let header = |ticket: u64, flags: u16| HoldHeader {
+        color: 0,
+        ticket,
+        queue,
+        port: sim.dp.map.vms[&mac(1)].slot,
+        ifindex: ifindex(1),
+        flags,
+        ..HoldHeader::default()
+    };
+    let now = sim.now;
+    sim.core.arm_recording(&[queue]);
+    for seq in 0..3 {
+        let f = held(frame(0, Some(1), seq, 0), header(seq as u64, HOLD_RECORD));
+        sim.core.on_frame(&mut sim.ports, f, now);
+    }
+    assert_eq!(sim.core.total(HoldTotal::Recorded), 3);
+    // A Type-3 frame to the same receiver now finds the bound reached.
+    let mut type3 = header(3, 0);
+    type3.color = 1;
+    sim.core
+        .on_frame(&mut sim.ports, held(frame(0, Some(1), 3, 1), type3), now);
+    assert_eq!(
+        sim.core.total(HoldTotal::DroppedBound),
+        1,
+        "one bound for both"
+    );
+    assert_eq!(sim.core.held_frames(), 0);
+
+    let take = |sim: &mut Sim| {
+        sim.core.take_recordings(7, vec![queue]);
+        let done = sim.core.progress_takes(&mut sim.dp);
+        assert_eq!(done.len(), 1, "nothing was still on its way");
+        let (id, mut recordings) = done.into_iter().next().unwrap();
+        assert_eq!(id, 7);
+        recordings.remove(0).1
+    };
+    // Armed again without a take: what it had is gone, not carried into the new recording.
+    sim.core.arm_recording(&[queue]);
+    let f = held(frame(0, Some(1), 4, 0), header(4, HOLD_RECORD));
+    sim.core.on_frame(&mut sim.ports, f, now);
+    let rec = take(&mut sim);
+    assert_eq!(
+        rec.frames.len(),
+        1,
+        "only what came since it was armed again"
+    );
+    assert_eq!(parse(&rec.frames[0].data).1, 4);
+    assert_eq!(take(&mut sim), Recording::default(), "taken: disarmed");
+}

@@ -161,9 +161,13 @@ fn send_frames(fd: libc::c_int, frames: &[Outgoing<'_>]) -> Result<usize, (usize
 /// Replays recorded channel state ([`super::record`]) into a restored VM: `frames` go out of
 /// its port `ifindex` toward the VM, in order, each with the virtio-net header it was
 /// recorded with, into the queue the VM reads once it runs. Returns how many the port took
-/// (a tap whose queue overflows drops the rest itself: see its `tx_dropped`).
-pub fn replay_into(ifindex: u32, frames: &[super::RecordedFrame]) -> std::io::Result<usize> {
-    let fd = packet_socket(ifindex)?;
+/// (a tap whose queue overflows drops the rest itself: see its `tx_dropped`); on an error,
+/// how many it took before.
+pub fn replay_into(
+    ifindex: u32,
+    frames: &[super::RecordedFrame],
+) -> Result<usize, (usize, std::io::Error)> {
+    let fd = packet_socket(ifindex).map_err(|e| (0, e))?;
     let vnets: Vec<super::ring::VnetHeader> = frames
         .iter()
         .map(|f| super::ring::VnetHeader(f.vnet))
@@ -176,7 +180,7 @@ pub fn replay_into(ifindex: u32, frames: &[super::RecordedFrame]) -> std::io::Re
             data: &f.data,
         })
         .collect();
-    send_frames(fd.as_raw_fd(), &out).map_err(|(_, err)| err)
+    send_frames(fd.as_raw_fd(), &out)
 }
 
 /// An AF_PACKET socket that sends whole Ethernet frames out of `ifindex`.

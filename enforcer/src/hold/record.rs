@@ -83,10 +83,11 @@ pub(crate) trait Fence {
 }
 
 impl Recorder {
-    /// Starts recording for these hold queues (a queue already armed keeps what it has).
+    /// Starts recording for these hold queues, afresh: what an earlier snapshot left armed
+    /// (one that failed before it took its recording) is dropped, never kept with this one.
     pub(crate) fn arm(&mut self, queues: &[u32]) {
         for q in queues {
-            self.armed.entry(*q).or_default();
+            self.armed.insert(*q, Recording::default());
         }
     }
 

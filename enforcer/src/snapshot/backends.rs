@@ -211,12 +211,15 @@ pub trait EpochControl: Send + Sync {
     /// The buffer's report: `Ok(None)` when no buffer runs (nothing is ever held), `Err` when
     /// it does not answer.
     fn hold_report(&self) -> Result<Option<HoldReport>, EpochControlError>;
-    /// Frames held so far (a running total), when a buffer runs.
+    /// Frames held so far (a running total), when a buffer runs: what it read, less the
+    /// channel-state copies it recorded.
     fn held_total(&self) -> Option<u64> {
+        use enforcer_common::HoldTotal;
+        let report = self.hold_report().ok()??;
         Some(
-            self.hold_report()
-                .ok()??
-                .total(enforcer_common::HoldTotal::Received),
+            report
+                .total(HoldTotal::Received)
+                .saturating_sub(report.total(HoldTotal::Recorded)),
         )
     }
     /// What the buffers lost so far, by reason ([`HoldReport::losses`]), when they answer.

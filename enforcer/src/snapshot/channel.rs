@@ -25,6 +25,9 @@ use crate::{
 
 const MAGIC: &[u8; 8] = b"ENFCHAN1";
 const VNET_LEN: usize = 10;
+/// The longest frame a recording holds: a 64 KiB GSO super-frame, Ethernet header and two
+/// VLAN tags.
+const MAX_FRAME: usize = 65_535 + 14 + 8;
 
 /// The manifest's account of the channel state.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -153,6 +156,10 @@ fn parse(bytes: &[u8]) -> io::Result<Vec<RecordedFrame>> {
             .split_first_chunk::<4>()
             .ok_or_else(|| bad("cut short in a frame's length"))?;
         let len = u32::from_le_bytes(*len) as usize;
+        // An Ethernet header at least; at most a GSO super-frame with two VLAN tags.
+        if !(14..=MAX_FRAME).contains(&len) {
+            return Err(bad("a frame length no frame has"));
+        }
         let (vnet, tail) = tail
             .split_first_chunk::<VNET_LEN>()
             .ok_or_else(|| bad("cut short in a frame's virtio-net header"))?;
@@ -225,6 +232,9 @@ mod tests {
         let bytes = fs::read(path(&dir, "b")).unwrap();
         assert!(parse(&bytes[..bytes.len() - 1]).is_err());
         assert!(parse(b"ENFCHAN0").is_err());
+        let mut zero = MAGIC.to_vec();
+        zero.extend_from_slice(&[0; 4 + VNET_LEN]);
+        assert!(parse(&zero).is_err(), "a zero-length frame is corruption");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -87,6 +87,8 @@ pub(crate) struct World {
     pub recording: bool,
     /// Channel-state frames replayed, by VM.
     pub replayed: HashMap<String, Vec<crate::hold::RecordedFrame>>,
+    /// Fault injection: held frames are still being re-injected at the deadline.
+    pub unreleased: bool,
 }
 
 /// What survives a coordinator killed just before step `at` (counting every step from 1): the
@@ -471,8 +473,12 @@ impl EpochControl for FakeEpochs {
         _group: &GroupSpec,
         _timeout: Duration,
     ) -> Result<(), EpochControlError> {
-        self.world.lock().expect("world").record("released", "");
-        Ok(())
+        let mut w = self.world.lock().expect("world");
+        w.record("released", "");
+        match w.unreleased {
+            true => Err(EpochControlError::NotReleased(Vec::new())),
+            false => Ok(()),
+        }
     }
 
     fn advance(&self, vm: &VmSpec) -> Result<u32, EpochControlError> {

@@ -315,10 +315,16 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
         }
         // Every member is past its cut (or the snapshot failed): the recording ends, and a
         // committed snapshot keeps it beside its images.
+        let released = manifest.released_ms.is_some();
         let recorded = recording.and_then(|()| {
             self.epochs
                 .record_end(&group)
                 .map_err(|e| format!("taking the recording: {e}"))
+        });
+        // Frames still held at the deadline may cross the cut after the recording ended.
+        let recorded = recorded.and_then(|r| match released {
+            true => Ok(r),
+            false => Err("held frames were still being re-injected when it ended".to_owned()),
         });
         if !failed.load(Ordering::SeqCst) {
             let state = recorded.and_then(|recordings| {
