@@ -18,8 +18,9 @@ pub mod names {
     pub const HOLD_KERNEL: &str = "hold_kernel";
     pub const HOLD_TOTALS: &str = "hold_totals";
     pub const LEARNED: &str = "learned";
+    pub const RECORD_SKIP: &str = "record_skip";
     /// Every map the datapath pins.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         EPOCHS,
         EPOCH_CACHE,
         PORTS,
@@ -34,6 +35,7 @@ pub mod names {
         HOLD_KERNEL,
         HOLD_TOTALS,
         LEARNED,
+        RECORD_SKIP,
     ];
 }
 

@@ -177,6 +177,11 @@ impl DatapathView for Maps {
     }
 }
 
+/// By receiver port slot: non-zero while the daemon itself takes the frames in the receiver's
+/// queue at its cut (see `enforcer_record`).
+#[btf_map(name = "record_skip")]
+static RECORD_SKIP: Array<u32, MAX_PORTS_USIZE> = Array::new();
+
 /// Port slot → ifindex, the reverse of `port_slots` (written by userspace): where a frame the
 /// buffer re-injects re-enters.
 #[btf_map(name = "slot_ports")]
@@ -243,7 +248,9 @@ pub fn enforcer_record(ctx: TcContext) -> i32 {
     // The color the sender's port program gave the frame (or the overlay brought); without one
     // (an XDP port sets no mark) the sender's epoch now stands in.
     let color = wire::decode(mark, sender.epoch).unwrap_or(sender.epoch);
-    if color >= receiver.epoch {
+    // While the daemon reads the receiver's queue at its cut, what passes here lands in that
+    // queue and is taken from it: recorded there, not twice.
+    if color >= receiver.epoch || RECORD_SKIP.get(receiver.slot).is_some_and(|s| *s != 0) {
         return TCX_NEXT;
     }
     let queue = receiver_queue(receiver.slot);

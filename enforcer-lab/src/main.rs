@@ -145,6 +145,16 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         count: usize,
     },
+    /// The channel state on real guests under traffic, by both methods: frames in flight at
+    /// the cut recorded per snapshot, and UDP datagrams the restored group lost with and
+    /// without replaying them (each snapshot restored both ways).
+    Channel {
+        #[command(flatten)]
+        guests: BenchGuests,
+        /// Snapshots per method.
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+    },
     /// TCP through a snapshot with skew: no-progress period, drop vs buffer (GENI-VIOLIN Fig. 6).
     TcpSkew {
         /// Skews to run, in seconds (comma-separated).
@@ -240,6 +250,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             anyhow::ensure!((1..=200).contains(&count), "--count must be in 1..=200");
             let o = guests.vm_options("enfr", 6, "bench-restore")?;
             println!("{}", bench::restores::bench_restores(o, count).await?);
+        }
+        Command::Bench(BenchCommand::Channel { guests, count }) => {
+            anyhow::ensure!((1..=200).contains(&count), "--count must be in 1..=200");
+            let o = guests.vm_options("enfc", 7, "bench-channel")?;
+            println!("{}", bench::channel::bench_channel(o, count).await?);
         }
         Command::Bench(BenchCommand::Hold { seconds }) => {
             anyhow::ensure!(seconds > 0.0, "--seconds must be positive");

@@ -108,6 +108,9 @@ pub struct VmLab {
     /// The lab's own connection to libvirtd, opened again after libvirtd restarted.
     conn: std::sync::Mutex<Connect>,
     opts: VmLabOptions,
+    /// UDP datagrams each pair (sender, receiver index) had lost when last noted (at boot:
+    /// sent before the receiver listened): see [`VmLab::note_loss_baseline`].
+    loss_baseline: std::sync::Mutex<std::collections::HashMap<(usize, usize), u64>>,
 }
 
 impl VmLab {
@@ -160,6 +163,7 @@ impl VmLab {
             console_dir,
             conn: std::sync::Mutex::new(conn),
             opts,
+            loss_baseline: std::sync::Mutex::new(std::collections::HashMap::new()),
         };
         // Leftovers of a run that was killed.
         lab.destroy_all();
@@ -446,6 +450,46 @@ impl VmLab {
             }
         }
         Ok(())
+    }
+
+    /// Notes what each pair has lost so far (at boot: datagrams sent before the receiver
+    /// listened), with nothing in flight: every guest is quieted, the streams drain, the
+    /// counters are read, and they talk again. An image taken after it carries those counts,
+    /// so what a restored pair lost is its gap beyond them ([`VmLab::lost_before`]). Noted at
+    /// boot, and again before a snapshot whose restore is to be checked on its own.
+    pub fn note_loss_baseline(&self) -> Result<(), VmLabError> {
+        self.broadcast("quiet")?;
+        thread::sleep(Duration::from_secs(1));
+        let mut loss = std::collections::HashMap::new();
+        let stats: Vec<_> = self
+            .vms
+            .iter()
+            .map(|vm| self.stats(vm))
+            .collect::<Result<_, _>>()?;
+        for (i, from) in self.vms.iter().enumerate() {
+            for (j, to) in self.vms.iter().enumerate() {
+                let (Some(sent), Some(recv)) = (
+                    stats[i].peer(&to.ip.to_string()),
+                    stats[j].peer(&from.ip.to_string()),
+                ) else {
+                    continue;
+                };
+                loss.insert((i, j), sent.udp_sent.saturating_sub(recv.udp_received));
+            }
+        }
+        *self.loss_baseline.lock().expect("loss baseline lock") = loss;
+        self.broadcast("talk")
+    }
+
+    /// The datagrams pair (`from`, `to`) had lost at the last [`VmLab::note_loss_baseline`]
+    /// (0 before).
+    pub fn lost_before(&self, from: usize, to: usize) -> u64 {
+        self.loss_baseline
+            .lock()
+            .expect("loss baseline lock")
+            .get(&(from, to))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Tells every guest to stop (`quiet`) or start (`talk`) sending.

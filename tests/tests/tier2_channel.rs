@@ -121,3 +121,134 @@ async fn frames_crossing_the_cut_are_recorded_once_and_replayed_in_order() {
     );
     running.stop().await.unwrap();
 }
+
+/// A tap as QEMU holds it (`IFF_VNET_HDR`), with nobody reading: a stopped VM's queue.
+struct Tap {
+    file: std::fs::File,
+    name: String,
+}
+
+impl Tap {
+    fn create(name: &str, bridge: &str) -> Self {
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("/dev/net/tun")
+            .unwrap();
+        // SAFETY: ifreq is plain data; all-zero is a valid starting value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | 0x4000) as libc::c_short;
+        // SAFETY: TUNSETIFF reads the ifreq, which outlives the call.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &req) };
+        assert_eq!(r, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+        enforcer_tests::run(&["ip", "link", "set", name, "master", bridge, "up"]);
+        Self {
+            file,
+            name: name.to_owned(),
+        }
+    }
+
+    /// What the VM would read once it runs: the sequence numbers of the messages waiting.
+    fn read_all(&self) -> Vec<u32> {
+        use std::io::Read as _;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 70_000];
+        while let Ok(n) = (&self.file).read(&mut buf) {
+            // virtio-net header (10) + Ethernet (14) + IPv4 (20) + UDP (8).
+            if let Some(m) = buf[..n].get(52..).and_then(Message::decode) {
+                out.push(m.seq);
+            }
+        }
+        out
+    }
+}
+
+/// Frames that reach a VM's tap after it stopped, before its epoch advanced (the advance comes
+/// milliseconds after the stop), wait in the tap's queue: in neither image. At the VM's cut
+/// the daemon takes them into the recording through QEMU's descriptor and puts them back,
+/// ahead of the frames that crossed the cut later; the running VM then reads every frame
+/// once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_waiting_in_a_stopped_vms_tap_are_recorded_at_its_cut_and_put_back() {
+    require_root();
+    let lab = Lab::create(&lab_prefix('q'), 1).unwrap();
+    let pins = PinRoot::new("channel-tap");
+    let tap = Tap::create(&format!("{}tap", lab.prefix), &lab.bridge);
+    let (running, client) = start(&lab, &pins).await;
+    register_all(&client, &lab.vms).await;
+    let vm: enforcer::model::MacAddr = "02:ee:00:00:00:01".parse().unwrap();
+    let ip = std::net::Ipv4Addr::new(10, 213, 0, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while client.register_vm(vm, 1, &tap.name, Some(0)).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tap was never attached"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = lab
+        .command(0, "ip")
+        .args([
+            "neigh",
+            "replace",
+            &ip.to_string(),
+            "lladdr",
+            &vm.to_string(),
+            "dev",
+            "eth0",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let tx = lab.udp_socket(0, PORT).unwrap();
+    let send = |first: u32, count: u32| {
+        for seq in first..first + count {
+            let m = Message {
+                from: 0,
+                to: 1,
+                seq,
+                color: 0,
+            };
+            tx.send_to(&m.encode(), std::net::SocketAddrV4::new(ip, PORT))
+                .unwrap();
+            thread::sleep(Duration::from_micros(200));
+        }
+    };
+    let agent = running.agent.clone();
+    let sender = lab.vms[0].mac;
+    agent.record_begin(&[sender, vm]).unwrap();
+    // The VM is stopped (nobody reads its tap): these wait in its queue, its epoch not
+    // advanced yet.
+    send(0, 10);
+    thread::sleep(Duration::from_millis(50));
+    agent.advance_at_cut(vm).unwrap();
+    // After its cut, from a sender before its own: recorded on the way.
+    send(10, 10);
+    client.advance(sender).await.unwrap();
+    send(20, 5);
+    thread::sleep(Duration::from_millis(200));
+    let recorded = agent
+        .record_end(&[sender, vm], Duration::from_secs(5))
+        .unwrap();
+    let at_vm = &recorded[&vm];
+    assert_eq!(at_vm.problem, None);
+    assert_eq!(
+        recorded_seqs(&at_vm.frames),
+        (0..20).collect::<Vec<_>>(),
+        "the queue at its cut, then what crossed it later, in order, each once"
+    );
+    assert_eq!(
+        tap.read_all(),
+        (0..25).collect::<Vec<_>>(),
+        "the running VM reads every frame once, in order"
+    );
+    assert_no_hold_losses(&agent.hold_report().unwrap());
+    running.stop().await.unwrap();
+}

@@ -24,7 +24,7 @@ async fn restored_group_is_consistent_and_the_unenforced_one_is_caught() {
     println!("{report}");
     let last = report.lines().last().unwrap_or_default();
     assert!(
-        last.starts_with("consistency: OK violations=0 (without enforcer: "),
+        last.starts_with("consistency: OK violations=0 udp_lost="),
         "{last}"
     );
 }

@@ -6,6 +6,7 @@
 //! generator that keeps the sender from being the bottleneck.
 
 mod baselines;
+pub mod channel;
 pub mod datapath;
 pub mod hold;
 pub mod hosts;

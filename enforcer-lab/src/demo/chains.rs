@@ -26,22 +26,47 @@ async fn restore_and_check(
     opts: &VmDemoOptions,
     id: &str,
     what: &str,
-) -> anyhow::Result<(u64, String)> {
+) -> anyhow::Result<(Checked, String)> {
     kill_all(lab).await?;
     let bridge = opts.restore_elsewhere.then(|| lab.other_bridge.clone());
     let restore = client.restore(id, bridge.as_deref()).await?;
     let (l, restored_for) = (lab.clone(), opts.restored);
     let consistency = blocking(move || run_restored_and_check(&l, restored_for)).await?;
-    let v = consistency.violations();
+    let (v, lost) = (consistency.violations(), consistency.udp_lost());
+    let replayed: u64 = restore.vms.iter().filter_map(|r| r.replayed).sum();
     let line = format!(
-        "{what}: {id} restored (resumed within {:.1} ms of each other), {v} violations",
+        "{what}: {id} restored (resumed within {:.1} ms of each other, {replayed} in-flight \
+         frames replayed), {v} violations, {lost} UDP datagrams lost",
         restore.resume_spread_ms
     );
     log(&line);
-    if v > 0 {
+    if v > 0 || lost > 0 {
         log(consistency.render());
     }
-    Ok((v, line))
+    Ok((
+        Checked {
+            violations: v,
+            udp_lost: lost,
+        },
+        line,
+    ))
+}
+
+/// What the restored runs of a walk showed, summed.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Checked {
+    pub(crate) violations: u64,
+    pub(crate) udp_lost: u64,
+}
+
+impl std::ops::Add for Checked {
+    type Output = Checked;
+    fn add(self, o: Checked) -> Checked {
+        Checked {
+            violations: self.violations + o.violations,
+            udp_lost: self.udp_lost + o.udp_lost,
+        }
+    }
 }
 
 /// Starts the guests talking again, waits, and takes a snapshot under that traffic.
@@ -61,14 +86,14 @@ async fn snapshot_under_traffic(
     Ok(m)
 }
 
-/// The walk, on a group restored from `older` and quiet again. Returns the violations summed
-/// over both restored runs, and the report's lines.
+/// The walk, on a group restored from `older` and quiet again. Returns the violations and
+/// datagrams lost, summed over its restored runs, and the report's lines.
 pub(crate) async fn older_then_new(
     lab: &std::sync::Arc<VmLab>,
     client: &Client,
     opts: &VmDemoOptions,
     older: &Manifest,
-) -> anyhow::Result<(u64, String)> {
+) -> anyhow::Result<(Checked, String)> {
     let mut out = String::new();
     let newer = snapshot_under_traffic(lab, client, opts, opts.method).await?;
     let (v1, line) = restore_and_check(
@@ -106,7 +131,7 @@ async fn delete_along(
     client: &Client,
     opts: &VmDemoOptions,
     [older, newer, third]: [&Manifest; 3],
-) -> anyhow::Result<(u64, String)> {
+) -> anyhow::Result<(Checked, String)> {
     let s4 = snapshot_under_traffic(lab, client, opts, opts.method).await?;
     let s5 = snapshot_under_traffic(lab, client, opts, opts.method).await?;
     for m in [&s4, newer, third] {
@@ -142,11 +167,17 @@ async fn delete_along(
         files.iter().all(|n| *n == 2),
         "after deleting every snapshot each guest should have its disk and one overlay: {files:?}"
     );
-    let v = v1 + after.violations();
+    let v = v1.violations + after.violations();
     let line = format!(
         "every snapshot deleted along the chain (merged by live block commit and pull): each \
          guest on its own disk plus one overlay, {v} violations"
     );
     log(&line);
-    Ok((v, line))
+    Ok((
+        Checked {
+            violations: v,
+            udp_lost: v1.udp_lost,
+        },
+        line,
+    ))
 }

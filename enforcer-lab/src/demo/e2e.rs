@@ -256,10 +256,14 @@ pub async fn e2e(mut opts: VmDemoOptions) -> anyhow::Result<String> {
         without_redis.violations() > 0,
         "{out}\nwithout enforcement Redis noticed nothing: its check proves nothing this run"
     );
-    let (v, n) = (run.consistency.violations() + chain.0, without.violations());
+    let (v, n) = (
+        run.consistency.violations() + chain.0.violations,
+        without.violations(),
+    );
+    let lost = run.consistency.udp_lost() + chain.0.udp_lost;
     let _ = writeln!(
         out,
-        "consistency: {} violations={v} (without enforcer: {n})",
+        "consistency: {} violations={v} udp_lost={lost} (without enforcer: {n})",
         if v == 0 { "OK" } else { "BROKEN" }
     );
     anyhow::ensure!(v == 0, "{out}\nthe restored group is inconsistent");

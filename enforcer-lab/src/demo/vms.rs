@@ -81,6 +81,9 @@ pub struct PairCheck {
     pub udp_sent: u64,
     pub udp_received: u64,
     pub udp_rewinds: u64,
+    /// Datagrams the restored sender counts as sent that the restored receiver never got:
+    /// lost in the network, or in flight at the cut and not replayed (invariant 7).
+    pub udp_lost: u64,
     pub tcp_sent: u64,
     pub tcp_received: u64,
     pub tcp_errors: u64,
@@ -119,6 +122,11 @@ pub struct Consistency {
 }
 
 impl Consistency {
+    /// Datagrams lost over every pair (see [`PairCheck::udp_lost`]).
+    pub fn udp_lost(&self) -> u64 {
+        self.pairs.iter().map(|p| p.udp_lost).sum()
+    }
+
     pub fn violations(&self) -> u64 {
         self.pairs.iter().map(|p| p.violations).sum::<u64>()
             + self
@@ -151,12 +159,13 @@ impl Consistency {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "  {:<10} {:<10} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7} {:>8} {:>10}",
+            "  {:<10} {:<10} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>7} {:>8} {:>10}",
             "from",
             "to",
             "udp_sent",
             "udp_recv",
             "rewinds",
+            "udp_lost",
             "tcp_sent",
             "tcp_recv",
             "tcp_err",
@@ -166,12 +175,13 @@ impl Consistency {
         for p in &self.pairs {
             let _ = writeln!(
                 out,
-                "  {:<10} {:<10} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7} {:>8} {:>10}",
+                "  {:<10} {:<10} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>7} {:>8} {:>10}",
                 p.from,
                 p.to,
                 p.udp_sent,
                 p.udp_received,
                 p.udp_rewinds,
+                p.udp_lost,
                 p.tcp_sent,
                 p.tcp_received,
                 p.tcp_errors,
@@ -222,6 +232,7 @@ pub fn check(lab: &VmLab, early: &[GuestStats], last: &[GuestStats]) -> Consiste
                     udp_sent: 0,
                     udp_received: 0,
                     udp_rewinds: 0,
+                    udp_lost: 0,
                     tcp_sent: 0,
                     tcp_received: 0,
                     tcp_errors: 0,
@@ -244,6 +255,10 @@ pub fn check(lab: &VmLab, early: &[GuestStats], last: &[GuestStats]) -> Consiste
                 udp_sent: sent.udp_sent,
                 udp_received: recv.udp_received,
                 udp_rewinds: recv.udp_rewinds,
+                udp_lost: sent
+                    .udp_sent
+                    .saturating_sub(recv.udp_received)
+                    .saturating_sub(lab.lost_before(i, j)),
                 tcp_sent: sent.tcp_sent,
                 tcp_received: recv.tcp_received,
                 tcp_errors,
@@ -358,8 +373,17 @@ impl EnforcedRun {
         for vm in &self.restore.vms {
             let _ = writeln!(
                 out,
-                "  {:<16} on {:<8} restored (paused) at {:>7.1} ms, resumed at {:>7.1} ms",
-                vm.name, vm.port, vm.restored_ms, vm.resumed_ms
+                "  {:<16} on {:<8} restored (paused) at {:>7.1} ms, resumed at {:>7.1} ms, {} \
+                 in-flight frames replayed{}",
+                vm.name,
+                vm.port,
+                vm.restored_ms,
+                vm.resumed_ms,
+                vm.replayed.unwrap_or(0),
+                vm.replay_error
+                    .as_deref()
+                    .map(|e| format!(" (NOT replayed: {e})"))
+                    .unwrap_or_default()
             );
         }
         out.push_str("restored state, every pair:\n");
@@ -576,7 +600,11 @@ pub(crate) async fn with_lab<T>(
         let client = Client::new(running.addr.to_string(), None);
         let l = lab.clone();
         let boot = Instant::now();
-        let ready = blocking(move || Ok(l.wait_talking(Duration::from_secs(90))?)).await;
+        let ready = blocking(move || {
+            l.wait_talking(Duration::from_secs(90))?;
+            Ok(l.note_loss_baseline()?)
+        })
+        .await;
         let result = match ready {
             Ok(()) => {
                 log(format!(

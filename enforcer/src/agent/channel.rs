@@ -1,7 +1,15 @@
 //! Channel state on this host (invariant 7 in docs/design.md): recording, while a group
 //! snapshot runs, the frames delivered to its members after their cut that were sent before
-//! their sender's (`enforcer_record` on each member's port, the buffer keeping the copies:
-//! `hold::record`), and replaying them into restored VMs before they run.
+//! their sender's, and replaying them into restored VMs before they run.
+//!
+//! Two sources, in this order per receiver:
+//! 1. at its cut (its epoch's advance, while it is stopped), what waits in its tap's queue:
+//!    delivered since it stopped (its epoch advances ms after the stop) or before and not read
+//!    yet (`hold::tap`). Meanwhile its buffer queue is frozen and `enforcer_record` leaves it
+//!    alone, so nothing newer overtakes those frames or is recorded twice; they go back into
+//!    the queue for the running VM, in order;
+//! 2. from then on, every frame `enforcer_record` sees delivered to it with a color below its
+//!    epoch (the buffer keeps the copies: `hold::record`).
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -9,55 +17,105 @@ use enforcer_common::receiver_queue;
 
 use super::{
     datapath::AgentDatapath,
+    recording::RecordingVm,
     service::{Agent, AgentError},
 };
 use crate::{
     datapath::{DatapathError, epochs::EpochError},
-    hold::{RecordedFrame, Recording, Replayed, replay_into},
+    hold::{
+        Notice, RecordedFrame, Recording, Replayed, put_back, rcu_barrier, replay_into,
+        tap::TapQueue,
+    },
     model::MacAddr,
 };
 
 impl<D: AgentDatapath> Agent<D> {
-    /// The hold queue (`receiver_queue`) and port of a VM registered on this host; `None` for
-    /// a VM on another host (its own host records it).
+    /// The counter slot and port of a VM registered on this host; `None` for a VM on another
+    /// host (its own host records it).
     fn record_target(&self, mac: MacAddr) -> Result<Option<(u32, u32)>, AgentError> {
         let vm = self
             .datapath()
             .vm(&mac.key())?
             .ok_or(EpochError::UnknownVm(mac))?;
-        Ok((!vm.is_remote()).then_some((receiver_queue(vm.slot), vm.ifindex)))
+        Ok((!vm.is_remote()).then_some((vm.slot, vm.ifindex)))
     }
 
     /// Starts recording the channel state of these VMs (those of this host): their buffer
-    /// recordings are armed, then `enforcer_record` is attached to their ports. A VM already
-    /// recording keeps what it has. Nothing is left attached when it fails.
+    /// recordings are armed, `enforcer_record` is attached to their ports, and their taps'
+    /// queues are opened for their cuts. Nothing is left attached when it fails.
     pub fn record_begin(&self, macs: &[MacAddr]) -> Result<(), AgentError> {
         let buffer = self.buffer_handle()?;
         let mut targets = Vec::new();
         for mac in macs {
-            if let Some((queue, ifindex)) = self.record_target(*mac)? {
-                targets.push((*mac, queue, ifindex));
+            if let Some((slot, ifindex)) = self.record_target(*mac)? {
+                targets.push((*mac, slot, ifindex));
             }
         }
+        let queues: Vec<u32> = targets.iter().map(|(_, s, _)| receiver_queue(*s)).collect();
         // Armed first: a copy that comes for no recording is dropped.
-        if !buffer.record_arm(targets.iter().map(|(_, q, _)| *q).collect()) {
+        if !buffer.record_arm(queues.clone()) {
             return Err(AgentError::BufferSilent);
         }
-        let mut links = Vec::new();
-        for (mac, _, ifindex) in &targets {
-            match self.datapath().attach_record(*ifindex) {
-                Ok(link) => links.push((*mac, link)),
+        let mut vms = Vec::new();
+        for (mac, slot, ifindex) in &targets {
+            let attached = self.datapath().attach_record(*ifindex);
+            let link = match attached {
+                Ok(link) => link,
                 Err(e) => {
                     // The links made so far are dropped (detached), the recordings taken back.
-                    drop(links);
-                    let queues = targets.iter().map(|(_, q, _)| *q).collect();
+                    drop(vms);
                     let _ = buffer.record_take(queues, Duration::from_secs(10));
                     return Err(e.into());
                 }
+            };
+            let port = self.datapath().port_name(*ifindex).unwrap_or_default();
+            let tap = TapQueue::of(&port).map_err(|e| format!("opening {port}'s queue: {e}"));
+            vms.push((
+                *mac,
+                RecordingVm {
+                    _link: link,
+                    slot: *slot,
+                    ifindex: *ifindex,
+                    tap,
+                    at_cut: Vec::new(),
+                    problem: None,
+                },
+            ));
+        }
+        self.recording.lock().expect("recording lock").extend(vms);
+        Ok(())
+    }
+
+    /// A VM's cut, while it is stopped: its epoch advances, and if its channel state is being
+    /// recorded, what waits in its tap's queue is taken into the recording and put back, ahead
+    /// of anything newer (see the module's header).
+    pub fn advance_at_cut(
+        &self,
+        mac: MacAddr,
+    ) -> Result<crate::datapath::epochs::VmRecord, AgentError> {
+        let mut recording = self.recording.lock().expect("recording lock");
+        let Some(rec) = recording.get_mut(&mac) else {
+            drop(recording);
+            return self.change_epoch(mac, None, false);
+        };
+        let key = mac.key();
+        self.datapath().set_record_skip(rec.slot, true)?;
+        self.tell_buffer(Notice::Freeze { mac: key });
+        let advanced = self.change_epoch(mac, None, false);
+        if advanced.is_ok() {
+            // Every program run that began before the advance has ended: what it delivered
+            // is in the queue now; what came later waits in the frozen buffer queue.
+            rcu_barrier();
+            if let Err(why) = take_queue(rec) {
+                tracing::warn!(%mac, %why, "channel state at the cut");
+                rec.problem.get_or_insert(why);
             }
         }
-        self.recording.lock().expect("recording lock").extend(links);
-        Ok(())
+        let cleared = self.datapath().set_record_skip(rec.slot, false);
+        self.tell_buffer(Notice::Thaw { mac: key });
+        let vm = advanced?;
+        cleared?;
+        Ok(vm)
     }
 
     /// Stops recording for these VMs (those of this host) and hands over what was recorded for
@@ -68,10 +126,14 @@ impl<D: AgentDatapath> Agent<D> {
         macs: &[MacAddr],
         timeout: Duration,
     ) -> Result<BTreeMap<MacAddr, Recording>, AgentError> {
+        // Detached first (dropped), keeping what was taken at the cuts.
+        let mut at_cut: BTreeMap<MacAddr, RecordingVm> = BTreeMap::new();
         {
-            let mut links = self.recording.lock().expect("recording lock");
+            let mut recording = self.recording.lock().expect("recording lock");
             for mac in macs {
-                links.remove(mac);
+                if let Some(rec) = recording.remove(mac) {
+                    at_cut.insert(*mac, rec);
+                }
             }
         }
         let buffer = self.buffer_handle()?;
@@ -79,8 +141,8 @@ impl<D: AgentDatapath> Agent<D> {
         // when a later snapshot arms its slot again) does not keep the others armed.
         let mut queues = BTreeMap::new();
         for mac in macs {
-            if let Ok(Some((queue, _))) = self.record_target(*mac) {
-                queues.insert(queue, *mac);
+            if let Ok(Some((slot, _))) = self.record_target(*mac) {
+                queues.insert(receiver_queue(slot), *mac);
             }
         }
         let taken = buffer
@@ -88,7 +150,16 @@ impl<D: AgentDatapath> Agent<D> {
             .ok_or(AgentError::BufferSilent)?;
         Ok(taken
             .into_iter()
-            .filter_map(|(queue, recording)| Some((*queues.get(&queue)?, recording)))
+            .filter_map(|(queue, mut recording)| {
+                let mac = *queues.get(&queue)?;
+                if let Some(rec) = at_cut.remove(&mac) {
+                    recording.bytes += rec.at_cut.iter().map(|f| f.data.len() as u64).sum::<u64>();
+                    let later = std::mem::replace(&mut recording.frames, rec.at_cut);
+                    recording.frames.extend(later);
+                    recording.problem = rec.problem;
+                }
+                Some((mac, recording))
+            })
             .collect())
     }
 
@@ -115,6 +186,26 @@ impl<D: AgentDatapath> Agent<D> {
             sent,
             dropped: tx_dropped(port).saturating_sub(dropped_before),
         })
+    }
+}
+
+/// Takes what waits in a recording VM's tap queue into its recording, and puts it back.
+fn take_queue(rec: &mut RecordingVm) -> Result<(), String> {
+    let tap = rec.tap.as_ref().map_err(Clone::clone)?;
+    if tap.is_empty() {
+        return Ok(());
+    }
+    let frames = tap
+        .take()
+        .map_err(|e| format!("reading the tap's queue: {e}"))?;
+    let back = put_back(rec.ifindex, &frames);
+    rec.at_cut.extend(frames);
+    match back {
+        Ok(_) => Ok(()),
+        Err((sent, e)) => Err(format!(
+            "putting {} frames back into the tap's queue: {sent} went, then {e}",
+            rec.at_cut.len()
+        )),
     }
 }
 

@@ -27,6 +27,8 @@ pub trait AgentDatapath: EpochStore<Error = DatapathError> + Send + 'static {
     /// Attaches `enforcer_record` to the egress of an attached port (see
     /// [`Datapath::attach_record`]); it stays attached while the returned link lives.
     fn attach_record(&mut self, ifindex: u32) -> Result<Box<dyn Send>, DatapathError>;
+    /// See [`Datapath::set_record_skip`].
+    fn set_record_skip(&mut self, slot: u32, on: bool) -> Result<(), DatapathError>;
 }
 
 impl AgentDatapath for Datapath {
@@ -65,6 +67,9 @@ impl AgentDatapath for Datapath {
             .ok_or_else(|| DatapathError::UnknownInterface(format!("ifindex {ifindex}")))?
             .to_owned();
         Ok(Box::new(Datapath::attach_record(self, &name)?))
+    }
+    fn set_record_skip(&mut self, slot: u32, on: bool) -> Result<(), DatapathError> {
+        Datapath::set_record_skip(self, slot, on)
     }
 }
 
@@ -210,6 +215,9 @@ pub(crate) mod memory {
                     "ifindex {ifindex}"
                 ))),
             }
+        }
+        fn set_record_skip(&mut self, _slot: u32, _on: bool) -> Result<(), DatapathError> {
+            Ok(())
         }
     }
 }

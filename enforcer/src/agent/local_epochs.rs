@@ -146,7 +146,7 @@ impl<D: AgentDatapath> EpochControl for LocalEpochs<D> {
 
     fn advance(&self, vm: &VmSpec) -> Result<u32, EpochControlError> {
         self.agent()?
-            .change_epoch(vm.mac, None, false)
+            .advance_at_cut(vm.mac)
             .map(|r| r.epoch)
             .map_err(|e| control_error(vm, e))
     }

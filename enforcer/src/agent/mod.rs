@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod domains;
 pub mod learn;
 pub mod local_epochs;
+mod recording;
 pub mod service;
 pub mod stats;
 

@@ -153,9 +153,8 @@ pub struct Agent<D: AgentDatapath = Datapath> {
     learned_applied: Arc<AtomicU64>,
     /// Domains whose snapshot a coordinator began through this agent, with their epoch then.
     pub(crate) begun: Mutex<HashMap<String, u32>>,
-    /// The channel-state recordings under way: `enforcer_record` on each VM's port, while
-    /// its link lives (see `channel.rs`).
-    pub(crate) recording: Mutex<HashMap<MacAddr, Box<dyn Send>>>,
+    /// The channel-state recordings under way, by VM (see `channel.rs`).
+    pub(crate) recording: Mutex<HashMap<MacAddr, super::recording::RecordingVm>>,
 }
 
 impl<D: AgentDatapath> Agent<D> {
@@ -167,6 +166,13 @@ impl<D: AgentDatapath> Agent<D> {
             .as_ref()
             .map(Buffer::reporter)
             .ok_or(AgentError::NoBuffer)
+    }
+}
+
+impl<D: AgentDatapath> Agent<D> {
+    /// Tells the buffer thread a notice, in order with the epoch changes' own.
+    pub(crate) fn tell_buffer(&self, notice: Notice) -> bool {
+        ToBuffer(&self.buffer).tell(notice)
     }
 }
 

@@ -388,8 +388,18 @@ impl Client {
         id: &str,
         bridge: Option<&str>,
     ) -> Result<RestoreReport, ClientError> {
+        self.restore_with(id, bridge, true).await
+    }
+
+    /// [`Client::restore`]; `replay`: false leaves the snapshot's channel state out.
+    pub async fn restore_with(
+        &self,
+        id: &str,
+        bridge: Option<&str>,
+        replay: bool,
+    ) -> Result<RestoreReport, ClientError> {
         // A bridge the server cannot take is sent as it is, for the server to refuse.
-        let body = serde_json::json!({ "bridge": bridge });
+        let body = serde_json::json!({ "bridge": bridge, "skip_channel_state": !replay });
         self.call(
             Method::POST,
             &format!("/v1/snapshots/{}/restore", seg(id)),

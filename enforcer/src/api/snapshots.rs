@@ -146,6 +146,6 @@ async fn restore<S: SnapshotService>(
     let id = snapshot_id(&id)?;
     let c = s.snapshots()?;
     Ok(Json(
-        blocking(move || c.restore(&id, req.bridge.as_ref())).await?,
+        blocking(move || c.restore_with(&id, req.bridge.as_ref(), !req.skip_channel_state)).await?,
     ))
 }

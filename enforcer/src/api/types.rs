@@ -121,6 +121,10 @@ pub struct RestoreBody {
     /// Put the restored VMs on this bridge instead of their own.
     #[serde(default)]
     pub bridge: Option<IfName>,
+    /// Leave out the frames in flight at the cut (the snapshot's channel state): the restored
+    /// group then loses them, as without recording. For comparison and diagnosis.
+    #[serde(default)]
+    pub skip_channel_state: bool,
 }
 
 /// `GET /v1/snapshots?group=G`.

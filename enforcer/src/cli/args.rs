@@ -259,6 +259,10 @@ pub enum SnapshotCommand {
         /// Put the restored VMs on this bridge instead of their own.
         #[arg(long)]
         bridge: Option<IfName>,
+        /// Leave out the frames in flight at the cut (the snapshot's channel state): the
+        /// restored group loses them. For comparison and diagnosis.
+        #[arg(long)]
+        skip_channel_state: bool,
     },
     /// Delete a snapshot's images and manifest.
     Rm {

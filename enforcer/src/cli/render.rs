@@ -170,11 +170,9 @@ fn channel_state(c: &ChannelState) -> String {
         c.frames(),
         if c.complete() { "" } else { " (INCOMPLETE)" }
     );
-    for (vm, r) in c
-        .receivers
-        .iter()
-        .filter(|(_, r)| r.frames > 0 || r.dropped_bound > 0 || r.lost_at_most > 0)
-    {
+    for (vm, r) in c.receivers.iter().filter(|(_, r)| {
+        r.frames > 0 || r.dropped_bound > 0 || r.lost_at_most > 0 || r.problem.is_some()
+    }) {
         let from: Vec<String> = r
             .from
             .iter()
@@ -186,6 +184,9 @@ fn channel_state(c: &ChannelState) -> String {
         }
         if r.lost_at_most > 0 {
             let _ = write!(out, ", up to {} lost on the way", r.lost_at_most);
+        }
+        if let Some(p) = &r.problem {
+            let _ = write!(out, ", {p}");
         }
         out.push('\n');
     }

@@ -197,15 +197,16 @@ async fn run_async(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", render::manifest(&m));
             }
         }
-        Command::Snapshot(SnapshotCommand::Restore { id, bridge }) => {
-            print!(
-                "{}",
-                render::restored(
-                    &client
-                        .restore(id.as_str(), bridge.as_ref().map(|b| b.as_str()))
-                        .await?
-                )
-            );
+        Command::Snapshot(SnapshotCommand::Restore {
+            id,
+            bridge,
+            skip_channel_state,
+        }) => {
+            let bridge = bridge.as_ref().map(|b| b.as_str());
+            let restored = client
+                .restore_with(id.as_str(), bridge, !skip_channel_state)
+                .await?;
+            print!("{}", render::restored(&restored));
         }
         Command::Snapshot(SnapshotCommand::Rm { id }) => {
             let m = client.delete_snapshot(id.as_str()).await?;

@@ -223,6 +223,14 @@ impl Datapath {
         self.per_cpu_sum(names::HOLD_KERNEL, reason.index())
     }
 
+    /// Sets `record_skip[slot]`: while on, `enforcer_record` leaves the receiver's frames to
+    /// the daemon, which takes them from the receiver's queue at its cut.
+    pub fn set_record_skip(&mut self, slot: u32, on: bool) -> Result<(), DatapathError> {
+        let mut map: Array<&mut MapData, u32> = Array::try_from(self.map(names::RECORD_SKIP)?)?;
+        map.set(slot, u32::from(on), 0)?;
+        Ok(())
+    }
+
     /// What each CPU's programs handed to the hold path for hold queue `queue` (`hold_seq`),
     /// indexed by CPU. Read twice until both reads agree, so no pair is torn by a program
     /// run counting at the same moment.

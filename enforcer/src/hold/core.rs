@@ -31,7 +31,7 @@
 //! them.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     time::{Duration, Instant},
 };
 
@@ -116,6 +116,19 @@ pub(crate) trait Kernel {
     fn grace_passed(&mut self, token: u64) -> bool;
 }
 
+/// A take waits for what a drain waits for.
+impl<K: Kernel> Fence for K {
+    fn grace_start(&mut self) -> u64 {
+        Kernel::grace_start(self)
+    }
+    fn grace_passed(&mut self, token: u64) -> bool {
+        Kernel::grace_passed(self, token)
+    }
+    fn handed(&mut self, queue: u32) -> Option<Vec<HoldSeq>> {
+        Kernel::handed(self, queue)
+    }
+}
+
 struct Held {
     data: Vec<u8>,
     vnet: VnetHeader,
@@ -179,8 +192,11 @@ pub(crate) struct Core {
     totals_dirty: bool,
     hold_hist: [u64; BUCKETS.len() + 1],
     hold_sum: f64,
-    /// The channel state being recorded (see [`super::record`]).
-    recorder: Recorder,
+    /// The channel state being recorded (see [`super::record`]): armed and taken through it,
+    /// handed out by [`Core::progress_takes`].
+    pub(crate) recorder: Recorder,
+    /// Receivers whose queues are kept whatever may be released ([`Notice::Freeze`]).
+    frozen: HashSet<MacKey>,
 }
 
 /// The queues and accounting as a report shows them (the thread adds the kernel's part).
@@ -252,6 +268,7 @@ impl Core {
             hold_hist: [0; BUCKETS.len() + 1],
             hold_sum: 0.0,
             recorder: Recorder::default(),
+            frozen: HashSet::new(),
         }
     }
 
@@ -316,7 +333,13 @@ impl Core {
             .vnet
             .moved(HoldHeader::LEN, if tag.is_some() { 4 } else { 0 });
         if header.flags & HOLD_RECORD != 0 {
-            self.record(queue_index, RecordedFrame { vnet: vnet.0, data });
+            let frame = RecordedFrame { vnet: vnet.0, data };
+            let fate = (self.recorder).record(
+                queue_index,
+                frame,
+                self.max_bytes.saturating_sub(self.held_bytes),
+            );
+            self.bump(fate, 1);
             return;
         }
         if header.flags & HOLD_FROM_XDP != 0 {
@@ -335,7 +358,8 @@ impl Core {
             self.finish_order(wire, queue_index, for_order as u64);
             return;
         };
-        let releasable = releasable(color, aborts, self.released(key), self.known_aborts(key));
+        let releasable = releasable(color, aborts, self.released(key), self.known_aborts(key))
+            && !self.is_frozen(key);
         let queue = self.queues.entry(key).or_default();
         let held = Held {
             data,
@@ -364,59 +388,14 @@ impl Core {
         queue.frames.push_back(held);
     }
 
-    /// Keeps a copy `enforcer_record` handed over (already delivered): recorded, or dropped
-    /// (the memory bound; no recording armed for its receiver), counted.
-    fn record(&mut self, queue: u32, frame: RecordedFrame) {
-        if !self.recorder.is_armed(queue) {
-            self.bump(HoldTotal::DroppedUnknown, 1);
-            return;
-        }
-        if self.held_bytes + self.recorder.bytes() as usize + frame.data.len() > self.max_bytes {
-            self.recorder.dropped_bound(queue);
-            self.bump(HoldTotal::DroppedBound, 1);
-            return;
-        }
-        self.recorder.keep(queue, frame);
-        self.bump(HoldTotal::Recorded, 1);
-    }
-
-    /// Starts recording the channel state of the receivers with these hold queues.
-    pub(crate) fn arm_recording(&mut self, queues: &[u32]) {
-        self.recorder.arm(queues);
-    }
-
-    /// Asks for the recordings of `queues` (see [`Recorder::take`]); [`Core::progress_takes`]
-    /// hands them out.
-    pub(crate) fn take_recordings(&mut self, id: u64, queues: Vec<u32>) {
-        self.recorder.take(id, queues);
-    }
-
     /// The takes complete by now, with their recordings.
     pub(crate) fn progress_takes(
         &mut self,
         kernel: &mut impl Kernel,
     ) -> Vec<(u64, Vec<(u32, Recording)>)> {
-        struct Reads<'a, K> {
-            kernel: &'a mut K,
-            streams: &'a HashMap<(u32, u32), HoldSeq>,
-        }
-        impl<K: Kernel> Fence for Reads<'_, K> {
-            fn grace_start(&mut self) -> u64 {
-                self.kernel.grace_start()
-            }
-            fn grace_passed(&mut self, token: u64) -> bool {
-                self.kernel.grace_passed(token)
-            }
-            fn handed(&mut self, queue: u32) -> Option<Vec<HoldSeq>> {
-                self.kernel.handed(queue)
-            }
-            fn next(&self, queue: u32, cpu: u32) -> u64 {
-                self.streams.get(&(queue, cpu)).map_or(0, |s| s.all)
-            }
-        }
-        self.recorder.progress(&mut Reads {
-            kernel,
-            streams: &self.streams,
+        let streams = &self.streams;
+        self.recorder.progress(kernel, |queue, cpu| {
+            streams.get(&(queue, cpu)).map_or(0, |s| s.all)
         })
     }
 
@@ -475,6 +454,10 @@ impl Core {
         self.aborts.get(&group).copied().unwrap_or(0)
     }
 
+    fn is_frozen(&self, key: Key) -> bool {
+        matches!(key, Key::Vm(mac) if self.frozen.contains(&mac))
+    }
+
     fn released(&self, key: Key) -> u32 {
         match key {
             Key::Vm(mac) => self.released_vm.get(&mac).copied().unwrap_or(0),
@@ -513,6 +496,7 @@ impl Core {
                 }
             }
             Notice::Vm { mac, vm: None } => {
+                self.frozen.remove(&mac);
                 self.vms.remove(&mac);
                 self.released_vm.remove(&mac);
                 if let Some(mut q) = self.queues.remove(&Key::Vm(mac)) {
@@ -550,6 +534,9 @@ impl Core {
                     .collect();
                 let min = members.iter().map(|(_, e)| *e).min().unwrap_or(0);
                 self.released_group.insert(group, min);
+                for (mac, _) in &members {
+                    self.frozen.remove(mac);
+                }
                 // Everything held from the aborted snapshot goes (an older count); a frame a
                 // new snapshot classified meanwhile (this count) waits for its color.
                 for (mac, epoch) in &members {
@@ -560,12 +547,23 @@ impl Core {
                 self.release(wire, Key::Group(group), now);
                 self.drains.insert(Key::Group(group), Drain::Start);
             }
+            Notice::Freeze { mac } => {
+                self.frozen.insert(mac);
+            }
+            Notice::Thaw { mac } => {
+                if self.frozen.remove(&mac) {
+                    self.release(wire, Key::Vm(mac), now);
+                }
+            }
         }
     }
 
     /// Sends what may be released from a queue, in order and in batches; returns how many
     /// frames left it.
     fn flush(&mut self, wire: &mut impl Wire, key: Key, batches: usize, now: Instant) -> u64 {
+        if self.is_frozen(key) {
+            return 0;
+        }
         let released = self.released(key);
         let known = self.known_aborts(key);
         let mut released_frames = 0;

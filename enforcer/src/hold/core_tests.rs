@@ -594,7 +594,7 @@ fn recordings_share_the_memory_bound_and_start_afresh_when_armed_again() {
         ..HoldHeader::default()
     };
     let now = sim.now;
-    sim.core.arm_recording(&[queue]);
+    sim.core.recorder.arm(&[queue]);
     for seq in 0..3 {
         let f = held(frame(0, Some(1), seq, 0), header(seq as u64, HOLD_RECORD));
         sim.core.on_frame(&mut sim.ports, f, now);
@@ -613,7 +613,7 @@ fn recordings_share_the_memory_bound_and_start_afresh_when_armed_again() {
     assert_eq!(sim.core.held_frames(), 0);
 
     let take = |sim: &mut Sim| {
-        sim.core.take_recordings(7, vec![queue]);
+        sim.core.recorder.take(7, vec![queue]);
         let done = sim.core.progress_takes(&mut sim.dp);
         assert_eq!(done.len(), 1, "nothing was still on its way");
         let (id, mut recordings) = done.into_iter().next().unwrap();
@@ -621,7 +621,7 @@ fn recordings_share_the_memory_bound_and_start_afresh_when_armed_again() {
         recordings.remove(0).1
     };
     // Armed again without a take: what it had is gone, not carried into the new recording.
-    sim.core.arm_recording(&[queue]);
+    sim.core.recorder.arm(&[queue]);
     let f = held(frame(0, Some(1), 4, 0), header(4, HOLD_RECORD));
     sim.core.on_frame(&mut sim.ports, f, now);
     let rec = take(&mut sim);
@@ -632,4 +632,55 @@ fn recordings_share_the_memory_bound_and_start_afresh_when_armed_again() {
     );
     assert_eq!(parse(&rec.frames[0].data).1, 4);
     assert_eq!(take(&mut sim), Recording::default(), "taken: disarmed");
+}
+
+/// At a receiver's cut the daemon takes what waits in its tap and puts it back; meanwhile its
+/// buffer queue is frozen: frames that may go are kept, in order, and leave only at the thaw
+/// (so none overtakes what is put back). An abort thaws too.
+#[test]
+fn a_frozen_queue_keeps_what_may_go_until_it_thaws_then_sends_it_in_order() {
+    let mut sim = Sim::new(2, usize::MAX);
+    let slot = sim.dp.map.vms[&mac(1)].slot;
+    let header = |ticket: u64| HoldHeader {
+        color: 0,
+        ticket,
+        queue: enforcer_common::receiver_queue(slot),
+        port: sim.dp.map.vms[&mac(0)].slot,
+        ifindex: ifindex(0),
+        flags: HOLD_FOR_ORDER,
+        ..HoldHeader::default()
+    };
+    let now = sim.now;
+    sim.core
+        .on_notice(&mut sim.ports, Notice::Freeze { mac: mac(1) }, now);
+    for seq in 0..3 {
+        let f = held(frame(0, Some(1), seq, 0), header(seq as u64));
+        sim.core.on_frame(&mut sim.ports, f, now);
+    }
+    assert!(
+        sim.ports.log.is_empty(),
+        "kept while frozen: {:?}",
+        sim.ports.log
+    );
+    assert_eq!(sim.core.held_frames(), 3);
+    sim.core
+        .on_notice(&mut sim.ports, Notice::Thaw { mac: mac(1) }, now);
+    let seqs: Vec<u32> = sim.ports.log.iter().map(|(_, f)| parse(f).1).collect();
+    assert_eq!(seqs, [0, 1, 2], "all of it at the thaw, in order");
+
+    // Frozen again, then the group's snapshot aborted: the abort releases it.
+    sim.core
+        .on_notice(&mut sim.ports, Notice::Freeze { mac: mac(1) }, now);
+    let f = held(frame(0, Some(1), 3, 0), header(3));
+    sim.core.on_frame(&mut sim.ports, f, now);
+    assert_eq!(sim.ports.log.len(), 3);
+    sim.core.on_notice(
+        &mut sim.ports,
+        Notice::Release {
+            group: GROUP,
+            aborts: 1,
+        },
+        now,
+    );
+    assert_eq!(sim.ports.log.len(), 4, "an abort thaws the queue");
 }

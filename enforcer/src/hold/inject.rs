@@ -167,7 +167,40 @@ pub fn replay_into(
     ifindex: u32,
     frames: &[super::RecordedFrame],
 ) -> Result<usize, (usize, std::io::Error)> {
+    send_out_of(ifindex, 0, frames)
+}
+
+/// Puts frames taken from a VM's tap queue back, out of its port toward it, in order, marked
+/// [`enforcer_common::RECORD_COPY_MARK`] so `enforcer_record` does not record them again.
+pub fn put_back(
+    ifindex: u32,
+    frames: &[super::RecordedFrame],
+) -> Result<usize, (usize, std::io::Error)> {
+    send_out_of(ifindex, enforcer_common::RECORD_COPY_MARK, frames)
+}
+
+fn send_out_of(
+    ifindex: u32,
+    mark: u32,
+    frames: &[super::RecordedFrame],
+) -> Result<usize, (usize, std::io::Error)> {
     let fd = packet_socket(ifindex).map_err(|e| (0, e))?;
+    if mark != 0 {
+        let value = mark as libc::c_int;
+        // SAFETY: a valid socket and a c_int option value that outlives the call.
+        let r = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&value as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err((0, std::io::Error::last_os_error()));
+        }
+    }
     let vnets: Vec<super::ring::VnetHeader> = frames
         .iter()
         .map(|f| super::ring::VnetHeader(f.vnet))

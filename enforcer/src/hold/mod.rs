@@ -36,11 +36,13 @@ pub mod protocol;
 mod record;
 pub mod report;
 mod ring;
+pub mod tap;
 mod thread;
 
 pub use buffer::{Buffer, Reporter};
 pub use config::{HoldError, HoldOptions, LoopHook, LoopPoint};
-pub use inject::replay_into;
+pub use inject::{put_back, replay_into};
 pub use protocol::{Command, Notice};
 pub use record::{RecordedFrame, Recording, Replayed};
 pub use report::{HoldReport, KernelLoss, QueueKey, QueueReport};
+pub(crate) use thread::rcu_barrier;

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 
-use enforcer_common::HoldSeq;
+use enforcer_common::{HoldSeq, HoldTotal};
 
 use super::ring::VNET_LEN;
 
@@ -39,6 +39,8 @@ pub struct Recording {
     /// socket's ring was full, or the kernel could not copy a frame): recorded frames among
     /// them at most this many.
     pub lost_at_most: u64,
+    /// What else kept it from being complete (its tap's queue unreadable at the cut).
+    pub problem: Option<String>,
 }
 
 /// What a replay put in front of a restored VM.
@@ -78,8 +80,6 @@ pub(crate) trait Fence {
     fn grace_start(&mut self) -> u64;
     fn grace_passed(&mut self, token: u64) -> bool;
     fn handed(&mut self, queue: u32) -> Option<Vec<HoldSeq>>;
-    /// The next ticket expected from (queue, CPU).
-    fn next(&self, queue: u32, cpu: u32) -> u64;
 }
 
 impl Recorder {
@@ -91,25 +91,21 @@ impl Recorder {
         }
     }
 
-    pub(crate) fn is_armed(&self, queue: u32) -> bool {
-        self.armed.contains_key(&queue)
-    }
-
-    /// Keeps a recorded frame; false when its queue is not armed (a late copy).
-    pub(crate) fn keep(&mut self, queue: u32, frame: RecordedFrame) -> bool {
+    /// Keeps a copy `enforcer_record` handed over (already delivered) if the recordings stay
+    /// within `room` bytes; returns its fate: `recorded`, or dropped (`dropped_bound`; a late
+    /// copy, for a receiver no longer armed: `dropped_unknown`).
+    pub(crate) fn record(&mut self, queue: u32, frame: RecordedFrame, room: usize) -> HoldTotal {
+        let total = self.bytes();
         let Some(r) = self.armed.get_mut(&queue) else {
-            return false;
+            return HoldTotal::DroppedUnknown;
         };
+        if total as usize + frame.data.len() > room {
+            r.dropped_bound += 1;
+            return HoldTotal::DroppedBound;
+        }
         r.bytes += frame.data.len() as u64;
         r.frames.push(frame);
-        true
-    }
-
-    /// A recorded frame not kept for the memory bound.
-    pub(crate) fn dropped_bound(&mut self, queue: u32) {
-        if let Some(r) = self.armed.get_mut(&queue) {
-            r.dropped_bound += 1;
-        }
+        HoldTotal::Recorded
     }
 
     /// `lost` frames handed over for `queue` never came.
@@ -137,10 +133,15 @@ impl Recorder {
     /// Moves the takes on; returns those complete, with their recordings (an unarmed queue
     /// gives an empty one). Frames still missing are the audit's to find lost, which moves
     /// the tickets on.
-    pub(crate) fn progress(&mut self, fence: &mut impl Fence) -> Vec<(u64, Vec<(u32, Recording)>)> {
+    /// `next(queue, cpu)`: the next ticket the buffer expects from that CPU for that queue.
+    pub(crate) fn progress(
+        &mut self,
+        fence: &mut impl Fence,
+        next: impl Fn(u32, u32) -> u64,
+    ) -> Vec<(u64, Vec<(u32, Recording)>)> {
         let mut done = Vec::new();
         for mut take in std::mem::take(&mut self.takes) {
-            if !Self::fenced(&mut take, fence) {
+            if !Self::fenced(&mut take, fence, &next) {
                 self.takes.push(take);
                 continue;
             }
@@ -155,7 +156,7 @@ impl Recorder {
     }
 
     /// Moves one take as far as it goes; true once every frame before its fence has come.
-    fn fenced(take: &mut Take, fence: &mut impl Fence) -> bool {
+    fn fenced(take: &mut Take, fence: &mut impl Fence, next: &impl Fn(u32, u32) -> u64) -> bool {
         loop {
             match &take.state {
                 TakeState::Start => {
@@ -181,7 +182,7 @@ impl Recorder {
                     return f.iter().all(|(q, cpus)| {
                         cpus.iter()
                             .enumerate()
-                            .all(|(cpu, seq)| fence.next(*q, cpu as u32) >= seq.all)
+                            .all(|(cpu, seq)| next(*q, cpu as u32) >= seq.all)
                     });
                 }
             }

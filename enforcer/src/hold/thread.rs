@@ -287,10 +287,10 @@ impl Thread {
                         busy = true;
                         let _ = tx.send(self.report());
                     }
-                    Ok(Command::RecordArm { queues }) => self.core.arm_recording(&queues),
+                    Ok(Command::RecordArm { queues }) => self.core.recorder.arm(&queues),
                     Ok(Command::RecordTake { queues, reply }) => {
                         self.next_take += 1;
-                        self.core.take_recordings(self.next_take, queues);
+                        self.core.recorder.take(self.next_take, queues);
                         self.takes.insert(self.next_take, reply);
                     }
                     Err(mpsc::TryRecvError::Empty) => break,

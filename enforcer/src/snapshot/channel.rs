@@ -55,6 +55,9 @@ pub struct ReceiverChannel {
     /// Frames that may have been lost on their way to the buffer (an upper bound).
     #[serde(default)]
     pub lost_at_most: u64,
+    /// What else kept it from being complete (its tap's queue unreadable at its cut).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 impl ChannelState {
@@ -73,7 +76,7 @@ impl ChannelState {
             && self
                 .receivers
                 .values()
-                .all(|r| r.dropped_bound == 0 && r.lost_at_most == 0)
+                .all(|r| r.dropped_bound == 0 && r.lost_at_most == 0 && r.problem.is_none())
     }
 
     /// Frames recorded, over every receiver.
@@ -127,6 +130,7 @@ pub fn save(
                 from,
                 dropped_bound: rec.dropped_bound,
                 lost_at_most: rec.lost_at_most,
+                problem: rec.problem.clone(),
             },
         );
     }
@@ -208,6 +212,7 @@ mod tests {
             bytes: 45,
             dropped_bound: 0,
             lost_at_most: 2,
+            problem: None,
         };
         let state = save(
             &dir,

@@ -40,11 +40,23 @@ use crate::{
 };
 
 impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coordinator<H, E> {
-    /// Restores every VM of a committed snapshot together, optionally onto `bridge`.
+    /// Restores every VM of a committed snapshot together, optionally onto `bridge`, its
+    /// channel state replayed.
     pub fn restore(
         &self,
         id: &SnapshotId,
         bridge: Option<&IfName>,
+    ) -> Result<RestoreReport, CoordinatorError> {
+        self.restore_with(id, bridge, true)
+    }
+
+    /// [`Coordinator::restore`]; `replay`: false leaves the channel state out (the restored
+    /// group loses the frames in flight at the cut, as without recording).
+    pub fn restore_with(
+        &self,
+        id: &SnapshotId,
+        bridge: Option<&IfName>,
+        replay: bool,
     ) -> Result<RestoreReport, CoordinatorError> {
         let m = self.get(id)?;
         if m.outcome != SnapshotOutcome::Committed {
@@ -94,7 +106,14 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
         let journal_path = self.restore_journal_path(id)?;
         write_atomically(&journal_path, &journal)?;
         let undo_failed = std::cell::Cell::new(false);
-        let result = self.restore_journaled(&m, bridge, &mut journal, &journal_path, &undo_failed);
+        let result = self.restore_journaled(
+            &m,
+            bridge,
+            replay,
+            &mut journal,
+            &journal_path,
+            &undo_failed,
+        );
         if result.is_err() && undo_failed.get() {
             // Something restored could not be destroyed: the next start tries again.
             warn!(%id, "undoing the failed restore did not go through; its journal stays");
@@ -117,6 +136,7 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
         &self,
         m: &super::manifest::Manifest,
         bridge: Option<&IfName>,
+        replay: bool,
         journal: &mut RestoreJournal,
         journal_path: &std::path::Path,
         undo_failed: &std::cell::Cell<bool>,
@@ -185,7 +205,7 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
         }
         // The frames in flight at the cut (invariant 7), in front of each receiver before any
         // VM runs, so no restored sender's new frame can overtake them.
-        if m.channel_state.as_ref().is_some_and(|c| c.recorded) {
+        if replay && m.channel_state.as_ref().is_some_and(|c| c.recorded) {
             let dir = self.store.join(id);
             for r in &mut restored {
                 let replayed = channel::load(&dir, &r.name)

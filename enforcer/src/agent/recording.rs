@@ -1,0 +1,18 @@
+//! The state of one VM's channel-state recording while its group's snapshot runs (what
+//! `channel.rs` keeps per VM on the agent).
+
+use crate::hold::{RecordedFrame, tap::TapQueue};
+
+/// One VM's recording under way.
+pub(crate) struct RecordingVm {
+    /// `enforcer_record` on its port, while this lives.
+    pub(crate) _link: Box<dyn Send>,
+    pub(crate) slot: u32,
+    pub(crate) ifindex: u32,
+    /// Its tap's queues (QEMU's descriptors); `Err`: why they cannot be read.
+    pub(crate) tap: Result<TapQueue, String>,
+    /// Taken from its tap's queue at its cut: before anything the program recorded.
+    pub(crate) at_cut: Vec<RecordedFrame>,
+    /// What went wrong at its cut, if anything (the recording is then incomplete).
+    pub(crate) problem: Option<String>,
+}

@@ -1,0 +1,152 @@
+//! The frames waiting in a VM's tap queue (channel state, invariant 7 in docs/design.md).
+//!
+//! A frame the bridge delivered to a VM's tap waits in the tap's queue until QEMU reads it
+//! into the guest, and QEMU does not read while the VM is stopped. So at a VM's cut (its
+//! stop) that queue holds frames in neither image: delivered after the cut (from senders still
+//! running, until the VM's epoch advances ms later), or before it and not read yet. The
+//! daemon takes them with QEMU's own descriptors of the tap (`pidfd_getfd(2)`, found through
+//! `/proc/<pid>/fdinfo`, where a tun file names its interface as `iff:`), and puts them back
+//! out of the port, in the same order, for the running VM.
+
+use std::{
+    fs, io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
+
+use super::record::RecordedFrame;
+
+/// `TUNGETIFF`: the tun file's flags.
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+/// `TUNGETVNETHDRSZ`: the virtio-net header's size in front of each frame read.
+const TUNGETVNETHDRSZ: libc::c_ulong = 0x8004_54d7;
+const IFF_VNET_HDR: libc::c_int = 0x4000;
+/// `VIRTIO_NET_HDR_F_DATA_VALID`: receive-side only; never sent.
+const DATA_VALID: u8 = 2;
+
+/// The queues of one tap, through the descriptors of the process that reads it.
+#[derive(Debug)]
+pub struct TapQueue {
+    /// One per queue (a multi-queue tap has several), with its virtio-net header size.
+    files: Vec<(OwnedFd, usize)>,
+}
+
+impl TapQueue {
+    /// The queues of tap `port`, taken from whichever process holds them open (QEMU). Empty
+    /// when none does (a veth port, or a tap nobody reads).
+    pub fn of(port: &str) -> io::Result<Self> {
+        let want = format!("iff:\t{port}\n");
+        let mut files = Vec::new();
+        for proc in fs::read_dir("/proc")?.flatten() {
+            let Some(pid) = proc
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(fds) = fs::read_dir(proc.path().join("fdinfo")) else {
+                continue;
+            };
+            for fd in fds.flatten() {
+                let Some(n) = fd.file_name().to_str().and_then(|f| f.parse::<i32>().ok()) else {
+                    continue;
+                };
+                let info = fs::read_to_string(fd.path()).unwrap_or_default();
+                if !info.contains(&want) {
+                    continue;
+                }
+                let file = steal(pid, n)?;
+                let vnet = vnet_size(&file)?;
+                files.push((file, vnet));
+            }
+        }
+        Ok(Self { files })
+    }
+
+    /// Whether any process holds the tap open.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// Takes every frame waiting in the queues now, each queue in its order (never blocks:
+    /// a queue with nothing to read is left at once).
+    pub fn take(&self) -> io::Result<Vec<RecordedFrame>> {
+        let mut frames = Vec::new();
+        let mut buf = vec![0u8; 65_536 + 64];
+        for (file, vnet) in &self.files {
+            loop {
+                let mut pfd = libc::pollfd {
+                    fd: file.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+                if ready <= 0 || pfd.revents & libc::POLLIN == 0 {
+                    break;
+                }
+                // SAFETY: reading into our buffer, within its length.
+                let n = unsafe { libc::read(file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::WouldBlock {
+                        break;
+                    }
+                    return Err(e);
+                }
+                let n = n as usize;
+                if n < *vnet + 14 {
+                    continue;
+                }
+                let mut header = [0u8; 10];
+                let take = (*vnet).min(10);
+                header[..take].copy_from_slice(&buf[..take]);
+                header[0] &= !DATA_VALID;
+                frames.push(RecordedFrame {
+                    vnet: header,
+                    data: buf[*vnet..n].to_vec(),
+                });
+            }
+        }
+        Ok(frames)
+    }
+}
+
+/// Descriptor `fd` of process `pid`, duplicated into this one (`pidfd_getfd(2)`).
+fn steal(pid: i32, fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: a plain system call; the result is checked and owned below.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if pidfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `pidfd` is a fresh descriptor we own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // SAFETY: a plain system call on our pidfd; the result is checked and owned below.
+    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) } as i32;
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `got` is a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(got) })
+}
+
+/// The size of the virtio-net header the tun file puts in front of each frame (0: none).
+fn vnet_size(file: &OwnedFd) -> io::Result<usize> {
+    let mut flags: libc::c_int = 0;
+    // SAFETY: TUNGETIFF writes an ifreq whose flags we read; a zeroed ifreq outlives the call.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::ioctl(file.as_raw_fd(), TUNGETIFF as _, &mut req) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNGETIFF filled the flags member of the union.
+    let iff = unsafe { req.ifr_ifru.ifru_flags } as libc::c_int;
+    if iff & IFF_VNET_HDR == 0 {
+        return Ok(0);
+    }
+    // SAFETY: TUNGETVNETHDRSZ writes one int, which outlives the call.
+    if unsafe { libc::ioctl(file.as_raw_fd(), TUNGETVNETHDRSZ as _, &mut flags) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(flags.max(0) as usize)
+}
