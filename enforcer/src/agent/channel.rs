@@ -126,13 +126,18 @@ impl<D: AgentDatapath> Agent<D> {
         macs: &[MacAddr],
         timeout: Duration,
     ) -> Result<BTreeMap<MacAddr, Recording>, AgentError> {
-        // Detached first (dropped), keeping what was taken at the cuts.
-        let mut at_cut: BTreeMap<MacAddr, RecordingVm> = BTreeMap::new();
+        // Detached first (the links dropped here), keeping what was taken at the cuts.
+        let mut at_cut: BTreeMap<MacAddr, (Vec<RecordedFrame>, Option<String>)> = BTreeMap::new();
         {
             let mut recording = self.recording.lock().expect("recording lock");
             for mac in macs {
-                if let Some(rec) = recording.remove(mac) {
-                    at_cut.insert(*mac, rec);
+                if let Some(RecordingVm {
+                    at_cut: frames,
+                    problem,
+                    ..
+                }) = recording.remove(mac)
+                {
+                    at_cut.insert(*mac, (frames, problem));
                 }
             }
         }
@@ -152,11 +157,11 @@ impl<D: AgentDatapath> Agent<D> {
             .into_iter()
             .filter_map(|(queue, mut recording)| {
                 let mac = *queues.get(&queue)?;
-                if let Some(rec) = at_cut.remove(&mac) {
-                    recording.bytes += rec.at_cut.iter().map(|f| f.data.len() as u64).sum::<u64>();
-                    let later = std::mem::replace(&mut recording.frames, rec.at_cut);
+                if let Some((frames, problem)) = at_cut.remove(&mac) {
+                    recording.bytes += frames.iter().map(|f| f.data.len() as u64).sum::<u64>();
+                    let later = std::mem::replace(&mut recording.frames, frames);
                     recording.frames.extend(later);
-                    recording.problem = rec.problem;
+                    recording.problem = problem;
                 }
                 Some((mac, recording))
             })
