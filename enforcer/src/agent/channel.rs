@@ -58,6 +58,8 @@ impl<D: AgentDatapath> Agent<D> {
         }
         let mut vms = Vec::new();
         for (mac, slot, ifindex) in &targets {
+            // A cut that died half-way may have left it set (it is pinned).
+            self.datapath().set_record_skip(*slot, false)?;
             let attached = self.datapath().attach_record(*ifindex);
             let link = match attached {
                 Ok(link) => link,
@@ -200,16 +202,20 @@ fn take_queue(rec: &mut RecordingVm) -> Result<(), String> {
     if tap.is_empty() {
         return Ok(());
     }
-    let frames = tap
-        .take()
-        .map_err(|e| format!("reading the tap's queue: {e}"))?;
-    let back = put_back(rec.ifindex, &frames);
+    // What was read goes back whatever else failed: the running VM must not lose it.
+    let (frames, read) = tap.take();
+    let back = if frames.is_empty() {
+        Ok(0)
+    } else {
+        put_back(rec.ifindex, &frames)
+    };
+    let n = frames.len();
     rec.at_cut.extend(frames);
-    match back {
-        Ok(_) => Ok(()),
-        Err((sent, e)) => Err(format!(
-            "putting {} frames back into the tap's queue: {sent} went, then {e}",
-            rec.at_cut.len()
+    match (read, back) {
+        (None, Ok(_)) => Ok(()),
+        (Some(e), _) => Err(format!("reading the tap's queue: {e} ({n} frames read)")),
+        (None, Err((sent, e))) => Err(format!(
+            "putting {n} frames back into the tap's queue: {sent} went, then {e}"
         )),
     }
 }

@@ -729,7 +729,12 @@ impl Core {
                     let next = self.streams.get(&(queue, cpu as u32));
                     next.map_or(0, |n| n.all) >= f.all
                 });
-                if !all_came || self.queues.get(&key).is_some_and(|q| !q.frames.is_empty()) {
+                // A frozen queue (its receiver's tap is being read at its cut) keeps newer frames
+                // held until it thaws, however empty it is.
+                if !all_came
+                    || self.is_frozen(key)
+                    || self.queues.get(&key).is_some_and(|q| !q.frames.is_empty())
+                {
                     return false;
                 }
                 kernel.clear_draining(key);

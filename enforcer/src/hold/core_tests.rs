@@ -641,11 +641,12 @@ fn recordings_share_the_memory_bound_and_start_afresh_when_armed_again() {
 fn a_frozen_queue_keeps_what_may_go_until_it_thaws_then_sends_it_in_order() {
     let mut sim = Sim::new(2, usize::MAX);
     let slot = sim.dp.map.vms[&mac(1)].slot;
+    let sender_slot = sim.dp.map.vms[&mac(0)].slot;
     let header = |ticket: u64| HoldHeader {
         color: 0,
         ticket,
         queue: enforcer_common::receiver_queue(slot),
-        port: sim.dp.map.vms[&mac(0)].slot,
+        port: sender_slot,
         ifindex: ifindex(0),
         flags: HOLD_FOR_ORDER,
         ..HoldHeader::default()
@@ -667,6 +668,29 @@ fn a_frozen_queue_keeps_what_may_go_until_it_thaws_then_sends_it_in_order() {
         .on_notice(&mut sim.ports, Notice::Thaw { mac: mac(1) }, now);
     let seqs: Vec<u32> = sim.ports.log.iter().map(|(_, f)| parse(f).1).collect();
     assert_eq!(seqs, [0, 1, 2], "all of it at the thaw, in order");
+
+    // Its advance at its cut while frozen: the drain that follows does not end (newer frames
+    // keep being held) until the thaw, even with nothing in the queue (found in review).
+    sim.core
+        .on_notice(&mut sim.ports, Notice::Freeze { mac: mac(1) }, now);
+    sim.core.on_notice(
+        &mut sim.ports,
+        Notice::Advanced {
+            mac: mac(1),
+            epoch: 1,
+        },
+        now,
+    );
+    for _ in 0..3 {
+        sim.core
+            .progress_drains(&mut sim.ports, &mut sim.dp, true, now);
+    }
+    assert_eq!(sim.core.draining(), [Key::Vm(mac(1))], "held while frozen");
+    sim.core
+        .on_notice(&mut sim.ports, Notice::Thaw { mac: mac(1) }, now);
+    sim.core
+        .progress_drains(&mut sim.ports, &mut sim.dp, true, now);
+    assert!(sim.core.draining().is_empty(), "ends once thawed");
 
     // Frozen again, then the group's snapshot aborted: the abort releases it.
     sim.core

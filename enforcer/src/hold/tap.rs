@@ -69,9 +69,15 @@ impl TapQueue {
     }
 
     /// Takes every frame waiting in the queues now, each queue in its order (never blocks:
-    /// a queue with nothing to read is left at once).
-    pub fn take(&self) -> io::Result<Vec<RecordedFrame>> {
+    /// a queue with nothing to read is left at once). On an error, also the frames taken
+    /// before it: they must go back all the same.
+    pub fn take(&self) -> (Vec<RecordedFrame>, Option<io::Error>) {
         let mut frames = Vec::new();
+        let error = self.take_into(&mut frames).err();
+        (frames, error)
+    }
+
+    fn take_into(&self, frames: &mut Vec<RecordedFrame>) -> io::Result<()> {
         let mut buf = vec![0u8; 65_536 + 64];
         for (file, vnet) in &self.files {
             loop {
@@ -108,7 +114,7 @@ impl TapQueue {
                 });
             }
         }
-        Ok(frames)
+        Ok(())
     }
 }
 
