@@ -42,9 +42,10 @@ use enforcer_common::{
 
 use super::{
     checksum::complete_l4_checksum,
+    fence::{Fence, FenceWait},
     fifo::Fifo,
     protocol::Notice,
-    record::{Fence, RecordedFrame, Recorder, Recording},
+    record::{RecordedFrame, Recorder, Recording},
     report::{QueueKey, QueueReport},
     ring::{Received, VnetHeader},
 };
@@ -102,31 +103,11 @@ pub(crate) trait Wire {
 /// What the programs have handed over, by hold queue, then by CPU.
 type Handed = Vec<(u32, Vec<HoldSeq>)>;
 
-/// What ending a drain reads and writes in the datapath.
-pub(crate) trait Kernel {
-    /// What each CPU's programs have handed to the hold path for `queue`, by CPU (`None`:
-    /// unreadable).
-    fn handed(&mut self, queue: u32) -> Option<Vec<HoldSeq>>;
+/// What ending a drain reads and writes in the datapath: the wait for the hand-over
+/// ([`Fence`]), then the flag.
+pub(crate) trait Kernel: Fence {
     /// Clears the draining flag of the queue's receiver (or group) in the maps.
     fn clear_draining(&mut self, key: Key);
-    /// Starts an RCU grace period (or joins one starting); returns its token.
-    fn grace_start(&mut self) -> u64;
-    /// Whether grace period `token` has passed: every program run that began before it
-    /// started has ended.
-    fn grace_passed(&mut self, token: u64) -> bool;
-}
-
-/// A take waits for what a drain waits for.
-impl<K: Kernel> Fence for K {
-    fn grace_start(&mut self) -> u64 {
-        Kernel::grace_start(self)
-    }
-    fn grace_passed(&mut self, token: u64) -> bool {
-        Kernel::grace_passed(self, token)
-    }
-    fn handed(&mut self, queue: u32) -> Option<Vec<HoldSeq>> {
-        Kernel::handed(self, queue)
-    }
 }
 
 struct Held {
@@ -153,17 +134,6 @@ struct Queue {
     dropped_bound: u64,
 }
 
-#[derive(Clone, Debug)]
-enum Drain {
-    /// Just advanced: a grace period is to begin.
-    Start,
-    /// Waiting out the grace period that began after the advance.
-    Grace { token: u64 },
-    /// What each CPU had handed over once the grace period passed: every frame before it must
-    /// come (or be found lost by an audit) and leave before the flag clears.
-    Fenced { fence: Vec<HoldSeq> },
-}
-
 /// The buffer's state: its copy of the VMs, the queues, the drains and the accounting.
 pub(crate) struct Core {
     max_bytes: usize,
@@ -176,7 +146,7 @@ pub(crate) struct Core {
     /// under a lower one is ordinary (its snapshot was aborted), whatever its color.
     aborts: HashMap<u32, u32>,
     queues: HashMap<Key, Queue>,
-    drains: HashMap<Key, Drain>,
+    drains: HashMap<Key, FenceWait>,
     /// The next tickets expected from each (hold queue, CPU).
     streams: HashMap<(u32, u32), HoldSeq>,
     /// Frames held for order this core has finished with, by hold queue (what it published).
@@ -514,12 +484,12 @@ impl Core {
                 *released = (*released).max(epoch);
                 self.released_at_advance.insert(mac, 0);
                 self.release(wire, Key::Vm(mac), now);
-                self.drains.insert(Key::Vm(mac), Drain::Start);
+                self.drains.insert(Key::Vm(mac), FenceWait::Start);
             }
             Notice::GroupAdvanced { group, min_epoch } => {
                 self.released_group.insert(group, min_epoch);
                 self.release(wire, Key::Group(group), now);
-                self.drains.insert(Key::Group(group), Drain::Start);
+                self.drains.insert(Key::Group(group), FenceWait::Start);
             }
             Notice::Release { group, aborts } => {
                 let known = self.aborts.entry(group).or_insert(aborts);
@@ -542,10 +512,10 @@ impl Core {
                 for (mac, epoch) in &members {
                     self.released_vm.insert(*mac, *epoch);
                     self.release(wire, Key::Vm(*mac), now);
-                    self.drains.insert(Key::Vm(*mac), Drain::Start);
+                    self.drains.insert(Key::Vm(*mac), FenceWait::Start);
                 }
                 self.release(wire, Key::Group(group), now);
-                self.drains.insert(Key::Group(group), Drain::Start);
+                self.drains.insert(Key::Group(group), FenceWait::Start);
             }
             Notice::Freeze { mac } => {
                 self.frozen.insert(mac);
@@ -698,50 +668,28 @@ impl Core {
                 self.drains.remove(&key);
                 continue;
             };
-            // As far as it can go in this turn: a state may lead to the next at once.
-            while self.progress_drain(kernel, key, queue) {}
+            self.progress_drain(kernel, key, queue);
         }
     }
 
-    /// Moves one drain one step on; returns whether it moved (and may move again).
-    fn progress_drain(&mut self, kernel: &mut impl Kernel, key: Key, queue: u32) -> bool {
-        let Some(drain) = self.drains.get(&key).cloned() else {
-            return false;
+    /// Moves one drain as far as it goes in this turn; its flag clears once every frame handed
+    /// over before its fence has come (or is known lost) and left.
+    fn progress_drain(&mut self, kernel: &mut impl Kernel, key: Key, queue: u32) {
+        let Some(wait) = self.drains.get_mut(&key) else {
+            return;
         };
-        match drain {
-            Drain::Start => {
-                let token = kernel.grace_start();
-                self.drains.insert(key, Drain::Grace { token });
-                true
-            }
-            Drain::Grace { token } => {
-                if !kernel.grace_passed(token) {
-                    return false;
-                }
-                let Some(fence) = kernel.handed(queue) else {
-                    return false;
-                };
-                self.drains.insert(key, Drain::Fenced { fence });
-                true
-            }
-            Drain::Fenced { fence } => {
-                let all_came = fence.iter().enumerate().all(|(cpu, f)| {
-                    let next = self.streams.get(&(queue, cpu as u32));
-                    next.map_or(0, |n| n.all) >= f.all
-                });
-                // A frozen queue (its receiver's tap is being read at its cut) keeps newer frames
-                // held until it thaws, however empty it is.
-                if !all_came
-                    || self.is_frozen(key)
-                    || self.queues.get(&key).is_some_and(|q| !q.frames.is_empty())
-                {
-                    return false;
-                }
-                kernel.clear_draining(key);
-                self.drains.remove(&key);
-                false
-            }
+        let streams = &self.streams;
+        let next = |q, cpu| streams.get(&(q, cpu)).map_or(0, |s: &HoldSeq| s.all);
+        // A frozen queue (its receiver's tap is being read at its cut) keeps newer frames
+        // held until it thaws, however empty it is.
+        if !wait.passed(kernel, &[queue], next)
+            || self.is_frozen(key)
+            || self.queues.get(&key).is_some_and(|q| !q.frames.is_empty())
+        {
+            return;
         }
+        kernel.clear_draining(key);
+        self.drains.remove(&key);
     }
 
     /// Finds frames lost at the end of a CPU's hand-over, which no later frame reveals: every

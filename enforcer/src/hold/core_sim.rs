@@ -220,18 +220,21 @@ impl Datapath {
 }
 
 impl Kernel for Datapath {
+    fn clear_draining(&mut self, key: Key) {
+        match key {
+            Key::Vm(mac) => epochs::clear_vm_draining(&mut self.map, &mac).unwrap(),
+            Key::Group(g) => epochs::clear_group_draining(&mut self.map, g).unwrap(),
+        }
+    }
+}
+
+impl Fence for Datapath {
     fn handed(&mut self, queue: u32) -> Option<Vec<HoldSeq>> {
         Some(
             (0..CPUS)
                 .map(|cpu| self.seq.get(&(queue, cpu)).copied().unwrap_or_default())
                 .collect(),
         )
-    }
-    fn clear_draining(&mut self, key: Key) {
-        match key {
-            Key::Vm(mac) => epochs::clear_vm_draining(&mut self.map, &mac).unwrap(),
-            Key::Group(g) => epochs::clear_group_draining(&mut self.map, g).unwrap(),
-        }
     }
     fn grace_start(&mut self) -> u64 {
         self.graces += 1;

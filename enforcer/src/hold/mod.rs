@@ -29,6 +29,7 @@ pub mod checksum;
 mod config;
 mod core;
 mod device;
+mod fence;
 mod fifo;
 mod inject;
 pub mod learn;

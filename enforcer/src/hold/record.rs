@@ -15,9 +15,12 @@
 
 use std::collections::HashMap;
 
-use enforcer_common::{HoldSeq, HoldTotal};
+use enforcer_common::HoldTotal;
 
-use super::ring::VNET_LEN;
+use super::{
+    fence::{Fence, FenceWait},
+    ring::VNET_LEN,
+};
 
 /// One recorded frame: its virtio-net header (its offload state: a GSO super-frame is kept
 /// whole, a checksum left to offload stays to do) and its bytes, VLAN tag in.
@@ -54,18 +57,11 @@ pub struct Replayed {
 }
 
 /// A take the thread is waiting on.
-#[derive(Clone, Debug)]
-enum TakeState {
-    Start,
-    Grace { token: u64 },
-    Fenced { fence: Vec<(u32, Vec<HoldSeq>)> },
-}
-
 #[derive(Debug)]
 struct Take {
     id: u64,
     queues: Vec<u32>,
-    state: TakeState,
+    wait: FenceWait,
 }
 
 /// The recordings by hold queue, and the takes under way.
@@ -73,13 +69,6 @@ struct Take {
 pub(crate) struct Recorder {
     armed: HashMap<u32, Recording>,
     takes: Vec<Take>,
-}
-
-/// What a take needs of the datapath: the same reads a drain makes.
-pub(crate) trait Fence {
-    fn grace_start(&mut self) -> u64;
-    fn grace_passed(&mut self, token: u64) -> bool;
-    fn handed(&mut self, queue: u32) -> Option<Vec<HoldSeq>>;
 }
 
 impl Recorder {
@@ -126,7 +115,7 @@ impl Recorder {
         self.takes.push(Take {
             id,
             queues,
-            state: TakeState::Start,
+            wait: FenceWait::Start,
         });
     }
 
@@ -141,7 +130,7 @@ impl Recorder {
     ) -> Vec<(u64, Vec<(u32, Recording)>)> {
         let mut done = Vec::new();
         for mut take in std::mem::take(&mut self.takes) {
-            if !Self::fenced(&mut take, fence, &next) {
+            if !take.wait.passed(fence, &take.queues, &next) {
                 self.takes.push(take);
                 continue;
             }
@@ -153,39 +142,5 @@ impl Recorder {
             done.push((take.id, recordings));
         }
         done
-    }
-
-    /// Moves one take as far as it goes; true once every frame before its fence has come.
-    fn fenced(take: &mut Take, fence: &mut impl Fence, next: &impl Fn(u32, u32) -> u64) -> bool {
-        loop {
-            match &take.state {
-                TakeState::Start => {
-                    take.state = TakeState::Grace {
-                        token: fence.grace_start(),
-                    };
-                }
-                TakeState::Grace { token } => {
-                    if !fence.grace_passed(*token) {
-                        return false;
-                    }
-                    let handed: Option<Vec<(u32, Vec<HoldSeq>)>> = take
-                        .queues
-                        .iter()
-                        .map(|q| Some((*q, fence.handed(*q)?)))
-                        .collect();
-                    let Some(handed) = handed else {
-                        return false;
-                    };
-                    take.state = TakeState::Fenced { fence: handed };
-                }
-                TakeState::Fenced { fence: f } => {
-                    return f.iter().all(|(q, cpus)| {
-                        cpus.iter()
-                            .enumerate()
-                            .all(|(cpu, seq)| next(*q, cpu as u32) >= seq.all)
-                    });
-                }
-            }
-        }
     }
 }

@@ -22,6 +22,7 @@ use super::{
     advance::{self, BufferLink},
     config::{HoldError, HoldOptions, LoopPoint},
     core::{Core, Kernel, Key, Outgoing, Wire, account_restart},
+    fence::Fence,
     inject::Injector,
     learn::LearnedRing,
     protocol::{Command, Notice},
@@ -144,7 +145,7 @@ impl Grace {
 /// The datapath as the core's drains see it.
 struct Maps<'a>(&'a Mutex<Datapath>, &'a Grace);
 
-impl Kernel for Maps<'_> {
+impl Fence for Maps<'_> {
     fn handed(&mut self, queue: u32) -> Option<Vec<HoldSeq>> {
         lock(self.0).hold_seq(queue).ok()
     }
@@ -156,7 +157,9 @@ impl Kernel for Maps<'_> {
     fn grace_passed(&mut self, token: u64) -> bool {
         self.1.passed(token)
     }
+}
 
+impl Kernel for Maps<'_> {
     fn clear_draining(&mut self, key: Key) {
         let mut dp = lock(self.0);
         let r = match key {
