@@ -263,3 +263,27 @@ impl Inbox {
         std::mem::take(&mut *self.got.lock().unwrap())
     }
 }
+
+/// Sends `count` numbered messages from `from` to each of `to`, one every `gap`.
+pub fn send_stream(
+    socket: &UdpSocket,
+    from: u16,
+    to: &[(u16, std::net::SocketAddrV4)],
+    first: u32,
+    count: u32,
+    color: u32,
+    gap: Duration,
+) {
+    for seq in first..first + count {
+        for (idx, addr) in to {
+            let m = Message {
+                from,
+                to: *idx,
+                seq,
+                color,
+            };
+            socket.send_to(&m.encode(), addr).unwrap();
+        }
+        thread::sleep(gap);
+    }
+}

@@ -15,6 +15,7 @@ use enforcer_common::{HoldTotal, Type3Mode};
 use enforcer_lab::{netns::Lab, traffic::Message};
 use enforcer_tests::{
     Inbox, PinRoot, assert_no_hold_losses, daemon_config, lab_prefix, register_all, require_root,
+    send_stream,
 };
 
 const PORT: u16 = 47_310;
@@ -35,19 +36,10 @@ async fn start(lab: &Lab, pins: &PinRoot) -> (Running, Client) {
     (running, client)
 }
 
-/// `count` numbered messages from vm1 to vm2, starting at `first`, one every 200 µs.
-fn send(tx: &UdpSocket, lab: &Lab, first: u32, count: u32) {
-    let to = std::net::SocketAddrV4::new(lab.vms[1].ip, PORT);
-    for seq in first..first + count {
-        let m = Message {
-            from: 0,
-            to: 1,
-            seq,
-            color: 0,
-        };
-        tx.send_to(&m.encode(), to).unwrap();
-        thread::sleep(Duration::from_micros(200));
-    }
+/// `count` numbered messages from vm1 to `to`, starting at `first`, one every 200 µs.
+fn send(tx: &UdpSocket, to: std::net::Ipv4Addr, first: u32, count: u32) {
+    let to = [(1, std::net::SocketAddrV4::new(to, PORT))];
+    send_stream(tx, 0, &to, first, count, 0, Duration::from_micros(200));
 }
 
 /// The decoded sequence numbers of recorded (or replayed) UDP messages, in order.
@@ -75,13 +67,13 @@ async fn frames_crossing_the_cut_are_recorded_once_and_replayed_in_order() {
     agent.record_begin(&[vm1, vm2]).unwrap();
 
     // Before either cut: Type-1, in vm2's image; not recorded.
-    send(&tx, &lab, 0, 100);
+    send(&tx, lab.vms[1].ip, 0, 100);
     // vm2's cut first: what vm1 sends now (color 0) reaches vm2 after its cut (epoch 1).
     client.advance(vm2).await.unwrap();
-    send(&tx, &lab, 100, 150);
+    send(&tx, lab.vms[1].ip, 100, 150);
     // vm1's cut: from now on both are past it; Type-1 again, not recorded.
     client.advance(vm1).await.unwrap();
-    send(&tx, &lab, 250, 100);
+    send(&tx, lab.vms[1].ip, 250, 100);
     thread::sleep(Duration::from_millis(200));
 
     let recorded = agent
@@ -208,19 +200,7 @@ async fn frames_waiting_in_a_stopped_vms_tap_are_recorded_at_its_cut_and_put_bac
         .unwrap();
     assert!(status.success());
     let tx = lab.udp_socket(0, PORT).unwrap();
-    let send = |first: u32, count: u32| {
-        for seq in first..first + count {
-            let m = Message {
-                from: 0,
-                to: 1,
-                seq,
-                color: 0,
-            };
-            tx.send_to(&m.encode(), std::net::SocketAddrV4::new(ip, PORT))
-                .unwrap();
-            thread::sleep(Duration::from_micros(200));
-        }
-    };
+    let send = |first, count| send(&tx, ip, first, count);
     let agent = running.agent.clone();
     let sender = lab.vms[0].mac;
     agent.record_begin(&[sender, vm]).unwrap();

@@ -25,7 +25,7 @@ use enforcer::{
 use enforcer_common::{HoldTotal, Outcome, Type3Mode};
 use enforcer_lab::{netns::Lab, traffic::Message};
 use enforcer_tests::{
-    Inbox, PinRoot, assert_no_hold_losses, lab_prefix, register_all, require_root,
+    Inbox, PinRoot, assert_no_hold_losses, lab_prefix, register_all, require_root, send_stream,
 };
 
 struct Setup {
@@ -143,30 +143,6 @@ impl Drop for Setup {
         let _ = std::process::Command::new("ip")
             .args(["link", "del", &format!("{}h", self.lab.prefix)])
             .output();
-    }
-}
-
-/// Sends `count` numbered messages from `from` to each of `to`, one every `gap`.
-fn send_stream(
-    socket: &UdpSocket,
-    from: u16,
-    to: &[(u16, std::net::SocketAddrV4)],
-    first: u32,
-    count: u32,
-    color: u32,
-    gap: Duration,
-) {
-    for seq in first..first + count {
-        for (idx, addr) in to {
-            let m = Message {
-                from,
-                to: *idx,
-                seq,
-                color,
-            };
-            socket.send_to(&m.encode(), addr).unwrap();
-        }
-        thread::sleep(gap);
     }
 }
 

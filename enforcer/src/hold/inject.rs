@@ -17,7 +17,10 @@ use std::{
 
 use tracing::warn;
 
-use super::{core::Outgoing, ring::VNET_LEN};
+use super::{
+    core::Outgoing,
+    ring::{VNET_LEN, setsockopt},
+};
 
 /// The sending socket on the socket side of the hold device, made on first use, and the
 /// `SO_MARK` it has now.
@@ -70,19 +73,10 @@ impl Injector {
         };
         let mark = enforcer_common::inject_mark(slot, mark, tc);
         if self.set != Some(mark) {
-            let value = mark as libc::c_int;
-            // SAFETY: a valid socket and a c_int option value that outlives the call.
-            let r = unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_MARK,
-                    (&value as *const libc::c_int).cast(),
-                    size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if r != 0 {
-                warn!(slot, err = %std::io::Error::last_os_error(), "naming the port to re-inject at");
+            if let Err(err) =
+                setsockopt(fd, libc::SOL_SOCKET, libc::SO_MARK, &(mark as libc::c_int))
+            {
+                warn!(slot, %err, "naming the port to re-inject at");
                 self.set = None;
                 return 0;
             }
@@ -186,20 +180,8 @@ fn send_out_of(
 ) -> Result<usize, (usize, std::io::Error)> {
     let fd = packet_socket(ifindex).map_err(|e| (0, e))?;
     if mark != 0 {
-        let value = mark as libc::c_int;
-        // SAFETY: a valid socket and a c_int option value that outlives the call.
-        let r = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_MARK,
-                (&value as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err((0, std::io::Error::last_os_error()));
-        }
+        let mark = mark as libc::c_int;
+        setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_MARK, &mark).map_err(|e| (0, e))?;
     }
     let vnets: Vec<super::ring::VnetHeader> = frames
         .iter()
@@ -225,20 +207,12 @@ fn packet_socket(ifindex: u32) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: `fd` is a fresh descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket and a c_int option value that outlives the call.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_VNET_HDR,
-            (&on as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    setsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_PACKET,
+        libc::PACKET_VNET_HDR,
+        &1 as &libc::c_int,
+    )?;
     // SAFETY: sockaddr_ll is plain data; all-zero is a valid starting value.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     addr.sll_family = libc::AF_PACKET as u16;

@@ -135,7 +135,8 @@ pub(crate) struct PacketRing {
 // thread once, and used only there; nothing else keeps a pointer into them.
 unsafe impl Send for PacketRing {}
 
-fn setsockopt<T>(
+/// Sets socket option `name` at `level` to `value`.
+pub(crate) fn setsockopt<T>(
     fd: RawFd,
     level: libc::c_int,
     name: libc::c_int,
