@@ -660,3 +660,110 @@ async fn a_forged_color_never_raises_a_view_above_the_announced_epoch() {
     b.stop().await;
     drop(overlay);
 }
+
+/// The channel state across hosts (invariant 7): vm2 on host B is cut first; what vm1 on host A
+/// sends meanwhile crosses the overlay with color 0 and reaches vm2 after its cut. B's agent
+/// records exactly those frames; the coordinator takes the recordings from both agents and a
+/// replay through B's agent puts them in front of vm2 again, in order. The receiver got each
+/// frame once as it ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_channel_state_is_recorded_and_replayed_across_hosts() {
+    require_root();
+    let (lab, overlay) = two_hosts('r', &[1, 1]);
+    let a = Host::start(&lab.bridges[0], format!("{}h0", lab.prefix), "ch-a").await;
+    let b = Host::start(&lab.bridges[1], format!("{}h1", lab.prefix), "ch-b").await;
+    let hosts = Hosts::new(
+        overlay.host_specs([a.addr.to_string(), b.addr.to_string()]),
+        None,
+        tokio::runtime::Handle::current(),
+    );
+    register_all(&hosts, &lab, 0).await;
+    let all = specs(&lab);
+    let group = GroupSpec {
+        name: "g".parse().unwrap(),
+        id: GROUP,
+        vms: all.clone(),
+    };
+    let mesh = Mesh::new(&lab).unwrap();
+    let (h, g) = (hosts.clone(), group.clone());
+    blocking(move || {
+        h.announce(&g, 1)?;
+        h.record_begin(&g)
+    })
+    .await
+    .expect("both agents record");
+
+    // Before either cut: in vm2's image, not recorded.
+    send(&mesh, 0, 1, 0..20, 0);
+    let before = received(&mesh, 1, 0, Duration::from_millis(300));
+    assert_in_order(&before, 0..20, "before the cuts");
+    // vm2's cut on B (its agent takes its tap's queue: a veth has none).
+    let (h, vm2) = (hosts.clone(), all[1].clone());
+    assert_eq!(blocking(move || h.advance(&vm2)).await.unwrap(), 1);
+    send(&mesh, 0, 1, 20..50, 0);
+    let (h, vm1) = (hosts.clone(), all[0].clone());
+    assert_eq!(blocking(move || h.advance(&vm1)).await.unwrap(), 1);
+    send(&mesh, 0, 1, 50..60, 1);
+    let after = received(&mesh, 1, 0, Duration::from_millis(300));
+    assert_in_order(&after, 20..60, "vm2 as it ran");
+
+    let (h, g) = (hosts.clone(), group.clone());
+    let recorded = blocking(move || h.record_end(&g)).await.expect("taken");
+    let at_vm2 = &recorded[&lab.vms[1].mac];
+    let seqs: Vec<u32> = at_vm2
+        .frames
+        .iter()
+        .filter_map(|f| Message::decode(f.data.get(42..)?).map(|m| m.seq))
+        .collect();
+    assert_eq!(
+        seqs,
+        (20..50).collect::<Vec<_>>(),
+        "B recorded what crossed vm2's cut, in order, once"
+    );
+    assert_eq!((at_vm2.problem.as_deref(), at_vm2.lost_at_most), (None, 0));
+    assert!(
+        recorded
+            .get(&lab.vms[0].mac)
+            .is_none_or(|r| r.frames.is_empty()),
+        "nothing crossed vm1's cut"
+    );
+
+    let (h, vm2, port, frames) = (
+        hosts.clone(),
+        all[1].clone(),
+        lab.vms[1].port.clone(),
+        at_vm2.frames.clone(),
+    );
+    let replayed = blocking(move || h.replay(&vm2, &port, &frames))
+        .await
+        .expect("replayed through B's agent");
+    assert_eq!((replayed.sent, replayed.dropped), (30, 0));
+    let again = received(&mesh, 1, 0, Duration::from_millis(300));
+    assert_in_order(&again, 20..50, "the replay");
+
+    // The next snapshot shuts vm2 and then fails before its cut; the abort moves the group
+    // forward on every host without a take: vm2 must not stay shut (found in review).
+    let (h, g) = (hosts.clone(), group.clone());
+    blocking(move || {
+        h.announce(&g, 2)?;
+        h.record_begin(&g)
+    })
+    .await
+    .unwrap();
+    let (h, vm2) = (hosts.clone(), all[1].clone());
+    assert!(blocking(move || h.shut_before_cut(&vm2)).await.unwrap());
+    send(&mesh, 0, 1, 60..70, 1);
+    let held = received(&mesh, 1, 0, Duration::from_millis(300));
+    assert!(held.is_empty(), "held while shut: {held:?}");
+    let (h, g) = (hosts.clone(), group.clone());
+    blocking(move || h.abort_epochs(&g, 1)).await.unwrap();
+    let released = received(&mesh, 1, 0, Duration::from_millis(300));
+    assert_in_order(&released, 60..70, "released by the abort");
+    send(&mesh, 0, 1, 70..80, 2);
+    let after = received(&mesh, 1, 0, Duration::from_millis(300));
+    assert_in_order(&after, 70..80, "no longer held");
+    let (h, g) = (hosts.clone(), group.clone());
+    blocking(move || h.record_end(&g)).await.unwrap();
+    a.stop().await;
+    b.stop().await;
+}

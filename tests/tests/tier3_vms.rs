@@ -23,8 +23,12 @@ async fn restored_group_is_consistent_and_the_unenforced_one_is_caught() {
     let report = vmdemo::e2e(opts).await.expect("tier-3 scenario");
     println!("{report}");
     let last = report.lines().last().unwrap_or_default();
-    assert!(
-        last.starts_with("consistency: OK violations=0 udp_lost="),
-        "{last}"
-    );
+    // Nothing in flight at the cuts is lost (the channel state replayed), while the same guests
+    // snapshotted without the enforcer lose datagrams: the check can fail.
+    let without: u64 = last
+        .strip_prefix("consistency: OK violations=0 udp_lost=0 (without enforcer: ")
+        .and_then(|rest| rest.strip_suffix(')'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{last}"));
+    assert!(without > 0, "{last}");
 }

@@ -19,6 +19,8 @@ use crate::{
 #[derive(Default)]
 struct Samples {
     recorded: Vec<f64>,
+    /// The frames the manifests say their recordings may miss (`lost_at_most`, summed).
+    may_miss: u64,
     stop_spread_ms: Vec<f64>,
     replayed: u64,
     lost_with: u64,
@@ -81,6 +83,10 @@ pub async fn bench_channel(opts: VmDemoOptions, count: usize) -> anyhow::Result<
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let m = super::committed_snapshot(client, method).await?;
                 let recorded = m.channel_state.as_ref().map_or(0, |c| c.frames());
+                let may_miss: u64 = m
+                    .channel_state
+                    .as_ref()
+                    .map_or(0, |c| c.receivers.values().map(|r| r.lost_at_most).sum());
                 let without = restore_and_check(lab, client, m.id.as_str(), false).await?;
                 // After a crash the guests were booted afresh: the cycle's baseline is gone.
                 let with = match &without {
@@ -90,6 +96,7 @@ pub async fn bench_channel(opts: VmDemoOptions, count: usize) -> anyhow::Result<
                 client.delete_snapshot(m.id.as_str()).await?;
                 let s = samples.entry(method.name()).or_default();
                 s.recorded.push(recorded as f64);
+                s.may_miss += may_miss;
                 s.stop_spread_ms.extend(m.stop_spread_ms);
                 let line = match (without, with) {
                     (Some((without, _)), Some((with, replayed))) => {
@@ -107,8 +114,8 @@ pub async fn bench_channel(opts: VmDemoOptions, count: usize) -> anyhow::Result<
                         s.lost_with += with.udp_lost();
                         s.violations += without.violations() + with.violations();
                         format!(
-                            "{recorded} frames recorded, {replayed} replayed; UDP lost: {} \
-                             without them, {} with them; violations {}",
+                            "{recorded} frames recorded (may miss {may_miss}), {replayed} \
+                             replayed; UDP lost: {} without them, {} with them; violations {}",
                             without.udp_lost(),
                             with.udp_lost(),
                             without.violations() + with.violations()
@@ -138,12 +145,13 @@ pub async fn bench_channel(opts: VmDemoOptions, count: usize) -> anyhow::Result<
     );
     let _ = writeln!(
         out,
-        "  {:<10} {:>7} {:>11} {:>13} {:>13} {:>9} {:>12} {:>9} {:>10} {:>8}",
+        "  {:<10} {:>7} {:>11} {:>13} {:>13} {:>9} {:>9} {:>12} {:>9} {:>10} {:>8}",
         "method",
         "checked",
         "spread p50",
         "recorded p50",
         "recorded max",
+        "may miss",
         "replayed",
         "lost without",
         "lost with",
@@ -156,8 +164,8 @@ pub async fn bench_channel(opts: VmDemoOptions, count: usize) -> anyhow::Result<
         let (r50, _, rmax) = percentiles(s.recorded.clone());
         let _ = writeln!(
             out,
-            "  {name:<10} {:>7} {sp50:>11.1} {r50:>13.0} {rmax:>13.0} {:>9} {:>12} {:>9} {:>10} {:>8}",
-            s.checked, s.replayed, s.lost_without, s.lost_with, s.violations, s.crashed
+            "  {name:<10} {:>7} {sp50:>11.1} {r50:>13.0} {rmax:>13.0} {:>9} {:>9} {:>12} {:>9} {:>10} {:>8}",
+            s.checked, s.may_miss, s.replayed, s.lost_without, s.lost_with, s.violations, s.crashed
         );
         lost_with += s.lost_with;
         lost_without += s.lost_without;

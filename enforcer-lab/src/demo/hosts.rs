@@ -214,7 +214,11 @@ pub async fn run(mut opts: VmDemoOptions, snapshots: usize) -> anyhow::Result<Ho
         );
         let l = lab.clone();
         let boot = Instant::now();
-        blocking(move || Ok(l.wait_talking(Duration::from_secs(120))?)).await?;
+        blocking(move || {
+            l.wait_talking(Duration::from_secs(120))?;
+            Ok(l.note_loss_baseline()?)
+        })
+        .await?;
         log(format!(
             "guests up and talking across the overlay after {:.1} s",
             boot.elapsed().as_secs_f64()
@@ -391,8 +395,9 @@ async fn scenario(
     let v = consistency.violations();
     let _ = writeln!(
         out,
-        "consistency across hosts: {} violations={v}",
-        if v == 0 { "OK" } else { "BROKEN" }
+        "consistency across hosts: {} violations={v} udp_lost={}",
+        if v == 0 { "OK" } else { "BROKEN" },
+        consistency.udp_lost()
     );
     Ok(HostsRun {
         report: out,

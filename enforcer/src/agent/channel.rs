@@ -2,6 +2,12 @@
 //! snapshot runs, the frames delivered to its members after their cut that were sent before
 //! their sender's, and replaying them into restored VMs before they run.
 //!
+//! Just before an instant cut each receiver is shut ([`Agent::shut_before_cut`]): every frame
+//! to it is held in its buffer queue until its cut, so its tap is empty when it stops and
+//! QEMU, which still reads one frame after a stop into a queue no snapshot saves, finds none.
+//! The frames held meanwhile leave the buffer after its cut: those sent before their sender's
+//! cut are recorded on the way (2. below).
+//!
 //! Two sources, in this order per receiver:
 //! 1. at its cut (its epoch's advance, while it is stopped), what waits in its tap's queue:
 //!    delivered since it stopped (its epoch advances ms after the stop) or before and not read
@@ -11,7 +17,11 @@
 //! 2. from then on, every frame `enforcer_record` sees delivered to it with a color below its
 //!    epoch (the buffer keeps the copies: `hold::record`).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use enforcer_common::receiver_queue;
 
@@ -21,7 +31,10 @@ use super::{
     service::{Agent, AgentError},
 };
 use crate::{
-    datapath::{DatapathError, epochs::EpochError},
+    datapath::{
+        DatapathError,
+        epochs::{self, EpochError},
+    },
     hold::{
         Notice, RecordedFrame, Recording, Replayed, put_back, rcu_barrier, replay_into,
         tap::TapQueue,
@@ -71,7 +84,9 @@ impl<D: AgentDatapath> Agent<D> {
                 }
             };
             let port = self.datapath().port_name(*ifindex).unwrap_or_default();
-            let tap = TapQueue::of(&port).map_err(|e| format!("opening {port}'s queue: {e}"));
+            let tap = TapQueue::of(&port)
+                .map(Arc::new)
+                .map_err(|e| format!("opening {port}'s queue: {e}"));
             vms.push((
                 *mac,
                 RecordingVm {
@@ -81,6 +96,8 @@ impl<D: AgentDatapath> Agent<D> {
                     tap,
                     at_cut: Vec::new(),
                     problem: None,
+                    shut: false,
+                    qemu_may_keep: 0,
                 },
             ));
         }
@@ -88,22 +105,108 @@ impl<D: AgentDatapath> Agent<D> {
         Ok(())
     }
 
+    /// Shuts a VM whose channel state is being recorded just before its cut (an instant cut:
+    /// before the group's gate opens), so that nothing reaches its tap from now until its cut:
+    /// its map entry is flagged draining (every frame to it is held for order, in its buffer
+    /// queue, which stays frozen until its cut). Then waits, up to [`SHUT_WAIT`], for QEMU to
+    /// read what was already in the tap while the VM still runs.
+    ///
+    /// Why: once a VM stops, QEMU still reads one frame from its tap into a queue of its own
+    /// (it reads before asking whether the device can take it; QEMU's `net/tap.c`), which the
+    /// snapshot does not save and a restored VM never gets. With nothing in the tap at the
+    /// stop, there is none. A tap that did not empty in time is counted: the recording may
+    /// miss one frame (`lost_at_most`). Returns whether the tap was empty; nothing to do for
+    /// a VM not being recorded.
+    pub fn shut_before_cut(&self, mac: MacAddr) -> Result<bool, AgentError> {
+        let (tap, key) = {
+            let recording = self.recording.lock().expect("recording lock");
+            let Some(rec) = recording.get(&mac) else {
+                return Ok(true);
+            };
+            (rec.tap.clone().ok(), mac.key())
+        };
+        self.tell_buffer(Notice::Freeze { mac: key });
+        // Once the buffer has the freeze (the report comes after it), no drain still under
+        // way from an earlier advance can end and clear the flag set next.
+        let flagged = match self.hold_report() {
+            Some(_) => epochs::flag_vm_draining(&mut *self.datapath(), mac).map_err(Into::into),
+            None => Err(AgentError::BufferSilent),
+        };
+        if let Err(e) = flagged {
+            self.tell_buffer(Notice::Thaw { mac: key });
+            return Err(e);
+        }
+        // From here its end (its cut, the recording's end, an epoch moved by an abort, or the
+        // buffer's bound on a freeze) thaws it.
+        if let Some(rec) = self.recording.lock().expect("recording lock").get_mut(&mac) {
+            rec.shut = true;
+        }
+        // Every program run that read the entry before the flag has ended: what it delivered
+        // is in the tap's queue now, and nothing more comes.
+        rcu_barrier();
+        let deadline = Instant::now() + SHUT_WAIT;
+        let empty = loop {
+            match &tap {
+                Some(tap) if tap.has_waiting() => {}
+                _ => break true,
+            }
+            if Instant::now() >= deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        if !empty && let Some(rec) = self.recording.lock().expect("recording lock").get_mut(&mac) {
+            // One frame per queue: QEMU reads each queue of the tap on its own.
+            rec.qemu_may_keep = tap.as_ref().map_or(1, |t| t.queues() as u64);
+        }
+        if !empty {
+            tracing::warn!(%mac, "its tap still had frames when it was shut: QEMU may keep one");
+        }
+        Ok(empty)
+    }
+
+    /// A VM shut before its cut whose epoch moved some other way (an abort across hosts moves
+    /// its members forward) is shut no more: its queue thaws and drains.
+    pub(crate) fn end_shut(&self, mac: MacAddr) {
+        let mut recording = self.recording.lock().expect("recording lock");
+        if let Some(rec) = recording.get_mut(&mac)
+            && std::mem::take(&mut rec.shut)
+        {
+            self.tell_buffer(Notice::Thaw { mac: mac.key() });
+        }
+    }
+
     /// A VM's cut, while it is stopped: its epoch advances, and if its channel state is being
     /// recorded, what waits in its tap's queue is taken into the recording and put back, ahead
     /// of anything newer (see the module's header).
+    ///
+    /// `target`: the epoch to move to, as the stop of a snapshot across hosts names it (only
+    /// raised: an abort may have moved it there already); `None`: the next one.
     pub fn advance_at_cut(
         &self,
         mac: MacAddr,
+        target: Option<u32>,
     ) -> Result<crate::datapath::epochs::VmRecord, AgentError> {
         let mut recording = self.recording.lock().expect("recording lock");
         let Some(rec) = recording.get_mut(&mac) else {
             drop(recording);
-            return self.change_epoch(mac, None, false);
+            return self
+                .change_epoch_reporting(mac, target, target.is_some())
+                .map(|c| c.vm);
         };
         let key = mac.key();
+        // Stopped without being shut first (pre-copy: QEMU stops it by itself), QEMU may have
+        // read one frame after the stop that no snapshot saves.
+        if !rec.shut
+            && let Ok(tap) = &rec.tap
+        {
+            rec.qemu_may_keep = rec.qemu_may_keep.max(tap.queues() as u64);
+        }
         self.datapath().set_record_skip(rec.slot, true)?;
         self.tell_buffer(Notice::Freeze { mac: key });
-        let advanced = self.change_epoch(mac, None, false);
+        let advanced = self
+            .change_epoch_reporting(mac, target, target.is_some())
+            .map(|c| c.vm);
         if advanced.is_ok() {
             // Every program run that began before the advance has ended: what it delivered
             // is in the queue now; what came later waits in the frozen buffer queue.
@@ -115,6 +218,7 @@ impl<D: AgentDatapath> Agent<D> {
         }
         let cleared = self.datapath().set_record_skip(rec.slot, false);
         self.tell_buffer(Notice::Thaw { mac: key });
+        rec.shut = false;
         let vm = advanced?;
         cleared?;
         Ok(vm)
@@ -129,17 +233,25 @@ impl<D: AgentDatapath> Agent<D> {
         timeout: Duration,
     ) -> Result<BTreeMap<MacAddr, Recording>, AgentError> {
         // Detached first (the links dropped here), keeping what was taken at the cuts.
-        let mut at_cut: BTreeMap<MacAddr, (Vec<RecordedFrame>, Option<String>)> = BTreeMap::new();
+        let mut at_cut: BTreeMap<MacAddr, (Vec<RecordedFrame>, Option<String>, u64)> =
+            BTreeMap::new();
         {
             let mut recording = self.recording.lock().expect("recording lock");
             for mac in macs {
                 if let Some(RecordingVm {
                     at_cut: frames,
                     problem,
+                    shut,
+                    qemu_may_keep,
                     ..
                 }) = recording.remove(mac)
                 {
-                    at_cut.insert(*mac, (frames, problem));
+                    if shut {
+                        // Shut, and its cut never came (the snapshot failed before it): its
+                        // queue goes, and the drain clears its flag.
+                        self.tell_buffer(Notice::Thaw { mac: mac.key() });
+                    }
+                    at_cut.insert(*mac, (frames, problem, qemu_may_keep));
                 }
             }
         }
@@ -159,22 +271,35 @@ impl<D: AgentDatapath> Agent<D> {
             .into_iter()
             .filter_map(|(queue, mut recording)| {
                 let mac = *queues.get(&queue)?;
-                if let Some((frames, problem)) = at_cut.remove(&mac) {
+                if let Some((frames, problem, qemu_may_keep)) = at_cut.remove(&mac) {
                     recording.bytes += frames.iter().map(|f| f.data.len() as u64).sum::<u64>();
                     let later = std::mem::replace(&mut recording.frames, frames);
                     recording.frames.extend(later);
                     recording.problem = problem;
+                    recording.lost_at_most += qemu_may_keep;
                 }
                 Some((mac, recording))
             })
             .collect())
     }
 
-    /// Replays recorded frames into the VM behind `port` (restored and not yet running): out of
-    /// the port toward the VM, in order, into the queue it reads once it runs. The port's
-    /// queue is made long enough for them first.
-    pub fn replay(&self, port: &str, frames: &[RecordedFrame]) -> Result<Replayed, AgentError> {
+    /// Replays recorded frames into VM `mac` behind `port` (restored there and not yet
+    /// running): out of the port toward the VM, in order, into the queue it reads once it
+    /// runs. The port's queue is made long enough for them first. Errors: `mac` is not
+    /// registered on `port` ([`AgentError::NotOnPort`]), the port fails.
+    pub fn replay(
+        &self,
+        mac: MacAddr,
+        port: &str,
+        frames: &[RecordedFrame],
+    ) -> Result<Replayed, AgentError> {
         let ifindex = self.datapath().ifindex(port)?;
+        if self.vm(mac)?.ifindex != ifindex {
+            return Err(AgentError::NotOnPort {
+                mac,
+                port: port.to_owned(),
+            });
+        }
         let io = |e: std::io::Error| {
             AgentError::Datapath(DatapathError::Link {
                 port: port.to_owned(),
@@ -195,6 +320,11 @@ impl<D: AgentDatapath> Agent<D> {
         })
     }
 }
+
+/// How long a VM shut before its cut may take to read what its tap already had
+/// ([`Agent::shut_before_cut`]): QEMU reads it at once while the VM runs and the guest has
+/// room; a guest that has none keeps its frames waiting.
+pub const SHUT_WAIT: Duration = Duration::from_millis(200);
 
 /// Takes what waits in a recording VM's tap queue into its recording, and puts it back.
 fn take_queue(rec: &mut RecordingVm) -> Result<(), String> {

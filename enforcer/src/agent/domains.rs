@@ -246,7 +246,7 @@ impl<D: AgentDatapath> Agent<D> {
                         DomainOp::Stop => hv.stop(&vm)?,
                         _ => hv.wait_paused(&vm, timeout)?,
                     };
-                    let advanced = self.change_epoch(vm.mac, Some(target), true);
+                    let advanced = self.advance_at_cut(vm.mac, Some(target));
                     (paused, advanced, unix_us())
                 };
                 let epoch = advanced.map_err(DomainError::Advance)?.epoch;

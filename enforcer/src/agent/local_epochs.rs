@@ -146,7 +146,7 @@ impl<D: AgentDatapath> EpochControl for LocalEpochs<D> {
 
     fn advance(&self, vm: &VmSpec) -> Result<u32, EpochControlError> {
         self.agent()?
-            .advance_at_cut(vm.mac)
+            .advance_at_cut(vm.mac, None)
             .map(|r| r.epoch)
             .map_err(|e| control_error(vm, e))
     }
@@ -222,6 +222,12 @@ impl<D: AgentDatapath> EpochControl for LocalEpochs<D> {
             .map_err(|e| group_error(group, e))
     }
 
+    fn shut_before_cut(&self, vm: &VmSpec) -> Result<bool, EpochControlError> {
+        self.agent()?
+            .shut_before_cut(vm.mac)
+            .map_err(|e| control_error(vm, e))
+    }
+
     fn record_end(
         &self,
         group: &GroupSpec,
@@ -239,7 +245,7 @@ impl<D: AgentDatapath> EpochControl for LocalEpochs<D> {
         frames: &[RecordedFrame],
     ) -> Result<Replayed, EpochControlError> {
         self.agent()?
-            .replay(port, frames)
+            .replay(vm.mac, port, frames)
             .map_err(|e| control_error(vm, e))
     }
 }

@@ -12,6 +12,7 @@ pub mod domains;
 pub mod learn;
 pub mod local_epochs;
 mod recording;
+pub mod recording_wire;
 pub mod service;
 pub mod stats;
 

@@ -1,6 +1,8 @@
 //! The state of one VM's channel-state recording while its group's snapshot runs (what
 //! `channel.rs` keeps per VM on the agent).
 
+use std::sync::Arc;
+
 use crate::hold::{RecordedFrame, tap::TapQueue};
 
 /// One VM's recording under way.
@@ -10,7 +12,14 @@ pub(crate) struct RecordingVm {
     pub(crate) slot: u32,
     pub(crate) ifindex: u32,
     /// Its tap's queues (QEMU's descriptors); `Err`: why they cannot be read.
-    pub(crate) tap: Result<TapQueue, String>,
+    pub(crate) tap: Result<Arc<TapQueue>, String>,
+    /// Shut before its cut and not thawed yet: its map entry flagged draining (every frame
+    /// to it held), its buffer queue frozen.
+    pub(crate) shut: bool,
+    /// Frames its QEMU may keep that no snapshot saves, one per queue of its tap: its tap
+    /// still had frames waiting when it stopped, or it was stopped without being shut first
+    /// (pre-copy: QEMU stops it by itself).
+    pub(crate) qemu_may_keep: u64,
     /// Taken from its tap's queue at its cut: before anything the program recorded.
     pub(crate) at_cut: Vec<RecordedFrame>,
     /// What went wrong at its cut, if anything (the recording is then incomplete).

@@ -49,6 +49,8 @@ pub enum AgentError {
     SnapshotsNotReady(String),
     #[error("group {group} is busy with {by}: only that work may change its VMs and epochs now")]
     GroupBusy { group: String, by: String },
+    #[error("{mac} is not registered on port {port}")]
+    NotOnPort { mac: MacAddr, port: String },
 }
 
 /// What a raw change (`/v1/vms…`, `/v1/groups/{id}/abort`) touches, for
@@ -361,8 +363,12 @@ impl<D: AgentDatapath> Agent<D> {
         target: Option<u32>,
         raise_only: bool,
     ) -> Result<VmRecord, AgentError> {
-        self.change_epoch_reporting(mac, target, raise_only)
-            .map(|c| c.vm)
+        let changed = self.change_epoch_reporting(mac, target, raise_only)?;
+        if changed.changed {
+            // Not by its cut (that is `advance_at_cut`): a VM shut for it is shut no more.
+            self.end_shut(mac);
+        }
+        Ok(changed.vm)
     }
 
     /// [`Agent::change_epoch`], saying whether anything changed.

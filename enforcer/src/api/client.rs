@@ -1,7 +1,7 @@
 //! HTTP client of the API (an agent's or a coordinator's), used by the CLI, the coordinator of
 //! several hosts, the lab and the tests. Errors carry the server's [`ErrorCode`].
 
-use std::{path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use enforcer_common::Type3Mode;
 use reqwest::{Method, StatusCode};
@@ -16,9 +16,10 @@ use crate::{
     agent::{
         Abort, Announce, Announced, Config, DomainCall, DomainNic, DomainOp, GroupView, Health,
         PausedAdvanced, PortStats, SetEpoch,
+        recording_wire::{RecordBegin, RecordTake, Replay, Shut, WireFrames, WireRecordings},
     },
     datapath::{AttachedPort, epochs::VmRecord},
-    hold::HoldReport,
+    hold::{HoldReport, RecordedFrame, Recording, Replayed},
     model::{GroupSpec, IfName, MacAddr, VmSpec},
     snapshot::{CutMethod, Manifest, Paused, RestoreReport},
 };
@@ -452,6 +453,80 @@ impl Client {
             Method::POST,
             &format!("/v1/groups/{group}/announce"),
             Some(&Announce { epoch }),
+        )
+        .await
+    }
+
+    /// Starts recording these VMs' channel state on this agent (those of its host).
+    pub async fn record_begin(&self, vms: &[MacAddr]) -> Result<(), ClientError> {
+        let _: serde_json::Value = self
+            .call(
+                Method::POST,
+                "/v1/recordings",
+                Some(&RecordBegin { vms: vms.to_vec() }),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Stops recording these VMs and takes what was recorded, by receiver; the buffer may take
+    /// `timeout` to hand it over.
+    pub async fn record_take(
+        &self,
+        vms: &[MacAddr],
+        timeout: Duration,
+    ) -> Result<BTreeMap<MacAddr, Recording>, ClientError> {
+        let wire: WireRecordings = self
+            .call_within(
+                Method::POST,
+                "/v1/recordings/take",
+                Some(&RecordTake {
+                    vms: vms.to_vec(),
+                    timeout_ms: Some(timeout.as_millis() as u64),
+                }),
+                timeout + STEP_MARGIN,
+            )
+            .await?;
+        wire.into_iter()
+            .map(|(mac, r)| {
+                let r = r.into_recording().map_err(|e| ClientError::Api {
+                    status: StatusCode::BAD_GATEWAY,
+                    code: ErrorCode::Unknown,
+                    message: format!("the recording of {mac}: {e}"),
+                })?;
+                Ok((mac, r))
+            })
+            .collect()
+    }
+
+    /// Shuts a VM just before its cut; whether its tap was empty.
+    pub async fn shut(&self, mac: MacAddr) -> Result<bool, ClientError> {
+        // Every other member waits at the gate meanwhile, shut: not for long.
+        let shut: Shut = self
+            .call_within::<(), _>(
+                Method::POST,
+                &format!("/v1/vms/{mac}/shut"),
+                None,
+                Duration::from_secs(10),
+            )
+            .await?;
+        Ok(shut.tap_empty)
+    }
+
+    /// Replays recorded frames into the VM `mac` restored on `port` (not running yet).
+    pub async fn replay(
+        &self,
+        mac: MacAddr,
+        port: &str,
+        frames: &[RecordedFrame],
+    ) -> Result<Replayed, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/vms/{mac}/replay"),
+            Some(&Replay {
+                port: port.to_owned(),
+                frames: WireFrames::encode(frames),
+            }),
         )
         .await
     }

@@ -120,6 +120,7 @@ fn agent_kind(err: &AgentError) -> (StatusCode, ErrorCode) {
         AgentError::SnapshotsOff => (S::SERVICE_UNAVAILABLE, C::SnapshotsOff),
         AgentError::SnapshotsNotReady(_) => (S::SERVICE_UNAVAILABLE, C::Unavailable),
         AgentError::GroupBusy { .. } => (S::CONFLICT, C::Busy),
+        AgentError::NotOnPort { .. } => (S::CONFLICT, C::PortTaken),
     }
 }
 

@@ -1,7 +1,7 @@
 //! The HTTP/JSON edge (no gRPC): routers that translate requests into calls on the agent
 //! ([`crate::agent`]) and the snapshot coordinator ([`crate::snapshot`]), and their errors into
 //! statuses with machine-readable codes ([`error`], [`types`]). Handlers are grouped by
-//! resource ([`vms`], [`snapshots`], [`domains`], [`host`]); [`metrics`] renders Prometheus
+//! resource ([`vms`], [`snapshots`], [`domains`], [`recordings`], [`host`]); [`metrics`] renders Prometheus
 //! text; [`client`] is the other end, used by the CLI, the coordinator of several hosts and
 //! the lab; [`serve`] listens (a unix socket checked by peer credentials, or TCP with a token)
 //! and serves a router within its limits. Nothing here decides anything.
@@ -17,6 +17,7 @@ mod extract;
 pub mod host;
 pub mod metrics;
 pub mod pki;
+pub mod recordings;
 pub mod router;
 pub mod serve;
 pub mod snapshots;

@@ -13,7 +13,7 @@ use axum::{
     routing::{get, post, put},
 };
 
-use super::{domains, error::ApiError, host, snapshots, types::ErrorCode, vms};
+use super::{domains, error::ApiError, host, recordings, snapshots, types::ErrorCode, vms};
 use crate::agent::{Agent, AgentDatapath};
 
 /// The API of an agent (`enforcer run`): its VMs, epochs, buffer and counters, and its groups
@@ -28,6 +28,15 @@ pub fn router<D: AgentDatapath>(agent: Arc<Agent<D>>, token: Option<String>) -> 
         )
         .route("/v1/vms/{mac}/epoch", put(vms::set_epoch::<D>))
         .route("/v1/vms/{mac}/advance", post(vms::advance::<D>))
+        .route("/v1/vms/{mac}/shut", post(recordings::shut::<D>))
+        .route(
+            "/v1/vms/{mac}/replay",
+            post(recordings::replay::<D>).layer(axum::extract::DefaultBodyLimit::max(
+                recordings::REPLAY_BODY_MAX,
+            )),
+        )
+        .route("/v1/recordings", post(recordings::begin::<D>))
+        .route("/v1/recordings/take", post(recordings::take::<D>))
         .route("/v1/groups", get(vms::groups::<D>))
         .route("/v1/groups/{group}/abort", post(vms::abort::<D>))
         .route("/v1/groups/{group}/announce", post(vms::announce::<D>))

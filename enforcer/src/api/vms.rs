@@ -10,7 +10,7 @@ use axum::{
     http::StatusCode,
 };
 
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, blocking};
 use super::extract::ApiPath;
 use crate::{
     agent::{
@@ -79,7 +79,8 @@ pub(crate) async fn advance<D: AgentDatapath>(
 ) -> ApiResult<VmRecord> {
     let mac = parse_mac(&mac)?;
     a.refuse_if_claimed(&[RawTarget::Vm(mac)])?;
-    Ok(Json(a.change_epoch(mac, None, false)?))
+    // A VM whose channel state is being recorded is cut here (its tap's queue taken).
+    Ok(Json(blocking(move || a.advance_at_cut(mac, None)).await?))
 }
 
 pub(crate) async fn groups<D: AgentDatapath>(

@@ -170,6 +170,9 @@ fn channel_state(c: &ChannelState) -> String {
         c.frames(),
         if c.complete() { "" } else { " (INCOMPLETE)" }
     );
+    if let Some(why) = &c.reason {
+        let _ = writeln!(out, "    {why}");
+    }
     for (vm, r) in c.receivers.iter().filter(|(_, r)| {
         r.frames > 0 || r.dropped_bound > 0 || r.lost_at_most > 0 || r.problem.is_some()
     }) {
@@ -183,7 +186,7 @@ fn channel_state(c: &ChannelState) -> String {
             let _ = write!(out, ", {} not kept (memory bound)", r.dropped_bound);
         }
         if r.lost_at_most > 0 {
-            let _ = write!(out, ", up to {} lost on the way", r.lost_at_most);
+            let _ = write!(out, ", up to {} more may be missing", r.lost_at_most);
         }
         if let Some(p) = &r.problem {
             let _ = write!(out, ", {p}");

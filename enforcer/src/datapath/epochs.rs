@@ -393,6 +393,21 @@ pub fn roll_back<S: EpochStore>(
     Ok(changed)
 }
 
+/// Flags a VM draining without changing its epoch: every Type-1/2 frame to it is held for
+/// order from now on (a VM shut just before its cut, `agent::channel`), until the buffer
+/// daemon clears it after draining the VM's queue.
+pub fn flag_vm_draining<S: EpochStore>(
+    store: &mut S,
+    mac: MacAddr,
+) -> Result<(), EpochError<S::Error>> {
+    let mut vm = require_vm(store, mac)?;
+    if !vm.is_draining() {
+        vm.flags |= FLAG_DRAINING;
+        store.put_vm(mac.key(), vm).map_err(EpochError::Store)?;
+    }
+    Ok(())
+}
+
 /// Clears the draining flag of a VM (the buffer daemon re-injected everything held for it).
 pub fn clear_vm_draining<S: EpochStore>(
     store: &mut S,
@@ -519,6 +534,25 @@ mod tests {
         unregister(&mut s, mac(9)).unwrap();
         assert!(!s.groups.contains_key(&8), "an empty group is removed");
         assert!(!s.ports.contains_key(&99));
+    }
+
+    #[test]
+    fn a_vm_shut_before_its_cut_is_flagged_draining_at_its_epoch() {
+        let mut s = MemoryStore::with_ports(&[11, 12]);
+        register(&mut s, mac(1), 7, 11, Some(3)).unwrap();
+        register(&mut s, mac(2), 7, 12, Some(3)).unwrap();
+        flag_vm_draining(&mut s, mac(1)).unwrap();
+        assert_eq!(s.vms[&mac(1).key()].flags, FLAG_DRAINING);
+        assert_eq!(s.vms[&mac(1).key()].epoch, 3, "the epoch stays");
+        assert_eq!(s.vms[&mac(2).key()].flags, 0, "only that VM");
+        assert_eq!(s.groups[&7].flags, 0, "nor its group");
+        // Its advance keeps the flag; the buffer clears it once drained.
+        advance(&mut s, mac(1), true).unwrap();
+        assert_eq!(s.vms[&mac(1).key()].flags, FLAG_DRAINING);
+        assert!(matches!(
+            flag_vm_draining(&mut s, mac(5)),
+            Err(EpochError::UnknownVm(_))
+        ));
     }
 
     #[test]

@@ -31,7 +31,7 @@
 //! them.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     time::{Duration, Instant},
 };
 
@@ -165,9 +165,14 @@ pub(crate) struct Core {
     /// The channel state being recorded (see [`super::record`]): armed and taken through it,
     /// handed out by [`Core::progress_takes`].
     pub(crate) recorder: Recorder,
-    /// Receivers whose queues are kept whatever may be released ([`Notice::Freeze`]).
-    frozen: HashSet<MacKey>,
+    /// Receivers whose queues are kept whatever may be released ([`Notice::Freeze`]), since
+    /// when: a freeze is thawed after [`FREEZE_MAX`] whatever happened to whoever froze it.
+    frozen: HashMap<MacKey, Instant>,
 }
+
+/// The longest a receiver's queue stays frozen ([`Notice::Freeze`]): an instant cut's shut
+/// lasts milliseconds to its cut, the read of its tap at its cut less.
+pub(crate) const FREEZE_MAX: Duration = Duration::from_secs(30);
 
 /// The queues and accounting as a report shows them (the thread adds the kernel's part).
 pub(crate) struct CoreReport {
@@ -238,7 +243,7 @@ impl Core {
             hold_hist: [0; BUCKETS.len() + 1],
             hold_sum: 0.0,
             recorder: Recorder::default(),
-            frozen: HashSet::new(),
+            frozen: HashMap::new(),
         }
     }
 
@@ -425,7 +430,7 @@ impl Core {
     }
 
     fn is_frozen(&self, key: Key) -> bool {
-        matches!(key, Key::Vm(mac) if self.frozen.contains(&mac))
+        matches!(key, Key::Vm(mac) if self.frozen.contains_key(&mac))
     }
 
     fn released(&self, key: Key) -> u32 {
@@ -518,11 +523,14 @@ impl Core {
                 self.drains.insert(Key::Group(group), FenceWait::Start);
             }
             Notice::Freeze { mac } => {
-                self.frozen.insert(mac);
+                self.frozen.entry(mac).or_insert(now);
             }
             Notice::Thaw { mac } => {
-                if self.frozen.remove(&mac) {
+                if self.frozen.remove(&mac).is_some() {
                     self.release(wire, Key::Vm(mac), now);
+                    // Its draining flag (set at its advance, or when it was shut before its
+                    // cut) is cleared once what it held is out; a drain under way goes on.
+                    self.drains.entry(Key::Vm(mac)).or_insert(FenceWait::Start);
                 }
             }
         }
@@ -662,6 +670,21 @@ impl Core {
         now: Instant,
     ) {
         self.audit(wire, kernel, ring_idle, now);
+        // A freeze left behind (its VM shut for a snapshot whose coordinator died, or whose
+        // cut never came) must not keep the VM's frames held for good.
+        let stale: Vec<MacKey> = self
+            .frozen
+            .iter()
+            .filter(|(_, since)| now.saturating_duration_since(**since) >= FREEZE_MAX)
+            .map(|(mac, _)| *mac)
+            .collect();
+        for mac in stale {
+            tracing::warn!(
+                vm = %crate::model::MacAddr::from(mac),
+                "its queue was frozen for {FREEZE_MAX:?}: thawed"
+            );
+            self.on_notice(wire, Notice::Thaw { mac }, now);
+        }
         let keys: Vec<Key> = self.drains.keys().copied().collect();
         for key in keys {
             let Some(queue) = self.queue_index(key) else {

@@ -21,10 +21,13 @@ pub enum Notice {
     /// The group's snapshot was aborted and the map now counts `aborts` for it: every held
     /// frame classified under a lower count is ordinary, delivered whatever its color.
     Release { group: u32, aborts: u32 },
-    /// Keep the VM's queue whatever may be released from it, until [`Notice::Thaw`]: at its
-    /// cut, the daemon takes what waits in the VM's own port queue and puts it back first.
+    /// Keep the VM's queue whatever may be released from it, until [`Notice::Thaw`]: from
+    /// just before its cut (the VM shut, its map entry flagged draining so every frame to it
+    /// is held), and while the daemon takes what waits in the VM's own port queue and puts it
+    /// back first.
     Freeze { mac: MacKey },
-    /// Release the VM's queue again (what may go goes, in order).
+    /// Release the VM's queue again (what may go goes, in order), and drain it: its draining
+    /// flag is cleared once what it held is out.
     Thaw { mac: MacKey },
 }
 

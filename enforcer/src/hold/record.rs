@@ -47,7 +47,7 @@ pub struct Recording {
 }
 
 /// What a replay put in front of a restored VM.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Replayed {
     /// Frames its port took, in order.
     pub sent: u64,

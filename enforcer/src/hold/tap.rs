@@ -1,9 +1,11 @@
 //! The frames waiting in a VM's tap queue (channel state, invariant 7 in docs/design.md).
 //!
 //! A frame the bridge delivered to a VM's tap waits in the tap's queue until QEMU reads it
-//! into the guest, and QEMU does not read while the VM is stopped. So at a VM's cut (its
-//! stop) that queue holds frames in neither image: delivered after the cut (from senders still
-//! running, until the VM's epoch advances ms later), or before it and not read yet. The
+//! into the guest. Once the VM is stopped QEMU reads one frame more into a queue of its own
+//! (which no snapshot saves: `agent::channel` shuts the VM before its stop so that none
+//! comes), then reads nothing until the VM runs. So at a VM's cut that queue holds frames in
+//! neither image: delivered after the cut (from senders still running, until the VM's epoch
+//! advances ms later), or before it and not read yet. The
 //! daemon takes them with QEMU's own descriptors of the tap (`pidfd_getfd(2)`, found through
 //! `/proc/<pid>/fdinfo`, where a tun file names its interface as `iff:`), and puts them back
 //! out of the port, in the same order, for the running VM.
@@ -68,6 +70,16 @@ impl TapQueue {
         self.files.is_empty()
     }
 
+    /// How many queues the tap has (QEMU reads each on its own).
+    pub fn queues(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Whether a frame waits in any of the queues now (nothing is read).
+    pub fn has_waiting(&self) -> bool {
+        self.files.iter().any(|(file, _)| readable(file))
+    }
+
     /// Takes every frame waiting in the queues now, each queue in its order (never blocks:
     /// a queue with nothing to read is left at once). On an error, also the frames taken
     /// before it: they must go back all the same.
@@ -80,17 +92,7 @@ impl TapQueue {
     fn take_into(&self, frames: &mut Vec<RecordedFrame>) -> io::Result<()> {
         let mut buf = vec![0u8; 65_536 + 64];
         for (file, vnet) in &self.files {
-            loop {
-                let mut pfd = libc::pollfd {
-                    fd: file.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd for the duration of the call.
-                let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
-                if ready <= 0 || pfd.revents & libc::POLLIN == 0 {
-                    break;
-                }
+            while readable(file) {
                 // SAFETY: reading into our buffer, within its length.
                 let n = unsafe { libc::read(file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
                 if n < 0 {
@@ -116,6 +118,18 @@ impl TapQueue {
         }
         Ok(())
     }
+}
+
+/// Whether a frame waits in the tun file's queue (`poll(2)` without waiting).
+fn readable(file: &OwnedFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: file.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+    ready > 0 && pfd.revents & libc::POLLIN != 0
 }
 
 /// Descriptor `fd` of process `pid`, duplicated into this one (`pidfd_getfd(2)`).

@@ -3,7 +3,10 @@
 //! makes on itself ([`crate::agent::LocalEpochs`]). Blocks on a tokio runtime handle, so it must
 //! be called from a plain thread (as the coordinator does), not from async code.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use tokio::runtime::Handle;
 
@@ -12,10 +15,13 @@ use crate::{
         ErrorCode,
         client::{Client, ClientError},
     },
-    hold::HoldReport,
-    model::{GroupSpec, VmSpec},
+    hold::{HoldReport, RecordedFrame, Recording, Replayed},
+    model::{GroupSpec, MacAddr, VmSpec},
     snapshot::{EpochControl, EpochControlError},
 };
+
+/// How long an agent's buffer may take to hand recordings over (as on the agent itself).
+pub(crate) const RECORD_TAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct AgentEpochs {
     pub client: Client,
@@ -65,6 +71,38 @@ impl EpochControl for AgentEpochs {
         self.rt
             .block_on(self.client.abort(group.id, epoch))
             .map(|_| ())
+            .map_err(remote)
+    }
+
+    fn record_begin(&self, group: &GroupSpec) -> Result<(), EpochControlError> {
+        let macs: Vec<MacAddr> = group.vms.iter().map(|v| v.mac).collect();
+        self.rt
+            .block_on(self.client.record_begin(&macs))
+            .map_err(remote)
+    }
+
+    fn shut_before_cut(&self, vm: &VmSpec) -> Result<bool, EpochControlError> {
+        self.rt.block_on(self.client.shut(vm.mac)).map_err(remote)
+    }
+
+    fn record_end(
+        &self,
+        group: &GroupSpec,
+    ) -> Result<BTreeMap<MacAddr, Recording>, EpochControlError> {
+        let macs: Vec<MacAddr> = group.vms.iter().map(|v| v.mac).collect();
+        self.rt
+            .block_on(self.client.record_take(&macs, RECORD_TAKE_TIMEOUT))
+            .map_err(remote)
+    }
+
+    fn replay(
+        &self,
+        vm: &VmSpec,
+        port: &str,
+        frames: &[RecordedFrame],
+    ) -> Result<Replayed, EpochControlError> {
+        self.rt
+            .block_on(self.client.replay(vm.mac, port, frames))
             .map_err(remote)
     }
 

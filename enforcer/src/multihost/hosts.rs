@@ -35,7 +35,7 @@
 //! views): the old instances are gone, so nothing of theirs can raise a view again.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -55,7 +55,7 @@ use crate::{
         tls::ClientTls,
     },
     datapath::epochs::VmRecord,
-    hold::HoldReport,
+    hold::{HoldReport, RecordedFrame, Recording, Replayed},
     model::{GroupSpec, IfName, MacAddr, SnapshotId, VmSpec},
     snapshot::{
         CutMethod, EpochControl, EpochControlError, HvError, HvErrorKind, Hypervisor, Paused,
@@ -131,6 +131,8 @@ pub fn split_name(vm: &str) -> Option<(&str, &str)> {
     vm.rsplit_once('@')
         .filter(|(d, h)| !d.is_empty() && !h.is_empty())
 }
+
+mod channel;
 
 struct Host {
     spec: HostSpec,
@@ -646,6 +648,33 @@ impl EpochControl for Hosts {
         } else {
             Err(EpochControlError::Hosts(failed))
         }
+    }
+
+    /// On each host that runs members: its agent records theirs (see [`channel`]).
+    fn record_begin(&self, group: &GroupSpec) -> Result<(), EpochControlError> {
+        self.begin_recordings(group)
+    }
+
+    fn shut_before_cut(&self, vm: &VmSpec) -> Result<bool, EpochControlError> {
+        let (owner, local) = self.owner(vm)?;
+        owner.agent.shut_before_cut(&local)
+    }
+
+    fn record_end(
+        &self,
+        group: &GroupSpec,
+    ) -> Result<BTreeMap<MacAddr, Recording>, EpochControlError> {
+        self.take_recordings(group)
+    }
+
+    fn replay(
+        &self,
+        vm: &VmSpec,
+        port: &str,
+        frames: &[RecordedFrame],
+    ) -> Result<Replayed, EpochControlError> {
+        let (owner, local) = self.owner(vm)?;
+        owner.agent.replay(&local, port, frames)
     }
 }
 

@@ -302,6 +302,13 @@ pub trait EpochControl: Send + Sync {
             "this datapath does not record channel state".into(),
         ))
     }
+    /// Just before an instant cut stops `vm`, while its channel state is being recorded: keeps
+    /// every frame to it out of its tap until its cut (held, then recorded or delivered after
+    /// it), so that nothing waits there when it stops. Returns whether its tap was empty when
+    /// it was shut. Datapaths that do not record have nothing to shut.
+    fn shut_before_cut(&self, _vm: &VmSpec) -> Result<bool, EpochControlError> {
+        Ok(true)
+    }
     /// Stops recording and hands over what was recorded, by receiver.
     fn record_end(
         &self,

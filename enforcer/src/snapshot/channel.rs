@@ -34,7 +34,8 @@ const MAX_FRAME: usize = 65_535 + 14 + 8;
 pub struct ChannelState {
     /// Recorded and kept with the snapshot.
     pub recorded: bool,
-    /// Why not, when not.
+    /// Why not, when not; when recorded, why it may be incomplete beyond what each receiver
+    /// says (held frames lost while the snapshot ran).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// By receiver (VM name); receivers with nothing in flight are listed with 0 frames.
@@ -73,6 +74,7 @@ impl ChannelState {
     /// Recorded, and nothing missing.
     pub fn complete(&self) -> bool {
         self.recorded
+            && self.reason.is_none()
             && self
                 .receivers
                 .values()
@@ -107,13 +109,9 @@ pub fn save(
     for vm in &group.vms {
         let empty = Recording::default();
         let rec = recordings.get(&vm.mac).unwrap_or(&empty);
-        let mut out = Vec::with_capacity(8 + rec.bytes as usize + rec.frames.len() * 14);
-        out.extend_from_slice(MAGIC);
+        let out = encode(&rec.frames);
         let mut from: BTreeMap<String, u64> = BTreeMap::new();
         for f in &rec.frames {
-            out.extend_from_slice(&(f.data.len() as u32).to_le_bytes());
-            out.extend_from_slice(&f.vnet);
-            out.extend_from_slice(&f.data);
             let src: Option<[u8; 6]> = f.data.get(6..12).and_then(|s| s.try_into().ok());
             let sender = src.and_then(|s| names.get(&s)).copied().unwrap_or("other");
             *from.entry(sender.to_owned()).or_default() += 1;
@@ -146,10 +144,27 @@ pub fn save(
 pub fn load(snapshot_dir: &Path, vm: &str) -> io::Result<Vec<RecordedFrame>> {
     let mut bytes = Vec::new();
     fs::File::open(path(snapshot_dir, vm))?.read_to_end(&mut bytes)?;
-    parse(&bytes)
+    decode(&bytes)
 }
 
-fn parse(bytes: &[u8]) -> io::Result<Vec<RecordedFrame>> {
+/// Frames in the file's format (`ENFCHAN1`, then per frame its length, virtio-net header and
+/// bytes): also how agents hand recordings over HTTP.
+pub fn encode(frames: &[RecordedFrame]) -> Vec<u8> {
+    let bytes: usize = frames.iter().map(|f| 4 + VNET_LEN + f.data.len()).sum();
+    let mut out = Vec::with_capacity(MAGIC.len() + bytes);
+    out.extend_from_slice(MAGIC);
+    for f in frames {
+        out.extend_from_slice(&(f.data.len() as u32).to_le_bytes());
+        out.extend_from_slice(&f.vnet);
+        out.extend_from_slice(&f.data);
+    }
+    out
+}
+
+/// The frames [`encode`] wrote, in order. Errors (`InvalidData`): no `ENFCHAN1` in front, a
+/// length no frame has (under an Ethernet header, over a GSO super-frame with two VLAN tags),
+/// or the bytes cut short.
+pub fn decode(bytes: &[u8]) -> io::Result<Vec<RecordedFrame>> {
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
     let mut rest = bytes
         .strip_prefix(MAGIC)
@@ -235,11 +250,11 @@ mod tests {
         assert_eq!(state.frames(), 3);
         // A file cut short is refused, not read as fewer frames.
         let bytes = fs::read(path(&dir, "b")).unwrap();
-        assert!(parse(&bytes[..bytes.len() - 1]).is_err());
-        assert!(parse(b"ENFCHAN0").is_err());
+        assert!(decode(&bytes[..bytes.len() - 1]).is_err());
+        assert!(decode(b"ENFCHAN0").is_err());
         let mut zero = MAGIC.to_vec();
         zero.extend_from_slice(&[0; 4 + VNET_LEN]);
-        assert!(parse(&zero).is_err(), "a zero-length frame is corruption");
+        assert!(decode(&zero).is_err(), "a zero-length frame is corruption");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

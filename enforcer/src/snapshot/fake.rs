@@ -550,6 +550,12 @@ impl EpochControl for FakeEpochs {
         Ok(())
     }
 
+    fn shut_before_cut(&self, vm: &VmSpec) -> Result<bool, EpochControlError> {
+        let mut w = self.world.lock().expect("world");
+        w.record("shut", &vm.name);
+        Ok(true)
+    }
+
     fn record_end(
         &self,
         _group: &GroupSpec,

@@ -40,6 +40,23 @@ fn the_channel_state_is_kept_with_the_snapshot_and_replayed_before_the_group_run
     assert_eq!(state.receivers["vm1"].frames, 0);
     // The manifest on disk says the same (what `snapshot show` reads).
     assert_eq!(c.get(&m.id).unwrap().channel_state, Some(state));
+    // Every member is shut before the first stop: nothing waits in a tap when its VM stops.
+    {
+        let w = hv.world.lock().unwrap();
+        let first_stop = g
+            .vms
+            .iter()
+            .map(|vm| at(&w.log, "stop", &vm.name).unwrap())
+            .min()
+            .unwrap();
+        for vm in &g.vms {
+            assert!(
+                at(&w.log, "shut", &vm.name).unwrap() < first_stop,
+                "{:?}",
+                w.log
+            );
+        }
+    }
 
     hv.world.lock().unwrap().states.clear();
     hv.world.lock().unwrap().log.clear();
@@ -92,5 +109,26 @@ fn a_snapshot_whose_held_frames_were_not_all_released_does_not_claim_its_channel
         !hv.world.lock().unwrap().recording,
         "the recording ended anyway"
     );
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// Found in review: held frames lost while the snapshot ran (a frame held for a receiver
+/// around its cut may have been in flight) leave its channel state incomplete, and it says why.
+#[test]
+fn a_snapshot_that_lost_held_frames_does_not_claim_its_channel_state_whole() {
+    let g = group(2);
+    let dir = store();
+    let (c, hv) = coordinator(&g, &dir);
+    {
+        let mut w = hv.world.lock().unwrap();
+        w.in_flight = Some(BTreeMap::new());
+        w.hold = Some(crate::hold::HoldReport::default());
+        w.lose_at_advance = 1;
+    }
+    let m = c.snapshot(&g, INSTANT).unwrap();
+    assert!(!m.held_lost.is_empty(), "{:?}", m.held_lost);
+    let state = m.channel_state.unwrap();
+    assert!(state.recorded && !state.complete(), "{state:?}");
+    assert!(state.reason.unwrap().contains("held frames were lost"));
     let _ = fs::remove_dir_all(dir);
 }
