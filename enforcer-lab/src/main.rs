@@ -154,6 +154,11 @@ enum BenchCommand {
         /// Snapshots per method.
         #[arg(long, default_value_t = 10)]
         count: usize,
+        /// The group on two emulated hosts (its last guest on the second, each host with its
+        /// own agent, joined by a VXLAN-GBP overlay), driven by the coordinator of several
+        /// hosts: each member's channel state recorded and replayed by its own agent.
+        #[arg(long)]
+        hosts: bool,
     },
     /// TCP through a snapshot with skew: no-progress period, drop vs buffer (GENI-VIOLIN Fig. 6).
     TcpSkew {
@@ -251,10 +256,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let o = guests.vm_options("enfr", 6, "bench-restore")?;
             println!("{}", bench::restores::bench_restores(o, count).await?);
         }
-        Command::Bench(BenchCommand::Channel { guests, count }) => {
+        Command::Bench(BenchCommand::Channel {
+            guests,
+            count,
+            hosts,
+        }) => {
             anyhow::ensure!((1..=200).contains(&count), "--count must be in 1..=200");
             let o = guests.vm_options("enfc", 7, "bench-channel")?;
-            println!("{}", bench::channel::bench_channel(o, count).await?);
+            println!("{}", bench::channel::bench_channel(o, count, hosts).await?);
         }
         Command::Bench(BenchCommand::Hold { seconds }) => {
             anyhow::ensure!(seconds > 0.0, "--seconds must be positive");

@@ -2,15 +2,20 @@
 //! takes a group snapshot, then restores it twice — first leaving its channel state out (as
 //! without recording), then replaying it — and runs and checks each restored group pair by
 //! pair. By both cut methods on the same guests: the frames in flight at the cut each snapshot
-//! recorded, and the UDP datagrams the restored groups lost with and without them.
+//! recorded, and the UDP datagrams the restored groups lost with and without them. On one host
+//! (one agent), or on two emulated hosts driven by the coordinator of several hosts (each
+//! member's channel state recorded and replayed by its own agent).
 
 use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
 use enforcer::{api::client::Client, snapshot::CutMethod};
 
 use crate::{
-    demo::vms::{
-        Consistency, VmDemoOptions, blocking, kill_all, log, run_restored_and_check, with_lab,
+    demo::{
+        hosts,
+        vms::{
+            Consistency, VmDemoOptions, blocking, kill_all, log, run_restored_and_check, with_lab,
+        },
     },
     stats::percentiles,
     vms::VmLab,
@@ -36,6 +41,7 @@ struct Samples {
 async fn restore_and_check(
     lab: &std::sync::Arc<VmLab>,
     client: &Client,
+    domains: &[String],
     id: &str,
     replay: bool,
 ) -> anyhow::Result<Option<(Consistency, u64)>> {
@@ -65,15 +71,43 @@ async fn restore_and_check(
         Ok(l.note_loss_baseline()?)
     })
     .await?;
-    client.define_group("bench", None, &lab.names()).await?;
+    client.define_group("bench", None, domains).await?;
     Ok(None)
 }
 
-/// `count` cycles per method, instant first.
-pub async fn bench_channel(opts: VmDemoOptions, count: usize) -> anyhow::Result<String> {
+/// `count` cycles per method, instant first; with `on_hosts`, the group on two emulated hosts
+/// (its last guest on the second), driven by the coordinator of several hosts.
+pub async fn bench_channel(
+    opts: VmDemoOptions,
+    count: usize,
+    on_hosts: bool,
+) -> anyhow::Result<String> {
     let lab_opts = opts.lab.clone();
-    let samples = with_lab(&opts, async move |lab, client| {
-        client.define_group("bench", None, &lab.names()).await?;
+    let samples = if on_hosts {
+        hosts::with_hosts(opts, async |lab, agents, _, client, _, host_of| {
+            hosts::define_group(lab, agents, client, host_of, "bench").await?;
+            cycles(lab, client, &hosts::domains(lab, host_of), count).await
+        })
+        .await?
+    } else {
+        with_lab(&opts, async move |lab, client| {
+            client.define_group("bench", None, &lab.names()).await?;
+            cycles(lab, client, &lab.names(), count).await
+        })
+        .await?
+    };
+    render(&samples, &lab_opts, count, on_hosts)
+}
+
+/// `count` snapshot cycles per method of group `bench` (the lab's guests, named `domains`),
+/// each snapshot restored without and with its channel state.
+async fn cycles(
+    lab: &std::sync::Arc<VmLab>,
+    client: &Client,
+    domains: &[String],
+    count: usize,
+) -> anyhow::Result<BTreeMap<&'static str, Samples>> {
+    {
         let mut samples: BTreeMap<&'static str, Samples> = BTreeMap::new();
         for method in [CutMethod::Instant, CutMethod::PreCopy] {
             for k in 0..count {
@@ -87,10 +121,10 @@ pub async fn bench_channel(opts: VmDemoOptions, count: usize) -> anyhow::Result<
                     .channel_state
                     .as_ref()
                     .map_or(0, |c| c.receivers.values().map(|r| r.lost_at_most).sum());
-                let without = restore_and_check(lab, client, m.id.as_str(), false).await?;
+                let without = restore_and_check(lab, client, domains, m.id.as_str(), false).await?;
                 // After a crash the guests were booted afresh: the cycle's baseline is gone.
                 let with = match &without {
-                    Some(_) => restore_and_check(lab, client, m.id.as_str(), true).await?,
+                    Some(_) => restore_and_check(lab, client, domains, m.id.as_str(), true).await?,
                     None => None,
                 };
                 client.delete_snapshot(m.id.as_str()).await?;
@@ -134,14 +168,28 @@ pub async fn bench_channel(opts: VmDemoOptions, count: usize) -> anyhow::Result<
             }
         }
         Ok(samples)
-    })
-    .await?;
+    }
+}
+
+/// The table of the samples, and the line with the total.
+fn render(
+    samples: &BTreeMap<&'static str, Samples>,
+    lab_opts: &crate::vms::VmLabOptions,
+    count: usize,
+    on_hosts: bool,
+) -> anyhow::Result<String> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "channel state of {} TCG guests under traffic (UDP and TCP to every peer every {} ms), \
+        "channel state of {} TCG guests{} under traffic (UDP and TCP to every peer every {} ms), \
          {count} snapshots per method, each restored without and with its channel state",
-        lab_opts.vms, lab_opts.interval_ms
+        lab_opts.vms,
+        if on_hosts {
+            " on two emulated hosts (the last on the second, a coordinator over mutual TLS)"
+        } else {
+            ""
+        },
+        lab_opts.interval_ms
     );
     let _ = writeln!(
         out,
@@ -159,7 +207,7 @@ pub async fn bench_channel(opts: VmDemoOptions, count: usize) -> anyhow::Result<
         "crashed"
     );
     let (mut lost_with, mut lost_without, mut restores) = (0, 0, 0);
-    for (name, s) in &samples {
+    for (name, s) in samples {
         let (sp50, _, _) = percentiles(s.stop_spread_ms.clone());
         let (r50, _, rmax) = percentiles(s.recorded.clone());
         let _ = writeln!(

@@ -45,7 +45,7 @@ use enforcer::{
 /// the path real hosts take, with TLS and client certificates as well).
 const TOKEN: &str = "enforcer-emulated-hosts";
 
-struct Agent {
+pub(crate) struct Agent {
     name: &'static str,
     bridge: String,
     overlay: String,
@@ -156,7 +156,32 @@ pub struct HostsRun {
 
 /// The scenario on a lab whose last `opts.lab.on_second_bridge` guests run on host `b`.
 /// `snapshots`: group snapshots under traffic before the kill (the last one is restored).
-pub async fn run(mut opts: VmDemoOptions, snapshots: usize) -> anyhow::Result<HostsRun> {
+pub async fn run(opts: VmDemoOptions, snapshots: usize) -> anyhow::Result<HostsRun> {
+    with_hosts(
+        opts,
+        async |lab, agents, coordinator, client, opts, host_of| {
+            scenario(lab, agents, coordinator, client, opts, snapshots, host_of).await
+        },
+    )
+    .await
+}
+
+/// Boots the lab on two emulated hosts (its last `opts.lab.on_second_bridge` guests, at least
+/// one, on host `b`), each with its agent, joined by the overlay, and the coordinator of both
+/// over mutual TLS with a token; runs `body` once the guests talk (their loss baseline noted)
+/// with the lab, the agents, the coordinator, its client, the options and which host a
+/// bridge is; tears everything down however it ends.
+pub(crate) async fn with_hosts<T>(
+    mut opts: VmDemoOptions,
+    body: impl AsyncFnOnce(
+        &Arc<VmLab>,
+        &mut [Agent],
+        &RunningCoordinator,
+        &Client,
+        &VmDemoOptions,
+        &dyn Fn(&str) -> &'static str,
+    ) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     if opts.lab.on_second_bridge == 0 {
         opts.lab.on_second_bridge = 1;
     }
@@ -223,16 +248,7 @@ pub async fn run(mut opts: VmDemoOptions, snapshots: usize) -> anyhow::Result<Ho
             "guests up and talking across the overlay after {:.1} s",
             boot.elapsed().as_secs_f64()
         ));
-        let result = scenario(
-            &lab,
-            &mut agents,
-            &coordinator,
-            &client,
-            &opts,
-            snapshots,
-            &host_of,
-        )
-        .await;
+        let result = body(&lab, &mut agents, &coordinator, &client, &opts, &host_of).await;
         coordinator.stop().await?;
         result
     }
@@ -253,23 +269,26 @@ pub async fn run(mut opts: VmDemoOptions, snapshots: usize) -> anyhow::Result<Ho
     result
 }
 
-async fn scenario(
-    lab: &Arc<VmLab>,
-    agents: &mut [Agent],
-    coordinator: &RunningCoordinator,
-    client: &Client,
-    opts: &VmDemoOptions,
-    snapshots: usize,
-    host_of: &dyn Fn(&str) -> &'static str,
-) -> anyhow::Result<HostsRun> {
-    let mut out = String::new();
-    let domains: Vec<String> = lab
-        .vms
+/// The lab's guests as the coordinator names them (`domain@host`).
+pub(crate) fn domains(lab: &VmLab, host_of: &dyn Fn(&str) -> &'static str) -> Vec<String> {
+    lab.vms
         .iter()
         .map(|v| format!("{}@{}", v.name, host_of(&v.bridge)))
-        .collect();
+        .collect()
+}
+
+/// Defines the lab's guests as group `name` on the coordinator, and checks every agent has its
+/// own VMs exact and the others as views on its overlay port.
+pub(crate) async fn define_group(
+    lab: &VmLab,
+    agents: &[Agent],
+    client: &Client,
+    host_of: &dyn Fn(&str) -> &'static str,
+    name: &str,
+) -> anyhow::Result<()> {
+    let domains = domains(lab, host_of);
     let group = client
-        .define_group("hosts", None, &domains)
+        .define_group(name, None, &domains)
         .await
         .context("defining the group")?;
     log(format!(
@@ -278,8 +297,7 @@ async fn scenario(
         group.id,
         domains.join(", ")
     ));
-    // Every agent: its own VMs exact, the others as views on its overlay port.
-    for agent in agents.iter() {
+    for agent in agents {
         let vms = agent.client().vms().await?;
         for v in &lab.vms {
             let own = host_of(&v.bridge) == agent.name;
@@ -292,6 +310,20 @@ async fn scenario(
             );
         }
     }
+    Ok(())
+}
+
+async fn scenario(
+    lab: &Arc<VmLab>,
+    agents: &mut [Agent],
+    coordinator: &RunningCoordinator,
+    client: &Client,
+    opts: &VmDemoOptions,
+    snapshots: usize,
+    host_of: &dyn Fn(&str) -> &'static str,
+) -> anyhow::Result<HostsRun> {
+    let mut out = String::new();
+    define_group(lab, agents, client, host_of, "hosts").await?;
 
     // An agent killed and restarted in the middle of a group snapshot.
     let victim = agents.len() - 1;

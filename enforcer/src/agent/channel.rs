@@ -19,7 +19,7 @@
 
 use std::{
     collections::BTreeMap,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -309,15 +309,28 @@ impl<D: AgentDatapath> Agent<D> {
         ensure_queue_len(port, frames.len() as u32 + 64).map_err(io)?;
         let dropped_before = tx_dropped(port);
         let sent = replay_into(ifindex, frames).map_err(|(sent, e)| {
+            self.replayed[0].fetch_add(sent as u64, Ordering::Relaxed);
             io(std::io::Error::new(
                 e.kind(),
                 format!("{sent} of {} frames sent, then: {e}", frames.len()),
             ))
         })? as u64;
-        Ok(Replayed {
+        let replayed = Replayed {
             sent,
             dropped: tx_dropped(port).saturating_sub(dropped_before),
-        })
+        };
+        self.replayed[0].fetch_add(replayed.sent, Ordering::Relaxed);
+        self.replayed[1].fetch_add(replayed.dropped, Ordering::Relaxed);
+        Ok(replayed)
+    }
+
+    /// Channel state replayed here so far: frames sent into restored VMs' ports, and frames
+    /// those ports dropped meanwhile.
+    pub fn replayed_totals(&self) -> Replayed {
+        Replayed {
+            sent: self.replayed[0].load(Ordering::Relaxed),
+            dropped: self.replayed[1].load(Ordering::Relaxed),
+        }
     }
 }
 

@@ -157,6 +157,9 @@ pub struct Agent<D: AgentDatapath = Datapath> {
     pub(crate) begun: Mutex<HashMap<String, u32>>,
     /// The channel-state recordings under way, by VM (see `channel.rs`).
     pub(crate) recording: Mutex<HashMap<MacAddr, super::recording::RecordingVm>>,
+    /// Channel state replayed into restored VMs here: frames sent, and frames their ports
+    /// dropped meanwhile (`channel.rs`; `/metrics`).
+    pub(crate) replayed: [AtomicU64; 2],
 }
 
 impl<D: AgentDatapath> Agent<D> {
@@ -211,6 +214,7 @@ impl<D: AgentDatapath> Agent<D> {
             learned_applied,
             begun: Mutex::new(HashMap::new()),
             recording: Mutex::new(HashMap::new()),
+            replayed: [AtomicU64::new(0), AtomicU64::new(0)],
         }
     }
 

@@ -63,7 +63,12 @@ pub(crate) async fn prometheus<D: AgentDatapath>(
 ) -> Result<impl IntoResponse, ApiError> {
     let text = blocking(move || {
         let (ports, vms) = a.stats_and_vms()?;
-        Ok::<_, AgentError>(metrics::render(&ports, &vms, a.hold_report().as_ref()))
+        Ok::<_, AgentError>(metrics::render(
+            &ports,
+            &vms,
+            a.hold_report().as_ref(),
+            a.replayed_totals(),
+        ))
     })
     .await?;
     let mut headers = HeaderMap::new();

@@ -8,11 +8,17 @@ use enforcer_common::Outcome;
 use crate::{
     agent::{CounterJson, PortStats},
     datapath::epochs::VmRecord,
-    hold::HoldReport,
+    hold::{HoldReport, Replayed},
 };
 
-/// Renders `GET /metrics` (text format 0.0.4).
-pub fn render(ports: &[PortStats], vms: &[VmRecord], holds: Option<&HoldReport>) -> String {
+/// Renders `GET /metrics` (text format 0.0.4). `replayed`: channel state replayed into
+/// restored VMs on this host so far (the frames recorded are the buffer's `recorded` outcome).
+pub fn render(
+    ports: &[PortStats],
+    vms: &[VmRecord],
+    holds: Option<&HoldReport>,
+    replayed: Replayed,
+) -> String {
     let mut out = String::new();
     for (metric, help, pick) in [
         (
@@ -120,6 +126,15 @@ pub fn render(ports: &[PortStats], vms: &[VmRecord], holds: Option<&HoldReport>)
             h.hold_time_count
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP enforcer_channel_replayed_frames_total Recorded channel state replayed into \
+         restored VMs here: frames sent, and frames their ports dropped meanwhile.\n\
+         # TYPE enforcer_channel_replayed_frames_total counter\n\
+         enforcer_channel_replayed_frames_total{{fate=\"sent\"}} {}\n\
+         enforcer_channel_replayed_frames_total{{fate=\"dropped\"}} {}",
+        replayed.sent, replayed.dropped
+    );
     out
 }
 
@@ -168,7 +183,16 @@ mod tests {
             ..Default::default()
         };
         holds.totals.insert(HoldTotal::Reinjected, 6);
-        let text = render(&ports, &vms, Some(&holds));
+        let replayed = Replayed {
+            sent: 12,
+            dropped: 1,
+        };
+        let text = render(&ports, &vms, Some(&holds), replayed);
+        assert!(
+            text.contains("enforcer_channel_replayed_frames_total{fate=\"sent\"} 12\n")
+                && text.contains("enforcer_channel_replayed_frames_total{fate=\"dropped\"} 1\n"),
+            "{text}"
+        );
         assert!(
             text.contains("enforcer_hold_frames_total{outcome=\"reinjected\"} 6\n"),
             "{text}"
