@@ -287,3 +287,45 @@ pub fn send_stream(
         thread::sleep(gap);
     }
 }
+
+/// Datagrams received on `socket` within `window`, in arrival order.
+pub fn receive_all(socket: &UdpSocket, window: Duration) -> Vec<Vec<u8>> {
+    socket
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let deadline = Instant::now() + window;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while Instant::now() < deadline {
+        if let Ok(n) = socket.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+    }
+    got
+}
+
+/// A datagram of `len` bytes: its number, then a pattern of it.
+pub fn datagram(seq: u32, len: usize) -> Vec<u8> {
+    let mut d: Vec<u8> = seq.to_be_bytes().to_vec();
+    d.extend((0..len - 4).map(|i| (i as u32).wrapping_mul(31).wrapping_add(seq) as u8));
+    d
+}
+
+/// Sends from `socket` with UDP segmentation offload (`UDP_SEGMENT`, Linux 4.18): one send of
+/// several `segment`-byte datagrams leaves as one GSO super-frame at the kernel's default
+/// offloads.
+pub fn udp_segment(socket: &UdpSocket, segment: libc::c_int) {
+    use std::os::fd::AsRawFd as _;
+    const UDP_SEGMENT: libc::c_int = 103;
+    // SAFETY: a valid socket and a c_int option value that outlives the call.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            UDP_SEGMENT,
+            (&segment as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "UDP_SEGMENT: {}", io::Error::last_os_error());
+}

@@ -14,8 +14,8 @@ use enforcer::{
 use enforcer_common::{HoldTotal, Type3Mode};
 use enforcer_lab::{netns::Lab, traffic::Message};
 use enforcer_tests::{
-    Inbox, PinRoot, assert_no_hold_losses, daemon_config, lab_prefix, register_all, require_root,
-    send_stream,
+    Inbox, PinRoot, assert_no_hold_losses, daemon_config, datagram, lab_prefix, receive_all,
+    register_all, require_root, send_stream, udp_segment,
 };
 
 const PORT: u16 = 47_310;
@@ -109,6 +109,11 @@ async fn frames_crossing_the_cut_are_recorded_once_and_replayed_in_order() {
     // Replay into vm2's port, as into a restored VM: exactly the recorded frames, in order.
     let replayed = agent.replay(vm2, &lab.vms[1].port, &at_vm2.frames).unwrap();
     assert_eq!((replayed.sent, replayed.dropped), (150, 0));
+    assert_eq!(
+        agent.replayed_totals(),
+        replayed,
+        "/metrics counts the replay once, and nothing for the refused one"
+    );
     thread::sleep(Duration::from_millis(200));
     let got = seqs(inbox.finish());
     assert_eq!(
@@ -116,6 +121,72 @@ async fn frames_crossing_the_cut_are_recorded_once_and_replayed_in_order() {
         (100..250).collect::<Vec<_>>(),
         "the replay delivered the channel state once more, in order"
     );
+    running.stop().await.unwrap();
+}
+
+/// The channel state as guests send it: UDP with segmentation offload crosses the cut as GSO
+/// super-frames (the kernel's default offloads); each is recorded whole, as one frame with
+/// its vnet header, and the replay delivers every datagram of it again, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gso_super_frames_crossing_the_cut_are_recorded_and_replayed_whole() {
+    require_root();
+    let lab = Lab::create(&lab_prefix('u'), 2).unwrap();
+    let pins = PinRoot::new("channel-gso");
+    let (running, client) = start(&lab, &pins).await;
+    register_all(&client, &lab.vms).await;
+    let (vm1, vm2) = (lab.vms[0].mac, lab.vms[1].mac);
+    let tx = lab.udp_socket(0, PORT).unwrap();
+    udp_segment(&tx, 1400);
+    let rx = lab.udp_socket(1, PORT).unwrap();
+    enforcer_lab::netns::force_rcvbuf(&rx, 16 << 20).unwrap();
+    let to = std::net::SocketAddrV4::new(lab.vms[1].ip, PORT);
+    // One send: 10 numbered datagrams of 1400 bytes.
+    let send = |round: u32| {
+        let buf: Vec<u8> = (0..10)
+            .flat_map(|i| datagram(round * 10 + i, 1400))
+            .collect();
+        tx.send_to(&buf, to).unwrap();
+    };
+    let want = |rounds: std::ops::Range<u32>| -> Vec<Vec<u8>> {
+        rounds
+            .flat_map(|r| (0..10).map(move |i| datagram(r * 10 + i, 1400)))
+            .collect()
+    };
+    let agent = running.agent.clone();
+    agent.record_begin(&[vm1, vm2]).unwrap();
+    send(0);
+    // Rounds 1..11 cross the cut: sent before vm1's, delivered after vm2's.
+    client.advance(vm2).await.unwrap();
+    (1..11).for_each(send);
+    client.advance(vm1).await.unwrap();
+    send(11);
+    assert_eq!(
+        receive_all(&rx, Duration::from_millis(500)),
+        want(0..12),
+        "vm2 received every datagram once, in order"
+    );
+
+    let recorded = agent
+        .record_end(&[vm1, vm2], Duration::from_secs(5))
+        .unwrap();
+    let frames = &recorded[&vm2].frames;
+    assert!(
+        frames.iter().any(|f| f.data.len() > 1514),
+        "recorded as super-frames: {:?}",
+        frames.iter().map(|f| f.data.len()).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        (recorded[&vm2].dropped_bound, recorded[&vm2].lost_at_most),
+        (0, 0)
+    );
+    let replayed = agent.replay(vm2, &lab.vms[1].port, frames).unwrap();
+    assert_eq!(replayed.dropped, 0);
+    assert_eq!(
+        receive_all(&rx, Duration::from_millis(500)),
+        want(1..11),
+        "the replay delivered every datagram that crossed the cut once more, in order"
+    );
+    assert_no_hold_losses(&agent.hold_report().unwrap());
     running.stop().await.unwrap();
 }
 

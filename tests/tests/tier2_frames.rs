@@ -20,8 +20,8 @@ use enforcer::{
 use enforcer_common::{HoldTotal, Outcome, Type3Mode};
 use enforcer_lab::netns::Lab;
 use enforcer_tests::{
-    PinRoot, Undo, assert_no_hold_losses, daemon_config, lab_prefix, register_all, require_root,
-    run,
+    PinRoot, Undo, assert_no_hold_losses, daemon_config, datagram, lab_prefix, receive_all,
+    register_all, require_root, run, udp_segment,
 };
 
 struct Setup {
@@ -158,29 +158,6 @@ async fn vlan_and_qinq_frames_keep_their_tags_when_held_xdp() {
     vlan_tags_survive(AttachMode::Xdp, 'w').await;
 }
 
-/// Datagrams received on `socket` within `window`, in arrival order.
-fn receive_all(socket: &UdpSocket, window: Duration) -> Vec<Vec<u8>> {
-    socket
-        .set_read_timeout(Some(Duration::from_millis(20)))
-        .unwrap();
-    let deadline = std::time::Instant::now() + window;
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 65536];
-    while std::time::Instant::now() < deadline {
-        if let Ok(n) = socket.recv(&mut buf) {
-            got.push(buf[..n].to_vec());
-        }
-    }
-    got
-}
-
-/// A datagram of `len` bytes: its number, then a pattern of it.
-fn datagram(seq: u32, len: usize) -> Vec<u8> {
-    let mut d: Vec<u8> = seq.to_be_bytes().to_vec();
-    d.extend((0..len - 4).map(|i| (i as u32).wrapping_mul(31).wrapping_add(seq) as u8));
-    d
-}
-
 /// Case F2: at MTU 9000 on every link, 8900-byte UDP datagrams (one 8942-byte frame each, no
 /// fragmentation) are held across the skew and delivered whole and in order. Before, the hold
 /// device stayed at a page's MTU and they were lost there.
@@ -219,24 +196,11 @@ async fn jumbo_datagrams_are_held_and_delivered_whole() {
 /// no loss and nothing refused on the way back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_gso_super_frames_are_held_whole_and_every_datagram_arrives() {
-    use std::os::fd::AsRawFd as _;
     let s = setup('g', AttachMode::Tc, None).await;
     let tx = s.lab.udp_socket(0, 47_700).unwrap();
     let rx = s.lab.udp_socket(1, 47_700).unwrap();
     enforcer_lab::netns::force_rcvbuf(&rx, 16 << 20).unwrap();
-    const UDP_SEGMENT: libc::c_int = 103;
-    let segment: libc::c_int = 1400;
-    // SAFETY: a valid socket and a c_int option value that outlives the call.
-    let r = unsafe {
-        libc::setsockopt(
-            tx.as_raw_fd(),
-            libc::SOL_UDP,
-            UDP_SEGMENT,
-            (&segment as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(r, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+    udp_segment(&tx, 1400);
     let to = SocketAddrV4::new(s.lab.vms[1].ip, 47_700);
     // One send: 10 datagrams, each numbered.
     let send = |round: u32| {

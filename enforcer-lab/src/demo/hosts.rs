@@ -20,7 +20,7 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    demo::vms::{self, Consistency, VmDemoOptions, blocking, log},
+    demo::vms::{self, Consistency, VmDemoOptions, blocking, first_error, log},
     overlay::{HOST_NAMES, Overlay},
     stats::percentiles,
     vms::VmLab,
@@ -196,27 +196,31 @@ pub(crate) async fn with_hosts<T>(
     ));
     let lab_opts = opts.lab.clone();
     let lab = Arc::new(blocking(move || Ok(VmLab::start(lab_opts)?)).await?);
-    let overlay = Overlay::create(&format!("{p}o"), [&lab.bridge, &lab.other_bridge])
-        .context("the VXLAN-GBP overlay between the hosts")?;
-    let pki = make_pki(&opts.store.join("pki")).context("the run's certificates")?;
-    let mut agents: Vec<Agent> = HOST_NAMES
-        .into_iter()
-        .enumerate()
-        .map(|(i, name)| Agent {
-            name,
-            bridge: [&lab.bridge, &lab.other_bridge][i].clone(),
-            overlay: overlay.devices[i].clone(),
-            pin_root: PathBuf::from(format!("{}-{name}", opts.pin_root.display())),
-            hold_device: format!("{}{name}", opts.hold_device),
-            store: opts.store.join(format!("agent-{name}")),
-            uri: opts.lab.uri.clone(),
-            addr: None,
-            running: None,
-            tls: pki.agents[i].clone(),
-            operator: pki.operator.clone(),
-        })
-        .collect();
+    // Filled once the lab is up; torn down below however the run ends.
+    let mut agents: Vec<Agent> = Vec::new();
+    let mut overlay = None;
     let result = async {
+        let o = Overlay::create(&format!("{p}o"), [&lab.bridge, &lab.other_bridge])
+            .context("the VXLAN-GBP overlay between the hosts")?;
+        let pki = make_pki(&opts.store.join("pki")).context("the run's certificates")?;
+        agents = HOST_NAMES
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| Agent {
+                name,
+                bridge: [&lab.bridge, &lab.other_bridge][i].clone(),
+                overlay: o.devices[i].clone(),
+                pin_root: PathBuf::from(format!("{}-{name}", opts.pin_root.display())),
+                hold_device: format!("{}{name}", opts.hold_device),
+                store: opts.store.join(format!("agent-{name}")),
+                uri: opts.lab.uri.clone(),
+                addr: None,
+                running: None,
+                tls: pki.agents[i].clone(),
+                operator: pki.operator.clone(),
+            })
+            .collect();
+        overlay = Some(o);
         for agent in &mut agents {
             let _ = datapath::teardown(&agent.pin_root);
             agent.start().await?;
@@ -239,18 +243,22 @@ pub(crate) async fn with_hosts<T>(
         );
         let l = lab.clone();
         let boot = Instant::now();
-        blocking(move || {
+        let ready = blocking(move || {
             l.wait_talking(Duration::from_secs(120))?;
             Ok(l.note_loss_baseline()?)
         })
-        .await?;
-        log(format!(
-            "guests up and talking across the overlay after {:.1} s",
-            boot.elapsed().as_secs_f64()
-        ));
-        let result = body(&lab, &mut agents, &coordinator, &client, &opts, &host_of).await;
-        coordinator.stop().await?;
-        result
+        .await;
+        let result = match ready {
+            Ok(()) => {
+                log(format!(
+                    "guests up and talking across the overlay after {:.1} s",
+                    boot.elapsed().as_secs_f64()
+                ));
+                body(&lab, &mut agents, &coordinator, &client, &opts, &host_of).await
+            }
+            Err(e) => Err(e),
+        };
+        first_error(result, coordinator.stop().await)
     }
     .await;
     for agent in &mut agents {
@@ -270,7 +278,7 @@ pub(crate) async fn with_hosts<T>(
 }
 
 /// The lab's guests as the coordinator names them (`domain@host`).
-pub(crate) fn domains(lab: &VmLab, host_of: &dyn Fn(&str) -> &'static str) -> Vec<String> {
+fn domains(lab: &VmLab, host_of: &dyn Fn(&str) -> &'static str) -> Vec<String> {
     lab.vms
         .iter()
         .map(|v| format!("{}@{}", v.name, host_of(&v.bridge)))

@@ -442,6 +442,27 @@ pub(crate) async fn kill_all(lab: &std::sync::Arc<VmLab>) -> anyhow::Result<()> 
     .await
 }
 
+/// `result` unless only stopping what served it (`stopped`) failed: a failed run keeps its own
+/// error (the stop's is logged), a run that finished fails with the stop's.
+pub(crate) fn first_error<T, S, E>(
+    result: anyhow::Result<T>,
+    stopped: Result<S, E>,
+) -> anyhow::Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match (result, stopped) {
+        (Ok(v), Ok(_)) => Ok(v),
+        (Ok(_), Err(e)) => Err(anyhow::Error::new(e).context("stopping after the run")),
+        (Err(e), stopped) => {
+            if let Err(s) = stopped {
+                log(format!("stopping after the failed run failed too: {s}"));
+            }
+            Err(e)
+        }
+    }
+}
+
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
@@ -615,8 +636,7 @@ pub(crate) async fn with_lab<T>(
             }
             Err(e) => Err(e),
         };
-        running.stop().await?;
-        result
+        first_error(result, running.stop().await)
     }
     .await;
     // The last reference, dropped off the async workers: its Drop destroys the domains (libvirt

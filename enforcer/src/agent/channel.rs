@@ -19,7 +19,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -308,29 +311,45 @@ impl<D: AgentDatapath> Agent<D> {
         };
         ensure_queue_len(port, frames.len() as u32 + 64).map_err(io)?;
         let dropped_before = tx_dropped(port);
-        let sent = replay_into(ifindex, frames).map_err(|(sent, e)| {
-            self.replayed[0].fetch_add(sent as u64, Ordering::Relaxed);
-            io(std::io::Error::new(
-                e.kind(),
-                format!("{sent} of {} frames sent, then: {e}", frames.len()),
-            ))
-        })? as u64;
+        let result = replay_into(ifindex, frames);
+        // Counted whatever the outcome: frames a failed replay sent reached the port too.
         let replayed = Replayed {
-            sent,
+            sent: match &result {
+                Ok(sent) | Err((sent, _)) => *sent as u64,
+            },
             dropped: tx_dropped(port).saturating_sub(dropped_before),
         };
-        self.replayed[0].fetch_add(replayed.sent, Ordering::Relaxed);
-        self.replayed[1].fetch_add(replayed.dropped, Ordering::Relaxed);
-        Ok(replayed)
+        self.replayed.add(replayed);
+        match result {
+            Ok(_) => Ok(replayed),
+            Err((sent, e)) => Err(io(std::io::Error::new(
+                e.kind(),
+                format!("{sent} of {} frames sent, then: {e}", frames.len()),
+            ))),
+        }
     }
 
     /// Channel state replayed here so far: frames sent into restored VMs' ports, and frames
     /// those ports dropped meanwhile.
     pub fn replayed_totals(&self) -> Replayed {
         Replayed {
-            sent: self.replayed[0].load(Ordering::Relaxed),
-            dropped: self.replayed[1].load(Ordering::Relaxed),
+            sent: self.replayed.sent.load(Ordering::Relaxed),
+            dropped: self.replayed.dropped.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// Running totals of [`Replayed`], frames (in memory: they restart with the daemon).
+#[derive(Debug, Default)]
+pub(crate) struct ReplayCounters {
+    sent: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl ReplayCounters {
+    fn add(&self, r: Replayed) {
+        self.sent.fetch_add(r.sent, Ordering::Relaxed);
+        self.dropped.fetch_add(r.dropped, Ordering::Relaxed);
     }
 }
 

@@ -157,9 +157,9 @@ pub struct Agent<D: AgentDatapath = Datapath> {
     pub(crate) begun: Mutex<HashMap<String, u32>>,
     /// The channel-state recordings under way, by VM (see `channel.rs`).
     pub(crate) recording: Mutex<HashMap<MacAddr, super::recording::RecordingVm>>,
-    /// Channel state replayed into restored VMs here: frames sent, and frames their ports
-    /// dropped meanwhile (`channel.rs`; `/metrics`).
-    pub(crate) replayed: [AtomicU64; 2],
+    /// Channel state replayed into restored VMs here since the daemon started (`channel.rs`;
+    /// `/metrics`).
+    pub(crate) replayed: super::channel::ReplayCounters,
 }
 
 impl<D: AgentDatapath> Agent<D> {
@@ -214,7 +214,7 @@ impl<D: AgentDatapath> Agent<D> {
             learned_applied,
             begun: Mutex::new(HashMap::new()),
             recording: Mutex::new(HashMap::new()),
-            replayed: [AtomicU64::new(0), AtomicU64::new(0)],
+            replayed: Default::default(),
         }
     }
 

@@ -129,10 +129,14 @@ pub fn render(
     let _ = writeln!(
         out,
         "# HELP enforcer_channel_replayed_frames_total Recorded channel state replayed into \
-         restored VMs here: frames sent, and frames their ports dropped meanwhile.\n\
+         restored VMs' ports here since the daemon started.\n\
          # TYPE enforcer_channel_replayed_frames_total counter\n\
-         enforcer_channel_replayed_frames_total{{fate=\"sent\"}} {}\n\
-         enforcer_channel_replayed_frames_total{{fate=\"dropped\"}} {}",
+         enforcer_channel_replayed_frames_total {}\n\
+         # HELP enforcer_channel_replay_port_dropped_frames_total Frames restored VMs' ports \
+         dropped while channel state was replayed into them (their tx_dropped), since the \
+         daemon started.\n\
+         # TYPE enforcer_channel_replay_port_dropped_frames_total counter\n\
+         enforcer_channel_replay_port_dropped_frames_total {}",
         replayed.sent, replayed.dropped
     );
     out
@@ -189,8 +193,8 @@ mod tests {
         };
         let text = render(&ports, &vms, Some(&holds), replayed);
         assert!(
-            text.contains("enforcer_channel_replayed_frames_total{fate=\"sent\"} 12\n")
-                && text.contains("enforcer_channel_replayed_frames_total{fate=\"dropped\"} 1\n"),
+            text.contains("enforcer_channel_replayed_frames_total 12\n")
+                && text.contains("enforcer_channel_replay_port_dropped_frames_total 1\n"),
             "{text}"
         );
         assert!(
