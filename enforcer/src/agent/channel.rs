@@ -61,6 +61,20 @@ impl<D: AgentDatapath> Agent<D> {
     /// queues are opened for their cuts. Nothing is left attached when it fails.
     pub fn record_begin(&self, macs: &[MacAddr]) -> Result<(), AgentError> {
         let buffer = self.buffer_handle()?;
+        // Begun again (a coordinator's retry, or a snapshot that never ended): what an earlier
+        // begin left for these VMs goes first (its program detached, its copies of their
+        // queues closed, a shut one opened), and this begin starts afresh.
+        let stale: Vec<(MacAddr, RecordingVm)> = {
+            let mut recording = self.recording.lock().expect("recording lock");
+            macs.iter()
+                .filter_map(|mac| Some((*mac, recording.remove(mac)?)))
+                .collect()
+        };
+        for (mac, rec) in stale {
+            if rec.shut {
+                self.tell_buffer(Notice::Thaw { mac: mac.key() });
+            }
+        }
         let mut targets = Vec::new();
         for mac in macs {
             if let Some((slot, ifindex)) = self.record_target(*mac)? {

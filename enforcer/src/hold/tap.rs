@@ -58,6 +58,11 @@ impl TapQueue {
                     continue;
                 }
                 let file = steal(pid, n)?;
+                // The same queue held twice (QEMU's and a copy of it: ours from an earlier
+                // look, or libvirt's) is one queue.
+                if files.iter().any(|(f, _)| same_file(f, &file)) {
+                    continue;
+                }
                 let vnet = vnet_size(&file)?;
                 files.push((file, vnet));
             }
@@ -133,6 +138,25 @@ fn readable(file: &OwnedFd) -> bool {
 }
 
 /// Descriptor `fd` of process `pid`, duplicated into this one (`pidfd_getfd(2)`).
+/// Whether two of our descriptors are the same open file (`kcmp(2)`, `KCMP_FILE`): one tun
+/// queue, whoever holds it. A kernel without `kcmp` says no (each is counted).
+fn same_file(a: &OwnedFd, b: &OwnedFd) -> bool {
+    const KCMP_FILE: libc::c_int = 0;
+    let pid = std::process::id() as libc::pid_t;
+    // SAFETY: a plain system call comparing two descriptors of ours; nothing is written.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_FILE,
+            a.as_raw_fd(),
+            b.as_raw_fd(),
+        )
+    };
+    r == 0
+}
+
 fn steal(pid: i32, fd: i32) -> io::Result<OwnedFd> {
     // SAFETY: a plain system call; the result is checked and owned below.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
