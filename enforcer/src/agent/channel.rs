@@ -19,10 +19,7 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -346,24 +343,7 @@ impl<D: AgentDatapath> Agent<D> {
     /// Channel state replayed here so far: frames sent into restored VMs' ports, and frames
     /// those ports dropped meanwhile.
     pub fn replayed_totals(&self) -> Replayed {
-        Replayed {
-            sent: self.replayed.sent.load(Ordering::Relaxed),
-            dropped: self.replayed.dropped.load(Ordering::Relaxed),
-        }
-    }
-}
-
-/// Running totals of [`Replayed`], frames (in memory: they restart with the daemon).
-#[derive(Debug, Default)]
-pub(crate) struct ReplayCounters {
-    sent: AtomicU64,
-    dropped: AtomicU64,
-}
-
-impl ReplayCounters {
-    fn add(&self, r: Replayed) {
-        self.sent.fetch_add(r.sent, Ordering::Relaxed);
-        self.dropped.fetch_add(r.dropped, Ordering::Relaxed);
+        self.replayed.totals()
     }
 }
 

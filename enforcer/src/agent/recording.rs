@@ -1,9 +1,12 @@
 //! The state of one VM's channel-state recording while its group's snapshot runs (what
-//! `channel.rs` keeps per VM on the agent).
+//! `channel.rs` keeps per VM on the agent), and the agent's totals of channel state replayed.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
 
-use crate::hold::{RecordedFrame, tap::TapQueue};
+use crate::hold::{RecordedFrame, Replayed, tap::TapQueue};
 
 /// One VM's recording under way.
 pub(crate) struct RecordingVm {
@@ -24,4 +27,25 @@ pub(crate) struct RecordingVm {
     pub(crate) at_cut: Vec<RecordedFrame>,
     /// What went wrong at its cut, if anything (the recording is then incomplete).
     pub(crate) problem: Option<String>,
+}
+
+/// Running totals of [`Replayed`], frames (in memory: they restart with the daemon).
+#[derive(Debug, Default)]
+pub(crate) struct ReplayCounters {
+    sent: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl ReplayCounters {
+    pub(crate) fn totals(&self) -> Replayed {
+        Replayed {
+            sent: self.sent.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn add(&self, r: Replayed) {
+        self.sent.fetch_add(r.sent, Ordering::Relaxed);
+        self.dropped.fetch_add(r.dropped, Ordering::Relaxed);
+    }
 }

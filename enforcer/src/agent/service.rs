@@ -159,7 +159,7 @@ pub struct Agent<D: AgentDatapath = Datapath> {
     pub(crate) recording: Mutex<HashMap<MacAddr, super::recording::RecordingVm>>,
     /// Channel state replayed into restored VMs here since the daemon started (`channel.rs`;
     /// `/metrics`).
-    pub(crate) replayed: super::channel::ReplayCounters,
+    pub(crate) replayed: super::recording::ReplayCounters,
 }
 
 impl<D: AgentDatapath> Agent<D> {
