@@ -310,22 +310,3 @@ pub fn datagram(seq: u32, len: usize) -> Vec<u8> {
     d.extend((0..len - 4).map(|i| (i as u32).wrapping_mul(31).wrapping_add(seq) as u8));
     d
 }
-
-/// Sends from `socket` with UDP segmentation offload (`UDP_SEGMENT`, Linux 4.18): one send of
-/// several `segment`-byte datagrams leaves as one GSO super-frame at the kernel's default
-/// offloads.
-pub fn udp_segment(socket: &UdpSocket, segment: libc::c_int) {
-    use std::os::fd::AsRawFd as _;
-    const UDP_SEGMENT: libc::c_int = 103;
-    // SAFETY: a valid socket and a c_int option value that outlives the call.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_UDP,
-            UDP_SEGMENT,
-            (&segment as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(r, 0, "UDP_SEGMENT: {}", io::Error::last_os_error());
-}

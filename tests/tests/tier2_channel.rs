@@ -15,7 +15,7 @@ use enforcer_common::{HoldTotal, Type3Mode};
 use enforcer_lab::{netns::Lab, traffic::Message};
 use enforcer_tests::{
     Inbox, PinRoot, assert_no_hold_losses, daemon_config, datagram, lab_prefix, receive_all,
-    register_all, require_root, send_stream, udp_segment,
+    register_all, require_root, send_stream,
 };
 
 const PORT: u16 = 47_310;
@@ -136,7 +136,7 @@ async fn gso_super_frames_crossing_the_cut_are_recorded_and_replayed_whole() {
     register_all(&client, &lab.vms).await;
     let (vm1, vm2) = (lab.vms[0].mac, lab.vms[1].mac);
     let tx = lab.udp_socket(0, PORT).unwrap();
-    udp_segment(&tx, 1400);
+    enforcer_lab::netns::udp_segment(&tx, 1400).unwrap();
     let rx = lab.udp_socket(1, PORT).unwrap();
     enforcer_lab::netns::force_rcvbuf(&rx, 16 << 20).unwrap();
     let to = std::net::SocketAddrV4::new(lab.vms[1].ip, PORT);

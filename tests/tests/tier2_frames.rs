@@ -21,7 +21,7 @@ use enforcer_common::{HoldTotal, Outcome, Type3Mode};
 use enforcer_lab::netns::Lab;
 use enforcer_tests::{
     PinRoot, Undo, assert_no_hold_losses, daemon_config, datagram, lab_prefix, receive_all,
-    register_all, require_root, run, udp_segment,
+    register_all, require_root, run,
 };
 
 struct Setup {
@@ -200,7 +200,7 @@ async fn udp_gso_super_frames_are_held_whole_and_every_datagram_arrives() {
     let tx = s.lab.udp_socket(0, 47_700).unwrap();
     let rx = s.lab.udp_socket(1, 47_700).unwrap();
     enforcer_lab::netns::force_rcvbuf(&rx, 16 << 20).unwrap();
-    udp_segment(&tx, 1400);
+    enforcer_lab::netns::udp_segment(&tx, 1400).unwrap();
     let to = SocketAddrV4::new(s.lab.vms[1].ip, 47_700);
     // One send: 10 datagrams, each numbered.
     let send = |round: u32| {

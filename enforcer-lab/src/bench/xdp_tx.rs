@@ -22,8 +22,10 @@ const FRAMES: u32 = 4096;
 const RING: u32 = 2048;
 /// Descriptors handed to the kernel per wake-up.
 const BATCH: usize = 64;
-/// Ethernet + IPv4 + UDP + a [`Message`]: a 58-byte frame.
-const FRAME_LEN: usize = 14 + 20 + 8 + Message::LEN;
+/// Ethernet + IPv4 + UDP headers in front of the payload.
+const HEADERS: usize = 14 + 20 + 8;
+/// The largest UDP payload a 1500-byte MTU carries in one frame (a 1514-byte frame).
+pub(crate) const MTU_PAYLOAD: usize = 1500 - 20 - 8;
 
 /// Page-aligned anonymous memory for the UMEM, unmapped on drop.
 struct Area {
@@ -78,28 +80,54 @@ pub(crate) struct XdpSender {
     _umem: Umem,
     free: Vec<u64>,
     area: Area,
-    /// The frame every datagram starts from (its payload rewritten per datagram).
-    template: [u8; FRAME_LEN],
+    /// The frame every datagram starts from (the [`Message`] at its payload's start rewritten
+    /// per datagram).
+    template: Vec<u8>,
+    /// Who sends to whom: (destination MAC, source MAC, source IP, destination IP, UDP port).
+    ends: Ends,
 }
+
+type Ends = ([u8; 6], [u8; 6], Ipv4Addr, Ipv4Addr, u16);
 
 // SAFETY: the socket, its rings and its memory are made on one thread (in the VM's namespace),
 // moved to the sending thread once, and used only there.
 unsafe impl Send for XdpSender {}
 
 impl XdpSender {
-    /// In VM `from`'s namespace, to VM `to`'s address and UDP `port`.
+    /// In VM `from`'s namespace, to VM `to`'s address and UDP `port`: 58-byte frames (a bare
+    /// [`Message`]) until [`XdpSender::set_payload`].
     pub(crate) fn open(lab: &Lab, from: usize, to: usize, port: u16) -> anyhow::Result<Self> {
-        let template = udp_frame(
+        let ends = (
             lab.vms[to].mac.0,
             lab.vms[from].mac.0,
             lab.vms[from].ip,
             lab.vms[to].ip,
             port,
         );
-        lab.in_vm(from, move || Self::bind(template))?
+        let mut sender = lab.in_vm(from, move || Self::bind(ends))??;
+        sender.set_payload(Message::LEN)?;
+        Ok(sender)
     }
 
-    fn bind(template: [u8; FRAME_LEN]) -> anyhow::Result<Self> {
+    /// Sends `payload` bytes of UDP payload per datagram from now on (the socket stays: a
+    /// queue takes one AF_XDP socket, and a closed one frees it only later).
+    pub(crate) fn set_payload(&mut self, payload: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (Message::LEN..=MTU_PAYLOAD).contains(&payload),
+            "a payload of {payload} bytes: from {} to {MTU_PAYLOAD}",
+            Message::LEN
+        );
+        let (dst, src, src_ip, dst_ip, port) = self.ends;
+        self.template = udp_frame(dst, src, src_ip, dst_ip, port, payload);
+        Ok(())
+    }
+
+    /// Bytes of each frame sent (Ethernet header included).
+    pub(crate) fn frame_len(&self) -> usize {
+        self.template.len()
+    }
+
+    fn bind(ends: Ends) -> anyhow::Result<Self> {
         let area = Area::new((FRAMES * FRAME_SIZE) as usize)?;
         let config = UmemConfig {
             fill_size: RING,
@@ -142,34 +170,45 @@ impl XdpSender {
             _umem: umem,
             free: (0..FRAMES).map(|i| u64::from(i * FRAME_SIZE)).collect(),
             area,
-            template,
+            template: Vec::new(),
+            ends,
         })
     }
 
     /// Sends numbered datagrams (`seq` from 0, `color` in each) as fast as the socket takes
     /// them, for `seconds`; returns how many were sent and how long it took.
     pub(crate) fn blast(&mut self, color: u32, seconds: f64) -> (u64, f64) {
+        self.blast_paced(color, seconds, Pace::FULL)
+    }
+
+    /// As [`XdpSender::blast`], at most `pace.per_second` datagrams a second and
+    /// `pace.most` in all.
+    pub(crate) fn blast_paced(&mut self, color: u32, seconds: f64, pace: Pace) -> (u64, f64) {
         let start = Instant::now();
         let window = Duration::from_secs_f64(seconds);
         let mut seq = 0u32;
         let mut descs = Vec::with_capacity(BATCH);
-        while start.elapsed() < window {
+        while start.elapsed() < window && u64::from(seq) < pace.most {
             self.reclaim();
+            if !pace.may_send(u64::from(seq), start) {
+                continue;
+            }
             descs.clear();
             while descs.len() < BATCH {
                 let Some(addr) = self.free.pop() else { break };
                 let frame = self.area.chunk(addr);
-                frame[..FRAME_LEN].copy_from_slice(&self.template);
+                let len = self.template.len();
+                frame[..len].copy_from_slice(&self.template);
                 let m = Message {
                     from: 0,
                     to: 1,
                     seq,
                     color,
                 };
-                frame[FRAME_LEN - Message::LEN..FRAME_LEN].copy_from_slice(&m.encode());
+                frame[HEADERS..HEADERS + Message::LEN].copy_from_slice(&m.encode());
                 descs.push(XdpDesc {
                     addr,
-                    len: FRAME_LEN as u32,
+                    len: len as u32,
                     options: 0,
                 });
                 seq += 1;
@@ -204,22 +243,45 @@ impl XdpSender {
     }
 }
 
+/// How fast and how much a blast may send.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pace {
+    /// Datagrams a second at most (`None`: as fast as it can).
+    pub(crate) per_second: Option<f64>,
+    /// Datagrams in all at most.
+    pub(crate) most: u64,
+}
+
+impl Pace {
+    pub(crate) const FULL: Self = Self {
+        per_second: None,
+        most: u64::MAX,
+    };
+
+    /// Whether the datagram after `sent` is due, `start` being the blast's start.
+    pub(crate) fn may_send(&self, sent: u64, start: Instant) -> bool {
+        self.per_second
+            .is_none_or(|rate| (sent as f64) < start.elapsed().as_secs_f64() * rate)
+    }
+}
+
 /// An Ethernet/IPv4/UDP frame from `src` to `dst`, UDP checksum 0 (none, as IPv4 allows), its
-/// payload a [`Message`] to be filled in.
+/// `payload` bytes zeros, a [`Message`] at their start to be filled in.
 fn udp_frame(
     dst: [u8; 6],
     src: [u8; 6],
     src_ip: Ipv4Addr,
     dst_ip: Ipv4Addr,
     port: u16,
-) -> [u8; FRAME_LEN] {
-    let mut f = [0u8; FRAME_LEN];
+    payload: usize,
+) -> Vec<u8> {
+    let mut f = vec![0u8; HEADERS + payload];
     f[0..6].copy_from_slice(&dst);
     f[6..12].copy_from_slice(&src);
     f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
     let ip = &mut f[14..34];
     ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&((20 + 8 + Message::LEN) as u16).to_be_bytes());
+    ip[2..4].copy_from_slice(&((20 + 8 + payload) as u16).to_be_bytes());
     ip[8] = 64;
     ip[9] = 17;
     ip[12..16].copy_from_slice(&src_ip.octets());
@@ -235,7 +297,7 @@ fn udp_frame(
     let udp = &mut f[34..42];
     udp[0..2].copy_from_slice(&port.to_be_bytes());
     udp[2..4].copy_from_slice(&port.to_be_bytes());
-    udp[4..6].copy_from_slice(&((8 + Message::LEN) as u16).to_be_bytes());
+    udp[4..6].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
     f
 }
 
@@ -245,22 +307,28 @@ mod tests {
 
     #[test]
     fn the_template_is_a_valid_ipv4_udp_frame() {
-        let f = udp_frame(
-            [2; 6],
-            [4; 6],
-            Ipv4Addr::new(10, 0, 0, 1),
-            Ipv4Addr::new(10, 0, 0, 2),
-            9,
-        );
-        let sum: u32 = f[14..34]
-            .chunks(2)
-            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-            .sum();
-        let folded = (sum & 0xffff) + (sum >> 16);
-        assert_eq!(folded, 0xffff, "the IPv4 header checksum verifies");
-        assert_eq!(
-            u16::from_be_bytes([f[38], f[39]]) as usize,
-            8 + Message::LEN
-        );
+        for payload in [Message::LEN, MTU_PAYLOAD] {
+            let f = udp_frame(
+                [2; 6],
+                [4; 6],
+                Ipv4Addr::new(10, 0, 0, 1),
+                Ipv4Addr::new(10, 0, 0, 2),
+                9,
+                payload,
+            );
+            let sum: u32 = f[14..34]
+                .chunks(2)
+                .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+                .sum();
+            let folded = (sum & 0xffff) + (sum >> 16);
+            assert_eq!(folded, 0xffff, "the IPv4 header checksum verifies");
+            assert_eq!(
+                u16::from_be_bytes([f[16], f[17]]) as usize,
+                20 + 8 + payload
+            );
+            assert_eq!(u16::from_be_bytes([f[38], f[39]]) as usize, 8 + payload);
+            assert_eq!(f.len(), 42 + payload);
+        }
+        assert_eq!(42 + MTU_PAYLOAD, 1514);
     }
 }
