@@ -336,6 +336,11 @@ async fn frames_waiting_in_a_stopped_vms_tap_are_recorded_at_its_cut_and_put_bac
     send(0, 10);
     thread::sleep(Duration::from_millis(50));
     agent.advance_at_cut(vm, None).unwrap();
+    // Its cut has begun: a begin now would throw its channel state away, and is refused.
+    assert!(matches!(
+        agent.record_begin(&[sender, vm]),
+        Err(enforcer::agent::AgentError::RecordingUnderWay { .. })
+    ));
     // After its cut, from a sender before its own: recorded on the way.
     send(10, 10);
     client.advance(sender).await.unwrap();

@@ -182,7 +182,7 @@ impl XdpSender {
     }
 
     /// As [`XdpSender::blast`], at most `pace.per_second` datagrams a second and
-    /// `pace.most` in all.
+    /// `pace.most` in all. Returns (datagrams sent, seconds).
     pub(crate) fn blast_paced(&mut self, color: u32, seconds: f64, pace: Pace) -> (u64, f64) {
         let start = Instant::now();
         let window = Duration::from_secs_f64(seconds);
@@ -194,7 +194,7 @@ impl XdpSender {
                 continue;
             }
             descs.clear();
-            while descs.len() < BATCH {
+            while descs.len() < BATCH && u64::from(seq) < pace.most {
                 let Some(addr) = self.free.pop() else { break };
                 let frame = self.area.chunk(addr);
                 let len = self.template.len();
@@ -258,10 +258,25 @@ impl Pace {
         most: u64::MAX,
     };
 
-    /// Whether the datagram after `sent` is due, `start` being the blast's start.
+    /// Whether the datagram after `sent` is due, `start` being the blast's start. When it is
+    /// not, waits a little first (sleeping when it is far off), so that a paced sender leaves
+    /// the CPU to the path it measures.
     pub(crate) fn may_send(&self, sent: u64, start: Instant) -> bool {
-        self.per_second
-            .is_none_or(|rate| (sent as f64) < start.elapsed().as_secs_f64() * rate)
+        let Some(rate) = self.per_second else {
+            return true;
+        };
+        let due = Duration::from_secs_f64(sent as f64 / rate);
+        match due.checked_sub(start.elapsed()) {
+            None => true,
+            Some(wait) => {
+                if wait > Duration::from_micros(50) {
+                    std::thread::sleep(wait);
+                } else {
+                    std::hint::spin_loop();
+                }
+                false
+            }
+        }
     }
 }
 

@@ -384,6 +384,31 @@ async fn scenario(
         epochs[0]
     );
     log(out.lines().last().unwrap_or_default());
+    // Frames the dead agent's buffer held died with it (to a member shut before its cut:
+    // every frame to it from its group), counted by its next daemon. That is the crash's
+    // loss, in the running group; the restored groups below are checked from here on.
+    let lost_restart = agents[victim]
+        .client()
+        .holds()
+        .await?
+        .total(enforcer_common::HoldTotal::LostRestart);
+    let l = lab.clone();
+    let lost_so_far = blocking(move || {
+        l.note_loss_baseline()?;
+        let n = l.vms.len();
+        Ok((0..n)
+            .flat_map(|i| (0..n).map(move |j| (i, j)))
+            .map(|(i, j)| l.lost_before(i, j))
+            .sum::<u64>())
+    })
+    .await?;
+    let _ = writeln!(
+        out,
+        "UDP datagrams the running group lost so far, the kill included: {lost_so_far} (frames \
+         agent {}'s next daemon counted lost with the last: {lost_restart})",
+        agents[victim].name
+    );
+    log(out.lines().last().unwrap_or_default());
 
     // Snapshots under traffic; view updates timed from here (not the retries across the kill).
     let mut last = None;

@@ -449,14 +449,17 @@ pub(crate) fn first_error<T, S, E>(
     stopped: Result<S, E>,
 ) -> anyhow::Result<T>
 where
-    E: std::error::Error + Send + Sync + 'static,
+    E: Into<anyhow::Error>,
 {
     match (result, stopped) {
         (Ok(v), Ok(_)) => Ok(v),
-        (Ok(_), Err(e)) => Err(anyhow::Error::new(e).context("stopping after the run")),
+        (Ok(_), Err(e)) => Err(e.into().context("stopping after the run")),
         (Err(e), stopped) => {
             if let Err(s) = stopped {
-                log(format!("stopping after the failed run failed too: {s}"));
+                log(format!(
+                    "stopping after the failed run failed too: {:#}",
+                    s.into()
+                ));
             }
             Err(e)
         }

@@ -58,20 +58,28 @@ impl<D: AgentDatapath> Agent<D> {
     /// queues are opened for their cuts. Nothing is left attached when it fails.
     pub fn record_begin(&self, macs: &[MacAddr]) -> Result<(), AgentError> {
         let buffer = self.buffer_handle()?;
-        // Begun again (a coordinator's retry, or a snapshot that never ended): what an earlier
-        // begin left for these VMs goes first (its program detached, its copies of their
-        // queues closed, a shut one opened), and this begin starts afresh.
-        let stale: Vec<(MacAddr, RecordingVm)> = {
+        // Begun again before any cut (a coordinator's retry): what the earlier begin left for
+        // these VMs goes first (its program detached, its copies of their queues closed), and
+        // this begin starts afresh. Before a cut nothing was recorded yet (no member had
+        // advanced). A recording whose cut has begun (shut, or cut) is refused instead, unless
+        // it is older than any snapshot runs (its coordinator died without ending it).
+        let stale: Vec<RecordingVm> = {
             let mut recording = self.recording.lock().expect("recording lock");
+            if let Some(mac) = macs.iter().find(|mac| {
+                recording.get(*mac).is_some_and(|r| {
+                    (r.shut || r.cut) && r.begun.elapsed() < RECORDING_ABANDONED_AFTER
+                })
+            }) {
+                return Err(AgentError::RecordingUnderWay { mac: *mac });
+            }
             macs.iter()
-                .filter_map(|mac| Some((*mac, recording.remove(mac)?)))
+                .filter_map(|mac| recording.remove(mac))
                 .collect()
         };
-        for (mac, rec) in stale {
-            if rec.shut {
-                self.tell_buffer(Notice::Thaw { mac: mac.key() });
-            }
+        if !stale.is_empty() {
+            tracing::warn!(vms = stale.len(), "recording begun again: starting afresh");
         }
+        drop(stale);
         let mut targets = Vec::new();
         for mac in macs {
             if let Some((slot, ifindex)) = self.record_target(*mac)? {
@@ -111,6 +119,8 @@ impl<D: AgentDatapath> Agent<D> {
                     at_cut: Vec::new(),
                     problem: None,
                     shut: false,
+                    cut: false,
+                    begun: Instant::now(),
                     qemu_may_keep: 0,
                 },
             ));
@@ -209,6 +219,7 @@ impl<D: AgentDatapath> Agent<D> {
                 .map(|c| c.vm);
         };
         let key = mac.key();
+        rec.cut = true;
         // Stopped without being shut first (pre-copy: QEMU stops it by itself), QEMU may have
         // read one frame after the stop that no snapshot saves.
         if !rec.shut
@@ -346,6 +357,11 @@ impl<D: AgentDatapath> Agent<D> {
         self.replayed.totals()
     }
 }
+
+/// How long after its begin a recording whose cut has begun is taken for abandoned (its
+/// coordinator died before ending it), so that a new begin may replace it: longer than any
+/// snapshot's steps may take.
+pub const RECORDING_ABANDONED_AFTER: Duration = Duration::from_secs(600);
 
 /// How long a VM shut before its cut may take to read what its tap already had
 /// ([`Agent::shut_before_cut`]): QEMU reads it at once while the VM runs and the guest has

@@ -19,6 +19,11 @@ pub(crate) struct RecordingVm {
     /// Shut before its cut and not thawed yet: its map entry flagged draining (every frame
     /// to it held), its buffer queue frozen.
     pub(crate) shut: bool,
+    /// Its cut has begun (its epoch advanced while recorded): what is recorded is channel
+    /// state, which a second begin must not throw away.
+    pub(crate) cut: bool,
+    /// When its recording began.
+    pub(crate) begun: std::time::Instant,
     /// Frames its QEMU may keep that no snapshot saves, one per queue of its tap: its tap
     /// still had frames waiting when it stopped, or it was stopped without being shut first
     /// (pre-copy: QEMU stops it by itself).

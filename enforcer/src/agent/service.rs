@@ -51,6 +51,11 @@ pub enum AgentError {
     GroupBusy { group: String, by: String },
     #[error("{mac} is not registered on port {port}")]
     NotOnPort { mac: MacAddr, port: String },
+    #[error(
+        "{mac}'s channel state is being recorded and its cut has begun: end that recording \
+         first (one left for 10 minutes is taken for abandoned)"
+    )]
+    RecordingUnderWay { mac: MacAddr },
 }
 
 /// What a raw change (`/v1/vms…`, `/v1/groups/{id}/abort`) touches, for

@@ -121,6 +121,7 @@ fn agent_kind(err: &AgentError) -> (StatusCode, ErrorCode) {
         AgentError::SnapshotsNotReady(_) => (S::SERVICE_UNAVAILABLE, C::Unavailable),
         AgentError::GroupBusy { .. } => (S::CONFLICT, C::Busy),
         AgentError::NotOnPort { .. } => (S::CONFLICT, C::PortTaken),
+        AgentError::RecordingUnderWay { .. } => (S::CONFLICT, C::Busy),
     }
 }
 

@@ -137,7 +137,6 @@ fn readable(file: &OwnedFd) -> bool {
     ready > 0 && pfd.revents & libc::POLLIN != 0
 }
 
-/// Descriptor `fd` of process `pid`, duplicated into this one (`pidfd_getfd(2)`).
 /// Whether two of our descriptors are the same open file (`kcmp(2)`, `KCMP_FILE`): one tun
 /// queue, whoever holds it. A kernel without `kcmp` says no (each is counted).
 fn same_file(a: &OwnedFd, b: &OwnedFd) -> bool {
@@ -154,9 +153,15 @@ fn same_file(a: &OwnedFd, b: &OwnedFd) -> bool {
             b.as_raw_fd(),
         )
     };
+    if r < 0 {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        let e = io::Error::last_os_error();
+        SAID.call_once(|| tracing::warn!(%e, "kcmp: a tap queue held twice counts twice"));
+    }
     r == 0
 }
 
+/// Descriptor `fd` of process `pid`, duplicated into this one (`pidfd_getfd(2)`).
 fn steal(pid: i32, fd: i32) -> io::Result<OwnedFd> {
     // SAFETY: a plain system call; the result is checked and owned below.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
