@@ -450,3 +450,47 @@ async fn a_vm_shut_before_its_cut_has_nothing_in_its_tap_when_it_stops() {
     assert_no_hold_losses(&agent.hold_report().unwrap());
     t.running.stop().await.unwrap();
 }
+
+/// Case R4 of the datapath review: frames the buffer held for a VM that a snapshot stopped at
+/// its cut stay in the buffer until it runs again, not in its tap, whose queue a stopped VM
+/// does not empty (it overflows at its length, and what the buffer put in it would be lost
+/// yet counted re-injected). Newer frames wait behind them; once it runs, every frame goes on,
+/// in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_held_for_a_stopped_vm_wait_in_the_buffer_until_it_runs() {
+    require_root();
+    let t = TapLab::create('v', "channel-stopped").await;
+    let (agent, client, tap, vm, sender) = (&t.running.agent, &t.client, &t.tap, t.vm, t.sender);
+    // The sender is past its cut: what it sends the VM now is Type-3, held.
+    client.advance(sender).await.unwrap();
+    t.send(0, 400);
+    thread::sleep(Duration::from_millis(50));
+    assert_eq!(tap.read_all(), Vec::<u32>::new(), "held before its cut");
+    // Its cut, while stopped (as the snapshot's transaction advances it).
+    agent.advance_stopped(vm, None).unwrap();
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        tap.read_all(),
+        Vec::<u32>::new(),
+        "kept in the buffer while it is stopped"
+    );
+    t.send(400, 10);
+    thread::sleep(Duration::from_millis(50));
+    assert_eq!(tap.read_all(), Vec::<u32>::new(), "newer ones behind them");
+    agent.runs_again(vm);
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        tap.read_all(),
+        (0..410).collect::<Vec<_>>(),
+        "once it runs: every frame, once, in order"
+    );
+    t.send(410, 5);
+    thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        tap.read_all(),
+        (410..415).collect::<Vec<_>>(),
+        "and no longer held"
+    );
+    assert_no_hold_losses(&agent.hold_report().unwrap());
+    t.running.stop().await.unwrap();
+}

@@ -211,12 +211,51 @@ impl<D: AgentDatapath> Agent<D> {
         mac: MacAddr,
         target: Option<u32>,
     ) -> Result<crate::datapath::epochs::VmRecord, AgentError> {
+        self.cut(mac, target, false)
+    }
+
+    /// [`Agent::advance_at_cut`] for a VM a snapshot stopped and runs again afterwards: from
+    /// its advance until [`Agent::runs_again`], every frame its buffer queue holds for it (the
+    /// Type-3 frames this advance releases, and the newer ones held behind them for order)
+    /// waits in the buffer rather than in its tap, whose queue a stopped VM does not empty: a
+    /// tap queue overflows at its length, and what the buffer re-injected into it would be
+    /// lost yet counted re-injected (case R4 of the datapath review). Bounded by the buffer's
+    /// freeze bound (`hold::core::FREEZE_MAX`, 30 s): then they go to its tap as before.
+    pub fn advance_stopped(
+        &self,
+        mac: MacAddr,
+        target: Option<u32>,
+    ) -> Result<crate::datapath::epochs::VmRecord, AgentError> {
+        self.cut(mac, target, true)
+    }
+
+    /// A VM advanced by [`Agent::advance_stopped`] runs again: what waited in the buffer for
+    /// it goes on, in order. Nothing to do for any other VM.
+    pub fn runs_again(&self, mac: MacAddr) {
+        if self.stopped.lock().expect("stopped lock").remove(&mac) {
+            self.tell_buffer(Notice::Thaw { mac: mac.key() });
+        }
+    }
+
+    fn cut(
+        &self,
+        mac: MacAddr,
+        target: Option<u32>,
+        stopped: bool,
+    ) -> Result<crate::datapath::epochs::VmRecord, AgentError> {
+        if stopped {
+            // Before the advance, so that nothing it releases reaches the stopped VM.
+            self.stopped.lock().expect("stopped lock").insert(mac);
+            self.tell_buffer(Notice::Freeze { mac: mac.key() });
+        }
         let mut recording = self.recording.lock().expect("recording lock");
         let Some(rec) = recording.get_mut(&mac) else {
             drop(recording);
-            return self
-                .change_epoch_reporting(mac, target, target.is_some())
-                .map(|c| c.vm);
+            let advanced = self.change_epoch_reporting(mac, target, target.is_some());
+            if advanced.is_err() {
+                self.runs_again(mac);
+            }
+            return advanced.map(|c| c.vm);
         };
         let key = mac.key();
         rec.cut = true;
@@ -242,7 +281,10 @@ impl<D: AgentDatapath> Agent<D> {
             }
         }
         let cleared = self.datapath().set_record_skip(rec.slot, false);
-        self.tell_buffer(Notice::Thaw { mac: key });
+        if !stopped || advanced.is_err() {
+            self.tell_buffer(Notice::Thaw { mac: key });
+            self.stopped.lock().expect("stopped lock").remove(&mac);
+        }
         rec.shut = false;
         let vm = advanced?;
         cleared?;

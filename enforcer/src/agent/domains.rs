@@ -246,7 +246,7 @@ impl<D: AgentDatapath> Agent<D> {
                         DomainOp::Stop => hv.stop(&vm)?,
                         _ => hv.wait_paused(&vm, timeout)?,
                     };
-                    let advanced = self.advance_at_cut(vm.mac, Some(target));
+                    let advanced = self.advance_stopped(vm.mac, Some(target));
                     (paused, advanced, unix_us())
                 };
                 let epoch = advanced.map_err(DomainError::Advance)?.epoch;
@@ -258,11 +258,23 @@ impl<D: AgentDatapath> Agent<D> {
             }
             DomainOp::WaitPaused => json!(hv.wait_paused(&vm, timeout)?),
             DomainOp::Stop => json!(hv.stop(&vm)?),
-            DomainOp::Capture => json!(hv.capture(&vm)?),
+            // Each runs the VM again (or ends it): what was kept back from it since its
+            // stop and advance goes on, whatever the step's outcome.
+            DomainOp::Capture => {
+                let captured = hv.capture(&vm);
+                self.runs_again(vm.mac);
+                json!(captured?)
+            }
             DomainOp::Complete => json!(hv.complete(&vm, timeout)?),
-            DomainOp::Resume => hv.resume(&vm).map(|()| done())?,
-            DomainOp::Cancel => hv.cancel(&vm).map(|()| done())?,
-            DomainOp::Destroy => hv.destroy(&vm).map(|()| done())?,
+            DomainOp::Resume | DomainOp::Cancel | DomainOp::Destroy => {
+                let done_ = match op {
+                    DomainOp::Resume => hv.resume(&vm),
+                    DomainOp::Cancel => hv.cancel(&vm),
+                    _ => hv.destroy(&vm),
+                };
+                self.runs_again(vm.mac);
+                done_.map(|()| done())?
+            }
             DomainOp::Discard => {
                 let dir = image_dir(op)?;
                 hv.discard(&vm, &dir)?;

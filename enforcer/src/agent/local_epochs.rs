@@ -145,10 +145,17 @@ impl<D: AgentDatapath> EpochControl for LocalEpochs<D> {
     }
 
     fn advance(&self, vm: &VmSpec) -> Result<u32, EpochControlError> {
+        // The transaction advances a VM it stopped, and tells `runs_again` when it runs.
         self.agent()?
-            .advance_at_cut(vm.mac, None)
+            .advance_stopped(vm.mac, None)
             .map(|r| r.epoch)
             .map_err(|e| control_error(vm, e))
+    }
+
+    fn runs_again(&self, vm: &VmSpec) {
+        if let Ok(agent) = self.agent() {
+            agent.runs_again(vm.mac);
+        }
     }
 
     fn hold_report(&self) -> Result<Option<HoldReport>, EpochControlError> {

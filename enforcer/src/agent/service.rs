@@ -165,6 +165,9 @@ pub struct Agent<D: AgentDatapath = Datapath> {
     /// Channel state replayed into restored VMs here since the daemon started (`channel.rs`;
     /// `/metrics`).
     pub(crate) replayed: super::recording::ReplayCounters,
+    /// VMs advanced while stopped whose buffer queue stays frozen until they run again
+    /// (`channel.rs`: `advance_stopped`, `runs_again`).
+    pub(crate) stopped: Mutex<std::collections::HashSet<MacAddr>>,
 }
 
 impl<D: AgentDatapath> Agent<D> {
@@ -220,6 +223,7 @@ impl<D: AgentDatapath> Agent<D> {
             begun: Mutex::new(HashMap::new()),
             recording: Mutex::new(HashMap::new()),
             replayed: Default::default(),
+            stopped: Mutex::new(Default::default()),
         }
     }
 
@@ -374,8 +378,10 @@ impl<D: AgentDatapath> Agent<D> {
     ) -> Result<VmRecord, AgentError> {
         let changed = self.change_epoch_reporting(mac, target, raise_only)?;
         if changed.changed {
-            // Not by its cut (that is `advance_at_cut`): a VM shut for it is shut no more.
+            // Not by its cut (that is `advance_at_cut`): a VM shut for it is shut no more, and
+            // one held for while stopped (an abort moves it) has its frames go on.
             self.end_shut(mac);
+            self.runs_again(mac);
         }
         Ok(changed.vm)
     }

@@ -289,6 +289,11 @@ pub trait EpochControl: Send + Sync {
     fn announce(&self, _group: &GroupSpec, _epoch: u32) -> Result<(), EpochControlError> {
         Ok(())
     }
+    /// `vm`, stopped by this snapshot and advanced by [`EpochControl::advance`], runs again:
+    /// what its datapath kept back from it while it was stopped goes on. Datapaths that keep
+    /// nothing back have nothing to do; across hosts the agent that runs the VM again does it
+    /// itself.
+    fn runs_again(&self, _vm: &VmSpec) {}
     /// Aborting a snapshot that started with the group at `epoch`: held frames are released
     /// and the group's members end at one epoch again. On one host they go back to `epoch`;
     /// across hosts they go forward to `epoch + 1` instead, because a view raised from a

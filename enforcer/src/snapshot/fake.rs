@@ -550,6 +550,13 @@ impl EpochControl for FakeEpochs {
         Ok(())
     }
 
+    fn runs_again(&self, vm: &VmSpec) {
+        self.world
+            .lock()
+            .expect("world")
+            .record("runs_again", &vm.name);
+    }
+
     fn shut_before_cut(&self, vm: &VmSpec) -> Result<bool, EpochControlError> {
         let mut w = self.world.lock().expect("world");
         w.record("shut", &vm.name);

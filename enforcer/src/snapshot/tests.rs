@@ -129,6 +129,13 @@ fn commit_advances_each_vm_while_it_is_held_then_resumes_it() {
             "{}: paused {p} advance {a} complete {c} resume {r}",
             vm.name
         );
+        // What was kept back from it while stopped goes on once it runs (case R4).
+        assert!(
+            at(&w.log, "runs_again", &vm.name).is_some_and(|again| again > r),
+            "{}: runs_again after its resume {r}: {:?}",
+            vm.name,
+            w.log
+        );
         assert_eq!(w.states[&vm.name], VmState::Running);
         assert_eq!(w.epochs[&vm.mac], 1);
     }
@@ -223,6 +230,12 @@ fn an_instant_cut_stops_every_vm_once_all_are_ready_and_advances_each_before_it_
         assert!(
             last_begin < s,
             "{} stopped before every VM was ready",
+            vm.name
+        );
+        let again = at(&w.log, "runs_again", &vm.name);
+        assert!(
+            again.is_some_and(|again| cap < again && again < done),
+            "{}: runs_again {again:?} once captured ({cap}), before its image completes ({done})",
             vm.name
         );
         assert!(

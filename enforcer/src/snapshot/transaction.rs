@@ -426,6 +426,7 @@ impl<H: Hypervisor + ?Sized + 'static, E: EpochControl + ?Sized + 'static> Coord
                 warn!(vm = vm.name, %err, "running again a VM the cut stopped");
                 clean = false;
             }
+            self.epochs.runs_again(vm);
         }
         if let Err(err) = self
             .epochs
@@ -690,10 +691,15 @@ impl VmPart {
                 Err(e) => return self.abandon(hv, format!("stopping it: {e}")),
             },
         };
+        // However this ends, the VM runs again (or is cancelled): what was kept back from it
+        // while it was stopped goes on.
+        let runs_again = RunsAgain { ep, vm };
         if self.record_stop(hv, &paused, advanced).is_err() {
             return;
         }
-        match hv.capture(vm) {
+        let captured = hv.capture(vm);
+        drop(runs_again);
+        match captured {
             Ok(at) => self.record_resumed(self.clock.unix_ms(at)),
             Err(e) => return self.abandon(hv, format!("capturing it: {e}")),
         }
@@ -734,15 +740,31 @@ impl VmPart {
         // The critical part is over; copying images and disks must not hog a CPU at
         // real-time priority.
         drop(realtime);
+        let runs_again = RunsAgain { ep, vm };
         if self.record_stop(hv, &paused, advanced).is_err() {
             return;
         }
         if self.complete(hv).is_err() {
             return;
         }
-        if let Err(e) = hv.resume(vm) {
+        let resumed = hv.resume(vm);
+        drop(runs_again);
+        if let Err(e) = resumed {
             return self.fail(format!("resuming: {e}"));
         }
         self.record_resumed(self.clock.now_ms());
+    }
+}
+
+/// Tells the datapath, when dropped, that a VM the snapshot stopped and advanced runs again
+/// ([`EpochControl::runs_again`]): on every way out of its thread after the advance.
+struct RunsAgain<'a, E: EpochControl + ?Sized> {
+    ep: &'a E,
+    vm: &'a VmSpec,
+}
+
+impl<E: EpochControl + ?Sized> Drop for RunsAgain<'_, E> {
+    fn drop(&mut self) {
+        self.ep.runs_again(self.vm);
     }
 }
