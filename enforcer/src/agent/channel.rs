@@ -248,14 +248,30 @@ impl<D: AgentDatapath> Agent<D> {
             self.stopped.lock().expect("stopped lock").insert(mac);
             self.tell_buffer(Notice::Freeze { mac: mac.key() });
         }
+        let cut = self.cut_epoch(mac, target, stopped);
+        // Kept back only when its epoch moved (its snapshot then says when it runs again): a
+        // cut that failed, or that an abort had already made (its snapshot is over), has
+        // nobody to end it.
+        if stopped && !matches!(cut, Ok((_, true))) {
+            self.runs_again(mac);
+        }
+        cut.map(|(vm, _)| vm)
+    }
+
+    /// The advance of [`Agent::cut`], with the tap's queue taken for a recorded VM; says
+    /// whether the epoch moved.
+    fn cut_epoch(
+        &self,
+        mac: MacAddr,
+        target: Option<u32>,
+        stopped: bool,
+    ) -> Result<(crate::datapath::epochs::VmRecord, bool), AgentError> {
         let mut recording = self.recording.lock().expect("recording lock");
         let Some(rec) = recording.get_mut(&mac) else {
             drop(recording);
-            let advanced = self.change_epoch_reporting(mac, target, target.is_some());
-            if advanced.is_err() {
-                self.runs_again(mac);
-            }
-            return advanced.map(|c| c.vm);
+            return self
+                .change_epoch_reporting(mac, target, target.is_some())
+                .map(|c| (c.vm, c.changed));
         };
         let key = mac.key();
         rec.cut = true;
@@ -270,7 +286,7 @@ impl<D: AgentDatapath> Agent<D> {
         self.tell_buffer(Notice::Freeze { mac: key });
         let advanced = self
             .change_epoch_reporting(mac, target, target.is_some())
-            .map(|c| c.vm);
+            .map(|c| (c.vm, c.changed));
         if advanced.is_ok() {
             // Every program run that began before the advance has ended: what it delivered
             // is in the queue now; what came later waits in the frozen buffer queue.
@@ -281,9 +297,9 @@ impl<D: AgentDatapath> Agent<D> {
             }
         }
         let cleared = self.datapath().set_record_skip(rec.slot, false);
-        if !stopped || advanced.is_err() {
+        // A stopped VM's queue stays frozen until it runs ([`Agent::cut`] says when not).
+        if !stopped {
             self.tell_buffer(Notice::Thaw { mac: key });
-            self.stopped.lock().expect("stopped lock").remove(&mac);
         }
         rec.shut = false;
         let vm = advanced?;

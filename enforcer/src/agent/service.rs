@@ -363,6 +363,8 @@ impl<D: AgentDatapath> Agent<D> {
             mac: mac.key(),
             vm: None,
         });
+        // Its queue (frozen or not) goes with it: nothing is kept back for it any more.
+        self.stopped.lock().expect("stopped lock").remove(&mac);
         info!(mac = %vm.mac, "VM unregistered");
         Ok(vm)
     }
@@ -419,13 +421,15 @@ impl<D: AgentDatapath> Agent<D> {
     /// Aborts a snapshot on this host: members above `epoch` go back to it, and everything
     /// held for the group is delivered.
     pub fn abort(&self, group: u32, epoch: u32) -> Result<Vec<VmRecord>, AgentError> {
-        let mut dp = self.datapath();
-        Ok(advance::roll_back(
-            &mut *dp,
-            &mut ToBuffer(&self.buffer),
-            group,
-            epoch,
-        )?)
+        let rolled = {
+            let mut dp = self.datapath();
+            advance::roll_back(&mut *dp, &mut ToBuffer(&self.buffer), group, epoch)?
+        };
+        // The release delivered what was frozen for its members: none is kept back now.
+        for vm in &rolled {
+            self.runs_again(vm.mac);
+        }
+        Ok(rolled)
     }
 
     /// The datapath's groups, with the names and domains of groups defined over libvirt.

@@ -174,6 +174,10 @@ pub(crate) struct Core {
 /// lasts milliseconds to its cut, the read of its tap at its cut less.
 pub(crate) const FREEZE_MAX: Duration = Duration::from_secs(30);
 
+/// A frozen queue holds at most this fraction (1/n) of the buffer's memory bound before it is
+/// thawed: it must not crowd out the frames held for the other VMs.
+pub(crate) const FROZEN_SHARE: usize = 4;
+
 /// The queues and accounting as a report shows them (the thread adds the kernel's part).
 pub(crate) struct CoreReport {
     pub(crate) queues: Vec<QueueReport>,
@@ -672,16 +676,26 @@ impl Core {
         self.audit(wire, kernel, ring_idle, now);
         // A freeze left behind (its VM shut for a snapshot whose coordinator died, or whose
         // cut never came) must not keep the VM's frames held for good.
-        let stale: Vec<MacKey> = self
+        // Nor take from the others the room the bound gives every queue: past a quarter of it,
+        // a frozen queue goes on (its VM gets its frames in its tap, as any paused VM).
+        let stale: Vec<(MacKey, &str)> = self
             .frozen
             .iter()
-            .filter(|(_, since)| now.saturating_duration_since(**since) >= FREEZE_MAX)
-            .map(|(mac, _)| *mac)
+            .filter_map(|(mac, since)| {
+                let bytes = self.queues.get(&Key::Vm(*mac)).map_or(0, |q| q.bytes);
+                if now.saturating_duration_since(*since) >= FREEZE_MAX {
+                    Some((*mac, "it was frozen for its bound (30 s)"))
+                } else if bytes > self.max_bytes / FROZEN_SHARE {
+                    Some((*mac, "it holds over a quarter of the buffer's memory bound"))
+                } else {
+                    None
+                }
+            })
             .collect();
-        for mac in stale {
+        for (mac, why) in stale {
             tracing::warn!(
                 vm = %crate::model::MacAddr::from(mac),
-                "its queue was frozen for {FREEZE_MAX:?}: thawed"
+                "its frozen queue goes on: {why}"
             );
             self.on_notice(wire, Notice::Thaw { mac }, now);
         }

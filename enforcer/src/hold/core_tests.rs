@@ -760,6 +760,39 @@ fn a_freeze_nobody_ends_is_thawed_after_its_bound() {
     assert!(!sim.dp.map.vms[&mac(1)].is_draining(), "and drained");
 }
 
+#[test]
+fn a_frozen_queue_past_a_quarter_of_the_bound_goes_on_before_anything_is_dropped() {
+    let max = 4000;
+    let mut sim = Sim::new(2, max);
+    let now = shut_vm1(&mut sim);
+    let held = |sim: &Sim| sim.core.report(now).held_bytes as usize;
+    let mut seq = 0;
+    // Up to a quarter of the bound it stays frozen.
+    loop {
+        let f = for_order_to_vm1(&sim, seq);
+        let before = held(&sim);
+        sim.core.on_frame(&mut sim.ports, f, now);
+        seq += 1;
+        if held(&sim) > max / FROZEN_SHARE {
+            break;
+        }
+        sim.core
+            .progress_drains(&mut sim.ports, &mut sim.dp, true, now);
+        assert!(sim.ports.log.is_empty(), "frozen at {before} bytes");
+    }
+    sim.core
+        .progress_drains(&mut sim.ports, &mut sim.dp, true, now);
+    assert_eq!(
+        sim.ports.log.len() as u32,
+        seq,
+        "past a quarter of the bound: every frame goes on"
+    );
+    assert_eq!(
+        sim.core.report(now).totals[HoldTotal::DroppedBound.index() as usize],
+        0
+    );
+}
+
 /// vm1 shut before its cut, as the agent does: its queue frozen, its entry flagged draining.
 /// Returns the simulation's now.
 fn shut_vm1(sim: &mut Sim) -> std::time::Instant {

@@ -70,6 +70,9 @@ pub(crate) struct World {
     pub registered: HashMap<MacAddr, (u32, String)>,
     /// A VM that runs while its epoch lags its snapshot would break invariant 3.
     pub ran_unadvanced: Vec<String>,
+    /// VMs advanced while stopped whose datapath keeps frames back until told they run
+    /// again ([`EpochControl::runs_again`]), as the agent does (case R4).
+    pub kept_back: std::collections::HashSet<String>,
     /// Each VM's snapshot in progress, by method.
     pub methods: HashMap<String, CutMethod>,
     /// VMs advanced since their snapshot began.
@@ -484,6 +487,7 @@ impl EpochControl for FakeEpochs {
     fn advance(&self, vm: &VmSpec) -> Result<u32, EpochControlError> {
         let mut w = self.world.lock().expect("world");
         w.record("advance", &vm.name);
+        w.kept_back.insert(vm.name.clone());
         if !matches!(
             w.states.get(&vm.name),
             Some(VmState::HeldAtSnapshot | VmState::Stopped)
@@ -551,10 +555,9 @@ impl EpochControl for FakeEpochs {
     }
 
     fn runs_again(&self, vm: &VmSpec) {
-        self.world
-            .lock()
-            .expect("world")
-            .record("runs_again", &vm.name);
+        let mut w = self.world.lock().expect("world");
+        w.record("runs_again", &vm.name);
+        w.kept_back.remove(&vm.name);
     }
 
     fn shut_before_cut(&self, vm: &VmSpec) -> Result<bool, EpochControlError> {

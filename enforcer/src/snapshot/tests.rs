@@ -336,6 +336,11 @@ fn assert_aborted_cleanly(
         assert_eq!(w.epochs[&vm.mac], 0, "{} epoch rolled back", vm.name);
     }
     assert!(
+        w.kept_back.is_empty(),
+        "nothing kept back from the running VMs (case R4): {:?}",
+        w.kept_back
+    );
+    assert!(
         m.vms.iter().all(|v| v.images.is_empty()),
         "images discarded"
     );

@@ -691,17 +691,23 @@ impl VmPart {
                 Err(e) => return self.abandon(hv, format!("stopping it: {e}")),
             },
         };
-        // However this ends, the VM runs again (or is cancelled): what was kept back from it
-        // while it was stopped goes on.
-        let runs_again = RunsAgain { ep, vm };
         if self.record_stop(hv, &paused, advanced).is_err() {
             return;
         }
+        // The VM runs again (or, cancelled, runs as before): what was kept back from it while
+        // it was stopped goes on. On the ways out before, the abort that follows a failure
+        // runs it again and says so.
         let captured = hv.capture(vm);
-        drop(runs_again);
         match captured {
-            Ok(at) => self.record_resumed(self.clock.unix_ms(at)),
-            Err(e) => return self.abandon(hv, format!("capturing it: {e}")),
+            Ok(at) => {
+                ep.runs_again(vm);
+                self.record_resumed(self.clock.unix_ms(at));
+            }
+            Err(e) => {
+                self.abandon(hv, format!("capturing it: {e}"));
+                ep.runs_again(vm);
+                return;
+            }
         }
         drop(realtime);
         let _ = self.complete(hv);
@@ -740,31 +746,18 @@ impl VmPart {
         // The critical part is over; copying images and disks must not hog a CPU at
         // real-time priority.
         drop(realtime);
-        let runs_again = RunsAgain { ep, vm };
         if self.record_stop(hv, &paused, advanced).is_err() {
             return;
         }
         if self.complete(hv).is_err() {
             return;
         }
-        let resumed = hv.resume(vm);
-        drop(runs_again);
-        if let Err(e) = resumed {
+        // Runs again: what was kept back from it while it was stopped goes on. A failure
+        // before leaves that to the abort that follows, once it runs the VM again.
+        if let Err(e) = hv.resume(vm) {
             return self.fail(format!("resuming: {e}"));
         }
+        ep.runs_again(vm);
         self.record_resumed(self.clock.now_ms());
-    }
-}
-
-/// Tells the datapath, when dropped, that a VM the snapshot stopped and advanced runs again
-/// ([`EpochControl::runs_again`]): on every way out of its thread after the advance.
-struct RunsAgain<'a, E: EpochControl + ?Sized> {
-    ep: &'a E,
-    vm: &'a VmSpec,
-}
-
-impl<E: EpochControl + ?Sized> Drop for RunsAgain<'_, E> {
-    fn drop(&mut self) {
-        self.ep.runs_again(self.vm);
     }
 }

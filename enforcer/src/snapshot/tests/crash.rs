@@ -19,6 +19,11 @@ fn assert_recovered(
     for vm in &g.vms {
         assert_eq!(w.states[&vm.name], VmState::Running, "{what}: {}", vm.name);
     }
+    assert!(
+        w.kept_back.is_empty(),
+        "{what}: frames still kept back from running VMs {:?}",
+        w.kept_back
+    );
     assert_eq!(
         fs::read_dir(dir.join("journals")).map_or(0, |d| d.count()),
         0,
