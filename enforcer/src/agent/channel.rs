@@ -179,12 +179,12 @@ impl<D: AgentDatapath> Agent<D> {
             }
             std::thread::sleep(Duration::from_millis(1));
         };
-        if !empty && let Some(rec) = self.recording.lock().expect("recording lock").get_mut(&mac) {
-            // One frame per queue: QEMU reads each queue of the tap on its own.
-            rec.qemu_may_keep = tap.as_ref().map_or(1, |t| t.queues() as u64);
-        }
         if !empty {
             tracing::warn!(%mac, "its tap still had frames when it was shut: QEMU may keep one");
+            if let Some(rec) = self.recording.lock().expect("recording lock").get_mut(&mac) {
+                // One frame per queue: QEMU reads each queue of the tap on its own.
+                rec.qemu_may_keep = tap.as_ref().map_or(1, |t| t.queues() as u64);
+            }
         }
         Ok(empty)
     }
@@ -219,8 +219,9 @@ impl<D: AgentDatapath> Agent<D> {
     /// Type-3 frames this advance releases, and the newer ones held behind them for order)
     /// waits in the buffer rather than in its tap, whose queue a stopped VM does not empty: a
     /// tap queue overflows at its length, and what the buffer re-injected into it would be
-    /// lost yet counted re-injected (case R4 of the datapath review). Bounded by the buffer's
-    /// freeze bound (`hold::core::FREEZE_MAX`, 30 s): then they go to its tap as before.
+    /// lost yet counted re-injected (case R4 of the datapath review). Bounded by the buffer
+    /// (`hold::core::FREEZE_MAX`, 30 s, and `FROZEN_SHARE`, a quarter of its memory bound):
+    /// past either they go to its tap as before.
     pub fn advance_stopped(
         &self,
         mac: MacAddr,

@@ -267,13 +267,13 @@ impl<D: AgentDatapath> Agent<D> {
             }
             DomainOp::Complete => json!(hv.complete(&vm, timeout)?),
             DomainOp::Resume | DomainOp::Cancel | DomainOp::Destroy => {
-                let done_ = match op {
+                let stepped = match op {
                     DomainOp::Resume => hv.resume(&vm),
                     DomainOp::Cancel => hv.cancel(&vm),
                     _ => hv.destroy(&vm),
                 };
                 self.runs_again(vm.mac);
-                done_.map(|()| done())?
+                stepped.map(|()| done())?
             }
             DomainOp::Discard => {
                 let dir = image_dir(op)?;

@@ -223,7 +223,7 @@ impl<D: AgentDatapath> EpochControl for LocalEpochs<D> {
     }
 
     fn record_begin(&self, group: &GroupSpec) -> Result<(), EpochControlError> {
-        let macs: Vec<MacAddr> = group.vms.iter().map(|v| v.mac).collect();
+        let macs = group.macs();
         self.agent()?
             .record_begin(&macs)
             .map_err(|e| group_error(group, e))
@@ -239,7 +239,7 @@ impl<D: AgentDatapath> EpochControl for LocalEpochs<D> {
         &self,
         group: &GroupSpec,
     ) -> Result<BTreeMap<MacAddr, Recording>, EpochControlError> {
-        let macs: Vec<MacAddr> = group.vms.iter().map(|v| v.mac).collect();
+        let macs = group.macs();
         self.agent()?
             .record_end(&macs, RECORD_TAKE_TIMEOUT)
             .map_err(|e| group_error(group, e))

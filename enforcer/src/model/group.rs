@@ -21,3 +21,10 @@ pub struct GroupSpec {
     pub id: u32,
     pub vms: Vec<VmSpec>,
 }
+
+impl GroupSpec {
+    /// Its VMs' MACs, in its order.
+    pub fn macs(&self) -> Vec<MacAddr> {
+        self.vms.iter().map(|v| v.mac).collect()
+    }
+}

@@ -75,7 +75,7 @@ impl EpochControl for AgentEpochs {
     }
 
     fn record_begin(&self, group: &GroupSpec) -> Result<(), EpochControlError> {
-        let macs: Vec<MacAddr> = group.vms.iter().map(|v| v.mac).collect();
+        let macs = group.macs();
         self.rt
             .block_on(self.client.record_begin(&macs))
             .map_err(remote)
@@ -89,7 +89,7 @@ impl EpochControl for AgentEpochs {
         &self,
         group: &GroupSpec,
     ) -> Result<BTreeMap<MacAddr, Recording>, EpochControlError> {
-        let macs: Vec<MacAddr> = group.vms.iter().map(|v| v.mac).collect();
+        let macs = group.macs();
         self.rt
             .block_on(self.client.record_take(&macs, RECORD_TAKE_TIMEOUT))
             .map_err(remote)

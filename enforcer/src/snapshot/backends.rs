@@ -240,7 +240,7 @@ pub trait EpochControl: Send + Sync {
     /// Waits until nothing is held for the group's VMs any more (REINJECT done). A buffer that
     /// does not answer (busy re-injecting) is asked again until the deadline.
     fn wait_released(&self, group: &GroupSpec, timeout: Duration) -> Result<(), EpochControlError> {
-        let macs: Vec<MacAddr> = group.vms.iter().map(|v| v.mac).collect();
+        let macs = group.macs();
         let deadline = Instant::now() + timeout;
         loop {
             let failed = match self.hold_report() {

@@ -697,8 +697,7 @@ impl VmPart {
         // The VM runs again (or, cancelled, runs as before): what was kept back from it while
         // it was stopped goes on. On the ways out before, the abort that follows a failure
         // runs it again and says so.
-        let captured = hv.capture(vm);
-        match captured {
+        match hv.capture(vm) {
             Ok(at) => {
                 ep.runs_again(vm);
                 self.record_resumed(self.clock.unix_ms(at));
